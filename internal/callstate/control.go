@@ -1,0 +1,27 @@
+package callstate
+
+import (
+	"context"
+
+	"github.com/callbot/callbot/internal/graph"
+)
+
+// CallControl is what the machine needs from Graph to act on a call. Every method takes the
+// call id as Graph wrote it. Errors are *graph.Error for a Graph failure (errors.Is(err,
+// graph.ErrCallGone) for 404) or a transport/context error.
+//
+// Implementations must not blindly retry answer, reject, redirect or transfer after an
+// ambiguous failure (timeout, 5xx): the caller reconciles with the next state notification.
+type CallControl interface {
+	Answer(ctx context.Context, callID string, req graph.AnswerRequest) error
+	Reject(ctx context.Context, callID string, reason graph.RejectReason) error
+	// PlayPrompt queues prompts (at most 20) and returns the operation Graph created.
+	PlayPrompt(ctx context.Context, callID string, prompts []graph.MediaPrompt, clientContext string) (graph.Operation, error)
+	SubscribeToTone(ctx context.Context, callID, clientContext string) (graph.Operation, error)
+	CancelMediaProcessing(ctx context.Context, callID, clientContext string) (graph.Operation, error)
+	// Transfer hands the call to target (blind transfer).
+	Transfer(ctx context.Context, callID string, target graph.Party, clientContext string) error
+	// Redirect forwards a call that is not answered yet; timeoutSec is 15-90, 0 for Graph's default.
+	Redirect(ctx context.Context, callID string, targets []graph.Party, timeoutSec int, callbackURI string) error
+	Hangup(ctx context.Context, callID string) error
+}

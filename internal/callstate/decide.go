@@ -1,0 +1,322 @@
+package callstate
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+)
+
+// Errors of the machine.
+var (
+	// ErrIgnored: the event has no effect in the call's state (duplicate, late, stale).
+	ErrIgnored = errors.New("event ignored")
+	// ErrInvalidTransition: the decision broke the transition table; a bug, never input.
+	ErrInvalidTransition = errors.New("invalid transition")
+)
+
+// Env is what a decision depends on besides the call and the event.
+type Env struct {
+	Flow            *ivr.Flow
+	Now             time.Time
+	CallbackURI     string        // where Graph sends this call's notifications
+	TransferTimeout time.Duration // no transfer outcome in this time: treated as failed
+	HangupGrace     time.Duration // a goodbye prompt longer than this is cut
+}
+
+// Decide is the pure heart of callbot: given a call, an event and the environment, it returns
+// the call's next record and the commands that carry the change out. It returns ErrIgnored for
+// an event the call's state has no row for, or that is a duplicate or stale.
+func Decide(c Call, ev Event, env Env) (Call, []Command, error) {
+	if !handles(c.State, ev.Kind) {
+		return c, nil, ErrIgnored
+	}
+	d := decision{c: c, env: env, from: c.State}
+	if err := d.apply(ev); err != nil {
+		return c, nil, err
+	}
+	if !legal(d.from, ev.Kind, d.c.State) {
+		return c, nil, fmt.Errorf("%w: %s --%s--> %s", ErrInvalidTransition, d.from, ev.Kind, d.c.State)
+	}
+	return d.c, d.cmds, nil
+}
+
+type decision struct {
+	c    Call
+	env  Env
+	from State
+	cmds []Command
+}
+
+func (d *decision) emit(c Command) { d.cmds = append(d.cmds, c) }
+
+func (d *decision) next() int64 { d.c.Seq++; return d.c.Seq }
+
+// play sends prompts and remembers the clientContext whose completion callbot waits for.
+func (d *decision) play(prompts []graph.MediaPrompt) {
+	if len(prompts) == 0 {
+		d.c.PromptCtx = ""
+		return
+	}
+	d.c.PromptCtx = "p" + strconv.FormatInt(d.next(), 10)
+	d.emit(Command{Kind: CmdPlayPrompt, Prompts: prompts, ClientContext: d.c.PromptCtx})
+}
+
+// silence cancels a prompt that may still be playing (barge-in, leaving a menu).
+func (d *decision) silence() {
+	if d.c.PromptCtx != "" {
+		d.emit(Command{Kind: CmdCancelMedia, ClientContext: "c" + strconv.FormatInt(d.next(), 10)})
+		d.c.PromptCtx = ""
+	}
+}
+
+func (d *decision) timer(kind TimerKind, after time.Duration) {
+	d.c.Timer = d.next()
+	d.emit(Command{Kind: CmdSetTimer, Timer: kind, Token: d.c.Timer, After: after})
+}
+
+func (d *decision) prompts(ids ...string) []graph.MediaPrompt {
+	var out []graph.MediaPrompt
+	for _, id := range ids {
+		if p, ok := d.env.Flow.Prompt(id); ok && id != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func (d *decision) apply(ev Event) error {
+	c := &d.c
+	switch ev.Kind {
+	case EvIncoming:
+		in := ev.Incoming
+		*c = Call{ID: in.GraphID, Tenant: in.TenantID, State: StateAnswering, Caller: in.Caller,
+			Dialled: in.Dialled, ChainID: in.ChainID, Scenario: in.ScenarioID, CreatedAt: d.env.Now}
+		d.emit(Command{Kind: CmdAnswer, Answer: graph.AnswerRequest{CallbackURI: d.env.CallbackURI, PrefetchMedia: d.env.Flow.AllPrompts()}})
+		return nil
+
+	case EvEstablished:
+		c.AnsweredAt = d.env.Now
+		d.emit(Command{Kind: CmdSubscribeToTone, ClientContext: "t" + strconv.FormatInt(d.next(), 10)})
+		d.menuStep(d.env.Flow.Begin())
+		return nil
+
+	case EvTone:
+		if ev.Seq != 0 && ev.Seq <= c.LastTone {
+			return ErrIgnored // duplicate or late key press
+		}
+		c.LastTone = ev.Seq
+		d.silence()
+		d.menuStep(d.env.Flow.Digit(c.Menu, ev.Digit))
+		return nil
+
+	case EvPromptDone:
+		if ev.ClientContext == "" || ev.ClientContext != c.PromptCtx {
+			return ErrIgnored // a cancelled, stale or duplicated operation
+		}
+		c.PromptCtx = ""
+		switch c.State {
+		case StateInMenu:
+			d.timer(TimerMenu, d.menuTimeout())
+		case StateQueued:
+			d.play(d.holdMusic())
+		case StateTerminating:
+			d.emit(Command{Kind: CmdHangup})
+		}
+		return nil
+
+	case EvTimeout:
+		if ev.TimerToken != c.Timer {
+			return ErrIgnored // superseded timer
+		}
+		c.Timer = 0
+		switch c.State {
+		case StateInMenu:
+			if ev.Timer != TimerMenu {
+				return ErrIgnored
+			}
+			d.menuStep(d.env.Flow.NoInput(c.Menu))
+		case StateQueued:
+			if ev.Timer != TimerMaxWait {
+				return ErrIgnored
+			}
+			d.emit(Command{Kind: CmdLeaveQueue, Queue: c.Queue})
+			d.silence()
+			q := d.env.Flow.Queues[c.Queue]
+			act := ivr.Action{Kind: ivr.ActionDisconnect}
+			if q != nil && q.OnTimeout.Kind != ivr.ActionNone {
+				act = q.OnTimeout
+			}
+			d.act(act, nil)
+		case StateTransferring:
+			if ev.Timer != TimerTransfer {
+				return ErrIgnored
+			}
+			d.transferFailed()
+		case StateTerminating:
+			d.c.PromptCtx = ""
+			d.emit(Command{Kind: CmdHangup})
+		}
+		return nil
+
+	case EvAgentOffer:
+		c.Agent = ev.Agent
+		c.PromptCtx = "" // hold music stops mattering: the transfer takes the caller's media
+		c.Offers++
+		c.State = StateTransferring
+		d.emit(Command{Kind: CmdTransfer, Target: graph.Party{Kind: graph.KindUser, ID: ev.Agent},
+			ClientContext: "x" + strconv.FormatInt(d.next(), 10)})
+		d.timer(TimerTransfer, d.env.TransferTimeout)
+		return nil
+
+	case EvTransferAccepted:
+		c.Outcome = OutcomeTransferred // the target took the call; the bot leg ends next
+		return nil
+
+	case EvTransferFailed:
+		d.transferFailed()
+		return nil
+
+	case EvEnded:
+		d.ended(ev)
+		return nil
+
+	case EvCommandFailed:
+		c.State, c.EndedAt, c.Outcome = StateTerminated, d.env.Now, OutcomeFailed
+		return nil
+	}
+	return ErrIgnored
+}
+
+func (d *decision) menuTimeout() time.Duration {
+	if m := d.env.Flow.Menus[d.c.Menu.Menu]; m != nil && m.Timeout > 0 {
+		return m.Timeout
+	}
+	return 5 * time.Second
+}
+
+func (d *decision) holdMusic() []graph.MediaPrompt {
+	if q := d.env.Flow.Queues[d.c.Queue]; q != nil {
+		return d.prompts(q.Hold)
+	}
+	return nil
+}
+
+// menuStep carries out what the IVR interpreter decided.
+func (d *decision) menuStep(st ivr.Step) {
+	d.c.Menu = st.Position
+	d.c.Timer = 0
+	if st.Action.Kind == ivr.ActionNone {
+		d.c.State = StateInMenu
+		d.play(st.Prompts)
+		if len(st.Prompts) == 0 {
+			d.timer(TimerMenu, d.menuTimeout())
+		}
+		return
+	}
+	d.act(st.Action, st.Prompts)
+}
+
+var guidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+
+// act performs a terminal action of the flow: queue, transfer or disconnect, after playing pre.
+// The caller has silenced any prompt still playing.
+func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
+	c := &d.c
+	switch a.Kind {
+	case ivr.ActionQueue:
+		q := d.env.Flow.Queues[a.Target]
+		c.State, c.Queue, c.QueuedAt = StateQueued, a.Target, d.env.Now
+		c.QueueScore = d.env.Now.UnixMilli()
+		ps := pre
+		if q != nil {
+			ps = append(ps, d.prompts(q.Welcome, q.Hold)...)
+		}
+		d.play(ps)
+		d.emit(Command{Kind: CmdEnqueue, Queue: a.Target, Score: c.QueueScore})
+		c.Timer = 0
+		if q != nil && q.MaxWait > 0 {
+			d.timer(TimerMaxWait, q.MaxWait)
+		}
+	case ivr.ActionTransfer:
+		c.State, c.Target, c.Queue = StateTransferring, a.Target, ""
+		target := graph.Party{Kind: graph.KindPhone, ID: a.Target}
+		if guidRE.MatchString(a.Target) {
+			target.Kind = graph.KindUser
+		}
+		d.play(pre)
+		c.Offers++
+		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: "x" + strconv.FormatInt(d.next(), 10)})
+		d.timer(TimerTransfer, d.env.TransferTimeout)
+	default: // disconnect
+		c.State, c.Outcome, c.Queue = StateTerminating, OutcomeDisconnected, ""
+		ps := append(pre, d.prompts(a.Prompt)...)
+		if len(ps) == 0 {
+			d.emit(Command{Kind: CmdHangup})
+			return
+		}
+		d.play(ps)
+		d.timer(TimerMenu, d.env.HangupGrace)
+	}
+}
+
+// transferFailed puts a caller whose transfer failed back where it came from: the head of its
+// queue (its original arrival score), or the start of the menu for a direct transfer.
+func (d *decision) transferFailed() {
+	c := &d.c
+	c.Outcome = ""
+	if c.Agent != "" {
+		d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed})
+		c.Agent = ""
+		c.State = StateQueued
+		c.Timer = 0
+		d.play(d.holdMusic())
+		d.emit(Command{Kind: CmdEnqueue, Queue: c.Queue, Score: c.QueueScore})
+		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.MaxWait > 0 {
+			left := q.MaxWait - d.env.Now.Sub(c.QueuedAt)
+			d.timer(TimerMaxWait, max(left, time.Second))
+		}
+		return
+	}
+	c.Target = ""
+	d.menuStep(d.env.Flow.Begin())
+}
+
+func (d *decision) ended(ev Event) {
+	c := &d.c
+	from := c.State
+	c.State, c.EndedAt, c.Timer, c.PromptCtx = StateTerminated, d.env.Now, 0, ""
+	c.EndCode, c.EndSubcode = int64(ev.Result.Code), int64(ev.Result.Subcode)
+	transferred := ev.Result.Subcode == 7015 || ev.Reason == "AppTransferred" || c.Outcome == OutcomeTransferred
+	switch from {
+	case StateQueued:
+		d.emit(Command{Kind: CmdLeaveQueue, Queue: c.Queue})
+		c.Outcome = OutcomeCallerHangup
+	case StateTransferring:
+		if transferred {
+			c.Outcome = OutcomeTransferred
+			if c.Agent != "" {
+				d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentConnected})
+			}
+		} else {
+			c.Outcome = OutcomeCallerHangup
+			if c.Agent != "" {
+				d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned})
+			}
+		}
+	case StateTerminating:
+		if c.Outcome == "" {
+			c.Outcome = OutcomeDisconnected
+		}
+	default:
+		if ev.Result.Code >= 400 {
+			c.Outcome = OutcomeFailed
+		} else {
+			c.Outcome = OutcomeCallerHangup
+		}
+	}
+}

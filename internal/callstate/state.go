@@ -1,0 +1,144 @@
+package callstate
+
+import (
+	"time"
+
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+)
+
+// State is where a call is in callbot's life cycle.
+type State uint8
+
+// States, in the order a call normally passes them.
+const (
+	StateNone         State = iota // no record yet
+	StateAnswering                 // answer sent, waiting for established
+	StateInMenu                    // established; prompts and tones of the IVR menu
+	StateQueued                    // waiting in a queue, hold music playing
+	StateTransferring              // transfer to an agent or user sent, waiting for the outcome
+	StateTerminating               // callbot hung up or rejected, waiting for Graph to confirm
+	StateTerminated                // over; terminal
+)
+
+var stateNames = [...]string{"none", "answering", "in_menu", "queued", "transferring", "terminating", "terminated"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return "state(" + string(rune('0'+s)) + ")"
+}
+
+// Terminal reports whether no event can move a call out of s.
+func (s State) Terminal() bool { return s == StateTerminated }
+
+// EventKind is what happened to a call.
+type EventKind uint8
+
+// Events.
+const (
+	EvIncoming       EventKind = iota + 1 // Graph: created, state incoming
+	EvEstablished                         // Graph: state established (without a failure result)
+	EvTone                                // Graph: toneInfo
+	EvPromptDone                          // Graph: playPrompt operation finished (or failed)
+	EvTimeout                             // a durable timer fired
+	EvAgentOffer                          // the dispatcher reserved an agent for this queued call
+	EvTransferAccepted                    // Graph: transferAccepted
+	EvTransferFailed                      // Graph: established again with a failure result, or the transfer request failed
+	EvEnded                               // Graph: terminated / deleted, or the call is gone (404)
+	EvCommandFailed                       // a Graph command other than transfer failed
+)
+
+var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
+	"transfer_accepted", "transfer_failed", "ended", "command_failed"}
+
+func (e EventKind) String() string {
+	if int(e) < len(eventNames) {
+		return eventNames[e]
+	}
+	return "event?"
+}
+
+// TimerKind names a durable timer.
+type TimerKind string
+
+// Timers.
+const (
+	TimerMenu     TimerKind = "menu"     // no input in a menu
+	TimerMaxWait  TimerKind = "maxwait"  // a queue's max-wait
+	TimerTransfer TimerKind = "transfer" // no transfer outcome from Graph in time
+	TimerAnswer   TimerKind = "answer"   // no established in time after answer
+)
+
+// Event is the input of the machine.
+type Event struct {
+	Kind EventKind
+	// Call is the incoming call (EvIncoming).
+	Incoming *Incoming
+	// Digit and Seq for EvTone.
+	Digit string
+	Seq   int64
+	// ClientContext of the finished operation (EvPromptDone).
+	ClientContext string
+	// Timer that fired and its token (EvTimeout).
+	Timer      TimerKind
+	TimerToken int64
+	// Agent reserved for the call (EvAgentOffer).
+	Agent string
+	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
+	Result  graph.ResultInfo
+	Reason  string
+	Command string
+}
+
+// Incoming describes a new call.
+type Incoming struct {
+	GraphID    string
+	TenantID   string
+	Caller     graph.Party
+	Dialled    string // application instance or application id the caller dialled
+	ChainID    string
+	ScenarioID string
+}
+
+// Outcome of a call, recorded when it ends.
+const (
+	OutcomeTransferred  = "transferred"   // handed to an agent or user
+	OutcomeCallerHangup = "caller_hangup" // caller left before reaching an agent
+	OutcomeDisconnected = "disconnected"  // the flow ended the call
+	OutcomeRejected     = "rejected"      // callbot refused the call
+	OutcomeFailed       = "failed"        // a Graph failure ended the call
+)
+
+// Call is the record of one call, stored in Redis.
+type Call struct {
+	ID       string `json:"id"` // as Graph wrote it; outbound URLs use it
+	Tenant   string `json:"tenant"`
+	State    State  `json:"state"`
+	Version  int64  `json:"-"` // store version; compare-and-set on save
+	Caller   graph.Party  `json:"caller"`
+	Dialled  string       `json:"dialled,omitempty"`
+	ChainID  string       `json:"chain,omitempty"`
+	Scenario string       `json:"scenario,omitempty"`
+	Menu     ivr.Position `json:"menu"`
+	// PromptCtx is the clientContext of the prompt callbot waits on; completions of other
+	// prompts (stale, duplicated) are ignored.
+	PromptCtx string `json:"promptCtx,omitempty"`
+	Seq       int64  `json:"seq"`      // counter for clientContext and timer tokens
+	LastTone  int64  `json:"lastTone"` // highest toneInfo.sequenceId applied
+	// Timer is the token of the one live timer; a timer firing with another token is stale.
+	Timer      int64     `json:"timer,omitempty"`
+	Queue      string    `json:"queue,omitempty"`
+	QueueScore int64     `json:"queueScore,omitempty"` // arrival order in the queue; kept on requeue
+	Agent      string    `json:"agent,omitempty"`      // agent reserved / transferred to
+	Target     string    `json:"target,omitempty"`     // direct transfer target (menu option)
+	Offers     int       `json:"offers,omitempty"`     // transfer attempts
+	CreatedAt  time.Time `json:"createdAt"`
+	AnsweredAt time.Time `json:"answeredAt,omitzero"`
+	QueuedAt   time.Time `json:"queuedAt,omitzero"`
+	EndedAt    time.Time `json:"endedAt,omitzero"`
+	Outcome    string    `json:"outcome,omitempty"`
+	EndCode    int64     `json:"endCode,omitempty"`
+	EndSubcode int64     `json:"endSubcode,omitempty"`
+}

@@ -1,0 +1,75 @@
+package callstate
+
+// Transition is one legal move of the state machine: a call in From that sees On may go To.
+type Transition struct {
+	From State
+	On   EventKind
+	To   State
+}
+
+// Transitions is every legal move. An event with no row for the call's current state is
+// ignored: Graph repeats and reorders notifications, and late ones must change nothing.
+// EvEnded from any non-terminal state is added by legal(); terminated stays terminated.
+var Transitions = []Transition{
+	{StateNone, EvIncoming, StateAnswering},
+
+	{StateAnswering, EvEstablished, StateInMenu},
+	{StateAnswering, EvCommandFailed, StateTerminated}, // answer refused by Graph
+
+	{StateInMenu, EvPromptDone, StateInMenu}, // menu prompt over: no-input timer starts
+	{StateInMenu, EvTone, StateInMenu},       // invalid key, replay; or a submenu
+	{StateInMenu, EvTone, StateQueued},
+	{StateInMenu, EvTone, StateTransferring},
+	{StateInMenu, EvTone, StateTerminating},
+	{StateInMenu, EvTimeout, StateInMenu}, // no input, replay
+	{StateInMenu, EvTimeout, StateQueued}, // no input, fallback
+	{StateInMenu, EvTimeout, StateTransferring},
+	{StateInMenu, EvTimeout, StateTerminating},
+
+	{StateQueued, EvPromptDone, StateQueued}, // hold music loops
+	{StateQueued, EvAgentOffer, StateTransferring},
+	{StateQueued, EvTimeout, StateQueued}, // max wait: another queue
+	{StateQueued, EvTimeout, StateTransferring},
+	{StateQueued, EvTimeout, StateTerminating},
+
+	{StateTransferring, EvTransferAccepted, StateTransferring},
+	{StateTransferring, EvTransferFailed, StateQueued}, // back to the head of the queue
+	{StateTransferring, EvTransferFailed, StateInMenu}, // a direct transfer from the menu failed
+	{StateTransferring, EvTimeout, StateQueued},        // no outcome from Graph in time
+	{StateTransferring, EvTimeout, StateInMenu},
+
+	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
+	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway
+}
+
+var legalSet = func() map[Transition]bool {
+	m := map[Transition]bool{}
+	for _, t := range Transitions {
+		m[t] = true
+	}
+	for s := StateNone + 1; s < StateTerminated; s++ {
+		m[Transition{s, EvEnded, StateTerminated}] = true
+	}
+	return m
+}()
+
+// legal reports whether the table allows the move.
+func legal(from State, on EventKind, to State) bool {
+	return legalSet[Transition{from, on, to}]
+}
+
+type stateEvent struct {
+	s State
+	e EventKind
+}
+
+var handledSet = func() map[stateEvent]bool {
+	m := map[stateEvent]bool{}
+	for t := range legalSet {
+		m[stateEvent{t.From, t.On}] = true
+	}
+	return m
+}()
+
+// handles reports whether the table has any row for an event in a state.
+func handles(from State, on EventKind) bool { return handledSet[stateEvent{from, on}] }

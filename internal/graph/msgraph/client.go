@@ -1,0 +1,231 @@
+// Package msgraph is callbot's outbound Microsoft Graph adapter: call control (answer, reject,
+// redirect, transfer, media operations, hang-up, keep-alive, get) and bulk presence reads, made
+// with msgraph-sdk-go request builders over a kiota request adapter built here.
+//
+// It is the only package that imports msgraph-sdk-go, and it imports only the SDK's
+// communications and models sub-packages: the root package costs minutes and gigabytes to build.
+// Results are translated into the SDK-free vocabulary of package graph, and every failed Graph
+// request becomes a *graph.Error.
+//
+// Requests are never retried here: the SDK's default RetryHandler is left out of the middleware
+// chain because a retried answer, transfer or redirect can act twice or miss Graph's 15 s
+// deadline (graph/WIRE.md, "Go SDK pitfalls"). Callers reconcile ambiguous failures.
+package msgraph
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/cloud"
+	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
+	absser "github.com/microsoft/kiota-abstractions-go/serialization"
+	kiotaauth "github.com/microsoft/kiota-authentication-azure-go"
+	khttp "github.com/microsoft/kiota-http-go"
+	formser "github.com/microsoft/kiota-serialization-form-go"
+	jsonser "github.com/microsoft/kiota-serialization-json-go"
+	textser "github.com/microsoft/kiota-serialization-text-go"
+	core "github.com/microsoftgraph/msgraph-sdk-go-core"
+	"github.com/microsoftgraph/msgraph-sdk-go/communications"
+	"go.uber.org/zap"
+)
+
+// Defaults applied by New to empty Config fields.
+const (
+	DefaultAuthorityHost = "https://login.microsoftonline.com/"
+	DefaultGraphURL      = "https://graph.microsoft.com/v1.0"
+	DefaultTimeout       = 10 * time.Second
+)
+
+// graphScope is the app-only scope of the client-credentials token.
+const graphScope = "https://graph.microsoft.com/.default"
+
+// sdkVersion is reported by the SDK's telemetry middleware (SdkVersion header).
+const sdkVersion = "1.89.0"
+
+// Config configures a Client.
+type Config struct {
+	// TenantID, ClientID and ClientSecret identify the bot's Entra ID app registration.
+	TenantID, ClientID, ClientSecret string
+	// AuthorityHost is the Entra ID authority, e.g. "https://login.microsoftonline.com/" (the
+	// default), or a simulator's https URL in tests.
+	AuthorityHost string
+	// GraphURL is the Graph base URL, e.g. "https://graph.microsoft.com/v1.0" (the default).
+	GraphURL string
+	// CAFile optionally names a PEM file of CAs trusted in addition to the system roots, for
+	// both the authority and Graph (a simulator's self-signed CA).
+	CAFile string
+	// Timeout is the deadline of each Graph request, token acquisition included; default 10s.
+	Timeout time.Duration
+	// Logger receives debug lines about each request; nil means no logging.
+	Logger *zap.Logger
+}
+
+// Client performs Graph call-control and presence requests. It is safe for concurrent use.
+// It satisfies callstate.CallControl and queue.PresenceSource.
+type Client struct {
+	comms   *communications.CommunicationsRequestBuilder
+	timeout time.Duration
+	log     *zap.Logger
+}
+
+// New validates cfg and builds the token credential and the request adapter. It does no network
+// I/O: the first token is fetched by the first request and cached by azidentity until it nears
+// expiry.
+func New(cfg Config) (*Client, error) {
+	if cfg.TenantID == "" || cfg.ClientID == "" || cfg.ClientSecret == "" {
+		return nil, errors.New("msgraph: tenant id, client id and client secret are all required")
+	}
+	if cfg.AuthorityHost == "" {
+		cfg.AuthorityHost = DefaultAuthorityHost
+	}
+	if cfg.GraphURL == "" {
+		cfg.GraphURL = DefaultGraphURL
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if _, err := httpsURL("authority host", cfg.AuthorityHost); err != nil {
+		return nil, err
+	}
+	graphURL, err := httpsURL("graph url", cfg.GraphURL)
+	if err != nil {
+		return nil, err
+	}
+
+	base, err := baseTransport(cfg.CAFile)
+	if err != nil {
+		return nil, err
+	}
+
+	cred, err := azidentity.NewClientSecretCredential(cfg.TenantID, cfg.ClientID, cfg.ClientSecret,
+		&azidentity.ClientSecretCredentialOptions{
+			ClientOptions: azcore.ClientOptions{
+				Cloud:     cloud.Configuration{ActiveDirectoryAuthorityHost: cfg.AuthorityHost},
+				Transport: &http.Client{Transport: base, Timeout: cfg.Timeout},
+			},
+			// Instance discovery asks login.microsoftonline.com about the authority; with it
+			// off MSAL reads {authority}/{tenant}/v2.0/.well-known/openid-configuration.
+			DisableInstanceDiscovery: true,
+		})
+	if err != nil {
+		return nil, fmt.Errorf("msgraph: client secret credential: %w", err)
+	}
+	// The bearer token is attached only to requests for the Graph host.
+	auth, err := kiotaauth.NewAzureIdentityAuthenticationProviderWithScopesAndValidHosts(
+		cred, []string{graphScope}, []string{graphURL.Hostname()})
+	if err != nil {
+		return nil, fmt.Errorf("msgraph: authentication provider: %w", err)
+	}
+
+	adapter, err := core.NewGraphRequestAdapterBaseWithParseNodeFactoryAndSerializationWriterFactoryAndHttpClient(
+		auth,
+		core.GraphClientOptions{GraphServiceLibraryVersion: sdkVersion},
+		parseNodeFactories(), serializationWriterFactories(),
+		graphHTTPClient(base, cfg.Timeout))
+	if err != nil {
+		return nil, fmt.Errorf("msgraph: request adapter: %w", err)
+	}
+	adapter.SetBaseUrl(strings.TrimRight(cfg.GraphURL, "/"))
+
+	return &Client{
+		// Built with empty path parameters so every child builder expands "{+baseurl}" from the
+		// adapter; NewCommunicationsRequestBuilder(rawUrl) would pin all children to rawUrl.
+		comms:   communications.NewCommunicationsRequestBuilderInternal(map[string]string{}, adapter),
+		timeout: cfg.Timeout,
+		log:     cfg.Logger,
+	}, nil
+}
+
+func httpsURL(what, s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("msgraph: %s %q: %w", what, s, err)
+	}
+	if u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("msgraph: %s %q must be an absolute https URL", what, s)
+	}
+	return u, nil
+}
+
+// baseTransport is the network transport shared by the credential and the Graph pipeline: the
+// default transport, trusting the system roots plus the CAs in caFile if given.
+func baseTransport(caFile string) (*http.Transport, error) {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	if caFile == "" {
+		return t, nil
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("msgraph: read ca file: %w", err)
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("msgraph: ca file %s holds no PEM certificate", caFile)
+	}
+	t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	return t, nil
+}
+
+// graphHTTPClient is the SDK's default client (Graph telemetry, URL replace, redirect,
+// parameter-name decoding, user agent, headers inspection) minus the RetryHandler and the
+// CompressionHandler: call-control bodies are a few hundred bytes, and the compression handler
+// re-sends a request uncompressed after a 415, a second send callbot does not want for transfer.
+func graphHTTPClient(base http.RoundTripper, timeout time.Duration) *http.Client {
+	opts := core.GraphClientOptions{GraphServiceLibraryVersion: sdkVersion}
+	var chain []khttp.Middleware
+	for _, m := range core.GetDefaultMiddlewaresWithOptions(&opts) {
+		switch m.(type) {
+		case *khttp.RetryHandler, *khttp.CompressionHandler:
+			continue
+		}
+		chain = append(chain, m)
+	}
+	return &http.Client{
+		Transport: khttp.NewCustomTransportWithParentTransport(base, chain...),
+		// The RedirectHandler middleware follows redirects itself.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		Timeout:       timeout,
+	}
+}
+
+// parseNodeFactories and serializationWriterFactories register what the root package's
+// NewGraphBaseServiceClient registers (JSON, text, form), in registries of our own instead of
+// the process-wide defaults.
+func parseNodeFactories() absser.ParseNodeFactory {
+	r := absser.NewParseNodeFactoryRegistry()
+	for _, f := range []absser.ParseNodeFactory{
+		jsonser.NewJsonParseNodeFactory(), textser.NewTextParseNodeFactory(), formser.NewFormParseNodeFactory(),
+	} {
+		if ct, err := f.GetValidContentType(); err == nil {
+			r.ContentTypeAssociatedFactories[ct] = f
+		}
+	}
+	return r
+}
+
+func serializationWriterFactories() absser.SerializationWriterFactory {
+	r := absser.NewSerializationWriterFactoryRegistry()
+	for _, f := range []absser.SerializationWriterFactory{
+		jsonser.NewJsonSerializationWriterFactory(), textser.NewTextSerializationWriterFactory(),
+		formser.NewFormSerializationWriterFactory(),
+	} {
+		if ct, err := f.GetValidContentType(); err == nil {
+			r.ContentTypeAssociatedFactories[ct] = f
+		}
+	}
+	return r
+}

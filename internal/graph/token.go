@@ -1,0 +1,272 @@
+package graph
+
+import (
+	"context"
+	"crypto/rsa"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// Claims are what a verified callback token tells callbot.
+type Claims struct {
+	TenantID string
+	AppID    string
+	Issuer   string
+	Expiry   time.Time
+}
+
+// VerifierConfig configures inbound token validation (WIRE.md d.2).
+type VerifierConfig struct {
+	// OpenIDConfigURL is the metadata document naming jwks_uri, by default
+	// https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration.
+	OpenIDConfigURL string
+	// Audience is the bot's app (client) id.
+	Audience string
+	// Issuers accepted; compared exactly (a trailing slash counts). Default:
+	// https://graph.microsoft.com and https://api.botframework.com.
+	Issuers []string
+	// AllowedTenants, when not empty, is the list of tid values accepted.
+	AllowedTenants []string
+	// Leeway is the clock skew allowed on exp and nbf; default 2 minutes.
+	Leeway time.Duration
+	// RefreshEvery is how often keys are refreshed; default 24h. An unknown kid triggers a
+	// refresh at most once per MinRefreshGap (default 1 minute).
+	RefreshEvery  time.Duration
+	MinRefreshGap time.Duration
+	HTTPClient    *http.Client
+	Now           func() time.Time
+}
+
+// DefaultIssuers are the issuers the official samples accept on calling callbacks.
+var DefaultIssuers = []string{"https://graph.microsoft.com", "https://api.botframework.com"}
+
+// DefaultOpenIDConfigURL is the metadata the calling platform's tokens are signed under.
+const DefaultOpenIDConfigURL = "https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration"
+
+// Token validation failures. Every error Verify returns wraps ErrUnauthorized.
+var (
+	ErrUnauthorized = errors.New("unauthorized")
+	ErrNoToken      = fmt.Errorf("%w: no bearer token", ErrUnauthorized)
+)
+
+// Verifier validates the bearer tokens Graph puts on webhook requests. It caches the signing
+// keys and the tokens it has verified (until they expire), so the RSA check is paid once per
+// token, not once per request. Safe for concurrent use.
+type Verifier struct {
+	cfg    VerifierConfig
+	parser *jwt.Parser
+
+	mu          sync.Mutex
+	keys        map[string]*rsa.PublicKey
+	fetchedAt   time.Time
+	lastAttempt time.Time
+	fetching    chan struct{} // closed when the fetch in flight ends
+
+	cacheMu sync.RWMutex
+	cache   map[string]Claims
+}
+
+// NewVerifier returns a verifier; it fetches keys on first use.
+func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
+	if cfg.Audience == "" {
+		return nil, errors.New("token verifier: audience (client id) is required")
+	}
+	if cfg.OpenIDConfigURL == "" {
+		cfg.OpenIDConfigURL = DefaultOpenIDConfigURL
+	}
+	if len(cfg.Issuers) == 0 {
+		cfg.Issuers = DefaultIssuers
+	}
+	if cfg.Leeway == 0 {
+		cfg.Leeway = 2 * time.Minute
+	}
+	if cfg.RefreshEvery == 0 {
+		cfg.RefreshEvery = 24 * time.Hour
+	}
+	if cfg.MinRefreshGap == 0 {
+		cfg.MinRefreshGap = time.Minute
+	}
+	if cfg.HTTPClient == nil {
+		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	v := &Verifier{cfg: cfg, cache: map[string]Claims{}}
+	v.parser = jwt.NewParser(
+		jwt.WithValidMethods([]string{"RS256"}),
+		jwt.WithAudience(cfg.Audience),
+		jwt.WithExpirationRequired(),
+		jwt.WithLeeway(cfg.Leeway),
+		jwt.WithTimeFunc(cfg.Now),
+	)
+	return v, nil
+}
+
+// VerifyRequest reads the Authorization header and verifies its bearer token.
+func (v *Verifier) VerifyRequest(r *http.Request) (Claims, error) {
+	h := r.Header.Get("Authorization")
+	scheme, tok, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
+		return Claims{}, ErrNoToken
+	}
+	return v.Verify(r.Context(), strings.TrimSpace(tok))
+}
+
+// Verify checks signature (RS256 against the published keys), audience, issuer, lifetime and
+// tenant. Errors wrap ErrUnauthorized.
+func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
+	now := v.cfg.Now()
+	v.cacheMu.RLock()
+	c, ok := v.cache[token]
+	v.cacheMu.RUnlock()
+	if ok && now.Before(c.Expiry.Add(v.cfg.Leeway)) {
+		return c, nil
+	}
+
+	var claims struct {
+		jwt.RegisteredClaims
+		TID   string `json:"tid"`
+		AppID string `json:"appid"`
+	}
+	_, err := v.parser.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
+		kid, _ := t.Header["kid"].(string)
+		return v.key(ctx, kid)
+	})
+	if err != nil {
+		return Claims{}, fmt.Errorf("%w: %v", ErrUnauthorized, err)
+	}
+	if !slices.Contains(v.cfg.Issuers, claims.Issuer) {
+		return Claims{}, fmt.Errorf("%w: issuer %q not accepted", ErrUnauthorized, claims.Issuer)
+	}
+	if claims.TID == "" {
+		return Claims{}, fmt.Errorf("%w: token has no tid claim", ErrUnauthorized)
+	}
+	if len(v.cfg.AllowedTenants) > 0 && !slices.Contains(v.cfg.AllowedTenants, claims.TID) {
+		return Claims{}, fmt.Errorf("%w: tenant %s not allowed", ErrUnauthorized, claims.TID)
+	}
+	c = Claims{TenantID: claims.TID, AppID: claims.AppID, Issuer: claims.Issuer, Expiry: claims.ExpiresAt.Time}
+	v.cacheMu.Lock()
+	if len(v.cache) > 10000 { // bound memory: expired entries are swept when the cache grows
+		for k, e := range v.cache {
+			if now.After(e.Expiry.Add(v.cfg.Leeway)) {
+				delete(v.cache, k)
+			}
+		}
+	}
+	v.cache[token] = c
+	v.cacheMu.Unlock()
+	return c, nil
+}
+
+// key returns the key for kid, refreshing the key set when it is stale or the kid is unknown,
+// at most once per MinRefreshGap so forged kids cannot make callbot hammer the metadata URL.
+// Concurrent callers share one fetch. A failed refresh keeps the keys already held.
+func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) {
+	v.mu.Lock()
+	k, known := v.keys[kid]
+	now := v.cfg.Now()
+	if known && now.Sub(v.fetchedAt) <= v.cfg.RefreshEvery {
+		v.mu.Unlock()
+		return k, nil
+	}
+	var fetchErr error
+	switch {
+	case v.fetching != nil:
+		wait := v.fetching
+		v.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		v.mu.Lock()
+	case v.lastAttempt.IsZero() || now.Sub(v.lastAttempt) >= v.cfg.MinRefreshGap:
+		done := make(chan struct{})
+		v.fetching, v.lastAttempt = done, now
+		v.mu.Unlock()
+		keys, err := v.fetchKeys(ctx)
+		v.mu.Lock()
+		if err == nil {
+			v.keys, v.fetchedAt = keys, v.cfg.Now()
+		}
+		fetchErr = err
+		v.fetching = nil
+		close(done)
+	}
+	k, known = v.keys[kid]
+	v.mu.Unlock()
+	switch {
+	case known:
+		return k, nil
+	case fetchErr != nil:
+		return nil, fmt.Errorf("fetch signing keys: %w", fetchErr)
+	}
+	return nil, fmt.Errorf("unknown signing key %q", kid)
+}
+
+func (v *Verifier) getJSON(ctx context.Context, url string, into any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := v.cfg.HTTPClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: status %d", url, resp.StatusCode)
+	}
+	return json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(into)
+}
+
+func (v *Verifier) fetchKeys(ctx context.Context) (map[string]*rsa.PublicKey, error) {
+	var meta struct {
+		JWKSURI string `json:"jwks_uri"`
+	}
+	if err := v.getJSON(ctx, v.cfg.OpenIDConfigURL, &meta); err != nil {
+		return nil, err
+	}
+	if meta.JWKSURI == "" {
+		return nil, errors.New("openid configuration has no jwks_uri")
+	}
+	var set struct {
+		Keys []struct {
+			Kty string `json:"kty"`
+			Kid string `json:"kid"`
+			N   string `json:"n"`
+			E   string `json:"e"`
+		} `json:"keys"`
+	}
+	if err := v.getJSON(ctx, meta.JWKSURI, &set); err != nil {
+		return nil, err
+	}
+	keys := map[string]*rsa.PublicKey{}
+	for _, k := range set.Keys {
+		if k.Kty != "RSA" {
+			continue
+		}
+		n, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(k.N, "="))
+		e, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(k.E, "="))
+		if err1 != nil || err2 != nil || len(e) > 4 {
+			continue
+		}
+		keys[k.Kid] = &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
+	}
+	if len(keys) == 0 {
+		return nil, errors.New("jwks has no usable RSA key")
+	}
+	return keys, nil
+}

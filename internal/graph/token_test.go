@@ -1,0 +1,202 @@
+package graph
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+const (
+	testAudience = "0efc74f7-41c3-47a4-8775-7259bfef4241"
+	testTenant   = "1fdd12d0-4620-44ed-baec-459b611f84b2"
+)
+
+// keyServer publishes an OpenID configuration and a JWKS, and counts fetches.
+type keyServer struct {
+	srv     *httptest.Server
+	keys    map[string]*rsa.PrivateKey
+	fetches atomic.Int32
+	down    atomic.Bool
+}
+
+func newKeyServer(t testing.TB) *keyServer {
+	ks := &keyServer{keys: map[string]*rsa.PrivateKey{"k1": genKey(t)}}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/openid", func(w http.ResponseWriter, r *http.Request) {
+		ks.fetches.Add(1)
+		if ks.down.Load() {
+			http.Error(w, "down", 500)
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]string{"issuer": "https://api.botframework.com", "jwks_uri": ks.srv.URL + "/keys"})
+	})
+	mux.HandleFunc("/keys", func(w http.ResponseWriter, r *http.Request) {
+		var set struct {
+			Keys []map[string]string `json:"keys"`
+		}
+		for kid, k := range ks.keys {
+			set.Keys = append(set.Keys, map[string]string{"kty": "RSA", "kid": kid, "use": "sig",
+				"n": base64.RawURLEncoding.EncodeToString(k.N.Bytes()),
+				"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(k.E)).Bytes())})
+		}
+		json.NewEncoder(w).Encode(set)
+	})
+	ks.srv = httptest.NewServer(mux)
+	t.Cleanup(ks.srv.Close)
+	return ks
+}
+
+func genKey(t testing.TB) *rsa.PrivateKey {
+	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func goodClaims(now time.Time) jwt.MapClaims {
+	return jwt.MapClaims{"aud": testAudience, "iss": "https://api.botframework.com", "tid": testTenant,
+		"iat": now.Unix(), "nbf": now.Unix(), "exp": now.Add(5 * time.Minute).Unix()}
+}
+
+func signRS(t testing.TB, key *rsa.PrivateKey, kid string, claims jwt.MapClaims) string {
+	tok := jwt.NewWithClaims(jwt.SigningMethodRS256, claims)
+	tok.Header["kid"] = kid
+	tok.Header["cty"] = "JWT" // real Graph tokens carry it; it must not matter
+	s, err := tok.SignedString(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func newTestVerifier(t *testing.T, ks *keyServer, mod func(*VerifierConfig)) *Verifier {
+	cfg := VerifierConfig{OpenIDConfigURL: ks.srv.URL + "/openid", Audience: testAudience, AllowedTenants: []string{testTenant}}
+	if mod != nil {
+		mod(&cfg)
+	}
+	v, err := NewVerifier(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func TestVerifierRejections(t *testing.T) {
+	ks := newKeyServer(t)
+	now := time.Now()
+	k1 := ks.keys["k1"]
+	with := func(mod func(jwt.MapClaims)) jwt.MapClaims { c := goodClaims(now); mod(c); return c }
+	hs, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, goodClaims(now)).SignedString([]byte("secret"))
+	none, _ := jwt.NewWithClaims(jwt.SigningMethodNone, goodClaims(now)).SignedString(jwt.UnsafeAllowNoneSignatureType)
+	// key confusion: HS256 keyed with the public key's bytes
+	pubAsHMAC, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, goodClaims(now)).SignedString(k1.PublicKey.N.Bytes())
+
+	for _, c := range []struct {
+		name  string
+		token string
+		ok    bool
+	}{
+		{"valid", signRS(t, k1, "k1", goodClaims(now)), true},
+		{"issuer graph", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["iss"] = "https://graph.microsoft.com" })), true},
+		{"within skew", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["exp"] = now.Add(-time.Minute).Unix() })), true},
+		{"expired", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["exp"] = now.Add(-10 * time.Minute).Unix() })), false},
+		{"not yet valid", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["nbf"] = now.Add(10 * time.Minute).Unix() })), false},
+		{"no exp", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { delete(c, "exp") })), false},
+		{"wrong audience", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["aud"] = "another-bot" })), false},
+		{"wrong issuer", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["iss"] = "https://evil.example" })), false},
+		{"issuer trailing slash", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["iss"] = "https://api.botframework.com/" })), false},
+		{"no tid", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { delete(c, "tid") })), false},
+		{"other tenant", signRS(t, k1, "k1", with(func(c jwt.MapClaims) { c["tid"] = "9e9e9e9e-0000-4000-8000-000000000000" })), false},
+		{"forged key", signRS(t, genKey(t), "k1", goodClaims(now)), false},
+		{"unknown kid", signRS(t, genKey(t), "k9", goodClaims(now)), false},
+		{"alg none", none, false},
+		{"HS256", hs, false},
+		{"key confusion", pubAsHMAC, false},
+		{"garbage", "a.b.c", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := newTestVerifier(t, ks, nil)
+			claims, err := v.Verify(context.Background(), c.token)
+			if c.ok && (err != nil || claims.TenantID != testTenant) {
+				t.Fatalf("Verify = %+v, %v; want tenant %s", claims, err, testTenant)
+			}
+			if !c.ok && !errors.Is(err, ErrUnauthorized) {
+				t.Fatalf("Verify = %+v, %v; want ErrUnauthorized", claims, err)
+			}
+		})
+	}
+}
+
+func TestVerifierKeyRefresh(t *testing.T) {
+	ks := newKeyServer(t)
+	now := time.Now()
+	clock := now
+	v := newTestVerifier(t, ks, func(c *VerifierConfig) { c.Now = func() time.Time { return clock } })
+	ctx := context.Background()
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(now))); err != nil {
+		t.Fatal(err)
+	}
+	base := ks.fetches.Load()
+
+	// forged kids do not make the verifier hammer the metadata URL
+	for i := 0; i < 20; i++ {
+		v.Verify(ctx, signRS(t, ks.keys["k1"], "forged", goodClaims(now)))
+	}
+	if got := ks.fetches.Load() - base; got > 1 {
+		t.Errorf("%d metadata fetches for 20 unknown kids within a minute, want at most 1", got)
+	}
+
+	// key rollover: a new kid is picked up once the refresh gap has passed
+	ks.keys["k2"] = genKey(t)
+	clock = clock.Add(2 * time.Minute)
+	tok2 := signRS(t, ks.keys["k2"], "k2", goodClaims(clock))
+	if _, err := v.Verify(ctx, tok2); err != nil {
+		t.Fatalf("rolled-over key: %v", err)
+	}
+
+	// a failed refresh keeps the keys already held
+	ks.down.Store(true)
+	clock = clock.Add(25 * time.Hour)
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(clock))); err != nil {
+		t.Fatalf("metadata down, known key: %v", err)
+	}
+}
+
+func TestVerifyRequestNeedsBearer(t *testing.T) {
+	ks := newKeyServer(t)
+	v := newTestVerifier(t, ks, nil)
+	for _, h := range []string{"", "Basic abc", "Bearer ", "Bearer"} {
+		r := httptest.NewRequest("POST", "/api/calls", strings.NewReader("{}"))
+		if h != "" {
+			r.Header.Set("Authorization", h)
+		}
+		if _, err := v.VerifyRequest(r); !errors.Is(err, ErrNoToken) {
+			t.Errorf("Authorization %q: %v, want ErrNoToken", h, err)
+		}
+	}
+}
+
+func BenchmarkVerifyCached(b *testing.B) {
+	ks := newKeyServer(b)
+	v, _ := NewVerifier(VerifierConfig{OpenIDConfigURL: ks.srv.URL + "/openid", Audience: testAudience})
+	tok := signRS(b, ks.keys["k1"], "k1", goodClaims(time.Now()))
+	ctx := context.Background()
+	for b.Loop() {
+		if _, err := v.Verify(ctx, tok); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,108 @@
+package graph
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Sink applies the notifications of one webhook request, in order. It returns after their
+// effect on call state is durable; slow work (Graph commands) happens after it returns. An error
+// wrapping ErrUnavailable makes the webhook answer 503 so Graph delivers the request again.
+type Sink interface {
+	Notify(ctx context.Context, tenantID string, ns []Notification) error
+}
+
+// ErrUnavailable marks a failure of callbot's own storage: the notification was not applied and
+// should be sent again.
+var ErrUnavailable = errors.New("temporarily unavailable")
+
+// Authenticator verifies the bearer token of a webhook request.
+type Authenticator interface {
+	VerifyRequest(r *http.Request) (Claims, error)
+}
+
+// Webhook is the HTTP handler Graph posts call notifications to.
+type Webhook struct {
+	Auth    Authenticator
+	Sink    Sink
+	Log     *zap.Logger
+	MaxBody int64         // default 1 MiB
+	Timeout time.Duration // time allowed to apply a request's notifications; default 5s
+}
+
+func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	claims, err := h.Auth.VerifyRequest(r)
+	if err != nil {
+		status := http.StatusForbidden
+		if errors.Is(err, ErrNoToken) {
+			status = http.StatusUnauthorized
+		}
+		h.Log.Warn("webhook: rejected token", zap.Error(err), zap.String("remote", r.RemoteAddr))
+		writeProblem(w, status, err.Error())
+		return
+	}
+	maxBody := h.MaxBody
+	if maxBody <= 0 {
+		maxBody = 1 << 20
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeProblem(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", maxBody))
+			return
+		}
+		writeProblem(w, http.StatusBadRequest, "read body: "+err.Error())
+		return
+	}
+	ns, err := Decode(body)
+	if errors.Is(err, ErrLegacyFormat) {
+		// Graph resends the first notification of a call in Graph format after a 204.
+		h.Log.Info("webhook: legacy notification format, asking for Graph format")
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	if err != nil {
+		writeProblem(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	for i, n := range ns {
+		if n.Call != nil && n.Call.TenantID != "" && n.Call.TenantID != claims.TenantID {
+			writeProblem(w, http.StatusForbidden, fmt.Sprintf("notification %d: tenant %s does not match token tenant %s", i, n.Call.TenantID, claims.TenantID))
+			return
+		}
+	}
+	timeout := h.Timeout
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(WithScenarioID(r.Context(), r.Header.Get("Scenario-Id")), timeout)
+	defer cancel()
+	if err := h.Sink.Notify(ctx, claims.TenantID, ns); err != nil {
+		h.Log.Error("webhook: notifications not applied", zap.Error(err), zap.String("scenario_id", r.Header.Get("Scenario-Id")))
+		if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+			w.Header().Set("Retry-After", strconv.Itoa(1))
+			writeProblem(w, http.StatusServiceUnavailable, "notifications not applied, retry")
+			return
+		}
+		writeProblem(w, http.StatusInternalServerError, "notifications not applied")
+		return
+	}
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// writeProblem writes a small JSON error body: {"error":"..."}.
+func writeProblem(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	b, _ := json.Marshal(map[string]string{"error": msg})
+	w.Write(append(b, '\n'))
+}

@@ -1,0 +1,102 @@
+package graph
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+)
+
+type recordingSink struct {
+	got    [][]Notification
+	tenant string
+	scen   string
+	err    error
+}
+
+func (s *recordingSink) Notify(ctx context.Context, tenant string, ns []Notification) error {
+	s.got = append(s.got, ns)
+	s.tenant = tenant
+	s.scen = ScenarioID(ctx)
+	return s.err
+}
+
+func TestWebhook(t *testing.T) {
+	ks := newKeyServer(t)
+	good := signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))
+	forged := signRS(t, genKey(t), "k1", goodClaims(time.Now()))
+	incoming, _ := os.ReadFile("testdata/payloads/notification-incoming.json")
+	otherTenant := strings.Replace(string(incoming), `"state": "incoming",`, `"state": "incoming", "tenantId": "9e9e9e9e-0000-4000-8000-000000000000",`, 1)
+
+	for _, c := range []struct {
+		name      string
+		auth      string
+		body      string
+		sinkErr   error
+		status    int
+		delivered bool
+	}{
+		{"accepted", "Bearer " + good, string(incoming), nil, http.StatusAccepted, true},
+		{"no token", "", string(incoming), nil, http.StatusUnauthorized, false},
+		{"forged token", "Bearer " + forged, string(incoming), nil, http.StatusForbidden, false},
+		{"malformed body", "Bearer " + good, `{"value":[{"changeType":"updated"}]}`, nil, http.StatusBadRequest, false},
+		{"not json", "Bearer " + good, `<xml/>`, nil, http.StatusBadRequest, false},
+		{"legacy format", "Bearer " + good, `{"id":"abc","type":"call"}`, nil, http.StatusNoContent, false},
+		{"tenant mismatch", "Bearer " + good, otherTenant, nil, http.StatusForbidden, false},
+		{"too large", "Bearer " + good, `{"value":[` + strings.Repeat(" ", 2<<20) + `]}`, nil, http.StatusRequestEntityTooLarge, false},
+		{"storage down", "Bearer " + good, string(incoming), ErrUnavailable, http.StatusServiceUnavailable, true},
+		{"storage bug", "Bearer " + good, string(incoming), errors.New("boom"), http.StatusInternalServerError, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sink := &recordingSink{err: c.sinkErr}
+			h := &Webhook{Auth: newTestVerifier(t, ks, nil), Sink: sink, Log: zaptest.NewLogger(t)}
+			r := httptest.NewRequest("POST", "/api/calls", strings.NewReader(c.body))
+			if c.auth != "" {
+				r.Header.Set("Authorization", c.auth)
+			}
+			r.Header.Set("Scenario-Id", "2b6bd1ef-0c77-4b35-9f0d-a1b2c3d4e5f6")
+			w := httptest.NewRecorder()
+			h.ServeHTTP(w, r)
+			if w.Code != c.status {
+				t.Fatalf("status %d, want %d (%s)", w.Code, c.status, w.Body)
+			}
+			if got := len(sink.got) > 0; got != c.delivered {
+				t.Fatalf("delivered = %v, want %v", got, c.delivered)
+			}
+			if c.status >= 400 && !strings.Contains(w.Body.String(), `"error"`) {
+				t.Errorf("error body %q says nothing", w.Body)
+			}
+			if c.delivered && (sink.tenant != testTenant || sink.scen != "2b6bd1ef-0c77-4b35-9f0d-a1b2c3d4e5f6") {
+				t.Errorf("tenant %q scenario %q not passed on", sink.tenant, sink.scen)
+			}
+		})
+	}
+}
+
+func BenchmarkWebhook(b *testing.B) {
+	ks := newKeyServer(b)
+	good := "Bearer " + signRS(b, ks.keys["k1"], "k1", goodClaims(time.Now()))
+	body, _ := os.ReadFile("testdata/payloads/notification-tone.json")
+	v, _ := NewVerifier(VerifierConfig{OpenIDConfigURL: ks.srv.URL + "/openid", Audience: testAudience})
+	h := &Webhook{Auth: v, Sink: &discardSink{}, Log: zaptest.NewLogger(b)}
+	b.ReportAllocs()
+	for b.Loop() {
+		r := httptest.NewRequest("POST", "/api/calls", strings.NewReader(string(body)))
+		r.Header.Set("Authorization", good)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusAccepted {
+			b.Fatal(w.Code)
+		}
+	}
+}
+
+type discardSink struct{}
+
+func (discardSink) Notify(context.Context, string, []Notification) error { return nil }

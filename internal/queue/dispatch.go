@@ -1,0 +1,117 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/callbot/callbot/internal/callstate"
+)
+
+// Offerer hands a reserved caller to an agent; false means the caller no longer waits.
+type Offerer interface {
+	Offer(ctx context.Context, tenant, callKey, agent string) (bool, error)
+}
+
+// Dispatcher matches waiting callers with free agents. Several instances may run one each: the
+// reservation script is atomic. It implements callstate.Queues, waking itself on every enqueue
+// and release so a caller is offered as soon as an agent is free.
+type Dispatcher struct {
+	Store  *Store
+	Offer  Offerer
+	Tenant string
+	Queues []string
+	Log    *zap.Logger
+	Now    func() time.Time
+
+	wake chan struct{}
+}
+
+var _ callstate.Queues = (*Dispatcher)(nil)
+
+// NewDispatcher returns a dispatcher for the queues of one tenant.
+func NewDispatcher(store *Store, offer Offerer, tenant string, queues []string, log *zap.Logger) *Dispatcher {
+	return &Dispatcher{Store: store, Offer: offer, Tenant: tenant, Queues: queues, Log: log, Now: time.Now, wake: make(chan struct{}, 1)}
+}
+
+// Poke makes the dispatcher look at the queues now.
+func (d *Dispatcher) Poke() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Enqueue implements callstate.Queues.
+func (d *Dispatcher) Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error {
+	err := d.Store.Enqueue(ctx, tenant, queue, callKey, score)
+	d.Poke()
+	return err
+}
+
+// Remove implements callstate.Queues.
+func (d *Dispatcher) Remove(ctx context.Context, tenant, queue, callKey string) error {
+	return d.Store.Remove(ctx, tenant, queue, callKey)
+}
+
+// Release implements callstate.Queues.
+func (d *Dispatcher) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome) error {
+	err := d.Store.Release(ctx, tenant, agent, callKey, outcome)
+	d.Poke()
+	return err
+}
+
+// Run dispatches until ctx ends: when poked, and every tick (agents become free by presence
+// and cool-downs end without a poke; other instances enqueue without poking this one).
+func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
+	if every <= 0 {
+		every = 250 * time.Millisecond
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-d.wake:
+		}
+		d.DispatchOnce(ctx)
+	}
+}
+
+// DispatchOnce offers every caller it can to a free agent, queue by queue, and returns how many
+// offers it made.
+func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
+	offers := 0
+	for _, q := range d.Queues {
+		for ctx.Err() == nil {
+			r, err := d.Store.Reserve(ctx, d.Tenant, q, d.Now())
+			if errors.Is(err, ErrEmpty) {
+				break
+			}
+			if err != nil {
+				d.Log.Warn("reserve agent", zap.String("queue", q), zap.Error(err))
+				break
+			}
+			ok, err := d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
+			switch {
+			case err != nil:
+				// the call's state is unknown: put the caller back where it was, free the agent
+				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
+				_ = d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
+				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned)
+				return offers
+			case !ok:
+				d.Log.Debug("reserved caller no longer waiting", zap.String("call_id", r.Call))
+				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned)
+			default:
+				offers++
+				d.Log.Info("caller offered to agent", zap.String("call_id", r.Call), zap.String("queue", q), zap.String("agent", r.Agent))
+			}
+		}
+	}
+	return offers
+}

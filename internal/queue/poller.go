@@ -1,0 +1,106 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/callbot/callbot/internal/graph"
+)
+
+// Poller reads the Teams presence of every agent in batches of at most graph.MaxPresenceIDs
+// and records who is routable. Among instances, the one holding a lease in Redis polls, so the
+// Graph presence budget (1,500 requests / 30 s per tenant) is spent once, not once per instance.
+type Poller struct {
+	Store    *Store
+	Source   PresenceSource
+	Tenant   string
+	Agents   []string
+	Instance string // this instance's id, the lease holder's name
+	Log      *zap.Logger
+	// OnChange is called after a poll changed who is routable (the dispatcher's Poke).
+	OnChange func()
+
+	last map[string]bool
+}
+
+var leaseScript = redis.NewScript(`
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0`)
+
+// Run polls every interval until ctx ends.
+func (p *Poller) Run(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		if held, err := p.lease(ctx, 3*every); err != nil {
+			p.Log.Warn("presence lease", zap.Error(err))
+		} else if held {
+			if err := p.PollOnce(ctx); err != nil && ctx.Err() == nil {
+				p.Log.Warn("presence poll failed, keeping last known presence", zap.Error(err))
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (p *Poller) lease(ctx context.Context, ttl time.Duration) (bool, error) {
+	n, err := leaseScript.Run(ctx, p.Store.rdb, []string{p.Store.k(p.Tenant, "presence-lease")}, p.Instance, ttl.Milliseconds()).Int()
+	return n == 1, err
+}
+
+// PollOnce reads every agent's presence and stores who is routable. Agents Graph does not
+// return are not routable.
+func (p *Poller) PollOnce(ctx context.Context) error {
+	routable := make(map[string]bool, len(p.Agents))
+	for _, a := range p.Agents {
+		routable[a] = false
+	}
+	var errs []error
+	for start := 0; start < len(p.Agents); start += graph.MaxPresenceIDs {
+		batch := p.Agents[start:min(start+graph.MaxPresenceIDs, len(p.Agents))]
+		ps, err := p.Source.Presences(ctx, batch)
+		if err != nil {
+			errs = append(errs, err)
+			for _, a := range batch {
+				delete(routable, a) // unknown: keep what was stored
+			}
+			continue
+		}
+		for _, pr := range ps {
+			if _, ours := routable[pr.UserID]; ours {
+				routable[pr.UserID] = pr.Routable()
+			}
+		}
+	}
+	if err := p.Store.SetRoutable(ctx, p.Tenant, routable); err != nil {
+		return err
+	}
+	changed := false
+	for a, r := range routable {
+		if p.last[a] != r {
+			changed = true
+		}
+	}
+	if p.last == nil {
+		p.last = map[string]bool{}
+	}
+	for a, r := range routable {
+		p.last[a] = r
+	}
+	if changed && p.OnChange != nil {
+		p.OnChange()
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,202 @@
+// Package queue holds callers waiting for agents and hands each to an agent: queues in Redis
+// (one sorted set per queue, scored by arrival), agents and their presence, the presence poller
+// and the dispatcher that reserves the longest-idle routable agent for the caller at the head.
+//
+// Every key of a tenant carries the hash tag {tenant:T}, so each script touches one Redis
+// Cluster slot, and reserving an agent is one atomic step: no agent is ever offered two callers
+// at once, whichever instance dispatches.
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/callbot/callbot/internal/callstate"
+)
+
+// Store keeps queues and agents in Redis.
+type Store struct {
+	rdb    redis.UniversalClient
+	prefix string
+	// FailCooldown: an agent who declined or missed a call is not offered another for this long.
+	FailCooldown time.Duration
+	// ConnectedGuard: after a transfer completes, the agent is not offered another call for this
+	// long even if polled presence still says Available (presence lags the call by a poll).
+	ConnectedGuard time.Duration
+}
+
+// NewStore returns a store whose keys start with prefix (default "cb").
+func NewStore(rdb redis.UniversalClient, prefix string) *Store {
+	if prefix == "" {
+		prefix = "cb"
+	}
+	return &Store{rdb: rdb, prefix: prefix, FailCooldown: 10 * time.Second, ConnectedGuard: 15 * time.Second}
+}
+
+func (s *Store) k(tenant, name string) string { return s.prefix + ":{tenant:" + tenant + "}:" + name }
+
+type keys struct{ queue, members, routable, idle, busy, cool string }
+
+func (s *Store) keys(tenant, queue string) keys {
+	return keys{
+		queue:    s.k(tenant, "queue:"+queue),
+		members:  s.k(tenant, "members:"+queue),
+		routable: s.k(tenant, "routable"),
+		idle:     s.k(tenant, "idle"),
+		busy:     s.k(tenant, "busy"),
+		cool:     s.k(tenant, "cool"),
+	}
+}
+
+// SetMembers makes agents the members of queue (replacing the previous list) and registers them
+// as idle agents (without changing how long a known agent has been idle).
+func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []string) error {
+	k := s.keys(tenant, queue)
+	_, err := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.Del(ctx, k.members)
+		if len(agents) == 0 {
+			return nil
+		}
+		m := make([]any, len(agents))
+		z := make([]redis.Z, len(agents))
+		for i, a := range agents {
+			m[i] = a
+			z[i] = redis.Z{Score: 0, Member: a}
+		}
+		p.SAdd(ctx, k.members, m...)
+		p.ZAddNX(ctx, k.idle, z...)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("set members of queue %s: %w", queue, err)
+	}
+	return nil
+}
+
+// Enqueue puts a caller in a queue. score orders callers (arrival time in ms): a caller whose
+// transfer failed comes back with its original score, ahead of everyone who arrived later.
+func (s *Store) Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error {
+	if err := s.rdb.ZAdd(ctx, s.keys(tenant, queue).queue, redis.Z{Score: float64(score), Member: callKey}).Err(); err != nil {
+		return fmt.Errorf("enqueue call %s in %s: %w", callKey, queue, err)
+	}
+	return nil
+}
+
+// Remove takes a caller out of a queue (hang-up, max wait).
+func (s *Store) Remove(ctx context.Context, tenant, queue, callKey string) error {
+	if err := s.rdb.ZRem(ctx, s.keys(tenant, queue).queue, callKey).Err(); err != nil {
+		return fmt.Errorf("remove call %s from %s: %w", callKey, queue, err)
+	}
+	return nil
+}
+
+// Waiting returns the callers in a queue, head first.
+func (s *Store) Waiting(ctx context.Context, tenant, queue string) ([]string, error) {
+	return s.rdb.ZRange(ctx, s.keys(tenant, queue).queue, 0, -1).Result()
+}
+
+// SetRoutable records which agents may be offered a call according to their presence.
+func (s *Store) SetRoutable(ctx context.Context, tenant string, routable map[string]bool) error {
+	if len(routable) == 0 {
+		return nil
+	}
+	m := make(map[string]any, len(routable))
+	for a, ok := range routable {
+		m[a] = "0"
+		if ok {
+			m[a] = "1"
+		}
+	}
+	if err := s.rdb.HSet(ctx, s.k(tenant, "routable"), m).Err(); err != nil {
+		return fmt.Errorf("set presence: %w", err)
+	}
+	return nil
+}
+
+// Reservation is a caller taken from the head of a queue for an agent reserved for it.
+type Reservation struct {
+	Call  string
+	Agent string
+	Score int64
+}
+
+// ErrEmpty means no reservation could be made: no caller waits, or no agent is free.
+var ErrEmpty = errors.New("no caller or no free agent")
+
+// The agent chosen is the longest idle (lowest score in idle) that is a member of the queue,
+// routable by presence, not reserved for another call and not cooling down.
+var reserveScript = redis.NewScript(`
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #head == 0 then return false end
+local now = tonumber(ARGV[1])
+for _, a in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  if redis.call('SISMEMBER', KEYS[2], a) == 1 and redis.call('HGET', KEYS[3], a) == '1'
+     and redis.call('HEXISTS', KEYS[5], a) == 0 then
+    local cool = redis.call('ZSCORE', KEYS[6], a)
+    if not cool or tonumber(cool) <= now then
+      redis.call('ZREM', KEYS[1], head[1])
+      redis.call('HSET', KEYS[5], a, head[1])
+      return {head[1], a, head[2]}
+    end
+  end
+end
+return false`)
+
+// Reserve takes the caller at the head of queue and reserves an agent for it, atomically. It
+// returns ErrEmpty when there is no caller or no agent free for this queue.
+func (s *Store) Reserve(ctx context.Context, tenant, queue string, now time.Time) (Reservation, error) {
+	k := s.keys(tenant, queue)
+	res, err := reserveScript.Run(ctx, s.rdb, []string{k.queue, k.members, k.routable, k.idle, k.busy, k.cool}, now.UnixMilli()).Slice()
+	if errors.Is(err, redis.Nil) {
+		return Reservation{}, ErrEmpty
+	}
+	if err != nil {
+		return Reservation{}, fmt.Errorf("reserve agent for %s: %w", queue, err)
+	}
+	r := Reservation{Call: fmt.Sprint(res[0]), Agent: fmt.Sprint(res[1])}
+	fmt.Sscan(fmt.Sprint(res[2]), &r.Score)
+	return r, nil
+}
+
+var releaseScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
+if tonumber(ARGV[4]) > 0 then redis.call('ZADD', KEYS[3], ARGV[3] + ARGV[4], ARGV[1]) end
+return 1`)
+
+// Release ends the reservation of agent for callKey (no-op if the agent is reserved for another
+// call). A connected agent counts as idle from now on and is guarded for ConnectedGuard; an
+// agent who failed cools down for FailCooldown.
+func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome) error {
+	var hold time.Duration
+	switch outcome {
+	case callstate.AgentConnected:
+		hold = s.ConnectedGuard
+	case callstate.AgentFailed:
+		hold = s.FailCooldown
+	}
+	k := s.keys(tenant, "")
+	now := time.Now().UnixMilli()
+	if outcome == callstate.AgentAbandoned {
+		now = 0 // the agent did no work: keep its place as longest idle
+	}
+	err := releaseScript.Run(ctx, s.rdb, []string{k.busy, k.idle, k.cool}, agent, callKey, now, hold.Milliseconds()).Err()
+	if err != nil {
+		return fmt.Errorf("release agent %s from call %s: %w", agent, callKey, err)
+	}
+	return nil
+}
+
+// Reserved returns the call an agent is reserved for, or "".
+func (s *Store) Reserved(ctx context.Context, tenant, agent string) (string, error) {
+	v, err := s.rdb.HGet(ctx, s.k(tenant, "busy"), agent).Result()
+	if errors.Is(err, redis.Nil) {
+		return "", nil
+	}
+	return v, err
+}

@@ -1,0 +1,124 @@
+// Package redistest gives tests a Redis of their own: a real redis-server started on a free
+// port when one is on PATH, else an embedded miniredis. With CALLBOT_REQUIRE_REDIS=1 (set by CI)
+// a missing redis-server fails the test instead of falling back.
+package redistest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// Server is a Redis for one test.
+type Server struct {
+	Addr string
+	Real bool // a redis-server process, not miniredis
+	cmd  *exec.Cmd
+	mini *miniredis.Miniredis
+}
+
+// Start starts a Redis that lives until the test ends.
+func Start(t testing.TB) *Server {
+	t.Helper()
+	path, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CALLBOT_REQUIRE_REDIS") == "1" {
+			t.Fatalf("CALLBOT_REQUIRE_REDIS=1 but redis-server is not on PATH")
+		}
+		m := miniredis.RunT(t)
+		return &Server{Addr: m.Addr(), mini: m}
+	}
+	s, err := startReal(path, t.TempDir())
+	if err != nil {
+		t.Fatalf("start redis-server: %v", err)
+	}
+	t.Cleanup(s.stop)
+	return s
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func startReal(path, dir string) (*Server, error) {
+	var lastErr error
+	for attempt := 0; attempt < 5; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		cmd := exec.Command(path, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+			"--dir", dir, "--logfile", filepath.Join(dir, "redis.log"))
+		if err := cmd.Start(); err != nil {
+			return nil, err
+		}
+		s := &Server{Addr: fmt.Sprintf("127.0.0.1:%d", port), Real: true, cmd: cmd}
+		if lastErr = s.waitReady(5 * time.Second); lastErr == nil {
+			return s, nil
+		}
+		s.stop()
+		if b, _ := os.ReadFile(filepath.Join(dir, "redis.log")); len(b) > 0 {
+			lastErr = fmt.Errorf("%w; log: %s", lastErr, lastLines(string(b), 3))
+		}
+	}
+	return nil, lastErr
+}
+
+func (s *Server) waitReady(within time.Duration) error {
+	deadline := time.Now().Add(within)
+	c := redis.NewClient(&redis.Options{Addr: s.Addr, MaxRetries: -1})
+	defer c.Close()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		err := c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("redis-server on %s not ready: %w", s.Addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (s *Server) stop() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		s.cmd.Process.Kill()
+		s.cmd.Wait()
+	}
+}
+
+// Client returns a client of the server, closed when the test ends.
+func (s *Server) Client(t testing.TB) *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: s.Addr})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func lastLines(s string, n int) string {
+	sc := bufio.NewScanner(strings.NewReader(s))
+	var lines []string
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, " | ")
+}
