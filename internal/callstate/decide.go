@@ -3,7 +3,6 @@ package callstate
 import (
 	"errors"
 	"fmt"
-	"regexp"
 	"strconv"
 	"time"
 
@@ -218,10 +217,12 @@ func (d *decision) menuStep(st ivr.Step) {
 		}
 		return
 	}
-	d.act(st.Action, st.Prompts)
+	a := st.Action
+	if a.Kind == ivr.ActionDisconnect {
+		a.Prompt = "" // the interpreter already put the goodbye prompt in st.Prompts
+	}
+	d.act(a, st.Prompts)
 }
-
-var guidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
 // act performs a terminal action of the flow: queue, transfer or disconnect, after playing pre.
 // The caller has silenced any prompt still playing.
@@ -244,10 +245,7 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		}
 	case ivr.ActionTransfer:
 		c.State, c.Target, c.Queue = StateTransferring, a.Target, ""
-		target := graph.Party{Kind: graph.KindPhone, ID: a.Target}
-		if guidRE.MatchString(a.Target) {
-			target.Kind = graph.KindUser
-		}
+		target := a.TransferParty()
 		d.play(pre)
 		c.Offers++
 		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: "x" + strconv.FormatInt(d.next(), 10)})

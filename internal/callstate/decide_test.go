@@ -1,0 +1,297 @@
+package callstate
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+)
+
+const testFlowYAML = `
+name: test
+prompts:
+  welcome: {uri: https://media.test/welcome.wav}
+  menu: {uri: https://media.test/menu.wav}
+  invalid: {uri: https://media.test/invalid.wav}
+  hold: {uri: https://media.test/hold.wav}
+  bye: {uri: https://media.test/bye.wav}
+greeting: welcome
+start: main
+menus:
+  main:
+    prompt: menu
+    timeout: 4s
+    retries: 1
+    invalid: invalid
+    options:
+      "1": {queue: sales}
+      "3": {transfer: 22222222-0000-4000-8000-000000000001}
+      "9": {disconnect: bye}
+    fallback: {queue: sales}
+queues:
+  sales:
+    hold: hold
+    max-wait: 2m
+    on-timeout: {disconnect: bye}
+    agents: [11111111-0000-4000-8000-000000000001]
+`
+
+func testFlow(t testing.TB) *ivr.Flow {
+	t.Helper()
+	f, err := ivr.Parse([]byte(testFlowYAML), "test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+var t0 = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+
+func testEnv(t testing.TB) Env {
+	return Env{Flow: testFlow(t), Now: t0, CallbackURI: "https://bot.test/api/calls", TransferTimeout: 90 * time.Second, HangupGrace: 30 * time.Second}
+}
+
+func prompt(name string) graph.MediaPrompt {
+	return graph.MediaPrompt{URI: "https://media.test/" + name + ".wav", ResourceID: name}
+}
+
+// Every row of the table is reachable only through Decide; every pair without a row is ignored.
+func TestTableIllegalPairsIgnored(t *testing.T) {
+	env := testEnv(t)
+	for s := StateNone; s <= StateTerminated; s++ {
+		for e := EvIncoming; e <= EvCommandFailed; e++ {
+			if handles(s, e) {
+				continue
+			}
+			c := Call{ID: "c1", State: s}
+			got, cmds, err := Decide(c, Event{Kind: e, Incoming: &Incoming{GraphID: "c1"}}, env)
+			if !errors.Is(err, ErrIgnored) || len(cmds) != 0 || got.State != s {
+				t.Errorf("%s on %s: state %s, %d commands, err %v; want ignored", e, s, got.State, len(cmds), err)
+			}
+		}
+	}
+	for _, e := range []EventKind{EvEnded, EvTone, EvTimeout, EvIncoming} {
+		if handles(StateTerminated, e) {
+			t.Errorf("terminated handles %s: terminal states must stay terminal", e)
+		}
+	}
+}
+
+// step applies events in order and returns the commands of each.
+func step(t *testing.T, env Env, evs ...Event) (Call, [][]Command) {
+	t.Helper()
+	var c Call
+	var all [][]Command
+	for _, ev := range evs {
+		next, cmds, err := Decide(c, ev, env)
+		if err != nil && !errors.Is(err, ErrIgnored) {
+			t.Fatalf("%s in %s: %v", ev.Kind, c.State, err)
+		}
+		c = next
+		all = append(all, cmds)
+	}
+	return c, all
+}
+
+func kinds(cmds []Command) []string {
+	var out []string
+	for _, c := range cmds {
+		out = append(out, c.Kind.String())
+	}
+	return out
+}
+
+var incoming = Event{Kind: EvIncoming, Incoming: &Incoming{GraphID: "491f0b00-ffff-4bc9-a43e-b226498ec22a", TenantID: "t1",
+	Caller: graph.Party{Kind: graph.KindPhone, ID: "+14255550100"}}}
+
+func TestHappyPathToAgent(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env,
+		incoming,
+		Event{Kind: EvEstablished},
+		Event{Kind: EvPromptDone, ClientContext: "p2"},
+		Event{Kind: EvTone, Digit: "1", Seq: 1},
+		Event{Kind: EvAgentOffer, Agent: "11111111-0000-4000-8000-000000000001"},
+		Event{Kind: EvTransferAccepted},
+		Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 0, Subcode: 7015}},
+	)
+	want := [][]string{
+		{"answer"},
+		{"subscribeToTone", "playPrompt"},
+		{"setTimer"},
+		{"playPrompt", "enqueue", "setTimer"},
+		{"transfer", "setTimer"},
+		nil,
+		{"releaseAgent"},
+	}
+	var got [][]string
+	for _, cs := range cmds {
+		got = append(got, kinds(cs))
+	}
+	if diff := cmp.Diff(got, want); diff != "" {
+		t.Fatalf("commands (-got +want):\n%s", diff)
+	}
+	if diff := cmp.Diff(cmds[0][0].Answer, graph.AnswerRequest{CallbackURI: "https://bot.test/api/calls",
+		PrefetchMedia: []graph.MediaPrompt{prompt("bye"), prompt("hold"), prompt("invalid"), prompt("menu"), prompt("welcome")}}); diff != "" {
+		t.Errorf("answer (-got +want):\n%s", diff)
+	}
+	if diff := cmp.Diff(cmds[1][1].Prompts, []graph.MediaPrompt{prompt("welcome"), prompt("menu")}); diff != "" {
+		t.Errorf("first prompts (-got +want):\n%s", diff)
+	}
+	if cmds[2][0].Timer != TimerMenu || cmds[2][0].After != 4*time.Second {
+		t.Errorf("menu timer = %+v", cmds[2][0])
+	}
+	if cmds[3][1].Queue != "sales" || cmds[3][1].Score != t0.UnixMilli() {
+		t.Errorf("enqueue = %+v", cmds[3][1])
+	}
+	if tr := cmds[4][0]; tr.Target != (graph.Party{Kind: graph.KindUser, ID: "11111111-0000-4000-8000-000000000001"}) {
+		t.Errorf("transfer target = %+v", tr.Target)
+	}
+	if rel := cmds[6][0]; rel.AgentOutcome != AgentConnected || rel.Agent != "11111111-0000-4000-8000-000000000001" {
+		t.Errorf("release = %+v", rel)
+	}
+	if c.State != StateTerminated || c.Outcome != OutcomeTransferred {
+		t.Errorf("final %s %s", c.State, c.Outcome)
+	}
+}
+
+func TestTransferFailedBackToHeadOfQueue(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	score := c.QueueScore
+	env.Now = t0.Add(30 * time.Second)
+	c2, cmds2, err := Decide(c, Event{Kind: EvAgentOffer, Agent: "a1"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c3, cmds3, err := Decide(c2, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = cmds
+	_ = cmds2
+	if c3.State != StateQueued || c3.Agent != "" {
+		t.Fatalf("after failure: %s agent %q", c3.State, c3.Agent)
+	}
+	if diff := cmp.Diff(kinds(cmds3), []string{"releaseAgent", "playPrompt", "enqueue", "setTimer"}); diff != "" {
+		t.Errorf("commands (-got +want):\n%s", diff)
+	}
+	if cmds3[0].AgentOutcome != AgentFailed || cmds3[2].Score != score {
+		t.Errorf("release %+v, requeue score %d want the original %d", cmds3[0], cmds3[2].Score, score)
+	}
+	if cmds3[3].Timer != TimerMaxWait || cmds3[3].After != 90*time.Second {
+		t.Errorf("max wait re-armed for %v, want what is left (90s)", cmds3[3].After)
+	}
+}
+
+func TestDuplicatesAndStaleEventsChangeNothing(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvPromptDone, ClientContext: "p2"})
+	for _, ev := range []Event{
+		{Kind: EvEstablished},                       // repeated established
+		{Kind: EvPromptDone, ClientContext: "p2"},   // repeated completion
+		{Kind: EvPromptDone, ClientContext: "p999"}, // someone else's operation
+		{Kind: EvTimeout, Timer: TimerMenu, TimerToken: 1},
+	} {
+		if _, cmds, err := Decide(c, ev, env); !errors.Is(err, ErrIgnored) || cmds != nil {
+			t.Errorf("%+v: %v %v, want ignored", ev, cmds, err)
+		}
+	}
+	c2, _, err := Decide(c, Event{Kind: EvTone, Digit: "7", Seq: 4}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Decide(c2, Event{Kind: EvTone, Digit: "1", Seq: 4}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("same tone sequence id applied twice: %v", err)
+	}
+	if _, _, err := Decide(c2, Event{Kind: EvTone, Digit: "1", Seq: 3}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("older tone applied: %v", err)
+	}
+}
+
+func TestInvalidKeyThenNoInputFallsBackToQueue(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "7", Seq: 1})
+	if c.State != StateInMenu || c.Menu.Attempts != 1 {
+		t.Fatalf("after invalid key: %s %+v", c.State, c.Menu)
+	}
+	if diff := cmp.Diff(kinds(cmds[2]), []string{"cancelMediaProcessing", "playPrompt"}); diff != "" {
+		t.Errorf("barge-in commands (-got +want):\n%s", diff)
+	}
+	if diff := cmp.Diff(cmds[2][1].Prompts, []graph.MediaPrompt{prompt("invalid"), prompt("menu")}); diff != "" {
+		t.Errorf("replay (-got +want):\n%s", diff)
+	}
+	c, cmds2, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: cmds2[0].Token}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != StateQueued || c.Queue != "sales" {
+		t.Errorf("after retries: %s queue %q, want the fallback queue", c.State, c.Queue)
+	}
+}
+
+func TestDisconnectPlaysGoodbyeThenHangsUp(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "9", Seq: 1})
+	if c.State != StateTerminating || c.Outcome != OutcomeDisconnected {
+		t.Fatalf("%s %s", c.State, c.Outcome)
+	}
+	if diff := cmp.Diff(kinds(cmds[2]), []string{"cancelMediaProcessing", "playPrompt", "setTimer"}); diff != "" {
+		t.Errorf("(-got +want):\n%s", diff)
+	}
+	if diff := cmp.Diff(cmds[2][1].Prompts, []graph.MediaPrompt{prompt("bye")}); diff != "" {
+		t.Errorf("goodbye played once (-got +want):\n%s", diff)
+	}
+	_, cmds2, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	if err != nil || len(cmds2) != 1 || cmds2[0].Kind != CmdHangup {
+		t.Errorf("after goodbye: %v %v, want hangup", kinds(cmds2), err)
+	}
+}
+
+func TestCallerHangsUpWhileQueued(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1},
+		Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}})
+	if c.State != StateTerminated || c.Outcome != OutcomeCallerHangup {
+		t.Fatalf("%s %s", c.State, c.Outcome)
+	}
+	if diff := cmp.Diff(kinds(cmds[3]), []string{"leaveQueue"}); diff != "" {
+		t.Errorf("(-got +want):\n%s", diff)
+	}
+	if _, _, err := Decide(c, Event{Kind: EvAgentOffer, Agent: "a1"}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("offer to an ended call: %v, want ignored", err)
+	}
+}
+
+func TestDirectTransferFailureReturnsToMenu(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "3", Seq: 1})
+	if c.State != StateTransferring || cmds[2][1].Target != (graph.Party{Kind: graph.KindUser, ID: "22222222-0000-4000-8000-000000000001"}) {
+		t.Fatalf("%s %+v", c.State, cmds[2])
+	}
+	c, _, err := Decide(c, Event{Kind: EvTransferFailed}, env)
+	if err != nil || c.State != StateInMenu {
+		t.Fatalf("after failed direct transfer: %s %v", c.State, err)
+	}
+}
+
+func TestMaxWaitDisconnects(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	tok := cmds[2][len(cmds[2])-1].Token
+	c, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: tok}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != StateTerminating || out[0].Kind != CmdLeaveQueue {
+		t.Errorf("%s %v", c.State, kinds(out))
+	}
+}

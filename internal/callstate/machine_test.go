@@ -1,0 +1,249 @@
+package callstate_test
+
+import (
+	"context"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+// fakeGraph records every command in order, the contract of the machine.
+type fakeGraph struct {
+	mu    sync.Mutex
+	calls []string
+	fail  map[string]error
+}
+
+func (f *fakeGraph) rec(s string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, s)
+	return f.fail[strings.SplitN(s, " ", 2)[0]]
+}
+func (f *fakeGraph) log() []string { f.mu.Lock(); defer f.mu.Unlock(); return append([]string(nil), f.calls...) }
+
+func (f *fakeGraph) Answer(_ context.Context, id string, r graph.AnswerRequest) error {
+	return f.rec("answer " + id + " " + r.CallbackURI)
+}
+func (f *fakeGraph) Reject(_ context.Context, id string, r graph.RejectReason) error {
+	return f.rec("reject " + id)
+}
+func (f *fakeGraph) PlayPrompt(_ context.Context, id string, ps []graph.MediaPrompt, cc string) (graph.Operation, error) {
+	var ids []string
+	for _, p := range ps {
+		ids = append(ids, p.ResourceID)
+	}
+	return graph.Operation{ID: "op", Status: graph.OpRunning, ClientContext: cc}, f.rec("playPrompt " + strings.Join(ids, ","))
+}
+func (f *fakeGraph) SubscribeToTone(_ context.Context, id, cc string) (graph.Operation, error) {
+	return graph.Operation{Status: graph.OpCompleted}, f.rec("subscribeToTone")
+}
+func (f *fakeGraph) CancelMediaProcessing(_ context.Context, id, cc string) (graph.Operation, error) {
+	return graph.Operation{Status: graph.OpCompleted}, f.rec("cancelMediaProcessing")
+}
+func (f *fakeGraph) Transfer(_ context.Context, id string, p graph.Party, cc string) error {
+	return f.rec("transfer " + p.ID)
+}
+func (f *fakeGraph) Redirect(_ context.Context, id string, ps []graph.Party, t int, cb string) error {
+	return f.rec("redirect")
+}
+func (f *fakeGraph) Hangup(_ context.Context, id string) error { return f.rec("hangup") }
+
+type fakeQueues struct {
+	mu  sync.Mutex
+	ops []string
+}
+
+func (q *fakeQueues) add(s string) error { q.mu.Lock(); q.ops = append(q.ops, s); q.mu.Unlock(); return nil }
+func (q *fakeQueues) Enqueue(_ context.Context, tenant, queue, call string, score int64) error {
+	return q.add("enqueue " + queue)
+}
+func (q *fakeQueues) Remove(_ context.Context, tenant, queue, call string) error {
+	return q.add("remove " + queue)
+}
+func (q *fakeQueues) Release(_ context.Context, tenant, agent, call string, o callstate.AgentOutcome) error {
+	return q.add("release " + agent + " " + string(o))
+}
+
+const flowYAML = `
+name: t
+prompts:
+  menu: {uri: https://m.test/menu.wav}
+  hold: {uri: https://m.test/hold.wav}
+start: main
+menus:
+  main:
+    prompt: menu
+    options:
+      "1": {queue: q}
+queues:
+  q:
+    hold: hold
+    agents: [11111111-0000-4000-8000-000000000001]
+`
+
+func newMachine(t *testing.T, g *fakeGraph, q *fakeQueues, now ...func() time.Time) (*callstate.Machine, *callstate.Store) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := callstate.NewStore(rdb, "test")
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "test"), Control: g, Queues: q,
+		Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: append(now, time.Now)[0]})
+	return m, store
+}
+
+func notify(t *testing.T, m *callstate.Machine, payload string) {
+	t.Helper()
+	ns, err := graph.Decode([]byte(payload))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Notify(context.Background(), "tenant-1", ns); err != nil {
+		t.Fatal(err)
+	}
+	m.Wait()
+}
+
+func note(change, callID, data string) string {
+	return `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"` + change +
+		`","resourceUrl":"/communications/calls/` + callID + `","resourceData":` + data + `}]}`
+}
+
+// The exact Graph commands in order are the contract; duplicates and the other id format of the
+// same call change nothing.
+func TestMachineCommandSequence(t *testing.T) {
+	g, q := &fakeGraph{}, &fakeQueues{}
+	m, store := newMachine(t, g, q)
+	id := "57dab8b1-894c-409a-b240-bd8beae78896"
+	upper := "57DAB8B1894C409AB240BD8BEAE78896"
+	in, _ := os.ReadFile("../graph/testdata/payloads/notification-incoming.json")
+
+	notify(t, m, string(in))
+	notify(t, m, string(in)) // repeated incoming
+	notify(t, m, note("updated", upper, `{"@odata.type":"#microsoft.graph.call","state":"establishing"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", upper, `{"@odata.type":"#microsoft.graph.call","state":"Established"}`)) // duplicate, other id form
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+
+	want := []string{
+		"answer " + upper + " https://bot.test/api/calls",
+		"subscribeToTone",
+		"playPrompt menu",
+		"cancelMediaProcessing",
+		"playPrompt hold",
+	}
+	if diff := cmp.Diff(g.log(), want); diff != "" {
+		t.Fatalf("graph commands (-got +want):\n%s", diff)
+	}
+	if diff := cmp.Diff(q.ops, []string{"enqueue q"}); diff != "" {
+		t.Fatalf("queue ops (-got +want):\n%s", diff)
+	}
+	c, err := store.Get(context.Background(), graph.CallKey(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != callstate.StateQueued || c.Tenant != "tenant-1" || c.Version != 3 {
+		t.Errorf("stored call: state %s tenant %s version %d", c.State, c.Tenant, c.Version)
+	}
+
+	// offered, transfer fails at Graph (declined), then succeeds on the second offer
+	ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a")
+	if err != nil || !ok {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	m.Wait()
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subCode":7000}}`))
+	if ok, _ := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-b"); !ok {
+		t.Fatal("second offer refused")
+	}
+	m.Wait()
+	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
+	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated"}`)) // repeated end
+
+	if diff := cmp.Diff(g.log()[5:], []string{"transfer agent-a", "playPrompt hold", "transfer agent-b"}); diff != "" {
+		t.Errorf("graph commands after queueing (-got +want):\n%s", diff)
+	}
+	if diff := cmp.Diff(q.ops[1:], []string{"release agent-a failed", "enqueue q", "release agent-b connected"}); diff != "" {
+		t.Errorf("queue ops (-got +want):\n%s", diff)
+	}
+	c, _ = store.Get(context.Background(), graph.CallKey(id))
+	if c.State != callstate.StateTerminated || c.Outcome != callstate.OutcomeTransferred {
+		t.Errorf("final %s %s", c.State, c.Outcome)
+	}
+	if ok, _ := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-c"); ok {
+		t.Error("an ended call accepted an offer")
+	}
+}
+
+// Unknown calls and a Redis outage: nothing changes, and the outage is reported so the webhook
+// answers 503 and Graph sends the notification again.
+func TestMachineUnknownCallAndOutage(t *testing.T) {
+	g, q := &fakeGraph{}, &fakeQueues{}
+	m, _ := newMachine(t, g, q)
+	notify(t, m, note("updated", "unknown-call", `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	if len(g.log()) != 0 {
+		t.Errorf("commands for an unknown call: %v", g.log())
+	}
+
+	rdbDown := callstate.NewStore(deadRedis(t), "test")
+	m2 := callstate.NewMachine(callstate.Config{Store: rdbDown, Control: g, Queues: q, Log: zaptest.NewLogger(t)})
+	ns, _ := graph.Decode([]byte(note("updated", "c1", `{"@odata.type":"#microsoft.graph.call","state":"established"}`)))
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := m2.Notify(ctx, "t", ns); err == nil || !strings.Contains(err.Error(), graph.ErrUnavailable.Error()) {
+		t.Errorf("Notify with Redis down = %v, want ErrUnavailable", err)
+	}
+}
+
+func TestMachineTimers(t *testing.T) {
+	g, q := &fakeGraph{}, &fakeQueues{}
+	var mu sync.Mutex
+	clock := time.Now()
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	m, store := newMachine(t, g, q, now)
+	id := "c-timer"
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	c, _ := store.Get(context.Background(), graph.CallKey(id))
+	notify(t, m, `{"value":[{"changeType":"deleted","resourceUrl":"/communications/calls/`+id+`/operations/o1","resourceData":{"@odata.type":"#microsoft.graph.playPromptOperation","status":"completed","clientContext":"`+c.PromptCtx+`"}}]}`)
+	// the no-input timer (5s default) is durable: it fires once the clock has passed it
+	mu.Lock()
+	clock = clock.Add(6 * time.Second)
+	mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, _ = store.Get(context.Background(), graph.CallKey(id))
+		if c.Menu.Attempts == 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	m.Wait()
+	if c.Menu.Attempts != 1 {
+		t.Fatalf("no-input timer did not fire: %+v", c.Menu)
+	}
+	if got := g.log(); got[len(got)-1] != "playPrompt menu" {
+		t.Errorf("after no input: %v, want the menu replayed", got)
+	}
+}
+
+func deadRedis(t *testing.T) *redisClient { return newDead() }

@@ -1,0 +1,279 @@
+package graphsim
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph"
+	"go.uber.org/zap"
+)
+
+// Delivery policy: a notification is tried once and retried up to maxRetries times on a 5xx,
+// a 429 or a transport error, after retryBackoff, then twice that, and so on (or the bot's
+// Retry-After when it asks for at most maxRetryAfter).
+const (
+	maxRetries    = 3
+	retryBackoff  = 50 * time.Millisecond
+	maxRetryAfter = 2 * time.Second
+	maxRedirects  = 3
+)
+
+// Wire shapes of what the simulator sends. graph's types are reused where they marshal to the
+// documented shape; these add the @odata annotations and the `subCode` spelling.
+type envelope struct {
+	ODataType string         `json:"@odata.type"`
+	Value     []notification `json:"value"`
+}
+
+type notification struct {
+	ODataType    string           `json:"@odata.type"`
+	ChangeType   graph.ChangeType `json:"changeType"`
+	ResourceURL  string           `json:"resourceUrl"`
+	ResourceData any              `json:"resourceData"`
+}
+
+// callData is a #microsoft.graph.call resource: in notifications and in GET responses.
+type callData struct {
+	ODataType           string                  `json:"@odata.type"`
+	ODataID             string                  `json:"@odata.id,omitempty"`
+	ETag                string                  `json:"@odata.etag,omitempty"`
+	ID                  string                  `json:"id,omitempty"`
+	State               graph.CallState         `json:"state,omitempty"`
+	Direction           string                  `json:"direction,omitempty"`
+	CallbackURI         string                  `json:"callbackUri,omitempty"`
+	Source              *graph.ParticipantInfo  `json:"source,omitempty"`
+	Targets             []graph.ParticipantInfo `json:"targets,omitempty"`
+	RequestedModalities []string                `json:"requestedModalities,omitempty"`
+	TenantID            string                  `json:"tenantId,omitempty"`
+	MyParticipantID     string                  `json:"myParticipantId,omitempty"`
+	CallChainID         string                  `json:"callChainId,omitempty"`
+	MediaState          *graph.MediaState       `json:"mediaState,omitempty"`
+	ToneInfo            *toneInfo               `json:"toneInfo,omitempty"`
+	ResultInfo          *resultInfo             `json:"resultInfo,omitempty"`
+	AnsweredBy          *graph.ParticipantInfo  `json:"answeredBy,omitempty"`
+}
+
+type toneInfo struct {
+	ODataType  string `json:"@odata.type"`
+	SequenceID int64  `json:"sequenceId"`
+	Tone       string `json:"tone"`
+}
+
+// resultInfo marshals as Graph's resultInfo. camel spells the subcode key "subCode", as the
+// documented transfer-failed notification does.
+type resultInfo struct {
+	code, subcode int
+	message       string
+	camel         bool
+}
+
+func (r resultInfo) MarshalJSON() ([]byte, error) {
+	msg, err := json.Marshal(r.message)
+	if err != nil {
+		return nil, err
+	}
+	key := "subcode"
+	if r.camel {
+		key = "subCode"
+	}
+	return fmt.Appendf(nil, `{"@odata.type":"#microsoft.graph.resultInfo","code":%d,"%s":%d,"message":%s}`,
+		r.code, key, r.subcode, msg), nil
+}
+
+// opData is a commsOperation (playPromptOperation...), in responses and notifications.
+type opData struct {
+	ODataType     string                `json:"@odata.type"`
+	ODataID       string                `json:"@odata.id,omitempty"`
+	ID            string                `json:"id"`
+	Status        graph.OperationStatus `json:"status"`
+	ClientContext string                `json:"clientContext,omitempty"`
+	ResultInfo    *resultInfo           `json:"resultInfo,omitempty"`
+}
+
+// outNote is a notification waiting in a call's outbox.
+type outNote struct {
+	url         string
+	changeType  graph.ChangeType
+	resourceURL string
+	state       string
+	body        []byte
+	ack         chan error // receives the delivery result; nil when nobody waits
+}
+
+// sendCall queues a call notification. A zero State sends the bare form (@odata.type and
+// @odata.id only) Graph uses after a reject. Called with s.mu held.
+func (s *Sim) sendCall(c *call, ct graph.ChangeType, d callData, ack chan error) {
+	d.ODataType = graph.TypeCall
+	d.ODataID = c.path()
+	if d.State != "" {
+		c.etag++
+		d.ETag = fmt.Sprintf(`W/"%d"`, c.etag)
+	}
+	s.enqueue(c, ct, c.path(), string(d.State), d, ack)
+}
+
+// sendOp queues the final notification of a media operation. Called with s.mu held.
+func (s *Sim) sendOp(c *call, op *mediaOp, status graph.OperationStatus, r resultInfo) {
+	p := c.path() + "/operations/" + op.id
+	s.enqueue(c, graph.Deleted, p, string(status), opData{
+		ODataType: graph.TypePlayPromptOperation, ODataID: p, ID: op.id,
+		Status: status, ClientContext: op.clientContext, ResultInfo: &r,
+	}, nil)
+}
+
+func (s *Sim) enqueue(c *call, ct graph.ChangeType, resourceURL, state string, data any, ack chan error) {
+	body, err := json.Marshal(envelope{
+		ODataType: graph.TypeNotifications,
+		Value: []notification{{
+			ODataType: "#microsoft.graph.commsNotification", ChangeType: ct,
+			ResourceURL: resourceURL, ResourceData: data,
+		}},
+	})
+	if err != nil { // only our own types are marshalled: a bug
+		s.log.DPanic("marshal notification", zap.Error(err))
+		return
+	}
+	u := s.opts.WebhookURL
+	if c.callbackURI != "" {
+		u = c.callbackURI
+	}
+	c.outbox = append(c.outbox, outNote{url: u, changeType: ct, resourceURL: resourceURL, state: state, body: body, ack: ack})
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// runOutbox delivers a call's notifications one at a time, in order, until the call has ended
+// and everything queued was delivered (or given up), or the simulator closes.
+func (s *Sim) runOutbox(c *call) {
+	defer s.wg.Done()
+	defer c.doneOnce.Do(func() { close(c.done) })
+	for {
+		s.mu.Lock()
+		if len(c.outbox) == 0 {
+			ended := c.ended
+			s.mu.Unlock()
+			if ended {
+				return
+			}
+			select {
+			case <-c.wake:
+			case <-s.ctx.Done():
+				return
+			}
+			continue
+		}
+		n := c.outbox[0]
+		c.outbox = c.outbox[1:]
+		s.mu.Unlock()
+		err := s.deliver(c, n)
+		if err != nil {
+			s.log.Warn("notification not delivered", zap.String("call_id", c.id),
+				zap.String("scenario_id", c.scenarioID), zap.String("tenant_id", s.opts.TenantID), zap.Error(err))
+		}
+		if n.ack != nil {
+			n.ack <- err
+		}
+		if s.ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// deliver posts one notification, following redirects and retrying transient failures.
+func (s *Sim) deliver(c *call, n outNote) error {
+	target := n.url
+	clientRequestID := newID()
+	redirects := 0
+	for attempt := 1; ; {
+		status, hdr, err := s.post(c, n, target, attempt, clientRequestID)
+		switch {
+		case err == nil && status >= 200 && status < 300:
+			return nil
+		case err == nil && (status == http.StatusFound || status == http.StatusTemporaryRedirect ||
+			status == http.StatusPermanentRedirect) && hdr.Get("Location") != "" && redirects < maxRedirects:
+			loc, perr := url.Parse(hdr.Get("Location"))
+			base, _ := url.Parse(target)
+			if perr != nil || base == nil {
+				return fmt.Errorf("deliver to %s: bad Location %q", target, hdr.Get("Location"))
+			}
+			target = base.ResolveReference(loc).String()
+			redirects++
+			continue
+		case err == nil && status < 500 && status != http.StatusTooManyRequests:
+			return fmt.Errorf("deliver to %s: status %d", target, status)
+		}
+		if err == nil {
+			err = fmt.Errorf("deliver to %s: status %d", target, status)
+		}
+		if attempt > maxRetries || s.ctx.Err() != nil {
+			return err
+		}
+		wait := retryBackoff << (attempt - 1)
+		if sec, perr := strconv.Atoi(hdr.Get("Retry-After")); perr == nil && sec >= 0 &&
+			time.Duration(sec)*time.Second <= maxRetryAfter {
+			wait = time.Duration(sec) * time.Second
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-s.ctx.Done():
+			t.Stop()
+			return errors.Join(err, ErrClosed)
+		}
+		attempt++
+	}
+}
+
+// post makes one delivery attempt and records it.
+func (s *Sim) post(c *call, n outNote, target string, attempt int, clientRequestID string) (int, http.Header, error) {
+	rec := Delivery{
+		Time: time.Now(), CallID: c.id, URL: target, Attempt: attempt, ChangeType: string(n.changeType),
+		ResourceURL: n.resourceURL, State: n.state, Body: n.body,
+	}
+	status, hdr, err := s.doPost(c, n, target, clientRequestID, &rec)
+	rec.Status = status
+	if err != nil {
+		rec.Err = err.Error()
+	}
+	s.mu.Lock()
+	s.deliveries = append(s.deliveries, rec)
+	s.mu.Unlock()
+	s.log.Debug("notification", zap.String("call_id", c.id), zap.String("scenario_id", c.scenarioID),
+		zap.String("tenant_id", s.opts.TenantID), zap.String("change_type", string(n.changeType)),
+		zap.String("resource_url", n.resourceURL), zap.String("state", n.state), zap.String("url", target),
+		zap.Int("attempt", attempt), zap.Int("status", status), zap.Error(err))
+	return status, hdr, err
+}
+
+func (s *Sim) doPost(c *call, n outNote, target, clientRequestID string, rec *Delivery) (int, http.Header, error) {
+	tok, err := s.callbackToken()
+	if err != nil {
+		return 0, nil, err
+	}
+	req, err := http.NewRequestWithContext(s.ctx, http.MethodPost, target, bytes.NewReader(n.body))
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("Scenario-Id", c.scenarioID)
+	req.Header.Set("client-request-id", clientRequestID)
+	req.Header.Set("User-Agent", "graphsim")
+	rec.Header = req.Header.Clone()
+	resp, err := s.notify.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+	return resp.StatusCode, resp.Header, nil
+}

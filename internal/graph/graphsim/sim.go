@@ -1,0 +1,499 @@
+package graphsim
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+)
+
+// Options configure a simulator. TenantID, ClientID and ClientSecret are required.
+type Options struct {
+	// TenantID, ClientID and ClientSecret are the app registration the bot uses; token requests
+	// must name this tenant and present this client and secret.
+	TenantID, ClientID, ClientSecret string
+	// WebhookURL is the bot's "Webhook (for calling)" URL, where `created` notifications of
+	// incoming calls are posted. Required by PlaceCall.
+	WebhookURL string
+	// Issuer is the iss claim of callback tokens; default "https://api.botframework.com".
+	Issuer string
+	// PromptDuration is how long each prompt of a playPrompt plays; default 300ms.
+	PromptDuration time.Duration
+	// StepDelay is the delay between a call's state notifications (establishing -> established,
+	// transferring -> transferAccepted -> terminated...); default 20ms.
+	StepDelay time.Duration
+	// AnswerTimeout ends an incoming call that was not answered, rejected or redirected in time
+	// (deleted, resultInfo 408/1106); default 15s.
+	AnswerTimeout time.Duration
+	// RingTimeout is how long an agent who does not answer rings before a transfer (or
+	// redirect) fails; default 5s.
+	RingTimeout time.Duration
+	// Logger receives debug lines about requests and notifications; default no logging.
+	Logger *zap.Logger
+	// NotifyClient posts notifications to the bot; default a client with a 5s timeout. The
+	// simulator never follows redirects with it: it handles 302/307/308 itself.
+	NotifyClient *http.Client
+}
+
+// Defaults applied by New to zero Options fields.
+const (
+	DefaultIssuer         = "https://api.botframework.com"
+	DefaultPromptDuration = 300 * time.Millisecond
+	DefaultStepDelay      = 20 * time.Millisecond
+	DefaultAnswerTimeout  = 15 * time.Second
+	DefaultRingTimeout    = 5 * time.Second
+	DefaultDigitDelay     = 100 * time.Millisecond
+	DefaultTalkTime       = 2 * time.Second
+)
+
+// Errors returned by the caller-side API.
+var (
+	ErrClosed      = errors.New("graphsim: simulator closed")
+	ErrCallEnded   = errors.New("graphsim: call has ended")
+	ErrNotInCall   = errors.New("graphsim: call is not established")
+	ErrNoWebhook   = errors.New("graphsim: Options.WebhookURL is not set")
+	ErrInvalidSpec = errors.New("graphsim: invalid caller spec")
+)
+
+// Request is one HTTP request the simulator received.
+type Request struct {
+	Time      time.Time
+	Method    string
+	Path      string // URL path, without the query
+	Query     string
+	Header    http.Header
+	Body      []byte // as sent, after removing any gzip content encoding
+	Action    string // "answer", "transfer", "playPrompt", "get", "delete", "getPresencesByUserId", "token"...; "" when unrouted
+	CallID    string // the call id as written in the path, "" when none
+	RequestID string // the request-id header the simulator answered with
+	Status    int    // the status the simulator answered with; 0 while the request is in flight
+}
+
+// Delivery is one attempt to post a notification to the bot.
+type Delivery struct {
+	Time        time.Time
+	CallID      string
+	URL         string
+	Attempt     int // 1 for the first try, up to 4
+	ChangeType  string
+	ResourceURL string
+	// State is the call state the notification carries ("established"...), the operation
+	// status for operation notifications ("completed"), or "" (the bare deleted after reject).
+	State  string
+	Header http.Header
+	Body   []byte
+	Status int    // the bot's status code; 0 when the request failed
+	Err    string // transport error, if any
+}
+
+// Sim is a running simulator. All methods are safe for concurrent use.
+type Sim struct {
+	opts Options
+	log  *zap.Logger
+
+	caPEM       []byte
+	tokenKey    *rsa.PrivateKey
+	tokenKid    string
+	callbackKey *rsa.PrivateKey
+	callbackKid string
+
+	url       string
+	srv       *http.Server
+	serveDone chan struct{}
+	client    *http.Client
+	notify    *http.Client
+	ownNotify *http.Transport
+
+	ctx    context.Context // cancelled by Close; bounds deliveries
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // outbox goroutines
+
+	mu            sync.Mutex
+	closed        bool
+	timers        map[*time.Timer]struct{}
+	calls         map[string]*call // by graph.CallKey
+	order         []*call
+	agents        map[string]*agent // by lower-case id
+	presence      map[string]graph.Presence
+	requests      []Request
+	deliveries    []Delivery
+	faults        map[string]*fault // by lower-case action
+	tokenRequests int
+}
+
+type fault struct {
+	status     int
+	retryAfter time.Duration
+	n          int
+}
+
+// New generates a CA, a server certificate for 127.0.0.1 and localhost, and the RSA keys that
+// sign access and callback tokens, and starts serving HTTPS on 127.0.0.1 on a free port.
+func New(opts Options) (*Sim, error) {
+	if opts.TenantID == "" || opts.ClientID == "" || opts.ClientSecret == "" {
+		return nil, errors.New("graphsim: TenantID, ClientID and ClientSecret are required")
+	}
+	if opts.WebhookURL != "" {
+		if err := checkURL(opts.WebhookURL); err != nil {
+			return nil, fmt.Errorf("graphsim: webhook url: %w", err)
+		}
+	}
+	if opts.Issuer == "" {
+		opts.Issuer = DefaultIssuer
+	}
+	if opts.PromptDuration <= 0 {
+		opts.PromptDuration = DefaultPromptDuration
+	}
+	if opts.StepDelay <= 0 {
+		opts.StepDelay = DefaultStepDelay
+	}
+	if opts.AnswerTimeout <= 0 {
+		opts.AnswerTimeout = DefaultAnswerTimeout
+	}
+	if opts.RingTimeout <= 0 {
+		opts.RingTimeout = DefaultRingTimeout
+	}
+	s := &Sim{
+		opts:     opts,
+		log:      opts.Logger,
+		timers:   map[*time.Timer]struct{}{},
+		calls:    map[string]*call{},
+		agents:   map[string]*agent{},
+		presence: map[string]graph.Presence{},
+		faults:   map[string]*fault{},
+	}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
+	s.log = s.log.With(zap.String("component", "graphsim"))
+
+	caCert, caKey, caPEM, err := newCA()
+	if err != nil {
+		return nil, err
+	}
+	s.caPEM = caPEM
+	serverCert, err := newServerCert(caCert, caKey)
+	if err != nil {
+		return nil, err
+	}
+	if s.tokenKey, s.tokenKid, err = newSigningKey(); err != nil {
+		return nil, err
+	}
+	if s.callbackKey, s.callbackKid, err = newSigningKey(); err != nil {
+		return nil, err
+	}
+
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	ct := http.DefaultTransport.(*http.Transport).Clone()
+	ct.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	s.client = &http.Client{Transport: ct, Timeout: 30 * time.Second}
+
+	if opts.NotifyClient != nil {
+		c := *opts.NotifyClient
+		s.notify = &c
+	} else {
+		s.ownNotify = http.DefaultTransport.(*http.Transport).Clone()
+		s.notify = &http.Client{Transport: s.ownNotify, Timeout: 5 * time.Second}
+	}
+	s.notify.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("graphsim: listen: %w", err)
+	}
+	s.url = "https://" + ln.Addr().String()
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.srv = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          zap.NewStdLog(s.log.WithOptions(zap.IncreaseLevel(zap.DebugLevel))),
+		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS12},
+	}
+	s.serveDone = make(chan struct{})
+	go func() {
+		defer close(s.serveDone)
+		if err := s.srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("serve", zap.Error(err))
+		}
+	}()
+	s.log.Info("graphsim listening", zap.String("url", s.url), zap.String("tenant_id", opts.TenantID))
+	return s, nil
+}
+
+// URL is the server's base URL, https://127.0.0.1:PORT.
+func (s *Sim) URL() string { return s.url }
+
+// GraphURL is the Graph base URL to configure the SDK with: URL()+"/v1.0".
+func (s *Sim) GraphURL() string { return s.url + "/v1.0" }
+
+// AuthorityHost is the Entra ID authority host to give azidentity: URL()+"/".
+func (s *Sim) AuthorityHost() string { return s.url + "/" }
+
+// OpenIDConfigURL is the metadata document of the callback tokens' signing keys.
+func (s *Sim) OpenIDConfigURL() string { return s.url + "/botauth/.well-known/OpenIdConfiguration" }
+
+// CACertPEM returns the PEM of the CA that signed the server certificate.
+func (s *Sim) CACertPEM() []byte { return bytes.Clone(s.caPEM) }
+
+// WriteCAFile writes CACertPEM to path.
+func (s *Sim) WriteCAFile(path string) error {
+	if err := os.WriteFile(path, s.caPEM, 0o644); err != nil {
+		return fmt.Errorf("graphsim: write ca file: %w", err)
+	}
+	return nil
+}
+
+// Client returns an HTTP client that trusts the simulator's CA.
+func (s *Sim) Client() *http.Client { return s.client }
+
+// Close stops the server, every timer and every delivery in flight, and waits for the
+// simulator's goroutines to end. Calls still live stay as they are; their Done channels close.
+func (s *Sim) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for t := range s.timers {
+		t.Stop()
+	}
+	clear(s.timers)
+	s.mu.Unlock()
+
+	s.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	err := s.srv.Shutdown(ctx)
+	if err != nil {
+		err = s.srv.Close()
+	}
+	<-s.serveDone
+	s.wg.Wait()
+	s.client.CloseIdleConnections()
+	if s.ownNotify != nil {
+		s.ownNotify.CloseIdleConnections()
+	}
+	return err
+}
+
+// Requests returns every request received so far, in the order they arrived.
+func (s *Sim) Requests() []Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Request, len(s.requests))
+	for i, r := range s.requests {
+		out[i] = r.clone()
+	}
+	return out
+}
+
+// RequestsFor returns the requests whose path names the call (any case, with or without
+// hyphens), in order.
+func (s *Sim) RequestsFor(callID string) []Request {
+	key := graph.CallKey(callID)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Request
+	for _, r := range s.requests {
+		if r.CallID != "" && graph.CallKey(r.CallID) == key {
+			out = append(out, r.clone())
+		}
+	}
+	return out
+}
+
+// Deliveries returns every notification delivery attempt so far, in order.
+func (s *Sim) Deliveries() []Delivery {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Delivery, len(s.deliveries))
+	for i, d := range s.deliveries {
+		d.Header = d.Header.Clone()
+		d.Body = bytes.Clone(d.Body)
+		out[i] = d
+	}
+	return out
+}
+
+// TokenRequests is the number of requests made to the token endpoint, successful or not.
+func (s *Sim) TokenRequests() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.tokenRequests
+}
+
+// FailNext makes the next n requests to action fail with status and a Graph error body (and a
+// Retry-After header when retryAfter > 0), without effect. Actions: "answer", "reject",
+// "redirect", "transfer", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
+// "keepAlive", "get", "delete", "getPresencesByUserId", "token" (any case). n <= 0 clears.
+// Requests that fail authentication do not consume a failure.
+func (s *Sim) FailNext(action string, status int, retryAfter time.Duration, n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := strings.ToLower(action)
+	if n <= 0 {
+		delete(s.faults, k)
+		return
+	}
+	s.faults[k] = &fault{status: status, retryAfter: retryAfter, n: n}
+}
+
+// takeFault consumes one injected failure for action. Called with s.mu held.
+func (s *Sim) takeFault(action string) *fault {
+	k := strings.ToLower(action)
+	f := s.faults[k]
+	if f == nil {
+		return nil
+	}
+	f.n--
+	if f.n <= 0 {
+		delete(s.faults, k)
+	}
+	return f
+}
+
+func (r Request) clone() Request {
+	r.Header = r.Header.Clone()
+	r.Body = bytes.Clone(r.Body)
+	return r
+}
+
+// after runs f with s.mu held once d has passed, unless the simulator closes first. It must be
+// called with s.mu held.
+func (s *Sim) after(d time.Duration, f func()) {
+	var t *time.Timer
+	t = time.AfterFunc(d, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.closed {
+			return
+		}
+		delete(s.timers, t)
+		f()
+	})
+	s.timers[t] = struct{}{}
+}
+
+// afterCall is after for work that only makes sense while the call lives.
+func (s *Sim) afterCall(c *call, d time.Duration, f func()) {
+	s.after(d, func() {
+		if !c.ended {
+			f()
+		}
+	})
+}
+
+func checkURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return err
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("%q is not an absolute http(s) url", raw)
+	}
+	return nil
+}
+
+func newID() string { return uuid.NewString() }
+
+// readBody reads a request body, undoing a gzip Content-Encoding (kiota compresses bodies).
+func readBody(r *http.Request) ([]byte, error) {
+	if r.Body == nil {
+		return nil, nil
+	}
+	var rd io.Reader = io.LimitReader(r.Body, 4<<20)
+	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
+	case "", "identity":
+	case "gzip":
+		zr, err := gzip.NewReader(rd)
+		if err != nil {
+			return nil, fmt.Errorf("gzip body: %w", err)
+		}
+		defer zr.Close()
+		rd = io.LimitReader(zr, 4<<20)
+	default:
+		return nil, fmt.Errorf("unsupported content encoding %q", enc)
+	}
+	return io.ReadAll(rd)
+}
+
+func newCA() (*x509.Certificate, *ecdsa.PrivateKey, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("graphsim: ca key: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(),
+		Subject:               pkix.Name{CommonName: "graphsim test CA", Organization: []string{"callbot graphsim"}},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(365 * 24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("graphsim: ca cert: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("graphsim: ca cert: %w", err)
+	}
+	return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
+}
+
+func newServerCert(ca *x509.Certificate, caKey *ecdsa.PrivateKey) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("graphsim: server key: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("graphsim: server cert: %w", err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+func serial() *big.Int {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	if err != nil {
+		return big.NewInt(time.Now().UnixNano())
+	}
+	return n
+}
