@@ -22,13 +22,13 @@ import (
 )
 
 const (
-	testTenant = "632899f8-2ea1-4604-8413-27bd2892079f"
-	testClient = "0efc74f7-41c3-47a4-8775-7259bfef4241"
-	testSecret = "s3cret"
+	testTenant  = "632899f8-2ea1-4604-8413-27bd2892079f"
+	testClient  = "0efc74f7-41c3-47a4-8775-7259bfef4241"
+	testSecret  = "s3cret"
 	testAppInst = "7629bdce-046c-4903-86b4-a8f718277e1a"
-	agentA     = "550fae72-d251-43ec-868c-373732c2704f"
-	agentB     = "98da8a1a-1b87-452c-a713-65d3f10b1253"
-	promptURI  = "https://cdn.contoso.com/welcome.wav"
+	agentA      = "550fae72-d251-43ec-868c-373732c2704f"
+	agentB      = "98da8a1a-1b87-452c-a713-65d3f10b1253"
+	promptURI   = "https://cdn.contoso.com/welcome.wav"
 )
 
 var phoneCaller = graph.Party{Kind: graph.KindPhone, ID: "+493012345678"}
@@ -67,6 +67,7 @@ type fakeBot struct {
 	token   string
 	authErr []error
 	status  func(n int) int // optional: status to answer the n-th request (1-based)
+	lenient bool            // callers hang up at random: do not insist on Graph statuses
 	count   int
 }
 
@@ -74,7 +75,7 @@ type fakeBot struct {
 func newHarness(t *testing.T, opts Options, react func(b *fakeBot, n graph.Notification)) (*Sim, *fakeBot) {
 	t.Helper()
 	b := &fakeBot{t: t, react: react, notes: map[string][]seen{}}
-	b.srv = httptest.NewServer(b)
+	newBotServer(b)
 	opts.WebhookURL = b.srv.URL + "/api/calls"
 	if opts.Logger == nil {
 		opts.Logger = zaptest.NewLogger(t)
@@ -125,6 +126,11 @@ func checkDeliveriesDecode(t *testing.T, s *Sim) {
 			t.Errorf("delivery %d: kind %v", i, n.Kind)
 		}
 	}
+}
+
+func newBotServer(b *fakeBot) *httptest.Server {
+	b.srv = httptest.NewServer(b)
+	return b.srv
 }
 
 func (b *fakeBot) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -328,7 +334,7 @@ func doGraph(t *testing.T, s *Sim, token, method, path string, body any) (int, [
 
 func (b *fakeBot) action(callID, action string, body any, want int) []byte {
 	st, out, _ := b.call(http.MethodPost, "/communications/calls/"+callID+"/"+action, body)
-	if st != want {
+	if st != want && !b.lenient {
 		b.t.Errorf("%s %s: status %d, want %d: %s", action, callID, st, want, out)
 	}
 	return out
@@ -350,7 +356,7 @@ func (b *fakeBot) playPrompt(callID, ctx string, uris ...string) string {
 	out := b.action(callID, "playPrompt", map[string]any{"clientContext": ctx, "prompts": prompts}, http.StatusOK)
 	var op struct{ ID, Status string }
 	_ = json.Unmarshal(out, &op)
-	if op.Status != "running" {
+	if op.Status != "running" && !b.lenient {
 		b.t.Errorf("playPrompt status %q: %s", op.Status, out)
 	}
 	return op.ID
@@ -433,7 +439,7 @@ func ivrBot(agent string) func(b *fakeBot, n graph.Notification) {
 				b.transfer(n.CallID, agent)
 			}
 		case c.State == graph.CallEstablished && c.ResultInfo != nil:
-			if st, out, _ := b.call(http.MethodDelete, "/communications/calls/"+n.CallID, nil); st != http.StatusNoContent {
+			if st, out, _ := b.call(http.MethodDelete, "/communications/calls/"+n.CallID, nil); st != http.StatusNoContent && !b.lenient {
 				b.t.Errorf("delete: %d %s", st, out)
 			}
 		case c.State == graph.CallEstablished && c.MediaState != nil && c.MediaState.Audio == "active":

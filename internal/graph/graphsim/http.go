@@ -87,6 +87,13 @@ func (s *Sim) middleware(next http.Handler) http.Handler {
 			Header: r.Header.Clone(), Body: body, RequestID: info.requestID,
 		}
 		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			s.graphError(w, r, http.StatusServiceUnavailable, "ServiceUnavailable", "graphsim is shutting down.")
+			return
+		}
+		s.handlers.Add(1)
+		defer s.handlers.Done()
 		info.index = len(s.requests)
 		s.requests = append(s.requests, rec)
 		s.mu.Unlock()

@@ -129,6 +129,8 @@ type Sim struct {
 	ctx    context.Context // cancelled by Close; bounds deliveries
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // outbox goroutines
+	// handlers counts requests being served; Add happens under mu while !closed.
+	handlers sync.WaitGroup
 
 	mu            sync.Mutex
 	closed        bool
@@ -285,19 +287,21 @@ func (s *Sim) Close() error {
 	s.mu.Unlock()
 
 	s.cancel()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	// HTTP/2 connections linger for a second after GOAWAY: close our own client's first, give
+	// the others a short grace, then cut them. Handlers still running are waited for below.
+	s.client.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	err := s.srv.Shutdown(ctx)
-	if err != nil {
-		err = s.srv.Close()
+	if err := s.srv.Shutdown(ctx); err != nil {
+		_ = s.srv.Close()
 	}
 	<-s.serveDone
+	s.handlers.Wait()
 	s.wg.Wait()
-	s.client.CloseIdleConnections()
 	if s.ownNotify != nil {
 		s.ownNotify.CloseIdleConnections()
 	}
-	return err
+	return nil
 }
 
 // Requests returns every request received so far, in the order they arrived.

@@ -2,15 +2,12 @@ package graphsim
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -355,8 +352,9 @@ func TestRejectAndActionsInTheWrongState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.transfer(c.ID(), agentA) // not answered yet
-	b.playPrompt(c.ID(), "early", promptURI)
+	// Not answered yet: transfer and playPrompt are refused.
+	b.action(c.ID(), "transfer", map[string]any{"transferTarget": map[string]any{"identity": map[string]any{"user": map[string]any{"id": agentA}}}}, http.StatusBadRequest)
+	b.action(c.ID(), "playPrompt", map[string]any{"prompts": []any{map[string]any{"mediaInfo": map[string]any{"uri": promptURI}}}}, http.StatusBadRequest)
 	b.action(c.ID(), "reject", map[string]any{"reason": "sometimes"}, http.StatusBadRequest)
 	b.action(c.ID(), "reject", map[string]any{"reason": "busy", "callbackUri": b.srv.URL + "/api/calls/rejected"}, http.StatusAccepted)
 	b.action(c.ID(), "reject", map[string]any{"reason": "busy"}, http.StatusNotFound)
@@ -380,4 +378,3 @@ func TestRejectAndActionsInTheWrongState(t *testing.T) {
 		t.Errorf("requests (-got +want):\n%s", diff)
 	}
 }
-

@@ -1,0 +1,153 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+	"github.com/callbot/callbot/internal/queue"
+)
+
+// graphClient is what the bot needs from Graph: call control and presence.
+type graphClient interface {
+	callstate.CallControl
+	queue.PresenceSource
+}
+
+// botDeps are the parts a bot is assembled from; serve builds them from the environment, demo
+// from its embedded Redis and simulator, tests from theirs.
+type botDeps struct {
+	Redis         redis.UniversalClient
+	KeyPrefix     string
+	Graph         graphClient
+	Auth          graph.Authenticator
+	Flow          *ivr.Flow
+	TenantID      string
+	CallbackURI   string
+	PresenceEvery time.Duration
+	// FailCooldown: an agent who declined or missed an offer is skipped this long (default 10s).
+	FailCooldown time.Duration
+	// ConnectedGuard: an agent who just took a call is skipped this long even if polled presence
+	// still says Available (default: two presence polls).
+	ConnectedGuard time.Duration
+	Log            *zap.Logger
+	OnEnd          func(callstate.Call)
+}
+
+// bot is one running callbot instance.
+type bot struct {
+	deps       botDeps
+	machine    *callstate.Machine
+	dispatcher *queue.Dispatcher
+	queues     *queue.Store
+	handler    http.Handler
+	instance   string
+}
+
+func newBot(ctx context.Context, d botDeps) (*bot, error) {
+	b := &bot{deps: d, instance: randomID()}
+	b.queues = queue.NewStore(d.Redis, d.KeyPrefix)
+	b.queues.FailCooldown = cmp.Or(d.FailCooldown, 10*time.Second)
+	b.queues.ConnectedGuard = cmp.Or(d.ConnectedGuard, 2*d.PresenceEvery)
+	queueIDs := make([]string, 0, len(d.Flow.Queues))
+	for id, q := range d.Flow.Queues {
+		queueIDs = append(queueIDs, id)
+		if err := b.queues.SetMembers(ctx, d.TenantID, id, q.Agents); err != nil {
+			return nil, err
+		}
+	}
+	b.dispatcher = queue.NewDispatcher(b.queues, nil, d.TenantID, queueIDs, d.Log.Named("dispatch"))
+	b.machine = callstate.NewMachine(callstate.Config{
+		Store:       callstate.NewStore(d.Redis, d.KeyPrefix),
+		Timers:      callstate.NewTimers(d.Redis, d.KeyPrefix),
+		Control:     d.Graph,
+		Queues:      b.dispatcher,
+		Flow:        d.Flow,
+		CallbackURI: d.CallbackURI,
+		Log:         d.Log.Named("call"),
+		OnEnd:       d.OnEnd,
+	})
+	b.dispatcher.Offer = b.machine
+	b.handler = b.routes()
+	return b, nil
+}
+
+// routes is every HTTP route of callbot.
+func (b *bot) routes() http.Handler {
+	r := chi.NewRouter()
+	webhook := &graph.Webhook{Auth: b.deps.Auth, Sink: b.machine, Log: b.deps.Log.Named("webhook")}
+	r.Post("/api/calls", webhook.ServeHTTP)
+	r.Post("/api/calls/*", webhook.ServeHTTP) // room for an instance-affinity hint in the callback path
+	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	r.Get("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := b.deps.Redis.Ping(ctx).Err(); err != nil {
+			http.Error(w, "redis unreachable: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if b.deps.Flow == nil {
+			http.Error(w, "no flow loaded", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	return r
+}
+
+// serve runs the HTTP server and the background loops (timers, dispatcher, presence poller)
+// until ctx ends, then shuts down within grace: in-flight requests finish, queued Graph
+// commands are sent.
+func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) error {
+	srv := &http.Server{Handler: b.handler, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 15 * time.Second}
+	loops, stopLoops := context.WithCancel(context.WithoutCancel(ctx))
+	var wg sync.WaitGroup
+	wg.Go(func() { b.machine.RunTimers(loops, 100*time.Millisecond) })
+	wg.Go(func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
+	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
+		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.Poke}
+	wg.Go(func() { poller.Run(loops, b.deps.PresenceEvery) })
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	var err error
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	shutErr := srv.Shutdown(sctx)
+	stopLoops()
+	wg.Wait()
+	done := make(chan struct{})
+	go func() { b.machine.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-sctx.Done():
+		b.deps.Log.Warn("shutdown grace over with Graph commands still running")
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return errors.Join(err, shutErr)
+}
+
+func randomID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

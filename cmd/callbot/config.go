@@ -1,0 +1,227 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/callbot/callbot/internal/graph"
+)
+
+// config is everything `callbot serve` reads from the environment.
+type config struct {
+	ListenAddr      string
+	PublicURL       string
+	TenantID        string
+	ClientID        string
+	ClientSecret    string
+	AuthorityHost   string
+	GraphURL        string
+	OpenIDConfigURL string
+	Issuers         []string
+	AllowedTenants  []string
+	CAFile          string
+	RedisURL        string
+	FlowFile        string
+	KeyPrefix       string
+	PresenceEvery   time.Duration
+	ShutdownGrace   time.Duration
+	LogLevel        string
+}
+
+// The environment variables, with their defaults, in the order the README lists them.
+var envVars = []struct{ name, def, help string }{
+	{"CALLBOT_LISTEN_ADDR", ":8080", "address the HTTP server listens on"},
+	{"CALLBOT_PUBLIC_URL", "", "https base URL Graph reaches callbot at; callbackUri is CALLBOT_PUBLIC_URL/api/calls (required)"},
+	{"CALLBOT_TENANT_ID", "", "Entra tenant id (GUID) of the app registration (required)"},
+	{"CALLBOT_CLIENT_ID", "", "application (client) id of the bot (required)"},
+	{"CALLBOT_CLIENT_SECRET", "", "client secret of the app registration (required)"},
+	{"CALLBOT_AUTHORITY_HOST", "https://login.microsoftonline.com/", "Entra authority host"},
+	{"CALLBOT_GRAPH_URL", "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL"},
+	{"CALLBOT_OPENID_CONFIG_URL", graph.DefaultOpenIDConfigURL, "OpenID metadata of the keys that sign Graph's callback tokens"},
+	{"CALLBOT_TOKEN_ISSUERS", strings.Join(graph.DefaultIssuers, ","), "comma-separated issuers accepted on callback tokens"},
+	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID)"},
+	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority and the OpenID metadata"},
+	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., or a comma-separated list of cluster node addresses (required)"},
+	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
+	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key"},
+	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
+	{"CALLBOT_SHUTDOWN_GRACE", "20s", "time given to requests and Graph commands in flight on SIGTERM"},
+	{"CALLBOT_LOG_LEVEL", "info", "debug, info, warn or error"},
+}
+
+// loadConfig reads and validates the environment. Every problem is reported, each naming its
+// variable.
+func loadConfig(getenv func(string) string) (config, error) {
+	get := func(name string) string {
+		if v := strings.TrimSpace(getenv(name)); v != "" {
+			return v
+		}
+		for _, e := range envVars {
+			if e.name == name {
+				return e.def
+			}
+		}
+		return ""
+	}
+	var errs []error
+	bad := func(name, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
+	}
+	c := config{
+		ListenAddr: get("CALLBOT_LISTEN_ADDR"), PublicURL: strings.TrimRight(get("CALLBOT_PUBLIC_URL"), "/"),
+		TenantID: get("CALLBOT_TENANT_ID"), ClientID: get("CALLBOT_CLIENT_ID"), ClientSecret: get("CALLBOT_CLIENT_SECRET"),
+		AuthorityHost: get("CALLBOT_AUTHORITY_HOST"), GraphURL: strings.TrimRight(get("CALLBOT_GRAPH_URL"), "/"),
+		OpenIDConfigURL: get("CALLBOT_OPENID_CONFIG_URL"), CAFile: get("CALLBOT_CA_FILE"), RedisURL: get("CALLBOT_REDIS_URL"),
+		FlowFile: get("CALLBOT_FLOW_FILE"), KeyPrefix: get("CALLBOT_KEY_PREFIX"), LogLevel: get("CALLBOT_LOG_LEVEL"),
+		Issuers: splitList(get("CALLBOT_TOKEN_ISSUERS")), AllowedTenants: splitList(get("CALLBOT_ALLOWED_TENANTS")),
+	}
+	for _, name := range []string{"CALLBOT_PUBLIC_URL", "CALLBOT_TENANT_ID", "CALLBOT_CLIENT_ID", "CALLBOT_CLIENT_SECRET", "CALLBOT_REDIS_URL", "CALLBOT_FLOW_FILE"} {
+		if get(name) == "" {
+			bad(name, "is required")
+		}
+	}
+	if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
+		bad("CALLBOT_LISTEN_ADDR", "%q is not host:port", c.ListenAddr)
+	}
+	if c.PublicURL != "" {
+		if err := checkPublicURL(c.PublicURL); err != nil {
+			bad("CALLBOT_PUBLIC_URL", "%v", err)
+		}
+	}
+	for _, v := range []struct{ name, val string }{{"CALLBOT_AUTHORITY_HOST", c.AuthorityHost}, {"CALLBOT_GRAPH_URL", c.GraphURL}, {"CALLBOT_OPENID_CONFIG_URL", c.OpenIDConfigURL}} {
+		if u, err := url.Parse(v.val); err != nil || u.Scheme != "https" || u.Host == "" {
+			bad(v.name, "%q is not an https URL", v.val)
+		}
+	}
+	if c.TenantID != "" && !isGUID(c.TenantID) {
+		bad("CALLBOT_TENANT_ID", "%q is not a GUID", c.TenantID)
+	}
+	if c.ClientID != "" && !isGUID(c.ClientID) {
+		bad("CALLBOT_CLIENT_ID", "%q is not a GUID", c.ClientID)
+	}
+	for _, t := range c.AllowedTenants {
+		if !isGUID(t) {
+			bad("CALLBOT_ALLOWED_TENANTS", "%q is not a GUID", t)
+		}
+	}
+	if len(c.AllowedTenants) == 0 && c.TenantID != "" {
+		c.AllowedTenants = []string{c.TenantID}
+	}
+	if len(c.Issuers) == 0 {
+		bad("CALLBOT_TOKEN_ISSUERS", "no issuer given")
+	}
+	if c.CAFile != "" {
+		if _, err := os.Stat(c.CAFile); err != nil {
+			bad("CALLBOT_CA_FILE", "%v", err)
+		}
+	}
+	if c.RedisURL != "" {
+		if _, err := redisOptions(c.RedisURL); err != nil {
+			bad("CALLBOT_REDIS_URL", "%v", err)
+		}
+	}
+	var err error
+	if c.PresenceEvery, err = time.ParseDuration(get("CALLBOT_PRESENCE_INTERVAL")); err != nil || c.PresenceEvery < 500*time.Millisecond {
+		bad("CALLBOT_PRESENCE_INTERVAL", "%q is not a duration of at least 500ms", get("CALLBOT_PRESENCE_INTERVAL"))
+	}
+	if c.ShutdownGrace, err = time.ParseDuration(get("CALLBOT_SHUTDOWN_GRACE")); err != nil || c.ShutdownGrace <= 0 {
+		bad("CALLBOT_SHUTDOWN_GRACE", "%q is not a positive duration", get("CALLBOT_SHUTDOWN_GRACE"))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("CALLBOT_LOG_LEVEL", "%q is not debug, info, warn or error", c.LogLevel)
+	}
+	if len(errs) > 0 {
+		return c, fmt.Errorf("configuration:\n  %w", joinIndented(errs))
+	}
+	return c, nil
+}
+
+func joinIndented(errs []error) error {
+	s := make([]string, len(errs))
+	for i, e := range errs {
+		s[i] = e.Error()
+	}
+	return errors.New(strings.Join(s, "\n  "))
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func isGUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i, r := range s {
+		switch i {
+		case 8, 13, 18, 23:
+			if r != '-' {
+				return false
+			}
+		default:
+			if !strings.ContainsRune("0123456789abcdefABCDEF", r) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// checkPublicURL: Graph only calls https callback URIs; plain http is accepted for loopback
+// hosts so a local simulator can reach callbot.
+func checkPublicURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%q is not an absolute URL", s)
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("%q must not have a query or fragment", s)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if ip := net.ParseIP(u.Hostname()); (ip != nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
+			return nil
+		}
+	}
+	return fmt.Errorf("%q must be https (Graph only calls https callback URIs)", s)
+}
+
+// redisOptions understands a redis:// or rediss:// URL (standalone) and a comma-separated list of
+// host:port addresses (Redis Cluster).
+func redisOptions(s string) (*redis.UniversalOptions, error) {
+	if strings.HasPrefix(s, "redis://") || strings.HasPrefix(s, "rediss://") || strings.HasPrefix(s, "unix://") {
+		o, err := redis.ParseURL(s)
+		if err != nil {
+			return nil, err
+		}
+		return &redis.UniversalOptions{Addrs: []string{o.Addr}, Username: o.Username, Password: o.Password,
+			DB: o.DB, TLSConfig: o.TLSConfig}, nil
+	}
+	addrs := splitList(s)
+	for _, a := range addrs {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return nil, fmt.Errorf("%q is neither a redis:// URL nor a list of host:port", s)
+		}
+	}
+	if len(addrs) == 0 {
+		return nil, errors.New("no address")
+	}
+	return &redis.UniversalOptions{Addrs: addrs, IsClusterMode: true}, nil
+}
