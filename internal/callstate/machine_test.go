@@ -30,7 +30,11 @@ func (f *fakeGraph) rec(s string) error {
 	f.calls = append(f.calls, s)
 	return f.fail[strings.SplitN(s, " ", 2)[0]]
 }
-func (f *fakeGraph) log() []string { f.mu.Lock(); defer f.mu.Unlock(); return append([]string(nil), f.calls...) }
+func (f *fakeGraph) log() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.calls...)
+}
 
 func (f *fakeGraph) Answer(_ context.Context, id string, r graph.AnswerRequest) error {
 	return f.rec("answer " + id + " " + r.CallbackURI)
@@ -64,7 +68,12 @@ type fakeQueues struct {
 	ops []string
 }
 
-func (q *fakeQueues) add(s string) error { q.mu.Lock(); q.ops = append(q.ops, s); q.mu.Unlock(); return nil }
+func (q *fakeQueues) add(s string) error {
+	q.mu.Lock()
+	q.ops = append(q.ops, s)
+	q.mu.Unlock()
+	return nil
+}
 func (q *fakeQueues) Enqueue(_ context.Context, tenant, queue, call string, score int64) error {
 	return q.add("enqueue " + queue)
 }

@@ -38,16 +38,16 @@ type EventKind uint8
 
 // Events.
 const (
-	EvIncoming       EventKind = iota + 1 // Graph: created, state incoming
-	EvEstablished                         // Graph: state established (without a failure result)
-	EvTone                                // Graph: toneInfo
-	EvPromptDone                          // Graph: playPrompt operation finished (or failed)
-	EvTimeout                             // a durable timer fired
-	EvAgentOffer                          // the dispatcher reserved an agent for this queued call
-	EvTransferAccepted                    // Graph: transferAccepted
-	EvTransferFailed                      // Graph: established again with a failure result, or the transfer request failed
-	EvEnded                               // Graph: terminated / deleted, or the call is gone (404)
-	EvCommandFailed                       // a Graph command other than transfer failed
+	EvIncoming         EventKind = iota + 1 // Graph: created, state incoming
+	EvEstablished                           // Graph: state established (without a failure result)
+	EvTone                                  // Graph: toneInfo
+	EvPromptDone                            // Graph: playPrompt operation finished (or failed)
+	EvTimeout                               // a durable timer fired
+	EvAgentOffer                            // the dispatcher reserved an agent for this queued call
+	EvTransferAccepted                      // Graph: transferAccepted
+	EvTransferFailed                        // Graph: established again with a failure result, or the transfer request failed
+	EvEnded                                 // Graph: terminated / deleted, or the call is gone (404)
+	EvCommandFailed                         // a Graph command other than transfer failed
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
@@ -113,10 +113,10 @@ const (
 
 // Call is the record of one call, stored in Redis.
 type Call struct {
-	ID       string `json:"id"` // as Graph wrote it; outbound URLs use it
-	Tenant   string `json:"tenant"`
-	State    State  `json:"state"`
-	Version  int64  `json:"-"` // store version; compare-and-set on save
+	ID       string       `json:"id"` // as Graph wrote it; outbound URLs use it
+	Tenant   string       `json:"tenant"`
+	State    State        `json:"state"`
+	Version  int64        `json:"-"` // store version; compare-and-set on save
 	Caller   graph.Party  `json:"caller"`
 	Dialled  string       `json:"dialled,omitempty"`
 	ChainID  string       `json:"chain,omitempty"`

@@ -122,4 +122,3 @@ func (s *Store) Save(ctx context.Context, c *Call) error {
 	c.Version++
 	return nil
 }
-
