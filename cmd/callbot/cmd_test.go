@@ -1,0 +1,103 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestConfigErrorsNameTheVariable(t *testing.T) {
+	env := map[string]string{
+		"CALLBOT_PUBLIC_URL": "http://bot.example.com", "CALLBOT_TENANT_ID": "not-a-guid",
+		"CALLBOT_CLIENT_ID": "0efc74f7-41c3-47a4-8775-7259bfef4241", "CALLBOT_GRAPH_URL": "ftp://graph",
+		"CALLBOT_REDIS_URL": "nonsense", "CALLBOT_PRESENCE_INTERVAL": "1ms", "CALLBOT_LISTEN_ADDR": "8080",
+	}
+	err := run(context.Background(), []string{"serve"}, func(k string) string { return env[k] }, &bytes.Buffer{}, &bytes.Buffer{})
+	if err == nil {
+		t.Fatal("serve started with a broken configuration")
+	}
+	for _, want := range []string{
+		"CALLBOT_PUBLIC_URL: \"http://bot.example.com\" must be https", "CALLBOT_TENANT_ID: \"not-a-guid\" is not a GUID",
+		"CALLBOT_CLIENT_SECRET: is required", "CALLBOT_FLOW_FILE: is required", "CALLBOT_GRAPH_URL:",
+		"CALLBOT_REDIS_URL:", "CALLBOT_PRESENCE_INTERVAL:", "CALLBOT_LISTEN_ADDR:",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	env := map[string]string{
+		"CALLBOT_PUBLIC_URL": "https://bot.example.com/", "CALLBOT_TENANT_ID": "7a3c1e52-0d4b-4c1a-9d8e-2f6b5a4c3d21",
+		"CALLBOT_CLIENT_ID": "0efc74f7-41c3-47a4-8775-7259bfef4241", "CALLBOT_CLIENT_SECRET": "s",
+		"CALLBOT_REDIS_URL": "10.0.0.1:7000,10.0.0.2:7000", "CALLBOT_FLOW_FILE": "f.yaml",
+	}
+	c, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ListenAddr != ":8080" || c.PublicURL != "https://bot.example.com" || c.GraphURL != "https://graph.microsoft.com/v1.0" ||
+		c.OpenIDConfigURL != "https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration" ||
+		len(c.AllowedTenants) != 1 || c.AllowedTenants[0] != env["CALLBOT_TENANT_ID"] {
+		t.Errorf("defaults: %+v", c)
+	}
+	o, _ := redisOptions(c.RedisURL)
+	if !o.IsClusterMode || len(o.Addrs) != 2 {
+		t.Errorf("a list of addresses must mean Redis Cluster: %+v", o)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"validate", "../../deployments/examples/flow.yaml"}, os.Getenv, &out, &out); err != nil {
+		t.Fatalf("example flow: %v\n%s", err, out.String())
+	}
+	broken := filepath.Join(t.TempDir(), "broken.yaml")
+	os.WriteFile(broken, []byte("name: x\nstart: nowhere\nmenus:\n  main:\n    promt: hello\n"), 0o644)
+	out.Reset()
+	err := run(context.Background(), []string{"validate", broken}, os.Getenv, &out, &out)
+	if !errors.Is(err, errInvalidFlow) {
+		t.Fatalf("broken flow: %v", err)
+	}
+	for _, want := range []string{"broken.yaml:2:", "broken.yaml:5:"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("validate output lacks %q:\n%s", want, out.String())
+		}
+	}
+	if err := run(context.Background(), []string{"nope"}, os.Getenv, &out, &out); !errors.Is(err, errUsage) {
+		t.Errorf("unknown command: %v", err)
+	}
+}
+
+// Only internal/graph/msgraph and cmd/callbot may depend on msgraph-sdk-go: it costs minutes and
+// gigabytes to build, and the rest of callbot must stay testable without it.
+func TestOnlyAdapterImportsSDK(t *testing.T) {
+	pkgs, err := exec.Command("go", "list", "../../...").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range strings.Fields(string(pkgs)) {
+		if strings.HasSuffix(p, "/internal/graph/msgraph") || strings.HasSuffix(p, "/cmd/callbot") {
+			continue
+		}
+		deps, err := exec.Command("go", "list", "-deps", p).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(deps), "github.com/microsoftgraph/msgraph-sdk-go") {
+			t.Errorf("%s depends on msgraph-sdk-go", p)
+		}
+	}
+	deps, _ := exec.Command("go", "list", "-deps", "../../cmd/callbot").Output()
+	for _, d := range strings.Fields(string(deps)) {
+		if d == "github.com/microsoftgraph/msgraph-sdk-go" {
+			t.Error("cmd/callbot imports the root msgraph-sdk-go package")
+		}
+	}
+}
