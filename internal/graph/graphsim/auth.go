@@ -31,8 +31,8 @@ const (
 	callbackLifetime    = 5 * time.Minute
 )
 
-// Roles are the application permissions granted in the simulator's access tokens.
-var Roles = []string{
+// roles are the application permissions granted in the simulator's access tokens.
+var roles = []string{
 	"Calls.AccessMedia.All", "Calls.Initiate.All", "Calls.InitiateGroupCall.All",
 	"Calls.JoinGroupCall.All", "Presence.Read.All",
 }
@@ -120,7 +120,7 @@ func (s *Sim) issueAccessToken(now, exp time.Time) (string, error) {
 		"oid":   servicePrincipalID(s.opts.ClientID),
 		"sub":   servicePrincipalID(s.opts.ClientID),
 		"idtyp": "app",
-		"roles": Roles,
+		"roles": roles,
 		"ver":   "1.0",
 		"jti":   newID(),
 	})

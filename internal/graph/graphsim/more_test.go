@@ -37,6 +37,7 @@ func answerOnly(b *fakeBot, n graph.Notification) {
 }
 
 func TestAnswerValidationAndCallIDForms(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
 	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
 	if err != nil {
@@ -83,6 +84,7 @@ func TestAnswerValidationAndCallIDForms(t *testing.T) {
 }
 
 func TestGzipRequestBody(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
 	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
 	if err != nil {
@@ -113,6 +115,7 @@ func TestGzipRequestBody(t *testing.T) {
 }
 
 func TestRedirect(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name    string
 		answers []AgentAnswer
@@ -167,6 +170,7 @@ func TestRedirect(t *testing.T) {
 }
 
 func TestCancelMediaProcessing(t *testing.T) {
+	t.Parallel()
 	opts := fastOptions()
 	opts.PromptDuration = time.Hour // nothing completes by itself
 	var once sync.Once
@@ -210,6 +214,7 @@ func TestCancelMediaProcessing(t *testing.T) {
 }
 
 func TestPlayPromptLocationAndQueue(t *testing.T) {
+	t.Parallel()
 	opts := fastOptions()
 	s, b := newHarness(t, opts, func(b *fakeBot, n graph.Notification) {
 		answerOnly(b, n)
@@ -247,6 +252,7 @@ func TestPlayPromptLocationAndQueue(t *testing.T) {
 }
 
 func TestPresence(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
 	s.AddAgent(AgentSpec{ID: agentA, Availability: "Away", Activity: "Away"})
 	s.SetPresence(agentB, "Busy", "InAMeeting")
@@ -282,6 +288,7 @@ func TestPresence(t *testing.T) {
 }
 
 func TestCallbackTokenVerifiesAgainstJWKS(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), answerOnly)
 	c := placeAndWaitFor(t, s, b, CallerSpec{From: phoneCaller, To: testAppInst}, graph.CallEstablished)
 	_ = c.HangUp()
@@ -342,6 +349,7 @@ func TestCallbackTokenVerifiesAgainstJWKS(t *testing.T) {
 // TestEveryNotificationDecodes runs every scenario in one simulator and decodes every body it
 // sent with graph.Decode (the same check also runs after every other test).
 func TestEveryNotificationDecodes(t *testing.T) {
+	t.Parallel()
 	opts := fastOptions()
 	opts.AnswerTimeout = 300 * time.Millisecond
 	s, _ := newHarness(t, opts, func(b *fakeBot, n graph.Notification) {
@@ -394,6 +402,7 @@ func TestEveryNotificationDecodes(t *testing.T) {
 }
 
 func TestFailNext(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
 	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
 	if err != nil {
@@ -433,6 +442,7 @@ func TestFailNext(t *testing.T) {
 }
 
 func TestDeliveryRetriesAndAcks(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), answerOnly)
 	b.status = func(n int) int {
 		if n <= 2 {
@@ -470,6 +480,7 @@ func TestDeliveryRetriesAndAcks(t *testing.T) {
 }
 
 func TestPlaceCallValidation(t *testing.T) {
+	t.Parallel()
 	s, _ := newHarness(t, fastOptions(), nil)
 	for _, spec := range []CallerSpec{
 		{To: testAppInst},

@@ -227,11 +227,18 @@ func New(opts Options) (*Sim, error) {
 		return nil, fmt.Errorf("graphsim: listen: %w", err)
 	}
 	s.url = "https://" + ln.Addr().String()
+	// The server's own complaints (TLS handshakes from clients that do not trust the CA...)
+	// are debug lines.
+	errLog, err := zap.NewStdLogAt(s.log, zap.DebugLevel)
+	if err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("graphsim: logger: %w", err)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.srv = &http.Server{
 		Handler:           s.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          zap.NewStdLog(s.log.WithOptions(zap.IncreaseLevel(zap.DebugLevel))),
+		ErrorLog:          errLog,
 		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS12},
 	}
 	s.serveDone = make(chan struct{})
@@ -273,6 +280,7 @@ func (s *Sim) Client() *http.Client { return s.client }
 
 // Close stops the server, every timer and every delivery in flight, and waits for the
 // simulator's goroutines to end. Calls still live stay as they are; their Done channels close.
+// Calling it again does nothing. The error is always nil (Close satisfies io.Closer).
 func (s *Sim) Close() error {
 	s.mu.Lock()
 	if s.closed {

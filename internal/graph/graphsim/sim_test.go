@@ -17,6 +17,7 @@ import (
 )
 
 func TestTokenEndpointAndOpenIDConfig(t *testing.T) {
+	t.Parallel()
 	s, _ := newHarness(t, fastOptions(), nil)
 
 	var cfg map[string]any
@@ -87,6 +88,7 @@ func TestTokenEndpointAndOpenIDConfig(t *testing.T) {
 }
 
 func TestGraphRequiresAValidToken(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
 	expired, err := s.issueAccessToken(time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour))
 	if err != nil {
@@ -120,8 +122,9 @@ func TestGraphRequiresAValidToken(t *testing.T) {
 }
 
 func TestHappyPathTransferToAcceptingAgent(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), ivrBot(agentA))
-	s.AddAgent(AgentSpec{ID: agentA, DisplayName: "Heidi", TalkTime: 300 * time.Millisecond})
+	s.AddAgent(AgentSpec{ID: agentA, DisplayName: "Heidi", TalkTime: 600 * time.Millisecond})
 
 	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst, Digits: "1", DigitDelay: 80 * time.Millisecond})
 	if err != nil {
@@ -210,6 +213,7 @@ var cmpIgnoreTimes = cmp.FilterPath(func(p cmp.Path) bool {
 }, cmp.Ignore())
 
 func TestTransferFails(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name   string
 		answer AgentAnswer
@@ -252,6 +256,7 @@ func TestTransferFails(t *testing.T) {
 }
 
 func TestCallerHangsUp(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		from    graph.Party
 		subcode int
@@ -289,6 +294,7 @@ func TestCallerHangsUp(t *testing.T) {
 }
 
 func TestCallerHangUpAndPress(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), func(b *fakeBot, n graph.Notification) {
 		if n.ChangeType == graph.Created {
 			b.answer(n.CallID)
@@ -329,6 +335,7 @@ func TestCallerHangUpAndPress(t *testing.T) {
 }
 
 func TestAnswerDeadline(t *testing.T) {
+	t.Parallel()
 	opts := fastOptions()
 	opts.AnswerTimeout = 100 * time.Millisecond
 	s, b := newHarness(t, opts, nil) // a bot that never answers
@@ -347,6 +354,7 @@ func TestAnswerDeadline(t *testing.T) {
 }
 
 func TestRejectAndActionsInTheWrongState(t *testing.T) {
+	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
 	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
 	if err != nil {

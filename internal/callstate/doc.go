@@ -1,0 +1,25 @@
+// Package callstate is the life of a call: its record in Redis, its states, the table of legal
+// transitions, the pure decision that maps (call, event, flow, time) to the next record and the
+// commands that carry it out, durable timers, and the Machine that ties them together.
+//
+// A call's life:
+//
+//	incoming notification ──► answering ──(established)──► in_menu ──(key)──► queued ──(agent free)──► transferring ──(0/7015)──► terminated
+//	                              │                         │  ▲ (invalid key / no input: replay, then fallback)   │
+//	                              │                         │  └──────────── direct transfer failed ◄──────────────┤ (500/7000: back to
+//	                              │                         └──(disconnect)──► terminating ──(goodbye played)──► hang up    the head of the queue)
+//	                              └──────────────── any state ──(terminated / deleted / 404)──► terminated (terminal)
+//
+// Answering sends answer (with every prompt of the flow to prefetch). Established subscribes to
+// tones and plays greeting and menu. A key press cancels the prompt still playing (barge-in) and
+// the IVR interpreter decides: replay, submenu, queue, transfer or disconnect. When a menu prompt
+// ends, a durable no-input timer starts. Queued plays the queue's hold music in a loop until the
+// dispatcher reserves an agent and offers the call (EvAgentOffer), which sends a blind transfer
+// and starts a transfer timer. Graph reports the outcome: established with a failure result puts
+// the caller back in its queue with its original arrival score; terminated with 7015 ends the call
+// as transferred and frees the agent.
+//
+// Every change is one compare-and-set on the call's version: any instance may apply any
+// notification, and a lost race is retried on the fresh record. Events with no row for the
+// call's state (repeats, late arrivals) change nothing; terminated stays terminated.
+package callstate
