@@ -206,7 +206,10 @@ func checkPublicURL(s string) error {
 // redisOptions understands a redis:// or rediss:// URL (standalone) and a comma-separated list of
 // host:port addresses (Redis Cluster).
 func redisOptions(s string) (*redis.UniversalOptions, error) {
-	if strings.HasPrefix(s, "redis://") || strings.HasPrefix(s, "rediss://") || strings.HasPrefix(s, "unix://") {
+	if strings.HasPrefix(s, "unix://") {
+		return nil, errors.New("unix sockets are not supported; use redis://host:port")
+	}
+	if strings.HasPrefix(s, "redis://") || strings.HasPrefix(s, "rediss://") {
 		o, err := redis.ParseURL(s)
 		if err != nil {
 			return nil, err

@@ -3,6 +3,7 @@ package callstate
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"strconv"
 	"time"
 
@@ -74,8 +75,13 @@ func (d *decision) silence() {
 }
 
 func (d *decision) timer(kind TimerKind, after time.Duration) {
-	d.c.Timer = d.next()
-	d.emit(Command{Kind: CmdSetTimer, Timer: kind, Token: d.c.Timer, After: after})
+	tok := d.next()
+	d.c.Timers = maps.Clone(d.c.Timers) // the record may share the map with the caller's copy
+	if d.c.Timers == nil {
+		d.c.Timers = map[TimerKind]int64{}
+	}
+	d.c.Timers[kind] = tok
+	d.emit(Command{Kind: CmdSetTimer, Timer: kind, Token: tok, After: after})
 }
 
 func (d *decision) prompts(ids ...string) []graph.MediaPrompt {
@@ -122,17 +128,23 @@ func (d *decision) apply(ev Event) error {
 		case StateInMenu:
 			d.timer(TimerMenu, d.menuTimeout())
 		case StateQueued:
-			d.play(d.holdMusic())
+			if ev.Failed {
+				// never loop on a prompt Graph refuses: try the hold music again in a while
+				d.timer(TimerHold, 5*time.Second)
+			} else {
+				d.play(d.holdMusic())
+			}
 		case StateTerminating:
 			d.emit(Command{Kind: CmdHangup})
 		}
 		return nil
 
 	case EvTimeout:
-		if ev.TimerToken != c.Timer {
-			return ErrIgnored // superseded timer
+		if ev.TimerToken == 0 || ev.TimerToken != c.Timers[ev.Timer] {
+			return ErrIgnored // superseded or cancelled timer
 		}
-		c.Timer = 0
+		c.Timers = maps.Clone(c.Timers)
+		delete(c.Timers, ev.Timer)
 		switch c.State {
 		case StateInMenu:
 			if ev.Timer != TimerMenu {
@@ -140,6 +152,10 @@ func (d *decision) apply(ev Event) error {
 			}
 			d.menuStep(d.env.Flow.NoInput(c.Menu))
 		case StateQueued:
+			if ev.Timer == TimerHold {
+				d.play(d.holdMusic())
+				return nil
+			}
 			if ev.Timer != TimerMaxWait {
 				return ErrIgnored
 			}
@@ -208,7 +224,7 @@ func (d *decision) holdMusic() []graph.MediaPrompt {
 // menuStep carries out what the IVR interpreter decided.
 func (d *decision) menuStep(st ivr.Step) {
 	d.c.Menu = st.Position
-	d.c.Timer = 0
+	d.c.Timers = nil
 	if st.Action.Kind == ivr.ActionNone {
 		d.c.State = StateInMenu
 		d.play(st.Prompts)
@@ -239,7 +255,7 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		}
 		d.play(ps)
 		d.emit(Command{Kind: CmdEnqueue, Queue: a.Target, Score: c.QueueScore})
-		c.Timer = 0
+		c.Timers = nil
 		if q != nil && q.MaxWait > 0 {
 			d.timer(TimerMaxWait, q.MaxWait)
 		}
@@ -271,7 +287,7 @@ func (d *decision) transferFailed() {
 		d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed})
 		c.Agent = ""
 		c.State = StateQueued
-		c.Timer = 0
+		c.Timers = nil
 		d.play(d.holdMusic())
 		d.emit(Command{Kind: CmdEnqueue, Queue: c.Queue, Score: c.QueueScore})
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.MaxWait > 0 {
@@ -287,7 +303,7 @@ func (d *decision) transferFailed() {
 func (d *decision) ended(ev Event) {
 	c := &d.c
 	from := c.State
-	c.State, c.EndedAt, c.Timer, c.PromptCtx = StateTerminated, d.env.Now, 0, ""
+	c.State, c.EndedAt, c.Timers, c.PromptCtx = StateTerminated, d.env.Now, nil, ""
 	c.EndCode, c.EndSubcode = int64(ev.Result.Code), int64(ev.Result.Subcode)
 	transferred := ev.Result.Subcode == 7015 || ev.Reason == "AppTransferred" || c.Outcome == OutcomeTransferred
 	switch from {

@@ -295,3 +295,26 @@ func TestMaxWaitDisconnects(t *testing.T) {
 		t.Errorf("%s %v", c.State, kinds(out))
 	}
 }
+
+// A hold prompt Graph refuses must not become a tight loop of playPrompt requests.
+func TestRefusedHoldMusicRetriedLater(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	c, cmds, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx, Failed: true}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(kinds(cmds), []string{"setTimer"}); diff != "" || cmds[0].Timer != TimerHold {
+		t.Fatalf("after a refused prompt (-got +want):\n%s %+v", diff, cmds)
+	}
+	maxWait := c.Timers[TimerMaxWait]
+	c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: cmds[0].Token}, env)
+	if err != nil || len(cmds) != 1 || cmds[0].Kind != CmdPlayPrompt {
+		t.Errorf("hold timer: %v %v, want the hold music again", kinds(cmds), err)
+	}
+	// the queue's max wait still runs beside the hold timer
+	c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: maxWait}, env)
+	if err != nil || c.State != StateTerminating {
+		t.Errorf("max wait after a hold retry: %s %v %v", c.State, kinds(cmds), err)
+	}
+}

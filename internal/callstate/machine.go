@@ -263,19 +263,29 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
 			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String()})
-		case cmd.Kind == CmdAnswer:
+		case cmd.Kind == CmdAnswer && definitive(err):
 			feed(Event{Kind: EvCommandFailed, Command: cmd.Kind.String()})
+		case cmd.Kind == CmdAnswer:
+			// ambiguous (timeout, 5xx, 429): the answer may have been taken; Graph says which by
+			// sending established, or terminated when its 15 s deadline passes
 		case cmd.Kind == CmdTransfer:
 			feed(Event{Kind: EvTransferFailed, Reason: err.Error()})
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
-			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext})
+			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})
 		}
 		return
 	}
 	if cmd.Kind == CmdPlayPrompt && op.Status.Final() {
 		feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext})
 	}
+}
+
+// definitive reports whether a Graph error says the request was refused and not acted on (a
+// 4xx other than 429), as opposed to an ambiguous failure that may have taken effect.
+func definitive(err error) bool {
+	var ge *graph.Error
+	return errors.As(err, &ge) && ge.Status >= 400 && ge.Status < 500 && ge.Status != 429
 }
 
 // RunTimers claims due timers and applies them until ctx ends.

@@ -68,7 +68,7 @@ const (
 	TimerMenu     TimerKind = "menu"     // no input in a menu
 	TimerMaxWait  TimerKind = "maxwait"  // a queue's max-wait
 	TimerTransfer TimerKind = "transfer" // no transfer outcome from Graph in time
-	TimerAnswer   TimerKind = "answer"   // no established in time after answer
+	TimerHold     TimerKind = "hold"     // hold music could not play: try again later
 )
 
 // Event is the input of the machine.
@@ -79,8 +79,9 @@ type Event struct {
 	// Digit and Seq for EvTone.
 	Digit string
 	Seq   int64
-	// ClientContext of the finished operation (EvPromptDone).
+	// ClientContext of the finished operation (EvPromptDone); Failed when it did not play.
 	ClientContext string
+	Failed        bool
 	// Timer that fired and its token (EvTimeout).
 	Timer      TimerKind
 	TimerToken int64
@@ -127,18 +128,18 @@ type Call struct {
 	PromptCtx string `json:"promptCtx,omitempty"`
 	Seq       int64  `json:"seq"`      // counter for clientContext and timer tokens
 	LastTone  int64  `json:"lastTone"` // highest toneInfo.sequenceId applied
-	// Timer is the token of the one live timer; a timer firing with another token is stale.
-	Timer      int64     `json:"timer,omitempty"`
-	Queue      string    `json:"queue,omitempty"`
-	QueueScore int64     `json:"queueScore,omitempty"` // arrival order in the queue; kept on requeue
-	Agent      string    `json:"agent,omitempty"`      // agent reserved / transferred to
-	Target     string    `json:"target,omitempty"`     // direct transfer target (menu option)
-	Offers     int       `json:"offers,omitempty"`     // transfer attempts
-	CreatedAt  time.Time `json:"createdAt"`
-	AnsweredAt time.Time `json:"answeredAt,omitzero"`
-	QueuedAt   time.Time `json:"queuedAt,omitzero"`
-	EndedAt    time.Time `json:"endedAt,omitzero"`
-	Outcome    string    `json:"outcome,omitempty"`
-	EndCode    int64     `json:"endCode,omitempty"`
-	EndSubcode int64     `json:"endSubcode,omitempty"`
+	// Timers holds the token of each live timer; a timer firing with another token is stale.
+	Timers     map[TimerKind]int64 `json:"timers,omitempty"`
+	Queue      string              `json:"queue,omitempty"`
+	QueueScore int64               `json:"queueScore,omitempty"` // arrival order in the queue; kept on requeue
+	Agent      string              `json:"agent,omitempty"`      // agent reserved / transferred to
+	Target     string              `json:"target,omitempty"`     // direct transfer target (menu option)
+	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
+	CreatedAt  time.Time           `json:"createdAt"`
+	AnsweredAt time.Time           `json:"answeredAt,omitzero"`
+	QueuedAt   time.Time           `json:"queuedAt,omitzero"`
+	EndedAt    time.Time           `json:"endedAt,omitzero"`
+	Outcome    string              `json:"outcome,omitempty"`
+	EndCode    int64               `json:"endCode,omitempty"`
+	EndSubcode int64               `json:"endSubcode,omitempty"`
 }

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -165,8 +166,8 @@ func (s *Store) Reserve(ctx context.Context, tenant, queue string, now time.Time
 var releaseScript = redis.NewScript(`
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
-if tonumber(ARGV[4]) > 0 then redis.call('ZADD', KEYS[3], ARGV[3] + ARGV[4], ARGV[1]) end
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1]) end
+if tonumber(ARGV[4]) > 0 then redis.call('ZADD', KEYS[3], ARGV[5] + ARGV[4], ARGV[1]) end
 return 1`)
 
 // Release ends the reservation of agent for callKey (no-op if the agent is reserved for another
@@ -182,10 +183,11 @@ func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outc
 	}
 	k := s.keys(tenant, "")
 	now := time.Now().UnixMilli()
+	idleSince := strconv.FormatInt(now, 10)
 	if outcome == callstate.AgentAbandoned {
-		now = 0 // the agent did no work: keep its place as longest idle
+		idleSince = "" // the agent did no work: it keeps its place among the longest idle
 	}
-	err := releaseScript.Run(ctx, s.rdb, []string{k.busy, k.idle, k.cool}, agent, callKey, now, hold.Milliseconds()).Err()
+	err := releaseScript.Run(ctx, s.rdb, []string{k.busy, k.idle, k.cool}, agent, callKey, idleSince, hold.Milliseconds(), now).Err()
 	if err != nil {
 		return fmt.Errorf("release agent %s from call %s: %w", agent, callKey, err)
 	}
