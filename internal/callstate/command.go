@@ -51,17 +51,37 @@ const (
 
 // Command is one effect. Only the fields of its kind are set.
 type Command struct {
-	Kind          CommandKind
-	Answer        graph.AnswerRequest
-	Reject        graph.RejectReason
-	Prompts       []graph.MediaPrompt
-	ClientContext string
-	Target        graph.Party
-	Queue         string
-	Score         int64
-	Agent         string
-	AgentOutcome  AgentOutcome
-	Timer         TimerKind
-	Token         int64
-	After         time.Duration
+	Kind          CommandKind         `json:"k"`
+	Answer        graph.AnswerRequest `json:"answer,omitzero"`
+	Reject        graph.RejectReason  `json:"reject,omitempty"`
+	Prompts       []graph.MediaPrompt `json:"prompts,omitempty"`
+	ClientContext string              `json:"cc,omitempty"`
+	Target        graph.Party         `json:"target,omitzero"`
+	Queue         string              `json:"queue,omitempty"`
+	Score         int64               `json:"score,omitempty"`
+	Agent         string              `json:"agent,omitempty"`
+	AgentOutcome  AgentOutcome        `json:"outcome,omitempty"`
+	Timer         TimerKind           `json:"timer,omitempty"`
+	Token         int64               `json:"token,omitempty"`
+	After         time.Duration       `json:"after,omitempty"`
+}
+
+// Idempotent reports whether sending the command twice does no harm. Answer, reject, redirect
+// and transfer act on the call itself: a repeat after an ambiguous failure could act twice, so
+// before re-driving one, callbot asks Graph where the call is.
+func (k CommandKind) Idempotent() bool {
+	switch k {
+	case CmdAnswer, CmdReject, CmdTransfer:
+		return false
+	}
+	return true
+}
+
+// Pending is a command decided and saved with the call's state but not yet known to be done:
+// the call's outbox. Seq orders it among the call's commands; Version is the record version
+// whose transition decided it.
+type Pending struct {
+	Seq     int64   `json:"seq"`
+	Version int64   `json:"ver"`
+	Cmd     Command `json:"cmd"`
 }

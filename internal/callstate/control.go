@@ -24,4 +24,10 @@ type CallControl interface {
 	// Redirect forwards a call that is not answered yet; timeoutSec is 15-90, 0 for Graph's default.
 	Redirect(ctx context.Context, callID string, targets []graph.Party, timeoutSec int, callbackURI string) error
 	Hangup(ctx context.Context, callID string) error
+	// GetCall reads the call's state from Graph; callbot asks before repeating a command that
+	// acts on the call (answer, transfer) whose first attempt may or may not have taken effect.
+	GetCall(ctx context.Context, callID string) (graph.CallState, error)
+	// KeepAlive tells Graph the call is still wanted; without one every 15-45 minutes Graph ends
+	// the call (408/8537).
+	KeepAlive(ctx context.Context, callID string) error
 }

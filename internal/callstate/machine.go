@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +35,9 @@ type Config struct {
 	TransferTimeout time.Duration // default 90s
 	HangupGrace     time.Duration // default 30s
 	CommandTimeout  time.Duration // deadline of one Graph command; default 10s
+	// OutboxLease is how long an instance has to carry out the commands it saved before any
+	// instance may re-drive them; default 30s.
+	OutboxLease time.Duration
 	// OnEnd, when set, is called once for every call that ends through this instance.
 	OnEnd func(Call)
 }
@@ -42,9 +46,15 @@ type Config struct {
 // check (retrying on conflict, so any instance may handle any notification), then carries out
 // the commands. Graph commands of one call run in order, off the request path.
 type Machine struct {
-	cfg  Config
-	flow atomic.Pointer[ivr.Flow]
-	exec serial
+	cfg   Config
+	flow  atomic.Pointer[ivr.Flow]
+	exec  serial
+	cache *cache
+	// Closed counts calls the reconciler found gone from Graph and ended.
+	Closed atomic.Int64
+	// Redriven counts commands re-driven from outboxes other instances (or this one before a
+	// restart) left behind; Skipped those found already done by asking Graph.
+	Redriven, Skipped atomic.Int64
 }
 
 // NewMachine returns a machine; Start runs its timers.
@@ -61,7 +71,10 @@ func NewMachine(cfg Config) *Machine {
 	if cfg.CommandTimeout == 0 {
 		cfg.CommandTimeout = 10 * time.Second
 	}
-	m := &Machine{cfg: cfg}
+	if cfg.OutboxLease == 0 {
+		cfg.OutboxLease = 30 * time.Second
+	}
+	m := &Machine{cfg: cfg, cache: newCache(100_000)}
 	m.flow.Store(cfg.Flow)
 	return m
 }
@@ -143,19 +156,29 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 // Handle applies one event to the call stored under callKey. It reports whether the event
 // changed the call; an ignored event (unknown call, duplicate, no row in the table) is not an
 // error. Errors are storage failures or ErrInvalidTransition.
+//
+// The commands a transition decides are saved in the call's outbox in the same atomic write as
+// the new state, then carried out: storage commands at once, Graph commands on the call's
+// executor. Each kind is acknowledged when done; what an instance leaves unacknowledged (it
+// died) is re-driven by RunOutbox on any instance.
 func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) (bool, error) {
 	log := m.cfg.Log.With(zap.String("call_id", callKey), zap.String("tenant_id", tenant), zap.Stringer("event", ev.Kind))
 	for attempt := 0; attempt < 16; attempt++ {
 		var cur Call
 		if ev.Kind != EvIncoming {
-			var err error
-			cur, err = m.cfg.Store.Get(ctx, callKey)
-			if errors.Is(err, ErrNotFound) {
-				log.Debug("event for unknown call ignored")
-				return false, nil
-			}
-			if err != nil {
-				return false, err
+			cached, ok := m.cache.get(callKey)
+			if ok && attempt == 0 {
+				cur = cached
+			} else {
+				var err error
+				cur, err = m.cfg.Store.Get(ctx, callKey)
+				if errors.Is(err, ErrNotFound) {
+					log.Debug("event for unknown call ignored")
+					return false, nil
+				}
+				if err != nil {
+					return false, err
+				}
 			}
 		}
 		next, cmds, err := Decide(cur, ev, m.env())
@@ -166,36 +189,81 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 		if err != nil {
 			return false, err
 		}
+		added := next.addToOutbox(cmds, cur.Version+1)
+		var due time.Time
+		if len(next.Outbox) > 0 {
+			due = m.cfg.Now().Add(m.cfg.OutboxLease)
+		}
 		if cur.State == StateNone {
-			err = m.cfg.Store.Create(ctx, &next)
+			err = m.cfg.Store.Create(ctx, &next, due)
 			if errors.Is(err, ErrExists) {
 				log.Debug("repeated incoming notification ignored")
 				return false, nil
 			}
 		} else {
-			err = m.cfg.Store.Save(ctx, &next)
+			err = m.cfg.Store.Save(ctx, &next, due)
 			if errors.Is(err, ErrConflict) {
-				continue // another instance changed the call: decide again on the new state
+				m.cache.drop(callKey) // another instance changed the call: decide again on its record
+				continue
 			}
 		}
 		if err != nil {
+			m.cache.drop(callKey)
 			return false, err
 		}
+		m.cache.put(callKey, next)
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
-		m.carryOut(ctx, next, cmds, log)
-		if next.State.Terminal() && m.cfg.OnEnd != nil {
-			m.cfg.OnEnd(next)
+		m.carryOut(ctx, next, added, log)
+		if next.State.Terminal() {
+			if err := m.cfg.Store.Forget(ctx, callKey); err != nil {
+				log.Warn("forget ended call; the reconciler will", zap.Error(err))
+			}
+			if m.cfg.OnEnd != nil {
+				m.cfg.OnEnd(next)
+			}
 		}
 		return true, nil
 	}
 	return false, fmt.Errorf("call %s: %w after retries", callKey, ErrConflict)
 }
 
+// addToOutbox numbers cmds and appends them to the outbox, decided by the transition to version.
+func (c *Call) addToOutbox(cmds []Command, version int64) []Pending {
+	if len(cmds) == 0 {
+		return nil
+	}
+	out := make([]Pending, len(cmds))
+	for i, cmd := range cmds {
+		c.CmdSeq++
+		out[i] = Pending{Seq: c.CmdSeq, Version: version, Cmd: cmd}
+	}
+	c.Outbox = append(slices.Clone(c.Outbox), out...)
+	return out
+}
+
 // carryOut runs the storage commands now and queues the Graph commands for the call's executor.
-func (m *Machine) carryOut(ctx context.Context, c Call, cmds []Command, log *zap.Logger) {
+func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, log *zap.Logger) {
+	var storage, toGraph []Pending
+	for _, p := range ps {
+		if p.Cmd.Kind.Graph() {
+			toGraph = append(toGraph, p)
+		} else {
+			storage = append(storage, p)
+		}
+	}
+	m.runStorage(ctx, c, storage, log)
+	m.queueGraph(ctx, c, toGraph, log)
+}
+
+// runStorage carries out storage commands in order and acknowledges them. A failure leaves them
+// in the outbox, for RunOutbox to retry (they are idempotent).
+func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap.Logger) {
+	if len(ps) == 0 {
+		return
+	}
 	key := graph.CallKey(c.ID)
-	var toGraph []Command
-	for _, cmd := range cmds {
+	for _, p := range ps {
+		cmd := p.Cmd
 		var err error
 		switch cmd.Kind {
 		case CmdEnqueue:
@@ -206,24 +274,39 @@ func (m *Machine) carryOut(ctx context.Context, c Call, cmds []Command, log *zap
 			err = m.cfg.Queues.Release(ctx, c.Tenant, cmd.Agent, key, cmd.AgentOutcome)
 		case CmdSetTimer:
 			err = m.cfg.Timers.Set(ctx, c.Tenant, key, cmd.Timer, cmd.Token, m.cfg.Now().Add(cmd.After))
-		default:
-			toGraph = append(toGraph, cmd)
 		}
 		if err != nil {
-			log.Error("command failed", zap.Stringer("command", cmd.Kind), zap.Error(err))
+			log.Error("command failed, left in the outbox", zap.Stringer("command", cmd.Kind), zap.Error(err))
+			return
 		}
 	}
-	if len(toGraph) == 0 {
+	m.ack(ctx, key, false, ps[len(ps)-1].Seq, log)
+}
+
+func (m *Machine) ack(ctx context.Context, key string, graphKind bool, seq int64, log *zap.Logger) {
+	if err := m.cfg.Store.Ack(ctx, key, graphKind, seq); err != nil {
+		log.Warn("acknowledge commands", zap.Error(err))
+		return
+	}
+	m.cache.acked(key, graphKind, seq)
+}
+
+// queueGraph sends Graph commands in order on the call's executor, then acknowledges them.
+func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, log *zap.Logger) {
+	if len(ps) == 0 {
 		return
 	}
 	scenario := c.Scenario
 	if s := graph.ScenarioID(ctx); s != "" {
 		scenario = s
 	}
+	key := graph.CallKey(c.ID)
 	m.exec.do(key, func() {
-		for _, cmd := range toGraph {
-			m.send(c, scenario, cmd, log)
+		for _, p := range ps {
+			m.send(c, scenario, p.Cmd, log)
 		}
+		// a command whose result was fed back as an event is done too: the event decided what next
+		m.ack(context.Background(), key, true, ps[len(ps)-1].Seq, log)
 	})
 }
 
@@ -268,6 +351,8 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdAnswer:
 			// ambiguous (timeout, 5xx, 429): the answer may have been taken; Graph says which by
 			// sending established, or terminated when its 15 s deadline passes
+		case cmd.Kind == CmdTransfer && !definitive(err):
+			m.reconcileTransfer(c, scenario, cmd, log)
 		case cmd.Kind == CmdTransfer:
 			feed(Event{Kind: EvTransferFailed, Reason: err.Error()})
 		case cmd.Kind == CmdPlayPrompt:
@@ -279,6 +364,137 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	if cmd.Kind == CmdPlayPrompt && op.Status.Final() {
 		feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext})
 	}
+}
+
+// reconcileTransfer handles a transfer whose request failed ambiguously (timeout, 5xx): Graph
+// may have taken it. Callbot asks Graph where the call is rather than sending it again: a call
+// that is transferring or gone will be reported by notifications; one still established was not
+// transferred, so the caller goes back to the queue.
+func (m *Machine) reconcileTransfer(c Call, scenario string, cmd Command, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(graph.WithScenarioID(context.Background(), scenario), m.cfg.CommandTimeout)
+	defer cancel()
+	st, err := m.cfg.Control.GetCall(ctx, c.ID)
+	key := graph.CallKey(c.ID)
+	switch {
+	case errors.Is(err, graph.ErrCallGone):
+		m.Handle(context.Background(), c.Tenant, key, Event{Kind: EvEnded, Reason: "call gone: transfer"})
+	case err != nil:
+		log.Warn("transfer outcome unknown; the transfer timer will decide", zap.Error(err))
+	case st == graph.CallEstablished:
+		m.Handle(context.Background(), c.Tenant, key, Event{Kind: EvTransferFailed, Reason: "transfer request failed; call still established"})
+	default:
+		log.Info("transfer request failed ambiguously but Graph has the call in " + string(st) + "; waiting for notifications")
+	}
+}
+
+// RunOutbox re-drives, every interval until ctx ends, the commands of calls whose outbox lease
+// ran out: commands an instance saved and did not acknowledge, because it died or lost Redis.
+func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
+	if every <= 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
+		if err != nil {
+			if ctx.Err() == nil {
+				m.cfg.Log.Warn("claim outboxes", zap.Error(err))
+			}
+			continue
+		}
+		for _, key := range keys {
+			m.Redrive(ctx, key, score)
+		}
+	}
+}
+
+// Redrive carries out what is left in one call's outbox. Storage commands are idempotent and
+// all run again, in order. Of the Graph commands only those of the call's latest transition
+// still matter (later events decided without the older ones); one that acts on the call itself
+// (answer, reject, transfer) is first checked against the call's state in Graph, and skipped
+// if it evidently took effect.
+func (m *Machine) Redrive(ctx context.Context, key string, claimScore int64) {
+	log := m.cfg.Log.With(zap.String("call_id", key))
+	c, err := m.cfg.Store.Get(ctx, key)
+	if errors.Is(err, ErrNotFound) {
+		m.cfg.Store.DoneOutbox(ctx, key, claimScore)
+		return
+	}
+	if err != nil {
+		log.Warn("re-drive outbox", zap.Error(err))
+		return
+	}
+	if len(c.Outbox) == 0 {
+		m.cfg.Store.DoneOutbox(ctx, key, claimScore)
+		return
+	}
+	m.cache.drop(key)
+	var storage, current []Pending
+	var lastGraph int64
+	for _, p := range c.Outbox {
+		switch {
+		case !p.Cmd.Kind.Graph():
+			storage = append(storage, p)
+		case p.Version == c.Version:
+			current = append(current, p)
+			lastGraph = max(lastGraph, p.Seq)
+		default:
+			lastGraph = max(lastGraph, p.Seq)
+		}
+	}
+	m.runStorage(ctx, c, storage, log)
+	m.Redriven.Add(int64(len(storage)))
+	var send []Pending
+	for _, p := range current {
+		if !p.Cmd.Kind.Idempotent() && m.tookEffect(ctx, c, p.Cmd, log) {
+			m.Skipped.Add(1)
+			continue
+		}
+		send = append(send, p)
+	}
+	if len(send) == 0 {
+		if lastGraph > 0 {
+			m.ack(ctx, key, true, lastGraph, log)
+		}
+		return
+	}
+	log.Info("re-driving commands left unacknowledged", zap.Int("commands", len(send)))
+	m.Redriven.Add(int64(len(send)))
+	scenario := c.Scenario
+	m.exec.do(key, func() {
+		for _, p := range send {
+			m.send(c, scenario, p.Cmd, log)
+		}
+		m.ack(context.Background(), key, true, lastGraph, log)
+	})
+}
+
+// tookEffect asks Graph whether a non-idempotent command already acted on the call.
+func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.Logger) bool {
+	cctx, cancel := context.WithTimeout(ctx, m.cfg.CommandTimeout)
+	defer cancel()
+	st, err := m.cfg.Control.GetCall(cctx, c.ID)
+	if errors.Is(err, graph.ErrCallGone) {
+		m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), Event{Kind: EvEnded, Reason: "call gone"})
+		return true
+	}
+	if err != nil {
+		log.Warn("cannot read the call from Graph; not repeating "+cmd.Kind.String(), zap.Error(err))
+		return true // when in doubt, do not act twice: timers and notifications settle the call
+	}
+	switch cmd.Kind {
+	case CmdAnswer, CmdReject:
+		return st != graph.CallIncoming
+	case CmdTransfer:
+		return st != graph.CallEstablished
+	}
+	return false
 }
 
 // definitive reports whether a Graph error says the request was refused and not acted on (a
@@ -374,3 +590,64 @@ func (s *serial) drain(key string) {
 }
 
 func (s *serial) wait() { s.busy.Wait() }
+
+// keepAliveAfter: Graph ends a call that has had no keepAlive for 45 minutes; callbot sends one
+// for every call older than this on each reconciliation pass.
+const keepAliveAfter = 15 * time.Minute
+
+// Reconcile walks the live calls once: records that ended or expired leave the set; a call
+// Graph no longer knows (404) is ended and counted in Closed; a call older than 15 minutes gets
+// a keepAlive. Run at start-up it picks up calls whose instance vanished.
+func (m *Machine) Reconcile(ctx context.Context) error {
+	now := m.cfg.Now()
+	keys, err := m.cfg.Store.Live(ctx, now.Add(-time.Minute), 10_000) // a newer call is still being set up
+	if err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
+	for _, key := range keys {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		c, err := m.cfg.Store.Get(ctx, key)
+		if errors.Is(err, ErrNotFound) || err == nil && c.State.Terminal() {
+			m.cfg.Store.Forget(ctx, key)
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("reconcile: %w", err)
+		}
+		cctx, cancel := context.WithTimeout(graph.WithScenarioID(ctx, c.Scenario), m.cfg.CommandTimeout)
+		if now.Sub(c.CreatedAt) > keepAliveAfter {
+			err = m.cfg.Control.KeepAlive(cctx, c.ID)
+		} else {
+			_, err = m.cfg.Control.GetCall(cctx, c.ID)
+		}
+		cancel()
+		switch {
+		case errors.Is(err, graph.ErrCallGone):
+			if ok, _ := m.Handle(ctx, c.Tenant, key, Event{Kind: EvEnded, Reason: "gone from graph"}); ok {
+				m.Closed.Add(1)
+				m.cfg.Log.Info("call gone from Graph closed", zap.String("call_id", key), zap.Stringer("state", c.State))
+			}
+		case err != nil:
+			m.cfg.Log.Warn("reconcile call", zap.String("call_id", key), zap.Error(err))
+		}
+	}
+	return nil
+}
+
+// RunReconcile reconciles at once and then every interval until ctx ends.
+func (m *Machine) RunReconcile(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		if err := m.Reconcile(ctx); err != nil && ctx.Err() == nil {
+			m.cfg.Log.Warn("reconcile", zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}

@@ -22,9 +22,14 @@ type fakeGraph struct {
 	mu    sync.Mutex
 	calls []string
 	fail  map[string]error
+	state graph.CallState // what GetCall answers; default established
+	block chan struct{}   // when set, commands wait for it (an instance that hangs)
 }
 
 func (f *fakeGraph) rec(s string) error {
+	if f.block != nil {
+		<-f.block
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, s)
@@ -62,6 +67,19 @@ func (f *fakeGraph) Redirect(_ context.Context, id string, ps []graph.Party, t i
 	return f.rec("redirect")
 }
 func (f *fakeGraph) Hangup(_ context.Context, id string) error { return f.rec("hangup") }
+func (f *fakeGraph) KeepAlive(_ context.Context, id string) error { return f.rec("keepAlive") }
+func (f *fakeGraph) GetCall(_ context.Context, id string) (graph.CallState, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "get")
+	if f.state == "gone" {
+		return "", &graph.Error{Op: "get", Status: 404}
+	}
+	if f.state == "" {
+		return graph.CallEstablished, nil
+	}
+	return f.state, nil
+}
 
 type fakeQueues struct {
 	mu  sync.Mutex

@@ -140,6 +140,14 @@ type Call struct {
 	QueuedAt   time.Time           `json:"queuedAt,omitzero"`
 	EndedAt    time.Time           `json:"endedAt,omitzero"`
 	Outcome    string              `json:"outcome,omitempty"`
-	EndCode    int64               `json:"endCode,omitempty"`
-	EndSubcode int64               `json:"endSubcode,omitempty"`
+	// Outbox holds the commands decided with this record and not yet acknowledged as done;
+	// CmdSeq numbers them. AckedStorage and AckedGraph are the acknowledgement watermarks of the
+	// two kinds of command (storage commands run in order right after the save, Graph commands
+	// in order on the call's executor); they live beside the record in Redis.
+	Outbox       []Pending `json:"outbox,omitempty"`
+	CmdSeq       int64     `json:"cmdSeq,omitempty"`
+	AckedStorage int64     `json:"-"`
+	AckedGraph   int64     `json:"-"`
+	EndCode      int64     `json:"endCode,omitempty"`
+	EndSubcode   int64     `json:"endSubcode,omitempty"`
 }

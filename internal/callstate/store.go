@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -29,10 +30,15 @@ const (
 )
 
 // Store keeps call records in Redis: one hash per call, key cb:{call:KEY} (the hash tag makes
-// every script touch one slot), fields v (version) and d (the JSON record).
+// every script touch one slot), fields v (version), d (the JSON record, outbox included), s and
+// g (the acknowledgement watermarks of the outbox's storage and Graph commands). A sorted set
+// cb:{outbox} indexes calls that may have unacknowledged commands, scored by the time after
+// which another instance may re-drive them.
 type Store struct {
 	rdb    redis.UniversalClient
 	prefix string
+	index  string
+	active string // sorted set of live calls (call key -> creation ms), for recovery
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -40,14 +46,14 @@ func NewStore(rdb redis.UniversalClient, prefix string) *Store {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Store{rdb: rdb, prefix: prefix}
+	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}"}
 }
 
 func (s *Store) key(callKey string) string { return s.prefix + ":{call:" + callKey + "}" }
 
 var createScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1])
+redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1], 's', 0, 'g', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1`)
 
@@ -58,6 +64,12 @@ redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1`)
 
+var ackScript = redis.NewScript(`
+local a = redis.call('HGET', KEYS[1], ARGV[1])
+if not a then return 0 end
+if tonumber(ARGV[2]) > tonumber(a) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1`)
+
 func ttl(c *Call) time.Duration {
 	if c.State.Terminal() {
 		return EndedTTL
@@ -65,14 +77,51 @@ func ttl(c *Call) time.Duration {
 	return ActiveTTL
 }
 
+// write runs a create or save script, in one round trip with the outbox index entry when the
+// record carries pending commands (ZADD first: an index entry without a saved record is
+// harmless, a saved outbox without an index entry would not be re-driven after a crash), and
+// with the entry in the set of live calls when the call is new.
+func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, due time.Time, created bool) (int, error) {
+	keys := []string{s.key(graph.CallKey(c.ID))}
+	if (len(c.Outbox) == 0 || due.IsZero()) && !created {
+		return script.Run(ctx, s.rdb, keys, args...).Int()
+	}
+	member := graph.CallKey(c.ID)
+	for attempt := 0; ; attempt++ {
+		var res *redis.Cmd
+		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			if len(c.Outbox) > 0 && !due.IsZero() {
+				p.ZAdd(ctx, s.index, redis.Z{Score: float64(due.UnixMilli()), Member: member})
+			}
+			if created {
+				p.ZAdd(ctx, s.active, redis.Z{Score: float64(c.CreatedAt.UnixMilli()), Member: member})
+			}
+			if attempt == 0 {
+				res = script.EvalSha(ctx, p, keys, args...)
+			} else {
+				res = script.Eval(ctx, p, keys, args...)
+			}
+			return nil
+		})
+		if err != nil && attempt == 0 && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+			continue // script cache empty (restart, failover): send the script itself once
+		}
+		if err != nil {
+			return 0, err
+		}
+		return res.Int()
+	}
+}
+
 // Create stores a new call record with version 1. It returns ErrExists when the call has a
-// record already (a repeated incoming notification).
-func (s *Store) Create(ctx context.Context, c *Call) error {
+// record already (a repeated incoming notification). outboxDue is when another instance may
+// re-drive the record's commands if this one has not acknowledged them.
+func (s *Store) Create(ctx context.Context, c *Call, outboxDue time.Time) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
-	n, err := createScript.Run(ctx, s.rdb, []string{s.key(graph.CallKey(c.ID))}, b, ttl(c).Milliseconds()).Int()
+	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds()}, outboxDue, true)
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
@@ -83,9 +132,10 @@ func (s *Store) Create(ctx context.Context, c *Call) error {
 	return nil
 }
 
-// Get loads a call. It returns ErrNotFound when there is no record.
+// Get loads a call, its outbox reduced to the commands not acknowledged yet. It returns
+// ErrNotFound when there is no record.
 func (s *Store) Get(ctx context.Context, callKey string) (Call, error) {
-	vals, err := s.rdb.HMGet(ctx, s.key(callKey), "v", "d").Result()
+	vals, err := s.rdb.HMGet(ctx, s.key(callKey), "v", "d", "s", "g").Result()
 	if err != nil {
 		return Call{}, fmt.Errorf("get call %s: %w", callKey, err)
 	}
@@ -102,17 +152,40 @@ func (s *Store) Get(ctx context.Context, callKey string) (Call, error) {
 	if err != nil {
 		return Call{}, fmt.Errorf("get call %s: corrupt version %q", callKey, vs)
 	}
+	as, _ := vals[2].(string)
+	ag, _ := vals[3].(string)
+	c.AckedStorage, _ = strconv.ParseInt(as, 10, 64)
+	c.AckedGraph, _ = strconv.ParseInt(ag, 10, 64)
+	c.pruneOutbox()
 	return c, nil
+}
+
+// pruneOutbox drops the commands at or below the acknowledgement watermarks.
+func (c *Call) pruneOutbox() {
+	if len(c.Outbox) == 0 {
+		return
+	}
+	out := make([]Pending, 0, len(c.Outbox))
+	for _, p := range c.Outbox {
+		acked := c.AckedStorage
+		if p.Cmd.Kind.Graph() {
+			acked = c.AckedGraph
+		}
+		if p.Seq > acked {
+			out = append(out, p)
+		}
+	}
+	c.Outbox = out
 }
 
 // Save writes c if the stored version is still c.Version, and bumps c.Version. It returns
 // ErrConflict when another writer got there first.
-func (s *Store) Save(ctx context.Context, c *Call) error {
+func (s *Store) Save(ctx context.Context, c *Call, outboxDue time.Time) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
-	n, err := saveScript.Run(ctx, s.rdb, []string{s.key(graph.CallKey(c.ID))}, strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()).Int()
+	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, outboxDue, false)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
@@ -121,4 +194,53 @@ func (s *Store) Save(ctx context.Context, c *Call) error {
 	}
 	c.Version++
 	return nil
+}
+
+// Ack records that a call's commands up to seq of one kind (Graph or storage) are done.
+func (s *Store) Ack(ctx context.Context, callKey string, graphKind bool, seq int64) error {
+	field := "s"
+	if graphKind {
+		field = "g"
+	}
+	if err := ackScript.Run(ctx, s.rdb, []string{s.key(callKey)}, field, seq).Err(); err != nil {
+		return fmt.Errorf("ack commands of call %s: %w", callKey, err)
+	}
+	return nil
+}
+
+var claimOutboxScript = redis.NewScript(`
+local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], m) end
+return due`)
+
+// ClaimOutbox takes up to limit calls whose outbox lease has run out, leasing them to the caller
+// until now+lease, and returns their keys and the lease's score.
+func (s *Store) ClaimOutbox(ctx context.Context, now time.Time, lease time.Duration, limit int) ([]string, int64, error) {
+	score := now.Add(lease).UnixMilli()
+	keys, err := claimOutboxScript.Run(ctx, s.rdb, []string{s.index}, now.UnixMilli(), score, limit).StringSlice()
+	if err != nil {
+		return nil, 0, fmt.Errorf("claim outboxes: %w", err)
+	}
+	return keys, score, nil
+}
+
+var doneOutboxScript = redis.NewScript(`
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0`)
+
+// DoneOutbox removes a call from the outbox index if nobody re-leased it since the claim that
+// returned score (a save in between re-adds it with a new score, and keeps it).
+func (s *Store) DoneOutbox(ctx context.Context, callKey string, score int64) error {
+	return doneOutboxScript.Run(ctx, s.rdb, []string{s.index}, callKey, strconv.FormatInt(score, 10)).Err()
+}
+
+// Live returns up to limit calls of the set of live calls created before the given time, oldest
+// first.
+func (s *Store) Live(ctx context.Context, before time.Time, limit int64) ([]string, error) {
+	return s.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: s.active, Start: "-inf", Stop: before.UnixMilli(), ByScore: true, Count: limit}).Result()
+}
+
+// Forget removes a call from the set of live calls (it ended, or its record expired).
+func (s *Store) Forget(ctx context.Context, callKey string) error {
+	return s.rdb.ZRem(ctx, s.active, callKey).Err()
 }

@@ -1,0 +1,182 @@
+package callstate_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+type failingQueues struct{ fakeQueues }
+
+func (q *failingQueues) Enqueue(context.Context, string, string, string, int64) error {
+	return errors.New("redis went away")
+}
+
+// Two instances share one Redis. Instance A saves a decision and dies before carrying it out;
+// instance B, once A's lease has run out, re-drives what A left: storage commands again, a
+// command that acts on the call only after asking Graph whether it already took effect.
+func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	newInstance := func(g *fakeGraph, q callstate.Queues, skew time.Duration) (*callstate.Machine, *callstate.Store) {
+		store := callstate.NewStore(rdb, "ob")
+		return callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "ob"), Control: g, Queues: q,
+			Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+			Now: func() time.Time { return time.Now().Add(skew) }}), store
+	}
+	ctx := context.Background()
+	apply := func(m *callstate.Machine, id, data string) {
+		ns, err := graph.Decode([]byte(note("updated", id, data)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Notify(ctx, "t1", ns); err != nil {
+			t.Fatal(err)
+		}
+	}
+	redriveAll := func(m *callstate.Machine, store *callstate.Store, skew time.Duration) {
+		keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(skew), 30*time.Second, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			m.Redrive(ctx, k, score)
+		}
+		m.Wait()
+	}
+
+	for _, c := range []struct {
+		name       string
+		graphState graph.CallState // where Graph has the call when B asks
+		want       []string
+	}{
+		{"answer never reached Graph", graph.CallIncoming, []string{"get", "answer c-%s https://bot.test/api/calls"}},
+		{"answer took effect before A died", graph.CallEstablished, []string{"get"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			id := "c-" + string(c.graphState)
+			hung := &fakeGraph{block: make(chan struct{})}
+			defer close(hung.block)
+			a, _ := newInstance(hung, &fakeQueues{}, 0)
+			ns, _ := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+			if err := a.Notify(ctx, "t1", ns); err != nil {
+				t.Fatal(err)
+			}
+			// A hangs in its answer request; B looks before the lease ran out, then after
+			g := &fakeGraph{state: c.graphState}
+			b, storeB := newInstance(g, &fakeQueues{}, 0)
+			redriveAll(b, storeB, 0)
+			if len(g.log()) != 0 {
+				t.Fatalf("B acted within A's lease: %v", g.log())
+			}
+			redriveAll(b, storeB, time.Minute)
+			want := make([]string, len(c.want))
+			for i, w := range c.want {
+				want[i] = w
+				if i == 1 {
+					want[i] = "answer " + id + " https://bot.test/api/calls"
+				}
+			}
+			if diff := cmp.Diff(g.log(), want); diff != "" {
+				t.Fatalf("B's graph commands (-got +want):\n%s", diff)
+			}
+			// done: another pass finds nothing to do
+			redriveAll(b, storeB, 2*time.Minute)
+			if diff := cmp.Diff(g.log(), want); diff != "" {
+				t.Errorf("second pass sent more (-got +want):\n%s", diff)
+			}
+		})
+	}
+
+	t.Run("queue write lost with A", func(t *testing.T) {
+		id := "c-queue"
+		ga := &fakeGraph{}
+		a, _ := newInstance(ga, &failingQueues{}, 0)
+		ns, _ := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+		a.Notify(ctx, "t1", ns)
+		apply(a, id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`)
+		apply(a, id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)
+		a.Wait()
+		qb := &fakeQueues{}
+		b, storeB := newInstance(&fakeGraph{}, qb, 0)
+		redriveAll(b, storeB, time.Minute)
+		if diff := cmp.Diff(qb.ops, []string{"enqueue q"}); diff != "" {
+			t.Errorf("B's queue writes (-got +want):\n%s", diff)
+		}
+		if b.Redriven.Load() == 0 {
+			t.Error("nothing counted as re-driven")
+		}
+	})
+}
+
+// At start-up (and periodically) the reconciler closes calls Graph no longer knows, keeps long
+// calls alive, and forgets ended ones.
+func TestReconcile(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, _ := ivr.Parse([]byte(flowYAML), "t.yaml")
+	ctx := context.Background()
+	skew := time.Duration(0)
+	g := &fakeGraph{}
+	store := callstate.NewStore(rdb, "rc")
+	var ended []string
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "rc"), Control: g, Queues: &fakeQueues{},
+		Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+		Now: func() time.Time { return time.Now().Add(skew) }, OnEnd: func(c callstate.Call) { ended = append(ended, c.Outcome) }})
+	for _, id := range []string{"gone-call", "long-call"} {
+		ns, _ := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+		if err := m.Notify(ctx, "t1", ns); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Wait()
+	if live, _ := store.Live(ctx, time.Now().Add(time.Hour), 10); len(live) != 2 {
+		t.Fatalf("live calls %v, want 2", live)
+	}
+	// a minute later Graph has forgotten every call: both are closed and counted
+	skew = 2 * time.Minute
+	g.mu.Lock()
+	g.state, g.calls = "gone", nil
+	g.mu.Unlock()
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m.Closed.Load() != 2 || len(ended) != 2 {
+		t.Errorf("closed %d, ended %v; want both calls closed", m.Closed.Load(), ended)
+	}
+	if live, _ := store.Live(ctx, time.Now().Add(time.Hour), 10); len(live) != 0 {
+		t.Errorf("live calls after reconcile %v, want none", live)
+	}
+}
+
+func TestReconcileKeepsLongCallsAlive(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, _ := ivr.Parse([]byte(flowYAML), "t.yaml")
+	ctx := context.Background()
+	skew := time.Duration(0)
+	g := &fakeGraph{}
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "ka"), Timers: callstate.NewTimers(rdb, "ka"), Control: g,
+		Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+		Now: func() time.Time { return time.Now().Add(skew) }})
+	ns, _ := graph.Decode([]byte(note("created", "long", `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+	m.Notify(ctx, "t1", ns)
+	m.Wait()
+	skew = 16 * time.Minute
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.log(); got[len(got)-1] != "keepAlive" {
+		t.Errorf("graph commands %v, want a keepAlive for a 16-minute call", got)
+	}
+}
