@@ -66,7 +66,7 @@ func (f *fakeGraph) Transfer(_ context.Context, id string, p graph.Party, cc str
 func (f *fakeGraph) Redirect(_ context.Context, id string, ps []graph.Party, t int, cb string) error {
 	return f.rec("redirect")
 }
-func (f *fakeGraph) Hangup(_ context.Context, id string) error { return f.rec("hangup") }
+func (f *fakeGraph) Hangup(_ context.Context, id string) error    { return f.rec("hangup") }
 func (f *fakeGraph) KeepAlive(_ context.Context, id string) error { return f.rec("keepAlive") }
 func (f *fakeGraph) GetCall(_ context.Context, id string) (graph.CallState, error) {
 	f.mu.Lock()
