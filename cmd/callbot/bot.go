@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -30,13 +31,16 @@ type graphClient interface {
 // botDeps are the parts a bot is assembled from; serve builds them from the environment, demo
 // from its embedded Redis and simulator, tests from theirs.
 type botDeps struct {
-	Redis         redis.UniversalClient
-	KeyPrefix     string
-	Graph         graphClient
-	Auth          graph.Authenticator
-	Flow          *ivr.Flow
-	TenantID      string
-	CallbackURI   string
+	Redis       redis.UniversalClient
+	KeyPrefix   string
+	Graph       graphClient
+	Auth        graph.Authenticator
+	Flow        *ivr.Flow
+	TenantID    string
+	CallbackURI string
+	// Instance names this instance (affinity hint, presence lease holder); random when empty.
+	Instance      string
+	OutboxLease   time.Duration
 	PresenceEvery time.Duration
 	// FailCooldown: an agent who declined or missed an offer is skipped this long (default 10s).
 	FailCooldown time.Duration
@@ -55,10 +59,11 @@ type bot struct {
 	queues     *queue.Store
 	handler    http.Handler
 	instance   string
+	draining   atomic.Bool
 }
 
 func newBot(ctx context.Context, d botDeps) (*bot, error) {
-	b := &bot{deps: d, instance: randomID()}
+	b := &bot{deps: d, instance: cmp.Or(d.Instance, randomID())}
 	b.queues = queue.NewStore(d.Redis, d.KeyPrefix)
 	b.queues.FailCooldown = cmp.Or(d.FailCooldown, 10*time.Second)
 	b.queues.ConnectedGuard = cmp.Or(d.ConnectedGuard, 2*d.PresenceEvery)
@@ -77,6 +82,7 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		Queues:      b.dispatcher,
 		Flow:        d.Flow,
 		CallbackURI: d.CallbackURI,
+		OutboxLease: d.OutboxLease,
 		Log:         d.Log.Named("call"),
 		OnEnd:       d.OnEnd,
 	})
@@ -97,6 +103,10 @@ func (b *bot) routes() http.Handler {
 		defer cancel()
 		if err := b.deps.Redis.Ping(ctx).Err(); err != nil {
 			http.Error(w, "redis unreachable: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if b.draining.Load() {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
 			return
 		}
 		if b.deps.Flow == nil {
@@ -130,6 +140,11 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	case err = <-errc:
 	case <-ctx.Done():
 	}
+	// Stop taking new work: readiness fails so a load balancer stops sending, the listener
+	// closes, requests in flight finish. Graph commands already queued are sent within the grace
+	// period; whatever is left stays in Redis outboxes and timers for the other instances.
+	b.draining.Store(true)
+	b.deps.Log.Info("shutting down", zap.Duration("grace", grace))
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	shutErr := srv.Shutdown(sctx)

@@ -32,6 +32,8 @@ type config struct {
 	KeyPrefix       string
 	PresenceEvery   time.Duration
 	ShutdownGrace   time.Duration
+	OutboxLease     time.Duration
+	InstanceID      string
 	LogLevel        string
 }
 
@@ -53,6 +55,8 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
 	{"CALLBOT_SHUTDOWN_GRACE", "20s", "time given to requests and Graph commands in flight on SIGTERM"},
+	{"CALLBOT_OUTBOX_LEASE", "30s", "time an instance has to carry out the commands it saved before another instance re-drives them"},
+	{"CALLBOT_INSTANCE_ID", "", "name of this instance, put in callback URIs as an affinity hint (default: the host name)"},
 	{"CALLBOT_LOG_LEVEL", "info", "debug, info, warn or error"},
 }
 
@@ -134,6 +138,16 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.ShutdownGrace, err = time.ParseDuration(get("CALLBOT_SHUTDOWN_GRACE")); err != nil || c.ShutdownGrace <= 0 {
 		bad("CALLBOT_SHUTDOWN_GRACE", "%q is not a positive duration", get("CALLBOT_SHUTDOWN_GRACE"))
 	}
+	if c.OutboxLease, err = time.ParseDuration(get("CALLBOT_OUTBOX_LEASE")); err != nil || c.OutboxLease < time.Second {
+		bad("CALLBOT_OUTBOX_LEASE", "%q is not a duration of at least 1s", get("CALLBOT_OUTBOX_LEASE"))
+	}
+	c.InstanceID = get("CALLBOT_INSTANCE_ID")
+	if c.InstanceID == "" {
+		c.InstanceID, _ = os.Hostname()
+	}
+	if !validInstanceID(c.InstanceID) {
+		bad("CALLBOT_INSTANCE_ID", "%q must be 1-63 letters, digits, '-' or '_'", c.InstanceID)
+	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
@@ -151,6 +165,18 @@ func joinIndented(errs []error) error {
 		s[i] = e.Error()
 	}
 	return errors.New(strings.Join(s, "\n  "))
+}
+
+func validInstanceID(s string) bool {
+	if s == "" || len(s) > 63 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 func splitList(s string) []string {

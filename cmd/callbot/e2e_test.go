@@ -53,12 +53,30 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func startWorld(t *testing.T, agents ...graphsim.AgentSpec) *world {
+// redisBackend gives a world a Redis of its own: it returns the world's CALLBOT_REDIS_URL.
+type redisBackend func(t *testing.T) string
+
+// standaloneRedis is a redis-server (or miniredis) started for the world.
+func standaloneRedis(t *testing.T) string { return "redis://" + redistest.Start(t).Addr + "/0" }
+
+// e2eScenarios are the end-to-end scenarios, run by a test each against a standalone Redis and
+// by TestE2EOnRedisCluster against a 3-master Redis Cluster.
+var e2eScenarios = []struct {
+	name string
+	run  func(t *testing.T, rds redisBackend)
+}{
+	{"CallerReachesAgent", scenarioCallerReachesAgent},
+	{"DeclinedTransferGoesToNextAgent", scenarioDeclinedTransferGoesToNextAgent},
+	{"CallerHangsUpWhileQueued", scenarioCallerHangsUpWhileQueued},
+	{"ForgedTokenChangesNothing", scenarioForgedTokenChangesNothing},
+}
+
+func startWorld(t *testing.T, rds redisBackend, agents ...graphsim.AgentSpec) *world {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
-	rds := redistest.Start(t)
+	redisURL := rds(t)
 	addr := freeAddr(t)
 	botURL := "http://" + addr
 	sim, err := graphsim.New(graphsim.Options{TenantID: demoTenant, ClientID: demoClient, ClientSecret: demoSecret,
@@ -78,7 +96,7 @@ func startWorld(t *testing.T, agents ...graphsim.AgentSpec) *world {
 		"CALLBOT_LISTEN_ADDR": addr, "CALLBOT_PUBLIC_URL": botURL, "CALLBOT_TENANT_ID": demoTenant,
 		"CALLBOT_CLIENT_ID": demoClient, "CALLBOT_CLIENT_SECRET": demoSecret, "CALLBOT_AUTHORITY_HOST": sim.AuthorityHost(),
 		"CALLBOT_GRAPH_URL": sim.GraphURL(), "CALLBOT_OPENID_CONFIG_URL": sim.OpenIDConfigURL(), "CALLBOT_CA_FILE": ca,
-		"CALLBOT_REDIS_URL": "redis://" + rds.Addr + "/0", "CALLBOT_FLOW_FILE": "testdata/flow.yaml",
+		"CALLBOT_REDIS_URL": redisURL, "CALLBOT_FLOW_FILE": "testdata/flow.yaml",
 		"CALLBOT_PRESENCE_INTERVAL": "500ms", "CALLBOT_TOKEN_ISSUERS": graphsim.DefaultIssuer, "CALLBOT_LOG_LEVEL": "debug",
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -149,8 +167,10 @@ func away(id string) graphsim.AgentSpec {
 	return graphsim.AgentSpec{ID: id, Availability: "Away", Activity: "Away"}
 }
 
-func TestE2ECallerReachesAgent(t *testing.T) {
-	w := startWorld(t, away(agent1), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
+func TestE2ECallerReachesAgent(t *testing.T) { scenarioCallerReachesAgent(t, standaloneRedis) }
+
+func scenarioCallerReachesAgent(t *testing.T, rds redisBackend) {
+	w := startWorld(t, rds, away(agent1), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
 	// the caller listens to greeting and menu (150ms each) before pressing 1
 	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 15*time.Second)
 
@@ -197,7 +217,11 @@ func trimRepeats(a []string) []string {
 }
 
 func TestE2EDeclinedTransferGoesToNextAgent(t *testing.T) {
-	w := startWorld(t, available(agent1, graphsim.AgentDecline), available(agent2, graphsim.AgentAccept), away(agent3))
+	scenarioDeclinedTransferGoesToNextAgent(t, standaloneRedis)
+}
+
+func scenarioDeclinedTransferGoesToNextAgent(t *testing.T, rds redisBackend) {
+	w := startWorld(t, rds, available(agent1, graphsim.AgentDecline), available(agent2, graphsim.AgentAccept), away(agent3))
 	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 20*time.Second)
 	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent2 {
 		t.Fatalf("caller experienced %+v; want transferred to %s", r, agent2)
@@ -215,7 +239,11 @@ func TestE2EDeclinedTransferGoesToNextAgent(t *testing.T) {
 }
 
 func TestE2ECallerHangsUpWhileQueued(t *testing.T) {
-	w := startWorld(t, away(agent1), away(agent2), away(agent3))
+	scenarioCallerHangsUpWhileQueued(t, standaloneRedis)
+}
+
+func scenarioCallerHangsUpWhileQueued(t *testing.T, rds redisBackend) {
+	w := startWorld(t, rds, away(agent1), away(agent2), away(agent3))
 	c := w.call(t, graphsim.CallerSpec{Digits: "2", HangUpAfter: 2 * time.Second})
 	r := waitDone(t, c, 10*time.Second)
 	if r.Outcome != graphsim.OutcomeCallerHangUp || len(r.TransferAttempts) != 0 {
@@ -230,7 +258,11 @@ func TestE2ECallerHangsUpWhileQueued(t *testing.T) {
 }
 
 func TestE2EForgedTokenChangesNothing(t *testing.T) {
-	w := startWorld(t, available(agent1, graphsim.AgentAccept))
+	scenarioForgedTokenChangesNothing(t, standaloneRedis)
+}
+
+func scenarioForgedTokenChangesNothing(t *testing.T, rds redisBackend) {
+	w := startWorld(t, rds, available(agent1, graphsim.AgentAccept))
 	body, _ := os.ReadFile("../../internal/graph/testdata/payloads/notification-incoming-to-app-instance-pstn-bot.json")
 	body = bytes.ReplaceAll(body, []byte("632899f8-2ea1-4604-8413-27bd2892079f"), []byte(demoTenant))
 	now := time.Now().Unix()

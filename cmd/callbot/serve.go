@@ -59,7 +59,8 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return err
 	}
 	b, err := newBot(ctx, botDeps{Redis: rdb, KeyPrefix: cfg.KeyPrefix, Graph: gc, Auth: verifier, Flow: flow,
-		TenantID: cfg.TenantID, CallbackURI: cfg.PublicURL + "/api/calls", PresenceEvery: cfg.PresenceEvery, Log: log})
+		TenantID: cfg.TenantID, CallbackURI: cfg.PublicURL + "/api/calls/" + cfg.InstanceID, Instance: cfg.InstanceID,
+		OutboxLease: cfg.OutboxLease, PresenceEvery: cfg.PresenceEvery, Log: log})
 	if err != nil {
 		return err
 	}

@@ -87,6 +87,22 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		return script.Run(ctx, s.rdb, keys, args...).Int()
 	}
 	member := graph.CallKey(c.ID)
+	if _, cluster := s.rdb.(*redis.ClusterClient); cluster {
+		// On Redis Cluster the index keys and the call live on different nodes, and go-redis
+		// sends each node's part of a pipeline concurrently: the order that makes a crash safe
+		// (index entry first) only holds if the writes are sent one after the other.
+		if len(c.Outbox) > 0 && !due.IsZero() {
+			if err := s.rdb.ZAdd(ctx, s.index, redis.Z{Score: float64(due.UnixMilli()), Member: member}).Err(); err != nil {
+				return 0, err
+			}
+		}
+		if created {
+			if err := s.rdb.ZAdd(ctx, s.active, redis.Z{Score: float64(c.CreatedAt.UnixMilli()), Member: member}).Err(); err != nil {
+				return 0, err
+			}
+		}
+		return script.Run(ctx, s.rdb, keys, args...).Int()
+	}
 	for attempt := 0; ; attempt++ {
 		var res *redis.Cmd
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {

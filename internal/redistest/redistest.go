@@ -1,12 +1,11 @@
 // Package redistest gives tests a Redis of their own: a real redis-server started on a free
 // port when one is on PATH, else an embedded miniredis. With CALLBOT_REQUIRE_REDIS=1 (set by CI)
-// a missing redis-server fails the test instead of falling back.
+// a missing redis-server fails the test instead of falling back. StartCluster starts a real
+// 3-master Redis Cluster (skipped without redis-server and redis-cli, unless required).
 package redistest
 
 import (
 	"bufio"
-	"context"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -23,7 +22,7 @@ import (
 type Server struct {
 	Addr string
 	Real bool // a redis-server process, not miniredis
-	cmd  *exec.Cmd
+	node *node
 	mini *miniredis.Miniredis
 }
 
@@ -62,47 +61,19 @@ func startReal(path, dir string) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		cmd := exec.Command(path, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-			"--dir", dir, "--logfile", filepath.Join(dir, "redis.log"))
-		if err := cmd.Start(); err != nil {
+		n, err := startNode(path, port, filepath.Join(dir, "redis.log"), dir)
+		if err != nil {
 			return nil, err
 		}
-		s := &Server{Addr: fmt.Sprintf("127.0.0.1:%d", port), Real: true, cmd: cmd}
-		if lastErr = s.waitReady(5 * time.Second); lastErr == nil {
-			return s, nil
+		if lastErr = n.waitReady(5 * time.Second); lastErr == nil {
+			return &Server{Addr: n.addr, Real: true, node: n}, nil
 		}
-		s.stop()
-		if b, _ := os.ReadFile(filepath.Join(dir, "redis.log")); len(b) > 0 {
-			lastErr = fmt.Errorf("%w; log: %s", lastErr, lastLines(string(b), 3))
-		}
+		n.stop()
 	}
 	return nil, lastErr
 }
 
-func (s *Server) waitReady(within time.Duration) error {
-	deadline := time.Now().Add(within)
-	c := redis.NewClient(&redis.Options{Addr: s.Addr, MaxRetries: -1})
-	defer c.Close()
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("redis-server on %s not ready: %w", s.Addr, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (s *Server) stop() {
-	if s.cmd != nil && s.cmd.Process != nil {
-		s.cmd.Process.Kill()
-		s.cmd.Wait()
-	}
-}
+func (s *Server) stop() { s.node.stop() }
 
 // Client returns a client of the server, closed when the test ends.
 func (s *Server) Client(t testing.TB) *redis.Client {

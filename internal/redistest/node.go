@@ -1,0 +1,74 @@
+package redistest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// node is one redis-server process.
+type node struct {
+	addr    string
+	logfile string
+	cmd     *exec.Cmd
+	exited  chan struct{} // closed when the process has exited
+}
+
+// startNode starts redis-server on 127.0.0.1:port without persistence; extra are more options.
+func startNode(path string, port int, logfile, dir string, extra ...string) (*node, error) {
+	args := append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", dir, "--logfile", logfile}, extra...)
+	cmd := exec.Command(path, args...)
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	n := &node{addr: fmt.Sprintf("127.0.0.1:%d", port), logfile: logfile, cmd: cmd, exited: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		close(n.exited)
+	}()
+	return n, nil
+}
+
+// waitReady waits until the node answers PING. A process that exits (a port taken since it
+// was picked) is reported at once, with the end of its log.
+func (n *node) waitReady(within time.Duration) error {
+	deadline := time.Now().Add(within)
+	c := redis.NewClient(&redis.Options{Addr: n.addr, MaxRetries: -1})
+	defer c.Close()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		err := c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-n.exited:
+			return fmt.Errorf("redis-server on %s exited: %s", n.addr, n.logTail())
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("redis-server on %s not ready: %w; log: %s", n.addr, err, n.logTail())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (n *node) logTail() string {
+	b, _ := os.ReadFile(n.logfile)
+	return lastLines(string(b), 3)
+}
+
+func (n *node) stop() {
+	if n == nil || n.cmd.Process == nil {
+		return
+	}
+	n.cmd.Process.Kill()
+	<-n.exited
+}

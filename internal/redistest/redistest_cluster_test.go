@@ -1,0 +1,71 @@
+package redistest_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+func TestStartCluster(t *testing.T) {
+	start := time.Now()
+	c := redistest.StartCluster(t)
+	t.Logf("3-master cluster %v ready in %s", c.Addrs(), time.Since(start).Round(time.Millisecond))
+	ctx := context.Background()
+	rdb := c.Client(t)
+
+	if n := len(c.Addrs()); n != redistest.ClusterSize {
+		t.Fatalf("%d addresses, want %d", n, redistest.ClusterSize)
+	}
+	masters := map[string]bool{}
+	slots, err := rdb.ClusterSlots(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	covered := 0
+	for _, r := range slots {
+		covered += r.End - r.Start + 1
+		masters[r.Nodes[0].Addr] = true
+	}
+	if covered != 16384 || len(masters) != redistest.ClusterSize {
+		t.Fatalf("slots cover %d of 16384 on %d masters %v", covered, len(masters), masters)
+	}
+
+	// keys spread over every master, and each one lives where CLUSTER KEYSLOT says
+	seen := map[string]bool{}
+	for i := 0; i < 30; i++ {
+		key := fmt.Sprintf("k:{%d}", i)
+		if err := rdb.Set(ctx, key, i, 0).Err(); err != nil {
+			t.Fatalf("set %s: %v", key, err)
+		}
+		slot, addr, err := c.SlotOf(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, err := c.NodeClient(t, addr).Exists(ctx, key).Result(); err != nil || n != 1 {
+			t.Fatalf("%s (slot %d) not on its master %s: %d %v", key, slot, addr, n, err)
+		}
+		seen[addr] = true
+	}
+	if len(seen) != redistest.ClusterSize {
+		t.Errorf("30 keys landed on %d masters, want %d", len(seen), redistest.ClusterSize)
+	}
+
+	// it is a real cluster: a multi-key command across slots fails, within one tag it works
+	if err := rdb.Do(ctx, "MSET", "{a}x", 1, "{b}x", 2).Err(); err == nil || !strings.Contains(err.Error(), "CROSSSLOT") {
+		t.Errorf("MSET across slots: %v, want CROSSSLOT", err)
+	}
+	if err := rdb.MSet(ctx, "{a}x", 1, "{a}y", 2).Err(); err != nil {
+		t.Errorf("MSET within one hash tag: %v", err)
+	}
+}
+
+func TestStartStandaloneStillWorks(t *testing.T) {
+	s := redistest.Start(t)
+	if err := s.Client(t).Ping(context.Background()).Err(); err != nil {
+		t.Fatal(err)
+	}
+}
