@@ -19,6 +19,7 @@ const (
 	CmdCancelMedia
 	CmdTransfer
 	CmdHangup
+	CmdCheckTransfer // read the call from Graph: is a transfer failure about the current attempt?
 
 	CmdEnqueue      // put the call in Queue at Score
 	CmdLeaveQueue   // take the call out of Queue
@@ -27,7 +28,7 @@ const (
 )
 
 var commandNames = [...]string{"", "answer", "reject", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
-	"transfer", "hangup", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
+	"transfer", "hangup", "checkTransfer", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
 
 func (k CommandKind) String() string {
 	if int(k) < len(commandNames) {
@@ -37,7 +38,7 @@ func (k CommandKind) String() string {
 }
 
 // Graph reports whether the command is sent to Graph.
-func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdHangup }
+func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdCheckTransfer }
 
 // AgentOutcome says how an offer to an agent ended.
 type AgentOutcome string

@@ -193,6 +193,12 @@ func (d *decision) apply(ev Event) error {
 		return nil
 
 	case EvTransferFailed:
+		if !ev.Verified {
+			// A failure notification does not say which attempt it is about, and one from an
+			// earlier attempt may arrive late or twice: ask Graph where the call is now.
+			d.emit(Command{Kind: CmdCheckTransfer})
+			return nil
+		}
 		d.transferFailed()
 		return nil
 

@@ -168,7 +168,12 @@ func TestTransferFailedBackToHeadOfQueue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c3, cmds3, err := Decide(c2, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+	// a failure notification is first checked against Graph: it may belong to an earlier attempt
+	c2b, check, err := Decide(c2, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+	if err != nil || c2b.State != StateTransferring || len(check) != 1 || check[0].Kind != CmdCheckTransfer {
+		t.Fatalf("unverified failure: %s %v %v, want a check and no change", c2b.State, kinds(check), err)
+	}
+	c3, cmds3, err := Decide(c2b, Event{Kind: EvTransferFailed, Verified: true, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,7 +282,7 @@ func TestDirectTransferFailureReturnsToMenu(t *testing.T) {
 	if c.State != StateTransferring || cmds[2][1].Target != (graph.Party{Kind: graph.KindUser, ID: "22222222-0000-4000-8000-000000000001"}) {
 		t.Fatalf("%s %+v", c.State, cmds[2])
 	}
-	c, _, err := Decide(c, Event{Kind: EvTransferFailed}, env)
+	c, _, err := Decide(c, Event{Kind: EvTransferFailed, Verified: true}, env)
 	if err != nil || c.State != StateInMenu {
 		t.Fatalf("after failed direct transfer: %s %v", c.State, err)
 	}

@@ -312,7 +312,8 @@ func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, log *zap
 
 // send runs one Graph command and feeds its result back as an event where the result matters.
 func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
-	ctx, cancel := context.WithTimeout(graph.WithScenarioID(context.Background(), scenario), m.cfg.CommandTimeout)
+	ctx := graph.WithIncomingAt(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), c.CreatedAt)
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.CommandTimeout)
 	defer cancel()
 	cc := m.cfg.Control
 	var (
@@ -334,6 +335,9 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		err = cc.Transfer(ctx, c.ID, cmd.Target, cmd.ClientContext)
 	case CmdHangup:
 		err = cc.Hangup(ctx, c.ID)
+	case CmdCheckTransfer:
+		m.reconcileTransfer(c, scenario, cmd, log)
+		return
 	}
 	key := graph.CallKey(c.ID)
 	feed := func(ev Event) {
@@ -354,7 +358,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdTransfer && !definitive(err):
 			m.reconcileTransfer(c, scenario, cmd, log)
 		case cmd.Kind == CmdTransfer:
-			feed(Event{Kind: EvTransferFailed, Reason: err.Error()})
+			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true})
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
 			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})
@@ -366,10 +370,11 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	}
 }
 
-// reconcileTransfer handles a transfer whose request failed ambiguously (timeout, 5xx): Graph
-// may have taken it. Callbot asks Graph where the call is rather than sending it again: a call
-// that is transferring or gone will be reported by notifications; one still established was not
-// transferred, so the caller goes back to the queue.
+// reconcileTransfer asks Graph where a call is after a transfer failure notification (which
+// may belong to an earlier attempt) or a transfer request that failed ambiguously (timeout,
+// 5xx: Graph may have taken it). A call established again was not transferred: the failure is
+// verified and the caller goes back to the queue. A call transferring, or gone, is left to the
+// notifications (and the transfer timer).
 func (m *Machine) reconcileTransfer(c Call, scenario string, cmd Command, log *zap.Logger) {
 	ctx, cancel := context.WithTimeout(graph.WithScenarioID(context.Background(), scenario), m.cfg.CommandTimeout)
 	defer cancel()
@@ -377,11 +382,11 @@ func (m *Machine) reconcileTransfer(c Call, scenario string, cmd Command, log *z
 	key := graph.CallKey(c.ID)
 	switch {
 	case errors.Is(err, graph.ErrCallGone):
-		m.Handle(context.Background(), c.Tenant, key, Event{Kind: EvEnded, Reason: "call gone: transfer"})
+		log.Info("call gone from Graph after a transfer; its terminated notification says how it ended")
 	case err != nil:
 		log.Warn("transfer outcome unknown; the transfer timer will decide", zap.Error(err))
 	case st == graph.CallEstablished:
-		m.Handle(context.Background(), c.Tenant, key, Event{Kind: EvTransferFailed, Reason: "transfer request failed; call still established"})
+		m.Handle(context.Background(), c.Tenant, key, Event{Kind: EvTransferFailed, Reason: "call established again", Verified: true})
 	default:
 		log.Info("transfer request failed ambiguously but Graph has the call in " + string(st) + "; waiting for notifications")
 	}
@@ -497,11 +502,11 @@ func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.
 	return false
 }
 
-// definitive reports whether a Graph error says the request was refused and not acted on (a
-// 4xx other than 429), as opposed to an ambiguous failure that may have taken effect.
+// definitive reports whether a failed Graph request certainly did not act (refused, or not
+// processed), as opposed to an ambiguous failure (timeout, 5xx) that may have taken effect.
 func definitive(err error) bool {
-	var ge *graph.Error
-	return errors.As(err, &ge) && ge.Status >= 400 && ge.Status < 500 && ge.Status != 429
+	o := graph.Classify(err)
+	return o == graph.Refused || o == graph.NotProcessed
 }
 
 // RunTimers claims due timers and applies them until ctx ends.

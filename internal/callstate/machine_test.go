@@ -193,6 +193,8 @@ func TestMachineCommandSequence(t *testing.T) {
 		t.Fatalf("offer: %v %v", ok, err)
 	}
 	m.Wait()
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	m.Wait()
 	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subCode":7000}}`))
 	if ok, _ := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-b"); !ok {
 		t.Fatal("second offer refused")
@@ -201,7 +203,7 @@ func TestMachineCommandSequence(t *testing.T) {
 	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
 	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated"}`)) // repeated end
 
-	if diff := cmp.Diff(g.log()[5:], []string{"transfer agent-a", "playPrompt hold", "transfer agent-b"}); diff != "" {
+	if diff := cmp.Diff(g.log()[5:], []string{"transfer agent-a", "get", "playPrompt hold", "transfer agent-b"}); diff != "" {
 		t.Errorf("graph commands after queueing (-got +want):\n%s", diff)
 	}
 	if diff := cmp.Diff(q.ops[1:], []string{"release agent-a failed", "enqueue q", "release agent-b connected"}); diff != "" {

@@ -48,6 +48,7 @@ const (
 	EvTransferFailed                        // Graph: established again with a failure result, or the transfer request failed
 	EvEnded                                 // Graph: terminated / deleted, or the call is gone (404)
 	EvCommandFailed                         // a Graph command other than transfer failed
+	EvTransferring                          // Graph: state transferring (it took the transfer request)
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
@@ -87,6 +88,9 @@ type Event struct {
 	TimerToken int64
 	// Agent reserved for the call (EvAgentOffer).
 	Agent string
+	// Verified: a transfer failure known to be about the current attempt (the request was
+	// refused, or Graph shows the call established again), not a late or repeated notification.
+	Verified bool
 	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
 	Result  graph.ResultInfo
 	Reason  string
@@ -135,11 +139,14 @@ type Call struct {
 	Agent      string              `json:"agent,omitempty"`      // agent reserved / transferred to
 	Target     string              `json:"target,omitempty"`     // direct transfer target (menu option)
 	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
-	CreatedAt  time.Time           `json:"createdAt"`
-	AnsweredAt time.Time           `json:"answeredAt,omitzero"`
-	QueuedAt   time.Time           `json:"queuedAt,omitzero"`
-	EndedAt    time.Time           `json:"endedAt,omitzero"`
-	Outcome    string              `json:"outcome,omitempty"`
+	// Transferring is set when Graph reported the current transfer attempt under way: only then
+	// can a failure notification be about it (one from an earlier attempt may arrive late).
+	Transferring bool      `json:"transferring,omitempty"`
+	CreatedAt    time.Time `json:"createdAt"`
+	AnsweredAt   time.Time `json:"answeredAt,omitzero"`
+	QueuedAt     time.Time `json:"queuedAt,omitzero"`
+	EndedAt      time.Time `json:"endedAt,omitzero"`
+	Outcome      string    `json:"outcome,omitempty"`
 	// Outbox holds the commands decided with this record and not yet acknowledged as done;
 	// CmdSeq numbers them. AckedStorage and AckedGraph are the acknowledgement watermarks of the
 	// two kinds of command (storage commands run in order right after the save, Graph commands

@@ -32,6 +32,7 @@ var Transitions = []Transition{
 	{StateQueued, EvTimeout, StateTransferring},
 	{StateQueued, EvTimeout, StateTerminating},
 
+	{StateTransferring, EvTransferFailed, StateTransferring}, // a failure notification: ask Graph first
 	{StateTransferring, EvTransferAccepted, StateTransferring},
 	{StateTransferring, EvTransferFailed, StateQueued}, // back to the head of the queue
 	{StateTransferring, EvTransferFailed, StateInMenu}, // a direct transfer from the menu failed

@@ -3,10 +3,11 @@ package msgraph
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
+	"math"
 	"path"
 	"strings"
+	"unicode/utf8"
 
 	abs "github.com/microsoft/kiota-abstractions-go"
 	"github.com/microsoftgraph/msgraph-sdk-go/communications"
@@ -15,21 +16,22 @@ import (
 	"github.com/callbot/callbot/internal/graph"
 )
 
-// Limits Graph documents for call actions.
-const (
-	maxPrompts         = 20
-	minRedirectTimeout = 15
-	maxRedirectTimeout = 90
-	maxRedirectTargets = 25
-)
-
 // ErrInvalidArgument is wrapped by errors returned before any request is sent because an
-// argument breaks a documented Graph limit (too many prompts or presence ids, a party without
-// an id, an unknown reject reason...).
-var ErrInvalidArgument = errors.New("invalid argument")
+// argument breaks a documented Graph limit (too many prompts, targets or presence ids, a
+// redirect timeout outside 15-90 s, a clientContext over 256 characters, a party without an id,
+// an unknown reject reason...). It is graph.ErrInvalidArgument, so graph.Classify sees it.
+var ErrInvalidArgument = graph.ErrInvalidArgument
 
 func invalid(op, callID, format string, args ...any) error {
 	return fmt.Errorf("%s call %s: %w: %s", op, callID, ErrInvalidArgument, fmt.Sprintf(format, args...))
+}
+
+// checkClientContext enforces Graph's 256-character limit on clientContext.
+func checkClientContext(op, callID, clientContext string) error {
+	if n := utf8.RuneCountInString(clientContext); n > graph.MaxClientContext {
+		return invalid(op, callID, "clientContext has %d characters, at most %d", n, graph.MaxClientContext)
+	}
+	return nil
 }
 
 func (c *Client) call(callID string) *communications.CallsCallItemRequestBuilder {
@@ -39,27 +41,87 @@ func (c *Client) call(callID string) *communications.CallsCallItemRequestBuilder
 // Answer answers an incoming call with service-hosted media (POST /communications/calls/{id}/answer):
 // acceptedModalities ["audio"], serviceHostedMediaConfig pre-fetching req.PrefetchMedia, and
 // req.CallbackURI for the call's later notifications. Graph replies 202 with no body.
-// Errors: *graph.Error for a Graph failure, else a transport or context error.
+//
+// Graph drops a call not answered within 15 s of the incoming notification, so Answer is bounded
+// by min(Config.Timeout, 14 s) and, when ctx carries graph.WithIncomingAt, by 14 s after that
+// moment. A successful answer's latency is recorded in AnswerLatency. A 429 or a request that
+// never left is sent once more if the deadline allows; any other failure is returned at once.
+// Errors: *graph.Error for a Graph failure, else a transport or context error (graph.Classify
+// says whether Graph may have acted).
 func (c *Client) Answer(ctx context.Context, callID string, req graph.AnswerRequest) error {
+	return c.AnswerWithOptions(ctx, callID, req, AnswerOptions{})
+}
+
+// AnswerOptions are the answer fields callbot's IVR does not need.
+type AnswerOptions struct {
+	// AppHostedMediaBlob, when set, answers with application-hosted media (the media session
+	// configuration blob of the bot's own media stack) instead of service-hosted media;
+	// AnswerRequest.PrefetchMedia is then ignored.
+	AppHostedMediaBlob string
+	// ContentSharingNotifications sends callOptions (incomingCallOptions) asking for
+	// contentSharingSession notifications.
+	ContentSharingNotifications bool
+	// ParticipantCapacity is the number of participants a policy-recording bot handles; 0 omits it.
+	ParticipantCapacity int
+}
+
+// AnswerWithOptions is Answer with the options callbot's IVR does not use. Errors as Answer.
+func (c *Client) AnswerWithOptions(ctx context.Context, callID string, req graph.AnswerRequest, opts AnswerOptions) error {
+	if opts.ParticipantCapacity < 0 || opts.ParticipantCapacity > math.MaxInt32 {
+		return invalid("answer", callID, "participant capacity %d", opts.ParticipantCapacity)
+	}
+	now := c.now()
+	start := now
+	deadline := now.Add(min(c.timeout, graph.AnswerDeadline-answerMargin))
+	if t, ok := graph.IncomingAt(ctx); ok {
+		start = t
+		if d := t.Add(graph.AnswerDeadline - answerMargin); d.Before(deadline) {
+			deadline = d
+		}
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+
 	body := communications.NewCallsItemAnswerPostRequestBody()
 	body.SetAcceptedModalities([]models.Modality{models.AUDIO_MODALITY})
 	if req.CallbackURI != "" {
 		body.SetCallbackUri(ptr(req.CallbackURI))
 	}
-	media := models.NewServiceHostedMediaConfig()
-	if len(req.PrefetchMedia) > 0 {
-		infos := make([]models.MediaInfoable, len(req.PrefetchMedia))
-		for i, p := range req.PrefetchMedia {
-			infos[i] = mediaInfo(p)
-		}
-		media.SetPreFetchMedia(infos)
+	if opts.AppHostedMediaBlob != "" {
+		media := models.NewAppHostedMediaConfig()
+		media.SetBlob(ptr(opts.AppHostedMediaBlob))
+		body.SetMediaConfig(media)
+	} else {
+		body.SetMediaConfig(serviceHostedMedia(req.PrefetchMedia))
 	}
-	body.SetMediaConfig(media)
+	if opts.ContentSharingNotifications {
+		co := models.NewIncomingCallOptions()
+		co.SetIsContentSharingNotificationEnabled(ptr(true))
+		body.SetCallOptions(co)
+	}
+	if opts.ParticipantCapacity > 0 {
+		body.SetParticipantCapacity(ptr(int32(opts.ParticipantCapacity)))
+	}
 	_, err := c.do(ctx, "answer", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		return c.call(callID).Answer().Post(ctx, body,
 			&communications.CallsItemAnswerRequestBuilderPostRequestConfiguration{Headers: h, Options: o})
 	})
+	if err == nil {
+		c.answerLatency.Observe(c.now().Sub(start))
+	}
 	return err
+}
+
+func serviceHostedMedia(prefetch []graph.MediaPrompt) *models.ServiceHostedMediaConfig {
+	media := models.NewServiceHostedMediaConfig()
+	if len(prefetch) > 0 {
+		infos := make([]models.MediaInfoable, len(prefetch))
+		for i, p := range prefetch {
+			infos[i] = mediaInfo(p)
+		}
+		media.SetPreFetchMedia(infos)
+	}
+	return media
 }
 
 // Reject rejects an incoming call (POST /communications/calls/{id}/reject) with reason none,
@@ -84,19 +146,22 @@ func (c *Client) Reject(ctx context.Context, callID string, reason graph.RejectR
 
 // PlayPrompt queues 1 to 20 service-hosted prompts (POST /communications/calls/{id}/playPrompt)
 // and returns the playPromptOperation Graph created, its status normalised (Graph sends
-// "running"; the SDK would drop it). Errors: ErrInvalidArgument for 0 or more than 20 prompts,
-// else as Answer.
+// "running"; the SDK would drop it). Only a 429 or a request that never left is sent again: a
+// repeat after an ambiguous failure could queue the prompts twice, so the caller cancels media
+// processing first. Errors: ErrInvalidArgument for 0 or more than 20 prompts, a prompt without
+// URI or a clientContext over 256 characters, else as Answer.
 func (c *Client) PlayPrompt(ctx context.Context, callID string, prompts []graph.MediaPrompt, clientContext string) (graph.Operation, error) {
-	if len(prompts) == 0 || len(prompts) > maxPrompts {
-		return graph.Operation{}, invalid("playPrompt", callID, "%d prompts, want 1 to %d", len(prompts), maxPrompts)
+	if len(prompts) == 0 || len(prompts) > graph.MaxPrompts {
+		return graph.Operation{}, invalid("playPrompt", callID, "%d prompts, want 1 to %d", len(prompts), graph.MaxPrompts)
+	}
+	if err := checkClientContext("playPrompt", callID, clientContext); err != nil {
+		return graph.Operation{}, err
+	}
+	list, err := mediaPrompts("playPrompt", callID, prompts)
+	if err != nil {
+		return graph.Operation{}, err
 	}
 	body := communications.NewCallsItemPlayPromptPostRequestBody()
-	list := make([]models.Promptable, len(prompts))
-	for i, p := range prompts {
-		mp := models.NewMediaPrompt()
-		mp.SetMediaInfo(mediaInfo(p))
-		list[i] = mp
-	}
 	body.SetPrompts(list)
 	if clientContext != "" {
 		body.SetClientContext(ptr(clientContext))
@@ -114,8 +179,11 @@ func (c *Client) PlayPrompt(ctx context.Context, callID string, prompts []graph.
 
 // SubscribeToTone asks Graph to report DTMF tones as call notifications
 // (POST /communications/calls/{id}/subscribeToTone) and returns the operation (normally
-// completed). Errors as Answer.
+// completed). Idempotent: retried after transient failures. Errors as PlayPrompt.
 func (c *Client) SubscribeToTone(ctx context.Context, callID, clientContext string) (graph.Operation, error) {
+	if err := checkClientContext("subscribeToTone", callID, clientContext); err != nil {
+		return graph.Operation{}, err
+	}
 	body := communications.NewCallsItemSubscribeToTonePostRequestBody()
 	if clientContext != "" {
 		body.SetClientContext(ptr(clientContext))
@@ -133,8 +201,11 @@ func (c *Client) SubscribeToTone(ctx context.Context, callID, clientContext stri
 
 // CancelMediaProcessing cancels the running and queued playPrompt/recordResponse operations
 // (POST /communications/calls/{id}/cancelMediaProcessing) and returns the operation.
-// Errors as Answer.
+// Idempotent: retried after transient failures. Errors as PlayPrompt.
 func (c *Client) CancelMediaProcessing(ctx context.Context, callID, clientContext string) (graph.Operation, error) {
+	if err := checkClientContext("cancelMediaProcessing", callID, clientContext); err != nil {
+		return graph.Operation{}, err
+	}
 	body := communications.NewCallsItemCancelMediaProcessingPostRequestBody()
 	if clientContext != "" {
 		body.SetClientContext(ptr(clientContext))
@@ -156,16 +227,53 @@ func (c *Client) CancelMediaProcessing(ctx context.Context, callID, clientContex
 // sent although the v1.0 schema lacks it (Graph's PSTN examples send it). The outcome arrives
 // as notifications. Errors: ErrInvalidArgument for a target without id, else as Answer.
 func (c *Client) Transfer(ctx context.Context, callID string, target graph.Party, clientContext string) error {
-	if target.ID == "" {
+	return c.TransferWith(ctx, callID, graph.TransferRequest{Target: target, ClientContext: clientContext})
+}
+
+// TransferConsultative transfers the call to target replacing replacesCallID, the bot's own
+// call with target (consultative transfer: the target already talks to the bot). Errors as
+// Transfer.
+func (c *Client) TransferConsultative(ctx context.Context, callID string, target graph.Party, replacesCallID, clientContext string) error {
+	if replacesCallID == "" {
+		return invalid("transfer", callID, "consultative transfer without replacesCallId")
+	}
+	return c.TransferWith(ctx, callID, graph.TransferRequest{
+		Target: target, ReplacesCallID: replacesCallID, ClientContext: clientContext,
+	})
+}
+
+// TransferWith sends a transfer with every option of graph.TransferRequest: consultative
+// (ReplacesCallID), target language and region hints, and the transferee when transferring out
+// of a group call. Never repeated after an ambiguous failure. Errors as Transfer.
+func (c *Client) TransferWith(ctx context.Context, callID string, req graph.TransferRequest) error {
+	if req.Target.ID == "" {
 		return invalid("transfer", callID, "transfer target has no id")
 	}
-	info := participantInfo(target)
-	// The v1.0 invitationParticipantInfo model has no endpointType property.
+	if req.Transferee != nil && req.Transferee.ID == "" {
+		return invalid("transfer", callID, "transferee has no id")
+	}
+	if err := checkClientContext("transfer", callID, req.ClientContext); err != nil {
+		return err
+	}
+	info := participantInfo(req.Target)
+	// The v1.0 invitationParticipantInfo model has no endpointType, languageId or region.
 	addData(info, "endpointType", "default")
+	if req.LanguageID != "" {
+		addData(info, "languageId", req.LanguageID)
+	}
+	if req.Region != "" {
+		addData(info, "region", req.Region)
+	}
+	if req.ReplacesCallID != "" {
+		info.SetReplacesCallId(ptr(req.ReplacesCallID))
+	}
 	body := communications.NewCallsItemTransferPostRequestBody()
 	body.SetTransferTarget(info)
-	if clientContext != "" {
-		addData(body, "clientContext", clientContext)
+	if req.Transferee != nil {
+		body.SetTransferee(plainParticipantInfo(*req.Transferee, req.TransfereeParticipantID))
+	}
+	if req.ClientContext != "" {
+		addData(body, "clientContext", req.ClientContext)
 	}
 	_, err := c.do(ctx, "transfer", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		return c.call(callID).Transfer().Post(ctx, body,
@@ -179,27 +287,50 @@ func (c *Client) Transfer(ctx context.Context, callID string, target graph.Party
 // Graph's default; callbackURI may be empty. Errors: ErrInvalidArgument for bad targets or
 // timeout, else as Answer.
 func (c *Client) Redirect(ctx context.Context, callID string, targets []graph.Party, timeoutSec int, callbackURI string) error {
-	if len(targets) == 0 || len(targets) > maxRedirectTargets {
-		return invalid("redirect", callID, "%d targets, want 1 to %d", len(targets), maxRedirectTargets)
+	return c.RedirectWith(ctx, callID, graph.RedirectRequest{Targets: targets, TimeoutSec: timeoutSec, CallbackURI: callbackURI})
+}
+
+var routingPolicies = map[graph.RoutingPolicy]bool{
+	graph.RoutingNone: true, graph.RoutingNoMissedCall: true, graph.RoutingDisableForwardingExceptPhone: true,
+	graph.RoutingDisableForwarding: true, graph.RoutingPreferSkypeForBusiness: true,
+}
+
+// RedirectWith is Redirect with routing policies (sent as routingPolicies, which the v1.0 SDK
+// body lacks). Phone targets are allowed: Graph accepts them for calls that reached an
+// application instance with a number. Never repeated after an ambiguous failure. Errors as
+// Redirect, and ErrInvalidArgument for an unknown routing policy.
+func (c *Client) RedirectWith(ctx context.Context, callID string, req graph.RedirectRequest) error {
+	if len(req.Targets) == 0 || len(req.Targets) > graph.MaxRedirectTargets {
+		return invalid("redirect", callID, "%d targets, want 1 to %d", len(req.Targets), graph.MaxRedirectTargets)
 	}
-	if timeoutSec != 0 && (timeoutSec < minRedirectTimeout || timeoutSec > maxRedirectTimeout) {
-		return invalid("redirect", callID, "timeout %ds, want %d to %d", timeoutSec, minRedirectTimeout, maxRedirectTimeout)
+	if req.TimeoutSec != 0 && (req.TimeoutSec < graph.MinRedirectTimeoutSec || req.TimeoutSec > graph.MaxRedirectTimeoutSec) {
+		return invalid("redirect", callID, "timeout %ds, want %d to %d", req.TimeoutSec,
+			graph.MinRedirectTimeoutSec, graph.MaxRedirectTimeoutSec)
 	}
-	list := make([]models.InvitationParticipantInfoable, len(targets))
-	for i, t := range targets {
+	list := make([]models.InvitationParticipantInfoable, len(req.Targets))
+	for i, t := range req.Targets {
 		if t.ID == "" {
 			return invalid("redirect", callID, "redirect target %d has no id", i)
 		}
 		list[i] = participantInfo(t)
 	}
+	policies := make([]any, len(req.RoutingPolicies))
+	for i, p := range req.RoutingPolicies {
+		if !routingPolicies[p] {
+			return invalid("redirect", callID, "unknown routing policy %q", p)
+		}
+		policies[i] = string(p)
+	}
 	body := communications.NewCallsItemRedirectPostRequestBody()
 	body.SetTargets(list)
-	if timeoutSec != 0 {
-		t := int32(timeoutSec)
-		body.SetTimeout(&t)
+	if req.TimeoutSec != 0 {
+		body.SetTimeout(ptr(int32(req.TimeoutSec)))
 	}
-	if callbackURI != "" {
-		body.SetCallbackUri(ptr(callbackURI))
+	if req.CallbackURI != "" {
+		body.SetCallbackUri(ptr(req.CallbackURI))
+	}
+	if len(policies) > 0 {
+		addData(body, "routingPolicies", policies)
 	}
 	_, err := c.do(ctx, "redirect", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		return c.call(callID).Redirect().Post(ctx, body,
@@ -208,8 +339,9 @@ func (c *Client) Redirect(ctx context.Context, callID string, targets []graph.Pa
 	return err
 }
 
-// Hangup leaves the call (DELETE /communications/calls/{id}; 204). Errors as Answer; a call
-// that is already gone gives a *graph.Error matching graph.ErrCallGone.
+// Hangup leaves the call (DELETE /communications/calls/{id}; 204). Idempotent: retried after
+// transient failures. Errors as Answer; a call that is already gone (perhaps by an earlier
+// attempt) gives a *graph.Error matching graph.ErrCallGone.
 func (c *Client) Hangup(ctx context.Context, callID string) error {
 	_, err := c.do(ctx, "hangup", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		return c.call(callID).Delete(ctx,
@@ -220,7 +352,8 @@ func (c *Client) Hangup(ctx context.Context, callID string) error {
 
 // KeepAlive tells Graph the bot still holds the call (POST /communications/calls/{id}/keepAlive);
 // without one at least every 45 minutes Graph drops the call. A 404 (errors.Is(err,
-// graph.ErrCallGone)) means the call is gone. Errors as Answer.
+// graph.ErrCallGone)) means the call is gone. Idempotent: retried after transient failures.
+// Errors as Answer.
 func (c *Client) KeepAlive(ctx context.Context, callID string) error {
 	_, err := c.do(ctx, "keepAlive", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		return c.call(callID).KeepAlive().Post(ctx,
@@ -231,7 +364,8 @@ func (c *Client) KeepAlive(ctx context.Context, callID string) error {
 
 // GetCall reads the call's current state (GET /communications/calls/{id}), normalised with
 // graph.ParseCallState; use it to reconcile after an ambiguous failure. A 404 gives a
-// *graph.Error with Status 404 (errors.Is(err, graph.ErrCallGone)). Errors otherwise as Answer.
+// *graph.Error with Status 404 (errors.Is(err, graph.ErrCallGone)). Idempotent: retried after
+// transient failures. Errors otherwise as Answer.
 func (c *Client) GetCall(ctx context.Context, callID string) (graph.CallState, error) {
 	r, err := c.do(ctx, "getCall", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		_, err := c.call(callID).Get(ctx,
@@ -255,7 +389,8 @@ func (c *Client) GetCall(ctx context.Context, callID string) (graph.CallState, e
 
 // Presences reads the Teams presence of up to graph.MaxPresenceIDs users in one request
 // (POST /communications/getPresencesByUserId). Availability and activity are returned as Graph
-// wrote them. No request is made for an empty list. Errors: ErrInvalidArgument for more than
+// wrote them. No request is made for an empty list. Idempotent: retried after transient
+// failures. Errors: ErrInvalidArgument for more than
 // graph.MaxPresenceIDs ids (no request is sent), *graph.Error for a Graph failure, else a
 // transport or context error.
 func (c *Client) Presences(ctx context.Context, userIDs []string) ([]graph.Presence, error) {
@@ -314,13 +449,30 @@ func mediaInfo(p graph.MediaPrompt) models.MediaInfoable {
 	return m
 }
 
-// participantInfo builds the invitationParticipantInfo naming p. User and application
-// identities go in a plain identitySet; phone, applicationInstance, guest and encrypted exist
-// only on communicationsIdentitySet.
+// participantInfo builds the invitationParticipantInfo naming p.
 func participantInfo(p graph.Party) *models.InvitationParticipantInfo {
-	s := graph.IdentitySetFor(p)
 	info := models.NewInvitationParticipantInfo()
 	info.SetOdataType(ptr("#microsoft.graph.invitationParticipantInfo"))
+	info.SetIdentity(identitySet(p))
+	return info
+}
+
+// plainParticipantInfo builds the participantInfo naming p (a transferee, a call's source).
+func plainParticipantInfo(p graph.Party, participantID string) *models.ParticipantInfo {
+	info := models.NewParticipantInfo()
+	info.SetOdataType(ptr("#microsoft.graph.participantInfo"))
+	info.SetIdentity(identitySet(p))
+	if participantID != "" {
+		info.SetParticipantId(ptr(participantID))
+	}
+	return info
+}
+
+// identitySet builds the identity set naming p. User and application identities go in a plain
+// identitySet; phone, applicationInstance, guest and encrypted exist only on
+// communicationsIdentitySet.
+func identitySet(p graph.Party) models.IdentitySetable {
+	s := graph.IdentitySetFor(p)
 	if s.Phone != nil || s.ApplicationInstance != nil || s.Guest != nil || s.Encrypted != nil {
 		cs := models.NewCommunicationsIdentitySet()
 		setIdentity(cs.SetPhone, s.Phone)
@@ -329,15 +481,31 @@ func participantInfo(p graph.Party) *models.InvitationParticipantInfo {
 		setIdentity(cs.SetEncrypted, s.Encrypted)
 		setIdentity(cs.SetUser, s.User)
 		setIdentity(cs.SetApplication, s.Application)
-		info.SetIdentity(cs)
-		return info
+		return cs
 	}
 	is := models.NewIdentitySet()
 	is.SetOdataType(ptr("#microsoft.graph.identitySet"))
 	setIdentity(is.SetUser, s.User)
 	setIdentity(is.SetApplication, s.Application)
-	info.SetIdentity(is)
-	return info
+	return is
+}
+
+// mediaPrompts builds the mediaPrompt list of playPrompt or recordResponse.
+func mediaPrompts(op, callID string, prompts []graph.MediaPrompt) ([]models.Promptable, error) {
+	list := make([]models.Promptable, len(prompts))
+	for i, p := range prompts {
+		if p.URI == "" {
+			return nil, invalid(op, callID, "prompt %d has no uri", i)
+		}
+		list[i] = mediaPrompt(p)
+	}
+	return list, nil
+}
+
+func mediaPrompt(p graph.MediaPrompt) *models.MediaPrompt {
+	mp := models.NewMediaPrompt()
+	mp.SetMediaInfo(mediaInfo(p))
+	return mp
 }
 
 func setIdentity(set func(models.Identityable), id *graph.Identity) {

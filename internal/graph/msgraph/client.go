@@ -1,31 +1,36 @@
 // Package msgraph is callbot's outbound Microsoft Graph adapter: call control (answer, reject,
-// redirect, transfer, media operations, hang-up, keep-alive, get) and bulk presence reads, made
-// with msgraph-sdk-go request builders over a kiota request adapter built here.
+// redirect with simultaneous ring, blind and consultative transfer, playPrompt, recordResponse,
+// tones, hold music, participants/invite, outbound calls, hang-up, keep-alive, get) and bulk
+// presence reads, made with msgraph-sdk-go request builders over a kiota request adapter built
+// here. Tokens come from a client secret or certificate, for the home tenant or, when
+// multi-tenant, for the tenant named by graph.WithTenantID.
 //
 // It is the only package that imports msgraph-sdk-go, and it imports only the SDK's
 // communications and models sub-packages: the root package costs minutes and gigabytes to build.
 // Results are translated into the SDK-free vocabulary of package graph, and every failed Graph
 // request becomes a *graph.Error.
 //
-// Requests are never retried here: the SDK's default RetryHandler is left out of the middleware
-// chain because a retried answer, transfer or redirect can act twice or miss Graph's 15 s
-// deadline (graph/WIRE.md, "Go SDK pitfalls"). Callers reconcile ambiguous failures.
+// The SDK's default RetryHandler is left out of the middleware chain: it repeats POSTs on 503
+// and 504, so a transfer that Graph did carry out could be sent twice, and an answer could wait
+// past Graph's 15 s deadline (graph/WIRE.md, "Go SDK pitfalls"). Retries are decided here
+// instead, per action (see RetryPolicyFor): idempotent actions are repeated after transient
+// failures, the others only when Graph certainly did not act (429, request never sent).
+// Callers reconcile ambiguous failures (graph.IsAmbiguous).
 package msgraph
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"time"
 
-	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
-	"github.com/Azure/azure-sdk-for-go/sdk/azcore/cloud"
-	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	absser "github.com/microsoft/kiota-abstractions-go/serialization"
 	kiotaauth "github.com/microsoft/kiota-authentication-azure-go"
 	khttp "github.com/microsoft/kiota-http-go"
@@ -44,6 +49,10 @@ const (
 	DefaultTimeout       = 10 * time.Second
 )
 
+// answerMargin is how much of Graph's 15 s answer deadline (graph.AnswerDeadline) callbot keeps
+// for itself: an answer still in flight after 14 s is abandoned.
+const answerMargin = time.Second
+
 // graphScope is the app-only scope of the client-credentials token.
 const graphScope = "https://graph.microsoft.com/.default"
 
@@ -52,8 +61,19 @@ const sdkVersion = "1.89.0"
 
 // Config configures a Client.
 type Config struct {
-	// TenantID, ClientID and ClientSecret identify the bot's Entra ID app registration.
-	TenantID, ClientID, ClientSecret string
+	// TenantID and ClientID identify the bot's Entra ID app registration (home tenant).
+	TenantID, ClientID string
+	// ClientSecret authenticates the app with a secret. Exactly one of ClientSecret and CertFile
+	// must be set.
+	ClientSecret string
+	// CertFile names a file holding the app's certificate and its private key (PEM, or PKCS#12
+	// when CertPassword is set), used to sign client assertions instead of sending a secret.
+	CertFile string
+	// CertPassword decrypts a PKCS#12 CertFile; empty for an unencrypted PEM file.
+	CertPassword string
+	// MultiTenant makes a request whose context names another tenant (graph.WithTenantID) use a
+	// token of that tenant; otherwise every request uses a token of TenantID.
+	MultiTenant bool
 	// AuthorityHost is the Entra ID authority, e.g. "https://login.microsoftonline.com/" (the
 	// default), or a simulator's https URL in tests.
 	AuthorityHost string
@@ -62,10 +82,14 @@ type Config struct {
 	// CAFile optionally names a PEM file of CAs trusted in addition to the system roots, for
 	// both the authority and Graph (a simulator's self-signed CA).
 	CAFile string
-	// Timeout is the deadline of each Graph request, token acquisition included; default 10s.
+	// Timeout bounds each action, retries and token acquisition included; default 10s. Answer
+	// is further bounded by 14 s (see Client.Answer).
 	Timeout time.Duration
-	// Logger receives debug lines about each request; nil means no logging.
+	// Logger receives debug lines about each request and warnings about failed ones; nil means
+	// no logging.
 	Logger *zap.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
 }
 
 // Client performs Graph call-control and presence requests. It is safe for concurrent use.
@@ -74,14 +98,30 @@ type Client struct {
 	comms   *communications.CommunicationsRequestBuilder
 	timeout time.Duration
 	log     *zap.Logger
+	now     func() time.Time
+	// sleep waits d or until ctx ends; replaced in tests.
+	sleep func(ctx context.Context, d time.Duration) error
+	// jitter returns a random duration in [0, d); replaced in tests.
+	jitter func(d time.Duration) time.Duration
+
+	answerLatency *LatencyHistogram
 }
 
 // New validates cfg and builds the token credential and the request adapter. It does no network
 // I/O: the first token is fetched by the first request and cached by azidentity until it nears
-// expiry.
+// expiry. Errors name the Config field at fault.
 func New(cfg Config) (*Client, error) {
-	if cfg.TenantID == "" || cfg.ClientID == "" || cfg.ClientSecret == "" {
-		return nil, errors.New("msgraph: tenant id, client id and client secret are all required")
+	switch {
+	case cfg.TenantID == "":
+		return nil, errors.New("msgraph: Config.TenantID is required")
+	case cfg.ClientID == "":
+		return nil, errors.New("msgraph: Config.ClientID is required")
+	case cfg.ClientSecret == "" && cfg.CertFile == "":
+		return nil, errors.New("msgraph: set one of Config.ClientSecret and Config.CertFile")
+	case cfg.ClientSecret != "" && cfg.CertFile != "":
+		return nil, errors.New("msgraph: Config.ClientSecret and Config.CertFile are both set, set only one")
+	case cfg.CertPassword != "" && cfg.CertFile == "":
+		return nil, errors.New("msgraph: Config.CertPassword is set without Config.CertFile")
 	}
 	if cfg.AuthorityHost == "" {
 		cfg.AuthorityHost = DefaultAuthorityHost
@@ -95,10 +135,13 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	if _, err := httpsURL("authority host", cfg.AuthorityHost); err != nil {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if _, err := httpsURL("Config.AuthorityHost", cfg.AuthorityHost); err != nil {
 		return nil, err
 	}
-	graphURL, err := httpsURL("graph url", cfg.GraphURL)
+	graphURL, err := httpsURL("Config.GraphURL", cfg.GraphURL)
 	if err != nil {
 		return nil, err
 	}
@@ -107,19 +150,13 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-
-	cred, err := azidentity.NewClientSecretCredential(cfg.TenantID, cfg.ClientID, cfg.ClientSecret,
-		&azidentity.ClientSecretCredentialOptions{
-			ClientOptions: azcore.ClientOptions{
-				Cloud:     cloud.Configuration{ActiveDirectoryAuthorityHost: cfg.AuthorityHost},
-				Transport: &http.Client{Transport: base, Timeout: cfg.Timeout},
-			},
-			// Instance discovery asks login.microsoftonline.com about the authority; with it
-			// off MSAL reads {authority}/{tenant}/v2.0/.well-known/openid-configuration.
-			DisableInstanceDiscovery: true,
-		})
+	newCred, err := credentialFactory(cfg, base)
 	if err != nil {
-		return nil, fmt.Errorf("msgraph: client secret credential: %w", err)
+		return nil, err
+	}
+	cred, err := newTenantCredentials(cfg.TenantID, cfg.MultiTenant, newCred)
+	if err != nil {
+		return nil, err
 	}
 	// The bearer token is attached only to requests for the Graph host.
 	auth, err := kiotaauth.NewAzureIdentityAuthenticationProviderWithScopesAndValidHosts(
@@ -132,7 +169,7 @@ func New(cfg Config) (*Client, error) {
 		auth,
 		core.GraphClientOptions{GraphServiceLibraryVersion: sdkVersion},
 		parseNodeFactories(), serializationWriterFactories(),
-		graphHTTPClient(base, cfg.Timeout))
+		graphHTTPClient(traceTransport{base}, cfg.Timeout))
 	if err != nil {
 		return nil, fmt.Errorf("msgraph: request adapter: %w", err)
 	}
@@ -141,10 +178,30 @@ func New(cfg Config) (*Client, error) {
 	return &Client{
 		// Built with empty path parameters so every child builder expands "{+baseurl}" from the
 		// adapter; NewCommunicationsRequestBuilder(rawUrl) would pin all children to rawUrl.
-		comms:   communications.NewCommunicationsRequestBuilderInternal(map[string]string{}, adapter),
-		timeout: cfg.Timeout,
-		log:     cfg.Logger,
+		comms:         communications.NewCommunicationsRequestBuilderInternal(map[string]string{}, adapter),
+		timeout:       cfg.Timeout,
+		log:           cfg.Logger,
+		now:           cfg.Now,
+		sleep:         sleepCtx,
+		jitter:        func(d time.Duration) time.Duration { return rand.N(d) },
+		answerLatency: NewLatencyHistogram(AnswerLatencyBuckets...),
 	}, nil
+}
+
+// AnswerLatency is the histogram of successful answers' latency: from when callbot first saw
+// the incoming call (graph.WithIncomingAt on the answer's context) or else from the start of
+// Client.Answer, to Graph's 202.
+func (c *Client) AnswerLatency() *LatencyHistogram { return c.answerLatency }
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }
 
 func httpsURL(what, s string) (*url.URL, error) {
