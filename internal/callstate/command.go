@@ -19,7 +19,7 @@ const (
 	CmdCancelMedia
 	CmdTransfer
 	CmdHangup
-	CmdCheckTransfer // read the call from Graph: is a transfer failure about the current attempt?
+	CmdCheckCall // read the call's state from Graph (EvCallState), when a notification may be lost or stale
 
 	CmdEnqueue      // put the call in Queue at Score
 	CmdLeaveQueue   // take the call out of Queue
@@ -28,7 +28,7 @@ const (
 )
 
 var commandNames = [...]string{"", "answer", "reject", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
-	"transfer", "hangup", "checkTransfer", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
+	"transfer", "hangup", "checkCall", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
 
 func (k CommandKind) String() string {
 	if int(k) < len(commandNames) {
@@ -38,7 +38,7 @@ func (k CommandKind) String() string {
 }
 
 // Graph reports whether the command is sent to Graph.
-func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdCheckTransfer }
+func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdCheckCall }
 
 // AgentOutcome says how an offer to an agent ended.
 type AgentOutcome string

@@ -102,12 +102,22 @@ func (d *decision) apply(ev Event) error {
 		*c = Call{ID: in.GraphID, Tenant: in.TenantID, State: StateAnswering, Caller: in.Caller,
 			Dialled: in.Dialled, ChainID: in.ChainID, Scenario: in.ScenarioID, CreatedAt: d.env.Now}
 		d.emit(Command{Kind: CmdAnswer, Answer: graph.AnswerRequest{CallbackURI: d.env.CallbackURI, PrefetchMedia: d.env.Flow.AllPrompts()}})
+		d.timer(TimerAnswer, answerCheck)
 		return nil
 
 	case EvEstablished:
-		c.AnsweredAt = d.env.Now
-		d.emit(Command{Kind: CmdSubscribeToTone, ClientContext: "t" + strconv.FormatInt(d.next(), 10)})
-		d.menuStep(d.env.Flow.Begin())
+		d.established()
+		return nil
+
+	case EvCallState:
+		switch {
+		case c.State == StateAnswering && ev.GraphState == graph.CallEstablished:
+			d.established()
+		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished:
+			d.transferFailed()
+		default:
+			return ErrIgnored // Graph agrees with callbot, or has not decided yet
+		}
 		return nil
 
 	case EvTone:
@@ -132,7 +142,7 @@ func (d *decision) apply(ev Event) error {
 				// never loop on a prompt Graph refuses: try the hold music again in a while
 				d.timer(TimerHold, 5*time.Second)
 			} else {
-				d.play(d.holdMusic())
+				d.hold(nil)
 			}
 		case StateTerminating:
 			d.emit(Command{Kind: CmdHangup})
@@ -153,7 +163,7 @@ func (d *decision) apply(ev Event) error {
 			d.menuStep(d.env.Flow.NoInput(c.Menu))
 		case StateQueued:
 			if ev.Timer == TimerHold {
-				d.play(d.holdMusic())
+				d.hold(nil)
 				return nil
 			}
 			if ev.Timer != TimerMaxWait {
@@ -167,11 +177,16 @@ func (d *decision) apply(ev Event) error {
 				act = q.OnTimeout
 			}
 			d.act(act, nil)
+		case StateAnswering:
+			d.emit(Command{Kind: CmdCheckCall})
+			d.timer(TimerAnswer, answerCheck)
 		case StateTransferring:
 			if ev.Timer != TimerTransfer {
 				return ErrIgnored
 			}
-			d.transferFailed()
+			// no outcome in time: ask Graph (a lost notification), and keep watching
+			d.emit(Command{Kind: CmdCheckCall})
+			d.timer(TimerTransfer, d.env.TransferTimeout)
 		case StateTerminating:
 			d.c.PromptCtx = ""
 			d.emit(Command{Kind: CmdHangup})
@@ -196,7 +211,7 @@ func (d *decision) apply(ev Event) error {
 		if !ev.Verified {
 			// A failure notification does not say which attempt it is about, and one from an
 			// earlier attempt may arrive late or twice: ask Graph where the call is now.
-			d.emit(Command{Kind: CmdCheckTransfer})
+			d.emit(Command{Kind: CmdCheckCall})
 			return nil
 		}
 		d.transferFailed()
@@ -211,6 +226,30 @@ func (d *decision) apply(ev Event) error {
 		return nil
 	}
 	return ErrIgnored
+}
+
+// Guards against lost notifications: Graph does not promise delivery, and a caller must never
+// wait in silence for a notification that will not come.
+const (
+	answerCheck = 10 * time.Second // no established this long after answer: ask Graph
+	promptGuard = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
+	holdGuard   = 10 * time.Minute // hold music's end not reported: play it again after this
+)
+
+// established starts the IVR once the call is up.
+func (d *decision) established() {
+	d.c.AnsweredAt = d.env.Now
+	d.emit(Command{Kind: CmdSubscribeToTone, ClientContext: "t" + strconv.FormatInt(d.next(), 10)})
+	d.menuStep(d.env.Flow.Begin())
+}
+
+// hold plays pre and then the queue's hold music, with a guard timer that plays it again if its
+// end is never reported.
+func (d *decision) hold(pre []graph.MediaPrompt) {
+	d.play(append(pre, d.holdMusic()...))
+	if d.c.PromptCtx != "" {
+		d.timer(TimerHold, holdGuard)
+	}
 }
 
 func (d *decision) menuTimeout() time.Duration {
@@ -236,6 +275,8 @@ func (d *decision) menuStep(st ivr.Step) {
 		d.play(st.Prompts)
 		if len(st.Prompts) == 0 {
 			d.timer(TimerMenu, d.menuTimeout())
+		} else {
+			d.timer(TimerMenu, d.menuTimeout()+promptGuard) // re-armed when the prompt's end is reported
 		}
 		return
 	}
@@ -255,13 +296,13 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		q := d.env.Flow.Queues[a.Target]
 		c.State, c.Queue, c.QueuedAt = StateQueued, a.Target, d.env.Now
 		c.QueueScore = d.env.Now.UnixMilli()
+		c.Timers = nil
 		ps := pre
 		if q != nil {
-			ps = append(ps, d.prompts(q.Welcome, q.Hold)...)
+			ps = append(ps, d.prompts(q.Welcome)...)
 		}
-		d.play(ps)
+		d.hold(ps)
 		d.emit(Command{Kind: CmdEnqueue, Queue: a.Target, Score: c.QueueScore})
-		c.Timers = nil
 		if q != nil && q.MaxWait > 0 {
 			d.timer(TimerMaxWait, q.MaxWait)
 		}
@@ -294,7 +335,7 @@ func (d *decision) transferFailed() {
 		c.Agent = ""
 		c.State = StateQueued
 		c.Timers = nil
-		d.play(d.holdMusic())
+		d.hold(nil)
 		d.emit(Command{Kind: CmdEnqueue, Queue: c.Queue, Score: c.QueueScore})
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.MaxWait > 0 {
 			left := q.MaxWait - d.env.Now.Sub(c.QueuedAt)

@@ -87,6 +87,9 @@ func step(t *testing.T, env Env, evs ...Event) (Call, [][]Command) {
 	var c Call
 	var all [][]Command
 	for _, ev := range evs {
+		if ev.Kind == EvPromptDone && ev.ClientContext == "*" {
+			ev.ClientContext = c.PromptCtx // the prompt the call is waiting for
+		}
 		next, cmds, err := Decide(c, ev, env)
 		if err != nil && !errors.Is(err, ErrIgnored) {
 			t.Fatalf("%s in %s: %v", ev.Kind, c.State, err)
@@ -113,17 +116,17 @@ func TestHappyPathToAgent(t *testing.T) {
 	c, cmds := step(t, env,
 		incoming,
 		Event{Kind: EvEstablished},
-		Event{Kind: EvPromptDone, ClientContext: "p2"},
+		Event{Kind: EvPromptDone, ClientContext: "*"},
 		Event{Kind: EvTone, Digit: "1", Seq: 1},
 		Event{Kind: EvAgentOffer, Agent: "11111111-0000-4000-8000-000000000001"},
 		Event{Kind: EvTransferAccepted},
 		Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 0, Subcode: 7015}},
 	)
 	want := [][]string{
-		{"answer"},
-		{"subscribeToTone", "playPrompt"},
-		{"setTimer"},
-		{"playPrompt", "enqueue", "setTimer"},
+		{"answer", "setTimer"},                        // answer, and ask Graph if established does not come
+		{"subscribeToTone", "playPrompt", "setTimer"}, // greeting + menu, with a guard if its end is lost
+		{"setTimer"}, // the menu prompt ended: no-input timer
+		{"playPrompt", "setTimer", "enqueue", "setTimer"}, // hold music and its guard, queue, max wait
 		{"transfer", "setTimer"},
 		nil,
 		{"releaseAgent"},
@@ -142,11 +145,14 @@ func TestHappyPathToAgent(t *testing.T) {
 	if diff := cmp.Diff(cmds[1][1].Prompts, []graph.MediaPrompt{prompt("welcome"), prompt("menu")}); diff != "" {
 		t.Errorf("first prompts (-got +want):\n%s", diff)
 	}
+	if cmds[1][2].Timer != TimerMenu || cmds[1][2].After != 4*time.Second+promptGuard {
+		t.Errorf("menu guard = %+v", cmds[1][2])
+	}
 	if cmds[2][0].Timer != TimerMenu || cmds[2][0].After != 4*time.Second {
 		t.Errorf("menu timer = %+v", cmds[2][0])
 	}
-	if cmds[3][1].Queue != "sales" || cmds[3][1].Score != t0.UnixMilli() {
-		t.Errorf("enqueue = %+v", cmds[3][1])
+	if cmds[3][2].Queue != "sales" || cmds[3][2].Score != t0.UnixMilli() {
+		t.Errorf("enqueue = %+v", cmds[3][2])
 	}
 	if tr := cmds[4][0]; tr.Target != (graph.Party{Kind: graph.KindUser, ID: "11111111-0000-4000-8000-000000000001"}) {
 		t.Errorf("transfer target = %+v", tr.Target)
@@ -170,10 +176,10 @@ func TestTransferFailedBackToHeadOfQueue(t *testing.T) {
 	}
 	// a failure notification is first checked against Graph: it may belong to an earlier attempt
 	c2b, check, err := Decide(c2, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
-	if err != nil || c2b.State != StateTransferring || len(check) != 1 || check[0].Kind != CmdCheckTransfer {
+	if err != nil || c2b.State != StateTransferring || len(check) != 1 || check[0].Kind != CmdCheckCall {
 		t.Fatalf("unverified failure: %s %v %v, want a check and no change", c2b.State, kinds(check), err)
 	}
-	c3, cmds3, err := Decide(c2b, Event{Kind: EvTransferFailed, Verified: true, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+	c3, cmds3, err := Decide(c2b, Event{Kind: EvCallState, GraphState: graph.CallEstablished}, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,20 +188,20 @@ func TestTransferFailedBackToHeadOfQueue(t *testing.T) {
 	if c3.State != StateQueued || c3.Agent != "" {
 		t.Fatalf("after failure: %s agent %q", c3.State, c3.Agent)
 	}
-	if diff := cmp.Diff(kinds(cmds3), []string{"releaseAgent", "playPrompt", "enqueue", "setTimer"}); diff != "" {
+	if diff := cmp.Diff(kinds(cmds3), []string{"releaseAgent", "playPrompt", "setTimer", "enqueue", "setTimer"}); diff != "" {
 		t.Errorf("commands (-got +want):\n%s", diff)
 	}
-	if cmds3[0].AgentOutcome != AgentFailed || cmds3[2].Score != score {
-		t.Errorf("release %+v, requeue score %d want the original %d", cmds3[0], cmds3[2].Score, score)
+	if cmds3[0].AgentOutcome != AgentFailed || cmds3[3].Score != score {
+		t.Errorf("release %+v, requeue score %d want the original %d", cmds3[0], cmds3[3].Score, score)
 	}
-	if cmds3[3].Timer != TimerMaxWait || cmds3[3].After != 90*time.Second {
-		t.Errorf("max wait re-armed for %v, want what is left (90s)", cmds3[3].After)
+	if cmds3[4].Timer != TimerMaxWait || cmds3[4].After != 90*time.Second {
+		t.Errorf("max wait re-armed for %v, want what is left (90s)", cmds3[4].After)
 	}
 }
 
 func TestDuplicatesAndStaleEventsChangeNothing(t *testing.T) {
 	env := testEnv(t)
-	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvPromptDone, ClientContext: "p2"})
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvPromptDone, ClientContext: "*"})
 	for _, ev := range []Event{
 		{Kind: EvEstablished},                       // repeated established
 		{Kind: EvPromptDone, ClientContext: "p2"},   // repeated completion
@@ -224,17 +230,17 @@ func TestInvalidKeyThenNoInputFallsBackToQueue(t *testing.T) {
 	if c.State != StateInMenu || c.Menu.Attempts != 1 {
 		t.Fatalf("after invalid key: %s %+v", c.State, c.Menu)
 	}
-	if diff := cmp.Diff(kinds(cmds[2]), []string{"cancelMediaProcessing", "playPrompt"}); diff != "" {
+	if diff := cmp.Diff(kinds(cmds[2]), []string{"cancelMediaProcessing", "playPrompt", "setTimer"}); diff != "" {
 		t.Errorf("barge-in commands (-got +want):\n%s", diff)
 	}
 	if diff := cmp.Diff(cmds[2][1].Prompts, []graph.MediaPrompt{prompt("invalid"), prompt("menu")}); diff != "" {
 		t.Errorf("replay (-got +want):\n%s", diff)
 	}
-	c, cmds2, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	c, _, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, _, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: cmds2[0].Token}, env)
+	c, _, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: c.Timers[TimerMenu]}, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,8 +320,8 @@ func TestRefusedHoldMusicRetriedLater(t *testing.T) {
 	}
 	maxWait := c.Timers[TimerMaxWait]
 	c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: cmds[0].Token}, env)
-	if err != nil || len(cmds) != 1 || cmds[0].Kind != CmdPlayPrompt {
-		t.Errorf("hold timer: %v %v, want the hold music again", kinds(cmds), err)
+	if err != nil || len(cmds) != 2 || cmds[0].Kind != CmdPlayPrompt {
+		t.Errorf("hold timer: %v %v, want the hold music again (and its guard)", kinds(cmds), err)
 	}
 	// the queue's max wait still runs beside the hold timer
 	c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: maxWait}, env)

@@ -163,6 +163,9 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 // died) is re-driven by RunOutbox on any instance.
 func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) (bool, error) {
 	log := m.cfg.Log.With(zap.String("call_id", callKey), zap.String("tenant_id", tenant), zap.Stringer("event", ev.Kind))
+	if s := graph.ScenarioID(ctx); s != "" {
+		log = log.With(zap.String("scenario_id", s))
+	}
 	for attempt := 0; attempt < 16; attempt++ {
 		var cur Call
 		if ev.Kind != EvIncoming {
@@ -335,8 +338,8 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		err = cc.Transfer(ctx, c.ID, cmd.Target, cmd.ClientContext)
 	case CmdHangup:
 		err = cc.Hangup(ctx, c.ID)
-	case CmdCheckTransfer:
-		m.reconcileTransfer(c, scenario, cmd, log)
+	case CmdCheckCall:
+		m.checkCall(c, scenario, log)
 		return
 	}
 	key := graph.CallKey(c.ID)
@@ -356,7 +359,8 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// ambiguous (timeout, 5xx, 429): the answer may have been taken; Graph says which by
 			// sending established, or terminated when its 15 s deadline passes
 		case cmd.Kind == CmdTransfer && !definitive(err):
-			m.reconcileTransfer(c, scenario, cmd, log)
+			// Graph may have taken it: do not send it again, ask where the call is
+			m.checkCall(c, scenario, log)
 		case cmd.Kind == CmdTransfer:
 			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true})
 		case cmd.Kind == CmdPlayPrompt:
@@ -370,25 +374,33 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	}
 }
 
-// reconcileTransfer asks Graph where a call is after a transfer failure notification (which
-// may belong to an earlier attempt) or a transfer request that failed ambiguously (timeout,
-// 5xx: Graph may have taken it). A call established again was not transferred: the failure is
-// verified and the caller goes back to the queue. A call transferring, or gone, is left to the
-// notifications (and the transfer timer).
-func (m *Machine) reconcileTransfer(c Call, scenario string, cmd Command, log *zap.Logger) {
-	ctx, cancel := context.WithTimeout(graph.WithScenarioID(context.Background(), scenario), m.cfg.CommandTimeout)
+// checkCall reads the call's state from Graph and feeds it back (EvCallState), when callbot
+// doubts a notification: a transfer failure that may belong to an earlier attempt, a transfer
+// request that failed ambiguously (Graph may have taken it), a transfer or an answer with no
+// outcome in time (a notification may be lost). A call Graph no longer has is ended; how it
+// ended (transferred, caller gone) is what its terminated notification says, when it comes.
+func (m *Machine) checkCall(c Call, scenario string, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), m.cfg.CommandTimeout)
 	defer cancel()
 	st, err := m.cfg.Control.GetCall(ctx, c.ID)
 	key := graph.CallKey(c.ID)
+	var ev Event
 	switch {
+	case errors.Is(err, graph.ErrCallGone) && c.State == StateTransferring:
+		// transferred, or the caller left while it rang: the terminated notification says
+		// which (and the reconciler ends the call if that notification never comes)
+		log.Info("call gone from Graph during a transfer; waiting for its terminated notification")
+		return
 	case errors.Is(err, graph.ErrCallGone):
-		log.Info("call gone from Graph after a transfer; its terminated notification says how it ended")
+		ev = Event{Kind: EvEnded, Reason: "gone from graph"}
 	case err != nil:
-		log.Warn("transfer outcome unknown; the transfer timer will decide", zap.Error(err))
-	case st == graph.CallEstablished:
-		m.Handle(context.Background(), c.Tenant, key, Event{Kind: EvTransferFailed, Reason: "call established again", Verified: true})
+		log.Warn("cannot read the call from Graph; its timers will ask again", zap.Error(err))
+		return
 	default:
-		log.Info("transfer request failed ambiguously but Graph has the call in " + string(st) + "; waiting for notifications")
+		ev = Event{Kind: EvCallState, GraphState: st}
+	}
+	if _, err := m.Handle(context.Background(), c.Tenant, key, ev); err != nil {
+		log.Error("apply call state from Graph", zap.Error(err))
 	}
 }
 

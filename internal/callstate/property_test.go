@@ -128,9 +128,13 @@ func (m *model) command(cmd Command) {
 		}
 	case CmdSetTimer:
 		m.timers[cmd.Timer] = cmd.Token
-	case CmdCheckTransfer:
-		if m.graph == graph.CallEstablished {
-			m.apply(Event{Kind: EvTransferFailed, Verified: true})
+	case CmdCheckCall: // as Machine.checkCall
+		switch {
+		case m.graph == graph.CallTerminated && m.c.State == StateTransferring:
+		case m.graph == graph.CallTerminated:
+			m.apply(Event{Kind: EvEnded, Reason: "gone from graph"})
+		default:
+			m.apply(Event{Kind: EvCallState, GraphState: m.graph})
 		}
 	}
 }

@@ -48,11 +48,12 @@ const (
 	EvTransferFailed                        // Graph: established again with a failure result, or the transfer request failed
 	EvEnded                                 // Graph: terminated / deleted, or the call is gone (404)
 	EvCommandFailed                         // a Graph command other than transfer failed
+	EvCallState                             // the call\'s state as read from Graph (GET), after a doubt
 	EvTransferring                          // Graph: state transferring (it took the transfer request)
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
-	"transfer_accepted", "transfer_failed", "ended", "command_failed"}
+	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {
@@ -69,7 +70,8 @@ const (
 	TimerMenu     TimerKind = "menu"     // no input in a menu
 	TimerMaxWait  TimerKind = "maxwait"  // a queue's max-wait
 	TimerTransfer TimerKind = "transfer" // no transfer outcome from Graph in time
-	TimerHold     TimerKind = "hold"     // hold music could not play: try again later
+	TimerHold     TimerKind = "hold"     // hold music could not play, or its end was never reported: play it again
+	TimerAnswer   TimerKind = "answer"   // no established after answer: ask Graph
 )
 
 // Event is the input of the machine.
@@ -88,6 +90,8 @@ type Event struct {
 	TimerToken int64
 	// Agent reserved for the call (EvAgentOffer).
 	Agent string
+	// GraphState is the call's state read from Graph (EvCallState).
+	GraphState graph.CallState
 	// Verified: a transfer failure known to be about the current attempt (the request was
 	// refused, or Graph shows the call established again), not a late or repeated notification.
 	Verified bool

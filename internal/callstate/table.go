@@ -15,6 +15,8 @@ var Transitions = []Transition{
 
 	{StateAnswering, EvEstablished, StateInMenu},
 	{StateAnswering, EvCommandFailed, StateTerminated}, // answer refused by Graph
+	{StateAnswering, EvTimeout, StateAnswering},        // no established yet: ask Graph
+	{StateAnswering, EvCallState, StateInMenu},         // Graph has it established: the notification was lost
 
 	{StateInMenu, EvPromptDone, StateInMenu}, // menu prompt over: no-input timer starts
 	{StateInMenu, EvTone, StateInMenu},       // invalid key, replay; or a submenu
@@ -28,7 +30,7 @@ var Transitions = []Transition{
 
 	{StateQueued, EvPromptDone, StateQueued}, // hold music loops
 	{StateQueued, EvAgentOffer, StateTransferring},
-	{StateQueued, EvTimeout, StateQueued}, // max wait: another queue
+	{StateQueued, EvTimeout, StateQueued}, // max wait: another queue; hold music again
 	{StateQueued, EvTimeout, StateTransferring},
 	{StateQueued, EvTimeout, StateTerminating},
 
@@ -36,8 +38,9 @@ var Transitions = []Transition{
 	{StateTransferring, EvTransferAccepted, StateTransferring},
 	{StateTransferring, EvTransferFailed, StateQueued}, // back to the head of the queue
 	{StateTransferring, EvTransferFailed, StateInMenu}, // a direct transfer from the menu failed
-	{StateTransferring, EvTimeout, StateQueued},        // no outcome from Graph in time
-	{StateTransferring, EvTimeout, StateInMenu},
+	{StateTransferring, EvTimeout, StateTransferring},  // no outcome from Graph in time: ask Graph
+	{StateTransferring, EvCallState, StateQueued},      // Graph has it established again: the transfer failed
+	{StateTransferring, EvCallState, StateInMenu},
 
 	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
 	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway
