@@ -60,10 +60,18 @@ type bot struct {
 	handler    http.Handler
 	instance   string
 	draining   atomic.Bool
+	metrics    *metrics
 }
 
 func newBot(ctx context.Context, d botDeps) (*bot, error) {
-	b := &bot{deps: d, instance: cmp.Or(d.Instance, randomID())}
+	b := &bot{deps: d, instance: cmp.Or(d.Instance, randomID()), metrics: newMetrics()}
+	onEnd := d.OnEnd
+	d.OnEnd = func(c callstate.Call) {
+		b.metrics.callEnded(c)
+		if onEnd != nil {
+			onEnd(c)
+		}
+	}
 	b.queues = queue.NewStore(d.Redis, d.KeyPrefix)
 	b.queues.FailCooldown = cmp.Or(d.FailCooldown, 10*time.Second)
 	b.queues.ConnectedGuard = cmp.Or(d.ConnectedGuard, 2*d.PresenceEvery)
@@ -97,6 +105,7 @@ func (b *bot) routes() http.Handler {
 	webhook := &graph.Webhook{Auth: b.deps.Auth, Sink: b.machine, Log: b.deps.Log.Named("webhook")}
 	r.Post("/api/calls", webhook.ServeHTTP)
 	r.Post("/api/calls/*", webhook.ServeHTTP) // room for an instance-affinity hint in the callback path
+	r.Get("/metrics", b.serveMetrics)
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	r.Get("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)

@@ -4,11 +4,16 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph/graphsim"
 )
 
 func TestConfigErrorsNameTheVariable(t *testing.T) {
@@ -98,6 +103,27 @@ func TestOnlyAdapterImportsSDK(t *testing.T) {
 	for _, d := range strings.Fields(string(deps)) {
 		if d == "github.com/microsoftgraph/msgraph-sdk-go" {
 			t.Error("cmd/callbot imports the root msgraph-sdk-go package")
+		}
+	}
+}
+
+func TestMetricsAfterACall(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 15*time.Second)
+	time.Sleep(200 * time.Millisecond) // the call's end is applied just after the caller sees it
+	resp, err := http.Get(w.botURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{
+		`callbot_calls_ended_total{outcome="transferred"} 1`,
+		`callbot_queue_waiting{queue="sales"} 0`,
+		`callbot_answer_latency_seconds_count 1`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q:\n%s", want, body)
 		}
 	}
 }

@@ -1,0 +1,90 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph/msgraph"
+)
+
+// metrics are the figures `GET /metrics` exposes in the Prometheus text format. They are this
+// instance's counts since it started; sum them across instances.
+type metrics struct {
+	mu    sync.Mutex
+	ended map[string]uint64 // calls that ended through this instance, by outcome
+}
+
+func newMetrics() *metrics { return &metrics{ended: map[string]uint64{}} }
+
+func (m *metrics) callEnded(c callstate.Call) {
+	m.mu.Lock()
+	m.ended[c.Outcome]++
+	m.mu.Unlock()
+}
+
+// answerLatency is implemented by the Graph client (msgraph) that measures it.
+type answerLatency interface {
+	AnswerLatency() *msgraph.LatencyHistogram
+}
+
+func (b *bot) serveMetrics(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	b.writeMetrics(ctx, w)
+}
+
+func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
+	m := b.metrics
+	m.mu.Lock()
+	outcomes := make([]string, 0, len(m.ended))
+	for o := range m.ended {
+		outcomes = append(outcomes, o)
+	}
+	sort.Strings(outcomes)
+	fmt.Fprintln(w, "# HELP callbot_calls_ended_total Calls that ended through this instance, by outcome.")
+	fmt.Fprintln(w, "# TYPE callbot_calls_ended_total counter")
+	for _, o := range outcomes {
+		fmt.Fprintf(w, "callbot_calls_ended_total{outcome=%q} %d\n", o, m.ended[o])
+	}
+	m.mu.Unlock()
+
+	counter := func(name, help string, v int64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
+	}
+	counter("callbot_outbox_redriven_total", "Commands re-driven from outboxes an instance left unacknowledged.", b.machine.Redriven.Load())
+	counter("callbot_outbox_skipped_total", "Re-driven commands skipped because Graph showed they had taken effect.", b.machine.Skipped.Load())
+	counter("callbot_calls_closed_total", "Calls the reconciler ended because Graph no longer knew them.", b.machine.Closed.Load())
+
+	fmt.Fprintln(w, "# HELP callbot_queue_waiting Callers waiting in each queue.")
+	fmt.Fprintln(w, "# TYPE callbot_queue_waiting gauge")
+	ids := make([]string, 0, len(b.deps.Flow.Queues))
+	for id := range b.deps.Flow.Queues {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		if waiting, err := b.queues.Waiting(ctx, b.deps.TenantID, id); err == nil {
+			fmt.Fprintf(w, "callbot_queue_waiting{queue=%q} %d\n", id, len(waiting))
+		}
+	}
+
+	if al, ok := b.deps.Graph.(answerLatency); ok {
+		s := al.AnswerLatency().Snapshot()
+		fmt.Fprintln(w, "# HELP callbot_answer_latency_seconds Time from the incoming notification to Graph accepting the answer (Graph's deadline is 15 s).")
+		fmt.Fprintln(w, "# TYPE callbot_answer_latency_seconds histogram")
+		for i, n := range s.Cumulative() {
+			fmt.Fprintf(w, "callbot_answer_latency_seconds_bucket{le=\"%g\"} %d\n", s.Bounds[i].Seconds(), n)
+		}
+		fmt.Fprintf(w, "callbot_answer_latency_seconds_bucket{le=\"+Inf\"} %d\n", s.Count)
+		fmt.Fprintf(w, "callbot_answer_latency_seconds_sum %g\n", s.Sum.Seconds())
+		fmt.Fprintf(w, "callbot_answer_latency_seconds_count %d\n", s.Count)
+	}
+}
