@@ -1,6 +1,7 @@
 package callstate
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -407,26 +408,33 @@ func (m *Machine) checkCall(c Call, scenario string, log *zap.Logger) {
 // RunOutbox re-drives, every interval until ctx ends, the commands of calls whose outbox lease
 // ran out: commands an instance saved and did not acknowledge, because it died or lost Redis.
 func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
-	if every <= 0 {
-		every = time.Second
-	}
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	repeat(ctx, cmp.Or(every, time.Second), false, func() {
 		keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
 		if err != nil {
 			if ctx.Err() == nil {
 				m.cfg.Log.Warn("claim outboxes", zap.Error(err))
 			}
-			continue
+			return
 		}
 		for _, key := range keys {
 			m.Redrive(ctx, key, score)
+		}
+	})
+}
+
+// repeat calls f every interval until ctx ends (at once first when now is set).
+func repeat(ctx context.Context, every time.Duration, now bool, f func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		if now {
+			f()
+		}
+		now = true
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
 	}
 }
@@ -523,17 +531,7 @@ func definitive(err error) bool {
 
 // RunTimers claims due timers and applies them until ctx ends.
 func (m *Machine) RunTimers(ctx context.Context, every time.Duration) {
-	if every <= 0 {
-		every = 100 * time.Millisecond
-	}
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	repeat(ctx, cmp.Or(every, 100*time.Millisecond), false, func() {
 		for {
 			due, err := m.cfg.Timers.Claim(ctx, m.cfg.Now(), 30*time.Second, 100)
 			if err != nil {
@@ -554,7 +552,7 @@ func (m *Machine) RunTimers(ctx context.Context, every time.Duration) {
 				break
 			}
 		}
-	}
+	})
 }
 
 // Offer hands a caller the dispatcher took from a queue to an agent it reserved. It returns
@@ -655,16 +653,9 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 
 // RunReconcile reconciles at once and then every interval until ctx ends.
 func (m *Machine) RunReconcile(ctx context.Context, every time.Duration) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
+	repeat(ctx, every, true, func() {
 		if err := m.Reconcile(ctx); err != nil && ctx.Err() == nil {
 			m.cfg.Log.Warn("reconcile", zap.Error(err))
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
+	})
 }
