@@ -56,6 +56,15 @@ func TestConfigDefaults(t *testing.T) {
 	if !o.IsClusterMode || len(o.Addrs) != 2 {
 		t.Errorf("a list of addresses must mean Redis Cluster: %+v", o)
 	}
+	o, err = redisOptions("sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/callbot?db=2")
+	if err != nil || o.MasterName != "callbot" || len(o.Addrs) != 2 || o.Password != "pw" || o.DB != 2 || o.IsClusterMode {
+		t.Errorf("sentinel URL: %+v %v", o, err)
+	}
+	for _, bad := range []string{"sentinel://10.0.0.1:26379", "sentinel://nohost/m", "unix:///tmp/r.sock", "redis://:bad port"} {
+		if _, err := redisOptions(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
 }
 
 func TestValidate(t *testing.T) {

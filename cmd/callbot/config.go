@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -50,7 +51,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_TOKEN_ISSUERS", strings.Join(graph.DefaultIssuers, ","), "comma-separated issuers accepted on callback tokens"},
 	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID)"},
 	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority and the OpenID metadata"},
-	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., or a comma-separated list of cluster node addresses (required)"},
+	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., sentinel://[:pass@]host:port,host:port/master[?db=N], or a comma-separated list of cluster node addresses (required)"},
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
@@ -235,6 +236,9 @@ func redisOptions(s string) (*redis.UniversalOptions, error) {
 	if strings.HasPrefix(s, "unix://") {
 		return nil, errors.New("unix sockets are not supported; use redis://host:port")
 	}
+	if rest, ok := strings.CutPrefix(s, "sentinel://"); ok {
+		return sentinelOptions(rest)
+	}
 	if strings.HasPrefix(s, "redis://") || strings.HasPrefix(s, "rediss://") {
 		o, err := redis.ParseURL(s)
 		if err != nil {
@@ -253,4 +257,43 @@ func redisOptions(s string) (*redis.UniversalOptions, error) {
 		return nil, errors.New("no address")
 	}
 	return &redis.UniversalOptions{Addrs: addrs, IsClusterMode: true}, nil
+}
+
+// sentinelOptions reads "[:password@]host:port[,host:port...]/master[?db=N]": the Sentinels'
+// addresses and the name of the master they watch.
+func sentinelOptions(s string) (*redis.UniversalOptions, error) {
+	o := &redis.UniversalOptions{}
+	if at := strings.LastIndex(s, "@"); at >= 0 {
+		o.Password = strings.TrimPrefix(s[:at], ":")
+		s = s[at+1:]
+	}
+	hosts, rest, ok := strings.Cut(s, "/")
+	if !ok || rest == "" {
+		return nil, errors.New("sentinel URL needs the master name: sentinel://host:port,host:port/master")
+	}
+	master, query, _ := strings.Cut(rest, "?")
+	o.MasterName = master
+	if query != "" {
+		q, err := url.ParseQuery(query)
+		if err != nil {
+			return nil, err
+		}
+		if db := q.Get("db"); db != "" {
+			n, err := strconv.Atoi(db)
+			if err != nil || n < 0 {
+				return nil, fmt.Errorf("db %q is not a database number", db)
+			}
+			o.DB = n
+		}
+	}
+	o.Addrs = splitList(hosts)
+	for _, a := range o.Addrs {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return nil, fmt.Errorf("sentinel address %q is not host:port", a)
+		}
+	}
+	if len(o.Addrs) == 0 {
+		return nil, errors.New("no sentinel address")
+	}
+	return o, nil
 }

@@ -4,6 +4,7 @@
 //
 //	callbot serve           production mode, configured from the environment
 //	callbot demo            callbot with its Graph simulator and embedded Redis, placing calls
+//	callbot graphsim        the Graph simulator alone, for a real callbot to talk to
 //	callbot validate FILE   check a flow file, printing every problem with its line
 package main
 
@@ -37,6 +38,7 @@ const usage = `usage: callbot <command> [arguments]
 commands:
   serve            run callbot (configuration from CALLBOT_* environment variables)
   demo             run callbot against its built-in Graph simulator and embedded Redis
+  graphsim         run the Graph simulator alone, with its control API (see docs/graphsim.md)
   validate FILE    check a flow file and print every error with its line
 `
 
@@ -50,6 +52,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runServe(ctx, args[1:], getenv, stdout, stderr)
 	case "demo":
 		return runDemo(ctx, args[1:], stdout, stderr)
+	case "graphsim":
+		return runGraphsim(ctx, args[1:], stdout, stderr)
 	case "validate":
 		return runValidate(args[1:], stdout)
 	case "help", "-h", "--help":

@@ -2,6 +2,7 @@ package graphsim
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"slices"
 	"strings"
@@ -32,6 +33,19 @@ func (a AgentAnswer) String() string {
 	return "unknown"
 }
 
+// ParseAgentAnswer reads "accept", "decline" or "no-answer" (any case; "" is accept).
+func ParseAgentAnswer(s string) (AgentAnswer, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", "accept":
+		return AgentAccept, nil
+	case "decline":
+		return AgentDecline, nil
+	case "no-answer", "noanswer":
+		return AgentNoAnswer, nil
+	}
+	return 0, fmt.Errorf("%q is not accept, decline or no-answer", s)
+}
+
 // AgentSpec describes a Teams user who can take calls.
 type AgentSpec struct {
 	ID, DisplayName string
@@ -45,13 +59,13 @@ type AgentSpec struct {
 
 // AgentStats counts what happened to an agent.
 type AgentStats struct {
-	Offered  int // transfers and redirects that rang this agent
-	Accepted int
-	Declined int
-	Missed   int // offers that rang out (AgentNoAnswer)
+	Offered  int `json:"offered"` // transfers and redirects that rang this agent
+	Accepted int `json:"accepted"`
+	Declined int `json:"declined"`
+	Missed   int `json:"missed"` // offers that rang out (AgentNoAnswer)
 	// MaxConcurrentOffers is the most offers ringing or connected to this agent at the same
 	// time. A contact center that never offers a busy agent a second call keeps it at 1.
-	MaxConcurrentOffers int
+	MaxConcurrentOffers int `json:"maxConcurrentOffers"`
 }
 
 type agent struct {
@@ -194,7 +208,7 @@ func (s *Sim) connect(c *call, o *offer) {
 // handlePresences: POST /communications/getPresencesByUserId (WIRE.md c.1).
 func (s *Sim) handlePresences(w http.ResponseWriter, r *http.Request, info *reqInfo) {
 	info.action = "getPresencesByUserId"
-	if s.injected(w, r, info.action) {
+	if s.requestFault(w, r, info.action, false) {
 		return
 	}
 	var req struct {

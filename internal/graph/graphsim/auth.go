@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"go.uber.org/zap"
 )
 
 // Token audiences and lifetimes.
@@ -59,12 +60,79 @@ type jwk struct {
 	E   string `json:"e"`
 }
 
-func jwks(kid string, pub *rsa.PublicKey) map[string][]jwk {
-	return map[string][]jwk{"keys": {{
+func jwkOf(kid string, pub *rsa.PublicKey) jwk {
+	return jwk{
 		Kty: "RSA", Use: "sig", Alg: "RS256", Kid: kid,
 		N: base64.RawURLEncoding.EncodeToString(pub.N.Bytes()),
 		E: base64.RawURLEncoding.EncodeToString(big.NewInt(int64(pub.E)).Bytes()),
-	}}}
+	}
+}
+
+func jwks(kid string, pub *rsa.PublicKey) map[string][]jwk {
+	return map[string][]jwk{"keys": {jwkOf(kid, pub)}}
+}
+
+// signingKey is one key that signs callback tokens.
+type signingKey struct {
+	key *rsa.PrivateKey
+	kid string
+}
+
+func newCallbackKey() (*signingKey, error) {
+	k, kid, err := newSigningKey()
+	if err != nil {
+		return nil, err
+	}
+	return &signingKey{key: k, kid: kid}, nil
+}
+
+// pendingKey returns the key the next rollover publishes, creating it when needed (outside
+// s.mu: RSA key generation takes a while).
+func (s *Sim) pendingKey() (*signingKey, error) {
+	s.mu.Lock()
+	p := s.pending
+	s.mu.Unlock()
+	if p != nil {
+		return p, nil
+	}
+	p, err := newCallbackKey()
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending == nil {
+		s.pending = p
+	}
+	return s.pending, nil
+}
+
+// RolloverKey rolls the callback signing key over, as the calling platform does from time to
+// time: /botauth/keys publishes a new key (and, for tokens already in flight, the key it
+// replaces), and notifications are signed with the new key from now on. A bot that cached the
+// old key set sees an unknown kid and must fetch the keys again. It returns the new key id.
+func (s *Sim) RolloverKey() (string, error) {
+	p, err := s.pendingKey()
+	if err != nil {
+		return "", err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending == p {
+		s.pending = nil
+	}
+	s.published = []*signingKey{p, s.signing}
+	s.signing = p
+	s.injectLog = append(s.injectLog, InjectedFault{Time: time.Now(), Kind: FaultRollover, Kid: p.kid})
+	s.log.Info("callback signing key rolled over", zap.String("kid", p.kid))
+	return p.kid, nil
+}
+
+// CallbackKeyID is the kid of the key notifications are signed with now.
+func (s *Sim) CallbackKeyID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.signing.kid
 }
 
 func sign(key *rsa.PrivateKey, kid string, claims map[string]any) (string, error) {
@@ -99,11 +167,30 @@ func (s *Sim) SignToken(claims map[string]any) (string, error) {
 		}
 		c[k] = v
 	}
-	return sign(s.callbackKey, s.callbackKid, c)
+	s.mu.Lock()
+	k := s.signing
+	s.mu.Unlock()
+	return sign(k.key, k.kid, c)
 }
 
-func (s *Sim) callbackToken() (string, error) {
-	return sign(s.callbackKey, s.callbackKid, s.callbackClaims(time.Now()))
+// callbackToken signs the bearer token of one notification; fault FaultExpiredToken or
+// FaultUnpublishedKey spoils it.
+func (s *Sim) callbackToken(fault FaultKind) (string, error) {
+	now := time.Now()
+	s.mu.Lock()
+	k := s.signing
+	s.mu.Unlock()
+	switch fault {
+	case FaultExpiredToken:
+		now = now.Add(-callbackLifetime - 10*time.Minute)
+	case FaultUnpublishedKey:
+		p, err := s.pendingKey()
+		if err != nil {
+			return "", err
+		}
+		k = p
+	}
+	return sign(k.key, k.kid, s.callbackClaims(now))
 }
 
 // issueAccessToken mints an app-only Graph token that expires at exp.
@@ -229,11 +316,8 @@ func (s *Sim) handleToken(w http.ResponseWriter, r *http.Request) {
 	info.action = "token"
 	s.mu.Lock()
 	s.tokenRequests++
-	f := s.takeFault("token")
 	s.mu.Unlock()
-	if f != nil {
-		setRetryAfter(w, f.retryAfter)
-		s.aadError(w, r, f.status, "temporarily_unavailable", 500011, "graphsim: injected failure")
+	if s.requestFault(w, r, "token", true) {
 		return
 	}
 	if err := r.ParseForm(); err != nil {
@@ -299,6 +383,9 @@ func (s *Sim) aadError(w http.ResponseWriter, r *http.Request, status int, code 
 
 func (s *Sim) handleBotAuthConfig(w http.ResponseWriter, r *http.Request) {
 	reqInfoFrom(r).action = "botauth-openid-configuration"
+	if s.requestFault(w, r, "botauth-openid-configuration", false) {
+		return
+	}
 	writeJSON(w, http.StatusOK, map[string]any{
 		"issuer":                                s.opts.Issuer,
 		"jwks_uri":                              s.url + "/botauth/keys",
@@ -309,5 +396,14 @@ func (s *Sim) handleBotAuthConfig(w http.ResponseWriter, r *http.Request) {
 
 func (s *Sim) handleBotAuthKeys(w http.ResponseWriter, r *http.Request) {
 	reqInfoFrom(r).action = "botauth-keys"
-	writeJSON(w, http.StatusOK, jwks(s.callbackKid, &s.callbackKey.PublicKey))
+	if s.requestFault(w, r, "botauth-keys", false) {
+		return
+	}
+	s.mu.Lock()
+	keys := make([]jwk, len(s.published))
+	for i, k := range s.published {
+		keys[i] = jwkOf(k.kid, &k.key.PublicKey)
+	}
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string][]jwk{"keys": keys})
 }

@@ -35,30 +35,33 @@ const (
 	OutcomeRejected     = "rejected"
 	OutcomeRedirected   = "redirected"
 	OutcomeNotAnswered  = "not-answered"
+	// OutcomeDropped: the bot sent no keepAlive within Options.KeepAliveTimeout (408/8537).
+	OutcomeDropped = "dropped"
 )
 
 // CallResult is what a caller experienced.
 type CallResult struct {
-	ID         string
-	ScenarioID string
-	From       graph.Party
-	To         string
-	Answered   bool
-	PlacedAt   time.Time
-	AnsweredAt time.Time
-	EndedAt    time.Time
+	ID         string      `json:"id"`
+	ScenarioID string      `json:"scenarioId"`
+	From       graph.Party `json:"from"`
+	To         string      `json:"to"`
+	Answered   bool        `json:"answered"`
+	PlacedAt   time.Time   `json:"placedAt"`
+	AnsweredAt time.Time   `json:"answeredAt,omitzero"`
+	EndedAt    time.Time   `json:"endedAt,omitzero"`
 	// Prompts are the URIs of the prompts played to the caller, in order; a prompt counts when
 	// it starts playing.
-	Prompts []string
+	Prompts []string `json:"prompts"`
 	// Tones are the digits pressed and delivered to the bot.
-	Tones []string
+	Tones []string `json:"tones"`
 	// TransferAttempts are the agent ids the call was transferred to, one per attempt.
-	TransferAttempts []string
+	TransferAttempts []string `json:"transferAttempts"`
 	// Agent took the call by transfer or redirect ("" if none).
-	Agent string
+	Agent string `json:"agent,omitempty"`
 	// Outcome is "" while the call lives, then one of the Outcome constants.
-	Outcome             string
-	EndCode, EndSubcode int
+	Outcome    string `json:"outcome,omitempty"`
+	EndCode    int    `json:"endCode,omitempty"`
+	EndSubcode int    `json:"endSubcode,omitempty"`
 }
 
 func (r CallResult) clone() CallResult {
@@ -77,9 +80,9 @@ type Call struct {
 // PlaceCall makes a caller dial spec.To: the call is created in state incoming and its
 // `created` notification posted to Options.WebhookURL. PlaceCall returns once the bot
 // acknowledged that notification. When delivery fails (after retries) or ctx ends first, it
-// returns the call together with the error: the call exists and ends as not-answered when
-// Options.AnswerTimeout passes. The error is ErrNoWebhook, ErrInvalidSpec or ErrClosed when no
-// call was created.
+// returns the call together with the error (wrapping ErrDropped when a fault dropped the
+// notification): the call exists and ends as not-answered when Options.AnswerTimeout passes.
+// The error is ErrNoWebhook, ErrInvalidSpec or ErrClosed when no call was created.
 func (s *Sim) PlaceCall(ctx context.Context, spec CallerSpec) (*Call, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err

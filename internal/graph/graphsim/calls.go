@@ -33,6 +33,7 @@ type call struct {
 	mediaGen    int // bumped on cancel, so timers of cancelled operations do nothing
 	heardPrompt bool
 	offers      []*offer // agents ringing for a transfer or redirect
+	keepAlive   *time.Timer
 	ended       bool
 	res         CallResult
 
@@ -161,7 +162,7 @@ func (s *Sim) handleCreateCall(w http.ResponseWriter, r *http.Request, info *req
 // runCallAction applies fault injection, finds the call and runs the action with s.mu held;
 // the response is written after the lock is released.
 func (s *Sim) runCallAction(w http.ResponseWriter, r *http.Request, info *reqInfo, fn callAction) {
-	if s.injected(w, r, info.action) {
+	if s.requestFault(w, r, info.action, false) {
 		return
 	}
 	body, err := io.ReadAll(r.Body)
@@ -263,7 +264,18 @@ func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 	if d := c.spec.HangUpAfter; d > 0 {
 		s.afterCall(c, d, func() { s.callerHangUp(c) })
 	}
+	s.watchKeepAlive(c)
 	return reply{status: http.StatusAccepted}, nil
+}
+
+// watchKeepAlive (re)starts the keep-alive deadline of an answered call: when it passes, the
+// call is dropped with 408/8537 (WIRE.md b, keepAlive). Called with s.mu held.
+func (s *Sim) watchKeepAlive(c *call) {
+	s.stopTimer(c.keepAlive)
+	c.keepAlive = s.afterCall(c, s.opts.KeepAliveTimeout, func() {
+		c.keepAlive = nil
+		s.finish(c, OutcomeDropped, 408, 8537, nil)
+	})
 }
 
 // reject: POST /reject. 202, then a bare deleted notification.
@@ -605,6 +617,9 @@ func (s *Sim) cancelMediaProcessing(c *call, body []byte) (reply, *apiError) {
 }
 
 func (s *Sim) keepAlive(c *call, _ []byte) (reply, *apiError) {
+	if c.keepAlive != nil {
+		s.watchKeepAlive(c)
+	}
 	return reply{status: http.StatusOK}, nil
 }
 
@@ -639,6 +654,7 @@ var endMessages = map[int]string{
 	4097:   "The call was ended by the other participant.",
 	1106:   "Call acceptance was not acknowledged in time.",
 	10076:  "The redirect targets could not be reached.",
+	8537:   "The call was dropped: no keep-alive was received in time.",
 }
 
 // finish ends a call: outcome and end codes recorded, media stopped, ringing agents released
@@ -650,6 +666,8 @@ func (s *Sim) finish(c *call, outcome string, code, subcode int, last *callData)
 	}
 	c.ended = true
 	c.state = graph.CallTerminated
+	s.stopTimer(c.keepAlive)
+	c.keepAlive = nil
 	s.stopMedia(c, false)
 	s.releaseAll(c)
 	c.res.Outcome = outcome

@@ -1,7 +1,8 @@
-// Package graphsim is a mocked Microsoft Graph calling endpoint: one HTTPS server on
-// 127.0.0.1 that callbot's production code (the msgraph-sdk-go adapter with an azidentity
-// client-secret credential, and the webhook that validates callback tokens) talks to unchanged,
-// used by tests and by `callbot demo`.
+// Package graphsim is a mocked Microsoft Graph calling endpoint: one HTTPS server that
+// callbot's production code (the msgraph-sdk-go adapter with an azidentity client-secret
+// credential, and the webhook that validates callback tokens) talks to unchanged. It is used by
+// tests, by `callbot demo`, and standalone by `callbot graphsim` beside a real `callbot serve`
+// (docs/graphsim.md).
 //
 // What it simulates:
 //
@@ -17,15 +18,26 @@
 //     headers (request-id, Location, Retry-After) documented in shared/graph/WIRE.md.
 //   - The notifications Graph posts to the bot (commsNotifications envelopes, one call's
 //     notifications in order, retried on 5xx, 429 and transport errors), signed RS256 with
-//     aud = the bot's client id, iss, tid and a Scenario-Id per call.
+//     aud = the bot's client id, iss, tid and a Scenario-Id per call, and the documented ends
+//     of a call: transfer 0/7015, failed transfer 500/7000, bot hang-up 200/7000, caller
+//     hang-up 200/540000 or 200/4097, not answered 408/1106, redirect not taken 480/10076, no
+//     keepAlive 408/8537, the bare deleted after a reject.
 //   - Callers (PSTN or Teams users) who dial a resource account, listen to prompts, press keys
 //     and hang up; agents with Teams presence who accept, decline or ignore transfers.
+//   - Faults, per endpoint and per notification (AddFault, FailNext): latency; error statuses
+//     with Graph error bodies and Retry-After; dropped, duplicated and reordered
+//     notifications; expired callback tokens, tokens signed with an unpublished key, and
+//     signing-key rollover (RolloverKey). Rules apply to the next N events or with a
+//     probability drawn from a source seeded with Options.Seed; Injected records every fault.
+//   - A control API under /_sim/ on the same server (JSON, no authentication: the server
+//     listens on loopback unless Options.Addr says otherwise) to place calls, press keys, hang
+//     up, manage agents and presence, read requests and deliveries, and inject faults.
 //
 // What it does not simulate: audio (a prompt "plays" for Options.PromptDuration, whatever
 // its file), recordResponse, outbound calls (POST /communications/calls), group calls,
 // participants and invite, hold music, consultative transfer semantics (replacesCallId is
-// ignored), presence subscriptions, throttling other than what FailNext injects, multiple
-// tenants, the legacy (Skype) notification format, and reordering or duplication of
-// notifications. Every id it hands out is a lowercase GUID; ids are accepted in any case,
+// ignored), presence subscriptions, multiple tenants and the legacy (Skype) notification
+// format. A redirect's timeout is validated but unanswered targets ring for
+// Options.RingTimeout. Every id it hands out is a lowercase GUID; ids are accepted in any case,
 // with or without hyphens.
 package graphsim

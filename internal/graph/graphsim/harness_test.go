@@ -68,6 +68,7 @@ type fakeBot struct {
 	authErr []error
 	status  func(n int) int // optional: status to answer the n-th request (1-based)
 	lenient bool            // callers hang up at random: do not insist on Graph statuses
+	refetch bool            // fetch the keys again when a token names an unknown kid
 	count   int
 }
 
@@ -186,6 +187,15 @@ func (b *fakeBot) verify(r *http.Request) error {
 		return err
 	}
 	_, err = verifyCallbackToken(tok, keys, testClient, DefaultIssuer, testTenant)
+	if err != nil && b.refetch && strings.Contains(err.Error(), "unknown kid") {
+		b.mu.Lock()
+		b.keys = nil
+		b.mu.Unlock()
+		if keys, err = b.jwks(); err != nil {
+			return err
+		}
+		_, err = verifyCallbackToken(tok, keys, testClient, DefaultIssuer, testTenant)
+	}
 	return err
 }
 

@@ -31,7 +31,10 @@ func (s *Sim) routes() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.graphError(w, r, http.StatusNotFound, "NotFound", "graphsim does not serve "+r.Method+" "+r.URL.Path)
 	})
-	return s.middleware(mux)
+	top := http.NewServeMux()
+	top.Handle(ControlPrefix, s.control())
+	top.Handle("/", s.middleware(mux))
+	return top
 }
 
 type reqInfoKey struct{}
@@ -140,19 +143,6 @@ func (s *Sim) graph(h graphHandler) http.HandlerFunc {
 		}
 		h(w, r, info)
 	}
-}
-
-// injected answers with a failure FailNext queued for action, if any.
-func (s *Sim) injected(w http.ResponseWriter, r *http.Request, action string) bool {
-	s.mu.Lock()
-	f := s.takeFault(action)
-	s.mu.Unlock()
-	if f == nil {
-		return false
-	}
-	setRetryAfter(w, f.retryAfter)
-	s.graphError(w, r, f.status, errorCode(f.status), "graphsim: injected failure for "+action)
-	return true
 }
 
 func errorCode(status int) string {

@@ -104,7 +104,9 @@ type outNote struct {
 	resourceURL string
 	state       string
 	body        []byte
-	ack         chan error // receives the delivery result; nil when nobody waits
+	ack         chan error    // receives the delivery result; nil when nobody waits
+	fault       FaultKind     // the injected fault that shapes this delivery
+	hold        time.Duration // FaultReorder: the longest the notification is held
 }
 
 // sendCall queues a call notification. A zero State sends the bare form (@odata.type and
@@ -152,39 +154,91 @@ func (s *Sim) enqueue(c *call, ct graph.ChangeType, resourceURL, state string, d
 }
 
 // runOutbox delivers a call's notifications one at a time, in order, until the call has ended
-// and everything queued was delivered (or given up), or the simulator closes.
+// and everything queued was delivered (or given up), or the simulator closes. Notification
+// faults are applied here: a dropped notification is skipped, a duplicated one posted twice, a
+// reordered one held until the next one was posted.
 func (s *Sim) runOutbox(c *call) {
 	defer s.wg.Done()
 	defer c.doneOnce.Do(func() { close(c.done) })
+	var (
+		held      *outNote
+		heldUntil time.Time
+	)
 	for {
 		s.mu.Lock()
 		if len(c.outbox) == 0 {
 			ended := c.ended
 			s.mu.Unlock()
-			if ended {
+			if held != nil && (ended || !time.Now().Before(heldUntil)) {
+				s.deliverNote(c, *held)
+				held = nil
+				continue
+			}
+			if ended && held == nil {
 				return
+			}
+			var (
+				expired <-chan time.Time
+				t       *time.Timer
+			)
+			if held != nil {
+				t = time.NewTimer(time.Until(heldUntil))
+				expired = t.C
 			}
 			select {
 			case <-c.wake:
+			case <-expired:
 			case <-s.ctx.Done():
+			}
+			if t != nil {
+				t.Stop()
+			}
+			if s.ctx.Err() != nil {
 				return
 			}
 			continue
 		}
 		n := c.outbox[0]
 		c.outbox = c.outbox[1:]
+		n.fault = s.noteFault(c, &n, held != nil)
 		s.mu.Unlock()
-		err := s.deliver(c, n)
-		if err != nil {
-			s.log.Warn("notification not delivered", zap.String("call_id", c.id),
-				zap.String("scenario_id", c.scenarioID), zap.String("tenant_id", s.opts.TenantID), zap.Error(err))
+		switch n.fault {
+		case FaultDrop:
+			s.log.Debug("notification dropped", zap.String("call_id", c.id), zap.String("scenario_id", c.scenarioID),
+				zap.String("resource_url", n.resourceURL), zap.String("state", n.state))
+			if n.ack != nil {
+				n.ack <- ErrDropped
+			}
+			continue
+		case FaultReorder:
+			held, heldUntil = &n, time.Now().Add(n.hold)
+			continue
 		}
-		if n.ack != nil {
-			n.ack <- err
+		if n.fault == FaultDuplicate {
+			first := n
+			first.fault, n.ack = "", nil
+			s.deliverNote(c, first)
+		}
+		s.deliverNote(c, n)
+		if held != nil {
+			s.deliverNote(c, *held)
+			held = nil
 		}
 		if s.ctx.Err() != nil {
 			return
 		}
+	}
+}
+
+// deliverNote delivers one notification and reports the result to whoever waits for it.
+func (s *Sim) deliverNote(c *call, n outNote) {
+	err := s.deliver(c, n)
+	if err != nil {
+		s.log.Warn("notification not delivered", zap.String("call_id", c.id),
+			zap.String("scenario_id", c.scenarioID), zap.String("tenant_id", s.opts.TenantID), zap.Error(err))
+	}
+	if n.ack != nil {
+		n.ack <- err
 	}
 }
 
@@ -237,7 +291,7 @@ func (s *Sim) deliver(c *call, n outNote) error {
 func (s *Sim) post(c *call, n outNote, target string, attempt int, clientRequestID string) (int, http.Header, error) {
 	rec := Delivery{
 		Time: time.Now(), CallID: c.id, URL: target, Attempt: attempt, ChangeType: string(n.changeType),
-		ResourceURL: n.resourceURL, State: n.state, Body: n.body,
+		ResourceURL: n.resourceURL, State: n.state, Body: n.body, Fault: n.fault,
 	}
 	status, hdr, err := s.doPost(c, n, target, clientRequestID, &rec)
 	rec.Status = status
@@ -255,7 +309,7 @@ func (s *Sim) post(c *call, n outNote, target string, attempt int, clientRequest
 }
 
 func (s *Sim) doPost(c *call, n outNote, target, clientRequestID string, rec *Delivery) (int, http.Header, error) {
-	tok, err := s.callbackToken()
+	tok, err := s.callbackToken(n.fault)
 	if err != nil {
 		return 0, nil, err
 	}

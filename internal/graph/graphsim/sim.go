@@ -16,10 +16,12 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -55,6 +57,20 @@ type Options struct {
 	// NotifyClient posts notifications to the bot; default a client with a 5s timeout. The
 	// simulator never follows redirects with it: it handles 302/307/308 itself.
 	NotifyClient *http.Client
+	// Addr is the address the HTTPS server listens on; default "127.0.0.1:0" (a free port on
+	// loopback). The control API under /_sim/ has no authentication: bind to another interface
+	// only where everyone who can reach it may drive the simulator.
+	Addr string
+	// Hostname is the host the simulator's URLs use; the server certificate names it besides
+	// 127.0.0.1, ::1 and localhost. Default: the host of Addr, or 127.0.0.1 when Addr's host is
+	// empty or unspecified (0.0.0.0, ::).
+	Hostname string
+	// Seed seeds the random decisions of fault rules that have a probability. 0 picks a random
+	// seed; Seed() tells which, so a run can be repeated.
+	Seed uint64
+	// KeepAliveTimeout ends an answered call whose bot sent no keepAlive for that long
+	// (deleted, resultInfo 408/8537); default 45 minutes, as documented.
+	KeepAliveTimeout time.Duration
 }
 
 // Defaults applied by New to zero Options fields.
@@ -66,6 +82,8 @@ const (
 	DefaultRingTimeout    = 5 * time.Second
 	DefaultDigitDelay     = 100 * time.Millisecond
 	DefaultTalkTime       = 2 * time.Second
+	DefaultAddr           = "127.0.0.1:0"
+	DefaultKeepAlive      = 45 * time.Minute
 )
 
 // Errors returned by the caller-side API.
@@ -106,6 +124,10 @@ type Delivery struct {
 	Body   []byte
 	Status int    // the bot's status code; 0 when the request failed
 	Err    string // transport error, if any
+	// Fault is the injected fault that shaped this delivery: FaultDuplicate on the second
+	// copy, FaultReorder on the notification held back, FaultExpiredToken or
+	// FaultUnpublishedKey; "" for none.
+	Fault FaultKind
 }
 
 // Sim is a running simulator. All methods are safe for concurrent use.
@@ -113,13 +135,14 @@ type Sim struct {
 	opts Options
 	log  *zap.Logger
 
-	caPEM       []byte
-	tokenKey    *rsa.PrivateKey
-	tokenKid    string
-	callbackKey *rsa.PrivateKey
-	callbackKid string
+	caPEM    []byte
+	caFile   string // the path last given to WriteCAFile
+	tokenKey *rsa.PrivateKey
+	tokenKid string
+	seed     uint64
 
 	url       string
+	addr      string
 	srv       *http.Server
 	serveDone chan struct{}
 	client    *http.Client
@@ -141,18 +164,21 @@ type Sim struct {
 	presence      map[string]graph.Presence
 	requests      []Request
 	deliveries    []Delivery
-	faults        map[string]*fault // by lower-case action
 	tokenRequests int
+	faults        []*Fault
+	faultSeq      uint64
+	injectLog     []InjectedFault
+	// Callback-token keys: signing signs notifications; published are what /botauth/keys
+	// serves (signing first, then the key it replaced); pending is the key the next rollover
+	// publishes, created when first needed.
+	signing   *signingKey
+	published []*signingKey
+	pending   *signingKey
 }
 
-type fault struct {
-	status     int
-	retryAfter time.Duration
-	n          int
-}
-
-// New generates a CA, a server certificate for 127.0.0.1 and localhost, and the RSA keys that
-// sign access and callback tokens, and starts serving HTTPS on 127.0.0.1 on a free port.
+// New generates a CA, a server certificate for 127.0.0.1, localhost and Options.Hostname, and
+// the RSA keys that sign access and callback tokens, and starts serving HTTPS on Options.Addr
+// (by default 127.0.0.1 on a free port).
 func New(opts Options) (*Sim, error) {
 	if opts.TenantID == "" || opts.ClientID == "" || opts.ClientSecret == "" {
 		return nil, errors.New("graphsim: TenantID, ClientID and ClientSecret are required")
@@ -177,6 +203,12 @@ func New(opts Options) (*Sim, error) {
 	if opts.RingTimeout <= 0 {
 		opts.RingTimeout = DefaultRingTimeout
 	}
+	if opts.KeepAliveTimeout <= 0 {
+		opts.KeepAliveTimeout = DefaultKeepAlive
+	}
+	if opts.Addr == "" {
+		opts.Addr = DefaultAddr
+	}
 	s := &Sim{
 		opts:     opts,
 		log:      opts.Logger,
@@ -184,28 +216,44 @@ func New(opts Options) (*Sim, error) {
 		calls:    map[string]*call{},
 		agents:   map[string]*agent{},
 		presence: map[string]graph.Presence{},
-		faults:   map[string]*fault{},
+		seed:     opts.Seed,
+	}
+	for s.seed == 0 {
+		s.seed = mrand.Uint64()
 	}
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
 	s.log = s.log.With(zap.String("component", "graphsim"))
 
+	ln, err := net.Listen("tcp", opts.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("graphsim: listen: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = ln.Close()
+		}
+	}()
+	host := urlHost(opts.Hostname, ln.Addr())
 	caCert, caKey, caPEM, err := newCA()
 	if err != nil {
 		return nil, err
 	}
 	s.caPEM = caPEM
-	serverCert, err := newServerCert(caCert, caKey)
+	serverCert, err := newServerCert(caCert, caKey, host)
 	if err != nil {
 		return nil, err
 	}
 	if s.tokenKey, s.tokenKid, err = newSigningKey(); err != nil {
 		return nil, err
 	}
-	if s.callbackKey, s.callbackKid, err = newSigningKey(); err != nil {
+	cb, err := newCallbackKey()
+	if err != nil {
 		return nil, err
 	}
+	s.signing, s.published = cb, []*signingKey{cb}
 
 	pool := x509.NewCertPool()
 	pool.AddCert(caCert)
@@ -222,18 +270,16 @@ func New(opts Options) (*Sim, error) {
 	}
 	s.notify.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, fmt.Errorf("graphsim: listen: %w", err)
-	}
-	s.url = "https://" + ln.Addr().String()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	s.url = "https://" + net.JoinHostPort(host, port)
+	s.addr = ln.Addr().String()
 	// The server's own complaints (TLS handshakes from clients that do not trust the CA...)
 	// are debug lines.
 	errLog, err := zap.NewStdLogAt(s.log, zap.DebugLevel)
 	if err != nil {
-		_ = ln.Close()
 		return nil, fmt.Errorf("graphsim: logger: %w", err)
 	}
+	ok = true
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.srv = &http.Server{
 		Handler:           s.routes(),
@@ -248,11 +294,30 @@ func New(opts Options) (*Sim, error) {
 			s.log.Error("serve", zap.Error(err))
 		}
 	}()
-	s.log.Info("graphsim listening", zap.String("url", s.url), zap.String("tenant_id", opts.TenantID))
+	s.log.Info("graphsim listening", zap.String("url", s.url), zap.String("addr", ln.Addr().String()),
+		zap.String("tenant_id", opts.TenantID), zap.Uint64("seed", s.seed))
 	return s, nil
 }
 
-// URL is the server's base URL, https://127.0.0.1:PORT.
+// urlHost is the host of the simulator's URLs.
+func urlHost(hostname string, addr net.Addr) string {
+	if hostname != "" {
+		return hostname
+	}
+	h, _, err := net.SplitHostPort(addr.String())
+	if ip := net.ParseIP(h); err != nil || h == "" || (ip != nil && ip.IsUnspecified()) {
+		return "127.0.0.1"
+	}
+	return h
+}
+
+// Seed is the seed of the fault rules' random decisions (Options.Seed, or the one picked).
+func (s *Sim) Seed() uint64 { return s.seed }
+
+// Addr is the address the server listens on (host:port).
+func (s *Sim) Addr() string { return s.addr }
+
+// URL is the server's base URL, https://127.0.0.1:PORT by default.
 func (s *Sim) URL() string { return s.url }
 
 // GraphURL is the Graph base URL to configure the SDK with: URL()+"/v1.0".
@@ -272,6 +337,9 @@ func (s *Sim) WriteCAFile(path string) error {
 	if err := os.WriteFile(path, s.caPEM, 0o644); err != nil {
 		return fmt.Errorf("graphsim: write ca file: %w", err)
 	}
+	s.mu.Lock()
+	s.caFile = path
+	s.mu.Unlock()
 	return nil
 }
 
@@ -358,36 +426,6 @@ func (s *Sim) TokenRequests() int {
 	return s.tokenRequests
 }
 
-// FailNext makes the next n requests to action fail with status and a Graph error body (and a
-// Retry-After header when retryAfter > 0), without effect. Actions: "answer", "reject",
-// "redirect", "transfer", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
-// "keepAlive", "get", "delete", "getPresencesByUserId", "token" (any case). n <= 0 clears.
-// Requests that fail authentication do not consume a failure.
-func (s *Sim) FailNext(action string, status int, retryAfter time.Duration, n int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	k := strings.ToLower(action)
-	if n <= 0 {
-		delete(s.faults, k)
-		return
-	}
-	s.faults[k] = &fault{status: status, retryAfter: retryAfter, n: n}
-}
-
-// takeFault consumes one injected failure for action. Called with s.mu held.
-func (s *Sim) takeFault(action string) *fault {
-	k := strings.ToLower(action)
-	f := s.faults[k]
-	if f == nil {
-		return nil
-	}
-	f.n--
-	if f.n <= 0 {
-		delete(s.faults, k)
-	}
-	return f
-}
-
 func (r Request) clone() Request {
 	r.Header = r.Header.Clone()
 	r.Body = bytes.Clone(r.Body)
@@ -396,7 +434,7 @@ func (r Request) clone() Request {
 
 // after runs f with s.mu held once d has passed, unless the simulator closes first. It must be
 // called with s.mu held.
-func (s *Sim) after(d time.Duration, f func()) {
+func (s *Sim) after(d time.Duration, f func()) *time.Timer {
 	var t *time.Timer
 	t = time.AfterFunc(d, func() {
 		s.mu.Lock()
@@ -404,15 +442,27 @@ func (s *Sim) after(d time.Duration, f func()) {
 		if s.closed {
 			return
 		}
+		if _, ok := s.timers[t]; !ok {
+			return // stopped by stopTimer while this function waited for the lock
+		}
 		delete(s.timers, t)
 		f()
 	})
 	s.timers[t] = struct{}{}
+	return t
+}
+
+// stopTimer stops a timer started by after. Called with s.mu held.
+func (s *Sim) stopTimer(t *time.Timer) {
+	if t != nil {
+		t.Stop()
+		delete(s.timers, t)
+	}
 }
 
 // afterCall is after for work that only makes sense while the call lives.
-func (s *Sim) afterCall(c *call, d time.Duration, f func()) {
-	s.after(d, func() {
+func (s *Sim) afterCall(c *call, d time.Duration, f func()) *time.Timer {
+	return s.after(d, func() {
 		if !c.ended {
 			f()
 		}
@@ -479,17 +529,26 @@ func newCA() (*x509.Certificate, *ecdsa.PrivateKey, []byte, error) {
 	return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
 }
 
-func newServerCert(ca *x509.Certificate, caKey *ecdsa.PrivateKey) (tls.Certificate, error) {
+func newServerCert(ca *x509.Certificate, caKey *ecdsa.PrivateKey, host string) (tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("graphsim: server key: %w", err)
+	}
+	dnsNames := []string{"localhost"}
+	ips := []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
+	if ip := net.ParseIP(host); ip != nil {
+		if !slices.ContainsFunc(ips, ip.Equal) {
+			ips = append(ips, ip)
+		}
+	} else if host != "localhost" {
+		dnsNames = append(dnsNames, host)
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		DNSNames:     dnsNames,
+		IPAddresses:  ips,
 		NotBefore:    now.Add(-time.Hour),
 		NotAfter:     now.Add(365 * 24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -296,9 +297,6 @@ func TestCallerHangsUp(t *testing.T) {
 func TestCallerHangUpAndPress(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), func(b *fakeBot, n graph.Notification) {
-		if n.ChangeType == graph.Created {
-			b.answer(n.CallID)
-		}
 		if n.Kind == graph.ResourceCall && n.Call.MediaState != nil {
 			b.action(n.CallID, "subscribeToTone", nil, http.StatusOK)
 		}
@@ -307,9 +305,10 @@ func TestCallerHangUpAndPress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Press("1"); err == nil {
-		t.Error("press before established: no error")
+	if err := c.Press("1"); !errors.Is(err, ErrNotInCall) {
+		t.Errorf("press before the call was answered: %v", err)
 	}
+	b.answer(c.ID())
 	eventually(t, "tone subscription", func() bool {
 		return slices.ContainsFunc(s.RequestsFor(c.ID()), func(r Request) bool { return r.Action == "subscribeToTone" && r.Status == 200 })
 	})
