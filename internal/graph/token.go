@@ -41,7 +41,9 @@ type VerifierConfig struct {
 	// Leeway is the clock skew allowed on exp and nbf; default 2 minutes.
 	Leeway time.Duration
 	// RefreshEvery is how often keys are refreshed; default 24h. An unknown kid triggers a
-	// refresh at most once per MinRefreshGap (default 1 minute).
+	// refresh at most once per MinRefreshGap (default 10 s); a token whose kid is still unknown
+	// within the gap gets ErrUnavailable (503, so Graph sends it again), not a rejection, since
+	// keys roll over without notice.
 	RefreshEvery  time.Duration
 	MinRefreshGap time.Duration
 	HTTPClient    *http.Client
@@ -54,10 +56,13 @@ var DefaultIssuers = []string{"https://graph.microsoft.com", "https://api.botfra
 // DefaultOpenIDConfigURL is the metadata the calling platform's tokens are signed under.
 const DefaultOpenIDConfigURL = "https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration"
 
-// Token validation failures. Every error Verify returns wraps ErrUnauthorized.
+// Token validation failures. Every error Verify returns wraps ErrUnauthorized, except a token
+// signed with a key callbot cannot look up yet (just rolled over, or the metadata is down),
+// which wraps ErrUnavailable: the request should be sent again.
 var (
 	ErrUnauthorized = errors.New("unauthorized")
 	ErrNoToken      = fmt.Errorf("%w: no bearer token", ErrUnauthorized)
+	errKeyNotYet    = errors.New("signing key not known yet")
 )
 
 // Verifier validates the bearer tokens Graph puts on webhook requests. It caches the signing
@@ -95,7 +100,7 @@ func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
 		cfg.RefreshEvery = 24 * time.Hour
 	}
 	if cfg.MinRefreshGap == 0 {
-		cfg.MinRefreshGap = time.Minute
+		cfg.MinRefreshGap = 10 * time.Second
 	}
 	if cfg.HTTPClient == nil {
 		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
@@ -144,6 +149,9 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 		kid, _ := t.Header["kid"].(string)
 		return v.key(ctx, kid)
 	})
+	if errors.Is(err, errKeyNotYet) {
+		return Claims{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
 	if err != nil {
 		return Claims{}, fmt.Errorf("%w: %v", ErrUnauthorized, err)
 	}
@@ -182,8 +190,10 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 		return k, nil
 	}
 	var fetchErr error
+	fetched := false // this call fetched, or waited for a fetch that began after the token came
 	switch {
 	case v.fetching != nil:
+		fetched = true
 		wait := v.fetching
 		v.mu.Unlock()
 		select {
@@ -202,6 +212,7 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 			v.keys, v.fetchedAt = keys, v.cfg.Now()
 		}
 		fetchErr = err
+		fetched = true
 		v.fetching = nil
 		close(done)
 	}
@@ -211,7 +222,10 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 	case known:
 		return k, nil
 	case fetchErr != nil:
-		return nil, fmt.Errorf("fetch signing keys: %w", fetchErr)
+		return nil, fmt.Errorf("%w: fetch signing keys: %v", errKeyNotYet, fetchErr)
+	case !fetched:
+		// refreshed less than MinRefreshGap ago: the key may have rolled over since
+		return nil, fmt.Errorf("%w: %q (keys refreshed less than %s ago)", errKeyNotYet, kid, v.cfg.MinRefreshGap)
 	}
 	return nil, fmt.Errorf("unknown signing key %q", kid)
 }

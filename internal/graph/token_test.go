@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"go.uber.org/zap/zaptest"
 )
 
 const (
@@ -198,5 +199,39 @@ func BenchmarkVerifyCached(b *testing.B) {
 		if _, err := v.Verify(ctx, tok); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// Keys roll over without notice. A token signed with a key published after callbot's last
+// refresh, within the refresh gap, is not rejected but deferred (503): Graph sends it again, and
+// once the gap has passed the new key is fetched and the token accepted.
+func TestVerifierRolloverWithinRefreshGap(t *testing.T) {
+	ks := newKeyServer(t)
+	clock := time.Now()
+	v := newTestVerifier(t, ks, func(c *VerifierConfig) { c.Now = func() time.Time { return clock } })
+	ctx := context.Background()
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(clock))); err != nil {
+		t.Fatal(err)
+	}
+	ks.keys["k2"] = genKey(t)
+	tok := signRS(t, ks.keys["k2"], "k2", goodClaims(clock))
+	clock = clock.Add(time.Second)
+	_, err := v.Verify(ctx, tok)
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("new key within the gap: %v, want ErrUnavailable (retry), not a rejection", err)
+	}
+	clock = clock.Add(15 * time.Second)
+	if _, err := v.Verify(ctx, tok); err != nil {
+		t.Fatalf("new key after the gap: %v", err)
+	}
+
+	h := &Webhook{Auth: v, Sink: &recordingSink{}, Log: zaptest.NewLogger(t)}
+	ks.keys["k3"] = genKey(t)
+	r := httptest.NewRequest("POST", "/api/calls", strings.NewReader(`{"value":[]}`))
+	r.Header.Set("Authorization", "Bearer "+signRS(t, ks.keys["k3"], "k3", goodClaims(clock)))
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, r)
+	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") == "" {
+		t.Errorf("webhook: %d (Retry-After %q), want 503 with Retry-After", w.Code, w.Header().Get("Retry-After"))
 	}
 }

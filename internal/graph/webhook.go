@@ -40,6 +40,12 @@ type Webhook struct {
 
 func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	claims, err := h.Auth.VerifyRequest(r)
+	if errors.Is(err, ErrUnavailable) {
+		h.Log.Warn("webhook: token not verifiable yet, asking for a retry", zap.Error(err))
+		w.Header().Set("Retry-After", "5")
+		writeProblem(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
 	if err != nil {
 		status := http.StatusForbidden
 		if errors.Is(err, ErrNoToken) {
