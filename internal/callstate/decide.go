@@ -101,8 +101,7 @@ func (d *decision) apply(ev Event) error {
 		in := ev.Incoming
 		*c = Call{ID: in.GraphID, Tenant: in.TenantID, State: StateAnswering, Caller: in.Caller,
 			Dialled: in.Dialled, ChainID: in.ChainID, Scenario: in.ScenarioID, CreatedAt: d.env.Now}
-		d.emit(Command{Kind: CmdAnswer, Answer: graph.AnswerRequest{CallbackURI: d.env.CallbackURI, PrefetchMedia: d.env.Flow.AllPrompts()}})
-		d.timer(TimerAnswer, answerCheck)
+		d.answer()
 		return nil
 
 	case EvEstablished:
@@ -113,6 +112,10 @@ func (d *decision) apply(ev Event) error {
 		switch {
 		case c.State == StateAnswering && ev.GraphState == graph.CallEstablished:
 			d.established()
+		case c.State == StateAnswering && ev.GraphState == graph.CallIncoming && c.Answers < maxAnswers:
+			// the answer request failed ambiguously or was lost, and Graph says the call was not
+			// answered: answering again cannot answer twice
+			d.answer()
 		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished:
 			d.transferFailed()
 		default:
@@ -235,6 +238,16 @@ const (
 	promptGuard = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
 	holdGuard   = 10 * time.Minute // hold music's end not reported: play it again after this
 )
+
+// maxAnswers bounds answer requests for one call (the first, and one after Graph showed the call
+// still incoming); Graph's 15 s deadline leaves no room for more.
+const maxAnswers = 2
+
+func (d *decision) answer() {
+	d.c.Answers++
+	d.emit(Command{Kind: CmdAnswer, Answer: graph.AnswerRequest{CallbackURI: d.env.CallbackURI, PrefetchMedia: d.env.Flow.AllPrompts()}})
+	d.timer(TimerAnswer, answerCheck)
+}
 
 // established starts the IVR once the call is up.
 func (d *decision) established() {

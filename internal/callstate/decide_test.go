@@ -329,3 +329,24 @@ func TestRefusedHoldMusicRetriedLater(t *testing.T) {
 		t.Errorf("max wait after a hold retry: %s %v %v", c.State, kinds(cmds), err)
 	}
 }
+
+// An answer that failed ambiguously is sent again only if Graph still has the call incoming,
+// and at most once more.
+func TestAnswerRepeatedOnlyWhileIncoming(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming)
+	if _, _, err := Decide(c, Event{Kind: EvCallState, GraphState: graph.CallEstablishing}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("Graph establishing: %v, want no new answer", err)
+	}
+	c2, cmds, err := Decide(c, Event{Kind: EvCallState, GraphState: graph.CallIncoming}, env)
+	if err != nil || len(cmds) == 0 || cmds[0].Kind != CmdAnswer || c2.Answers != 2 {
+		t.Fatalf("Graph incoming: %v %v, want a second answer", kinds(cmds), err)
+	}
+	if _, _, err := Decide(c2, Event{Kind: EvCallState, GraphState: graph.CallIncoming}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("third answer: %v, want none", err)
+	}
+	c3, _, err := Decide(c2, Event{Kind: EvCallState, GraphState: graph.CallEstablished}, env)
+	if err != nil || c3.State != StateInMenu {
+		t.Errorf("Graph established (notification lost): %s %v, want the menu", c3.State, err)
+	}
+}

@@ -357,8 +357,9 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdAnswer && definitive(err):
 			feed(Event{Kind: EvCommandFailed, Command: cmd.Kind.String()})
 		case cmd.Kind == CmdAnswer:
-			// ambiguous (timeout, 5xx, 429): the answer may have been taken; Graph says which by
-			// sending established, or terminated when its 15 s deadline passes
+			// ambiguous (timeout, 5xx): the answer may have been taken; ask Graph, and answer
+			// again only if it still has the call incoming
+			m.checkCall(c, scenario, log)
 		case cmd.Kind == CmdTransfer && !definitive(err):
 			// Graph may have taken it: do not send it again, ask where the call is
 			m.checkCall(c, scenario, log)

@@ -143,6 +143,7 @@ type Call struct {
 	Agent      string              `json:"agent,omitempty"`      // agent reserved / transferred to
 	Target     string              `json:"target,omitempty"`     // direct transfer target (menu option)
 	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
+	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
 	// Transferring is set when Graph reported the current transfer attempt under way: only then
 	// can a failure notification be about it (one from an earlier attempt may arrive late).
 	Transferring bool      `json:"transferring,omitempty"`

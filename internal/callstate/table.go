@@ -17,6 +17,7 @@ var Transitions = []Transition{
 	{StateAnswering, EvCommandFailed, StateTerminated}, // answer refused by Graph
 	{StateAnswering, EvTimeout, StateAnswering},        // no established yet: ask Graph
 	{StateAnswering, EvCallState, StateInMenu},         // Graph has it established: the notification was lost
+	{StateAnswering, EvCallState, StateAnswering},      // Graph still has it incoming: the answer did not reach it
 
 	{StateInMenu, EvPromptDone, StateInMenu}, // menu prompt over: no-input timer starts
 	{StateInMenu, EvTone, StateInMenu},       // invalid key, replay; or a submenu

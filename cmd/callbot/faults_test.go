@@ -1,0 +1,137 @@
+package main
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/graph/graphsim"
+)
+
+// Graph faults injected by graphsim, and what the caller experiences with callbot in front:
+// answered anyway, re-queued, or ended with a defined outcome; never a transfer sent twice.
+
+// requests counts the requests of one action graphsim received for a call, and those it
+// accepted (2xx: the action took effect).
+func requests(w *world, callID, action string) (sent, took int) {
+	for _, r := range w.sim.RequestsFor(callID) {
+		if r.Action == action {
+			sent++
+			if r.Status >= 200 && r.Status < 300 {
+				took++
+			}
+		}
+	}
+	return sent, took
+}
+
+func addFault(t *testing.T, w *world, f graphsim.Fault) {
+	t.Helper()
+	if _, err := w.sim.AddFault(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFaultAnswerThrottledIsAnsweredAnyway(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultStatus, Action: "answer", Status: 429, RetryAfter: time.Second, Count: 1})
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 20*time.Second)
+	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred {
+		t.Fatalf("caller experienced %+v; want answered and transferred despite a 429 on answer", r)
+	}
+	if sent, took := requests(w, r.ID, "answer"); sent != 2 || took != 1 {
+		t.Errorf("answer requests: %d sent, %d taken; want the throttled one repeated once after Retry-After", sent, took)
+	}
+}
+
+// A 503 on answer is ambiguous: callbot does not repeat it blindly but reads the call, and
+// answers again because Graph still has it incoming.
+func TestFaultAnswerUnavailableIsReconciled(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultStatus, Action: "answer", Status: 503, Count: 1})
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 20*time.Second)
+	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred {
+		t.Fatalf("caller experienced %+v; want answered after the 503", r)
+	}
+	sent, took := requests(w, r.ID, "answer")
+	gets, _ := requests(w, r.ID, "get")
+	if sent != 2 || took != 1 || gets < 1 {
+		t.Errorf("answer %d sent / %d taken, %d reads of the call; want a read, then one more answer", sent, took, gets)
+	}
+}
+
+func TestFaultSlowAnswerStillInTime(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultLatency, Action: "answer", Latency: 3 * time.Second, Count: 1})
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 20*time.Second)
+	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred {
+		t.Fatalf("caller experienced %+v; want answered after 3 s", r)
+	}
+	if sent, _ := requests(w, r.ID, "answer"); sent != 1 {
+		t.Errorf("%d answer requests; a slow answer must not be sent again", sent)
+	}
+}
+
+// A 503 on transfer may or may not have been taken: callbot reads the call, sees it still
+// established, and offers the caller again, from the head of the queue. The transfer Graph
+// took is the only one.
+func TestFaultTransferUnavailableNoDuplicate(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultStatus, Action: "transfer", Status: 503, Count: 1})
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 25*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred {
+		t.Fatalf("caller experienced %+v; want transferred after the failed request", r)
+	}
+	sent, took := requests(w, r.ID, "transfer")
+	if sent != 2 || took != 1 {
+		t.Errorf("transfer requests: %d sent, %d taken; want the failed one and one more", sent, took)
+	}
+	for _, a := range []string{agent1, agent2} {
+		if st := w.sim.AgentStats(a); st.MaxConcurrentOffers > 1 {
+			t.Errorf("agent %s offered %d calls at once", a, st.MaxConcurrentOffers)
+		}
+	}
+}
+
+// Graph's notifications may arrive twice and out of order: every caller still reaches an
+// agent, each by exactly one transfer Graph took, and no agent rings twice at once.
+func TestFaultDuplicatedAndReorderedNotifications(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultDuplicate, Probability: 0.5})
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultReorder, Probability: 0.3, Latency: 300 * time.Millisecond})
+	var calls []*graphsim.Call
+	for i := range 4 {
+		calls = append(calls, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 400 * time.Millisecond,
+			From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+1425555%04d", i)}}))
+		time.Sleep(300 * time.Millisecond)
+	}
+	for _, c := range calls {
+		r := waitDone(t, c, 40*time.Second)
+		if r.Outcome != graphsim.OutcomeTransferred {
+			t.Errorf("caller %s experienced %+v; want transferred", r.From.ID, r)
+			continue
+		}
+		if _, took := requests(w, r.ID, "transfer"); took != 1 {
+			t.Errorf("caller %s: %d transfers taken by Graph, want 1", r.From.ID, took)
+		}
+	}
+	for _, a := range []string{agent1, agent2, agent3} {
+		if st := w.sim.AgentStats(a); st.MaxConcurrentOffers > 1 {
+			t.Errorf("agent %s offered %d calls at once", a, st.MaxConcurrentOffers)
+		}
+	}
+	if len(w.sim.Injected()) == 0 {
+		t.Error("no fault was injected: the test proved nothing")
+	}
+}
+
+// A lost "established" notification: callbot asks Graph after 10 s and starts the menu.
+func TestFaultLostEstablishedNotification(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultDrop, State: "established", Count: 1})
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 30*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || len(r.Prompts) == 0 {
+		t.Fatalf("caller experienced %+v; want the menu after the lost notification, then an agent", r)
+	}
+}
