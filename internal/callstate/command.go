@@ -20,6 +20,7 @@ const (
 	CmdTransfer
 	CmdHangup
 	CmdCheckCall // read the call's state from Graph (EvCallState), when a notification may be lost or stale
+	CmdInvite    // invite Target into the call (conference hand-off)
 
 	CmdEnqueue      // put the call in Queue at Score
 	CmdLeaveQueue   // take the call out of Queue
@@ -28,7 +29,7 @@ const (
 )
 
 var commandNames = [...]string{"", "answer", "reject", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
-	"transfer", "hangup", "checkCall", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
+	"transfer", "hangup", "checkCall", "invite", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
 
 func (k CommandKind) String() string {
 	if int(k) < len(commandNames) {
@@ -38,7 +39,7 @@ func (k CommandKind) String() string {
 }
 
 // Graph reports whether the command is sent to Graph.
-func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdCheckCall }
+func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdInvite }
 
 // AgentOutcome says how an offer to an agent ended.
 type AgentOutcome string
@@ -48,6 +49,7 @@ const (
 	AgentConnected AgentOutcome = "connected" // the caller reached the agent
 	AgentFailed    AgentOutcome = "failed"    // declined, not answered or failed: the agent cools down
 	AgentAbandoned AgentOutcome = "abandoned" // the caller left while the agent was offered
+	AgentWrapUp    AgentOutcome = "wrapup"    // a conversation ended; the agent wraps up for Command.After
 )
 
 // Command is one effect. Only the fields of its kind are set.
@@ -72,7 +74,7 @@ type Command struct {
 // before re-driving one, callbot asks Graph where the call is.
 func (k CommandKind) Idempotent() bool {
 	switch k {
-	case CmdAnswer, CmdReject, CmdTransfer:
+	case CmdAnswer, CmdReject, CmdTransfer, CmdInvite:
 		return false
 	}
 	return true

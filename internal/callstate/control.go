@@ -24,6 +24,8 @@ type CallControl interface {
 	// Redirect forwards a call that is not answered yet; timeoutSec is 15-90, 0 for Graph's default.
 	Redirect(ctx context.Context, callID string, targets []graph.Party, timeoutSec int, callbackURI string) error
 	Hangup(ctx context.Context, callID string) error
+	// InviteParticipants brings a participant into the call, the bot staying in it.
+	InviteParticipants(ctx context.Context, callID string, req graph.InviteRequest) (graph.Operation, error)
 	// GetCall reads the call's state from Graph; callbot asks before repeating a command that
 	// acts on the call (answer, transfer) whose first attempt may or may not have taken effect.
 	GetCall(ctx context.Context, callID string) (graph.CallState, error)

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/callbot/callbot/internal/graph"
@@ -140,6 +142,8 @@ func (d *decision) apply(ev Event) error {
 		switch c.State {
 		case StateInMenu:
 			d.timer(TimerMenu, d.menuTimeout())
+		case StateInviting:
+			d.hold(nil)
 		case StateQueued:
 			if ev.Failed {
 				// never loop on a prompt Graph refuses: try the hold music again in a while
@@ -183,6 +187,16 @@ func (d *decision) apply(ev Event) error {
 		case StateAnswering:
 			d.emit(Command{Kind: CmdCheckCall})
 			d.timer(TimerAnswer, answerCheck)
+		case StateInviting:
+			switch ev.Timer {
+			case TimerHold:
+				d.hold(nil)
+			case TimerTransfer:
+				c.InviteCtx = ""
+				d.transferFailed() // the agent's phone rang out with no word from Graph
+			default:
+				return ErrIgnored
+			}
 		case StateTransferring:
 			if ev.Timer != TimerTransfer {
 				return ErrIgnored
@@ -198,12 +212,56 @@ func (d *decision) apply(ev Event) error {
 
 	case EvAgentOffer:
 		c.Agent = ev.Agent
-		c.PromptCtx = "" // hold music stops mattering: the transfer takes the caller's media
 		c.Offers++
+		target := graph.Party{Kind: graph.KindUser, ID: ev.Agent}
+		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.Handoff == ivr.HandoffInvite {
+			// conference hand-off: the agent is invited and callbot stays; the caller keeps
+			// hearing hold music while the agent's phone rings
+			c.State, c.Joined = StateInviting, false
+			c.InviteCtx = "i" + strconv.FormatInt(d.next(), 10)
+			d.emit(Command{Kind: CmdInvite, Target: target, ClientContext: c.InviteCtx})
+			d.timer(TimerTransfer, d.env.TransferTimeout)
+			return nil
+		}
+		c.PromptCtx = "" // hold music stops mattering: the transfer takes the caller's media
 		c.State = StateTransferring
-		d.emit(Command{Kind: CmdTransfer, Target: graph.Party{Kind: graph.KindUser, ID: ev.Agent},
-			ClientContext: "x" + strconv.FormatInt(d.next(), 10)})
+		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: "x" + strconv.FormatInt(d.next(), 10)})
 		d.timer(TimerTransfer, d.env.TransferTimeout)
+		return nil
+
+	case EvInviteDone:
+		if ev.ClientContext == "" || ev.ClientContext != c.InviteCtx {
+			return ErrIgnored // an earlier attempt's, or a repeat
+		}
+		c.InviteCtx = ""
+		if ev.Failed {
+			d.transferFailed()
+			return nil
+		}
+		c.State, c.ConnectedAt, c.Timers = StateConnected, d.env.Now, nil
+		d.silence() // the hold music must not play over the conversation
+		return nil
+
+	case EvRoster:
+		if ev.Seq != 0 && ev.Seq <= c.LastRoster {
+			return ErrIgnored // an older roster, or a repeat
+		}
+		c.LastRoster = max(c.LastRoster, ev.Seq)
+		present := slices.Contains(ev.Participants, strings.ToLower(c.Agent))
+		switch {
+		case present && c.Joined:
+			return ErrIgnored
+		case present:
+			c.Joined = true
+		case c.State == StateConnected && c.Joined:
+			// the agent left the conversation: callbot ends the call, the agent wraps up
+			c.State, c.Outcome = StateTerminating, OutcomeConnected
+			d.emit(Command{Kind: CmdHangup})
+			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentWrapUp, After: d.wrapUp()})
+			c.Agent = ""
+		default:
+			return ErrIgnored // a roster from before the agent joined
+		}
 		return nil
 
 	case EvTransferAccepted:
@@ -270,6 +328,13 @@ func (d *decision) menuTimeout() time.Duration {
 		return m.Timeout
 	}
 	return 5 * time.Second
+}
+
+func (d *decision) wrapUp() time.Duration {
+	if q := d.env.Flow.Queues[d.c.Queue]; q != nil {
+		return q.WrapUp
+	}
+	return 0
 }
 
 func (d *decision) holdMusic() []graph.MediaPrompt {
@@ -381,6 +446,16 @@ func (d *decision) ended(ev Event) {
 			if c.Agent != "" {
 				d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned})
 			}
+		}
+	case StateInviting:
+		c.Outcome = OutcomeCallerHangup
+		if c.Agent != "" {
+			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned})
+		}
+	case StateConnected:
+		c.Outcome = OutcomeConnected
+		if c.Agent != "" {
+			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentWrapUp, After: d.wrapUp()})
 		}
 	case StateTerminating:
 		if c.Outcome == "" {

@@ -2,6 +2,7 @@ package callstate
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -30,6 +31,7 @@ menus:
     options:
       "1": {queue: sales}
       "3": {transfer: 22222222-0000-4000-8000-000000000001}
+      "4": {queue: vip}
       "9": {disconnect: bye}
     fallback: {queue: sales}
 queues:
@@ -38,6 +40,11 @@ queues:
     max-wait: 2m
     on-timeout: {disconnect: bye}
     agents: [11111111-0000-4000-8000-000000000001]
+  vip:
+    hold: hold
+    handoff: invite
+    wrap-up: 30s
+    agents: [11111111-0000-4000-8000-000000000002]
 `
 
 func testFlow(t testing.TB) *ivr.Flow {
@@ -348,5 +355,65 @@ func TestAnswerRepeatedOnlyWhileIncoming(t *testing.T) {
 	c3, _, err := Decide(c2, Event{Kind: EvCallState, GraphState: graph.CallEstablished}, env)
 	if err != nil || c3.State != StateInMenu {
 		t.Errorf("Graph established (notification lost): %s %v, want the menu", c3.State, err)
+	}
+}
+
+// Conference hand-off: the agent is invited, callbot stays in the call, sees the agent join and
+// leave, hangs up then, and the agent wraps up.
+func TestInviteHandoff(t *testing.T) {
+	env := testEnv(t)
+	agent := "11111111-0000-4000-8000-000000000002"
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1},
+		Event{Kind: EvAgentOffer, Agent: agent})
+	if c.State != StateInviting || kinds(cmds[3])[0] != "invite" || cmds[3][0].Target.ID != agent {
+		t.Fatalf("after the offer: %s %v", c.State, kinds(cmds[3]))
+	}
+	if _, _, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: "i-old"}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("another invite's completion: %v, want ignored", err)
+	}
+	hold := c.PromptCtx
+	c, out, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: hold}, env)
+	if err != nil || kinds(out)[0] != "playPrompt" {
+		t.Errorf("hold music while the agent rings: %v %v", kinds(out), err)
+	}
+	c, out, err = Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env)
+	if err != nil || c.State != StateConnected || !slices.Equal(kinds(out), []string{"cancelMediaProcessing"}) {
+		t.Fatalf("agent joined: %s %v %v, want connected and the hold music stopped", c.State, kinds(out), err)
+	}
+	if _, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 1}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("a roster before the agent appears must not end the call: %v", err)
+	}
+	c, _, err = Decide(c, Event{Kind: EvRoster, Participants: []string{"caller", agent}, Seq: 2}, env)
+	if err != nil || !c.Joined {
+		t.Fatalf("roster with the agent: %v joined=%v", err, c.Joined)
+	}
+	if _, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 2}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("a stale roster: %v, want ignored", err)
+	}
+	c, out, err = Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 3}, env)
+	if err != nil || c.State != StateTerminating || !slices.Equal(kinds(out), []string{"hangup", "releaseAgent"}) {
+		t.Fatalf("agent left: %s %v %v, want callbot to hang up", c.State, kinds(out), err)
+	}
+	if out[1].AgentOutcome != AgentWrapUp || out[1].After != 30*time.Second {
+		t.Errorf("release %+v, want 30s of wrap-up", out[1])
+	}
+	c, out, _ = Decide(c, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 7000}}, env)
+	if c.State != StateTerminated || c.Outcome != OutcomeConnected || len(out) != 0 {
+		t.Errorf("end: %s %s %v (the agent was released already)", c.State, c.Outcome, kinds(out))
+	}
+}
+
+func TestInviteFailedOrCallerLeaves(t *testing.T) {
+	env := testEnv(t)
+	agent := "11111111-0000-4000-8000-000000000002"
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1}, Event{Kind: EvAgentOffer, Agent: agent})
+	failed, out, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, env)
+	if err != nil || failed.State != StateQueued || out[0].AgentOutcome != AgentFailed {
+		t.Errorf("declined invite: %s %v %v, want back in the queue and the agent cooling down", failed.State, kinds(out), err)
+	}
+	joined, _, _ := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env)
+	ended, out, _ := Decide(joined, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}}, env)
+	if ended.Outcome != OutcomeConnected || len(out) != 1 || out[0].AgentOutcome != AgentWrapUp {
+		t.Errorf("caller hung up while connected: %s %v", ended.Outcome, kinds(out))
 	}
 }

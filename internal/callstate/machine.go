@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,7 +21,9 @@ import (
 type Queues interface {
 	Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error
 	Remove(ctx context.Context, tenant, queue, callKey string) error
-	Release(ctx context.Context, tenant, agent, callKey string, outcome AgentOutcome) error
+	// Release ends an agent's reservation; hold, when not zero, is how long the agent is not
+	// offered another call (wrap-up).
+	Release(ctx context.Context, tenant, agent, callKey string, outcome AgentOutcome, hold time.Duration) error
 }
 
 // Config wires a Machine.
@@ -147,9 +150,23 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 			return Event{Kind: EvTransferAccepted}, true
 		}
 	case graph.ResourceOperation:
-		if op := n.Operation; op != nil && (op.Status.Final() || n.ChangeType == graph.Deleted) {
-			return Event{Kind: EvPromptDone, ClientContext: op.ClientContext}, true
+		op := n.Operation
+		if op == nil || !(op.Status.Final() || n.ChangeType == graph.Deleted) {
+			break
 		}
+		if strings.EqualFold(n.DataType, graph.TypeInviteParticipantsOp) {
+			return Event{Kind: EvInviteDone, ClientContext: op.ClientContext, Failed: op.Status != graph.OpCompleted}, true
+		}
+		return Event{Kind: EvPromptDone, ClientContext: op.ClientContext}, true
+	case graph.ResourceParticipants:
+		ev := Event{Kind: EvRoster, Participants: []string{}}
+		for _, p := range n.Participants {
+			if p.Info.Identity.User != nil {
+				ev.Participants = append(ev.Participants, strings.ToLower(p.Info.Identity.User.ID))
+			}
+			ev.Seq = max(ev.Seq, int64(p.RosterSequenceNumber))
+		}
+		return ev, true
 	}
 	return Event{}, false
 }
@@ -275,7 +292,7 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap
 		case CmdLeaveQueue:
 			err = m.cfg.Queues.Remove(ctx, c.Tenant, cmd.Queue, key)
 		case CmdReleaseAgent:
-			err = m.cfg.Queues.Release(ctx, c.Tenant, cmd.Agent, key, cmd.AgentOutcome)
+			err = m.cfg.Queues.Release(ctx, c.Tenant, cmd.Agent, key, cmd.AgentOutcome, cmd.After)
 		case CmdSetTimer:
 			err = m.cfg.Timers.Set(ctx, c.Tenant, key, cmd.Timer, cmd.Token, m.cfg.Now().Add(cmd.After))
 		}
@@ -342,6 +359,8 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	case CmdCheckCall:
 		m.checkCall(c, scenario, log)
 		return
+	case CmdInvite:
+		op, err = cc.InviteParticipants(ctx, c.ID, graph.InviteRequest{Participants: []graph.Invitee{{Party: cmd.Target}}, ClientContext: cmd.ClientContext})
 	}
 	key := graph.CallKey(c.ID)
 	feed := func(ev Event) {
@@ -368,11 +387,17 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
 			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})
+		case cmd.Kind == CmdInvite && definitive(err):
+			feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true})
+			// an ambiguous invite failure is settled by the invite's notification or its timer
 		}
 		return
 	}
-	if cmd.Kind == CmdPlayPrompt && op.Status.Final() {
+	switch {
+	case cmd.Kind == CmdPlayPrompt && op.Status.Final():
 		feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext})
+	case cmd.Kind == CmdInvite && op.Status.Final():
+		feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: op.Status == graph.OpFailed})
 	}
 }
 

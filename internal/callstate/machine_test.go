@@ -67,6 +67,9 @@ func (f *fakeGraph) Redirect(_ context.Context, id string, ps []graph.Party, t i
 	return f.rec("redirect")
 }
 func (f *fakeGraph) Hangup(_ context.Context, id string) error    { return f.rec("hangup") }
+func (f *fakeGraph) InviteParticipants(_ context.Context, id string, r graph.InviteRequest) (graph.Operation, error) {
+	return graph.Operation{ID: "inv", Status: graph.OpRunning, ClientContext: r.ClientContext}, f.rec("invite " + r.Participants[0].Party.ID)
+}
 func (f *fakeGraph) KeepAlive(_ context.Context, id string) error { return f.rec("keepAlive") }
 func (f *fakeGraph) GetCall(_ context.Context, id string) (graph.CallState, error) {
 	f.mu.Lock()
@@ -98,7 +101,10 @@ func (q *fakeQueues) Enqueue(_ context.Context, tenant, queue, call string, scor
 func (q *fakeQueues) Remove(_ context.Context, tenant, queue, call string) error {
 	return q.add("remove " + queue)
 }
-func (q *fakeQueues) Release(_ context.Context, tenant, agent, call string, o callstate.AgentOutcome) error {
+func (q *fakeQueues) Release(_ context.Context, tenant, agent, call string, o callstate.AgentOutcome, hold time.Duration) error {
+	if hold > 0 {
+		return q.add("release " + agent + " " + string(o) + " " + hold.String())
+	}
 	return q.add("release " + agent + " " + string(o))
 }
 

@@ -1,6 +1,7 @@
 package callstate
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/callbot/callbot/internal/graph"
@@ -17,17 +18,34 @@ const (
 	StateInMenu                    // established; prompts and tones of the IVR menu
 	StateQueued                    // waiting in a queue, hold music playing
 	StateTransferring              // transfer to an agent or user sent, waiting for the outcome
+	StateInviting                  // agent invited into the call (conference hand-off), ringing
+	StateConnected                 // the agent joined; callbot stays in the call until it ends
 	StateTerminating               // callbot hung up or rejected, waiting for Graph to confirm
 	StateTerminated                // over; terminal
 )
 
-var stateNames = [...]string{"none", "answering", "in_menu", "queued", "transferring", "terminating", "terminated"}
+var stateNames = [...]string{"none", "answering", "in_menu", "queued", "transferring", "inviting", "connected", "terminating", "terminated"}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
 		return stateNames[s]
 	}
 	return "state(" + string(rune('0'+s)) + ")"
+}
+
+// MarshalText writes the state's name: records in Redis stay readable across versions that add
+// states.
+func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText reads a state's name.
+func (s *State) UnmarshalText(b []byte) error {
+	for i, n := range stateNames {
+		if n == string(b) {
+			*s = State(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown call state %q", b)
 }
 
 // Terminal reports whether no event can move a call out of s.
@@ -48,12 +66,14 @@ const (
 	EvTransferFailed                        // Graph: established again with a failure result, or the transfer request failed
 	EvEnded                                 // Graph: terminated / deleted, or the call is gone (404)
 	EvCommandFailed                         // a Graph command other than transfer failed
-	EvCallState                             // the call\'s state as read from Graph (GET), after a doubt
+	EvCallState                             // the call's state as read from Graph (GET), after a doubt
+	EvInviteDone                            // Graph: the invite operation finished (Failed: the agent did not join)
+	EvRoster                                // Graph: the call's participants changed (Participants, Seq)
 	EvTransferring                          // Graph: state transferring (it took the transfer request)
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
-	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state"}
+	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {
@@ -90,6 +110,9 @@ type Event struct {
 	TimerToken int64
 	// Agent reserved for the call (EvAgentOffer).
 	Agent string
+	// Participants are the user ids in a roster update (EvRoster); Seq its highest
+	// rosterSequenceNumber.
+	Participants []string
 	// GraphState is the call's state read from Graph (EvCallState).
 	GraphState graph.CallState
 	// Verified: a transfer failure known to be about the current attempt (the request was
@@ -118,6 +141,7 @@ const (
 	OutcomeDisconnected = "disconnected"  // the flow ended the call
 	OutcomeRejected     = "rejected"      // callbot refused the call
 	OutcomeFailed       = "failed"        // a Graph failure ended the call
+	OutcomeConnected    = "connected"     // talked with an agent invited into the call (conference hand-off)
 )
 
 // Call is the record of one call, stored in Redis.
@@ -144,6 +168,12 @@ type Call struct {
 	Target     string              `json:"target,omitempty"`     // direct transfer target (menu option)
 	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
 	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
+	// InviteCtx is the clientContext of the invite callbot waits on (conference hand-off);
+	// Joined is set once a roster showed the agent in the call; LastRoster orders rosters.
+	InviteCtx   string    `json:"inviteCtx,omitempty"`
+	Joined      bool      `json:"joined,omitempty"`
+	LastRoster  int64     `json:"lastRoster,omitempty"`
+	ConnectedAt time.Time `json:"connectedAt,omitzero"`
 	// Transferring is set when Graph reported the current transfer attempt under way: only then
 	// can a failure notification be about it (one from an earlier attempt may arrive late).
 	Transferring bool      `json:"transferring,omitempty"`

@@ -31,7 +31,8 @@ var Transitions = []Transition{
 
 	{StateQueued, EvPromptDone, StateQueued}, // hold music loops
 	{StateQueued, EvAgentOffer, StateTransferring},
-	{StateQueued, EvTimeout, StateQueued}, // max wait: another queue; hold music again
+	{StateQueued, EvAgentOffer, StateInviting}, // conference hand-off
+	{StateQueued, EvTimeout, StateQueued},      // max wait: another queue; hold music again
 	{StateQueued, EvTimeout, StateTransferring},
 	{StateQueued, EvTimeout, StateTerminating},
 
@@ -42,6 +43,16 @@ var Transitions = []Transition{
 	{StateTransferring, EvTimeout, StateTransferring},  // no outcome from Graph in time: ask Graph
 	{StateTransferring, EvCallState, StateQueued},      // Graph has it established again: the transfer failed
 	{StateTransferring, EvCallState, StateInMenu},
+
+	{StateInviting, EvPromptDone, StateInviting},  // hold music loops while the agent rings
+	{StateInviting, EvInviteDone, StateConnected}, // the agent joined
+	{StateInviting, EvInviteDone, StateQueued},    // the agent did not: back to the head of the queue
+	{StateInviting, EvTimeout, StateInviting},     // hold music again
+	{StateInviting, EvTimeout, StateQueued},       // no outcome in time
+	{StateInviting, EvRoster, StateInviting},      // the roster shows the agent before the operation ends
+	{StateConnected, EvRoster, StateConnected},    // someone joined or left; the agent is still there
+	{StateConnected, EvRoster, StateTerminating},  // the agent left: callbot hangs up
+	{StateConnected, EvTimeout, StateTerminating}, // the agent never appeared in a roster
 
 	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
 	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway

@@ -106,7 +106,22 @@ type Queue struct {
 	// ActionDisconnect (the default, without prompt).
 	OnTimeout Action
 	Agents    []string // lowercase Entra object ids, in file order, no duplicates
+	// Handoff is how a caller reaches an agent: HandoffTransfer (blind transfer, the default:
+	// callbot leaves the call) or HandoffInvite (callbot invites the agent and stays in the call,
+	// so it knows when the conversation ends).
+	Handoff Handoff
+	// WrapUp is the time an agent is not offered calls after a conversation (invite hand-off).
+	WrapUp time.Duration
 }
+
+// Handoff is how a queue hands a caller to an agent.
+type Handoff string
+
+// Hand-off modes.
+const (
+	HandoffTransfer Handoff = "transfer"
+	HandoffInvite   Handoff = "invite"
+)
 
 // Prompt returns the media of prompt id.
 func (f *Flow) Prompt(id string) (graph.MediaPrompt, bool) {

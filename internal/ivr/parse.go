@@ -94,7 +94,7 @@ var (
 	promptKeys = []string{"uri", "resource-id"}
 	menuKeys   = []string{"prompt", "timeout", "retries", "invalid", "no-input", "options", "fallback"}
 	actionKeys = []string{"menu", "queue", "transfer", "disconnect"}
-	queueKeys  = []string{"name", "welcome", "hold", "max-wait", "on-timeout", "agents"}
+	queueKeys  = []string{"name", "welcome", "hold", "max-wait", "on-timeout", "agents", "handoff", "wrap-up"}
 )
 
 var (
@@ -346,6 +346,30 @@ func (p *parser) queue(id string, e field) *Queue {
 			p.errorf(fl.key, "%s.on-timeout: has no effect without max-wait", path)
 		default:
 			q.OnTimeout = a
+		}
+	}
+
+	q.Handoff = HandoffTransfer
+	if fl := fs["handoff"]; fl.val != nil {
+		switch h := Handoff(p.str(fl, path+".handoff")); h {
+		case HandoffTransfer, HandoffInvite:
+			q.Handoff = h
+		case "":
+			// reported by str
+		default:
+			p.errorf(fl.val, "%s.handoff: %q is neither transfer nor invite", path, h)
+		}
+	}
+	if fl := fs["wrap-up"]; fl.val != nil {
+		if d, ok := p.duration(fl, path+".wrap-up"); ok {
+			switch {
+			case d < 0 || d > 10*time.Minute:
+				p.errorf(fl.val, "%s.wrap-up: %s is not between 0s and 10m", path, fl.val.Value)
+			case q.Handoff != HandoffInvite:
+				p.errorf(fl.key, "%s.wrap-up: has no effect without handoff: invite (after a transfer callbot cannot see the conversation end)", path)
+			default:
+				q.WrapUp = d
+			}
 		}
 	}
 

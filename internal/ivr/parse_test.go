@@ -94,6 +94,7 @@ queues:
 			ID: "q", Name: "q", Hold: "hold",
 			OnTimeout: Action{Kind: ActionDisconnect},
 			Agents:    []string{"aaaaaaaa-0000-4000-8000-000000000001"}, // GUIDs are lowercased
+			Handoff:   HandoffTransfer,
 		}},
 	}
 	if diff := cmp.Diff(got, want); diff != "" {
@@ -182,6 +183,16 @@ func TestParseProblems(t *testing.T) {
 			name: "yaml syntax",
 			src:  "name: t\nmenus:\n  main: [\n",
 			want: []problem{{3, "yaml: did not find expected node content"}},
+		},
+		{
+			name: "handoff and wrap-up",
+			src:  base + "    handoff: conference\n    wrap-up: 20s\n",
+			want: []problem{{15, `queues.q.handoff: "conference" is neither transfer nor invite`}, {16, "queues.q.wrap-up: has no effect without handoff: invite"}},
+		},
+		{
+			name: "wrap-up too long",
+			src:  base + "    handoff: invite\n    wrap-up: 1h\n",
+			want: []problem{{16, "queues.q.wrap-up: 1h is not between 0s and 10m"}},
 		},
 		{
 			name: "tab indentation",

@@ -57,8 +57,8 @@ func (d *Dispatcher) Remove(ctx context.Context, tenant, queue, callKey string) 
 }
 
 // Release implements callstate.Queues.
-func (d *Dispatcher) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome) error {
-	err := d.Store.Release(ctx, tenant, agent, callKey, outcome)
+func (d *Dispatcher) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome, hold time.Duration) error {
+	err := d.Store.Release(ctx, tenant, agent, callKey, outcome, hold)
 	d.Poke()
 	return err
 }
@@ -102,11 +102,11 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				// the call's state is unknown: put the caller back where it was, free the agent
 				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
 				_ = d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
-				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned)
+				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
 				return offers
 			case !ok:
 				d.Log.Debug("reserved caller no longer waiting", zap.String("call_id", r.Call))
-				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned)
+				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
 			default:
 				offers++
 				d.Log.Info("caller offered to agent", zap.String("call_id", r.Call), zap.String("queue", q), zap.String("agent", r.Agent))

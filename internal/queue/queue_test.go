@@ -41,7 +41,7 @@ func TestReserveLongestIdleRoutableMember(t *testing.T) {
 	must(t, s.SetMembers(ctx, "t", "support", []string{"a5"}))
 	must(t, s.SetRoutable(ctx, "t", map[string]bool{"a1": true, "a2": true, "a3": false, "a4": true, "a5": true}))
 	// a1 finished a call recently; a2 longest idle
-	must(t, s.Release(ctx, "t", "a1", "none", callstate.AgentConnected)) // not reserved: no-op
+	must(t, s.Release(ctx, "t", "a1", "none", callstate.AgentConnected, 0)) // not reserved: no-op
 	s.rdb.ZAdd(ctx, s.keys("t", "").idle, redisZ(2000, "a1"), redisZ(1000, "a2"), redisZ(1500, "a4"))
 
 	for i, c := range []string{"c1", "c2", "c3", "c4"} {
@@ -69,7 +69,7 @@ func TestFailedTransferBackToHeadAndCooldown(t *testing.T) {
 	r, err := s.Reserve(ctx, "t", "q", time.Now())
 	must(t, err)
 	// the agent declines: the caller goes back with its original score, ahead of "second"
-	must(t, s.Release(ctx, "t", r.Agent, r.Call, callstate.AgentFailed))
+	must(t, s.Release(ctx, "t", r.Agent, r.Call, callstate.AgentFailed, 0))
 	must(t, s.Enqueue(ctx, "t", "q", r.Call, r.Score))
 	if w, _ := s.Waiting(ctx, "t", "q"); !cmp.Equal(w, []string{"first", "second"}) {
 		t.Fatalf("waiting = %v, want the failed caller at the head", w)

@@ -172,14 +172,16 @@ return 1`)
 
 // Release ends the reservation of agent for callKey (no-op if the agent is reserved for another
 // call). A connected agent counts as idle from now on and is guarded for ConnectedGuard; an
-// agent who failed cools down for FailCooldown.
-func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome) error {
-	var hold time.Duration
-	switch outcome {
-	case callstate.AgentConnected:
-		hold = s.ConnectedGuard
-	case callstate.AgentFailed:
-		hold = s.FailCooldown
+// agent who failed cools down for FailCooldown; one wrapping up is not offered a call for
+// wrapUp. A non-zero hold overrides those.
+func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome, hold time.Duration) error {
+	if hold == 0 {
+		switch outcome {
+		case callstate.AgentConnected:
+			hold = s.ConnectedGuard
+		case callstate.AgentFailed:
+			hold = s.FailCooldown
+		}
 	}
 	k := s.keys(tenant, "")
 	now := time.Now().UnixMilli()

@@ -55,10 +55,10 @@ func TestStoreOnRedisCluster(t *testing.T) {
 			t.Fatalf("%s: third reservation %+v %v; want ErrEmpty (both agents reserved)", tenant, r, err)
 		}
 		// releaseScript, three keys: one agent cools down, the other is guarded after connecting
-		if err := st.Release(ctx, tenant, got[0].Agent, "c1", callstate.AgentFailed); err != nil {
+		if err := st.Release(ctx, tenant, got[0].Agent, "c1", callstate.AgentFailed, 0); err != nil {
 			t.Fatalf("%s: release: %v", tenant, err)
 		}
-		if err := st.Release(ctx, tenant, got[1].Agent, "c2", callstate.AgentConnected); err != nil {
+		if err := st.Release(ctx, tenant, got[1].Agent, "c2", callstate.AgentConnected, 0); err != nil {
 			t.Fatalf("%s: release: %v", tenant, err)
 		}
 		if r, err := st.Reserve(ctx, tenant, "sales", time.Now()); !errors.Is(err, queue.ErrEmpty) {
