@@ -66,7 +66,7 @@ func (f *fakeGraph) Transfer(_ context.Context, id string, p graph.Party, cc str
 func (f *fakeGraph) Redirect(_ context.Context, id string, ps []graph.Party, t int, cb string) error {
 	return f.rec("redirect")
 }
-func (f *fakeGraph) Hangup(_ context.Context, id string) error    { return f.rec("hangup") }
+func (f *fakeGraph) Hangup(_ context.Context, id string) error { return f.rec("hangup") }
 func (f *fakeGraph) InviteParticipants(_ context.Context, id string, r graph.InviteRequest) (graph.Operation, error) {
 	return graph.Operation{ID: "inv", Status: graph.OpRunning, ClientContext: r.ClientContext}, f.rec("invite " + r.Participants[0].Party.ID)
 }
