@@ -24,6 +24,8 @@ type Queues interface {
 	// Release ends an agent's reservation; hold, when not zero, is how long the agent is not
 	// offered another call (wrap-up).
 	Release(ctx context.Context, tenant, agent, callKey string, outcome AgentOutcome, hold time.Duration) error
+	// Reservations lists the agents reserved in a tenant, with the call each is reserved for.
+	Reservations(ctx context.Context, tenant string) (map[string]string, error)
 }
 
 // Config wires a Machine.
@@ -39,8 +41,9 @@ type Config struct {
 	TransferTimeout time.Duration // default 90s
 	HangupGrace     time.Duration // default 30s
 	CommandTimeout  time.Duration // deadline of one Graph command; default 10s
-	// OutboxLease is how long an instance has to carry out the commands it saved before any
-	// instance may re-drive them; default 30s.
+	// OutboxLease is how long an instance has to carry out the commands it saved (or to apply a
+	// timer it claimed) before any instance may re-drive them; default 8 s, so an answer a dead
+	// instance saved is still re-driven within Graph's 15 s answer deadline.
 	OutboxLease time.Duration
 	// OnEnd, when set, is called once for every call that ends through this instance.
 	OnEnd func(Call)
@@ -50,6 +53,11 @@ type Config struct {
 // check (retrying on conflict, so any instance may handle any notification), then carries out
 // the commands. Graph commands of one call run in order, off the request path.
 type Machine struct {
+	// suspect holds reservations the last reconciliation found with a caller still queued:
+	// one still there at the next pass is stale (its offer was lost), not in flight.
+	mu      sync.Mutex
+	suspect map[string]string
+
 	cfg   Config
 	flow  atomic.Pointer[ivr.Flow]
 	exec  serial
@@ -76,7 +84,7 @@ func NewMachine(cfg Config) *Machine {
 		cfg.CommandTimeout = 10 * time.Second
 	}
 	if cfg.OutboxLease == 0 {
-		cfg.OutboxLease = 30 * time.Second
+		cfg.OutboxLease = 8 * time.Second
 	}
 	m := &Machine{cfg: cfg, cache: newCache(100_000)}
 	m.flow.Store(cfg.Flow)
@@ -186,10 +194,11 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 	}
 	for attempt := 0; attempt < 16; attempt++ {
 		var cur Call
+		fromCache := false
 		if ev.Kind != EvIncoming {
 			cached, ok := m.cache.get(callKey)
 			if ok && attempt == 0 {
-				cur = cached
+				cur, fromCache = cached, true
 			} else {
 				var err error
 				cur, err = m.cfg.Store.Get(ctx, callKey)
@@ -203,6 +212,13 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 			}
 		}
 		next, cmds, err := Decide(cur, ev, m.env())
+		if errors.Is(err, ErrIgnored) && fromCache {
+			// The cached copy may be stale (another instance moved the call on): an event is
+			// only ignored on the record in Redis. A decision to act needs no such check, as
+			// the save's version check catches a stale copy.
+			m.cache.drop(callKey)
+			continue
+		}
 		if errors.Is(err, ErrIgnored) {
 			log.Debug("event ignored", zap.Stringer("state", cur.State))
 			return false, nil
@@ -559,7 +575,7 @@ func definitive(err error) bool {
 func (m *Machine) RunTimers(ctx context.Context, every time.Duration) {
 	repeat(ctx, cmp.Or(every, 100*time.Millisecond), false, func() {
 		for {
-			due, err := m.cfg.Timers.Claim(ctx, m.cfg.Now(), 30*time.Second, 100)
+			due, err := m.cfg.Timers.Claim(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
 			if err != nil {
 				if ctx.Err() == nil {
 					m.cfg.Log.Warn("claim timers", zap.Error(err))
@@ -638,13 +654,16 @@ const keepAliveAfter = 15 * time.Minute
 
 // Reconcile walks the live calls once: records that ended or expired leave the set; a call
 // Graph no longer knows (404) is ended and counted in Closed; a call older than 15 minutes gets
-// a keepAlive. Run at start-up it picks up calls whose instance vanished.
+// a keepAlive; a queued caller is put back in its queue if a failure took it out. Then agent
+// reservations whose call ended or moved on are released. Run at start-up it picks up calls
+// whose instance vanished.
 func (m *Machine) Reconcile(ctx context.Context) error {
 	now := m.cfg.Now()
 	keys, err := m.cfg.Store.Live(ctx, now.Add(-time.Minute), 10_000) // a newer call is still being set up
 	if err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
+	tenants := map[string]bool{}
 	for _, key := range keys {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -657,7 +676,8 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("reconcile: %w", err)
 		}
-		cctx, cancel := context.WithTimeout(graph.WithScenarioID(ctx, c.Scenario), m.cfg.CommandTimeout)
+		tenants[c.Tenant] = true
+		cctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(ctx, c.Scenario), c.Tenant), m.cfg.CommandTimeout)
 		if now.Sub(c.CreatedAt) > keepAliveAfter {
 			err = m.cfg.Control.KeepAlive(cctx, c.ID)
 		} else {
@@ -670,11 +690,58 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 				m.Closed.Add(1)
 				m.cfg.Log.Info("call gone from Graph closed", zap.String("call_id", key), zap.Stringer("state", c.State))
 			}
+			continue
 		case err != nil:
 			m.cfg.Log.Warn("reconcile call", zap.String("call_id", key), zap.Error(err))
 		}
+		if c.State == StateQueued && c.Queue != "" {
+			// idempotent: a caller a failed offer took out of the queue is back at its place
+			if err := m.cfg.Queues.Enqueue(ctx, c.Tenant, c.Queue, key, c.QueueScore); err != nil {
+				m.cfg.Log.Warn("reconcile queue", zap.String("call_id", key), zap.Error(err))
+			}
+		}
+	}
+	for tenant := range tenants {
+		m.releaseStale(ctx, tenant)
 	}
 	return nil
+}
+
+// releaseStale frees agents reserved for a call that ended, or that is with another agent, or
+// that has been queued since the previous pass (its offer was lost between the reservation and
+// the call's change).
+func (m *Machine) releaseStale(ctx context.Context, tenant string) {
+	res, err := m.cfg.Queues.Reservations(ctx, tenant)
+	if err != nil {
+		m.cfg.Log.Warn("reconcile reservations", zap.Error(err))
+		return
+	}
+	suspect := map[string]string{}
+	for agent, key := range res {
+		c, err := m.cfg.Store.Get(ctx, key)
+		stale := false
+		switch {
+		case errors.Is(err, ErrNotFound):
+			stale = true
+		case err != nil:
+			continue
+		case c.State.Terminal(), c.Agent != agent && c.State != StateQueued:
+			stale = true
+		case c.State == StateQueued:
+			if m.suspect[agent] == key {
+				stale = true
+			} else {
+				suspect[agent] = key
+			}
+		}
+		if stale {
+			m.cfg.Log.Info("stale agent reservation released", zap.String("agent", agent), zap.String("call_id", key))
+			m.cfg.Queues.Release(ctx, tenant, agent, key, AgentAbandoned, 0)
+		}
+	}
+	m.mu.Lock()
+	m.suspect = suspect
+	m.mu.Unlock()
 }
 
 // RunReconcile reconciles at once and then every interval until ctx ends.

@@ -2,6 +2,7 @@ package callstate_test
 
 import (
 	"context"
+	"maps"
 	"os"
 	"strings"
 	"sync"
@@ -85,8 +86,15 @@ func (f *fakeGraph) GetCall(_ context.Context, id string) (graph.CallState, erro
 }
 
 type fakeQueues struct {
-	mu  sync.Mutex
-	ops []string
+	mu       sync.Mutex
+	ops      []string
+	reserved map[string]string
+}
+
+func (q *fakeQueues) Reservations(context.Context, string) (map[string]string, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return maps.Clone(q.reserved), nil
 }
 
 func (q *fakeQueues) add(s string) error {
@@ -102,6 +110,11 @@ func (q *fakeQueues) Remove(_ context.Context, tenant, queue, call string) error
 	return q.add("remove " + queue)
 }
 func (q *fakeQueues) Release(_ context.Context, tenant, agent, call string, o callstate.AgentOutcome, hold time.Duration) error {
+	q.mu.Lock()
+	if q.reserved[agent] == call {
+		delete(q.reserved, agent)
+	}
+	q.mu.Unlock()
 	if hold > 0 {
 		return q.add("release " + agent + " " + string(o) + " " + hold.String())
 	}

@@ -180,3 +180,64 @@ func TestReconcileKeepsLongCallsAlive(t *testing.T) {
 		t.Errorf("graph commands %v, want a keepAlive for a 16-minute call", got)
 	}
 }
+
+// Two instances: A created the call and caches it; B applies the next notification. A must not
+// ignore the one after on its stale copy (answering), but decide on the record in Redis.
+func TestStaleCacheDoesNotIgnoreEvents(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, _ := ivr.Parse([]byte(flowYAML), "t.yaml")
+	ctx := context.Background()
+	newInstance := func(g *fakeGraph) *callstate.Machine {
+		return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "sc"), Timers: callstate.NewTimers(rdb, "sc"), Control: g,
+			Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	}
+	ga, gb := &fakeGraph{}, &fakeGraph{}
+	a, b := newInstance(ga), newInstance(gb)
+	notify(t, a, note("created", "c1", `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, b, note("updated", "c1", `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	ok, err := a.Handle(ctx, "tenant-1", "c1", callstate.Event{Kind: callstate.EvTone, Digit: "1", Seq: 1})
+	if err != nil || !ok {
+		t.Fatalf("tone on the instance with a stale copy: applied=%v err=%v, want applied", ok, err)
+	}
+	a.Wait()
+	if got := ga.log(); got[len(got)-1] != "playPrompt hold" {
+		t.Errorf("instance A's commands %v, want the caller queued with hold music", got)
+	}
+}
+
+// The reconciler repairs what a failure between two Redis writes can leave: a queued caller
+// missing from its queue, an agent reserved for a call that ended or whose offer was lost.
+func TestReconcileRepairsQueuesAndReservations(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, _ := ivr.Parse([]byte(flowYAML), "t.yaml")
+	ctx := context.Background()
+	skew := time.Duration(0)
+	q := &fakeQueues{}
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "rq"), Timers: callstate.NewTimers(rdb, "rq"), Control: &fakeGraph{},
+		Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+		Now: func() time.Time { return time.Now().Add(skew) }})
+	notify(t, m, note("created", "queued", `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", "queued", `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", "queued", `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	q.mu.Lock()
+	q.ops = nil
+	q.reserved = map[string]string{"agent-lost-offer": "queued", "agent-of-ended-call": "nosuchcall"}
+	q.mu.Unlock()
+	skew = 2 * time.Minute
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(q.ops, []string{"enqueue q", "release agent-of-ended-call abandoned"}); diff != "" {
+		t.Errorf("first pass (-got +want):\n%s", diff)
+	}
+	q.mu.Lock()
+	q.ops = nil
+	q.mu.Unlock()
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// still reserved for a caller that is still queued: the offer was lost, free the agent
+	if diff := cmp.Diff(q.ops, []string{"enqueue q", "release agent-lost-offer abandoned"}); diff != "" {
+		t.Errorf("second pass (-got +want):\n%s", diff)
+	}
+}

@@ -63,6 +63,11 @@ func (d *Dispatcher) Release(ctx context.Context, tenant, agent, callKey string,
 	return err
 }
 
+// Reservations implements callstate.Queues.
+func (d *Dispatcher) Reservations(ctx context.Context, tenant string) (map[string]string, error) {
+	return d.Store.Reservations(ctx, tenant)
+}
+
 // Run dispatches until ctx ends: when poked, and every tick (agents become free by presence
 // and cool-downs end without a poke; other instances enqueue without poking this one).
 func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
@@ -101,8 +106,11 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 			case err != nil:
 				// the call's state is unknown: put the caller back where it was, free the agent
 				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
-				_ = d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
-				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
+				if err := errors.Join(d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score),
+					d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)); err != nil {
+					// the reconciler puts the caller back and frees the agent
+					d.Log.Error("undo reservation", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
+				}
 				return offers
 			case !ok:
 				d.Log.Debug("reserved caller no longer waiting", zap.String("call_id", r.Call))

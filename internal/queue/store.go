@@ -196,6 +196,11 @@ func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outc
 	return nil
 }
 
+// Reservations returns every reserved agent of a tenant with the call it is reserved for.
+func (s *Store) Reservations(ctx context.Context, tenant string) (map[string]string, error) {
+	return s.rdb.HGetAll(ctx, s.k(tenant, "busy")).Result()
+}
+
 // Reserved returns the call an agent is reserved for, or "".
 func (s *Store) Reserved(ctx context.Context, tenant, agent string) (string, error) {
 	v, err := s.rdb.HGet(ctx, s.k(tenant, "busy"), agent).Result()
