@@ -282,7 +282,7 @@ func (w *demoWorld) progress(ctx context.Context, out io.Writer, start time.Time
 		if r.Answered {
 			answered++
 		}
-		if r.Agent != "" || r.Outcome == "transferred" {
+		if r.Agent != "" {
 			withAgent++
 		}
 		if r.Outcome != "" {
@@ -309,16 +309,18 @@ func (w *demoWorld) summary(out io.Writer, calls []*graphsim.Call, kinds map[str
 	var waits []time.Duration
 	for _, c := range calls {
 		r := c.Result()
-		outcomes[r.Outcome]++
 		if r.Answered {
 			answered++
 		}
-		if n := len(r.TransferAttempts); n > 1 {
+		if n := len(r.TransferAttempts) + len(r.Invites); n > 1 {
 			reattempts += n - 1
 		}
-		if r.Outcome == "transferred" {
-			waits = append(waits, r.EndedAt.Sub(r.AnsweredAt))
+		if r.Agent == "" {
+			outcomes[r.Outcome]++
+			continue
 		}
+		outcomes["agent"]++ // by transfer, or invited into the call (conference hand-off)
+		waits = append(waits, r.ConnectedAt.Sub(r.AnsweredAt))
 	}
 	pct := func(n int) string { return fmt.Sprintf("%d (%d%%)", n, n*100/max(len(calls), 1)) }
 	fmt.Fprintf(out, "\n=== callbot demo summary (%s) ===\n", took.Round(100*time.Millisecond))
@@ -328,15 +330,15 @@ func (w *demoWorld) summary(out io.Writer, calls []*graphsim.Call, kinds map[str
 	}
 	fmt.Fprintf(out, "what they experienced:\n")
 	fmt.Fprintf(out, "  %-32s %s\n", "answered", pct(answered))
-	fmt.Fprintf(out, "  %-32s %s\n", "reached an agent", pct(outcomes["transferred"]))
-	fmt.Fprintf(out, "  %-32s %s\n", "hung up before an agent", pct(outcomes["caller-hangup"]))
-	fmt.Fprintf(out, "  %-32s %s\n", "said goodbye to by the menu", pct(outcomes["bot-hangup"]))
+	fmt.Fprintf(out, "  %-32s %s\n", "reached an agent", pct(outcomes["agent"]))
+	fmt.Fprintf(out, "  %-32s %s\n", "hung up before an agent", pct(outcomes[graphsim.OutcomeCallerHangUp]))
+	fmt.Fprintf(out, "  %-32s %s\n", "said goodbye to by the menu", pct(outcomes[graphsim.OutcomeBotHangUp]))
 	for _, k := range slices.Sorted(maps.Keys(outcomes)) {
-		if k != "transferred" && k != "caller-hangup" && k != "bot-hangup" {
+		if k != "agent" && k != graphsim.OutcomeCallerHangUp && k != graphsim.OutcomeBotHangUp {
 			fmt.Fprintf(out, "  %-32s %s\n", "other: "+k, pct(outcomes[k]))
 		}
 	}
-	fmt.Fprintf(out, "  %-32s %d\n", "declined offers re-queued", reattempts)
+	fmt.Fprintf(out, "  %-32s %d\n", "offers declined, caller requeued", reattempts)
 	if len(waits) > 0 {
 		slices.Sort(waits)
 		q := func(p float64) time.Duration { return waits[int(p*float64(len(waits)-1))].Round(10 * time.Millisecond) }

@@ -11,7 +11,8 @@ import (
 	"github.com/callbot/callbot/internal/graph"
 )
 
-// AgentAnswer is what a simulated agent does when a call is transferred or redirected to them.
+// AgentAnswer is what a simulated agent does when a call is transferred or redirected to them,
+// or when a bot invites them into a call.
 type AgentAnswer int
 
 // Agent behaviours.
@@ -53,13 +54,14 @@ type AgentSpec struct {
 	Availability, Activity string
 	Answer                 AgentAnswer
 	// TalkTime is how long the agent is Busy/InACall after accepting a call, before presence
-	// returns to what it was; default 2s.
+	// returns to what it was; default 2s. An agent invited into a call leaves it after TalkTime
+	// (or when the caller hangs up first).
 	TalkTime time.Duration
 }
 
 // AgentStats counts what happened to an agent.
 type AgentStats struct {
-	Offered  int `json:"offered"` // transfers and redirects that rang this agent
+	Offered  int `json:"offered"` // transfers, redirects and invites that rang this agent
 	Accepted int `json:"accepted"`
 	Declined int `json:"declined"`
 	Missed   int `json:"missed"` // offers that rang out (AgentNoAnswer)
@@ -77,12 +79,14 @@ type agent struct {
 	before  graph.Presence // presence to restore when the last talk ends
 }
 
-// offer is one agent ringing for one call.
+// offer is one agent ringing for one call (a transfer, a redirect target or an invite).
 type offer struct {
 	id        string
 	a         *agent // nil: not an agent the simulator knows
 	answer    AgentAnswer
 	connected bool
+	talk      *time.Timer // ends the talk after TalkTime; nil once it ended
+	ended     bool        // the talk is over: the agent is free of this offer
 }
 
 // AddAgent adds (or replaces the spec of) an agent and sets their presence.
@@ -179,30 +183,51 @@ func (s *Sim) releaseAll(c *call) {
 	}
 }
 
-// connect makes the agent take the call: Busy/InACall for TalkTime, then the presence they had
-// before. The offer stays counted in active until the talk ends. Called with s.mu held.
-func (s *Sim) connect(c *call, o *offer) {
+// connect makes the agent take the call: Busy/InACall until the talk ends, then the presence
+// they had before. The talk ends after the agent's TalkTime (then left, when not nil, runs) or
+// earlier by endTalk. The offer stays counted in active until the talk ends. Called with s.mu
+// held.
+func (s *Sim) connect(c *call, o *offer, left func()) {
 	c.offers = slices.DeleteFunc(c.offers, func(x *offer) bool { return x == o })
 	a := o.a
 	o.connected = true
 	a.stats.Accepted++
-	k := strings.ToLower(a.spec.ID)
+	c.res.ConnectedAt = time.Now()
 	if a.talking == 0 {
 		a.before = s.presenceOf(a.spec.ID)
-		s.presence[k] = graph.Presence{UserID: a.spec.ID, Availability: "Busy", Activity: "InACall"}
+		s.presence[strings.ToLower(a.spec.ID)] = graph.Presence{UserID: a.spec.ID, Availability: "Busy", Activity: "InACall"}
 	}
 	a.talking++
-	s.after(a.spec.TalkTime, func() {
-		a.talking--
-		a.active--
-		if a.talking > 0 {
-			return
-		}
-		// Restore unless someone set another presence during the call.
-		if p := s.presence[k]; p.Availability == "Busy" && p.Activity == "InACall" {
-			s.presence[k] = a.before
+	o.talk = s.after(a.spec.TalkTime, func() {
+		o.talk = nil
+		s.endTalk(o)
+		if left != nil {
+			left()
 		}
 	})
+}
+
+// endTalk ends a connected agent's talk at once: the agent no longer counts the offer as
+// active and gets their presence back when no other talk goes on. Doing it twice does nothing.
+// Called with s.mu held.
+func (s *Sim) endTalk(o *offer) {
+	if !o.connected || o.ended {
+		return
+	}
+	o.ended = true
+	s.stopTimer(o.talk)
+	o.talk = nil
+	a := o.a
+	a.talking--
+	a.active--
+	if a.talking > 0 {
+		return
+	}
+	// Restore unless someone set another presence during the call.
+	k := strings.ToLower(a.spec.ID)
+	if p := s.presence[k]; p.Availability == "Busy" && p.Activity == "InACall" {
+		s.presence[k] = a.before
+	}
 }
 
 // handlePresences: POST /communications/getPresencesByUserId (WIRE.md c.1).

@@ -27,7 +27,9 @@ type CallerSpec struct {
 	HangUpAfter time.Duration
 }
 
-// Call outcomes.
+// Call outcomes. There is no outcome of its own for an agent invited into the call: the bot
+// stays in the call and ends it, so such a call ends as OutcomeBotHangUp (or
+// OutcomeCallerHangUp when the caller hangs up first) with CallResult.Agent set.
 const (
 	OutcomeTransferred  = "transferred"
 	OutcomeCallerHangUp = "caller-hangup"
@@ -56,8 +58,14 @@ type CallResult struct {
 	Tones []string `json:"tones"`
 	// TransferAttempts are the agent ids the call was transferred to, one per attempt.
 	TransferAttempts []string `json:"transferAttempts"`
-	// Agent took the call by transfer or redirect ("" if none).
+	// Invites are the agent ids the bot invited into the call, one per attempt.
+	Invites []string `json:"invites"`
+	// Agent took the call by transfer or redirect, or joined it by invite ("" if none); the
+	// last one when several did.
 	Agent string `json:"agent,omitempty"`
+	// ConnectedAt is when Agent was connected: the transfer accepted, the redirect answered or
+	// the invite joined.
+	ConnectedAt time.Time `json:"connectedAt,omitzero"`
 	// Outcome is "" while the call lives, then one of the Outcome constants.
 	Outcome    string `json:"outcome,omitempty"`
 	EndCode    int    `json:"endCode,omitempty"`
@@ -68,6 +76,7 @@ func (r CallResult) clone() CallResult {
 	r.Prompts = slices.Clone(r.Prompts)
 	r.Tones = slices.Clone(r.Tones)
 	r.TransferAttempts = slices.Clone(r.TransferAttempts)
+	r.Invites = slices.Clone(r.Invites)
 	return r
 }
 
@@ -108,7 +117,7 @@ func (s *Sim) PlaceCall(ctx context.Context, spec CallerSpec) (*Call, error) {
 	id := newID()
 	c := &call{
 		id: id, key: graph.CallKey(id), scenarioID: newID(), chainID: newID(), myParticipantID: newID(),
-		from: spec.From, to: spec.To, spec: spec, state: graph.CallIncoming,
+		callerPartID: newID(), from: spec.From, to: spec.To, spec: spec, state: graph.CallIncoming,
 		wake: make(chan struct{}, 1), done: make(chan struct{}),
 	}
 	c.res = CallResult{ID: id, ScenarioID: c.scenarioID, From: spec.From, To: spec.To, PlacedAt: time.Now()}

@@ -19,6 +19,7 @@ type call struct {
 	scenarioID      string
 	chainID         string
 	myParticipantID string
+	callerPartID    string // the caller's participant id in roster updates
 	from            graph.Party
 	to              string
 	spec            CallerSpec
@@ -32,7 +33,9 @@ type call struct {
 	playing     bool
 	mediaGen    int // bumped on cancel, so timers of cancelled operations do nothing
 	heardPrompt bool
-	offers      []*offer // agents ringing for a transfer or redirect
+	offers      []*offer // agents ringing for a transfer, redirect or invite
+	invite      *invite  // the invite ringing or joined; nil when none
+	rosterSeq   int64    // rosterSequenceNumber of the last roster update
 	keepAlive   *time.Timer
 	ended       bool
 	res         CallResult
@@ -374,7 +377,7 @@ func (s *Sim) redirect(c *call, body []byte) (reply, *apiError) {
 			s.finish(c, OutcomeRedirected, 480, 10076, nil)
 			return
 		}
-		s.connect(c, winner)
+		s.connect(c, winner, nil)
 		c.res.Agent = winner.id
 		d := c.resource(s)
 		d.State, d.MediaState = graph.CallTerminated, nil
@@ -403,6 +406,9 @@ func (s *Sim) transfer(c *call, body []byte) (reply, *apiError) {
 	if req.TransferTarget == nil {
 		return reply{}, badRequest("transferTarget is required.")
 	}
+	if c.invite != nil {
+		return reply{}, badRequest("graphsim does not simulate a transfer while an invited participant is ringing or in the call.")
+	}
 	p, ok := req.TransferTarget.Identity.Primary()
 	if !ok || p.ID == "" {
 		return reply{}, badRequest("transferTarget has no identity.")
@@ -419,7 +425,7 @@ func (s *Sim) transfer(c *call, body []byte) (reply, *apiError) {
 			if !c.rings(o) {
 				return
 			}
-			s.connect(c, o)
+			s.connect(c, o, nil)
 			c.state = graph.CallTransferAccepted
 			s.sendCall(c, graph.Updated, callData{ID: c.id, State: graph.CallTransferAccepted}, nil)
 			s.afterCall(c, s.opts.StepDelay, func() {
@@ -670,6 +676,15 @@ func (s *Sim) finish(c *call, outcome string, code, subcode int, last *callData)
 	c.keepAlive = nil
 	s.stopMedia(c, false)
 	s.releaseAll(c)
+	if inv := c.invite; inv != nil {
+		// The caller leaving (or the call dropping) ends the conversation with an invited
+		// agent. When the bot hangs up, only its leg leaves: the caller and the agent talk on
+		// until the agent's TalkTime has passed.
+		if outcome != OutcomeBotHangUp {
+			s.endTalk(inv.offer)
+		}
+		c.invite = nil
+	}
 	c.res.Outcome = outcome
 	c.res.EndCode, c.res.EndSubcode = code, subcode
 	c.res.EndedAt = time.Now()

@@ -13,9 +13,16 @@
 //   - The calling platform's inbound-token metadata: /botauth/.well-known/OpenIdConfiguration
 //     and /botauth/keys, the JWKS that verifies the bearer token on every notification.
 //   - Graph v1.0 call control for service-hosted media: answer, reject, redirect, transfer
-//     (blind), playPrompt, subscribeToTone, cancelMediaProcessing, keepAlive, GET and DELETE of
-//     a call, and POST /communications/getPresencesByUserId, with the status codes, bodies and
-//     headers (request-id, Location, Retry-After) documented in shared/graph/WIRE.md.
+//     (blind), playPrompt, subscribeToTone, cancelMediaProcessing, keepAlive, participants/invite
+//     (one agent at a time, into an established call), GET and DELETE of a call, and POST
+//     /communications/getPresencesByUserId, with the status codes, bodies and headers
+//     (request-id, Location, Retry-After) documented in shared/graph/WIRE.md.
+//   - Conference-style hand-off: an invited agent rings (their AgentSpec.Answer decides); on
+//     accept the inviteParticipantsOperation completes (deleted, 200/0) and a roster update on
+//     /participants lists the caller, the bot and the agent; after the agent's TalkTime the
+//     agent leaves (a roster without them) and the bot is expected to hang up. A declined,
+//     unanswered or unknown invitee fails the operation: 486/0, 408/10057 or 480/10037
+//     (graphsim's choice: Graph documents no failed invite).
 //   - The notifications Graph posts to the bot (commsNotifications envelopes, one call's
 //     notifications in order, retried on 5xx, 429 and transport errors), signed RS256 with
 //     aud = the bot's client id, iss, tid and a Scenario-Id per call, and the documented ends
@@ -23,7 +30,8 @@
 //     hang-up 200/540000 or 200/4097, not answered 408/1106, redirect not taken 480/10076, no
 //     keepAlive 408/8537, the bare deleted after a reject.
 //   - Callers (PSTN or Teams users) who dial a resource account, listen to prompts, press keys
-//     and hang up; agents with Teams presence who accept, decline or ignore transfers.
+//     and hang up; agents with Teams presence who accept, decline or ignore transfers,
+//     redirects and invites, and are Busy/InACall while connected.
 //   - Faults, per endpoint and per notification (AddFault, FailNext): latency; error statuses
 //     with Graph error bodies and Retry-After; dropped, duplicated and reordered
 //     notifications; expired callback tokens, tokens signed with an unpublished key, and
@@ -34,10 +42,11 @@
 //     up, manage agents and presence, read requests and deliveries, and inject faults.
 //
 // What it does not simulate: audio (a prompt "plays" for Options.PromptDuration, whatever
-// its file), recordResponse, outbound calls (POST /communications/calls), group calls,
-// participants and invite, hold music, consultative transfer semantics (replacesCallId is
-// ignored), presence subscriptions, multiple tenants and the legacy (Skype) notification
-// format. A redirect's timeout is validated but unanswered targets ring for
+// its file), recordResponse, outbound calls (POST /communications/calls), group calls and
+// meetings, listing participants (GET .../participants), inviting several participants at once,
+// a transfer while an invitee rings or is joined, delta rosters, hold music, consultative
+// transfer semantics (replacesCallId is ignored, also in invites), presence subscriptions,
+// multiple tenants and the legacy (Skype) notification format. A redirect's timeout is validated but unanswered targets ring for
 // Options.RingTimeout. Every id it hands out is a lowercase GUID; ids are accepted in any case,
 // with or without hyphens.
 package graphsim

@@ -66,9 +66,10 @@ type fakeBot struct {
 	keys    map[string]*rsa.PublicKey
 	token   string
 	authErr []error
-	status  func(n int) int // optional: status to answer the n-th request (1-based)
-	lenient bool            // callers hang up at random: do not insist on Graph statuses
-	refetch bool            // fetch the keys again when a token names an unknown kid
+	status  func(n int) int   // optional: status to answer the n-th request (1-based)
+	lenient bool              // callers hang up at random: do not insist on Graph statuses
+	refetch bool              // fetch the keys again when a token names an unknown kid
+	ops     map[string]string // call key -> id of the last invite operation the bot started
 	count   int
 }
 
@@ -120,8 +121,18 @@ func checkDeliveriesDecode(t *testing.T, s *Sim) {
 				t.Errorf("delivery %d: state %q type %q, record %q", i, n.Call.State, n.DataType, d.State)
 			}
 		case graph.ResourceOperation:
-			if string(n.Operation.Status) != d.State || n.Operation.ID != n.OperationID || n.DataType != graph.TypePlayPromptOperation {
-				t.Errorf("delivery %d: operation %+v", i, n.Operation)
+			if string(n.Operation.Status) != d.State || n.Operation.ID != n.OperationID ||
+				(n.DataType != graph.TypePlayPromptOperation && n.DataType != graph.TypeInviteParticipantsOp) {
+				t.Errorf("delivery %d: operation %s %+v", i, n.DataType, n.Operation)
+			}
+		case graph.ResourceParticipants:
+			if d.State != "" || n.ChangeType != graph.Updated || n.DataType != graph.TypeParticipant || len(n.Participants) < 2 {
+				t.Errorf("delivery %d: roster %s %+v, record state %q", i, n.DataType, n.Participants, d.State)
+			}
+			for j, p := range n.Participants {
+				if _, ok := p.Info.Identity.Primary(); !ok || p.ID == "" || p.ODataType != graph.TypeParticipant || p.RosterSequenceNumber <= 0 {
+					t.Errorf("delivery %d: participant %d: %+v", i, j, p)
+				}
 			}
 		default:
 			t.Errorf("delivery %d: kind %v", i, n.Kind)
@@ -379,6 +390,87 @@ func (b *fakeBot) transfer(callID, agent string) {
 	}}, http.StatusAccepted)
 }
 
+// invite invites one agent into the call and returns the operation id from the response, after
+// checking it against the Location header.
+func (b *fakeBot) invite(callID, agent, clientContext string, want int) string {
+	st, out, hdr := b.call(http.MethodPost, "/communications/calls/"+callID+"/participants/invite", map[string]any{
+		"participants": []any{map[string]any{
+			"@odata.type": "#microsoft.graph.invitationParticipantInfo",
+			"identity": map[string]any{"@odata.type": "#microsoft.graph.identitySet",
+				"user": map[string]any{"@odata.type": "#microsoft.graph.identity", "id": agent, "identityProvider": "AAD"}},
+		}},
+		"clientContext": clientContext,
+	})
+	if st != want {
+		if !b.lenient {
+			b.t.Errorf("invite %s: status %d, want %d: %s", callID, st, want, out)
+		}
+		return ""
+	}
+	if st != http.StatusOK {
+		return ""
+	}
+	var op struct {
+		Type          string `json:"@odata.type"`
+		ID, Status    string
+		ClientContext string
+	}
+	_ = json.Unmarshal(out, &op)
+	if op.Type != graph.TypeInviteParticipantsOp || op.Status != "running" || op.ClientContext != clientContext ||
+		hdr.Get("Location") != b.s.GraphURL()+"/communications/calls/"+callID+"/operations/"+op.ID {
+		b.t.Errorf("invite response %s, Location %q", out, hdr.Get("Location"))
+	}
+	b.mu.Lock()
+	if b.ops == nil {
+		b.ops = map[string]string{}
+	}
+	b.ops[graph.CallKey(callID)] = op.ID
+	b.mu.Unlock()
+	return op.ID
+}
+
+// opID is the id of the last invite operation the bot started in the call.
+func (b *fakeBot) opID(callID string) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ops[graph.CallKey(callID)]
+}
+
+// hangUp deletes the call as the bot.
+func (b *fakeBot) hangUp(callID string) {
+	if st, out, _ := b.call(http.MethodDelete, "/communications/calls/"+callID, nil); st != http.StatusNoContent && !b.lenient {
+		b.t.Errorf("delete: %d %s", st, out)
+	}
+}
+
+// inviteBot answers, invites agent once the call is established and hangs up when the invite
+// fails or the agent has left (a roster without a user).
+func inviteBot(agent string) func(b *fakeBot, n graph.Notification) {
+	return func(b *fakeBot, n graph.Notification) {
+		switch n.Kind {
+		case graph.ResourceCall:
+			c := n.Call
+			switch {
+			case n.ChangeType == graph.Created && c.State == graph.CallIncoming:
+				b.answer(n.CallID)
+			case c.State == graph.CallEstablished && c.MediaState != nil && c.MediaState.Audio == "active":
+				b.invite(n.CallID, agent, "handoff-"+n.CallID, http.StatusOK)
+			}
+		case graph.ResourceOperation:
+			if n.Operation.Status == graph.OpFailed {
+				b.hangUp(n.CallID)
+			}
+		case graph.ResourceParticipants:
+			for _, p := range n.Participants {
+				if p.Info.Identity.User != nil {
+					return
+				}
+			}
+			b.hangUp(n.CallID)
+		}
+	}
+}
+
 func (b *fakeBot) seen(callID string) []seen {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -393,10 +485,21 @@ func summary(ss []seen) []string {
 		var line string
 		switch n.Kind {
 		case graph.ResourceOperation:
-			line = fmt.Sprintf("%s op %s", n.ChangeType, n.Operation.Status)
+			kind := "op"
+			if n.DataType == graph.TypeInviteParticipantsOp {
+				kind = "invite"
+			}
+			line = fmt.Sprintf("%s %s %s", n.ChangeType, kind, n.Operation.Status)
 			if r := n.Operation.ResultInfo; r != nil {
 				line += fmt.Sprintf(" %d/%d", r.Code, r.Subcode)
 			}
+		case graph.ResourceParticipants:
+			var kinds []string
+			for _, p := range n.Participants {
+				party, _ := p.Info.Identity.Primary()
+				kinds = append(kinds, string(party.Kind))
+			}
+			line = fmt.Sprintf("%s roster %s", n.ChangeType, strings.Join(kinds, ","))
 		default:
 			line = strings.TrimSpace(fmt.Sprintf("%s %s", n.ChangeType, n.Call.State))
 			if n.Call.ToneInfo != nil {

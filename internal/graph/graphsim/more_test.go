@@ -352,7 +352,20 @@ func TestEveryNotificationDecodes(t *testing.T) {
 	t.Parallel()
 	opts := fastOptions()
 	opts.AnswerTimeout = 300 * time.Millisecond
+	var inviting sync.Map // call key -> the agent the bot invites
 	s, _ := newHarness(t, opts, func(b *fakeBot, n graph.Notification) {
+		if n.ChangeType == graph.Created {
+			switch {
+			case strings.HasSuffix(n.Call.Source.Identity.Phone.ID, "5"):
+				inviting.Store(graph.CallKey(n.CallID), agentA)
+			case strings.HasSuffix(n.Call.Source.Identity.Phone.ID, "6"):
+				inviting.Store(graph.CallKey(n.CallID), agentB)
+			}
+		}
+		if agent, ok := inviting.Load(graph.CallKey(n.CallID)); ok {
+			inviteBot(agent.(string))(b, n)
+			return
+		}
 		if n.ChangeType == graph.Created {
 			switch {
 			case strings.HasSuffix(n.Call.Source.Identity.Phone.ID, "1"):
@@ -370,7 +383,7 @@ func TestEveryNotificationDecodes(t *testing.T) {
 	s.AddAgent(AgentSpec{ID: agentA, TalkTime: 10 * time.Millisecond})
 	s.AddAgent(AgentSpec{ID: agentB, Answer: AgentDecline})
 	var calls []*Call
-	for i := range 5 {
+	for i := range 7 {
 		c, err := s.PlaceCall(context.Background(), CallerSpec{
 			From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+4930555%d", i)}, To: testAppInst,
 			Digits: "1", DigitDelay: 30 * time.Millisecond,
@@ -384,7 +397,8 @@ func TestEveryNotificationDecodes(t *testing.T) {
 	for _, c := range calls {
 		outcomes = append(outcomes, waitDone(t, c).Outcome)
 	}
-	want := []string{OutcomeBotHangUp, OutcomeRejected, OutcomeNotAnswered, OutcomeRedirected, OutcomeBotHangUp}
+	want := []string{OutcomeBotHangUp, OutcomeRejected, OutcomeNotAnswered, OutcomeRedirected, OutcomeBotHangUp,
+		OutcomeBotHangUp, OutcomeBotHangUp}
 	if diff := cmp.Diff(outcomes, want); diff != "" {
 		t.Errorf("outcomes (-got +want):\n%s", diff)
 	}
@@ -393,7 +407,7 @@ func TestEveryNotificationDecodes(t *testing.T) {
 		kinds[d.ChangeType+" "+d.State] = true
 	}
 	for _, k := range []string{"created incoming", "updated establishing", "updated established", "updated transferring",
-		"deleted completed", "updated terminating", "deleted terminated", "deleted "} {
+		"deleted completed", "updated terminating", "deleted terminated", "deleted ", "deleted failed", "updated "} {
 		if !kinds[k] {
 			t.Errorf("no %q notification was sent: %v", k, kinds)
 		}

@@ -49,8 +49,8 @@ type Options struct {
 	// AnswerTimeout ends an incoming call that was not answered, rejected or redirected in time
 	// (deleted, resultInfo 408/1106); default 15s.
 	AnswerTimeout time.Duration
-	// RingTimeout is how long an agent who does not answer rings before a transfer (or
-	// redirect) fails; default 5s.
+	// RingTimeout is how long an agent who does not answer rings before a transfer, redirect
+	// or invite fails; default 5s.
 	RingTimeout time.Duration
 	// Logger receives debug lines about requests and notifications; default no logging.
 	Logger *zap.Logger
@@ -103,7 +103,7 @@ type Request struct {
 	Query     string
 	Header    http.Header
 	Body      []byte // as sent, after removing any gzip content encoding
-	Action    string // "answer", "transfer", "playPrompt", "get", "delete", "getPresencesByUserId", "token"...; "" when unrouted
+	Action    string // "answer", "transfer", "playPrompt", "invite", "get", "delete", "getPresencesByUserId", "token"...; "" when unrouted
 	CallID    string // the call id as written in the path, "" when none
 	RequestID string // the request-id header the simulator answered with
 	Status    int    // the status the simulator answered with; 0 while the request is in flight
@@ -118,7 +118,8 @@ type Delivery struct {
 	ChangeType  string
 	ResourceURL string
 	// State is the call state the notification carries ("established"...), the operation
-	// status for operation notifications ("completed"), or "" (the bare deleted after reject).
+	// status for operation notifications ("completed", "failed"), or "" (the bare deleted
+	// after reject, and roster updates on /participants).
 	State  string
 	Header http.Header
 	Body   []byte

@@ -207,7 +207,7 @@ func TestHappyPathTransferToAcceptingAgent(t *testing.T) {
 
 var cmpIgnoreTimes = cmp.FilterPath(func(p cmp.Path) bool {
 	switch p.Last().String() {
-	case ".PlacedAt", ".AnsweredAt", ".EndedAt":
+	case ".PlacedAt", ".AnsweredAt", ".EndedAt", ".ConnectedAt":
 		return true
 	}
 	return false
