@@ -135,3 +135,32 @@ func TestFaultLostEstablishedNotification(t *testing.T) {
 		t.Fatalf("caller experienced %+v; want the menu after the lost notification, then an agent", r)
 	}
 }
+
+// Conference hand-off: callbot invites the agent and stays in the call; when the agent leaves,
+// callbot hangs up, and the agent gets its wrap-up time before the next caller.
+func TestE2EInviteHandoffAndWrapUp(t *testing.T) {
+	agent := graphsim.AgentSpec{ID: agent3, Availability: "Available", Activity: "Available", TalkTime: time.Second}
+	w := startWorld(t, standaloneRedis, away(agent1), away(agent2), agent)
+	first := w.call(t, graphsim.CallerSpec{Digits: "3"})
+	second := w.call(t, graphsim.CallerSpec{Digits: "3", From: graph.Party{Kind: graph.KindPhone, ID: "+14255550199"}})
+	r1 := waitDone(t, first, 20*time.Second)
+	r2 := waitDone(t, second, 30*time.Second)
+	for _, r := range []graphsim.CallResult{r1, r2} {
+		if r.Agent != agent3 || r.ConnectedAt.IsZero() || r.Outcome != graphsim.OutcomeBotHangUp {
+			t.Fatalf("caller %s experienced %+v; want connected to %s by invite, then hung up by callbot when the agent left", r.From.ID, r, agent3)
+		}
+		if sent, _ := requests(w, r.ID, "transfer"); sent != 0 {
+			t.Errorf("caller %s was transferred; the queue hands off by invite", r.From.ID)
+		}
+	}
+	a, b := r1, r2
+	if b.ConnectedAt.Before(a.ConnectedAt) {
+		a, b = b, a
+	}
+	if gap := b.ConnectedAt.Sub(a.EndedAt); gap < 2*time.Second {
+		t.Errorf("the agent took the next caller %s after the conversation ended; want at least the 2 s wrap-up", gap)
+	}
+	if st := w.sim.AgentStats(agent3); st.MaxConcurrentOffers > 1 {
+		t.Errorf("agent offered %d calls at once", st.MaxConcurrentOffers)
+	}
+}
