@@ -19,7 +19,20 @@
 // the caller back in its queue with its original arrival score; terminated with 7015 ends the call
 // as transferred and frees the agent.
 //
-// Every change is one compare-and-set on the call's version: any instance may apply any
-// notification, and a lost race is retried on the fresh record. Events with no row for the
+// A queue with handoff: invite brings the agent into the call instead (inviting), and callbot
+// stays in it (connected): it sees the agent in the call's roster, hangs up when the agent
+// leaves, and gives the agent the queue's wrap-up time before the next offer.
+//
+// Notifications can be lost, repeated or reordered. Guards cover the losses: no established 10 s
+// after answer, no outcome of a transfer in time, a menu prompt whose end is never reported, hold
+// music whose end is never reported; each either asks Graph for the call's state (EvCallState) or
+// acts as if the notification had come. A transfer failure is acted on only once Graph shows the
+// call established again, since one from an earlier attempt may arrive late.
+//
+// Every change is one compare-and-set on the call's version, and saves the commands it decided
+// with it (the outbox): any instance may apply any notification, a lost race is retried on the
+// fresh record, and what an instance decided but did not carry out (it died) is re-driven by
+// another once its lease runs out (RunOutbox). The reconciler (RunReconcile) closes calls Graph
+// has forgotten, keeps long calls alive and repairs queues and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 package callstate
