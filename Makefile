@@ -33,3 +33,15 @@ bench:
 
 tidy:
 	$(GO) mod tidy
+
+# Load test of the real program against graphsim and a redis-server of its own (issue #3);
+# method and figures in docs/performance.md. Other settings: make bench-load LOAD="-rate 100 -json".
+.PHONY: bench-load
+bench-load:
+	$(GO) run ./cmd/callbot-load $(or $(LOAD),-rate 200 -duration 20s)
+
+# Fault-injection tests (issue #3, docs/chaos.md): real callbot processes, redis-server and
+# graphsim on loopback; an instance and then Redis are killed mid-traffic. About 2 minutes.
+.PHONY: chaos
+chaos:
+	$(GO) test -tags chaos -count=1 -v -timeout 10m ./chaos/
