@@ -102,9 +102,9 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 // routes is every HTTP route of callbot.
 func (b *bot) routes() http.Handler {
 	r := chi.NewRouter()
-	webhook := &graph.Webhook{Auth: b.deps.Auth, Sink: b.machine, Log: b.deps.Log.Named("webhook")}
+	webhook := limitInFlight(maxWebhookInFlight, &graph.Webhook{Auth: b.deps.Auth, Sink: b.machine, Log: b.deps.Log.Named("webhook")})
 	r.Post("/api/calls", webhook.ServeHTTP)
-	r.Post("/api/calls/*", webhook.ServeHTTP) // room for an instance-affinity hint in the callback path
+	r.Post("/api/calls/*", webhook.ServeHTTP) // the path may carry an instance-affinity hint
 	r.Get("/metrics", b.serveMetrics)
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	r.Get("/readyz", func(w http.ResponseWriter, r *http.Request) {
@@ -131,7 +131,10 @@ func (b *bot) routes() http.Handler {
 // until ctx ends, then shuts down within grace: in-flight requests finish, queued Graph
 // commands are sent.
 func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) error {
-	srv := &http.Server{Handler: b.handler, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 15 * time.Second}
+	// IdleTimeout outlives the keep-alive of Graph's (and load balancers') connection pools, so a
+	// request is not sent on a connection the server is closing.
+	srv := &http.Server{Handler: b.handler, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 15 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10}
 	loops, stopLoops := context.WithCancel(context.WithoutCancel(ctx))
 	var wg sync.WaitGroup
 	wg.Go(func() { b.machine.RunTimers(loops, 100*time.Millisecond) })
@@ -139,7 +142,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	wg.Go(func() { b.machine.RunReconcile(loops, 5*time.Minute) })
 	wg.Go(func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
-		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.Poke}
+		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
 	wg.Go(func() { poller.Run(loops, b.deps.PresenceEvery) })
 
 	errc := make(chan error, 1)
@@ -170,6 +173,24 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 		err = nil
 	}
 	return errors.Join(err, shutErr)
+}
+
+// maxWebhookInFlight bounds the notifications applied at once; past it the webhook answers 503
+// with Retry-After, so an overload makes Graph retry instead of growing memory without bound.
+const maxWebhookInFlight = 1024
+
+func limitInFlight(n int, next http.Handler) http.Handler {
+	sem := make(chan struct{}, n)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case sem <- struct{}{}:
+			defer func() { <-sem }()
+			next.ServeHTTP(w, r)
+		default:
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, `{"error":"too many notifications in flight, retry"}`, http.StatusServiceUnavailable)
+		}
+	})
 }
 
 func randomID() string {

@@ -71,8 +71,8 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	}
 	slices.Sort(ids)
 	for _, id := range ids {
-		if waiting, err := b.queues.Waiting(ctx, b.deps.TenantID, id); err == nil {
-			fmt.Fprintf(w, "callbot_queue_waiting{queue=%q} %d\n", id, len(waiting))
+		if n, err := b.queues.Length(ctx, b.deps.TenantID, id); err == nil {
+			fmt.Fprintf(w, "callbot_queue_waiting{queue=%q} %d\n", id, n)
 		}
 	}
 

@@ -26,20 +26,32 @@ type Dispatcher struct {
 	Log    *zap.Logger
 	Now    func() time.Time
 
-	wake chan struct{}
+	wake       chan struct{} // a caller joined a queue
+	wakeAgents chan struct{} // an agent may have become free
+	// exhausted holds the queues whose last reservation found no free agent: a new caller
+	// there changes nothing until an agent is released, presence changes or the tick comes
+	// (other instances release agents without telling this one). It spares Redis a scan of the
+	// agents for every caller who joins a queue nobody can take.
+	exhausted map[string]bool
 }
 
 var _ callstate.Queues = (*Dispatcher)(nil)
 
 // NewDispatcher returns a dispatcher for the queues of one tenant.
 func NewDispatcher(store *Store, offer Offerer, tenant string, queues []string, log *zap.Logger) *Dispatcher {
-	return &Dispatcher{Store: store, Offer: offer, Tenant: tenant, Queues: queues, Log: log, Now: time.Now, wake: make(chan struct{}, 1)}
+	return &Dispatcher{Store: store, Offer: offer, Tenant: tenant, Queues: queues, Log: log, Now: time.Now,
+		wake: make(chan struct{}, 1), wakeAgents: make(chan struct{}, 1), exhausted: map[string]bool{}}
 }
 
-// Poke makes the dispatcher look at the queues now.
-func (d *Dispatcher) Poke() {
+// Poke makes the dispatcher look at the queues now: a caller joined.
+func (d *Dispatcher) Poke() { signal(d.wake) }
+
+// PokeAgents makes the dispatcher look at every queue now: an agent may have become free.
+func (d *Dispatcher) PokeAgents() { signal(d.wakeAgents) }
+
+func signal(c chan struct{}) {
 	select {
-	case d.wake <- struct{}{}:
+	case c <- struct{}{}:
 	default:
 	}
 }
@@ -59,7 +71,7 @@ func (d *Dispatcher) Remove(ctx context.Context, tenant, queue, callKey string) 
 // Release implements callstate.Queues.
 func (d *Dispatcher) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome, hold time.Duration) error {
 	err := d.Store.Release(ctx, tenant, agent, callKey, outcome, hold)
-	d.Poke()
+	d.PokeAgents()
 	return err
 }
 
@@ -81,6 +93,9 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			clear(d.exhausted)
+		case <-d.wakeAgents:
+			clear(d.exhausted)
 		case <-d.wake:
 		}
 		d.DispatchOnce(ctx)
@@ -88,12 +103,18 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 }
 
 // DispatchOnce offers every caller it can to a free agent, queue by queue, and returns how many
-// offers it made.
+// offers it made. It is not safe for concurrent use: one goroutine (Run) calls it.
 func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 	offers := 0
 	for _, q := range d.Queues {
+		if d.exhausted[q] {
+			continue
+		}
 		for ctx.Err() == nil {
 			r, err := d.Store.Reserve(ctx, d.Tenant, q, d.Now())
+			if errors.Is(err, ErrNoAgent) {
+				d.exhausted[q] = true
+			}
 			if errors.Is(err, ErrEmpty) {
 				break
 			}

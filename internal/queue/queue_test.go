@@ -239,3 +239,27 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// A caller joining a queue no agent can take does not make the dispatcher scan the agents
+// again; an agent event (release, presence) or the tick does.
+func TestDispatcherSkipsExhaustedQueueUntilAnAgentEvent(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t)
+	must(t, s.SetMembers(ctx, "t", "q", []string{"a1"}))
+	must(t, s.SetRoutable(ctx, "t", map[string]bool{"a1": false}))
+	off := &fakeOfferer{accept: true}
+	d := NewDispatcher(s, off, "t", []string{"q"}, zaptest.NewLogger(t))
+	must(t, d.Enqueue(ctx, "t", "q", "c1", 1))
+	if n := d.DispatchOnce(ctx); n != 0 || !d.exhausted["q"] {
+		t.Fatalf("%d offers, exhausted=%v; want none and the queue marked", n, d.exhausted["q"])
+	}
+	must(t, s.SetRoutable(ctx, "t", map[string]bool{"a1": true}))
+	must(t, d.Enqueue(ctx, "t", "q", "c2", 2))
+	if n := d.DispatchOnce(ctx); n != 0 {
+		t.Errorf("%d offers on a caller event for an exhausted queue, want the scan skipped", n)
+	}
+	clear(d.exhausted) // what Run does on PokeAgents and on every tick
+	if n := d.DispatchOnce(ctx); n != 1 || off.offers[0] != "c1->a1" {
+		t.Errorf("after an agent event: %d offers %v, want c1 offered to a1", n, off.offers)
+	}
+}

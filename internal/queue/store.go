@@ -100,6 +100,11 @@ func (s *Store) Waiting(ctx context.Context, tenant, queue string) ([]string, er
 	return s.rdb.ZRange(ctx, s.keys(tenant, queue).queue, 0, -1).Result()
 }
 
+// Length returns how many callers wait in a queue.
+func (s *Store) Length(ctx context.Context, tenant, queue string) (int64, error) {
+	return s.rdb.ZCard(ctx, s.keys(tenant, queue).queue).Result()
+}
+
 // SetRoutable records which agents may be offered a call according to their presence.
 func (s *Store) SetRoutable(ctx context.Context, tenant string, routable map[string]bool) error {
 	if len(routable) == 0 {
@@ -125,8 +130,12 @@ type Reservation struct {
 	Score int64
 }
 
-// ErrEmpty means no reservation could be made: no caller waits, or no agent is free.
-var ErrEmpty = errors.New("no caller or no free agent")
+// Reserve's failures: ErrNoCaller and ErrNoAgent both match ErrEmpty.
+var (
+	ErrEmpty    = errors.New("no reservation")
+	ErrNoCaller = fmt.Errorf("%w: no caller waits", ErrEmpty)
+	ErrNoAgent  = fmt.Errorf("%w: no agent is free", ErrEmpty)
+)
 
 // The agent chosen is the longest idle (lowest score in idle) that is a member of the queue,
 // routable by presence, not reserved for another call and not cooling down.
@@ -145,18 +154,22 @@ for _, a in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     end
   end
 end
-return false`)
+return 0`)
 
 // Reserve takes the caller at the head of queue and reserves an agent for it, atomically. It
-// returns ErrEmpty when there is no caller or no agent free for this queue.
+// returns ErrNoCaller when nobody waits and ErrNoAgent when no agent of the queue is free.
 func (s *Store) Reserve(ctx context.Context, tenant, queue string, now time.Time) (Reservation, error) {
 	k := s.keys(tenant, queue)
-	res, err := reserveScript.Run(ctx, s.rdb, []string{k.queue, k.members, k.routable, k.idle, k.busy, k.cool}, now.UnixMilli()).Slice()
+	v, err := reserveScript.Run(ctx, s.rdb, []string{k.queue, k.members, k.routable, k.idle, k.busy, k.cool}, now.UnixMilli()).Result()
 	if errors.Is(err, redis.Nil) {
-		return Reservation{}, ErrEmpty
+		return Reservation{}, ErrNoCaller
 	}
 	if err != nil {
 		return Reservation{}, fmt.Errorf("reserve agent for %s: %w", queue, err)
+	}
+	res, ok := v.([]any)
+	if !ok || len(res) != 3 {
+		return Reservation{}, ErrNoAgent
 	}
 	r := Reservation{Call: fmt.Sprint(res[0]), Agent: fmt.Sprint(res[1])}
 	fmt.Sscan(fmt.Sprint(res[2]), &r.Score)

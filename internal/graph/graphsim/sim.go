@@ -172,7 +172,11 @@ type Sim struct {
 	// Callback-token keys: signing signs notifications; published are what /botauth/keys
 	// serves (signing first, then the key it replaced); pending is the key the next rollover
 	// publishes, created when first needed.
-	signing   *signingKey
+	signing  *signingKey
+	tokCache struct {
+		kid, tok string
+		sec      int64
+	}
 	published []*signingKey
 	pending   *signingKey
 }

@@ -9,7 +9,7 @@ import (
 // AnswerLatencyBuckets are the upper bounds of Client.AnswerLatency's buckets, dense below 5 s
 // (the webhook response time Graph engineers quote) and up to the 15 s answer deadline.
 var AnswerLatencyBuckets = []time.Duration{
-	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond, time.Second,
+	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond, time.Second,
 	2 * time.Second, 3 * time.Second, 5 * time.Second, 8 * time.Second, 10 * time.Second,
 	12 * time.Second, 14 * time.Second, 15 * time.Second,
 }
