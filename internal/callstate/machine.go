@@ -226,19 +226,30 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 		if err != nil {
 			return false, err
 		}
-		added := next.addToOutbox(cmds, cur.Version+1)
+		// Timers are armed in the same round trip as the save, ahead of it; the other commands
+		// go in the outbox.
+		var timers []Timer
+		rest := cmds[:0:0]
+		for _, cmd := range cmds {
+			if cmd.Kind == CmdSetTimer {
+				timers = append(timers, Timer{Tenant: next.Tenant, Call: callKey, Kind: cmd.Timer, Token: cmd.Token, At: m.cfg.Now().Add(cmd.After)})
+			} else {
+				rest = append(rest, cmd)
+			}
+		}
+		added := next.addToOutbox(rest, cur.Version+1)
 		var due time.Time
 		if len(next.Outbox) > 0 {
 			due = m.cfg.Now().Add(m.cfg.OutboxLease)
 		}
 		if cur.State == StateNone {
-			err = m.cfg.Store.Create(ctx, &next, due)
+			err = m.cfg.Store.Create(ctx, &next, due, timers...)
 			if errors.Is(err, ErrExists) {
 				log.Debug("repeated incoming notification ignored")
 				return false, nil
 			}
 		} else {
-			err = m.cfg.Store.Save(ctx, &next, due)
+			err = m.cfg.Store.Save(ctx, &next, due, timers...)
 			if errors.Is(err, ErrConflict) {
 				m.cache.drop(callKey) // another instance changed the call: decide again on its record
 				continue

@@ -39,6 +39,7 @@ type Store struct {
 	prefix string
 	index  string
 	active string // sorted set of live calls (call key -> creation ms), for recovery
+	timers string // the timers' sorted set (see Timers)
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -46,7 +47,7 @@ func NewStore(rdb redis.UniversalClient, prefix string) *Store {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}"}
+	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix)}
 }
 
 func (s *Store) key(callKey string) string { return s.prefix + ":{call:" + callKey + "}" }
@@ -77,27 +78,45 @@ func ttl(c *Call) time.Duration {
 	return ActiveTTL
 }
 
-// write runs a create or save script, in one round trip with the outbox index entry when the
-// record carries pending commands (ZADD first: an index entry without a saved record is
-// harmless, a saved outbox without an index entry would not be re-driven after a crash), and
-// with the entry in the set of live calls when the call is new.
-func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, due time.Time, created bool) (int, error) {
+// zadd is a sorted-set entry written ahead of a record.
+type zadd struct {
+	key    string
+	score  int64
+	member string
+}
+
+// ahead lists what goes with a write of c, ahead of it: the outbox index entry when the record
+// carries pending commands (an index entry without a saved record is harmless, a saved outbox
+// without an index entry would not be re-driven after a crash), the entry in the set of live
+// calls when the call is new, and the timers the transition armed (a timer whose record was
+// not saved fires with a token the record does not know, and changes nothing).
+func (s *Store) ahead(c *Call, due time.Time, created bool, timers []Timer) []zadd {
+	member := graph.CallKey(c.ID)
+	var out []zadd
+	if len(c.Outbox) > 0 && !due.IsZero() {
+		out = append(out, zadd{s.index, due.UnixMilli(), member})
+	}
+	if created {
+		out = append(out, zadd{s.active, c.CreatedAt.UnixMilli(), member})
+	}
+	for _, t := range timers {
+		out = append(out, zadd{s.timers, t.At.UnixMilli(), t.Member()})
+	}
+	return out
+}
+
+// write runs a create or save script in one round trip with the writes that go ahead of it.
+func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, pre []zadd) (int, error) {
 	keys := []string{s.key(graph.CallKey(c.ID))}
-	if (len(c.Outbox) == 0 || due.IsZero()) && !created {
+	if len(pre) == 0 {
 		return script.Run(ctx, s.rdb, keys, args...).Int()
 	}
-	member := graph.CallKey(c.ID)
 	if _, cluster := s.rdb.(*redis.ClusterClient); cluster {
-		// On Redis Cluster the index keys and the call live on different nodes, and go-redis
+		// On Redis Cluster these keys and the call live on different nodes, and go-redis
 		// sends each node's part of a pipeline concurrently: the order that makes a crash safe
 		// (index entry first) only holds if the writes are sent one after the other.
-		if len(c.Outbox) > 0 && !due.IsZero() {
-			if err := s.rdb.ZAdd(ctx, s.index, redis.Z{Score: float64(due.UnixMilli()), Member: member}).Err(); err != nil {
-				return 0, err
-			}
-		}
-		if created {
-			if err := s.rdb.ZAdd(ctx, s.active, redis.Z{Score: float64(c.CreatedAt.UnixMilli()), Member: member}).Err(); err != nil {
+		for _, z := range pre {
+			if err := s.rdb.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member}).Err(); err != nil {
 				return 0, err
 			}
 		}
@@ -106,11 +125,8 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 	for attempt := 0; ; attempt++ {
 		var res *redis.Cmd
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			if len(c.Outbox) > 0 && !due.IsZero() {
-				p.ZAdd(ctx, s.index, redis.Z{Score: float64(due.UnixMilli()), Member: member})
-			}
-			if created {
-				p.ZAdd(ctx, s.active, redis.Z{Score: float64(c.CreatedAt.UnixMilli()), Member: member})
+			for _, z := range pre {
+				p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
 			}
 			if attempt == 0 {
 				res = script.EvalSha(ctx, p, keys, args...)
@@ -132,12 +148,12 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 // Create stores a new call record with version 1. It returns ErrExists when the call has a
 // record already (a repeated incoming notification). outboxDue is when another instance may
 // re-drive the record's commands if this one has not acknowledged them.
-func (s *Store) Create(ctx context.Context, c *Call, outboxDue time.Time) error {
+func (s *Store) Create(ctx context.Context, c *Call, outboxDue time.Time, timers ...Timer) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds()}, outboxDue, true)
+	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds()}, s.ahead(c, outboxDue, true, timers))
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
@@ -194,14 +210,14 @@ func (c *Call) pruneOutbox() {
 	c.Outbox = out
 }
 
-// Save writes c if the stored version is still c.Version, and bumps c.Version. It returns
-// ErrConflict when another writer got there first.
-func (s *Store) Save(ctx context.Context, c *Call, outboxDue time.Time) error {
+// Save writes c if the stored version is still c.Version, and bumps c.Version, arming timers
+// in the same round trip. It returns ErrConflict when another writer got there first.
+func (s *Store) Save(ctx context.Context, c *Call, outboxDue time.Time, timers ...Timer) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, outboxDue, false)
+	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, s.ahead(c, outboxDue, false, timers))
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}

@@ -16,8 +16,19 @@ type Timer struct {
 	Call   string // call key
 	Kind   TimerKind
 	Token  int64
+	At     time.Time // when it is due (when setting one)
 	member string
 }
+
+// Member is the timer's entry in the sorted set.
+func (t Timer) Member() string {
+	if t.member != "" {
+		return t.member
+	}
+	return member(t.Tenant, t.Call, t.Kind, t.Token)
+}
+
+func timersKey(prefix string) string { return prefix + ":{timers}" }
 
 // Timers keeps durable timers in one Redis sorted set scored by due time (ms). Any instance
 // claims due timers: a claim moves the timer's score forward by a lease, so a timer claimed by
@@ -32,7 +43,7 @@ func NewTimers(rdb redis.UniversalClient, prefix string) *Timers {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Timers{rdb: rdb, key: prefix + ":{timers}"}
+	return &Timers{rdb: rdb, key: timersKey(prefix)}
 }
 
 func member(tenant, call string, kind TimerKind, token int64) string {
