@@ -22,6 +22,8 @@ type config struct {
 	TenantID        string
 	ClientID        string
 	ClientSecret    string
+	CertFile        string
+	CertPassword    string
 	AuthorityHost   string
 	GraphURL        string
 	OpenIDConfigURL string
@@ -44,7 +46,9 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_PUBLIC_URL", "", "https base URL Graph reaches callbot at; callbackUri is CALLBOT_PUBLIC_URL/api/calls (required)"},
 	{"CALLBOT_TENANT_ID", "", "Entra tenant id (GUID) of the app registration (required)"},
 	{"CALLBOT_CLIENT_ID", "", "application (client) id of the bot (required)"},
-	{"CALLBOT_CLIENT_SECRET", "", "client secret of the app registration (required)"},
+	{"CALLBOT_CLIENT_SECRET", "", "client secret of the app registration (this or CALLBOT_CLIENT_CERT_FILE)"},
+	{"CALLBOT_CLIENT_CERT_FILE", "", "certificate and private key of the app registration, PEM (or PKCS#12 with CALLBOT_CLIENT_CERT_PASSWORD), instead of a secret"},
+	{"CALLBOT_CLIENT_CERT_PASSWORD", "", "password of a PKCS#12 CALLBOT_CLIENT_CERT_FILE"},
 	{"CALLBOT_AUTHORITY_HOST", "https://login.microsoftonline.com/", "Entra authority host"},
 	{"CALLBOT_GRAPH_URL", "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL"},
 	{"CALLBOT_OPENID_CONFIG_URL", graph.DefaultOpenIDConfigURL, "OpenID metadata of the keys that sign Graph's callback tokens"},
@@ -82,14 +86,25 @@ func loadConfig(getenv func(string) string) (config, error) {
 	c := config{
 		ListenAddr: get("CALLBOT_LISTEN_ADDR"), PublicURL: strings.TrimRight(get("CALLBOT_PUBLIC_URL"), "/"),
 		TenantID: get("CALLBOT_TENANT_ID"), ClientID: get("CALLBOT_CLIENT_ID"), ClientSecret: get("CALLBOT_CLIENT_SECRET"),
+		CertFile: get("CALLBOT_CLIENT_CERT_FILE"), CertPassword: get("CALLBOT_CLIENT_CERT_PASSWORD"),
 		AuthorityHost: get("CALLBOT_AUTHORITY_HOST"), GraphURL: strings.TrimRight(get("CALLBOT_GRAPH_URL"), "/"),
 		OpenIDConfigURL: get("CALLBOT_OPENID_CONFIG_URL"), CAFile: get("CALLBOT_CA_FILE"), RedisURL: get("CALLBOT_REDIS_URL"),
 		FlowFile: get("CALLBOT_FLOW_FILE"), KeyPrefix: get("CALLBOT_KEY_PREFIX"), LogLevel: get("CALLBOT_LOG_LEVEL"),
 		Issuers: splitList(get("CALLBOT_TOKEN_ISSUERS")), AllowedTenants: splitList(get("CALLBOT_ALLOWED_TENANTS")),
 	}
-	for _, name := range []string{"CALLBOT_PUBLIC_URL", "CALLBOT_TENANT_ID", "CALLBOT_CLIENT_ID", "CALLBOT_CLIENT_SECRET", "CALLBOT_REDIS_URL", "CALLBOT_FLOW_FILE"} {
+	for _, name := range []string{"CALLBOT_PUBLIC_URL", "CALLBOT_TENANT_ID", "CALLBOT_CLIENT_ID", "CALLBOT_REDIS_URL", "CALLBOT_FLOW_FILE"} {
 		if get(name) == "" {
 			bad(name, "is required")
+		}
+	}
+	switch {
+	case c.ClientSecret == "" && c.CertFile == "":
+		bad("CALLBOT_CLIENT_SECRET", "is required (or CALLBOT_CLIENT_CERT_FILE)")
+	case c.ClientSecret != "" && c.CertFile != "":
+		bad("CALLBOT_CLIENT_CERT_FILE", "set together with CALLBOT_CLIENT_SECRET: use one")
+	case c.CertFile != "":
+		if _, err := os.Stat(c.CertFile); err != nil {
+			bad("CALLBOT_CLIENT_CERT_FILE", "%v", err)
 		}
 	}
 	if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {

@@ -45,9 +45,10 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return fmt.Errorf("CALLBOT_REDIS_URL: redis unreachable: %w", err)
 	}
 	gc, err := msgraph.New(msgraph.Config{TenantID: cfg.TenantID, ClientID: cfg.ClientID, ClientSecret: cfg.ClientSecret,
+		CertFile: cfg.CertFile, CertPassword: cfg.CertPassword,
 		AuthorityHost: cfg.AuthorityHost, GraphURL: cfg.GraphURL, CAFile: cfg.CAFile, Logger: log.Named("graph")})
 	if err != nil {
-		return err
+		return fmt.Errorf("graph client: %w", err)
 	}
 	hc, err := httpClientWithCA(cfg.CAFile)
 	if err != nil {
