@@ -164,3 +164,24 @@ func TestE2EInviteHandoffAndWrapUp(t *testing.T) {
 		t.Errorf("agent offered %d calls at once", st.MaxConcurrentOffers)
 	}
 }
+
+// Graph's signing key rolls over between two calls: callbot fetches the new key and the second
+// caller is answered like the first; no notification is refused.
+func TestFaultSigningKeyRollover(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), away(agent3))
+	r1 := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 20*time.Second)
+	if _, err := w.sim.RolloverKey(); err != nil {
+		t.Fatal(err)
+	}
+	r2 := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", From: graph.Party{Kind: graph.KindPhone, ID: "+14255550177"}}), 20*time.Second)
+	for _, r := range []graphsim.CallResult{r1, r2} {
+		if r.Outcome != graphsim.OutcomeTransferred {
+			t.Errorf("caller %s experienced %+v; want transferred", r.From.ID, r)
+		}
+	}
+	for _, d := range w.sim.Deliveries() {
+		if d.Status == 401 || d.Status == 403 {
+			t.Errorf("notification refused with %d after the rollover", d.Status)
+		}
+	}
+}

@@ -41,9 +41,10 @@ type VerifierConfig struct {
 	// Leeway is the clock skew allowed on exp and nbf; default 2 minutes.
 	Leeway time.Duration
 	// RefreshEvery is how often keys are refreshed; default 24h. An unknown kid triggers a
-	// refresh at most once per MinRefreshGap (default 10 s); a token whose kid is still unknown
-	// within the gap gets ErrUnavailable (503, so Graph sends it again), not a rejection, since
-	// keys roll over without notice.
+	// refresh: a burst of refreshBurst, then one per MinRefreshGap (default 10 s), so a genuine
+	// rollover is followed at once while forged kids cannot make callbot hammer the metadata URL.
+	// A token whose kid is unknown when no refresh is allowed gets ErrUnavailable (503, so Graph
+	// sends it again), not a rejection, since keys roll over without notice.
 	RefreshEvery  time.Duration
 	MinRefreshGap time.Duration
 	HTTPClient    *http.Client
@@ -72,11 +73,13 @@ type Verifier struct {
 	cfg    VerifierConfig
 	parser *jwt.Parser
 
-	mu          sync.Mutex
-	keys        map[string]*rsa.PublicKey
-	fetchedAt   time.Time
-	lastAttempt time.Time
-	fetching    chan struct{} // closed when the fetch in flight ends
+	mu        sync.Mutex
+	keys      map[string]*rsa.PublicKey
+	fetchedAt time.Time
+	fetching  chan struct{} // closed when the fetch in flight ends
+	// refreshes allowed now (up to refreshBurst), refilled one per MinRefreshGap since refilled
+	allowance float64
+	refilled  time.Time
 
 	cacheMu sync.RWMutex
 	cache   map[string]Claims
@@ -108,7 +111,7 @@ func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	v := &Verifier{cfg: cfg, cache: map[string]Claims{}}
+	v := &Verifier{cfg: cfg, cache: map[string]Claims{}, allowance: refreshBurst}
 	v.parser = jwt.NewParser(
 		jwt.WithValidMethods([]string{"RS256"}),
 		jwt.WithAudience(cfg.Audience),
@@ -202,9 +205,9 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 			return nil, ctx.Err()
 		}
 		v.mu.Lock()
-	case v.lastAttempt.IsZero() || now.Sub(v.lastAttempt) >= v.cfg.MinRefreshGap:
+	case v.mayRefresh(now):
 		done := make(chan struct{})
-		v.fetching, v.lastAttempt = done, now
+		v.fetching = done
 		v.mu.Unlock()
 		keys, err := v.fetchKeys(ctx)
 		v.mu.Lock()
@@ -224,10 +227,27 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 	case fetchErr != nil:
 		return nil, fmt.Errorf("%w: fetch signing keys: %v", errKeyNotYet, fetchErr)
 	case !fetched:
-		// refreshed less than MinRefreshGap ago: the key may have rolled over since
-		return nil, fmt.Errorf("%w: %q (keys refreshed less than %s ago)", errKeyNotYet, kid, v.cfg.MinRefreshGap)
+		// no refresh allowed now: the key may have rolled over since the last one
+		return nil, fmt.Errorf("%w: %q (key refreshes are rate-limited)", errKeyNotYet, kid)
 	}
 	return nil, fmt.Errorf("unknown signing key %q", kid)
+}
+
+// refreshBurst is how many key refreshes may follow one another before the MinRefreshGap rate
+// applies.
+const refreshBurst = 3
+
+// mayRefresh takes one refresh from the allowance; v.mu is held.
+func (v *Verifier) mayRefresh(now time.Time) bool {
+	if !v.refilled.IsZero() {
+		v.allowance = min(refreshBurst, v.allowance+float64(now.Sub(v.refilled))/float64(v.cfg.MinRefreshGap))
+	}
+	v.refilled = now
+	if v.allowance < 1 {
+		return false
+	}
+	v.allowance--
+	return true
 }
 
 func (v *Verifier) getJSON(ctx context.Context, url string, into any) error {
