@@ -210,9 +210,8 @@ func (p *respProxy) handle(c net.Conn) {
 	// Everything read from the client is written to Redis as soon as it arrives (the tee); the
 	// parser only counts.
 	r := bufio.NewReaderSize(io.TeeReader(c, s), 64<<10)
-	if err := countCommands(r, &p.cmds); err != nil {
-		_, _ = io.Copy(io.Discard, r)
-	}
+	_ = countCommands(r, &p.cmds) // returns when the connection ends or the stream is not RESP
+	_, _ = io.Copy(io.Discard, r) // keep the tee forwarding whatever is left
 	s.Close()
 	<-done
 }
