@@ -122,7 +122,7 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 }
 
 // EventOf maps a Graph notification to a machine event; false for notifications callbot does
-// not act on (roster updates, content sharing, intermediate states).
+// not act on (content sharing, intermediate states such as establishing and transferring).
 func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 	switch n.Kind {
 	case graph.ResourceCall:

@@ -39,9 +39,12 @@ type Webhook struct {
 }
 
 func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// Graph's correlation headers go with every line about this request.
+	log := h.Log.With(zap.String("scenario_id", r.Header.Get("Scenario-Id")),
+		zap.String("client_request_id", r.Header.Get("client-request-id")), zap.String("request_id", r.Header.Get("request-id")))
 	claims, err := h.Auth.VerifyRequest(r)
 	if errors.Is(err, ErrUnavailable) {
-		h.Log.Warn("webhook: token not verifiable yet, asking for a retry", zap.Error(err))
+		log.Warn("webhook: token not verifiable yet, asking for a retry", zap.Error(err))
 		w.Header().Set("Retry-After", "5")
 		writeProblem(w, http.StatusServiceUnavailable, err.Error())
 		return
@@ -51,7 +54,7 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if errors.Is(err, ErrNoToken) {
 			status = http.StatusUnauthorized
 		}
-		h.Log.Warn("webhook: rejected token", zap.Error(err), zap.String("remote", r.RemoteAddr))
+		log.Warn("webhook: rejected token", zap.Error(err), zap.String("remote", r.RemoteAddr))
 		writeProblem(w, status, err.Error())
 		return
 	}
@@ -72,11 +75,12 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ns, err := Decode(body)
 	if errors.Is(err, ErrLegacyFormat) {
 		// Graph resends the first notification of a call in Graph format after a 204.
-		h.Log.Info("webhook: legacy notification format, asking for Graph format")
+		log.Info("webhook: legacy notification format, asking for Graph format")
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
 	if err != nil {
+		log.Warn("webhook: malformed notification", zap.Error(err))
 		writeProblem(w, http.StatusBadRequest, err.Error())
 		return
 	}
@@ -93,7 +97,7 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(WithScenarioID(r.Context(), r.Header.Get("Scenario-Id")), timeout)
 	defer cancel()
 	if err := h.Sink.Notify(ctx, claims.TenantID, ns); err != nil {
-		h.Log.Error("webhook: notifications not applied", zap.Error(err), zap.String("scenario_id", r.Header.Get("Scenario-Id")))
+		log.Error("webhook: notifications not applied", zap.Error(err))
 		if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 			w.Header().Set("Retry-After", strconv.Itoa(1))
 			writeProblem(w, http.StatusServiceUnavailable, "notifications not applied, retry")
