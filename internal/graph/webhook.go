@@ -39,12 +39,15 @@ type Webhook struct {
 }
 
 func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	// Graph's correlation headers go with every line about this request.
-	log := h.Log.With(zap.String("scenario_id", r.Header.Get("Scenario-Id")),
-		zap.String("client_request_id", r.Header.Get("client-request-id")), zap.String("request_id", r.Header.Get("request-id")))
+	// Graph's correlation headers go with every line about this request (built only when a line
+	// is written: the accepted path logs nothing).
+	log := func() *zap.Logger {
+		return h.Log.With(zap.String("scenario_id", r.Header.Get("Scenario-Id")),
+			zap.String("client_request_id", r.Header.Get("client-request-id")), zap.String("request_id", r.Header.Get("request-id")))
+	}
 	claims, err := h.Auth.VerifyRequest(r)
 	if errors.Is(err, ErrUnavailable) {
-		log.Warn("webhook: token not verifiable yet, asking for a retry", zap.Error(err))
+		log().Warn("webhook: token not verifiable yet, asking for a retry", zap.Error(err))
 		w.Header().Set("Retry-After", "5")
 		writeProblem(w, http.StatusServiceUnavailable, err.Error())
 		return
@@ -54,7 +57,7 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if errors.Is(err, ErrNoToken) {
 			status = http.StatusUnauthorized
 		}
-		log.Warn("webhook: rejected token", zap.Error(err), zap.String("remote", r.RemoteAddr))
+		log().Warn("webhook: rejected token", zap.Error(err), zap.String("remote", r.RemoteAddr))
 		writeProblem(w, status, err.Error())
 		return
 	}
@@ -75,12 +78,12 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ns, err := Decode(body)
 	if errors.Is(err, ErrLegacyFormat) {
 		// Graph resends the first notification of a call in Graph format after a 204.
-		log.Info("webhook: legacy notification format, asking for Graph format")
+		log().Info("webhook: legacy notification format, asking for Graph format")
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
 	if err != nil {
-		log.Warn("webhook: malformed notification", zap.Error(err))
+		log().Warn("webhook: malformed notification", zap.Error(err))
 		writeProblem(w, http.StatusBadRequest, err.Error())
 		return
 	}
@@ -97,7 +100,7 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(WithScenarioID(r.Context(), r.Header.Get("Scenario-Id")), timeout)
 	defer cancel()
 	if err := h.Sink.Notify(ctx, claims.TenantID, ns); err != nil {
-		log.Error("webhook: notifications not applied", zap.Error(err))
+		log().Error("webhook: notifications not applied", zap.Error(err))
 		if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 			w.Header().Set("Retry-After", strconv.Itoa(1))
 			writeProblem(w, http.StatusServiceUnavailable, "notifications not applied, retry")
