@@ -185,3 +185,23 @@ func TestFaultSigningKeyRollover(t *testing.T) {
 		}
 	}
 }
+
+// A notification signed with an expired token is refused (403) and lost; the caller is served
+// anyway: callbot asks Graph after 10 s and carries on.
+func TestFaultExpiredTokenOnANotification(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultExpiredToken, State: "established", Count: 1})
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 30*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred {
+		t.Fatalf("caller experienced %+v; want transferred despite the refused notification", r)
+	}
+	refused := 0
+	for _, d := range w.sim.Deliveries() {
+		if d.CallID == r.ID && d.Status == 403 {
+			refused++
+		}
+	}
+	if refused != 1 {
+		t.Errorf("%d notifications refused with 403, want the one with the expired token", refused)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -241,5 +242,28 @@ func TestVerifierRolloverWithinRefreshGap(t *testing.T) {
 	h.ServeHTTP(w, r)
 	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") == "" {
 		t.Errorf("webhook: %d (Retry-After %q), want 503 with Retry-After", w.Code, w.Header().Get("Retry-After"))
+	}
+}
+
+// The documented example of a callback token's claims verifies once its times are current, and
+// gives the tenant callbot records for the call.
+func TestDocumentedCallbackTokenClaims(t *testing.T) {
+	raw, err := os.ReadFile("testdata/payloads/inbound-callback-token-claims-example.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claims jwt.MapClaims
+	if err := json.Unmarshal(raw, &claims); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	claims["iat"], claims["nbf"], claims["exp"] = now.Unix(), now.Unix(), now.Add(65*time.Minute).Unix()
+	ks := newKeyServer(t)
+	v := newTestVerifier(t, ks, func(c *VerifierConfig) {
+		c.Audience, c.AllowedTenants = claims["aud"].(string), []string{claims["tid"].(string)}
+	})
+	got, err := v.Verify(context.Background(), signRS(t, ks.keys["k1"], "k1", claims))
+	if err != nil || got.TenantID != "1fdd12d0-4620-44ed-baec-459b611f84b2" || got.Issuer != "https://api.botframework.com" {
+		t.Errorf("documented claims: %+v, %v", got, err)
 	}
 }
