@@ -299,8 +299,11 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, log *zap.L
 			storage = append(storage, p)
 		}
 	}
-	m.runStorage(ctx, c, storage, log)
+	// Graph commands are queued first: a storage command can set off the call's next transition
+	// at once (an enqueue wakes the dispatcher, which offers the caller to an agent), and that
+	// transition's Graph commands must follow this one's on the call's executor.
 	m.queueGraph(ctx, c, toGraph, log)
+	m.runStorage(ctx, c, storage, log)
 }
 
 // runStorage carries out storage commands in order and acknowledges them. A failure leaves them
