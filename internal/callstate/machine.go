@@ -758,9 +758,14 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 	m.mu.Unlock()
 }
 
-// RunReconcile reconciles at once and then every interval until ctx ends.
-func (m *Machine) RunReconcile(ctx context.Context, every time.Duration) {
+// RunReconcile reconciles at once and then every interval until ctx ends. Among instances,
+// the one holding the reconciler's lease in Redis does the pass (holder names this instance).
+func (m *Machine) RunReconcile(ctx context.Context, every time.Duration, holder string) {
 	repeat(ctx, every, true, func() {
+		held, err := m.cfg.Store.TryLease(ctx, "reconcile", holder, every+every/2)
+		if err != nil || !held {
+			return
+		}
 		if err := m.Reconcile(ctx); err != nil && ctx.Err() == nil {
 			m.cfg.Log.Warn("reconcile", zap.Error(err))
 		}

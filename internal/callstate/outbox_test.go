@@ -241,3 +241,16 @@ func TestReconcileRepairsQueuesAndReservations(t *testing.T) {
 		t.Errorf("second pass (-got +want):\n%s", diff)
 	}
 }
+
+func TestLeaseHeldByOneInstance(t *testing.T) {
+	store := callstate.NewStore(redistest.Start(t).Client(t), "ls")
+	ctx := context.Background()
+	for _, c := range []struct {
+		holder string
+		want   bool
+	}{{"a", true}, {"b", false}, {"a", true}} {
+		if got, err := store.TryLease(ctx, "reconcile", c.holder, time.Minute); err != nil || got != c.want {
+			t.Errorf("TryLease(%s) = %v, %v; want %v", c.holder, got, err, c.want)
+		}
+	}
+}

@@ -276,3 +276,18 @@ func (s *Store) Live(ctx context.Context, before time.Time, limit int64) ([]stri
 func (s *Store) Forget(ctx context.Context, callKey string) error {
 	return s.rdb.ZRem(ctx, s.active, callKey).Err()
 }
+
+// TryLease takes or renews the lease name for holder for ttl; it reports whether holder has it.
+// Instances use it to share work that one of them is enough for (the reconciler's pass).
+func (s *Store) TryLease(ctx context.Context, name, holder string, ttl time.Duration) (bool, error) {
+	n, err := leaseScript.Run(ctx, s.rdb, []string{s.prefix + ":{lease:" + name + "}"}, holder, ttl.Milliseconds()).Int()
+	return n == 1, err
+}
+
+var leaseScript = redis.NewScript(`
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0`)
