@@ -5,9 +5,9 @@ import (
 	"errors"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
+	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
 )
 
@@ -26,14 +26,6 @@ type Poller struct {
 
 	last map[string]bool
 }
-
-var leaseScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0`)
 
 // Run polls every interval until ctx ends.
 func (p *Poller) Run(ctx context.Context, every time.Duration) {
@@ -56,8 +48,7 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 }
 
 func (p *Poller) lease(ctx context.Context, ttl time.Duration) (bool, error) {
-	n, err := leaseScript.Run(ctx, p.Store.rdb, []string{p.Store.k(p.Tenant, "presence-lease")}, p.Instance, ttl.Milliseconds()).Int()
-	return n == 1, err
+	return callstate.NewStore(p.Store.rdb, p.Store.prefix).TryLease(ctx, "presence:"+p.Tenant, p.Instance, ttl)
 }
 
 // PollOnce reads every agent's presence and stores who is routable. Agents Graph does not
