@@ -198,6 +198,7 @@ type usage struct {
 	info             redisInfo
 	bot, redis, self time.Duration
 	proxied          int64
+	proxiedReads     int64
 	botRSS, botHWM   int64
 	redisRSS         int64
 	system           time.Duration // all processes of the machine
@@ -212,6 +213,7 @@ func (w *world) read() usage {
 	u.redisRSS, _ = procMem(w.redis.pid())
 	if w.proxy != nil {
 		u.proxied = w.proxy.cmds.Load()
+		u.proxiedReads = w.proxy.reads.Load()
 	}
 	return u
 }
@@ -382,7 +384,7 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 
 	// Redis and CPU.
 	total, by := commandsBetween(u0.info, u1.info)
-	w.redisReport(rep, total, by, u1.proxied-u0.proxied, acked, u1.info.keys)
+	w.redisReport(rep, total, by, u1.proxied-u0.proxied, u1.proxiedReads-u0.proxiedReads, acked, u1.info.keys)
 	wall := u1.at.Sub(u0.at).Seconds()
 	idle := u0.at.Sub(idle0.at).Seconds()
 	rep.CPU = CPUStats{
@@ -469,7 +471,7 @@ func othersCPU(a, b usage, wall float64) float64 {
 	return round(max((b.system-a.system-ours).Seconds(), 0)/wall, 2)
 }
 
-func (w *world) redisReport(rep *Report, total int64, by map[string]int64, proxied int64, notifications int, keys int64) {
+func (w *world) redisReport(rep *Report, total int64, by map[string]int64, proxied, reads int64, notifications int, keys int64) {
 	r := &rep.Redis
 	r.Executed = total
 	r.KeysAtEnd = keys
@@ -482,6 +484,7 @@ func (w *world) redisReport(rep *Report, total int64, by map[string]int64, proxi
 	if w.proxy != nil {
 		r.Sent = proxied
 		r.SentPerNotification = round(float64(proxied)/n, 2)
+		r.RoundTripsPerNotification = round(float64(reads)/n, 2)
 	}
 	names := make([]string, 0, len(by))
 	for k := range by {
@@ -600,7 +603,7 @@ func (w *world) runHold(ctx context.Context, rep *Report, progress io.Writer) er
 	}
 	rep.Memory = m
 	total, by := commandsBetween(u0.info, u1.info)
-	w.redisReport(rep, total, by, u1.proxied-u0.proxied, acked, u1.info.keys)
+	w.redisReport(rep, total, by, u1.proxied-u0.proxied, u1.proxiedReads-u0.proxiedReads, acked, u1.info.keys)
 	wall := u1.at.Sub(u0.at).Seconds()
 	rep.CPU = CPUStats{Callbot: cpuOf(u1.bot-u0.bot, wall, acked), Redis: cpuOf(u1.redis-u0.redis, wall, acked),
 		LoadTool: cpuOf(u1.self-u0.self, wall, acked)}

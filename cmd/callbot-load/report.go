@@ -124,11 +124,14 @@ type RedisStats struct {
 	ScriptsPerNotification  float64 `json:"scripts_per_notification"`
 	// Sent is what callbot sent, counted by the -redis-proxy: each command of a pipeline
 	// counts, an EVALSHA counts as one.
-	Sent                int64          `json:"sent,omitempty"`
-	SentPerNotification float64        `json:"sent_per_notification,omitempty"`
-	Top                 []CommandCount `json:"top,omitempty"`
-	BackgroundPerSec    float64        `json:"background_per_sec"` // with no call placed
-	KeysAtEnd           int64          `json:"keys_at_end"`
+	Sent                int64   `json:"sent,omitempty"`
+	SentPerNotification float64 `json:"sent_per_notification,omitempty"`
+	// RoundTripsPerNotification approximates round trips by the reads of callbot's requests
+	// (a pipeline arrives in one read).
+	RoundTripsPerNotification float64        `json:"round_trips_per_notification,omitempty"`
+	Top                       []CommandCount `json:"top,omitempty"`
+	BackgroundPerSec          float64        `json:"background_per_sec"` // with no call placed
+	KeysAtEnd                 int64          `json:"keys_at_end"`
 }
 
 type CommandCount struct {
@@ -321,6 +324,7 @@ func (r *Report) Text() string {
 		rd.ExecutedPerNotification, rd.ScriptsPerNotification, strings.Join(top, ", "), rd.BackgroundPerSec, rd.KeysAtEnd)
 	if rd.Sent > 0 {
 		p("                 %.2f commands sent/notification by callbot (proxy count: a pipeline counts each command, EVALSHA counts one)", rd.SentPerNotification)
+		p("                 %.2f round trips/notification by callbot (reads of its requests at the proxy: a pipeline is one)", rd.RoundTripsPerNotification)
 	} else {
 		p("                 (Redis counts commands run inside Lua scripts too; -redis-proxy counts what callbot sends: each command of a pipeline, EVALSHA as one)")
 	}

@@ -152,6 +152,9 @@ type respProxy struct {
 	ln     net.Listener
 	target string
 	cmds   atomic.Int64
+	// reads counts the reads of requests from callbot's connections: callbot writes a request
+	// or a whole pipeline at once and waits for the answer, so each read is about one round trip.
+	reads atomic.Int64
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
@@ -209,7 +212,7 @@ func (p *respProxy) handle(c net.Conn) {
 	}()
 	// Everything read from the client is written to Redis as soon as it arrives (the tee); the
 	// parser only counts.
-	r := bufio.NewReaderSize(io.TeeReader(c, s), 64<<10)
+	r := bufio.NewReaderSize(io.TeeReader(countingReader{c, &p.reads}, s), 64<<10)
 	_ = countCommands(r, &p.cmds) // returns when the connection ends or the stream is not RESP
 	_, _ = io.Copy(io.Discard, r) // keep the tee forwarding whatever is left
 	s.Close()
@@ -259,4 +262,18 @@ func (p *respProxy) close() {
 	}
 	p.mu.Unlock()
 	p.wg.Wait()
+}
+
+// countingReader counts the reads that returned data.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	if n > 0 {
+		c.n.Add(1)
+	}
+	return n, err
 }

@@ -139,6 +139,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	var wg sync.WaitGroup
 	wg.Go(func() { b.machine.RunTimers(loops, 100*time.Millisecond) })
 	wg.Go(func() { b.machine.RunOutbox(loops, time.Second) })
+	wg.Go(func() { b.machine.RunAcks(loops, 20*time.Millisecond) })
 	wg.Go(func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
 	wg.Go(func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),

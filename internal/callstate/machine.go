@@ -58,6 +58,9 @@ type Machine struct {
 	mu      sync.Mutex
 	suspect map[string]string
 
+	acks     chan Ack    // acknowledgements waiting for RunAcks' next batch
+	batching atomic.Bool // RunAcks is running
+
 	cfg   Config
 	flow  atomic.Pointer[ivr.Flow]
 	exec  serial
@@ -86,7 +89,7 @@ func NewMachine(cfg Config) *Machine {
 	if cfg.OutboxLease == 0 {
 		cfg.OutboxLease = 8 * time.Second
 	}
-	m := &Machine{cfg: cfg, cache: newCache(100_000)}
+	m := &Machine{cfg: cfg, cache: newCache(100_000), acks: make(chan Ack, 1024)}
 	m.flow.Store(cfg.Flow)
 	return m
 }
@@ -334,12 +337,65 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap
 	m.ack(ctx, key, false, ps[len(ps)-1].Seq, log)
 }
 
+// ack records that a call's commands up to seq are done: at once in the cached copy (so its
+// next save drops them from the outbox), and in Redis either in the next batch (RunAcks) or now.
 func (m *Machine) ack(ctx context.Context, key string, graphKind bool, seq int64, log *zap.Logger) {
-	if err := m.cfg.Store.Ack(ctx, key, graphKind, seq); err != nil {
-		log.Warn("acknowledge commands", zap.Error(err))
-		return
-	}
 	m.cache.acked(key, graphKind, seq)
+	a := Ack{Call: key, Graph: graphKind, Seq: seq}
+	if m.batching.Load() {
+		select {
+		case m.acks <- a:
+			return
+		default: // the batch is full: write this one now
+		}
+	}
+	if err := m.cfg.Store.AckMany(ctx, a); err != nil {
+		log.Warn("acknowledge commands", zap.Error(err))
+	}
+}
+
+// RunAcks writes acknowledgements in batches, one round trip each, every interval (or sooner
+// when a batch fills) until ctx ends; then it writes what is left. An acknowledgement that is
+// late by a batch only risks what a crash already risks: a command done twice, which the outbox
+// re-drive is built for.
+func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
+	m.batching.Store(true)
+	defer m.batching.Store(false)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	var batch []Ack
+	flush := func(ctx context.Context) {
+		if len(batch) == 0 {
+			return
+		}
+		if err := m.cfg.Store.AckMany(ctx, batch...); err != nil {
+			m.cfg.Log.Warn("acknowledge commands; the outbox will re-drive them", zap.Int("acks", len(batch)), zap.Error(err))
+		}
+		batch = batch[:0]
+	}
+	for {
+		select {
+		case a := <-m.acks:
+			if batch = append(batch, a); len(batch) >= cap(m.acks)/4 {
+				flush(ctx)
+			}
+		case <-t.C:
+			flush(ctx)
+		case <-ctx.Done():
+			m.batching.Store(false)
+			for {
+				select {
+				case a := <-m.acks:
+					batch = append(batch, a)
+					continue
+				default:
+				}
+				break
+			}
+			flush(context.Background())
+			return
+		}
+	}
 }
 
 // queueGraph sends Graph commands in order on the call's executor, then acknowledges them.

@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -251,6 +252,33 @@ func TestLeaseHeldByOneInstance(t *testing.T) {
 	}{{"a", true}, {"b", false}, {"a", true}} {
 		if got, err := store.TryLease(ctx, "reconcile", c.holder, time.Minute); err != nil || got != c.want {
 			t.Errorf("TryLease(%s) = %v, %v; want %v", c.holder, got, err, c.want)
+		}
+	}
+}
+
+// With RunAcks, acknowledgements are written in batches; once written, a record's outbox is
+// empty, and nothing is left for another instance to re-drive.
+func TestBatchedAcks(t *testing.T) {
+	g, q := &fakeGraph{}, &fakeQueues{}
+	m, store := newMachine(t, g, q)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.RunAcks(ctx, 10*time.Millisecond); close(done) }()
+	for i := range 5 {
+		id := fmt.Sprintf("batched-%d", i)
+		notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+		notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+		notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	}
+	cancel()
+	<-done
+	for i := range 5 {
+		c, err := store.Get(context.Background(), fmt.Sprintf("batched%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(c.Outbox) != 0 {
+			t.Errorf("call %d: %d commands still unacknowledged after the batches were written: %+v", i, len(c.Outbox), c.Outbox)
 		}
 	}
 }

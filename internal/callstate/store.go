@@ -228,14 +228,53 @@ func (s *Store) Save(ctx context.Context, c *Call, outboxDue time.Time, timers .
 	return nil
 }
 
+// Ack says a call's commands of one kind (Graph or storage) are done up to Seq.
+type Ack struct {
+	Call  string // call key
+	Graph bool
+	Seq   int64
+}
+
+func (a Ack) field() string {
+	if a.Graph {
+		return "g"
+	}
+	return "s"
+}
+
 // Ack records that a call's commands up to seq of one kind (Graph or storage) are done.
 func (s *Store) Ack(ctx context.Context, callKey string, graphKind bool, seq int64) error {
-	field := "s"
-	if graphKind {
-		field = "g"
+	return s.AckMany(ctx, Ack{Call: callKey, Graph: graphKind, Seq: seq})
+}
+
+// AckMany records acknowledgements, in one round trip.
+func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
+	if len(acks) == 1 {
+		a := acks[0]
+		if err := ackScript.Run(ctx, s.rdb, []string{s.key(a.Call)}, a.field(), a.Seq).Err(); err != nil {
+			return fmt.Errorf("ack commands of call %s: %w", a.Call, err)
+		}
+		return nil
 	}
-	if err := ackScript.Run(ctx, s.rdb, []string{s.key(callKey)}, field, seq).Err(); err != nil {
-		return fmt.Errorf("ack commands of call %s: %w", callKey, err)
+	run := func(eval bool) error {
+		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, a := range acks {
+				if eval {
+					ackScript.Eval(ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
+				} else {
+					ackScript.EvalSha(ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
+				}
+			}
+			return nil
+		})
+		return err
+	}
+	err := run(false)
+	if err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+		err = run(true) // script cache empty (restart, failover)
+	}
+	if err != nil {
+		return fmt.Errorf("ack commands of %d calls: %w", len(acks), err)
 	}
 	return nil
 }
