@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/callbot/callbot/internal/graph"
@@ -26,6 +27,14 @@ type Queues interface {
 	Release(ctx context.Context, tenant, agent, callKey string, outcome AgentOutcome, hold time.Duration) error
 	// Reservations lists the agents reserved in a tenant, with the call each is reserved for.
 	Reservations(ctx context.Context, tenant string) (map[string]string, error)
+}
+
+// QueueWriter is implemented by Queues whose writes can join the round trip of the save that
+// decided them (behind it: they run even if the save meets a conflict, so only writes that are
+// harmless then are given: an enqueue, and what a call that ends leaves behind).
+type QueueWriter interface {
+	// Writes returns the pipeline writes of cmds, and what to do once they are sent.
+	Writes(ctx context.Context, tenant, callKey string, cmds []Command) (write func(redis.Pipeliner), after func())
 }
 
 // Config wires a Machine.
@@ -240,19 +249,38 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 				rest = append(rest, cmd)
 			}
 		}
+		// Queue writes that are harmless even if this save loses a race join its round trip too.
+		var behind func(redis.Pipeliner)
+		var after func()
+		if qw, ok := m.cfg.Queues.(QueueWriter); ok {
+			var piped, kept []Command
+			for _, cmd := range rest {
+				switch {
+				case cmd.Kind == CmdEnqueue,
+					next.State.Terminal() && (cmd.Kind == CmdLeaveQueue || cmd.Kind == CmdReleaseAgent):
+					piped = append(piped, cmd)
+				default:
+					kept = append(kept, cmd)
+				}
+			}
+			if len(piped) > 0 {
+				behind, after = qw.Writes(ctx, next.Tenant, callKey, piped)
+				rest = kept
+			}
+		}
 		added := next.addToOutbox(rest, cur.Version+1)
-		var due time.Time
+		w := Write{Timers: timers, Behind: behind}
 		if len(next.Outbox) > 0 {
-			due = m.cfg.Now().Add(m.cfg.OutboxLease)
+			w.OutboxDue = m.cfg.Now().Add(m.cfg.OutboxLease)
 		}
 		if cur.State == StateNone {
-			err = m.cfg.Store.Create(ctx, &next, due, timers...)
+			err = m.cfg.Store.CreateWith(ctx, &next, w)
 			if errors.Is(err, ErrExists) {
 				log.Debug("repeated incoming notification ignored")
 				return false, nil
 			}
 		} else {
-			err = m.cfg.Store.Save(ctx, &next, due, timers...)
+			err = m.cfg.Store.SaveWith(ctx, &next, w)
 			if errors.Is(err, ErrConflict) {
 				m.cache.drop(callKey) // another instance changed the call: decide again on its record
 				continue
@@ -263,15 +291,13 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 			return false, err
 		}
 		m.cache.put(callKey, next)
+		if after != nil {
+			after()
+		}
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
 		m.carryOut(ctx, next, added, log)
-		if next.State.Terminal() {
-			if err := m.cfg.Store.Forget(ctx, callKey); err != nil {
-				log.Warn("forget ended call; the reconciler will", zap.Error(err))
-			}
-			if m.cfg.OnEnd != nil {
-				m.cfg.OnEnd(next)
-			}
+		if next.State.Terminal() && m.cfg.OnEnd != nil {
+			m.cfg.OnEnd(next) // the save also took the call out of the set of live calls
 		}
 		return true, nil
 	}

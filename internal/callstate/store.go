@@ -105,10 +105,23 @@ func (s *Store) ahead(c *Call, due time.Time, created bool, timers []Timer) []za
 	return out
 }
 
-// write runs a create or save script in one round trip with the writes that go ahead of it.
-func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, pre []zadd) (int, error) {
+// write runs a create or save script in one round trip with the writes that go ahead of it and
+// those that go behind it: behind (the queue writes of the transition) and, for a call that
+// ended, its removal from the set of live calls. The writes behind run even if the script finds
+// a conflict; only writes that are harmless then go there (the caller decides again, and the
+// reconciler repairs what a spurious one leaves).
+func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, pre []zadd, behind func(redis.Pipeliner)) (int, error) {
 	keys := []string{s.key(graph.CallKey(c.ID))}
-	if len(pre) == 0 {
+	if c.State.Terminal() {
+		queued := behind
+		behind = func(p redis.Pipeliner) {
+			if queued != nil {
+				queued(p)
+			}
+			p.ZRem(ctx, s.active, graph.CallKey(c.ID))
+		}
+	}
+	if len(pre) == 0 && behind == nil {
 		return script.Run(ctx, s.rdb, keys, args...).Int()
 	}
 	if _, cluster := s.rdb.(*redis.ClusterClient); cluster {
@@ -120,7 +133,12 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 				return 0, err
 			}
 		}
-		return script.Run(ctx, s.rdb, keys, args...).Int()
+		n, err := script.Run(ctx, s.rdb, keys, args...).Int()
+		if err != nil || n == 0 || behind == nil {
+			return n, err
+		}
+		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { behind(p); return nil })
+		return n, err
 	}
 	for attempt := 0; ; attempt++ {
 		var res *redis.Cmd
@@ -133,10 +151,16 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 			} else {
 				res = script.Eval(ctx, p, keys, args...)
 			}
+			if behind != nil {
+				behind(p)
+			}
 			return nil
 		})
-		if err != nil && attempt == 0 && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+		if attempt == 0 && res != nil && res.Err() != nil && strings.HasPrefix(res.Err().Error(), "NOSCRIPT") {
 			continue // script cache empty (restart, failover): send the script itself once
+		}
+		if res != nil && res.Err() != nil {
+			return 0, res.Err()
 		}
 		if err != nil {
 			return 0, err
@@ -149,11 +173,24 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 // record already (a repeated incoming notification). outboxDue is when another instance may
 // re-drive the record's commands if this one has not acknowledged them.
 func (s *Store) Create(ctx context.Context, c *Call, outboxDue time.Time, timers ...Timer) error {
+	return s.CreateWith(ctx, c, Write{OutboxDue: outboxDue, Timers: timers})
+}
+
+// Write is what goes with a record into the round trip that creates or saves it.
+type Write struct {
+	OutboxDue time.Time // when other instances may re-drive the record's outbox
+	Timers    []Timer   // timers the transition arms, written ahead of the record
+	// Behind adds writes after the record's; they run even when the save meets a conflict.
+	Behind func(redis.Pipeliner)
+}
+
+// CreateWith is Create with the writes that go with the record.
+func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds()}, s.ahead(c, outboxDue, true, timers))
+	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds()}, s.ahead(c, w.OutboxDue, true, w.Timers), w.Behind)
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
@@ -213,11 +250,16 @@ func (c *Call) pruneOutbox() {
 // Save writes c if the stored version is still c.Version, and bumps c.Version, arming timers
 // in the same round trip. It returns ErrConflict when another writer got there first.
 func (s *Store) Save(ctx context.Context, c *Call, outboxDue time.Time, timers ...Timer) error {
+	return s.SaveWith(ctx, c, Write{OutboxDue: outboxDue, Timers: timers})
+}
+
+// SaveWith is Save with the writes that go with the record.
+func (s *Store) SaveWith(ctx context.Context, c *Call, w Write) error {
 	b, err := json.Marshal(c)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, s.ahead(c, outboxDue, false, timers))
+	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, s.ahead(c, w.OutboxDue, false, w.Timers), w.Behind)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/callbot/callbot/internal/callstate"
@@ -73,6 +74,32 @@ func (d *Dispatcher) Release(ctx context.Context, tenant, agent, callKey string,
 	err := d.Store.Release(ctx, tenant, agent, callKey, outcome, hold)
 	d.PokeAgents()
 	return err
+}
+
+var _ callstate.QueueWriter = (*Dispatcher)(nil)
+
+// Writes implements callstate.QueueWriter: enqueues, removals and releases sent in the pipeline
+// of the save that decided them; then the dispatcher is woken.
+func (d *Dispatcher) Writes(ctx context.Context, tenant, callKey string, cmds []callstate.Command) (func(redis.Pipeliner), func()) {
+	write := func(p redis.Pipeliner) {
+		for _, c := range cmds {
+			switch c.Kind {
+			case callstate.CmdEnqueue:
+				d.Store.enqueue(ctx, p, tenant, c.Queue, callKey, c.Score)
+			case callstate.CmdLeaveQueue:
+				d.Store.remove(ctx, p, tenant, c.Queue, callKey)
+			case callstate.CmdReleaseAgent:
+				d.Store.release(ctx, p, tenant, c.Agent, callKey, c.AgentOutcome, c.After)
+			}
+		}
+	}
+	after := d.Poke // a caller joined
+	for _, c := range cmds {
+		if c.Kind == callstate.CmdReleaseAgent {
+			after = d.PokeAgents // an agent is free: every queue may have work
+		}
+	}
+	return write, after
 }
 
 // Reservations implements callstate.Queues.

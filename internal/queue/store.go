@@ -81,7 +81,7 @@ func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []s
 // Enqueue puts a caller in a queue. score orders callers (arrival time in ms): a caller whose
 // transfer failed comes back with its original score, ahead of everyone who arrived later.
 func (s *Store) Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error {
-	if err := s.rdb.ZAdd(ctx, s.keys(tenant, queue).queue, redis.Z{Score: float64(score), Member: callKey}).Err(); err != nil {
+	if err := s.enqueue(ctx, s.rdb, tenant, queue, callKey, score).Err(); err != nil {
 		return fmt.Errorf("enqueue call %s in %s: %w", callKey, queue, err)
 	}
 	return nil
@@ -89,10 +89,18 @@ func (s *Store) Enqueue(ctx context.Context, tenant, queue, callKey string, scor
 
 // Remove takes a caller out of a queue (hang-up, max wait).
 func (s *Store) Remove(ctx context.Context, tenant, queue, callKey string) error {
-	if err := s.rdb.ZRem(ctx, s.keys(tenant, queue).queue, callKey).Err(); err != nil {
+	if err := s.remove(ctx, s.rdb, tenant, queue, callKey).Err(); err != nil {
 		return fmt.Errorf("remove call %s from %s: %w", callKey, queue, err)
 	}
 	return nil
+}
+
+func (s *Store) enqueue(ctx context.Context, c redis.Cmdable, tenant, queue, callKey string, score int64) *redis.IntCmd {
+	return c.ZAdd(ctx, s.keys(tenant, queue).queue, redis.Z{Score: float64(score), Member: callKey})
+}
+
+func (s *Store) remove(ctx context.Context, c redis.Cmdable, tenant, queue, callKey string) *redis.IntCmd {
+	return c.ZRem(ctx, s.keys(tenant, queue).queue, callKey)
 }
 
 // Waiting returns the callers in a queue, head first.
@@ -188,6 +196,15 @@ return 1`)
 // agent who failed cools down for FailCooldown; one wrapping up is not offered a call for
 // wrapUp. A non-zero hold overrides those.
 func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome, hold time.Duration) error {
+	if err := s.release(ctx, s.rdb, tenant, agent, callKey, outcome, hold).Err(); err != nil {
+		return fmt.Errorf("release agent %s from call %s: %w", agent, callKey, err)
+	}
+	return nil
+}
+
+// release runs the release script on c: a client (EVALSHA, falling back to EVAL) or a pipeline
+// (EVAL: a pipeline cannot fall back).
+func (s *Store) release(ctx context.Context, c redis.Scripter, tenant, agent, callKey string, outcome callstate.AgentOutcome, hold time.Duration) *redis.Cmd {
 	if hold == 0 {
 		switch outcome {
 		case callstate.AgentConnected:
@@ -202,11 +219,11 @@ func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outc
 	if outcome == callstate.AgentAbandoned {
 		idleSince = "" // the agent did no work: it keeps its place among the longest idle
 	}
-	err := releaseScript.Run(ctx, s.rdb, []string{k.busy, k.idle, k.cool}, agent, callKey, idleSince, hold.Milliseconds(), now).Err()
-	if err != nil {
-		return fmt.Errorf("release agent %s from call %s: %w", agent, callKey, err)
+	keys, args := []string{k.busy, k.idle, k.cool}, []any{agent, callKey, idleSince, hold.Milliseconds(), now}
+	if _, pipe := c.(redis.Pipeliner); pipe {
+		return releaseScript.Eval(ctx, c, keys, args...)
 	}
-	return nil
+	return releaseScript.Run(ctx, c, keys, args...)
 }
 
 // Reservations returns every reserved agent of a tenant with the call it is reserved for.

@@ -565,7 +565,8 @@ func TestConcurrentCallsAndClose(t *testing.T) {
 		t.Errorf("%d results, %d calls", n, len(s.Calls()))
 	}
 	st := s.AgentStats(agentA)
-	if st.Offered != st.Accepted || st.Offered == 0 {
+	// a caller who hangs up after 40 ms may do so while the agent rings: offered, never answered
+	if st.Accepted == 0 || st.Accepted > st.Offered || st.Declined+st.Missed != 0 {
 		t.Errorf("stats %+v", st)
 	}
 	checkDeliveriesDecode(t, s)
