@@ -390,12 +390,18 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	var batch []Ack
-	flush := func(ctx context.Context) {
+	// Writes do not stop with ctx: acknowledgements already taken are written on the way out.
+	flush := func() {
 		if len(batch) == 0 {
 			return
 		}
-		if err := m.cfg.Store.AckMany(ctx, batch...); err != nil {
-			m.cfg.Log.Warn("acknowledge commands; the outbox will re-drive them", zap.Int("acks", len(batch)), zap.Error(err))
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := m.cfg.Store.AckMany(wctx, batch...); err != nil {
+			if len(batch) < 4*cap(m.acks) {
+				return // Redis is away: try again with the next batch
+			}
+			m.cfg.Log.Warn("acknowledgements dropped; the outbox will re-drive their commands", zap.Int("acks", len(batch)), zap.Error(err))
 		}
 		batch = batch[:0]
 	}
@@ -403,10 +409,10 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 		select {
 		case a := <-m.acks:
 			if batch = append(batch, a); len(batch) >= cap(m.acks)/4 {
-				flush(ctx)
+				flush()
 			}
 		case <-t.C:
-			flush(ctx)
+			flush()
 		case <-ctx.Done():
 			m.batching.Store(false)
 			for {
@@ -418,7 +424,7 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 				}
 				break
 			}
-			flush(context.Background())
+			flush()
 			return
 		}
 	}
