@@ -44,14 +44,13 @@ func (c *cache) drop(key string) {
 }
 
 // acked raises the cached copy's acknowledgement watermark, so its outbox does not carry
-// commands already done into the next save. When that empties the outbox it returns the
-// outbox-index score the copy was saved with (0 when there is none to remove).
-func (c *cache) acked(key string, graphKind bool, seq int64) (indexScore int64) {
+// commands already done into the next save.
+func (c *cache) acked(key string, graphKind bool, seq int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	v, ok := c.m[key]
 	if !ok {
-		return 0
+		return
 	}
 	if graphKind {
 		v.AckedGraph = max(v.AckedGraph, seq)
@@ -59,9 +58,5 @@ func (c *cache) acked(key string, graphKind bool, seq int64) (indexScore int64) 
 		v.AckedStorage = max(v.AckedStorage, seq)
 	}
 	v.pruneOutbox()
-	if len(v.Outbox) == 0 {
-		indexScore, v.indexScore = v.indexScore, 0
-	}
 	c.m[key] = v
-	return indexScore
 }

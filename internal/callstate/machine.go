@@ -273,10 +273,6 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 		if len(next.Outbox) > 0 {
 			w.OutboxDue = m.cfg.Now().Add(m.cfg.OutboxLease)
 		}
-		next.indexScore = 0
-		if !w.OutboxDue.IsZero() {
-			next.indexScore = w.OutboxDue.UnixMilli()
-		}
 		if cur.State == StateNone {
 			err = m.cfg.Store.CreateWith(ctx, &next, w)
 			if errors.Is(err, ErrExists) {
@@ -370,8 +366,8 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap
 // ack records that a call's commands up to seq are done: at once in the cached copy (so its
 // next save drops them from the outbox), and in Redis either in the next batch (RunAcks) or now.
 func (m *Machine) ack(ctx context.Context, key string, graphKind bool, seq int64, log *zap.Logger) {
+	m.cache.acked(key, graphKind, seq)
 	a := Ack{Call: key, Graph: graphKind, Seq: seq}
-	a.IndexScore = m.cache.acked(key, graphKind, seq)
 	if m.batching.Load() {
 		select {
 		case m.acks <- a:

@@ -190,9 +190,6 @@ type Call struct {
 	CmdSeq       int64     `json:"cmdSeq,omitempty"`
 	AckedStorage int64     `json:"-"`
 	AckedGraph   int64     `json:"-"`
-	// indexScore is the outbox-index score this instance wrote with the record (0: none), so
-	// that once the outbox is empty the entry can be removed without waiting for RunOutbox.
-	indexScore int64
-	EndCode    int64 `json:"endCode,omitempty"`
-	EndSubcode int64 `json:"endSubcode,omitempty"`
+	EndCode      int64     `json:"endCode,omitempty"`
+	EndSubcode   int64     `json:"endSubcode,omitempty"`
 }

@@ -275,9 +275,6 @@ type Ack struct {
 	Call  string // call key
 	Graph bool
 	Seq   int64
-	// IndexScore, when not 0, is the outbox-index score the call was saved with: its outbox is
-	// empty now, and the index entry goes unless a later save re-leased it.
-	IndexScore int64
 }
 
 func (a Ack) field() string {
@@ -294,7 +291,7 @@ func (s *Store) Ack(ctx context.Context, callKey string, graphKind bool, seq int
 
 // AckMany records acknowledgements, in one round trip.
 func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
-	if len(acks) == 1 && acks[0].IndexScore == 0 {
+	if len(acks) == 1 {
 		a := acks[0]
 		if err := ackScript.Run(ctx, s.rdb, []string{s.key(a.Call)}, a.field(), a.Seq).Err(); err != nil {
 			return fmt.Errorf("ack commands of call %s: %w", a.Call, err)
@@ -304,13 +301,10 @@ func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
 	run := func(eval bool) error {
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, a := range acks {
-				script := (*redis.Script).EvalSha
 				if eval {
-					script = (*redis.Script).Eval
-				}
-				script(ackScript, ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
-				if a.IndexScore != 0 {
-					script(doneOutboxScript, ctx, p, []string{s.index}, a.Call, strconv.FormatInt(a.IndexScore, 10))
+					ackScript.Eval(ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
+				} else {
+					ackScript.EvalSha(ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
 				}
 			}
 			return nil
