@@ -588,7 +588,7 @@ func repeat(ctx context.Context, every time.Duration, now bool, f func()) {
 // still matter (later events decided without the older ones); one that acts on the call itself
 // (answer, reject, transfer) is first checked against the call's state in Graph, and skipped
 // if it evidently took effect.
-func (m *Machine) Redrive(ctx context.Context, key string, claimScore int64) {
+func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	log := m.cfg.Log.With(zap.String("call_id", key))
 	c, err := m.cfg.Store.Get(ctx, key)
 	if errors.Is(err, ErrNotFound) {

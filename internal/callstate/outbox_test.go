@@ -282,3 +282,29 @@ func TestBatchedAcks(t *testing.T) {
 		}
 	}
 }
+
+// A claim's DoneOutbox removes the index entry it claimed, not one a save re-leased since, even
+// in the same millisecond.
+func TestDoneOutboxKeepsAReLease(t *testing.T) {
+	store := callstate.NewStore(redistest.Start(t).Client(t), "dn")
+	ctx := context.Background()
+	now := time.Now()
+	c := callstate.Call{ID: "c1", Tenant: "t", State: callstate.StateQueued, CreatedAt: now,
+		Outbox: []callstate.Pending{{Seq: 1, Version: 1, Cmd: callstate.Command{Kind: callstate.CmdEnqueue, Queue: "q"}}}}
+	if err := store.Create(ctx, &c, now); err != nil {
+		t.Fatal(err)
+	}
+	keys, score, err := store.ClaimOutbox(ctx, now, 0, 10) // the claim's lease ends in this very millisecond
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("claim: %v %v", keys, err)
+	}
+	if err := store.Save(ctx, &c, now); err != nil { // re-leased until the same millisecond
+		t.Fatal(err)
+	}
+	if err := store.DoneOutbox(ctx, "c1", score); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _, _ := store.ClaimOutbox(ctx, now.Add(time.Minute), time.Minute, 10); len(keys) != 1 {
+		t.Errorf("the save's index entry was removed by an older claim: %v", keys)
+	}
+}

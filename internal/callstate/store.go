@@ -327,10 +327,11 @@ for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], m) end
 return due`)
 
 // ClaimOutbox takes up to limit calls whose outbox lease has run out, leasing them to the caller
-// until now+lease, and returns their keys and the lease's score.
-func (s *Store) ClaimOutbox(ctx context.Context, now time.Time, lease time.Duration, limit int) ([]string, int64, error) {
-	score := now.Add(lease).UnixMilli()
-	keys, err := claimOutboxScript.Run(ctx, s.rdb, []string{s.index}, now.UnixMilli(), score, limit).StringSlice()
+// until now+lease, and returns their keys and the lease's score. A claim's score ends in .5 ms
+// and a save's is whole: DoneOutbox can tell a claim still in place from a save since.
+func (s *Store) ClaimOutbox(ctx context.Context, now time.Time, lease time.Duration, limit int) ([]string, float64, error) {
+	score := float64(now.Add(lease).UnixMilli()) + 0.5
+	keys, err := claimOutboxScript.Run(ctx, s.rdb, []string{s.index}, now.UnixMilli(), strconv.FormatFloat(score, 'f', -1, 64), limit).StringSlice()
 	if err != nil {
 		return nil, 0, fmt.Errorf("claim outboxes: %w", err)
 	}
@@ -343,8 +344,8 @@ return 0`)
 
 // DoneOutbox removes a call from the outbox index if nobody re-leased it since the claim that
 // returned score (a save in between re-adds it with a new score, and keeps it).
-func (s *Store) DoneOutbox(ctx context.Context, callKey string, score int64) error {
-	return doneOutboxScript.Run(ctx, s.rdb, []string{s.index}, callKey, strconv.FormatInt(score, 10)).Err()
+func (s *Store) DoneOutbox(ctx context.Context, callKey string, score float64) error {
+	return doneOutboxScript.Run(ctx, s.rdb, []string{s.index}, callKey, strconv.FormatFloat(score, 'f', -1, 64)).Err()
 }
 
 // Live returns up to limit calls of the set of live calls created before the given time, oldest
