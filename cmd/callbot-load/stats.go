@@ -173,21 +173,13 @@ func schedProbeAt() (stop func() []lateness) {
 // delay the load tool adds to what it measures (webhook and answer times are taken by
 // goroutines of this process).
 func schedProbe() (stop func() []time.Duration) {
-	done := make(chan struct{})
-	out := make(chan []time.Duration, 1)
-	go func() {
-		var late []time.Duration
-		for {
-			select {
-			case <-done:
-				out <- late
-				return
-			default:
-			}
-			t := time.Now()
-			time.Sleep(time.Millisecond)
-			late = append(late, max(time.Since(t)-time.Millisecond, 0))
+	stopAt := schedProbeAt()
+	return func() []time.Duration {
+		samples := stopAt()
+		out := make([]time.Duration, len(samples))
+		for i, l := range samples {
+			out[i] = l.late
 		}
-	}()
-	return func() []time.Duration { close(done); return <-out }
+		return out
+	}
 }

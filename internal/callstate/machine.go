@@ -352,7 +352,7 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap
 			err = m.cfg.Queues.Remove(ctx, c.Tenant, cmd.Queue, key)
 		case CmdReleaseAgent:
 			err = m.cfg.Queues.Release(ctx, c.Tenant, cmd.Agent, key, cmd.AgentOutcome, cmd.After)
-		case CmdSetTimer:
+		case CmdSetTimer: // armed with the save now; kept for outboxes saved before that
 			err = m.cfg.Timers.Set(ctx, c.Tenant, key, cmd.Timer, cmd.Token, m.cfg.Now().Add(cmd.After))
 		}
 		if err != nil {
