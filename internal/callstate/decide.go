@@ -47,6 +47,44 @@ func Decide(c Call, ev Event, env Env) (Call, []Command, error) {
 	return d.c, d.cmds, nil
 }
 
+// Stale reports whether ev is ignored on c and on every later version of c, so a copy of c that
+// may be behind the stored record is enough to ignore it: the call has ended (terminal stays
+// terminal), or ev answers a prompt, invite, timer, key press or roster that c has already moved
+// past. Tokens and sequence numbers only grow (clientContexts and timer tokens are drawn from
+// Call.Seq; LastTone and LastRoster only rise), so such an event cannot match a later version.
+// The machine uses it to ignore an event on its cached record without reading Redis.
+func Stale(c Call, ev Event) bool {
+	if c.State.Terminal() {
+		return true
+	}
+	switch ev.Kind {
+	case EvPromptDone:
+		return pastToken(c, ev.ClientContext, c.PromptCtx)
+	case EvInviteDone:
+		return pastToken(c, ev.ClientContext, c.InviteCtx)
+	case EvTimeout:
+		return ev.TimerToken == 0 || (ev.TimerToken <= c.Seq && ev.TimerToken != c.Timers[ev.Timer])
+	case EvTone:
+		return ev.Seq != 0 && ev.Seq <= c.LastTone
+	case EvRoster:
+		return ev.Seq != 0 && ev.Seq <= c.LastRoster
+	}
+	return false
+}
+
+// pastToken: clientContext is not the one c waits for and can never be: it is empty, not one
+// callbot makes (a letter and a number drawn from Call.Seq), or drawn at or before c.Seq.
+func pastToken(c Call, clientContext, current string) bool {
+	if clientContext == current && current != "" {
+		return false
+	}
+	if len(clientContext) < 2 {
+		return true
+	}
+	n, err := strconv.ParseInt(clientContext[1:], 10, 64)
+	return err != nil || n <= c.Seq
+}
+
 type decision struct {
 	c    Call
 	env  Env

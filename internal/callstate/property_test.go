@@ -41,6 +41,8 @@ type model struct {
 	transfersInFlight int
 	violations        []string
 	steps             int
+	versions          []Call  // every record the call had, in order
+	events            []Event // every event delivered
 }
 
 func (m *model) send(ev Event) {
@@ -49,6 +51,7 @@ func (m *model) send(ev Event) {
 }
 
 func (m *model) apply(ev Event) {
+	m.events = append(m.events, ev)
 	next, cmds, err := Decide(m.c, ev, m.env)
 	if err != nil {
 		if err == ErrIgnored {
@@ -60,6 +63,7 @@ func (m *model) apply(ev Event) {
 		m.violations = append(m.violations, "left terminated")
 	}
 	m.c = next
+	m.versions = append(m.versions, next)
 	for _, cmd := range cmds {
 		m.command(cmd)
 	}
@@ -239,6 +243,64 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 			if !m.c.State.Terminal() {
 				t.Fatalf("seed %d (chaos %v): call left in %s", seed, m.chaos, m.c.State)
 			}
+			checkStale(t, seed, m)
 		}
+	}
+}
+
+// checkStale: an event Stale calls ignorable on a version of the call is ignored by every later
+// version too. This is what lets the machine ignore an event on a cached record that may be
+// behind the stored one. Every delivered event is tried on every version.
+func checkStale(t *testing.T, seed uint64, m *model) {
+	t.Helper()
+	for i, v := range m.versions {
+		for _, ev := range m.events {
+			if ev.Kind == EvIncoming || !Stale(v, ev) {
+				continue
+			}
+			for _, later := range m.versions[i:] {
+				if _, _, err := Decide(later, ev, m.env); err != ErrIgnored {
+					t.Fatalf("seed %d (chaos %v): %s is stale on version %d (%s, seq %d) but %s (seq %d) takes it: %v",
+						seed, m.chaos, ev.Kind, i, v.State, v.Seq, later.State, later.Seq, err)
+				}
+			}
+		}
+	}
+}
+
+// Stale must also say false where a later version can still take the event, or the cache would
+// drop events it has to act on: the current prompt, invite, timer, the next key press.
+func TestStaleKeepsLiveEvents(t *testing.T) {
+	c := Call{State: StateInMenu, Seq: 7, PromptCtx: "p7", InviteCtx: "i6", LastTone: 2, LastRoster: 3,
+		Timers: map[TimerKind]int64{TimerMenu: 5}}
+	for _, tc := range []struct {
+		ev    Event
+		stale bool
+	}{
+		{Event{Kind: EvPromptDone, ClientContext: "p7"}, false}, // the prompt playing now
+		{Event{Kind: EvPromptDone, ClientContext: "p8"}, false}, // a prompt a later version plays
+		{Event{Kind: EvPromptDone, ClientContext: "p4"}, true},  // superseded
+		{Event{Kind: EvPromptDone, ClientContext: "c6"}, true},  // a cancel's completion
+		{Event{Kind: EvPromptDone, ClientContext: ""}, true},
+		{Event{Kind: EvPromptDone, ClientContext: "foreign"}, true},
+		{Event{Kind: EvInviteDone, ClientContext: "i6"}, false},
+		{Event{Kind: EvInviteDone, ClientContext: "i3"}, true},
+		{Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: 5}, false},
+		{Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: 4}, true},
+		{Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: 9}, false}, // armed by a later version
+		{Event{Kind: EvTone, Seq: 3}, false},
+		{Event{Kind: EvTone, Seq: 2}, true},
+		{Event{Kind: EvRoster, Seq: 4}, false},
+		{Event{Kind: EvRoster, Seq: 3}, true},
+		{Event{Kind: EvEstablished}, false},
+		{Event{Kind: EvEnded}, false},
+	} {
+		if got := Stale(c, tc.ev); got != tc.stale {
+			t.Errorf("Stale(%s %q timer %d seq %d) = %v, want %v", tc.ev.Kind, tc.ev.ClientContext, tc.ev.TimerToken, tc.ev.Seq, got, tc.stale)
+		}
+	}
+	c.State = StateTerminated
+	if !Stale(c, Event{Kind: EvEstablished}) {
+		t.Error("an ended call must take no event")
 	}
 }
