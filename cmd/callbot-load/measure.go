@@ -197,6 +197,7 @@ type usage struct {
 	at               time.Time
 	info             redisInfo
 	bot, redis, self time.Duration
+	botSyscalls      int64
 	proxied          int64
 	proxiedReads     int64
 	botRSS, botHWM   int64
@@ -208,6 +209,7 @@ func (w *world) read() usage {
 	u := usage{at: time.Now()}
 	u.info, _ = readInfo(w.redisAddr)
 	u.bot, u.redis, u.self = procCPU(w.bot.pid()), procCPU(w.redis.pid()), selfCPU()
+	u.botSyscalls = procSyscalls(w.bot.pid())
 	u.system = systemBusy()
 	u.botRSS, u.botHWM = procMem(w.bot.pid())
 	u.redisRSS, _ = procMem(w.redis.pid())
@@ -395,6 +397,9 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	rep.CallbotRSS = u1.botRSS
 	rep.CallbotPeakRSS = u1.botHWM
 	rep.CPU.Others = othersCPU(u0, u1, wall)
+	if acked > 0 {
+		rep.CPU.CallbotSyscalls = round(float64(u1.botSyscalls-u0.botSyscalls)/float64(acked), 2)
+	}
 
 	// callbot is stopped before the baseline runs, so the no-op server has the machine.
 	w.stopBot()
@@ -415,6 +420,7 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 			b.PerSec = round(float64(rr.n)/rr.wall.Seconds(), 1)
 			b.ServerCPUus = round(float64(rr.serverCPU.Microseconds())/float64(rr.n), 1)
 			b.ClientCPUus = round(float64(rr.clientCPU.Microseconds())/float64(rr.n), 1)
+			b.ServerSyscalls = round(float64(rr.serverSyscalls)/float64(rr.n), 2)
 		}
 		rep.Baseline = b
 		if b.PerSec > 0 {

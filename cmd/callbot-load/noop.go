@@ -113,6 +113,8 @@ type replayResult struct {
 	wall      time.Duration
 	lat       []time.Duration
 	serverCPU time.Duration
+	// serverSyscalls: read and write system calls of the no-op server (procSyscalls)
+	serverSyscalls int64
 	clientCPU time.Duration
 }
 
@@ -130,6 +132,7 @@ func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, worker
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	cpu0, self0 := procCPU(srv.pid()), selfCPU()
+	sys0 := procSyscalls(srv.pid())
 	start := time.Now()
 	for range workers {
 		wg.Go(func() {
@@ -169,6 +172,7 @@ func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, worker
 	res.wall = time.Since(start)
 	res.n = len(res.lat)
 	res.serverCPU = procCPU(srv.pid()) - cpu0
+	res.serverSyscalls = procSyscalls(srv.pid()) - sys0
 	res.clientCPU = selfCPU() - self0
 	return res
 }

@@ -221,6 +221,24 @@ func procCPU(pid int) time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
+// procSyscalls is the number of read- and write-family system calls a process made so far
+// (syscr + syscw of /proc/PID/io; epoll and futex calls are not counted). 0 when unreadable.
+func procSyscalls(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, line := range strings.Split(string(b), "\n") {
+		name, v, ok := strings.Cut(line, ":")
+		if ok && (name == "syscr" || name == "syscw") {
+			x, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			n += x
+		}
+	}
+	return n
+}
+
 // selfCPU is the CPU time of this process (graphsim, the callers and the measuring).
 func selfCPU() time.Duration {
 	var ru syscall.Rusage

@@ -145,6 +145,8 @@ type CPUStats struct {
 	LoadTool CPUUse `json:"load_tool"` // graphsim (it signs every notification with RS256) and the callers
 	// Others is the CPU other processes of the machine used meanwhile, in cores.
 	Others float64 `json:"others_cores"`
+	// CallbotSyscalls is callbot's read and write system calls per notification (/proc/PID/io).
+	CallbotSyscalls float64 `json:"callbot_syscalls_per_notification"`
 }
 
 type CPUUse struct {
@@ -166,6 +168,8 @@ type Baseline struct {
 	Latency     Latency `json:"latency"`
 	ServerCPUus float64 `json:"server_cpu_us_per_request"`
 	ClientCPUus float64 `json:"client_cpu_us_per_request"`
+	// ServerSyscalls is the no-op server's read and write system calls per request.
+	ServerSyscalls float64 `json:"server_syscalls_per_request"`
 }
 
 type Ratio struct {
@@ -331,6 +335,9 @@ func (r *Report) Text() string {
 	cu := r.CPU
 	p("cpu              callbot %.0f us/notification (%.2f cores), redis %.0f us (%.2f), load tool+graphsim %.0f us (%.2f)",
 		cu.Callbot.PerNotificationUS, cu.Callbot.Cores, cu.Redis.PerNotificationUS, cu.Redis.Cores, cu.LoadTool.PerNotificationUS, cu.LoadTool.Cores)
+	if cu.CallbotSyscalls > 0 {
+		p("                 callbot %.1f read/write system calls per notification", cu.CallbotSyscalls)
+	}
 	if r.Mode != "hold" {
 		p("                 above idle: callbot %.0f us (idle %.3f cores), redis %.0f us (idle %.3f), load tool %.0f us (idle %.3f)",
 			cu.Callbot.MarginalPerNotificationUS, cu.Callbot.IdleCores, cu.Redis.MarginalPerNotificationUS, cu.Redis.IdleCores,
@@ -343,8 +350,8 @@ func (r *Report) Text() string {
 	}
 	p("callbot memory   RSS %s, peak %s", mb(r.CallbotRSS), mb(r.CallbotPeakRSS))
 	if bl := r.Baseline; bl != nil {
-		p("no-op baseline   %.0f notifications/s (%d workers, same bodies, %.1fs, %d failed); %s; server %.0f us CPU/request",
-			bl.PerSec, bl.Workers, bl.Seconds, bl.Failed, lat(bl.Latency), bl.ServerCPUus)
+		p("no-op baseline   %.0f notifications/s (%d workers, same bodies, %.1fs, %d failed); %s; server %.0f us CPU/request, %.1f read/write system calls/request",
+			bl.PerSec, bl.Workers, bl.Seconds, bl.Failed, lat(bl.Latency), bl.ServerCPUus, bl.ServerSyscalls)
 	}
 	if rt := r.Ratio; rt != nil {
 		p("ratio            %.3f of no-op (throughput); CPU-normalised %.3f, with Redis %.3f", rt.Throughput, rt.CPU, rt.CPUWithRedis)
