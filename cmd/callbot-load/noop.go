@@ -115,7 +115,7 @@ type replayResult struct {
 	serverCPU time.Duration
 	// serverSyscalls: read and write system calls of the no-op server (procSyscalls)
 	serverSyscalls int64
-	clientCPU time.Duration
+	clientCPU      time.Duration
 }
 
 // replay posts reqs, in order and cycling, from workers goroutines for d, as fast as the
