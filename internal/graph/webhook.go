@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -65,7 +66,19 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if maxBody <= 0 {
 		maxBody = 1 << 20
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	bp := bodyPool.Get().(*[]byte)
+	body := (*bp)[:0]
+	if n := r.ContentLength; n >= int64(cap(body)) && n <= maxBody {
+		body = make([]byte, 0, n+1) // +1: room to read the EOF without growing
+	}
+	body, err = readAll(http.MaxBytesReader(w, r.Body, maxBody), body)
+	defer func() {
+		// Decode copies what it keeps out of body, so the buffer is free once ServeHTTP returns.
+		if cap(body) <= maxPooledBody {
+			*bp = body[:0]
+			bodyPool.Put(bp)
+		}
+	}()
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
@@ -87,8 +100,8 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	for i, n := range ns {
-		if n.Call != nil && n.Call.TenantID != "" && n.Call.TenantID != claims.TenantID {
+	for i := range ns {
+		if n := &ns[i]; n.Call != nil && n.Call.TenantID != "" && n.Call.TenantID != claims.TenantID {
 			writeProblem(w, http.StatusForbidden, fmt.Sprintf("notification %d: tenant %s does not match token tenant %s", i, n.Call.TenantID, claims.TenantID))
 			return
 		}
@@ -110,6 +123,34 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// bodyPool holds request body buffers, so reading a body allocates only when it is larger than
+// any read before (io.ReadAll would start at 512 bytes and grow for every request).
+var bodyPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, 4<<10)
+	return &b
+}}
+
+// maxPooledBody is the largest body whose buffers (here and in Decode's json.Decoder pool) are
+// pooled: a rare large body is not worth holding on to.
+const maxPooledBody = 64 << 10
+
+// readAll is io.ReadAll reading into buf.
+func readAll(r io.Reader, buf []byte) ([]byte, error) {
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err != nil {
+			if err == io.EOF {
+				err = nil
+			}
+			return buf, err
+		}
+	}
 }
 
 // writeProblem writes a small JSON error body: {"error":"..."}.

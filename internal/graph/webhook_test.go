@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -100,3 +101,37 @@ func BenchmarkWebhook(b *testing.B) {
 type discardSink struct{}
 
 func (discardSink) Notify(context.Context, string, []Notification) error { return nil }
+
+// Body buffers are reused: what one request delivered must not change when the next is read.
+func TestWebhookBodyBufferReuse(t *testing.T) {
+	ks := newKeyServer(t)
+	good := "Bearer " + signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))
+	sink := &recordingSink{}
+	h := &Webhook{Auth: newTestVerifier(t, ks, nil), Sink: sink, Log: zaptest.NewLogger(t)}
+	var want [][]Notification
+	for _, f := range []string{"notification-incoming.json", "notification-tone.json", "notification-playprompt-completed.json",
+		"notification-terminated.json", "notification-incoming.json"} {
+		body, err := os.ReadFile("testdata/payloads/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, err := Decode(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, ns)
+		r := httptest.NewRequest("POST", "/api/calls", strings.NewReader(string(body)))
+		if len(want)%2 == 0 {
+			r.ContentLength = -1 // chunked: read without knowing the size
+		}
+		r.Header.Set("Authorization", good)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusAccepted {
+			t.Fatalf("%s: status %d (%s)", f, w.Code, w.Body)
+		}
+	}
+	if diff := cmp.Diff(sink.got, want); diff != "" {
+		t.Errorf("delivered notifications changed (-got +want):\n%s", diff)
+	}
+}
