@@ -26,7 +26,8 @@ lint:
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./internal/graph/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 60s ./internal/graph/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeDifferential$$' -fuzztime 60s ./internal/graph/
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
