@@ -55,6 +55,10 @@ type recorded struct {
 	Header       http.Header
 	Body         []byte // decompressed
 	Tenant       string // tenant of the bearer token
+	// Proto, ContentLength and TransferEncoding are how the request came over the wire.
+	Proto            string
+	ContentLength    int64
+	TransferEncoding []string
 }
 
 // response is what the fake answers to a Graph request.
@@ -93,7 +97,10 @@ func newFakeGraph(t *testing.T) *fakeGraph {
 	t.Helper()
 	f := &fakeGraph{t: t, responses: map[string]response{}, queued: map[string][]response{},
 		tokensBy: map[string]int{}, issued: map[string]string{}}
-	f.srv = httptest.NewTLSServer(http.HandlerFunc(f.serve))
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	// Offer HTTP/2 as Graph does: the client must choose HTTP/1.1 itself (graphTransport).
+	f.srv.EnableHTTP2 = true
+	f.srv.StartTLS()
 	t.Cleanup(f.srv.Close)
 	return f
 }
@@ -253,7 +260,8 @@ func (f *fakeGraph) graphRequest(w http.ResponseWriter, r *http.Request) {
 	bearer := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 	f.mu.Lock()
 	tenant, authorized := f.issued[bearer]
-	f.graph = append(f.graph, recorded{Method: r.Method, Path: path, Header: r.Header.Clone(), Body: b, Tenant: tenant})
+	f.graph = append(f.graph, recorded{Method: r.Method, Path: path, Header: r.Header.Clone(), Body: b, Tenant: tenant,
+		Proto: r.Proto, ContentLength: r.ContentLength, TransferEncoding: r.TransferEncoding})
 	resp, ok := f.responses[key]
 	if q := f.queued[key]; len(q) > 0 {
 		resp, ok = q[0], true
@@ -1017,6 +1025,43 @@ func TestHeaders(t *testing.T) {
 			t.Errorf("request %d: client-request-id %s reused", i, ids[0])
 		}
 		seen[ids[0]] = true
+	}
+}
+
+// TestWireFormat checks what the trimmed pipeline (graphHTTPClient, traceTransport) still puts
+// on the wire: HTTP/1.1 although the server offers HTTP/2, bodies with a Content-Length rather
+// than chunked, and the headers of the SDK's middlewares (SdkVersion, User-Agent).
+func TestWireFormat(t *testing.T) {
+	f := newFakeGraph(t)
+	c := newClient(t, f)
+	ctx := context.Background()
+	if err := c.Answer(ctx, callID, graph.AnswerRequest{CallbackURI: "https://bot.contoso.com/api/calls"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.KeepAlive(ctx, callID); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Hangup(ctx, callID); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range f.requests() {
+		what := r.Method + " " + r.Path
+		if r.Proto != "HTTP/1.1" {
+			t.Errorf("%s: protocol %s, want HTTP/1.1", what, r.Proto)
+		}
+		if r.ContentLength != int64(len(r.Body)) || len(r.TransferEncoding) != 0 {
+			t.Errorf("%s: Content-Length %d, Transfer-Encoding %q for a %d-byte body; want the length, not chunked",
+				what, r.ContentLength, r.TransferEncoding, len(r.Body))
+		}
+		if got := r.Header.Get("User-Agent"); got != "kiota-go/1.5.4" {
+			t.Errorf("%s: User-Agent %q, want kiota-go/1.5.4", what, got)
+		}
+		if got := r.Header.Get("SdkVersion"); !strings.HasPrefix(got, "graph-go/1.89.0, graph-go-core/") {
+			t.Errorf("%s: SdkVersion %q, want graph-go/1.89.0, graph-go-core/...", what, got)
+		}
+	}
+	if r := f.requests()[0]; len(r.Body) == 0 {
+		t.Errorf("answer sent no body")
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/cloud"
@@ -67,8 +68,9 @@ func credentialFactory(cfg Config, base http.RoundTripper) (func(tenant string) 
 
 // tenantCredentials is the token credential the Graph pipeline uses. It serves the home tenant's
 // credential, or, when multi-tenant and the request's context names another tenant
-// (graph.WithTenantID), that tenant's credential, created on first use and kept. Each
-// credential caches its tokens (azidentity/MSAL, in memory) and refreshes them before expiry.
+// (graph.WithTenantID), that tenant's credential, created on first use and kept. Each tenant's
+// credential sits behind a tokenCache, so a request normally costs a map lookup, not a trip
+// through MSAL.
 type tenantCredentials struct {
 	home     string
 	multi    bool
@@ -79,12 +81,22 @@ type tenantCredentials struct {
 	creds map[string]azcore.TokenCredential // by lowercase tenant id
 }
 
-func newTenantCredentials(home string, multi bool, newCred func(string) (azcore.TokenCredential, error)) (*tenantCredentials, error) {
-	hc, err := newCred(home)
+// newTenantCredentials builds the home tenant's credential at once and the others on first use,
+// each with newCred and behind a tokenCache reading the clock now.
+func newTenantCredentials(home string, multi bool, newCred func(string) (azcore.TokenCredential, error),
+	now func() time.Time) (*tenantCredentials, error) {
+	cached := func(tenant string) (azcore.TokenCredential, error) {
+		c, err := newCred(tenant)
+		if err != nil {
+			return nil, err
+		}
+		return newTokenCache(c, now), nil
+	}
+	hc, err := cached(home)
 	if err != nil {
 		return nil, fmt.Errorf("msgraph: %w", err)
 	}
-	return &tenantCredentials{home: home, multi: multi, newCred: newCred, homeCred: hc,
+	return &tenantCredentials{home: home, multi: multi, newCred: cached, homeCred: hc,
 		creds: map[string]azcore.TokenCredential{}}, nil
 }
 

@@ -1,6 +1,7 @@
 package msgraph
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -150,12 +151,15 @@ func (c *Client) send(ctx context.Context, op, callID string, send sendFunc) (re
 	start := c.now()
 	err := send(ctx, h, []abs.RequestOption{handler})
 	if err == nil {
-		c.log.Debug("graph request",
-			zap.String("op", op), zap.String("call_id", callID), zap.String("scenario_id", scenario),
-			zap.String("tenant_id", graph.TenantID(ctx)), zap.Int("status", r.status),
-			zap.String("request_id", r.header.Get("request-id")),
-			zap.String("client_request_id", a.requestID()),
-			zap.Duration("elapsed", c.now().Sub(start)))
+		// Check first: with debug off (production) the fields, which escape to the heap, are
+		// not built at all.
+		if ce := c.log.Check(zap.DebugLevel, "graph request"); ce != nil {
+			ce.Write(zap.String("op", op), zap.String("call_id", callID), zap.String("scenario_id", scenario),
+				zap.String("tenant_id", graph.TenantID(ctx)), zap.Int("status", r.status),
+				zap.String("request_id", r.header.Get("request-id")),
+				zap.String("client_request_id", a.requestID()),
+				zap.Duration("elapsed", c.now().Sub(start)))
+		}
 		return r, a, nil
 	}
 	if r.status == 0 && !a.sent() {
@@ -264,28 +268,89 @@ func (a *attempt) requestID() string {
 	return ""
 }
 
-// traceTransport is the innermost transport of the Graph pipeline: it records, for the attempt
+// traceTransport is the innermost transport of the Graph pipeline. It records, for the attempt
 // in the request's context, the client-request-id the middleware set and, through httptrace,
-// whether the request got a connection and was written.
+// whether the request got a connection and was written. It also sets the User-Agent kiota's
+// UserAgentHandler would have (see graphHTTPClient) and gives the request body a known length
+// (see sizeBody).
 type traceTransport struct{ base http.RoundTripper }
 
 func (t traceTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	a := attemptFrom(req.Context())
-	if a == nil {
-		return t.base.RoundTrip(req)
+	ctx := req.Context()
+	if a := attemptFrom(ctx); a != nil {
+		if id := req.Header.Get("client-request-id"); id != "" {
+			a.clientReqID.Store(&id)
+		}
+		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+			GotConn: func(httptrace.GotConnInfo) { a.gotConn.Store(true) },
+			WroteRequest: func(i httptrace.WroteRequestInfo) {
+				if i.Err != nil {
+					a.writeFailed.Store(true)
+				} else {
+					a.writeFailed.Store(false)
+				}
+			},
+		})
 	}
-	if id := req.Header.Get("client-request-id"); id != "" {
-		a.clientReqID.Store(&id)
+	out := req.WithContext(ctx) // a shallow copy: the caller's Body and ContentLength stay as they were
+	if out.Header.Get("User-Agent") == "" {
+		// Like the middlewares, this writes to the header map of the request the pipeline built.
+		out.Header.Set("User-Agent", userAgent)
 	}
-	trace := &httptrace.ClientTrace{
-		GotConn: func(httptrace.GotConnInfo) { a.gotConn.Store(true) },
-		WroteRequest: func(i httptrace.WroteRequestInfo) {
-			if i.Err != nil {
-				a.writeFailed.Store(true)
-			} else {
-				a.writeFailed.Store(false)
-			}
-		},
+	if err := sizeBody(out); err != nil {
+		return nil, err
 	}
-	return t.base.RoundTrip(req.WithContext(httptrace.WithClientTrace(req.Context(), trace)))
+	return t.base.RoundTrip(out)
+}
+
+// sizeBody replaces a body of unknown length (ContentLength 0) by an in-memory copy with its
+// length set. kiota hands net/http the serialized body behind its own io.ReadSeekCloser without
+// a length, so net/http sends it chunked: over HTTP/1.1 the headers, the body and the final
+// empty chunk go out as three TLS records in three write syscalls, after a goroutine and a timer
+// that probe the body; over HTTP/2 an empty DATA frame ends the stream. With a length and a
+// bytes.Reader it knows, net/http writes the whole request in one flush and sends
+// Content-Length instead of Transfer-Encoding: chunked, which Graph takes alike. Call-control
+// bodies are a few hundred bytes, so the copy is cheap.
+func sizeBody(req *http.Request) error {
+	if req.Body == nil || req.Body == http.NoBody || req.ContentLength != 0 {
+		return nil
+	}
+	defer req.Body.Close()
+	var b []byte
+	var err error
+	if s, ok := req.Body.(io.ReadSeeker); ok {
+		b, err = readSeeker(s)
+	} else {
+		b, err = io.ReadAll(req.Body)
+	}
+	if err != nil {
+		return fmt.Errorf("read request body: %w", err)
+	}
+	if len(b) == 0 {
+		req.Body, req.GetBody = http.NoBody, nil
+		return nil
+	}
+	req.Body = io.NopCloser(bytes.NewReader(b))
+	req.ContentLength = int64(len(b))
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
+	return nil
+}
+
+// readSeeker reads what remains of s (already in memory: kiota's serialized body) into a slice
+// of exactly that size.
+func readSeeker(s io.ReadSeeker) ([]byte, error) {
+	cur, err := s.Seek(0, io.SeekCurrent)
+	if err != nil {
+		return nil, err
+	}
+	end, err := s.Seek(0, io.SeekEnd)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.Seek(cur, io.SeekStart); err != nil {
+		return nil, err
+	}
+	b := make([]byte, end-cur)
+	_, err = io.ReadFull(s, b)
+	return b, err
 }
