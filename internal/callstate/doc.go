@@ -35,4 +35,10 @@
 // another once its lease runs out (RunOutbox). The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
+//
+// The hot path is built for few round trips: each instance caches the records it saved, and
+// ignores on the cached copy an event no later version could take (Stale); a save carries its
+// timers, outbox-index entry and harmless queue writes in its own pipeline; acknowledgements go
+// in batches; and the saves of concurrent notifications share pipelines when two are already in
+// flight (group commit, Store's batcher), each still getting its own compare-and-set result.
 package callstate
