@@ -39,6 +39,5 @@
 // The hot path is built for few round trips: each instance caches the records it saved, and
 // ignores on the cached copy an event no later version could take (Stale); a save carries its
 // timers, outbox-index entry and harmless queue writes in its own pipeline; acknowledgements go
-// in batches; and the saves of concurrent notifications share pipelines when two are already in
-// flight (group commit, Store's batcher), each still getting its own compare-and-set result.
+// in batches.
 package callstate

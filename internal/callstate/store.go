@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -41,7 +40,6 @@ type Store struct {
 	index  string
 	active string // sorted set of live calls (call key -> creation ms), for recovery
 	timers string // the timers' sorted set (see Timers)
-	batch  *batcher
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -49,8 +47,7 @@ func NewStore(rdb redis.UniversalClient, prefix string) *Store {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix),
-		batch: &batcher{rdb: rdb, maxInFlight: 2}}
+	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix)}
 }
 
 func (s *Store) key(callKey string) string { return s.prefix + ":{call:" + callKey + "}" }
@@ -124,6 +121,9 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 			p.ZRem(ctx, s.active, graph.CallKey(c.ID))
 		}
 	}
+	if len(pre) == 0 && behind == nil {
+		return script.Run(ctx, s.rdb, keys, args...).Int()
+	}
 	if _, cluster := s.rdb.(*redis.ClusterClient); cluster {
 		// On Redis Cluster these keys and the call live on different nodes, and go-redis
 		// sends each node's part of a pipeline concurrently: the order that makes a crash safe
@@ -140,36 +140,33 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { behind(p); return nil })
 		return n, err
 	}
-	var res *redis.Cmd
-	err := s.batch.do(ctx, func(p redis.Pipeliner) {
-		for _, z := range pre {
-			p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
-		}
-		res = script.EvalSha(ctx, p, keys, args...)
-		if behind != nil {
-			behind(p)
-		}
-	})
-	if res != nil && res.Err() != nil && strings.HasPrefix(res.Err().Error(), "NOSCRIPT") {
-		// script cache empty (restart, failover): send the script itself, once, on its own
-		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	for attempt := 0; ; attempt++ {
+		var res *redis.Cmd
+		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, z := range pre {
 				p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
 			}
-			res = script.Eval(ctx, p, keys, args...)
+			if attempt == 0 {
+				res = script.EvalSha(ctx, p, keys, args...)
+			} else {
+				res = script.Eval(ctx, p, keys, args...)
+			}
 			if behind != nil {
 				behind(p)
 			}
 			return nil
 		})
+		if attempt == 0 && res != nil && res.Err() != nil && strings.HasPrefix(res.Err().Error(), "NOSCRIPT") {
+			continue // script cache empty (restart, failover): send the script itself once
+		}
+		if res != nil && res.Err() != nil {
+			return 0, res.Err()
+		}
+		if err != nil {
+			return 0, err
+		}
+		return res.Int()
 	}
-	if res != nil && res.Err() != nil {
-		return 0, res.Err()
-	}
-	if err != nil {
-		return 0, err
-	}
-	return res.Int()
 }
 
 // Create stores a new call record with version 1. It returns ErrExists when the call has a
@@ -376,96 +373,3 @@ if cur == false or cur == ARGV[1] then
   return 1
 end
 return 0`)
-
-// batcher sends the writes of concurrent saves in shared round trips ("group commit"). Up to
-// maxInFlight pipelines go to Redis at once, each as soon as it is asked for; writes that come
-// while that many are in flight wait, and the next pipeline carries all of them. With one save
-// at a time nothing waits and nothing changes; under load a round trip (a write and a read
-// system call on each side, and go-redis's per-request work) serves many saves.
-//
-// Each write's commands keep their order within the pipeline, and each write sees only its own
-// commands' results. Not for Redis Cluster, where a pipeline is split by node (see Store.write).
-type batcher struct {
-	rdb         redis.UniversalClient
-	maxInFlight int
-
-	mu       sync.Mutex
-	inFlight int
-	waiting  []*batchedWrite
-}
-
-type batchedWrite struct {
-	add func(redis.Pipeliner)
-	// lead receives nil when the write is done, or the batch (this write first) that its
-	// goroutine is to send next.
-	lead       chan []*batchedWrite
-	start, end int // the write's commands in the pipeline
-	err        error
-}
-
-// batchTimeout bounds a shared round trip: it runs on behalf of several requests, so none of
-// their contexts may cut it short.
-const batchTimeout = 5 * time.Second
-
-// do queues add's commands for the next pipeline and returns once they have run: the first
-// error among them, as redis.Pipeliner.Exec would return it.
-func (b *batcher) do(ctx context.Context, add func(redis.Pipeliner)) error {
-	w := &batchedWrite{add: add}
-	b.mu.Lock()
-	if b.inFlight < b.maxInFlight {
-		b.inFlight++
-		b.mu.Unlock()
-		b.send(ctx, []*batchedWrite{w})
-		return w.err
-	}
-	w.lead = make(chan []*batchedWrite, 1)
-	b.waiting = append(b.waiting, w)
-	b.mu.Unlock()
-	if batch := <-w.lead; batch != nil {
-		b.send(ctx, batch)
-	}
-	return w.err
-}
-
-// send runs batch in one pipeline, hands each write its result, then passes the writes that
-// queued meanwhile to the first of them to send (or gives up its place in flight).
-func (b *batcher) send(ctx context.Context, batch []*batchedWrite) {
-	if len(batch) > 1 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), batchTimeout)
-		defer cancel()
-	}
-	p := b.rdb.Pipeline()
-	for _, w := range batch {
-		w.start = p.Len()
-		w.add(p)
-		w.end = p.Len()
-	}
-	cmds, err := p.Exec(ctx)
-	for i, w := range batch {
-		w.err = nil
-		if len(cmds) >= w.end {
-			for _, c := range cmds[w.start:w.end] {
-				if c.Err() != nil {
-					w.err = c.Err()
-					break
-				}
-			}
-		} else if err != nil {
-			w.err = err
-		}
-		if i > 0 {
-			w.lead <- nil
-		}
-	}
-	b.mu.Lock()
-	next := b.waiting
-	b.waiting = nil
-	if len(next) == 0 {
-		b.inFlight--
-	}
-	b.mu.Unlock()
-	if len(next) > 0 {
-		next[0].lead <- next
-	}
-}

@@ -15,9 +15,9 @@ import (
 	"github.com/callbot/callbot/internal/redistest"
 )
 
-// Saves of many calls at once share round trips (group commit), yet each save gets its own
-// outcome: a stale version is a conflict for that call only, a failing write behind one save
-// fails that save only, and every successful save is in Redis with its version bumped once.
+// Saves of many calls at once each get their own outcome: a stale version is a conflict for that
+// call only, a failing write behind one save fails that save only, and every successful save is
+// in Redis with its version bumped once.
 func TestConcurrentSavesKeepTheirOwnOutcome(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
 	store := callstate.NewStore(rdb, "grp")
@@ -110,7 +110,8 @@ func TestConcurrentSavesAfterScriptFlush(t *testing.T) {
 	wg.Wait()
 }
 
-// With Redis gone, every save of a shared round trip fails promptly with an error, and none hangs.
+// With Redis gone, every concurrent save and create fails with an error (a create must not look
+// like a repeated incoming notification), and none hangs.
 func TestConcurrentSavesRedisDown(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
 	store := callstate.NewStore(rdb, "down")
@@ -124,14 +125,24 @@ func TestConcurrentSavesRedisDown(t *testing.T) {
 	}
 	rdb.Do(ctx, "SHUTDOWN", "NOSAVE") // the reply never comes: the server is gone
 	var wg sync.WaitGroup
-	for _, c := range cs {
-		wg.Add(1)
+	for i, c := range cs {
+		wg.Add(2)
 		go func() {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			defer cancel()
 			if err := store.Save(ctx, c, time.Time{}); err == nil {
 				t.Errorf("%s: saved with Redis down", c.ID)
+			}
+		}()
+		go func() {
+			// a new call (an incoming notification) must fail too, not look like a repeat
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			n := &callstate.Call{ID: fmt.Sprintf("new%d", i), Tenant: "t", State: callstate.StateAnswering, CreatedAt: time.Now()}
+			if err := store.Create(ctx, n, time.Now().Add(time.Minute)); err == nil || errors.Is(err, callstate.ErrExists) {
+				t.Errorf("%s: create with Redis down: %v, want a storage error", n.ID, err)
 			}
 		}()
 	}
