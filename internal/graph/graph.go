@@ -240,12 +240,15 @@ type AnswerRequest struct {
 
 // Error is a failed Graph request: the HTTP status and the Graph error body.
 type Error struct {
-	Op         string // "answer", "transfer", ...
-	Status     int
-	Code       string
-	Message    string
-	RequestID  string
-	RetryAfter time.Duration
+	Op        string // "answer", "transfer", ...
+	Status    int
+	Code      string
+	Message   string
+	RequestID string
+	// ClientRequestID is the client-request-id callbot sent with the request: with RequestID,
+	// what Microsoft support asks for.
+	ClientRequestID string
+	RetryAfter      time.Duration
 }
 
 func (e *Error) Error() string {
@@ -256,8 +259,13 @@ func (e *Error) Error() string {
 	if e.Message != "" {
 		s += ": " + e.Message
 	}
-	if e.RequestID != "" {
+	switch {
+	case e.RequestID != "" && e.ClientRequestID != "":
+		s += " (request-id " + e.RequestID + ", client-request-id " + e.ClientRequestID + ")"
+	case e.RequestID != "":
 		s += " (request-id " + e.RequestID + ")"
+	case e.ClientRequestID != "":
+		s += " (client-request-id " + e.ClientRequestID + ")"
 	}
 	return s
 }

@@ -956,7 +956,11 @@ func TestNotFoundIsCallGone(t *testing.T) {
 	if !errors.As(err, &ge) {
 		t.Fatalf("GetCall err %T is not a *graph.Error", err)
 	}
-	want := &graph.Error{Op: "getCall", Status: 404, Code: "ItemNotFound", Message: "Call not found.", RequestID: "rid-404"}
+	want := &graph.Error{Op: "getCall", Status: 404, Code: "ItemNotFound", Message: "Call not found.", RequestID: "rid-404",
+		ClientRequestID: f.requests()[0].Header.Get("client-request-id")} // the one callbot sent
+	if want.ClientRequestID == "" {
+		t.Error("no client-request-id sent")
+	}
 	if diff := cmp.Diff(ge, want); diff != "" {
 		t.Errorf("error (-got +want):\n%s", diff)
 	}
@@ -979,7 +983,8 @@ func TestServerErrorIsNotRetried(t *testing.T) {
 	if !errors.As(err, &ge) {
 		t.Fatalf("err = %v (%T), want *graph.Error", err, err)
 	}
-	want := &graph.Error{Op: "transfer", Status: 503, Code: "ServiceUnavailable", Message: "Try again later.", RequestID: "rid-503", RetryAfter: 7 * time.Second}
+	want := &graph.Error{Op: "transfer", Status: 503, Code: "ServiceUnavailable", Message: "Try again later.", RequestID: "rid-503", RetryAfter: 7 * time.Second,
+		ClientRequestID: f.requests()[0].Header.Get("client-request-id")}
 	if diff := cmp.Diff(ge, want); diff != "" {
 		t.Errorf("error (-got +want):\n%s", diff)
 	}

@@ -140,7 +140,9 @@ func (c *Client) send(ctx context.Context, op, callID string, send sendFunc) (re
 		body, err := io.ReadAll(io.LimitReader(hr.Body, maxBody))
 		r = reply{status: hr.StatusCode, header: hr.Header, body: body}
 		if hr.StatusCode >= 300 {
-			return nil, newError(op, hr.StatusCode, hr.Header, body, c.now())
+			e := newError(op, hr.StatusCode, hr.Header, body, c.now())
+			e.ClientRequestID = a.requestID()
+			return nil, e
 		}
 		if err != nil {
 			return nil, fmt.Errorf("read response: %w", err)
@@ -221,10 +223,15 @@ func (c *Client) backoff(n int) time.Duration {
 }
 
 // logFailure logs a failed send with what Microsoft support asks for (request-id,
-// client-request-id, x-ms-ags-diagnostic). These headers are only known here, so a failure is
-// logged here even though the caller gets the error too (and logs it with its own context).
+// client-request-id, x-ms-ags-diagnostic). A send that will be repeated is logged at info: the
+// caller never hears of it. The last failure is returned to the caller, which logs it with its
+// own context ("log or return, never both"), so it is logged here at debug only, with the
+// diagnostics header; the returned *graph.Error carries request-id and client-request-id.
 func (c *Client) logFailure(ctx context.Context, op, callID string, n int, r reply, a *attempt, err error,
 	wait time.Duration, again bool) {
+	if !again && !c.log.Core().Enabled(zap.DebugLevel) {
+		return
+	}
 	fields := []zap.Field{
 		zap.String("op", op), zap.String("call_id", callID), zap.String("scenario_id", graph.ScenarioID(ctx)),
 		zap.String("tenant_id", graph.TenantID(ctx)), zap.Int("attempt", n), zap.Int("status", r.status),
@@ -237,7 +244,7 @@ func (c *Client) logFailure(ctx context.Context, op, callID string, n int, r rep
 		c.log.Info("graph request failed, retrying", append(fields, zap.Duration("retry_in", wait))...)
 		return
 	}
-	c.log.Warn("graph request failed", fields...)
+	c.log.Debug("graph request failed", fields...)
 }
 
 // attempt records what happened to one send below the SDK: whether a connection was obtained

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -474,14 +475,15 @@ func TestClassify(t *testing.T) {
 
 func TestFailureLoggedWithDiagnostics(t *testing.T) {
 	f := newFakeGraph(t)
-	core, logs := observer.New(zapcore.InfoLevel)
+	core, logs := observer.New(zapcore.DebugLevel)
 	c := newClientCfg(t, f, func(cfg *msgraph.Config) { cfg.Logger = zap.New(core) })
 	diag := `{"ServerInfo":{"DataCenter":"West Europe","Slice":"E","Ring":"5","ScaleUnit":"003","RoleInstance":"AM2PEPF0001"}}`
 	f.respond("POST", "/communications/calls/"+callID+"/transfer", response{Status: 403,
 		Header: map[string]string{"request-id": "rid-403", "x-ms-ags-diagnostic": diag},
 		Body:   `{"error":{"code":"Forbidden","message":"no permission"}}`})
 	ctx := graph.WithTenantID(graph.WithScenarioID(context.Background(), "scn-1"), tenantID)
-	if err := c.Transfer(ctx, callID, graph.Party{Kind: graph.KindUser, ID: "u1"}, ""); err == nil {
+	err := c.Transfer(ctx, callID, graph.Party{Kind: graph.KindUser, ID: "u1"}, "")
+	if err == nil {
 		t.Fatal("transfer succeeded")
 	}
 	entries := logs.FilterMessage("graph request failed").All()
@@ -489,8 +491,9 @@ func TestFailureLoggedWithDiagnostics(t *testing.T) {
 		t.Fatalf("%d failure log lines, want 1: %v", len(entries), logs.All())
 	}
 	e := entries[0]
-	if e.Level != zapcore.WarnLevel {
-		t.Errorf("level %v, want warn", e.Level)
+	// the caller gets the error and logs it: here it is debug only ("log or return, never both")
+	if e.Level != zapcore.DebugLevel {
+		t.Errorf("level %v, want debug", e.Level)
 	}
 	fields := e.ContextMap()
 	sent := f.requests()[0].Header.Get("client-request-id")
@@ -504,6 +507,10 @@ func TestFailureLoggedWithDiagnostics(t *testing.T) {
 	}
 	if sent == "" {
 		t.Error("no client-request-id sent")
+	}
+	// what support needs is in the error the caller logs
+	if msg := err.Error(); !strings.Contains(msg, "request-id rid-403") || !strings.Contains(msg, "client-request-id "+sent) {
+		t.Errorf("error %q lacks request-id rid-403 or client-request-id %s", msg, sent)
 	}
 	// the retry of a 429 is logged at info with the wait
 	f.respondSeq("POST", "/communications/calls/"+callID+"/keepAlive", retryAfterResp(429, "0"))
