@@ -429,6 +429,9 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 				rep.Ratio.CPU = round(b.ServerCPUus/rep.CPU.Callbot.PerNotificationUS, 3)
 				rep.Ratio.CPUWithRedis = round(b.ServerCPUus/(rep.CPU.Callbot.PerNotificationUS+rep.CPU.Redis.PerNotificationUS), 3)
 			}
+			if rep.CPU.CallbotSyscalls > 0 {
+				rep.Ratio.Syscalls = round(b.ServerSyscalls/rep.CPU.CallbotSyscalls, 3)
+			}
 		}
 	}
 	rep.Targets = targets(rep)

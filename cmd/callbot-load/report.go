@@ -180,6 +180,10 @@ type Ratio struct {
 	// their throughputs would have on equal, saturated CPUs. CPUWithRedis adds Redis's CPU.
 	CPU          float64 `json:"cpu"`
 	CPUWithRedis float64 `json:"cpu_with_redis"`
+	// Syscalls is the no-op server's read/write system calls per request over callbot's per
+	// notification: where system calls cost most of the no-op's CPU (on a VM), a bound on the
+	// CPU ratio that no saving in callbot's own code can lift, only fewer round trips.
+	Syscalls float64 `json:"syscalls,omitempty"`
 }
 
 type Memory struct {
@@ -355,6 +359,9 @@ func (r *Report) Text() string {
 	}
 	if rt := r.Ratio; rt != nil {
 		p("ratio            %.3f of no-op (throughput); CPU-normalised %.3f, with Redis %.3f", rt.Throughput, rt.CPU, rt.CPUWithRedis)
+		if rt.Syscalls > 0 {
+			p("                 system calls: the no-op makes %.2f of callbot's per notification (the CPU ratio's ceiling where system calls dominate)", rt.Syscalls)
+		}
 	}
 	if m := r.Memory; m != nil {
 		p("memory           %d calls queued of %d (placed in %.0fs)", m.Queued, m.Held, m.PlaceSeconds)
