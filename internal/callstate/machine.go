@@ -293,11 +293,8 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 			return false, err
 		}
 		m.cache.put(callKey, next)
-		if after != nil {
-			after()
-		}
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
-		m.carryOut(ctx, next, added, log)
+		m.carryOut(ctx, next, added, after, log)
 		if next.State.Terminal() && m.cfg.OnEnd != nil {
 			m.cfg.OnEnd(next) // the save also took the call out of the set of live calls
 		}
@@ -320,8 +317,9 @@ func (c *Call) addToOutbox(cmds []Command, version int64) []Pending {
 	return out
 }
 
-// carryOut runs the storage commands now and queues the Graph commands for the call's executor.
-func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, log *zap.Logger) {
+// carryOut queues the Graph commands for the call's executor, then runs after (what follows the
+// queue writes the save carried: it wakes the dispatcher) and the storage commands.
+func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, after func(), log *zap.Logger) {
 	var storage, toGraph []Pending
 	for _, p := range ps {
 		if p.Cmd.Kind.Graph() {
@@ -330,10 +328,14 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, log *zap.L
 			storage = append(storage, p)
 		}
 	}
-	// Graph commands are queued first: a storage command can set off the call's next transition
-	// at once (an enqueue wakes the dispatcher, which offers the caller to an agent), and that
-	// transition's Graph commands must follow this one's on the call's executor.
+	// Graph commands are queued first: an enqueue (carried by the save, or a storage command)
+	// can set off the call's next transition at once, as the dispatcher offers the caller to an
+	// agent, and that transition's Graph commands (the transfer) must follow this one's (silence
+	// the menu, start the hold music) on the call's executor.
 	m.queueGraph(ctx, c, toGraph, log)
+	if after != nil {
+		after()
+	}
 	m.runStorage(ctx, c, storage, log)
 }
 

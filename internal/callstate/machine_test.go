@@ -138,7 +138,7 @@ queues:
     agents: [11111111-0000-4000-8000-000000000001]
 `
 
-func newMachine(t *testing.T, g *fakeGraph, q *fakeQueues, now ...func() time.Time) (*callstate.Machine, *callstate.Store) {
+func newMachine(t *testing.T, g *fakeGraph, q callstate.Queues, now ...func() time.Time) (*callstate.Machine, *callstate.Store) {
 	srv := redistest.Start(t)
 	rdb := srv.Client(t)
 	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
