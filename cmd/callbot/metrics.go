@@ -61,6 +61,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	}
 	counter("callbot_outbox_redriven_total", "Commands re-driven from outboxes an instance left unacknowledged.", b.machine.Redriven.Load())
 	counter("callbot_outbox_skipped_total", "Re-driven commands skipped because Graph showed they had taken effect.", b.machine.Skipped.Load())
+	counter("callbot_graph_commands_superseded_total", "Prompts and media cancellations not sent because a transfer decided after them went first.", b.machine.Superseded.Load())
 	counter("callbot_calls_closed_total", "Calls the reconciler ended because Graph no longer knew them.", b.machine.Closed.Load())
 
 	fmt.Fprintln(w, "# HELP callbot_queue_waiting Callers waiting in each queue.")

@@ -28,6 +28,12 @@ func (c *cache) put(key string, v Call) {
 		delete(c.m, key)
 		return
 	}
+	if old, ok := c.m[key]; ok && old.Version > v.Version {
+		// A later transition (another event of the call, handled meanwhile) was cached first:
+		// neither copy is sure to be the latest, so the next event reads the record.
+		delete(c.m, key)
+		return
+	}
 	if _, ok := c.m[key]; !ok && len(c.m) >= c.max {
 		for k := range c.m { // evict one at random: cheap, and a miss costs one read
 			delete(c.m, k)

@@ -36,6 +36,12 @@
 // has forgotten, keeps long calls alive and repairs queues and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //
+// A call's Graph commands go out in the order of the transitions that decided them, one at a
+// time, on the call's executor; a transition takes its place there before its save makes the new
+// state visible, so the dispatcher offering a caller it has just seen in the queue cannot send the
+// transfer ahead of the hold music. Media commands a transfer decided after them makes moot (the
+// transfer takes the caller's media) are not sent at all.
+//
 // The hot path is built for few round trips: each instance caches the records it saved, and
 // ignores on the cached copy an event no later version could take (Stale); a save carries its
 // timers, outbox-index entry and harmless queue writes in its own pipeline; acknowledgements go

@@ -79,6 +79,9 @@ type Machine struct {
 	// Redriven counts commands re-driven from outboxes other instances (or this one before a
 	// restart) left behind; Skipped those found already done by asking Graph.
 	Redriven, Skipped atomic.Int64
+	// Superseded counts media commands not sent because a transfer decided after them took the
+	// caller's media first (queueGraph).
+	Superseded atomic.Int64
 }
 
 // NewMachine returns a machine; Start runs its timers.
@@ -275,26 +278,36 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 		if len(next.Outbox) > 0 {
 			w.OutboxDue = m.cfg.Now().Add(m.cfg.OutboxLease)
 		}
+		// The Graph commands take their place on the call's executor before the save makes the
+		// new state visible: a transition saved after this one (on a dispatcher woken by another
+		// call, the moment this caller is in the queue) then sends its commands after these.
+		var slot *place
+		if slices.ContainsFunc(added, func(p Pending) bool { return p.Cmd.Kind.Graph() }) {
+			slot = m.exec.reserve(graph.CallKey(next.ID))
+		}
 		if cur.State == StateNone {
 			err = m.cfg.Store.CreateWith(ctx, &next, w)
 			if errors.Is(err, ErrExists) {
+				m.exec.fill(graph.CallKey(next.ID), slot, nil)
 				log.Debug("repeated incoming notification ignored")
 				return false, nil
 			}
 		} else {
 			err = m.cfg.Store.SaveWith(ctx, &next, w)
 			if errors.Is(err, ErrConflict) {
+				m.exec.fill(graph.CallKey(next.ID), slot, nil)
 				m.cache.drop(callKey) // another instance changed the call: decide again on its record
 				continue
 			}
 		}
 		if err != nil {
+			m.exec.fill(graph.CallKey(next.ID), slot, nil)
 			m.cache.drop(callKey)
 			return false, err
 		}
 		m.cache.put(callKey, next)
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
-		m.carryOut(ctx, next, added, after, log)
+		m.carryOut(ctx, next, added, slot, after, log)
 		if next.State.Terminal() && m.cfg.OnEnd != nil {
 			m.cfg.OnEnd(next) // the save also took the call out of the set of live calls
 		}
@@ -319,7 +332,7 @@ func (c *Call) addToOutbox(cmds []Command, version int64) []Pending {
 
 // carryOut queues the Graph commands for the call's executor, then runs after (what follows the
 // queue writes the save carried: it wakes the dispatcher) and the storage commands.
-func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, after func(), log *zap.Logger) {
+func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *place, after func(), log *zap.Logger) {
 	var storage, toGraph []Pending
 	for _, p := range ps {
 		if p.Cmd.Kind.Graph() {
@@ -332,7 +345,7 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, after func
 	// can set off the call's next transition at once, as the dispatcher offers the caller to an
 	// agent, and that transition's Graph commands (the transfer) must follow this one's (silence
 	// the menu, start the hold music) on the call's executor.
-	m.queueGraph(ctx, c, toGraph, log)
+	m.queueGraph(ctx, c, toGraph, slot, log)
 	if after != nil {
 		after()
 	}
@@ -435,17 +448,35 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 }
 
 // queueGraph sends Graph commands in order on the call's executor, then acknowledges them.
-func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, log *zap.Logger) {
+// slot, if not nil, is the place on the executor taken for them before the save.
+func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, slot *place, log *zap.Logger) {
+	key := graph.CallKey(c.ID)
 	if len(ps) == 0 {
+		if slot != nil {
+			m.exec.fill(key, slot, nil)
+		}
 		return
 	}
 	scenario := c.Scenario
 	if s := graph.ScenarioID(ctx); s != "" {
 		scenario = s
 	}
-	key := graph.CallKey(c.ID)
-	m.exec.do(key, func() {
+	if slot == nil {
+		slot = m.exec.reserve(key)
+	}
+	if c.State == StateTransferring && slices.ContainsFunc(ps, func(p Pending) bool { return p.Cmd.Kind == CmdTransfer }) {
+		// The transfer takes the caller's media: the prompts and cancellations decided before
+		// it and not yet sent (the hold music of the queue the caller just joined) would only
+		// delay it, and Graph refuses them once the call is transferring. A failed transfer
+		// starts the hold music again (transferFailed).
+		m.exec.supersede(key, ps[0].Version)
+	}
+	m.exec.fill(key, slot, func() {
 		for _, p := range ps {
+			if (p.Cmd.Kind == CmdPlayPrompt || p.Cmd.Kind == CmdCancelMedia) && m.exec.superseded(key, p.Version) {
+				m.Superseded.Add(1)
+				continue
+			}
 			m.send(c, scenario, p.Cmd, log)
 		}
 		// a command whose result was fed back as an event is done too: the event decided what next
@@ -712,35 +743,124 @@ func (m *Machine) Offer(ctx context.Context, tenant, callKey, agent string) (boo
 // Wait blocks until every queued Graph command has run (used at shutdown and in tests).
 func (m *Machine) Wait() { m.exec.wait() }
 
-// serial runs functions one at a time per key, in submission order, each key on its own
-// goroutine while it has work. A goroutine whose key runs dry waits up to workerIdle for another
-// key before it exits: a Graph request grows a deep stack (kiota, TLS), and a new goroutine per
-// call would grow it again every time (runtime.copystack was 6% of callbot's CPU under load).
+// serial runs functions one at a time per key, in the order their places were taken, each key
+// on its own goroutine while it has work. A place can be taken before its function is known
+// (reserve, then fill): the machine takes one before the save that decides a call's Graph
+// commands, so that a transition saved after it (the dispatcher's offer, woken the moment the
+// caller is visible in the queue) queues its commands behind them even if it is quicker to carry
+// them out. A key whose next place is still empty waits without a goroutine.
+//
+// A goroutine whose key runs dry waits up to workerIdle for another key before it exits: a Graph
+// request grows a deep stack (kiota, TLS), and a new goroutine per call would grow it again
+// every time (runtime.copystack was 6% of callbot's CPU under load).
 type serial struct {
 	mu   sync.Mutex
-	q    map[string][]func()
-	busy sync.WaitGroup
-	idle chan string // a key handed to a goroutine that waits for work
+	q    map[string]*lane
+	busy sync.WaitGroup // places not yet run or given up
+	idle chan string    // a key handed to a goroutine that waits for work
 
 	started atomic.Int64 // goroutines started, for tests
+}
+
+// lane is one key's places in order; running: a goroutine is draining it. mootBefore: media
+// commands decided before this record version need not be sent (see Machine.queueGraph).
+type lane struct {
+	places     []*place
+	running    bool
+	mootBefore int64
+}
+
+// place is a position in a key's order. ready: fill was called; f may be nil (given up).
+type place struct {
+	f     func()
+	ready bool
 }
 
 // workerIdle is how long a goroutine of serial waits for another key before it exits.
 const workerIdle = 10 * time.Second
 
+// do runs f after everything queued or reserved on key so far.
 func (s *serial) do(key string, f func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.q == nil {
-		s.q = map[string][]func(){}
-		s.idle = make(chan string)
-	}
-	if pending, running := s.q[key]; running {
-		s.q[key] = append(pending, f)
+	l := s.take(key)
+	l.places[len(l.places)-1].fill(f)
+	s.kick(key)
+}
+
+// reserve takes key's next place; the caller must fill it, with nil to give it up.
+func (s *serial) reserve(key string) *place {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.take(key)
+	return l.places[len(l.places)-1]
+}
+
+// fill gives a reserved place its function; nil gives the place up, and what follows it on key
+// runs without waiting for it.
+func (s *serial) fill(key string, p *place, f func()) {
+	if p == nil {
 		return
 	}
-	s.q[key] = []func(){f}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p.fill(f)
+	if f == nil {
+		l := s.q[key]
+		if i := slices.Index(l.places, p); i >= 0 && !(i == 0 && l.running) {
+			l.places = slices.Delete(l.places, i, i+1)
+			s.busy.Done()
+		}
+		if len(l.places) == 0 && !l.running {
+			delete(s.q, key)
+			return
+		}
+	}
+	s.kick(key)
+}
+
+func (p *place) fill(f func()) { p.f, p.ready = f, true }
+
+// supersede records, while key has places, that media commands decided before version are moot.
+func (s *serial) supersede(key string, version int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if l := s.q[key]; l != nil {
+		l.mootBefore = max(l.mootBefore, version)
+	}
+}
+
+// superseded reports whether a media command decided by version is moot (supersede).
+func (s *serial) superseded(key string, version int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.q[key]
+	return l != nil && version < l.mootBefore
+}
+
+// take appends an empty place to key's lane. s.mu is held.
+func (s *serial) take(key string) *lane {
+	if s.q == nil {
+		s.q = map[string]*lane{}
+		s.idle = make(chan string)
+	}
+	l := s.q[key]
+	if l == nil {
+		l = &lane{}
+		s.q[key] = l
+	}
+	l.places = append(l.places, &place{})
 	s.busy.Add(1)
+	return l
+}
+
+// kick puts a goroutine on key if none runs and its next place is ready. s.mu is held.
+func (s *serial) kick(key string) {
+	l := s.q[key]
+	if l == nil || l.running || len(l.places) == 0 || !l.places[0].ready {
+		return
+	}
+	l.running = true
 	select {
 	case s.idle <- key: // a waiting goroutine takes it
 	default:
@@ -763,21 +883,35 @@ func (s *serial) worker(key string) {
 	}
 }
 
-// drain runs key's functions until its queue is empty.
+// drain runs key's functions until its lane is empty or its next place is not filled yet.
 func (s *serial) drain(key string) {
-	defer s.busy.Done()
+	ran := false
 	for {
 		s.mu.Lock()
-		fs := s.q[key]
-		if len(fs) == 0 {
+		if ran {
+			// Done under mu: a waiter then sees the lane as this step leaves it (gone if empty)
+			s.busy.Done()
+			ran = false
+		}
+		l := s.q[key]
+		if len(l.places) == 0 {
 			delete(s.q, key)
 			s.mu.Unlock()
 			return
 		}
-		f := fs[0]
-		s.q[key] = fs[1:]
+		p := l.places[0]
+		if !p.ready {
+			l.running = false // fill kicks the lane again
+			s.mu.Unlock()
+			return
+		}
+		l.places[0] = nil
+		l.places = l.places[1:]
 		s.mu.Unlock()
-		f()
+		if p.f != nil {
+			p.f()
+		}
+		ran = true
 	}
 }
 

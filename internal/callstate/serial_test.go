@@ -2,6 +2,7 @@ package callstate
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -76,5 +77,94 @@ func TestSerialReusesIdleGoroutines(t *testing.T) {
 	}
 	if n := s.started.Load(); n > 100 {
 		t.Fatalf("%d goroutines started for 200 calls run one after another, want most reused", n)
+	}
+}
+
+// A place taken before its function is known keeps its turn: what is queued after it waits for
+// it, without a goroutine parked on the key; a place given up lets what follows run at once;
+// wait counts reserved places as work.
+func TestSerialReservedPlaces(t *testing.T) {
+	var s serial
+	var mu sync.Mutex
+	var got []string
+	rec := func(v string) func() {
+		return func() { mu.Lock(); got = append(got, v); mu.Unlock() }
+	}
+	first := s.reserve("call")
+	given := s.reserve("call")
+	s.do("call", rec("third"))
+	time.Sleep(20 * time.Millisecond)
+	mu.Lock()
+	if len(got) != 0 {
+		t.Fatalf("ran %v ahead of a reserved place", got)
+	}
+	mu.Unlock()
+	waited := make(chan struct{})
+	go func() { s.wait(); close(waited) }()
+	s.fill("call", given, nil) // the second gives up its place
+	s.fill("call", first, rec("first"))
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("wait did not return after every place was filled or given up")
+	}
+	if want := []string{"first", "third"}; !slices.Equal(got, want) {
+		t.Fatalf("ran %v, want %v", got, want)
+	}
+
+	// a lone place given up leaves nothing behind, and the key works as before
+	p := s.reserve("other")
+	s.fill("other", p, nil)
+	s.mu.Lock()
+	left := len(s.q)
+	s.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d lanes left after every place ran or was given up", left)
+	}
+	done := make(chan struct{})
+	s.do("other", func() { close(done) })
+	<-done
+	s.wait()
+
+	// a place reserved while the key's goroutine is busy: it stops there, and fill resumes it
+	block := make(chan struct{})
+	s.do("busy", func() { <-block })
+	late := s.reserve("busy")
+	ran := make(chan struct{})
+	s.do("busy", func() { close(ran) })
+	close(block)
+	time.Sleep(20 * time.Millisecond)
+	select {
+	case <-ran:
+		t.Fatal("ran ahead of a reserved place")
+	default:
+	}
+	s.fill("busy", late, func() {})
+	select {
+	case <-ran:
+	case <-time.After(5 * time.Second):
+		t.Fatal("filling the place did not resume the key")
+	}
+	s.wait()
+}
+
+// A key's moot mark lasts while it has places and goes with them: a later call with the same key
+// (or the same call once its executor ran dry) starts with nothing moot.
+func TestSerialSupersedeLastsWhileTheKeyHasWork(t *testing.T) {
+	var s serial
+	s.supersede("call", 5) // nothing queued: nothing to mark
+	if s.superseded("call", 1) {
+		t.Fatal("a mark on a key with no places was kept")
+	}
+	p := s.reserve("call")
+	s.supersede("call", 5)
+	s.supersede("call", 3) // never lowered
+	if !s.superseded("call", 4) || s.superseded("call", 5) || s.superseded("call", 6) {
+		t.Fatal("versions before 5 should be moot, 5 and later not")
+	}
+	s.fill("call", p, func() {})
+	s.wait()
+	if s.superseded("call", 4) {
+		t.Fatal("the mark outlived the key's work")
 	}
 }
