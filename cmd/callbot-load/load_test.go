@@ -69,8 +69,13 @@ func TestRateRun(t *testing.T) {
 	if r.Ratio == nil || r.Ratio.Throughput <= 0 {
 		t.Errorf("no ratio to the no-op baseline: %+v", r.Ratio)
 	}
+	if r.Baseline == nil || r.Baseline.AtRate == nil || r.Baseline.AtRate.Requests == 0 {
+		t.Errorf("no run of the no-op at callbot's rate: %+v", r.Baseline)
+	} else if r.Baseline.AtRate.Rate != r.Notifications.PerSec {
+		t.Errorf("the no-op was driven at %v/s, callbot's rate was %v/s", r.Baseline.AtRate.Rate, r.Notifications.PerSec)
+	}
 	text := r.Text()
-	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "redis", "no-op baseline", "target"} {
+	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "redis", "no-op baseline", "no-op at rate", "target"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("text report lacks %q:\n%s", want, text)
 		}
@@ -146,4 +151,22 @@ func TestCountCommands(t *testing.T) {
 	if n.Load() != 6 {
 		t.Errorf("counted %d commands, want 6", n.Load())
 	}
+}
+
+// pace lets out what is due and no more: requests counted from the start, so a late timer does
+// not lower the rate, and none beyond rate × elapsed.
+func TestPaceNeverAhead(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	due := make(chan struct{}, 10_000)
+	start := time.Now()
+	go pace(ctx, 2000, due)
+	got := 0
+	for got < 100 {
+		<-due
+		got++
+		if allowed := int(time.Since(start).Seconds()*2000) + 1; got > allowed {
+			t.Fatalf("%d requests let out after %v, at most %d due", got, time.Since(start), allowed)
+		}
+	}
+	cancel()
 }

@@ -412,7 +412,14 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 		if err != nil {
 			return err
 		}
-		rr := replay(ctx, url, srv, replays, workers, o.baseline)
+		rr := replay(ctx, url, srv, replays, workers, o.baseline, 0)
+		// The same server again, at callbot's rate: a process woken for each request pays
+		// wake-ups that a saturated one does not (docs/performance.md, "Equal load").
+		var paced replayResult
+		if rate := rep.Notifications.PerSec; rate > 0 {
+			fmt.Fprintf(progress, "no-op at callbot's rate: %.0f/s, %s\n", rate, o.baseline)
+			paced = replay(ctx, url, srv, replays, max(workers, 16), o.baseline, rate)
+		}
 		srv.stop(2 * time.Second)
 		b := &Baseline{Workers: workers, Requests: rr.n, Failed: rr.failed, Seconds: round(rr.wall.Seconds(), 2),
 			Latency: latency(rr.lat)}
@@ -422,12 +429,22 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 			b.ClientCPUus = round(float64(rr.clientCPU.Microseconds())/float64(rr.n), 1)
 			b.ServerSyscalls = round(float64(rr.serverSyscalls)/float64(rr.n), 2)
 		}
+		if paced.n > 0 {
+			b.AtRate = &PacedBaseline{Rate: round(rep.Notifications.PerSec, 1), Requests: paced.n, Failed: paced.failed,
+				PerSec:         round(float64(paced.n)/paced.wall.Seconds(), 1),
+				Latency:        latency(paced.lat),
+				ServerCPUus:    round(float64(paced.serverCPU.Microseconds())/float64(paced.n), 1),
+				ServerSyscalls: round(float64(paced.serverSyscalls)/float64(paced.n), 2)}
+		}
 		rep.Baseline = b
 		if b.PerSec > 0 {
 			rep.Ratio = &Ratio{Throughput: round(rep.Notifications.PerSec/b.PerSec, 3)}
 			if rep.CPU.Callbot.PerNotificationUS > 0 {
 				rep.Ratio.CPU = round(b.ServerCPUus/rep.CPU.Callbot.PerNotificationUS, 3)
 				rep.Ratio.CPUWithRedis = round(b.ServerCPUus/(rep.CPU.Callbot.PerNotificationUS+rep.CPU.Redis.PerNotificationUS), 3)
+				if b.AtRate != nil {
+					rep.Ratio.CPUEqualLoad = round(b.AtRate.ServerCPUus/rep.CPU.Callbot.PerNotificationUS, 3)
+				}
 			}
 			if rep.CPU.CallbotSyscalls > 0 {
 				rep.Ratio.Syscalls = round(b.ServerSyscalls/rep.CPU.CallbotSyscalls, 3)

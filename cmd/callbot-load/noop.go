@@ -118,9 +118,11 @@ type replayResult struct {
 	clientCPU      time.Duration
 }
 
-// replay posts reqs, in order and cycling, from workers goroutines for d, as fast as the
-// server answers.
-func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, workers int, d time.Duration) replayResult {
+// replay posts reqs, in order and cycling, from workers goroutines for d. With rate 0 it posts
+// as fast as the server answers; with rate > 0 it posts rate requests per second, open loop
+// (a request is due at its time whether or not the ones before it were answered), so that the
+// no-op server can be measured at the load callbot had.
+func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, workers int, d time.Duration, rate float64) replayResult {
 	client := &http.Client{Transport: notifyTransport(), Timeout: 5 * time.Second}
 	defer client.CloseIdleConnections()
 	var (
@@ -131,6 +133,11 @@ func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, worker
 	)
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
+	var due chan struct{}
+	if rate > 0 {
+		due = make(chan struct{}, workers)
+		go pace(ctx, rate, due)
+	}
 	cpu0, self0 := procCPU(srv.pid()), selfCPU()
 	sys0 := procSyscalls(srv.pid())
 	start := time.Now()
@@ -139,6 +146,13 @@ func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, worker
 			var lat []time.Duration
 			failed := 0
 			for ctx.Err() == nil {
+				if due != nil {
+					select {
+					case <-due:
+					case <-ctx.Done():
+						continue
+					}
+				}
 				rq := reqs[int(next.Add(1)-1)%len(reqs)]
 				req, err := http.NewRequestWithContext(ctx, http.MethodPost, url+"/api/calls", bytes.NewReader(rq.body))
 				if err != nil {
@@ -175,4 +189,27 @@ func replay(ctx context.Context, url string, srv *proc, reqs []replayReq, worker
 	res.serverSyscalls = procSyscalls(srv.pid()) - sys0
 	res.clientCPU = selfCPU() - self0
 	return res
+}
+
+// pace sends on due rate times a second until ctx ends. It counts what is due from the start
+// rather than sleeping a fixed interval, so timer lateness does not lower the rate; a request
+// no worker is free to take is dropped rather than sent late in a burst.
+func pace(ctx context.Context, rate float64, due chan<- struct{}) {
+	start := time.Now()
+	sent := 0
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			for want := int(now.Sub(start).Seconds() * rate); sent < want; sent++ {
+				select {
+				case due <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}
 }

@@ -170,6 +170,19 @@ type Baseline struct {
 	ClientCPUus float64 `json:"client_cpu_us_per_request"`
 	// ServerSyscalls is the no-op server's read and write system calls per request.
 	ServerSyscalls float64 `json:"server_syscalls_per_request"`
+	// AtRate is the same no-op server driven, open loop, at callbot's notifications/s.
+	AtRate *PacedBaseline `json:"at_callbot_rate,omitempty"`
+}
+
+// PacedBaseline is the no-op server at a fixed rate rather than saturated.
+type PacedBaseline struct {
+	Rate           float64 `json:"rate"`
+	Requests       int     `json:"requests"`
+	Failed         int     `json:"failed"`
+	PerSec         float64 `json:"per_sec"`
+	Latency        Latency `json:"latency"`
+	ServerCPUus    float64 `json:"server_cpu_us_per_request"`
+	ServerSyscalls float64 `json:"server_syscalls_per_request"`
 }
 
 type Ratio struct {
@@ -184,6 +197,9 @@ type Ratio struct {
 	// notification: where system calls cost most of the no-op's CPU (on a VM), a bound on the
 	// CPU ratio that no saving in callbot's own code can lift, only fewer round trips.
 	Syscalls float64 `json:"syscalls,omitempty"`
+	// CPUEqualLoad is the no-op's CPU per request at callbot's rate over callbot's CPU per
+	// notification: both processes mostly idle and woken per request, as callbot was.
+	CPUEqualLoad float64 `json:"cpu_equal_load,omitempty"`
 }
 
 type Memory struct {
@@ -356,9 +372,16 @@ func (r *Report) Text() string {
 	if bl := r.Baseline; bl != nil {
 		p("no-op baseline   %.0f notifications/s (%d workers, same bodies, %.1fs, %d failed); %s; server %.0f us CPU/request, %.1f read/write system calls/request",
 			bl.PerSec, bl.Workers, bl.Seconds, bl.Failed, lat(bl.Latency), bl.ServerCPUus, bl.ServerSyscalls)
+		if a := bl.AtRate; a != nil {
+			p("no-op at rate    %.0f/s asked, %.0f/s done (%d failed); %s; server %.0f us CPU/request, %.1f read/write system calls/request",
+				a.Rate, a.PerSec, a.Failed, lat(a.Latency), a.ServerCPUus, a.ServerSyscalls)
+		}
 	}
 	if rt := r.Ratio; rt != nil {
 		p("ratio            %.3f of no-op (throughput); CPU-normalised %.3f, with Redis %.3f", rt.Throughput, rt.CPU, rt.CPUWithRedis)
+		if rt.CPUEqualLoad > 0 {
+			p("                 CPU-normalised at equal load (the no-op at callbot's rate): %.3f", rt.CPUEqualLoad)
+		}
 		if rt.Syscalls > 0 {
 			p("                 system calls: the no-op makes %.2f of callbot's per notification (the CPU ratio's ceiling where system calls dominate)", rt.Syscalls)
 		}
