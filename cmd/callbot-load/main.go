@@ -68,6 +68,7 @@ type options struct {
 	agents      int
 	talk        time.Duration
 	prompt      time.Duration
+	holdPrompt  time.Duration
 	step        time.Duration
 	digitDelay  time.Duration
 	presence    time.Duration
@@ -96,6 +97,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.agents, "agents", 0, "agents in the queue, always available; 0 = max(200, 3 x rate)")
 	fs.DurationVar(&o.talk, "talk", time.Second, "how long an agent talks (is Busy) after taking a call")
 	fs.DurationVar(&o.prompt, "prompt", 5*time.Millisecond, "graphsim: how long each prompt plays")
+	fs.DurationVar(&o.holdPrompt, "hold-prompt", time.Minute, "graphsim: how long the queue's hold music plays before callbot starts it again; 0 = as -prompt")
 	fs.DurationVar(&o.step, "step", time.Millisecond, "graphsim: delay between a call's state notifications")
 	fs.DurationVar(&o.digitDelay, "digit-delay", 5*time.Millisecond, "callers press 1 this long after the first prompt starts")
 	fs.DurationVar(&o.presence, "presence", 500*time.Millisecond, "CALLBOT_PRESENCE_INTERVAL")

@@ -67,6 +67,7 @@ type Settings struct {
 	Agents      int     `json:"agents"`
 	Talk        string  `json:"talk"`
 	Prompt      string  `json:"prompt"`
+	HoldPrompt  string  `json:"hold_prompt"`
 	Step        string  `json:"step"`
 	DigitDelay  string  `json:"digit_delay"`
 	Presence    string  `json:"presence_interval"`
@@ -79,7 +80,7 @@ type Settings struct {
 
 func settingsOf(o options) Settings {
 	return Settings{Rate: o.rate, Duration: o.duration.String(), Concurrency: o.concurrency, Agents: o.agents,
-		Talk: o.talk.String(), Prompt: o.prompt.String(), Step: o.step.String(), DigitDelay: o.digitDelay.String(),
+		Talk: o.talk.String(), Prompt: o.prompt.String(), HoldPrompt: o.holdPrompt.String(), Step: o.step.String(), DigitDelay: o.digitDelay.String(),
 		Presence: o.presence.String(), Hold: o.hold, LogLevel: o.logLevel, RedisProxy: o.redisProxy}
 }
 
@@ -297,11 +298,11 @@ func (r *Report) Text() string {
 	case "hold":
 		p("mode             hold %d calls, placed at %.0f/s; %d agents away", s.Hold, s.Rate, s.Agents)
 	case "closed-loop":
-		p("mode             closed loop, %d calls alive, for %s; %d agents (talk %s), prompt %s, step %s, presence %s, log %s",
-			s.Concurrency, s.Duration, s.Agents, s.Talk, s.Prompt, s.Step, s.Presence, s.LogLevel)
+		p("mode             closed loop, %d calls alive, for %s; %d agents (talk %s), prompt %s, hold music %s, step %s, presence %s, log %s",
+			s.Concurrency, s.Duration, s.Agents, s.Talk, s.Prompt, s.HoldPrompt, s.Step, s.Presence, s.LogLevel)
 	default:
-		p("mode             %.0f calls/s for %s (at most %d alive); %d agents (talk %s), prompt %s, step %s, presence %s, log %s",
-			s.Rate, s.Duration, s.Concurrency, s.Agents, s.Talk, s.Prompt, s.Step, s.Presence, s.LogLevel)
+		p("mode             %.0f calls/s for %s (at most %d alive); %d agents (talk %s), prompt %s, hold music %s, step %s, presence %s, log %s",
+			s.Rate, s.Duration, s.Concurrency, s.Agents, s.Talk, s.Prompt, s.HoldPrompt, s.Step, s.Presence, s.LogLevel)
 	}
 	p("cpus             %s", s.Pinning)
 	c := r.Calls

@@ -81,13 +81,21 @@ func startWorld(ctx context.Context, o options, cpus cpuSplit, bin, dir string, 
 	}
 	w.botURL = "http://" + botAddr
 	prompt := o.prompt
+	durations := map[string]time.Duration{}
+	if o.holdPrompt > 0 {
+		// Hold music lasts minutes, not milliseconds: with a 5 ms one, every caller waiting
+		// in the queue made callbot loop it 200 times a second, and a moment of delay in the
+		// offers could run away into an overload no real call mix produces.
+		durations[holdURI] = o.holdPrompt
+	}
 	if o.hold > 0 {
 		prompt = time.Hour // held callers hear one long hold prompt, not a loop of short ones
+		durations = nil
 	}
 	w.rec = &recorder{base: notifyTransport()}
 	w.sim, err = graphsim.New(graphsim.Options{
 		TenantID: loadTenant, ClientID: loadClient, ClientSecret: loadSecret,
-		WebhookURL: w.botURL + "/api/calls", PromptDuration: prompt, StepDelay: o.step,
+		WebhookURL: w.botURL + "/api/calls", PromptDuration: prompt, PromptDurations: durations, StepDelay: o.step,
 		RingTimeout: 5 * time.Second, NotifyClient: &http.Client{Transport: w.rec, Timeout: 5 * time.Second},
 	})
 	if err != nil {

@@ -520,7 +520,11 @@ func (s *Sim) startMedia(c *call) {
 
 func (s *Sim) playOne(c *call, op *mediaOp, i, gen int) {
 	c.res.Prompts = append(c.res.Prompts, op.prompts[i])
-	s.afterCall(c, s.opts.PromptDuration, func() {
+	d, ok := s.opts.PromptDurations[op.prompts[i]]
+	if !ok {
+		d = s.opts.PromptDuration
+	}
+	s.afterCall(c, d, func() {
 		if c.mediaGen != gen {
 			return
 		}

@@ -41,8 +41,8 @@
 //     listens on loopback unless Options.Addr says otherwise) to place calls, press keys, hang
 //     up, manage agents and presence, read requests and deliveries, and inject faults.
 //
-// What it does not simulate: audio (a prompt "plays" for Options.PromptDuration, whatever
-// its file), recordResponse, outbound calls (POST /communications/calls), group calls and
+// What it does not simulate: audio (a prompt "plays" for Options.PromptDuration, or for what
+// Options.PromptDurations gives its URI, whatever its file), recordResponse, outbound calls (POST /communications/calls), group calls and
 // meetings, listing participants (GET .../participants), inviting several participants at once,
 // a transfer while an invitee rings or is joined, delta rosters, hold music, consultative
 // transfer semantics (replacesCallId is ignored, also in invites), presence subscriptions,

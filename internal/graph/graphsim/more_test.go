@@ -590,3 +590,29 @@ func TestConcurrentCallsAndClose(t *testing.T) {
 	srv.Close()
 	eventually(t, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before+2 })
 }
+
+// A prompt whose URI PromptDurations names plays for that long, not for PromptDuration: hold
+// music that lasts minutes next to menu prompts of a few milliseconds.
+func TestPromptDurationsByURI(t *testing.T) {
+	t.Parallel()
+	opts := fastOptions()
+	opts.PromptDuration = time.Hour // only the named prompt can complete within the test
+	opts.PromptDurations = map[string]time.Duration{"https://cdn/short.wav": time.Millisecond}
+	s, _ := newHarness(t, opts, func(b *fakeBot, n graph.Notification) {
+		answerOnly(b, n)
+		if n.Kind == graph.ResourceCall && n.Call.MediaState != nil {
+			b.playPrompt(n.CallID, "short", "https://cdn/short.wav")
+		}
+		if n.Kind == graph.ResourceOperation && n.Operation.ClientContext == "short" {
+			b.call(http.MethodDelete, "/communications/calls/"+n.CallID, nil)
+		}
+	})
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := waitDone(t, c)
+	if !slices.Equal(res.Prompts, []string{"https://cdn/short.wav"}) {
+		t.Errorf("prompts heard %v", res.Prompts)
+	}
+}

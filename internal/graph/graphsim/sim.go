@@ -43,6 +43,9 @@ type Options struct {
 	Issuer string
 	// PromptDuration is how long each prompt of a playPrompt plays; default 300ms.
 	PromptDuration time.Duration
+	// PromptDurations overrides PromptDuration for the prompts with these media URIs (hold
+	// music that lasts minutes next to short menu prompts, say).
+	PromptDurations map[string]time.Duration
 	// StepDelay is the delay between a call's state notifications (establishing -> established,
 	// transferring -> transferAccepted -> terminated...); default 20ms.
 	StepDelay time.Duration
