@@ -5,11 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -43,7 +40,6 @@ type Store struct {
 	index  string
 	active string // sorted set of live calls (call key -> creation ms), for recovery
 	timers string // the timers' sorted set (see Timers)
-	batch  *batcher
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -51,8 +47,7 @@ func NewStore(rdb redis.UniversalClient, prefix string) *Store {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix),
-		batch: &batcher{rdb: rdb, maxInFlight: 2, maxWait: batchMaxWait}}
+	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix)}
 }
 
 func (s *Store) key(callKey string) string { return s.prefix + ":{call:" + callKey + "}" }
@@ -126,6 +121,9 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 			p.ZRem(ctx, s.active, graph.CallKey(c.ID))
 		}
 	}
+	if len(pre) == 0 && behind == nil {
+		return script.Run(ctx, s.rdb, keys, args...).Int()
+	}
 	if _, cluster := s.rdb.(*redis.ClusterClient); cluster {
 		// On Redis Cluster these keys and the call live on different nodes, and go-redis
 		// sends each node's part of a pipeline concurrently: the order that makes a crash safe
@@ -142,36 +140,33 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { behind(p); return nil })
 		return n, err
 	}
-	var res *redis.Cmd
-	err := s.batch.do(ctx, func(p redis.Pipeliner) {
-		for _, z := range pre {
-			p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
-		}
-		res = script.EvalSha(ctx, p, keys, args...)
-		if behind != nil {
-			behind(p)
-		}
-	})
-	if res != nil && res.Err() != nil && strings.HasPrefix(res.Err().Error(), "NOSCRIPT") {
-		// script cache empty (restart, failover): send the script itself, once, on its own
-		_, err = s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	for attempt := 0; ; attempt++ {
+		var res *redis.Cmd
+		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, z := range pre {
 				p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
 			}
-			res = script.Eval(ctx, p, keys, args...)
+			if attempt == 0 {
+				res = script.EvalSha(ctx, p, keys, args...)
+			} else {
+				res = script.Eval(ctx, p, keys, args...)
+			}
 			if behind != nil {
 				behind(p)
 			}
 			return nil
 		})
+		if attempt == 0 && res != nil && res.Err() != nil && strings.HasPrefix(res.Err().Error(), "NOSCRIPT") {
+			continue // script cache empty (restart, failover): send the script itself once
+		}
+		if res != nil && res.Err() != nil {
+			return 0, res.Err()
+		}
+		if err != nil {
+			return 0, err
+		}
+		return res.Int()
 	}
-	if res != nil && res.Err() != nil {
-		return 0, res.Err()
-	}
-	if err != nil {
-		return 0, err
-	}
-	return res.Int()
 }
 
 // Create stores a new call record with version 1. It returns ErrExists when the call has a
@@ -378,168 +373,3 @@ if cur == false or cur == ARGV[1] then
   return 1
 end
 return 0`)
-
-// batcher sends the writes of concurrent saves in shared round trips ("group commit"). Up to
-// maxInFlight pipelines go to Redis at once, each as soon as it is asked for; writes that come
-// while that many are in flight wait, and the next pipeline carries all of them. With one save
-// at a time nothing waits and nothing changes; under load one round trip (a wake-up of Redis and
-// of callbot, and go-redis's work per request) serves several saves.
-//
-// It must fail as fast as a lone request: the webhook answers 503 while Redis is down, so that
-// Graph retries, rather than hold notifications. A shared round trip can take seconds to fail
-// (go-redis retries its dials, and with only maxInFlight dialers its pool never reaches the
-// dial-error count at which it refuses at once). So a write waits at most maxWait for a place in
-// a pipeline, then goes on its own; and once a pipeline has failed for want of Redis, every
-// write goes on its own, as if there were no batcher, until one succeeds.
-//
-// Each write's commands keep their order within the pipeline, and each write sees only its own
-// commands' results. Not for Redis Cluster, where a pipeline is split by node (see Store.write).
-type batcher struct {
-	rdb         redis.UniversalClient
-	maxInFlight int
-	maxWait     time.Duration
-
-	failing  atomic.Bool // the last shared round trip failed for want of Redis
-	mu       sync.Mutex
-	inFlight int
-	waiting  []*batchedWrite
-}
-
-type batchedWrite struct {
-	add func(redis.Pipeliner)
-	// lead receives nil when the write is done, or the batch (this write first) that its
-	// goroutine is to send next.
-	lead       chan []*batchedWrite
-	start, end int // the write's commands in the pipeline
-	err        error
-}
-
-// batchMaxWait: far above a healthy round trip, even a shared one under load (about a
-// millisecond here), and far below Graph's patience with the webhook.
-const batchMaxWait = 200 * time.Millisecond
-
-// batchTimeout bounds a shared round trip: it runs on behalf of several requests, so none of
-// their contexts may cut it short.
-const batchTimeout = 5 * time.Second
-
-// do queues add's commands for the next pipeline and returns once they have run: the first
-// error among them, as redis.Pipeliner.Exec would return it.
-func (b *batcher) do(ctx context.Context, add func(redis.Pipeliner)) error {
-	w := &batchedWrite{add: add}
-	if b.failing.Load() {
-		b.solo(ctx, w)
-		return w.err
-	}
-	b.mu.Lock()
-	if b.inFlight < b.maxInFlight {
-		b.inFlight++
-		b.mu.Unlock()
-		b.send(ctx, []*batchedWrite{w})
-		return w.err
-	}
-	w.lead = make(chan []*batchedWrite, 1)
-	b.waiting = append(b.waiting, w)
-	b.mu.Unlock()
-	t := time.NewTimer(b.maxWait)
-	defer t.Stop()
-	select {
-	case batch := <-w.lead:
-		if batch != nil {
-			b.send(ctx, batch)
-		}
-		return w.err
-	case <-t.C:
-	}
-	// Redis is slow to answer the pipelines in flight: leave the queue, unless a sender has
-	// taken this write already, and go on alone.
-	b.mu.Lock()
-	i := slices.Index(b.waiting, w)
-	if i >= 0 {
-		b.waiting = slices.Delete(b.waiting, i, i+1)
-	}
-	b.mu.Unlock()
-	if i < 0 {
-		if batch := <-w.lead; batch != nil {
-			b.send(ctx, batch)
-		}
-		return w.err
-	}
-	b.solo(ctx, w)
-	return w.err
-}
-
-// solo sends one write in a pipeline of its own, outside the batcher's count.
-func (b *batcher) solo(ctx context.Context, w *batchedWrite) {
-	p := b.rdb.Pipeline()
-	w.add(p)
-	_, w.err = p.Exec(ctx)
-	b.failing.Store(w.err != nil && unreachable(w.err))
-}
-
-// send runs batch in one pipeline, hands each write its result, then passes the writes that
-// queued meanwhile to the first of them to send (or gives up its place in flight).
-func (b *batcher) send(ctx context.Context, batch []*batchedWrite) {
-	if len(batch) > 1 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), batchTimeout)
-		defer cancel()
-	}
-	p := b.rdb.Pipeline()
-	for _, w := range batch {
-		w.start = p.Len()
-		w.add(p)
-		w.end = p.Len()
-	}
-	cmds, err := p.Exec(ctx)
-	down := err != nil && unreachable(err)
-	b.failing.Store(down)
-	for i, w := range batch {
-		w.err = nil
-		if len(cmds) >= w.end {
-			for _, c := range cmds[w.start:w.end] {
-				if c.Err() != nil {
-					w.err = c.Err()
-					break
-				}
-			}
-		} else if err != nil {
-			w.err = err
-		}
-		if i > 0 {
-			w.lead <- nil
-		}
-	}
-	b.mu.Lock()
-	next := b.waiting
-	b.waiting = nil
-	if len(next) == 0 {
-		b.inFlight--
-	}
-	b.mu.Unlock()
-	if len(next) == 0 {
-		return
-	}
-	if down {
-		// Redis is gone: the queued writes fail now, with this pipeline's error, rather than
-		// wait their turn for another failing round trip.
-		for _, w := range next {
-			w.err = err
-			w.lead <- nil
-		}
-		b.mu.Lock()
-		b.inFlight--
-		b.mu.Unlock()
-		return
-	}
-	next[0].lead <- next
-}
-
-// unreachable tells an error about reaching Redis (a connection refused, reset or timed out,
-// the pool exhausted) from a reply Redis sent (WRONGTYPE, NOSCRIPT...).
-func unreachable(err error) bool {
-	var re redis.Error
-	if errors.As(err, &re) {
-		return false
-	}
-	return !errors.Is(err, context.Canceled)
-}
