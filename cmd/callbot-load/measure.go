@@ -414,7 +414,7 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 		}
 		rr := replay(ctx, url, srv, replays, workers, o.baseline, 0)
 		// The same server again, at callbot's rate: a process woken for each request pays
-		// wake-ups that a saturated one does not (docs/performance.md, "Equal load").
+		// wake-ups that a saturated one does not (docs/performance.md, "Why 0.5 is out of reach here").
 		var paced replayResult
 		if rate := rep.Notifications.PerSec; rate > 0 {
 			fmt.Fprintf(progress, "no-op at callbot's rate: %.0f/s, %s\n", rate, o.baseline)
