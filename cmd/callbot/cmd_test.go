@@ -134,6 +134,8 @@ func TestMetricsAfterACall(t *testing.T) {
 		`callbot_calls_ended_total{outcome="transferred"} 1`,
 		`callbot_queue_waiting{queue="sales"} 0`,
 		`callbot_answer_latency_seconds_count 1`,
+		"callbot_graph_connections ",
+		"callbot_graph_connections_opened_total ",
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)

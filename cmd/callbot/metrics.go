@@ -34,6 +34,11 @@ type answerLatency interface {
 	AnswerLatency() *msgraph.LatencyHistogram
 }
 
+// graphConnections is implemented by the Graph client (msgraph) that counts its connections.
+type graphConnections interface {
+	GraphConnections() (open, opened int64)
+}
+
 func (b *bot) serveMetrics(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
@@ -75,6 +80,14 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 		if n, err := b.queues.Length(ctx, b.deps.TenantID, id); err == nil {
 			fmt.Fprintf(w, "callbot_queue_waiting{queue=%q} %d\n", id, n)
 		}
+	}
+
+	if gc, ok := b.deps.Graph.(graphConnections); ok {
+		open, opened := gc.GraphConnections()
+		fmt.Fprintln(w, "# HELP callbot_graph_connections Connections to Graph open now (HTTP/1.1: one per request in flight, the rest kept idle for reuse).")
+		fmt.Fprintln(w, "# TYPE callbot_graph_connections gauge")
+		fmt.Fprintf(w, "callbot_graph_connections %d\n", open)
+		counter("callbot_graph_connections_opened_total", "Connections to Graph opened (each a TCP and TLS handshake).", opened)
 	}
 
 	if al, ok := b.deps.Graph.(answerLatency); ok {

@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -105,6 +106,7 @@ type Client struct {
 	jitter func(d time.Duration) time.Duration
 
 	answerLatency *LatencyHistogram
+	conns         *connCounter
 }
 
 // New validates cfg and builds the token credential and the request adapter. It does no network
@@ -158,6 +160,7 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	conns := &connCounter{}
 	// The bearer token is attached only to requests for the Graph host.
 	auth, err := kiotaauth.NewAzureIdentityAuthenticationProviderWithScopesAndValidHosts(
 		cred, []string{graphScope}, []string{graphURL.Hostname()})
@@ -169,7 +172,7 @@ func New(cfg Config) (*Client, error) {
 		auth,
 		core.GraphClientOptions{GraphServiceLibraryVersion: sdkVersion},
 		parseNodeFactories(), serializationWriterFactories(),
-		graphHTTPClient(traceTransport{graphTransport(base)}, cfg.Timeout))
+		graphHTTPClient(traceTransport{graphTransport(base, conns)}, cfg.Timeout))
 	if err != nil {
 		return nil, fmt.Errorf("msgraph: request adapter: %w", err)
 	}
@@ -185,6 +188,7 @@ func New(cfg Config) (*Client, error) {
 		sleep:         sleepCtx,
 		jitter:        func(d time.Duration) time.Duration { return rand.N(d) },
 		answerLatency: NewLatencyHistogram(AnswerLatencyBuckets...),
+		conns:         conns,
 	}, nil
 }
 
@@ -249,7 +253,8 @@ const (
 )
 
 // graphTransport is the transport of the Graph pipeline: base restricted to HTTP/1.1, with a
-// pool sized for concurrent commands. The credential keeps base.
+// pool sized for concurrent commands, its connections counted (GraphConnections). The
+// credential keeps base.
 //
 // HTTP/1.1 was chosen by measurement (BenchmarkPlayPrompt, BenchmarkAnswer, against a server
 // offering both): Go's HTTP/2 client writes a request's HEADERS and DATA frames in two flushes
@@ -260,8 +265,13 @@ const (
 // of one multiplexed connection, so a burst of N concurrent commands opens up to N TCP+TLS
 // connections to Graph, kept idle for reuse (graphMaxIdleConns, graphIdleConnTimeout). Graph
 // serves HTTP/1.1 as well as HTTP/2.
-func graphTransport(base *http.Transport) *http.Transport {
+func graphTransport(base *http.Transport, conns *connCounter) *http.Transport {
 	t := base.Clone()
+	dial := t.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	t.DialContext = conns.dial(dial)
 	var p http.Protocols
 	p.SetHTTP1(true)
 	t.Protocols = &p

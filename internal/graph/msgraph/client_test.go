@@ -18,6 +18,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -1251,6 +1252,54 @@ func TestNewValidatesConfig(t *testing.T) {
 		mutate(&cfg)
 		if _, err := msgraph.New(cfg); err == nil {
 			t.Errorf("%s: New accepted %+v", name, cfg)
+		}
+	}
+}
+
+// GraphConnections counts the pipeline's connections: one kept alive and reused by requests one
+// after another, one more for a request made while another is in flight (HTTP/1.1), and one
+// less when a request is abandoned and its connection closed.
+func TestGraphConnectionsCounted(t *testing.T) {
+	f := newFakeGraph(t)
+	c := newClient(t, f)
+	ctx := context.Background()
+	calls := "/communications/calls/" + callID
+	f.respond("POST", calls+"/subscribeToTone", response{Status: 200, Body: string(payload(t, "response-subscribetotone-operation.json"))})
+	for range 3 {
+		if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if open, opened := c.GraphConnections(); open != 1 || opened != 1 {
+		t.Fatalf("after 3 requests one after another: %d open, %d opened, want 1 and 1", open, opened)
+	}
+
+	f.respond("POST", calls+"/transfer", response{Hang: true})
+	hung, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		done <- c.Transfer(hung, callID, graph.Party{Kind: graph.KindUser, ID: "agent"}, "")
+	}()
+	for !slices.ContainsFunc(f.requests(), func(r recorded) bool { return strings.HasSuffix(r.Path, "/transfer") }) {
+		time.Sleep(time.Millisecond)
+	}
+	if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
+		t.Fatal(err)
+	}
+	if open, opened := c.GraphConnections(); open != 2 || opened != 2 {
+		t.Fatalf("with a request in flight: %d open, %d opened, want 2 and 2", open, opened)
+	}
+	cancel()
+	if err := <-done; err == nil {
+		t.Fatal("the abandoned transfer succeeded")
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		open, opened := c.GraphConnections()
+		if open == 1 && opened == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the abandoned request: %d open, %d opened, want 1 and 2", open, opened)
 		}
 	}
 }
