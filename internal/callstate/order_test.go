@@ -116,24 +116,30 @@ func (q *armingQueues) Writes(ctx context.Context, tenant, callKey string, cmds 
 	return func(redis.Pipeliner) {}, nil
 }
 
+// newHookedMachine is a machine on a Redis client with an offerAfterSave hook, armed by the
+// transitions that put a caller in a queue; the test sets the hook's offer.
+func newHookedMachine(t *testing.T, g *fakeGraph) (*callstate.Machine, *offerAfterSave) {
+	hook := &offerAfterSave{}
+	rdb := redistest.Start(t).Client(t)
+	rdb.AddHook(hook)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "test"), Timers: callstate.NewTimers(rdb, "test"),
+		Control: g, Queues: &armingQueues{hook: hook}, Flow: flow, CallbackURI: "https://bot.test/api/calls",
+		Log: zaptest.NewLogger(t), Now: time.Now})
+	return m, hook
+}
+
 // The same race as above, but the dispatcher that offers the caller was not woken by this
 // caller's key press: it saw the caller in the queue as soon as the save was applied, before the
 // machine that saved it had queued the commands of joining the queue. Those kept their place
 // ahead of the transfer (taken before the save), and being moot by the time they could go, they
 // are not sent at all: no prompt reaches Graph after the transfer.
 func TestCommandsOfAQueueJoinPrecedeAnOfferMadeRightAfterTheSave(t *testing.T) {
-	hook := &offerAfterSave{}
-	srv := redistest.Start(t)
-	rdb := srv.Client(t)
-	rdb.AddHook(hook)
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	g := &fakeGraph{}
-	q := &armingQueues{hook: hook}
-	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "test"), Timers: callstate.NewTimers(rdb, "test"),
-		Control: g, Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: time.Now})
+	m, hook := newHookedMachine(t, g)
 	id := "57dab8b1-894c-409a-b240-bd8beae78896"
 	offered := false
 	hook.offer = func() {
@@ -164,18 +170,8 @@ func TestCommandsOfAQueueJoinPrecedeAnOfferMadeRightAfterTheSave(t *testing.T) {
 // What a transfer makes moot is only what was decided before it: when the transfer is refused,
 // the caller goes back to the queue and hears the hold music again.
 func TestHoldMusicAfterARefusedTransferIsNotMoot(t *testing.T) {
-	hook := &offerAfterSave{}
-	srv := redistest.Start(t)
-	rdb := srv.Client(t)
-	rdb.AddHook(hook)
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	g := &fakeGraph{fail: map[string]error{"transfer": &graph.Error{Op: "transfer", Status: 403}}}
-	q := &armingQueues{hook: hook}
-	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "test"), Timers: callstate.NewTimers(rdb, "test"),
-		Control: g, Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: time.Now})
+	m, hook := newHookedMachine(t, g)
 	id := "57dab8b1-894c-409a-b240-bd8beae78896"
 	offers := 0
 	hook.offer = func() {
