@@ -325,10 +325,7 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 		if r.Time.Before(dr.start) || r.CallID == "" {
 			continue
 		}
-		rep.Graph[r.Action]++
-		if r.Status >= 400 {
-			rep.GraphErrors[r.Action+" "+strconv.Itoa(r.Status)]++
-		}
+		rep.countGraph(r.Action, r.Status)
 		if r.Action == "answer" {
 			if _, ok := answerAt[graph.CallKey(r.CallID)]; !ok {
 				answerAt[graph.CallKey(r.CallID)] = r.Time
@@ -604,10 +601,7 @@ func (w *world) runHold(ctx context.Context, rep *Report, progress io.Writer) er
 		if r.Time.Before(dr.start) || r.Action == "" {
 			continue
 		}
-		rep.Graph[r.Action]++
-		if r.Status >= 400 {
-			rep.GraphErrors[r.Action+" "+strconv.Itoa(r.Status)]++
-		}
+		rep.countGraph(r.Action, r.Status)
 	}
 	rep.InFlight = InFlight{Peak: peak, Mean: round(mean, 2)}
 	rep.Notifications = NotificationStats{Acked: acked}
@@ -691,4 +685,12 @@ func topOfProfile(bin, profile string) []string {
 		lines = append(lines, l)
 	}
 	return lines
+}
+
+// countGraph counts one request callbot made to graphsim, and it apart if Graph refused it.
+func (r *Report) countGraph(action string, status int) {
+	r.Graph[action]++
+	if status >= 400 {
+		r.GraphErrors[action+" "+strconv.Itoa(status)]++
+	}
 }

@@ -195,8 +195,9 @@ type Ratio struct {
 	CPU          float64 `json:"cpu"`
 	CPUWithRedis float64 `json:"cpu_with_redis"`
 	// Syscalls is the no-op server's read/write system calls per request over callbot's per
-	// notification: where system calls cost most of the no-op's CPU (on a VM), a bound on the
-	// CPU ratio that no saving in callbot's own code can lift, only fewer round trips.
+	// notification. Each is a socket exchange; where those exchanges (and the wake-ups they
+	// cause) are most of the no-op's CPU, as on a VM, it bounds the CPU ratio: no saving in
+	// callbot's own code lifts it, only fewer round trips.
 	Syscalls float64 `json:"syscalls,omitempty"`
 	// CPUEqualLoad is the no-op's CPU per request at callbot's rate over callbot's CPU per
 	// notification: both processes mostly idle and woken per request, as callbot was.
@@ -384,7 +385,7 @@ func (r *Report) Text() string {
 			p("                 CPU-normalised at equal load (the no-op at callbot's rate): %.3f", rt.CPUEqualLoad)
 		}
 		if rt.Syscalls > 0 {
-			p("                 system calls: the no-op makes %.2f of callbot's per notification (the CPU ratio's ceiling where system calls dominate)", rt.Syscalls)
+			p("                 system calls: the no-op makes %.2f of callbot's per notification (the CPU ratio's ceiling where socket exchanges dominate)", rt.Syscalls)
 		}
 	}
 	if m := r.Memory; m != nil {

@@ -281,27 +281,28 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 		// The Graph commands take their place on the call's executor before the save makes the
 		// new state visible: a transition saved after this one (on a dispatcher woken by another
 		// call, the moment this caller is in the queue) then sends its commands after these.
+		execKey := graph.CallKey(next.ID)
 		var slot *place
 		if slices.ContainsFunc(added, func(p Pending) bool { return p.Cmd.Kind.Graph() }) {
-			slot = m.exec.reserve(graph.CallKey(next.ID))
+			slot = m.exec.reserve(execKey)
 		}
 		if cur.State == StateNone {
 			err = m.cfg.Store.CreateWith(ctx, &next, w)
 			if errors.Is(err, ErrExists) {
-				m.exec.fill(graph.CallKey(next.ID), slot, nil)
+				m.exec.fill(execKey, slot, nil)
 				log.Debug("repeated incoming notification ignored")
 				return false, nil
 			}
 		} else {
 			err = m.cfg.Store.SaveWith(ctx, &next, w)
 			if errors.Is(err, ErrConflict) {
-				m.exec.fill(graph.CallKey(next.ID), slot, nil)
+				m.exec.fill(execKey, slot, nil)
 				m.cache.drop(callKey) // another instance changed the call: decide again on its record
 				continue
 			}
 		}
 		if err != nil {
-			m.exec.fill(graph.CallKey(next.ID), slot, nil)
+			m.exec.fill(execKey, slot, nil)
 			m.cache.drop(callKey)
 			return false, err
 		}
@@ -783,8 +784,7 @@ const workerIdle = 10 * time.Second
 func (s *serial) do(key string, f func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	l := s.take(key)
-	l.places[len(l.places)-1].fill(f)
+	s.take(key).fill(f)
 	s.kick(key)
 }
 
@@ -792,8 +792,7 @@ func (s *serial) do(key string, f func()) {
 func (s *serial) reserve(key string) *place {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	l := s.take(key)
-	return l.places[len(l.places)-1]
+	return s.take(key)
 }
 
 // fill gives a reserved place its function; nil gives the place up, and what follows it on key
@@ -838,8 +837,8 @@ func (s *serial) superseded(key string, version int64) bool {
 	return l != nil && version < l.mootBefore
 }
 
-// take appends an empty place to key's lane. s.mu is held.
-func (s *serial) take(key string) *lane {
+// take appends an empty place to key's lane and returns it. s.mu is held.
+func (s *serial) take(key string) *place {
 	if s.q == nil {
 		s.q = map[string]*lane{}
 		s.idle = make(chan string)
@@ -849,9 +848,10 @@ func (s *serial) take(key string) *lane {
 		l = &lane{}
 		s.q[key] = l
 	}
-	l.places = append(l.places, &place{})
+	p := &place{}
+	l.places = append(l.places, p)
 	s.busy.Add(1)
-	return l
+	return p
 }
 
 // kick puts a goroutine on key if none runs and its next place is ready. s.mu is held.
