@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"time"
@@ -23,8 +24,14 @@ type Poller struct {
 	Log      *zap.Logger
 	// OnChange is called after a poll changed who is routable (the dispatcher's Poke).
 	OnChange func()
+	// SyncEvery: how often a poll writes every agent's presence and rebuilds the set of free
+	// agents (Store.RepairFree); in between, a poll writes only what changed since the last one.
+	// The first poll after the lease is taken is a full one. Default one minute.
+	SyncEvery time.Duration
 
-	last map[string]bool
+	last    map[string]bool
+	synced  time.Time
+	holding bool
 }
 
 // Run polls every interval until ctx ends.
@@ -32,9 +39,15 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
-		if held, err := p.lease(ctx, 3*every); err != nil {
+		held, err := p.lease(ctx, 3*every)
+		if err != nil {
 			p.Log.Warn("presence lease", zap.Error(err))
-		} else if held {
+		}
+		if held && !p.holding {
+			p.synced = time.Time{} // another instance polled meanwhile: write everything
+		}
+		p.holding = held
+		if held {
 			if err := p.PollOnce(ctx); err != nil && ctx.Err() == nil {
 				p.Log.Warn("presence poll failed, keeping last known presence", zap.Error(err))
 			}
@@ -51,8 +64,8 @@ func (p *Poller) lease(ctx context.Context, ttl time.Duration) (bool, error) {
 	return callstate.NewStore(p.Store.rdb, p.Store.prefix).TryLease(ctx, "presence:"+p.Tenant, p.Instance, ttl)
 }
 
-// PollOnce reads every agent's presence and stores who is routable. Agents Graph does not
-// return are not routable.
+// PollOnce reads every agent's presence and stores who is routable (what changed since the
+// last poll, or everything every SyncEvery). Agents Graph does not return are not routable.
 func (p *Poller) PollOnce(ctx context.Context) error {
 	routable := make(map[string]bool, len(p.Agents))
 	for _, a := range p.Agents {
@@ -75,8 +88,27 @@ func (p *Poller) PollOnce(ctx context.Context) error {
 			}
 		}
 	}
-	if err := p.Store.SetRoutable(ctx, p.Tenant, routable); err != nil {
+	// Between full writes, only what changed since the last poll is written: the script that
+	// records presence also keeps the set of free agents true, at a cost per agent it is given.
+	full := time.Since(p.synced) >= cmp.Or(p.SyncEvery, time.Minute)
+	write := routable
+	if !full {
+		write = make(map[string]bool)
+		for a, r := range routable {
+			if old, known := p.last[a]; !known || old != r {
+				write[a] = r
+			}
+		}
+	}
+	if err := p.Store.SetRoutable(ctx, p.Tenant, write); err != nil {
 		return err
+	}
+	if full {
+		if err := p.Store.RepairFree(ctx, p.Tenant); err != nil {
+			errs = append(errs, err)
+		} else {
+			p.synced = time.Now()
+		}
 	}
 	changed := false
 	for a, r := range routable {
