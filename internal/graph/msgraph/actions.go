@@ -81,7 +81,7 @@ func (c *Client) RecordResponse(ctx context.Context, callID string, req graph.Re
 		body.SetClientContext(ptr(req.ClientContext))
 	}
 	r, err := c.do(ctx, op, callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
-		_, err := c.call(callID).RecordResponse().Post(ctx, body,
+		_, err := communications.NewCallsItemRecordResponseRequestBuilder(c.callURL(callID, "recordResponse"), c.adapter).Post(ctx, body,
 			&communications.CallsItemRecordResponseRequestBuilderPostRequestConfiguration{Headers: h, Options: o})
 		return err
 	})

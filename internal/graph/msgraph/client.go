@@ -32,6 +32,7 @@ import (
 	"strings"
 	"time"
 
+	abs "github.com/microsoft/kiota-abstractions-go"
 	absser "github.com/microsoft/kiota-abstractions-go/serialization"
 	kiotaauth "github.com/microsoft/kiota-authentication-azure-go"
 	khttp "github.com/microsoft/kiota-http-go"
@@ -97,9 +98,12 @@ type Config struct {
 // It satisfies callstate.CallControl and queue.PresenceSource.
 type Client struct {
 	comms   *communications.CommunicationsRequestBuilder
-	timeout time.Duration
-	log     *zap.Logger
-	now     func() time.Time
+	adapter abs.RequestAdapter
+	// callsURL is the Graph URL of the calls collection, ".../communications/calls".
+	callsURL string
+	timeout  time.Duration
+	log      *zap.Logger
+	now      func() time.Time
 	// sleep waits d or until ctx ends; replaced in tests.
 	sleep func(ctx context.Context, d time.Duration) error
 	// jitter returns a random duration in [0, d); replaced in tests.
@@ -182,6 +186,8 @@ func New(cfg Config) (*Client, error) {
 		// Built with empty path parameters so every child builder expands "{+baseurl}" from the
 		// adapter; NewCommunicationsRequestBuilder(rawUrl) would pin all children to rawUrl.
 		comms:         communications.NewCommunicationsRequestBuilderInternal(map[string]string{}, adapter),
+		adapter:       adapter,
+		callsURL:      strings.TrimRight(cfg.GraphURL, "/") + "/communications/calls",
 		timeout:       cfg.Timeout,
 		log:           cfg.Logger,
 		now:           cfg.Now,
