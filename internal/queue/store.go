@@ -55,8 +55,8 @@ func (s *Store) keys(tenant, queue string) keys {
 }
 
 // SetMembers makes agents the members of queue (replacing the previous list) and registers them
-// as idle agents (without changing how long a known agent has been idle); then it rebuilds the
-// set of free agents (RepairFree), as a new agent may already be known to be routable.
+// as idle agents (without changing how long a known agent has been idle); then it sets the set
+// of free agents right (RepairFree), as a new agent may already be known to be routable.
 func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []string) error {
 	k := s.keys(tenant, queue)
 	_, err := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
