@@ -31,8 +31,8 @@ type Dispatcher struct {
 	wakeAgents chan struct{} // an agent may have become free
 	// exhausted holds the queues whose last reservation found no free agent: a new caller
 	// there changes nothing until an agent is released, presence changes or the tick comes
-	// (other instances release agents without telling this one). It spares Redis a scan of the
-	// agents for every caller who joins a queue nobody can take.
+	// (other instances release agents without telling this one). It spares Redis a reservation,
+	// which reads the tenant's free agents, for every caller who joins a queue nobody can take.
 	exhausted map[string]bool
 }
 
