@@ -44,7 +44,7 @@ func TestRateRun(t *testing.T) {
 	var out, progress bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	err := run(ctx, []string{"-rate", "10", "-duration", "2s", "-warmup", "2", "-baseline", "500ms", "-drain", "10s", "-json"}, &out, &progress)
+	err := run(ctx, []string{"-rate", "10", "-duration", "2s", "-warmup", "2", "-baseline", "500ms", "-drain", "10s", "-graph-latency", "20ms", "-json"}, &out, &progress)
 	if err != nil {
 		t.Fatalf("run: %v\n%s", err, progress.String())
 	}
@@ -74,8 +74,14 @@ func TestRateRun(t *testing.T) {
 	} else if r.Baseline.AtRate.Rate != r.Notifications.PerSec {
 		t.Errorf("the no-op was driven at %v/s, callbot's rate was %v/s", r.Baseline.AtRate.Rate, r.Notifications.PerSec)
 	}
+	if r.GraphConns == nil || r.GraphConns.PeakOpen < 1 {
+		t.Errorf("callbot's connections to Graph not read: %+v", r.GraphConns)
+	}
+	if r.Settings.GraphLat != "20ms" {
+		t.Errorf("settings: graph latency %q, want 20ms", r.Settings.GraphLat)
+	}
 	text := r.Text()
-	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "redis", "no-op baseline", "no-op at rate", "target"} {
+	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "redis", "graph conns", "no-op baseline", "no-op at rate", "target"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("text report lacks %q:\n%s", want, text)
 		}

@@ -183,6 +183,9 @@ func (w *world) progress(out io.Writer, start time.Time, placed, live *atomic.In
 			case <-t.C:
 			}
 			n, inflight := w.rec.count()
+			if open, _, ok := w.graphConns(context.Background()); ok && open > w.graphPeak.Load() {
+				w.graphPeak.Store(open)
+			}
 			p := placed.Load()
 			fmt.Fprintf(out, "  %3.0fs  calls placed %6d (+%4d)  alive %5d  notifications %7d (+%5d)  in flight %3d\n",
 				time.Since(start).Seconds(), p, p-lastPlaced, live.Load(), n, n-lastN, inflight)
@@ -263,11 +266,17 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	} else {
 		fmt.Fprintf(progress, "closed loop: %d calls alive for %s\n", o.concurrency, o.duration)
 	}
+	_, opened0, _ := w.graphConns(ctx)
+	w.graphPeak.Store(0)
 	winStart := w.rec.resetWindow()
 	probe := schedProbe()
 	profDone := w.startProfile(ctx, o.duration)
 	dr := w.drive(ctx, o.rate, o.duration, 0, o.concurrency, true, progress)
 	rep.ToolDelay = latency(probe())
+	open1, opened1, connsOK := w.graphConns(ctx)
+	if open1 > w.graphPeak.Load() {
+		w.graphPeak.Store(open1)
+	}
 	if err := <-profDone; err != nil {
 		fmt.Fprintf(progress, "cpu profile: %v\n", err)
 	} else if o.cpuprofile != "" {
@@ -352,6 +361,16 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 		}
 		if c.Outcome == graphsim.OutcomeTransferred {
 			toAgent = append(toAgent, c.EndedAt.Sub(c.PlacedAt))
+		}
+	}
+	if connsOK {
+		var reqs int
+		for _, n := range rep.Graph {
+			reqs += n
+		}
+		rep.GraphConns = &GraphConnStats{Opened: opened1 - opened0, PeakOpen: w.graphPeak.Load()}
+		if reqs > 0 {
+			rep.GraphConns.OpenedPer1000Requests = round(1000*float64(opened1-opened0)/float64(reqs), 1)
 		}
 	}
 	cs.PlacedPerSec = round(float64(cs.Placed)/window, 1)

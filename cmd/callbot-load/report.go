@@ -33,18 +33,20 @@ type Report struct {
 	PlacedToAgent Latency       `json:"placed_to_agent"`
 	// ToolDelay is how late a goroutine of this tool woke from a 1 ms sleep during the run: a
 	// floor under the webhook and answer times this tool can measure.
-	ToolDelay      Latency        `json:"load_tool_sched_delay"`
-	Graph          map[string]int `json:"graph_requests,omitempty"`
-	GraphErrors    map[string]int `json:"graph_errors,omitempty"`
-	Redis          RedisStats     `json:"redis"`
-	CPU            CPUStats       `json:"cpu"`
-	CallbotRSS     int64          `json:"callbot_rss_bytes"`
-	CallbotPeakRSS int64          `json:"callbot_peak_rss_bytes"`
-	Baseline       *Baseline      `json:"noop_baseline,omitempty"`
-	Ratio          *Ratio         `json:"ratio,omitempty"`
-	Memory         *Memory        `json:"memory,omitempty"`
-	Targets        []Target       `json:"targets,omitempty"`
-	Log            LogStats       `json:"callbot_log"`
+	ToolDelay   Latency        `json:"load_tool_sched_delay"`
+	Graph       map[string]int `json:"graph_requests,omitempty"`
+	GraphErrors map[string]int `json:"graph_errors,omitempty"`
+	// GraphConns is what callbot's /metrics says of its connections to Graph during the run.
+	GraphConns     *GraphConnStats `json:"graph_connections,omitempty"`
+	Redis          RedisStats      `json:"redis"`
+	CPU            CPUStats        `json:"cpu"`
+	CallbotRSS     int64           `json:"callbot_rss_bytes"`
+	CallbotPeakRSS int64           `json:"callbot_peak_rss_bytes"`
+	Baseline       *Baseline       `json:"noop_baseline,omitempty"`
+	Ratio          *Ratio          `json:"ratio,omitempty"`
+	Memory         *Memory         `json:"memory,omitempty"`
+	Targets        []Target        `json:"targets,omitempty"`
+	Log            LogStats        `json:"callbot_log"`
 	// Profile is `go tool pprof -top -cum` of callbot's CPU profile during the run (-cpuprofile).
 	Profile     []string `json:"callbot_profile_top,omitempty"`
 	ProfileFile string   `json:"callbot_profile_file,omitempty"`
@@ -70,6 +72,7 @@ type Settings struct {
 	HoldPrompt  string  `json:"hold_prompt"`
 	Step        string  `json:"step"`
 	DigitDelay  string  `json:"digit_delay"`
+	GraphLat    string  `json:"graph_latency,omitempty"`
 	Presence    string  `json:"presence_interval"`
 	Hold        int     `json:"hold,omitempty"`
 	LogLevel    string  `json:"log_level"`
@@ -81,7 +84,23 @@ type Settings struct {
 func settingsOf(o options) Settings {
 	return Settings{Rate: o.rate, Duration: o.duration.String(), Concurrency: o.concurrency, Agents: o.agents,
 		Talk: o.talk.String(), Prompt: o.prompt.String(), HoldPrompt: o.holdPrompt.String(), Step: o.step.String(), DigitDelay: o.digitDelay.String(),
+		GraphLat: durationOrEmpty(o.graphLat),
 		Presence: o.presence.String(), Hold: o.hold, LogLevel: o.logLevel, RedisProxy: o.redisProxy}
+}
+
+func durationOrEmpty(d time.Duration) string {
+	if d == 0 {
+		return ""
+	}
+	return d.String()
+}
+
+// GraphConnStats: connections callbot opened to Graph (graphsim) during the run, each a TCP and
+// TLS handshake, and the most it had open at once (read once a second).
+type GraphConnStats struct {
+	Opened                int64   `json:"opened"`
+	OpenedPer1000Requests float64 `json:"opened_per_1000_requests"`
+	PeakOpen              int64   `json:"peak_open"`
 }
 
 type CallStats struct {
@@ -337,6 +356,9 @@ func (r *Report) Text() string {
 	}
 	if len(r.Graph) > 0 {
 		p("graph requests   %s", sortedKV(r.Graph))
+	}
+	if c := r.GraphConns; c != nil {
+		p("graph conns      %d opened (%.1f per 1,000 requests), at most %d open", c.Opened, c.OpenedPer1000Requests, c.PeakOpen)
 	}
 	if len(r.GraphErrors) > 0 {
 		p("graph ERRORS     %s", sortedKV(r.GraphErrors))

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/callbot/callbot/internal/graph"
@@ -49,7 +50,8 @@ type world struct {
 	botLog    string
 	sim       *graphsim.Sim
 	rec       *recorder
-	pprofAddr string // callbot's profiling endpoint, with -cpuprofile
+	pprofAddr string       // callbot's profiling endpoint, with -cpuprofile
+	graphPeak atomic.Int64 // most Graph connections callbot had open at a progress tick
 }
 
 // startWorld starts Redis, graphsim and callbot, and returns once callbot is ready and has
@@ -100,6 +102,12 @@ func startWorld(ctx context.Context, o options, cpus cpuSplit, bin, dir string, 
 	})
 	if err != nil {
 		return w, err
+	}
+	if o.graphLat > 0 {
+		// Every endpoint, as a real Graph and Entra ID: call actions, presence, token.
+		if _, err := w.sim.AddFault(graphsim.Fault{Kind: graphsim.FaultLatency, Action: "*", Latency: o.graphLat, Probability: 1}); err != nil {
+			return w, err
+		}
 	}
 	availability := "Available"
 	if o.hold > 0 {

@@ -84,7 +84,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 
 	if gc, ok := b.deps.Graph.(graphConnections); ok {
 		open, opened := gc.GraphConnections()
-		fmt.Fprintln(w, "# HELP callbot_graph_connections Connections to Graph open now (HTTP/1.1: one per request in flight, the rest kept idle for reuse).")
+		fmt.Fprintln(w, "# HELP callbot_graph_connections Connections to Graph open now (HTTP/2: one carries many requests at once; HTTP/1.1, behind a proxy that only speaks it: one per request in flight).")
 		fmt.Fprintln(w, "# TYPE callbot_graph_connections gauge")
 		fmt.Fprintf(w, "callbot_graph_connections %d\n", open)
 		counter("callbot_graph_connections_opened_total", "Connections to Graph opened (each a TCP and TLS handshake).", opened)

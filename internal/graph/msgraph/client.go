@@ -247,30 +247,44 @@ func baseTransport(caFile string) (*http.Transport, error) {
 	return t, nil
 }
 
-// Connection pool of the Graph pipeline (see graphTransport).
+// Connections of the Graph pipeline (see graphTransport).
 const (
-	// graphMaxIdleConns is how many idle connections to Graph are kept: about as many as
-	// commands callbot has in flight at its peak, so that a burst reuses connections instead of
-	// paying a TCP and TLS handshake each (the default keeps 2).
+	// graphMaxIdleConns is how many idle connections to Graph are kept where HTTP/1.1 is
+	// spoken (an egress proxy that does not offer HTTP/2): about as many as commands callbot
+	// has in flight at its peak, so that a burst reuses connections instead of paying a TCP and
+	// TLS handshake each (the default keeps 2).
 	graphMaxIdleConns = 256
 	// graphIdleConnTimeout closes a connection idle for that long, before Azure's load
 	// balancers silently drop it (4 minutes).
 	graphIdleConnTimeout = 90 * time.Second
 )
 
-// graphTransport is the transport of the Graph pipeline: base restricted to HTTP/1.1, with a
-// pool sized for concurrent commands, its connections counted (GraphConnections). The
-// credential keeps base.
+// HTTP/2 health check of the Graph connections. Variables, so that a test can shorten them.
+var (
+	// graphPingAfter: a connection on which nothing was received for that long is sent a PING.
+	graphPingAfter = 3 * time.Second
+	// graphPingTimeout: a connection whose PING is not answered within that is closed; the
+	// requests in flight on it fail (and are retried as RetryPolicy allows), later requests
+	// open a new connection. Without it, a connection a NAT or load balancer silently dropped
+	// would take every command for minutes, each failing only at its own deadline.
+	graphPingTimeout = 2 * time.Second
+)
+
+// graphTransport is the transport of the Graph pipeline: base speaking HTTP/2 where the server
+// offers it (Graph does) and HTTP/1.1 otherwise, with an HTTP/2 health check
+// (graphPingAfter, graphPingTimeout) and a pool sized for concurrent HTTP/1.1 commands, its
+// connections counted (GraphConnections). The credential keeps base.
 //
-// HTTP/1.1 was chosen by measurement (BenchmarkPlayPrompt, BenchmarkAnswer, against a server
-// offering both): Go's HTTP/2 client writes a request's HEADERS and DATA frames in two flushes
-// (two TLS records, two write syscalls) where HTTP/1.1, given a sized body (sizeBody), writes
-// one; it also starts a goroutine per request and HPACK-encodes every header. With HTTP/1.1 a
-// request cost about 10% less CPU in callbot, made a quarter fewer syscalls, and a serial
-// request took 15-25% less time. The price is connections: one per request in flight instead
-// of one multiplexed connection, so a burst of N concurrent commands opens up to N TCP+TLS
-// connections to Graph, kept idle for reuse (graphMaxIdleConns, graphIdleConnTimeout). Graph
-// serves HTTP/1.1 as well as HTTP/2.
+// HTTP/2 was chosen by measurement against graphsim answering with a real Graph's latency
+// (docs/performance.md, "Graph's latency and HTTP/2"): with HTTP/1.1 a request in flight holds a
+// connection, so at 200 calls/s callbot kept 120-140 connections open with Graph answering in
+// 100 ms and opened 1,121 (one per ten requests: beyond graphMaxIdleConns they are closed after
+// use) with Graph answering in 1 s, the slow Graph a contact centre must ride out; NAT gateways
+// and egress proxies count every one. HTTP/2 carried the same load on one connection (five at 1
+// s: graphsim, as Go's server, allows 250 streams on each), at the same CPU with 100 ms and 10%
+// less with 1 s. With a server answering at once (BenchmarkPlayPrompt, BenchmarkAnswer) the
+// client's CPU per request is the same either way; only a request sent alone waits longer over
+// HTTP/2 (14%, a fraction of a millisecond on loopback, nothing next to Graph's own latency).
 func graphTransport(base *http.Transport, conns *connCounter) *http.Transport {
 	t := base.Clone()
 	dial := t.DialContext
@@ -280,13 +294,9 @@ func graphTransport(base *http.Transport, conns *connCounter) *http.Transport {
 	t.DialContext = conns.dial(dial)
 	var p http.Protocols
 	p.SetHTTP1(true)
+	p.SetHTTP2(true)
 	t.Protocols = &p
-	// Offer only http/1.1 in ALPN: a tls.Config taken from a transport that has already been
-	// used may list h2, and a server that picked it would then get HTTP/1.1 bytes.
-	if t.TLSClientConfig == nil {
-		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-	}
-	t.TLSClientConfig.NextProtos = []string{"http/1.1"}
+	t.HTTP2 = &http.HTTP2Config{SendPingTimeout: graphPingAfter, PingTimeout: graphPingTimeout}
 	t.MaxIdleConns = graphMaxIdleConns
 	t.MaxIdleConnsPerHost = graphMaxIdleConns
 	t.IdleConnTimeout = graphIdleConnTimeout

@@ -67,7 +67,8 @@ type response struct {
 	Status int
 	Header map[string]string
 	Body   string
-	// Drop closes the connection after reading the request, without a response.
+	// Drop ends the exchange after reading the request, without a response: it closes the
+	// connection (HTTP/1.1) or resets the stream (HTTP/2).
 	Drop bool
 	// Hang waits until the client gives up, without a response.
 	Hang bool
@@ -94,13 +95,20 @@ type fakeGraph struct {
 	tokenBody []byte
 }
 
+// newFakeGraph offers HTTP/2 and HTTP/1.1, as Graph does.
 func newFakeGraph(t *testing.T) *fakeGraph {
+	t.Helper()
+	return newFakeGraphProto(t, true)
+}
+
+// newFakeGraphProto offers HTTP/2 only when h2 is set: without, it stands for an egress proxy
+// that speaks only HTTP/1.1.
+func newFakeGraphProto(t *testing.T, h2 bool) *fakeGraph {
 	t.Helper()
 	f := &fakeGraph{t: t, responses: map[string]response{}, queued: map[string][]response{},
 		tokensBy: map[string]int{}, issued: map[string]string{}}
 	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
-	// Offer HTTP/2 as Graph does: the client must choose HTTP/1.1 itself (graphTransport).
-	f.srv.EnableHTTP2 = true
+	f.srv.EnableHTTP2 = h2
 	f.srv.StartTLS()
 	t.Cleanup(f.srv.Close)
 	return f
@@ -281,13 +289,8 @@ func (f *fakeGraph) graphRequest(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case resp.Drop:
-		conn, _, err := w.(http.Hijacker).Hijack()
-		if err != nil {
-			f.t.Errorf("hijack: %v", err)
-			return
-		}
-		conn.Close()
-		return
+		// net/http closes an HTTP/1.1 connection and resets an HTTP/2 stream.
+		panic(http.ErrAbortHandler)
 	case resp.Hang:
 		<-r.Context().Done()
 		return
@@ -1035,10 +1038,19 @@ func TestHeaders(t *testing.T) {
 }
 
 // TestWireFormat checks what the trimmed pipeline (graphHTTPClient, traceTransport) still puts
-// on the wire: HTTP/1.1 although the server offers HTTP/2, bodies with a Content-Length rather
-// than chunked, and the headers of the SDK's middlewares (SdkVersion, User-Agent).
+// on the wire: HTTP/2 where the server offers it and HTTP/1.1 where it does not, bodies with a
+// Content-Length rather than chunked, and the headers of the SDK's middlewares (SdkVersion,
+// User-Agent).
 func TestWireFormat(t *testing.T) {
-	f := newFakeGraph(t)
+	for _, tc := range []struct {
+		h2    bool
+		proto string
+	}{{true, "HTTP/2.0"}, {false, "HTTP/1.1"}} {
+		t.Run(tc.proto, func(t *testing.T) { testWireFormat(t, newFakeGraphProto(t, tc.h2), tc.proto) })
+	}
+}
+
+func testWireFormat(t *testing.T, f *fakeGraph, proto string) {
 	c := newClient(t, f)
 	ctx := context.Background()
 	if err := c.Answer(ctx, callID, graph.AnswerRequest{CallbackURI: "https://bot.contoso.com/api/calls"}); err != nil {
@@ -1052,8 +1064,8 @@ func TestWireFormat(t *testing.T) {
 	}
 	for _, r := range f.requests() {
 		what := r.Method + " " + r.Path
-		if r.Proto != "HTTP/1.1" {
-			t.Errorf("%s: protocol %s, want HTTP/1.1", what, r.Proto)
+		if r.Proto != proto {
+			t.Errorf("%s: protocol %s, want %s", what, r.Proto, proto)
 		}
 		if r.ContentLength != int64(len(r.Body)) || len(r.TransferEncoding) != 0 {
 			t.Errorf("%s: Content-Length %d, Transfer-Encoding %q for a %d-byte body; want the length, not chunked",
@@ -1256,50 +1268,69 @@ func TestNewValidatesConfig(t *testing.T) {
 	}
 }
 
-// GraphConnections counts the pipeline's connections: one kept alive and reused by requests one
-// after another, one more for a request made while another is in flight (HTTP/1.1), and one
-// less when a request is abandoned and its connection closed.
+// GraphConnections counts the pipeline's connections. Over HTTP/2 one connection carries
+// requests one after another and at once, and a request abandoned is reset without closing it.
+// Where only HTTP/1.1 is spoken, a request made while another is in flight opens a second
+// connection, and an abandoned request closes its own.
 func TestGraphConnectionsCounted(t *testing.T) {
-	f := newFakeGraph(t)
-	c := newClient(t, f)
-	ctx := context.Background()
-	calls := "/communications/calls/" + callID
-	f.respond("POST", calls+"/subscribeToTone", response{Status: 200, Body: string(payload(t, "response-subscribetotone-operation.json"))})
-	for range 3 {
-		if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if open, opened := c.GraphConnections(); open != 1 || opened != 1 {
-		t.Fatalf("after 3 requests one after another: %d open, %d opened, want 1 and 1", open, opened)
-	}
+	for _, tc := range []struct {
+		name string
+		h2   bool
+		// connections open and opened with a request in flight, and after it was abandoned
+		inFlight, abandoned [2]int64
+	}{
+		{"HTTP/2", true, [2]int64{1, 1}, [2]int64{1, 1}},
+		{"HTTP/1.1", false, [2]int64{2, 2}, [2]int64{1, 2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeGraphProto(t, tc.h2)
+			c := newClient(t, f)
+			ctx := context.Background()
+			calls := "/communications/calls/" + callID
+			f.respond("POST", calls+"/subscribeToTone", response{Status: 200, Body: string(payload(t, "response-subscribetotone-operation.json"))})
+			for range 3 {
+				if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if open, opened := c.GraphConnections(); open != 1 || opened != 1 {
+				t.Fatalf("after 3 requests one after another: %d open, %d opened, want 1 and 1", open, opened)
+			}
 
-	f.respond("POST", calls+"/transfer", response{Hang: true})
-	hung, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() {
-		done <- c.Transfer(hung, callID, graph.Party{Kind: graph.KindUser, ID: "agent"}, "")
-	}()
-	for !slices.ContainsFunc(f.requests(), func(r recorded) bool { return strings.HasSuffix(r.Path, "/transfer") }) {
-		time.Sleep(time.Millisecond)
-	}
-	if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
-		t.Fatal(err)
-	}
-	if open, opened := c.GraphConnections(); open != 2 || opened != 2 {
-		t.Fatalf("with a request in flight: %d open, %d opened, want 2 and 2", open, opened)
-	}
-	cancel()
-	if err := <-done; err == nil {
-		t.Fatal("the abandoned transfer succeeded")
-	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-		open, opened := c.GraphConnections()
-		if open == 1 && opened == 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after the abandoned request: %d open, %d opened, want 1 and 2", open, opened)
-		}
+			f.respond("POST", calls+"/transfer", response{Hang: true})
+			hung, cancel := context.WithCancel(ctx)
+			done := make(chan error, 1)
+			go func() {
+				done <- c.Transfer(hung, callID, graph.Party{Kind: graph.KindUser, ID: "agent"}, "")
+			}()
+			for !slices.ContainsFunc(f.requests(), func(r recorded) bool { return strings.HasSuffix(r.Path, "/transfer") }) {
+				time.Sleep(time.Millisecond)
+			}
+			if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
+				t.Fatal(err)
+			}
+			if open, opened := c.GraphConnections(); open != tc.inFlight[0] || opened != tc.inFlight[1] {
+				t.Fatalf("with a request in flight: %d open, %d opened, want %d and %d", open, opened, tc.inFlight[0], tc.inFlight[1])
+			}
+			cancel()
+			if err := <-done; err == nil {
+				t.Fatal("the abandoned transfer succeeded")
+			}
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+				open, opened := c.GraphConnections()
+				if open == tc.abandoned[0] && opened == tc.abandoned[1] {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("after the abandoned request: %d open, %d opened, want %d and %d", open, opened, tc.abandoned[0], tc.abandoned[1])
+				}
+			}
+			if _, err := c.SubscribeToTone(ctx, callID, ""); err != nil {
+				t.Fatalf("a request after the abandoned one: %v", err)
+			}
+			if open, opened := c.GraphConnections(); open != tc.abandoned[0] || opened != tc.abandoned[1] {
+				t.Fatalf("a request after the abandoned one: %d open, %d opened, want it on a kept connection (%d and %d)", open, opened, tc.abandoned[0], tc.abandoned[1])
+			}
+		})
 	}
 }

@@ -8,8 +8,9 @@ import (
 )
 
 // connCounter counts the TCP connections of the Graph pipeline: open now, and opened since start
-// (each a TCP and TLS handshake). With HTTP/1.1 (see graphTransport) there is one per request in
-// flight, so these are what NAT gateways and egress proxies must be sized for.
+// (each a TCP and TLS handshake). Over HTTP/2 (see graphTransport) one carries up to the
+// server's stream limit of requests at once; where only HTTP/1.1 is spoken there is one per
+// request in flight. These are what NAT gateways and egress proxies must be sized for.
 type connCounter struct {
 	open, opened atomic.Int64
 }

@@ -2,6 +2,7 @@ package msgraph
 
 import (
 	"context"
+	"testing"
 	"time"
 )
 
@@ -17,4 +18,12 @@ func SetClock(c *Client, now func() time.Time, sleep func(context.Context, time.
 	if jitter != nil {
 		c.jitter = jitter
 	}
+}
+
+// SetHTTP2HealthCheck sets the HTTP/2 health check of clients made from now on until the test
+// ends (graphPingAfter, graphPingTimeout).
+func SetHTTP2HealthCheck(t testing.TB, pingAfter, pingTimeout time.Duration) {
+	after, timeout := graphPingAfter, graphPingTimeout
+	graphPingAfter, graphPingTimeout = pingAfter, pingTimeout
+	t.Cleanup(func() { graphPingAfter, graphPingTimeout = after, timeout })
 }
