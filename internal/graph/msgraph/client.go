@@ -176,7 +176,7 @@ func New(cfg Config) (*Client, error) {
 		auth,
 		core.GraphClientOptions{GraphServiceLibraryVersion: sdkVersion},
 		parseNodeFactories(), serializationWriterFactories(),
-		graphHTTPClient(traceTransport{graphTransport(base, conns)}, cfg.Timeout))
+		graphHTTPClient(traceTransport{graphTransport(base, conns)}))
 	if err != nil {
 		return nil, fmt.Errorf("msgraph: request adapter: %w", err)
 	}
@@ -321,7 +321,11 @@ func graphTransport(base *http.Transport, conns *connCounter) *http.Transport {
 //
 // What remains is GraphTelemetryHandler (the SdkVersion and client-request-id headers Graph
 // support asks for) and RedirectHandler (it follows a redirect, should Graph send one).
-func graphHTTPClient(base http.RoundTripper, timeout time.Duration) *http.Client {
+//
+// The client has no Timeout: every request carries its action's deadline in its context
+// (Client.do), and an http.Client with a Timeout starts a goroutine and a timer per request to
+// enforce its own, one more goroutine for each request in flight while Graph is slow.
+func graphHTTPClient(base http.RoundTripper) *http.Client {
 	opts := core.GraphClientOptions{GraphServiceLibraryVersion: sdkVersion}
 	var chain []khttp.Middleware
 	for _, m := range core.GetDefaultMiddlewaresWithOptions(&opts) {
@@ -336,7 +340,6 @@ func graphHTTPClient(base http.RoundTripper, timeout time.Duration) *http.Client
 		Transport: khttp.NewCustomTransportWithParentTransport(base, chain...),
 		// The RedirectHandler middleware follows redirects itself.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		Timeout:       timeout,
 	}
 }
 
