@@ -60,7 +60,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
 	{"CALLBOT_SHUTDOWN_GRACE", "20s", "time given to requests and Graph commands in flight on SIGTERM"},
-	{"CALLBOT_OUTBOX_LEASE", "30s", "time an instance has to carry out the commands it saved before another instance re-drives them"},
+	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them"},
 	{"CALLBOT_INSTANCE_ID", "", "name of this instance, put in callback URIs as an affinity hint (default: the host name)"},
 	{"CALLBOT_LOG_LEVEL", "info", "debug, info, warn or error"},
 }

@@ -32,7 +32,8 @@
 // Every change is one compare-and-set on the call's version, and saves the commands it decided
 // with it (the outbox): any instance may apply any notification, a lost race is retried on the
 // fresh record, and what an instance decided but did not carry out (it died) is re-driven by
-// another once its lease runs out (RunOutbox). The reconciler (RunReconcile) closes calls Graph
+// another once its lease runs out (RunOutbox); while an instance lives it renews the leases of
+// the commands it is still carrying out, so a slow Graph is not mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //

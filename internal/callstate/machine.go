@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -70,6 +71,11 @@ type Machine struct {
 	acks     chan Ack    // acknowledgements waiting for RunAcks' next batch
 	batching atomic.Bool // RunAcks is running
 
+	// carrying counts, per call, the batches of commands this instance has taken on and not yet
+	// acknowledged: RunOutbox renews their outbox leases while it lives.
+	carryMu  sync.Mutex
+	carrying map[string]int
+
 	cfg   Config
 	flow  atomic.Pointer[ivr.Flow]
 	exec  serial
@@ -101,7 +107,7 @@ func NewMachine(cfg Config) *Machine {
 	if cfg.OutboxLease == 0 {
 		cfg.OutboxLease = 8 * time.Second
 	}
-	m := &Machine{cfg: cfg, cache: newCache(100_000), acks: make(chan Ack, 1024)}
+	m := &Machine{cfg: cfg, cache: newCache(100_000), acks: make(chan Ack, 1024), carrying: map[string]int{}}
 	m.flow.Store(cfg.Flow)
 	return m
 }
@@ -472,7 +478,9 @@ func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, slot *pl
 		// starts the hold music again (transferFailed).
 		m.exec.supersede(key, ps[0].Version)
 	}
+	m.carry(key)
 	m.exec.fill(key, slot, func() {
+		defer m.carried(key)
 		for _, p := range ps {
 			if (p.Cmd.Kind == CmdPlayPrompt || p.Cmd.Kind == CmdCancelMedia) && m.exec.superseded(key, p.Version) {
 				m.Superseded.Add(1)
@@ -585,10 +593,54 @@ func (m *Machine) checkCall(c Call, scenario string, log *zap.Logger) {
 	}
 }
 
-// RunOutbox re-drives, every interval until ctx ends, the commands of calls whose outbox lease
-// ran out: commands an instance saved and did not acknowledge, because it died or lost Redis.
+// carry records that this instance has taken on a batch of key's commands; carried, that the
+// batch is done and acknowledged (or its acknowledgement queued for RunAcks).
+func (m *Machine) carry(key string) {
+	m.carryMu.Lock()
+	m.carrying[key]++
+	m.carryMu.Unlock()
+}
+
+func (m *Machine) carried(key string) {
+	m.carryMu.Lock()
+	if m.carrying[key]--; m.carrying[key] <= 0 {
+		delete(m.carrying, key)
+	}
+	m.carryMu.Unlock()
+}
+
+// Carrying lists the calls whose commands this instance is carrying out.
+func (m *Machine) Carrying() []string {
+	m.carryMu.Lock()
+	defer m.carryMu.Unlock()
+	return slices.Collect(maps.Keys(m.carrying))
+}
+
+// renewLeases moves the outbox leases of the calls this instance is carrying out a lease ahead:
+// a command held up by a slow Graph (each may take CommandTimeout, and a call's commands go one
+// after another) is not re-driven by another instance while this one lives, though the lease is
+// short enough to re-drive an answer a dead instance saved within Graph's answer deadline.
+func (m *Machine) renewLeases(ctx context.Context) {
+	keys := m.Carrying()
+	if len(keys) == 0 {
+		return
+	}
+	if err := m.cfg.Store.RenewOutbox(ctx, keys, m.cfg.Now().Add(m.cfg.OutboxLease)); err != nil && ctx.Err() == nil {
+		m.cfg.Log.Warn("renew outbox leases", zap.Int("calls", len(keys)), zap.Error(err))
+	}
+}
+
+// RunOutbox, every interval (at least every quarter lease) until ctx ends, renews the outbox
+// leases of the calls this instance is carrying out, every quarter lease, and re-drives the
+// commands of calls whose lease ran out: commands an instance saved and did not acknowledge,
+// because it died or lost Redis.
 func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
-	repeat(ctx, cmp.Or(every, time.Second), false, func() {
+	var renewed time.Time
+	repeat(ctx, max(min(cmp.Or(every, time.Second), m.cfg.OutboxLease/4), time.Millisecond), false, func() {
+		if now := m.cfg.Now(); now.Sub(renewed) >= m.cfg.OutboxLease/4 {
+			m.renewLeases(ctx)
+			renewed = now
+		}
 		keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
 		if err != nil {
 			if ctx.Err() == nil {
@@ -672,7 +724,9 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	log.Info("re-driving commands left unacknowledged", zap.Int("commands", len(send)))
 	m.Redriven.Add(int64(len(send)))
 	scenario := c.Scenario
+	m.carry(key)
 	m.exec.do(key, func() {
+		defer m.carried(key)
 		for _, p := range send {
 			m.send(c, scenario, p.Cmd, log)
 		}

@@ -308,3 +308,116 @@ func TestDoneOutboxKeepsAReLease(t *testing.T) {
 		t.Errorf("the save's index entry was removed by an older claim: %v", keys)
 	}
 }
+
+// An instance carrying out a command that takes longer than the outbox lease (Graph is slow)
+// renews the lease while it lives, so no other instance re-drives the command meanwhile (a
+// second answer, a prompt played twice); once it dies, the lease runs out and another instance
+// re-drives what it left, a lease later.
+func TestSlowCommandKeepsItsLeaseWhileItsInstanceLives(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const lease = 400 * time.Millisecond
+	newInstance := func(g *fakeGraph) *callstate.Machine {
+		store := callstate.NewStore(rdb, "ol")
+		return callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "ol"), Control: g, Queues: &fakeQueues{},
+			Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), OutboxLease: lease})
+	}
+	run := func(m *callstate.Machine) (stop func()) {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { m.RunOutbox(ctx, 50*time.Millisecond); close(done) }()
+		return func() { cancel(); <-done }
+	}
+	incoming := func(m *callstate.Machine, id string) {
+		ns, err := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Notify(context.Background(), "t1", ns); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("alive", func(t *testing.T) {
+		slow := &fakeGraph{block: make(chan struct{})}
+		a := newInstance(slow)
+		stopA := run(a)
+		defer stopA()
+		gb := &fakeGraph{state: graph.CallIncoming}
+		stopB := run(newInstance(gb))
+		defer stopB()
+		incoming(a, "c-slow")
+		time.Sleep(5 * lease) // Graph takes five leases to answer
+		if got := a.Carrying(); len(got) != 1 || got[0] != graph.CallKey("c-slow") {
+			t.Errorf("A carries %v, want [%s]", got, graph.CallKey("c-slow"))
+		}
+		close(slow.block)
+		a.Wait()
+		time.Sleep(2 * lease)
+		if got := gb.log(); len(got) != 0 {
+			t.Fatalf("B re-drove a command A was still carrying out: %v", got)
+		}
+		if got := a.Carrying(); len(got) != 0 {
+			t.Errorf("A still carries %v after its answer was acknowledged", got)
+		}
+		if got := slow.log(); len(got) != 1 {
+			t.Errorf("Graph got %v from A, want one answer", got)
+		}
+	})
+
+	t.Run("dead", func(t *testing.T) {
+		hung := &fakeGraph{block: make(chan struct{})}
+		a := newInstance(hung)
+		defer func() { close(hung.block); a.Wait() }() // A's hung answer returns before the test ends
+		stopA := run(a)
+		incoming(a, "c-dead")
+		stopA() // A dies: its answer never returns, and nothing renews its lease
+		gb := &fakeGraph{state: graph.CallIncoming}
+		stopB := run(newInstance(gb))
+		defer stopB()
+		want := []string{"get", "answer c-dead https://bot.test/api/calls"}
+		for deadline := time.Now().Add(20 * lease); !cmp.Equal(gb.log(), want); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("B's graph commands %v, want %v once A's lease ran out", gb.log(), want)
+			}
+		}
+	})
+}
+
+// RenewOutbox moves a lease forward, never back, and never brings back an outbox that is gone.
+func TestRenewOutbox(t *testing.T) {
+	store := callstate.NewStore(redistest.Start(t).Client(t), "rn")
+	ctx := context.Background()
+	now := time.Now()
+	c := callstate.Call{ID: "c1", Tenant: "t", State: callstate.StateQueued, CreatedAt: now,
+		Outbox: []callstate.Pending{{Seq: 1, Version: 1, Cmd: callstate.Command{Kind: callstate.CmdEnqueue, Queue: "q"}}}}
+	if err := store.Create(ctx, &c, now); err != nil { // leased until now
+		t.Fatal(err)
+	}
+	claim := func(at time.Time) []string {
+		t.Helper()
+		keys, _, err := store.ClaimOutbox(ctx, at, 0, 10) // a claim of no length: it changes nothing later claims see
+		if err != nil {
+			t.Fatal(err)
+		}
+		return keys
+	}
+	if err := store.RenewOutbox(ctx, []string{"c1", "gone"}, now.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if keys := claim(now.Add(30 * time.Second)); len(keys) != 0 {
+		t.Errorf("claimed %v within the renewed lease", keys)
+	}
+	if err := store.RenewOutbox(ctx, []string{"c1"}, now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if keys := claim(now.Add(30 * time.Second)); len(keys) != 0 {
+		t.Errorf("claimed %v: an earlier renewal shortened the lease", keys)
+	}
+	if keys := claim(now.Add(2 * time.Minute)); !cmp.Equal(keys, []string{"c1"}) {
+		t.Errorf("claimed %v after the lease, want [c1] (and no outbox that was never there)", keys)
+	}
+}

@@ -338,6 +338,27 @@ func (s *Store) ClaimOutbox(ctx context.Context, now time.Time, lease time.Durat
 	return keys, score, nil
 }
 
+// RenewOutbox moves the lease of the given calls' outboxes forward to due: the calls whose
+// commands the caller is still carrying out, so that no other instance re-drives them while it
+// lives (a command to a slow Graph may take longer than a lease). Only index entries that exist
+// are touched (an outbox done and removed stays removed), and a lease is never shortened.
+func (s *Store) RenewOutbox(ctx context.Context, callKeys []string, due time.Time) error {
+	const chunk = 1000
+	score := float64(due.UnixMilli())
+	for len(callKeys) > 0 {
+		n := min(len(callKeys), chunk)
+		zs := make([]redis.Z, n)
+		for i, k := range callKeys[:n] {
+			zs[i] = redis.Z{Score: score, Member: k}
+		}
+		if err := s.rdb.ZAddArgs(ctx, s.index, redis.ZAddArgs{XX: true, GT: true, Members: zs}).Err(); err != nil {
+			return fmt.Errorf("renew %d outbox leases: %w", n, err)
+		}
+		callKeys = callKeys[n:]
+	}
+	return nil
+}
+
 var doneOutboxScript = redis.NewScript(`
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0`)
