@@ -74,6 +74,9 @@ func TestRateRun(t *testing.T) {
 	} else if r.Baseline.AtRate.Rate != r.Notifications.PerSec {
 		t.Errorf("the no-op was driven at %v/s, callbot's rate was %v/s", r.Baseline.AtRate.Rate, r.Notifications.PerSec)
 	}
+	if r.WebhookServer == nil || r.WebhookServer.N < r.Notifications.Acked {
+		t.Errorf("callbot's own webhook times: %+v, want at least the %d notifications acknowledged", r.WebhookServer, r.Notifications.Acked)
+	}
 	if r.GraphConns == nil || r.GraphConns.PeakOpen < 1 {
 		t.Errorf("callbot's connections to Graph not read: %+v", r.GraphConns)
 	}
@@ -81,7 +84,7 @@ func TestRateRun(t *testing.T) {
 		t.Errorf("settings: graph latency %q, want 20ms", r.Settings.GraphLat)
 	}
 	text := r.Text()
-	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "redis", "graph conns", "no-op baseline", "no-op at rate", "target"} {
+	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "in callbot", "redis", "graph conns", "no-op baseline", "no-op at rate", "target"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("text report lacks %q:\n%s", want, text)
 		}

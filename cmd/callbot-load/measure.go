@@ -268,12 +268,14 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	}
 	_, opened0, _ := w.graphConns(ctx)
 	w.graphPeak.Store(0)
+	webhook0 := scrapeHistogram(ctx, w.botURL, metricWebhookDuration)
 	winStart := w.rec.resetWindow()
 	probe := schedProbe()
 	profDone := w.startProfile(ctx, o.duration)
 	dr := w.drive(ctx, o.rate, o.duration, 0, o.concurrency, true, progress)
 	rep.ToolDelay = latency(probe())
 	open1, opened1, connsOK := w.graphConns(ctx)
+	rep.WebhookServer = scrapeHistogram(ctx, w.botURL, metricWebhookDuration).since(webhook0).latency()
 	if open1 > w.graphPeak.Load() {
 		w.graphPeak.Store(open1)
 	}

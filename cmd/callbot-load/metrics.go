@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -45,10 +46,94 @@ func scrapeMetrics(ctx context.Context, botURL string, names ...string) map[stri
 	return out
 }
 
+// histogram is a Prometheus histogram as /metrics shows it: cumulative counts by upper bound
+// (seconds), the +Inf bucket last.
+type histogram struct {
+	le  []float64
+	cum []float64
+}
+
+// scrapeHistogram reads the buckets of histogram name from callbot's /metrics; empty when it
+// could not.
+func scrapeHistogram(ctx context.Context, botURL, name string) histogram {
+	var h histogram
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, botURL+"/metrics", nil)
+	if err != nil {
+		return h
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return h
+	}
+	defer resp.Body.Close()
+	prefix := name + `_bucket{le="`
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), prefix)
+		if !ok {
+			continue
+		}
+		bound, count, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			continue
+		}
+		le, err1 := strconv.ParseFloat(bound, 64) // "+Inf" parses as +Inf
+		n, err2 := strconv.ParseFloat(count, 64)
+		if err1 != nil || err2 != nil {
+			return histogram{}
+		}
+		h.le, h.cum = append(h.le, le), append(h.cum, n)
+	}
+	return h
+}
+
+// since is what h counted after earlier (a reading of the same histogram).
+func (h histogram) since(earlier histogram) histogram {
+	if len(earlier.cum) != len(h.cum) {
+		return h
+	}
+	out := histogram{le: h.le, cum: make([]float64, len(h.cum))}
+	for i := range h.cum {
+		out.cum[i] = h.cum[i] - earlier.cum[i]
+	}
+	return out
+}
+
+// BucketLatency is a latency read from a histogram: each quantile is the upper bound of the
+// bucket it falls in, in ms (+Inf past the last bound shows as -1).
+type BucketLatency struct {
+	N   int     `json:"n"`
+	P50 float64 `json:"p50_le_ms"`
+	P90 float64 `json:"p90_le_ms"`
+	P99 float64 `json:"p99_le_ms"`
+}
+
+func (h histogram) latency() *BucketLatency {
+	if len(h.cum) == 0 || h.cum[len(h.cum)-1] == 0 {
+		return nil
+	}
+	total := h.cum[len(h.cum)-1]
+	q := func(p float64) float64 {
+		for i, c := range h.cum {
+			if c >= p*total {
+				if math.IsInf(h.le[i], 1) {
+					return -1
+				}
+				return round(h.le[i]*1000, 3)
+			}
+		}
+		return -1
+	}
+	return &BucketLatency{N: int(total), P50: q(0.5), P90: q(0.9), P99: q(0.99)}
+}
+
 // Series of callbot's /metrics the report reads.
 const (
 	metricGraphConns       = "callbot_graph_connections"
 	metricGraphConnsOpened = "callbot_graph_connections_opened_total"
+	metricWebhookDuration  = "callbot_webhook_duration_seconds"
 )
 
 // graphConns reads the Graph connections callbot has open now and has opened since it started;

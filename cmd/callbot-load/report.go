@@ -24,6 +24,10 @@ type Report struct {
 	Notifications NotificationStats `json:"notifications"`
 	// Webhook is the time of each POST to the bot, as graphsim's HTTP client saw it.
 	Webhook  Latency  `json:"webhook"`
+	// WebhookServer is the same POSTs as callbot's own callbot_webhook_duration_seconds timed
+	// them: from the request's headers read to the response written, without the network, the
+	// kernel's queues and this tool's scheduling.
+	WebhookServer *BucketLatency `json:"webhook_in_callbot,omitempty"`
 	InFlight InFlight `json:"webhook_in_flight"`
 	// Answer is from PlaceCall (the created notification is queued) to graphsim receiving
 	// the bot's answer request.
@@ -344,6 +348,16 @@ func (r *Report) Text() string {
 		p("                 transport error: %s", e)
 	}
 	p("webhook          %s; in flight peak %d, mean %.1f", lat(r.Webhook), r.InFlight.Peak, r.InFlight.Mean)
+	if ws := r.WebhookServer; ws != nil {
+		le := func(v float64) string {
+			if v < 0 {
+				return "> 5 s"
+			}
+			return fmt.Sprintf("<= %g", v)
+		}
+		p("  in callbot     p50 %s  p90 %s  p99 %s ms  (n=%d; its /metrics, from the request read to the response written: buckets, so upper bounds)",
+			le(ws.P50), le(ws.P90), le(ws.P99), ws.N)
+	}
 	for _, l := range r.WebhookByLive {
 		p("  up to %6d live: %s; load tool delay p99 %.2f ms", l.Live, lat(l.Latency), l.ToolDelayP99)
 	}

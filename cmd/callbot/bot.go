@@ -102,7 +102,7 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 // routes is every HTTP route of callbot.
 func (b *bot) routes() http.Handler {
 	r := chi.NewRouter()
-	webhook := limitInFlight(maxWebhookInFlight, &graph.Webhook{Auth: b.deps.Auth, Sink: b.machine, Log: b.deps.Log.Named("webhook")})
+	webhook := timed(b.metrics.webhook, limitInFlight(maxWebhookInFlight, &graph.Webhook{Auth: b.deps.Auth, Sink: b.machine, Log: b.deps.Log.Named("webhook")}))
 	r.Post("/api/calls", webhook.ServeHTTP)
 	r.Post("/api/calls/*", webhook.ServeHTTP) // the path may carry an instance-affinity hint
 	r.Get("/metrics", b.serveMetrics)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -140,5 +141,15 @@ func TestMetricsAfterACall(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
 		}
+	}
+	// Every notification callbot answered was timed.
+	answered := 0
+	for _, d := range w.sim.Deliveries() {
+		if d.Status != 0 {
+			answered++
+		}
+	}
+	if want := fmt.Sprintf("callbot_webhook_duration_seconds_count %d\n", answered); answered == 0 || !strings.Contains(string(body), want) {
+		t.Errorf("metrics lack %q:\n%s", want, body)
 	}
 }

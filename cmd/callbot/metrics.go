@@ -19,9 +19,43 @@ import (
 type metrics struct {
 	mu    sync.Mutex
 	ended map[string]uint64 // calls that ended through this instance, by outcome
+	// webhook times each POST to /api/calls, from its headers read to its handler's return
+	// (the response written), 503s of the in-flight cap included.
+	webhook *msgraph.LatencyHistogram
 }
 
-func newMetrics() *metrics { return &metrics{ended: map[string]uint64{}} }
+// webhookBuckets bound callbot_webhook_duration_seconds: fine around the load run's 10 ms
+// target, up to the 5 s within which Graph wants its notifications answered.
+var webhookBuckets = []time.Duration{
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond, 25 * time.Millisecond,
+	50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond, 5 * time.Second,
+}
+
+func newMetrics() *metrics {
+	return &metrics{ended: map[string]uint64{}, webhook: msgraph.NewLatencyHistogram(webhookBuckets...)}
+}
+
+// timed observes how long each request to next takes in h.
+func timed(h *msgraph.LatencyHistogram, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		next.ServeHTTP(w, r)
+		h.Observe(time.Since(start))
+	})
+}
+
+// writeHistogram writes s as the Prometheus histogram name, in seconds.
+func writeHistogram(w io.Writer, name, help string, s msgraph.LatencySnapshot) {
+	fmt.Fprintf(w, "# HELP %s %s\n", name, help)
+	fmt.Fprintf(w, "# TYPE %s histogram\n", name)
+	for i, n := range s.Cumulative() {
+		fmt.Fprintf(w, "%s_bucket{le=\"%g\"} %d\n", name, s.Bounds[i].Seconds(), n)
+	}
+	fmt.Fprintf(w, "%s_bucket{le=\"+Inf\"} %d\n", name, s.Count)
+	fmt.Fprintf(w, "%s_sum %g\n", name, s.Sum.Seconds())
+	fmt.Fprintf(w, "%s_count %d\n", name, s.Count)
+}
 
 func (m *metrics) callEnded(c callstate.Call) {
 	m.mu.Lock()
@@ -91,14 +125,10 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	}
 
 	if al, ok := b.deps.Graph.(answerLatency); ok {
-		s := al.AnswerLatency().Snapshot()
-		fmt.Fprintln(w, "# HELP callbot_answer_latency_seconds Time from the incoming notification to Graph accepting the answer (Graph's deadline is 15 s).")
-		fmt.Fprintln(w, "# TYPE callbot_answer_latency_seconds histogram")
-		for i, n := range s.Cumulative() {
-			fmt.Fprintf(w, "callbot_answer_latency_seconds_bucket{le=\"%g\"} %d\n", s.Bounds[i].Seconds(), n)
-		}
-		fmt.Fprintf(w, "callbot_answer_latency_seconds_bucket{le=\"+Inf\"} %d\n", s.Count)
-		fmt.Fprintf(w, "callbot_answer_latency_seconds_sum %g\n", s.Sum.Seconds())
-		fmt.Fprintf(w, "callbot_answer_latency_seconds_count %d\n", s.Count)
+		writeHistogram(w, "callbot_answer_latency_seconds",
+			"Time from the incoming notification to Graph accepting the answer (Graph's deadline is 15 s).", al.AnswerLatency().Snapshot())
 	}
+	writeHistogram(w, "callbot_webhook_duration_seconds",
+		"Time callbot took to answer a notification, from its headers read to the response written (Graph wants an answer within 5 s).",
+		b.metrics.webhook.Snapshot())
 }

@@ -75,9 +75,9 @@ func TestOpenAPIMatchesRoutes(t *testing.T) {
 		}
 	}
 
-	// The router exactly as production builds it. routes() only reads the logger while building;
-	// the other dependencies are used when a request arrives.
-	b := &bot{deps: botDeps{Log: zap.NewNop()}}
+	// The router exactly as production builds it. routes() only reads the logger and the
+	// metrics while building; the other dependencies are used when a request arrives.
+	b := &bot{deps: botDeps{Log: zap.NewNop()}, metrics: newMetrics()}
 	h := b.routes()
 	routes, ok := h.(chi.Routes)
 	if !ok {
