@@ -5,42 +5,51 @@ import (
 	"context"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 )
 
-// scrapeMetrics reads callbot's /metrics and returns the values of the named series that have
-// no labels; a series it does not find is left out. Errors give an empty map: the figures that
-// come from it are left out of the report rather than the run failing.
-func scrapeMetrics(ctx context.Context, botURL string, names ...string) map[string]float64 {
-	out := map[string]float64{}
+// metricLines reads callbot's /metrics, one line each; nil when it could not. The figures that
+// come from it are then left out of the report rather than the run failing.
+func metricLines(ctx context.Context, botURL string) []string {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, botURL+"/metrics", nil)
 	if err != nil {
-		return out
+		return nil
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return out
+		return nil
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return out
+		return nil
 	}
+	var lines []string
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		name, value, ok := strings.Cut(sc.Text(), " ")
-		if !ok || strings.HasPrefix(name, "#") {
+		lines = append(lines, sc.Text())
+	}
+	if sc.Err() != nil {
+		return nil
+	}
+	return lines
+}
+
+// scrapeMetrics returns the values of the named series of callbot's /metrics that have no
+// labels; a series it does not find is left out.
+func scrapeMetrics(ctx context.Context, botURL string, names ...string) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range metricLines(ctx, botURL) {
+		name, value, ok := strings.Cut(line, " ")
+		if !ok || !slices.Contains(names, name) {
 			continue
 		}
-		for _, n := range names {
-			if name == n {
-				if v, err := strconv.ParseFloat(strings.TrimSpace(value), 64); err == nil {
-					out[n] = v
-				}
-			}
+		if v, err := strconv.ParseFloat(strings.TrimSpace(value), 64); err == nil {
+			out[name] = v
 		}
 	}
 	return out
@@ -57,21 +66,9 @@ type histogram struct {
 // could not.
 func scrapeHistogram(ctx context.Context, botURL, name string) histogram {
 	var h histogram
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, botURL+"/metrics", nil)
-	if err != nil {
-		return h
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return h
-	}
-	defer resp.Body.Close()
 	prefix := name + `_bucket{le="`
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), prefix)
+	for _, line := range metricLines(ctx, botURL) {
+		rest, ok := strings.CutPrefix(line, prefix)
 		if !ok {
 			continue
 		}

@@ -23,12 +23,12 @@ type Report struct {
 	Calls         CallStats         `json:"calls"`
 	Notifications NotificationStats `json:"notifications"`
 	// Webhook is the time of each POST to the bot, as graphsim's HTTP client saw it.
-	Webhook  Latency  `json:"webhook"`
+	Webhook Latency `json:"webhook"`
 	// WebhookServer is the same POSTs as callbot's own callbot_webhook_duration_seconds timed
 	// them: from the request's headers read to the response written, without the network, the
 	// kernel's queues and this tool's scheduling.
 	WebhookServer *BucketLatency `json:"webhook_in_callbot,omitempty"`
-	InFlight InFlight `json:"webhook_in_flight"`
+	InFlight      InFlight       `json:"webhook_in_flight"`
 	// Answer is from PlaceCall (the created notification is queued) to graphsim receiving
 	// the bot's answer request.
 	Answer Latency `json:"incoming_to_answer"`

@@ -1,0 +1,28 @@
+package main
+
+import (
+	"math"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// Quantiles of a histogram are the bounds of the buckets they fall in, counted since an earlier
+// reading.
+func TestHistogramLatency(t *testing.T) {
+	inf := math.Inf(1)
+	before := histogram{le: []float64{0.001, 0.01, 0.1, inf}, cum: []float64{50, 60, 60, 60}}
+	after := histogram{le: []float64{0.001, 0.01, 0.1, inf}, cum: []float64{100, 190, 199, 200}}
+	got := after.since(before).latency() // 50 at <= 1 ms, 80 at <= 10 ms, 9 at <= 100 ms, 1 beyond
+	want := &BucketLatency{N: 140, P50: 10, P90: 10, P99: 100}
+	if diff := cmp.Diff(got, want); diff != "" {
+		t.Errorf("latency (-got +want):\n%s", diff)
+	}
+	tail := histogram{le: []float64{0.001, inf}, cum: []float64{1, 100}}.latency()
+	if tail.P50 != -1 || tail.P99 != -1 {
+		t.Errorf("quantiles past the last bound: %+v, want -1", tail)
+	}
+	if (histogram{}).latency() != nil || before.since(before).latency() != nil {
+		t.Error("a histogram with nothing counted gave a latency")
+	}
+}
