@@ -183,12 +183,19 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 
 // key returns the key for kid, refreshing the key set when it is stale or the kid is unknown,
 // at most once per MinRefreshGap so forged kids cannot make callbot hammer the metadata URL.
-// Concurrent callers share one fetch. A failed refresh keeps the keys already held.
+// Concurrent callers share one fetch. A failed refresh keeps the keys already held. A known
+// key is returned at once even when the set is stale: the refresh then runs in the background,
+// so no notification waits for the metadata URL once a day.
 func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) {
 	v.mu.Lock()
 	k, known := v.keys[kid]
 	now := v.cfg.Now()
-	if known && now.Sub(v.fetchedAt) <= v.cfg.RefreshEvery {
+	if known {
+		if now.Sub(v.fetchedAt) > v.cfg.RefreshEvery && v.fetching == nil && v.mayRefresh(now) {
+			done := make(chan struct{})
+			v.fetching = done
+			go v.refreshKeys(done)
+		}
 		v.mu.Unlock()
 		return k, nil
 	}
@@ -231,6 +238,21 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 		return nil, fmt.Errorf("%w: %q (key refreshes are rate-limited)", errKeyNotYet, kid)
 	}
 	return nil, fmt.Errorf("unknown signing key %q", kid)
+}
+
+// refreshKeys fetches the key set in the background, then closes done. A failure keeps the keys
+// held; the next token after MinRefreshGap tries again.
+func (v *Verifier) refreshKeys(done chan struct{}) {
+	defer close(done)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	keys, err := v.fetchKeys(ctx)
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err == nil {
+		v.keys, v.fetchedAt = keys, v.cfg.Now()
+	}
+	v.fetching = nil
 }
 
 // refreshBurst is how many key refreshes may follow one another before the MinRefreshGap rate

@@ -31,6 +31,7 @@ type keyServer struct {
 	keys    map[string]*rsa.PrivateKey
 	fetches atomic.Int32
 	down    atomic.Bool
+	gate    atomic.Pointer[chan struct{}] // when set, the metadata URL answers once it is closed
 }
 
 func newKeyServer(t testing.TB) *keyServer {
@@ -38,6 +39,9 @@ func newKeyServer(t testing.TB) *keyServer {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/openid", func(w http.ResponseWriter, r *http.Request) {
 		ks.fetches.Add(1)
+		if g := ks.gate.Load(); g != nil {
+			<-*g
+		}
 		if ks.down.Load() {
 			http.Error(w, "down", 500)
 			return
@@ -175,6 +179,63 @@ func TestVerifierKeyRefresh(t *testing.T) {
 	clock = clock.Add(25 * time.Hour)
 	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(clock))); err != nil {
 		t.Fatalf("metadata down, known key: %v", err)
+	}
+}
+
+// Once a day the key set is stale. A token signed with a key already held is accepted at once
+// and the set is refreshed in the background: no notification waits for the metadata URL (a
+// slow one held every notification of that moment before).
+func TestStaleKeysRefreshInTheBackground(t *testing.T) {
+	ks := newKeyServer(t)
+	now := time.Now()
+	var clock atomic.Pointer[time.Time]
+	clock.Store(&now)
+	v := newTestVerifier(t, ks, func(c *VerifierConfig) { c.Now = func() time.Time { return *clock.Load() } })
+	ctx := context.Background()
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(now))); err != nil {
+		t.Fatal(err)
+	}
+	base := ks.fetches.Load()
+
+	later := now.Add(25 * time.Hour)
+	clock.Store(&later)
+	gate := make(chan struct{})
+	ks.gate.Store(&gate)
+	done := make(chan error, 1)
+	go func() { _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(later))); done <- err }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("known key, stale set: %v", err)
+		}
+	case <-time.After(10 * time.Second): // a bound for a failing test, not a timing
+		close(gate)
+		t.Fatal("a token signed with a known key waited for the key refresh")
+	}
+	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == base; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stale key set was not refreshed")
+		}
+	}
+	close(gate)
+	// Once the refresh is done the set is fresh: another token fetches nothing.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		v.mu.Lock()
+		fresh := v.fetching == nil && v.fetchedAt.Equal(later)
+		v.mu.Unlock()
+		if fresh {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the background refresh did not complete")
+		}
+	}
+	fetched := ks.fetches.Load()
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(later.Add(time.Second)))); err != nil {
+		t.Fatal(err)
+	}
+	if got := ks.fetches.Load(); got != fetched {
+		t.Errorf("%d more metadata fetches after the refresh, want none", got-fetched)
 	}
 }
 
