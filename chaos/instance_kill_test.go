@@ -75,8 +75,9 @@ func TestInstanceKilled(t *testing.T) {
 	placedAll := time.Now()
 	t.Logf("t=%s: %d calls placed (%s)", since(t0, placedAll), calls, lb.stats())
 
-	// After the kill, what the dead instance saved but did not do is re-driven once its outbox
-	// lease (or, for a timer it had claimed, the 30s timer lease) runs out.
+	// After the kill, what the dead instance saved but did not do, and the timers it had
+	// claimed, come back once its outbox lease runs out; the wait allows at least 30 s for that
+	// (timer claims had a fixed 30 s lease once) and 45 s for the calls to end.
 	deadline := killed.Add(max(lease, 30*time.Second) + 45*time.Second)
 	stuck := waitEnded(t, t0, callers, deadline)
 	end := time.Now()

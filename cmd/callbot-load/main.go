@@ -100,7 +100,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.prompt, "prompt", 5*time.Millisecond, "graphsim: how long each prompt plays")
 	fs.DurationVar(&o.holdPrompt, "hold-prompt", time.Minute, "graphsim: how long the queue's hold music plays before callbot starts it again; 0 = as -prompt")
 	fs.DurationVar(&o.step, "step", time.Millisecond, "graphsim: delay between a call's state notifications")
-	fs.DurationVar(&o.graphLat, "graph-latency", 0, "graphsim: answer every Graph request (call actions, presence, token) this much later, as a real Graph does (tens to hundreds of ms)")
+	fs.DurationVar(&o.graphLat, "graph-latency", 0, "graphsim: answer every request (call actions, presence, token, signing-key metadata) this much later, as a real Graph does (tens to hundreds of ms)")
 	fs.DurationVar(&o.digitDelay, "digit-delay", 5*time.Millisecond, "callers press 1 this long after the first prompt starts")
 	fs.DurationVar(&o.presence, "presence", 500*time.Millisecond, "CALLBOT_PRESENCE_INTERVAL")
 	fs.DurationVar(&o.drain, "drain", 30*time.Second, "after the last call is placed, wait at most this long for calls to end")

@@ -630,10 +630,10 @@ func (m *Machine) renewLeases(ctx context.Context) {
 	}
 }
 
-// RunOutbox, every interval (at least every quarter lease) until ctx ends, renews the outbox
-// leases of the calls this instance is carrying out, every quarter lease, and re-drives the
-// commands of calls whose lease ran out: commands an instance saved and did not acknowledge,
-// because it died or lost Redis.
+// RunOutbox, every interval (or every quarter lease, if that is shorter) until ctx ends, renews
+// the outbox leases of the calls this instance is carrying out (at most once a quarter lease)
+// and re-drives the commands of calls whose lease ran out: commands an instance saved and did
+// not acknowledge, because it died or lost Redis.
 func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 	var renewed time.Time
 	repeat(ctx, max(min(cmp.Or(every, time.Second), m.cfg.OutboxLease/4), time.Millisecond), false, func() {

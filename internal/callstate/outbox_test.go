@@ -286,19 +286,13 @@ func TestBatchedAcks(t *testing.T) {
 // A claim's DoneOutbox removes the index entry it claimed, not one a save re-leased since, even
 // in the same millisecond.
 func TestDoneOutboxKeepsAReLease(t *testing.T) {
-	store := callstate.NewStore(redistest.Start(t).Client(t), "dn")
+	store, c, now := createWithOutbox(t)
 	ctx := context.Background()
-	now := time.Now()
-	c := callstate.Call{ID: "c1", Tenant: "t", State: callstate.StateQueued, CreatedAt: now,
-		Outbox: []callstate.Pending{{Seq: 1, Version: 1, Cmd: callstate.Command{Kind: callstate.CmdEnqueue, Queue: "q"}}}}
-	if err := store.Create(ctx, &c, now); err != nil {
-		t.Fatal(err)
-	}
 	keys, score, err := store.ClaimOutbox(ctx, now, 0, 10) // the claim's lease ends in this very millisecond
 	if err != nil || len(keys) != 1 {
 		t.Fatalf("claim: %v %v", keys, err)
 	}
-	if err := store.Save(ctx, &c, now); err != nil { // re-leased until the same millisecond
+	if err := store.Save(ctx, c, now); err != nil { // re-leased until the same millisecond
 		t.Fatal(err)
 	}
 	if err := store.DoneOutbox(ctx, "c1", score); err != nil {
@@ -389,14 +383,8 @@ func TestSlowCommandKeepsItsLeaseWhileItsInstanceLives(t *testing.T) {
 
 // RenewOutbox moves a lease forward, never back, and never brings back an outbox that is gone.
 func TestRenewOutbox(t *testing.T) {
-	store := callstate.NewStore(redistest.Start(t).Client(t), "rn")
+	store, _, now := createWithOutbox(t) // leased until now
 	ctx := context.Background()
-	now := time.Now()
-	c := callstate.Call{ID: "c1", Tenant: "t", State: callstate.StateQueued, CreatedAt: now,
-		Outbox: []callstate.Pending{{Seq: 1, Version: 1, Cmd: callstate.Command{Kind: callstate.CmdEnqueue, Queue: "q"}}}}
-	if err := store.Create(ctx, &c, now); err != nil { // leased until now
-		t.Fatal(err)
-	}
 	claim := func(at time.Time) []string {
 		t.Helper()
 		keys, _, err := store.ClaimOutbox(ctx, at, 0, 10) // a claim of no length: it changes nothing later claims see
@@ -420,4 +408,18 @@ func TestRenewOutbox(t *testing.T) {
 	if keys := claim(now.Add(2 * time.Minute)); !cmp.Equal(keys, []string{"c1"}) {
 		t.Errorf("claimed %v after the lease, want [c1] (and no outbox that was never there)", keys)
 	}
+}
+
+// createWithOutbox stores call c1 with one command in its outbox, leased until now, in a Redis of
+// its own.
+func createWithOutbox(t *testing.T) (*callstate.Store, *callstate.Call, time.Time) {
+	t.Helper()
+	store := callstate.NewStore(redistest.Start(t).Client(t), "ob")
+	now := time.Now()
+	c := &callstate.Call{ID: "c1", Tenant: "t", State: callstate.StateQueued, CreatedAt: now,
+		Outbox: []callstate.Pending{{Seq: 1, Version: 1, Cmd: callstate.Command{Kind: callstate.CmdEnqueue, Queue: "q"}}}}
+	if err := store.Create(context.Background(), c, now); err != nil {
+		t.Fatal(err)
+	}
+	return store, c, now
 }

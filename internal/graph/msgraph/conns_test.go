@@ -22,6 +22,7 @@ type silenceProxy struct {
 	target string
 	mu     sync.Mutex
 	muted  []*atomic.Bool
+	conns  []net.Conn
 }
 
 func newSilenceProxy(t *testing.T, target string) *silenceProxy {
@@ -31,12 +32,21 @@ func newSilenceProxy(t *testing.T, target string) *silenceProxy {
 		t.Fatal(err)
 	}
 	p := &silenceProxy{ln: ln, target: target}
-	t.Cleanup(func() { ln.Close() })
-	go p.serve(t)
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		ln.Close()
+		<-done // no connection is added after this
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+	})
+	go func() { defer close(done); p.serve() }()
 	return p
 }
 
-func (p *silenceProxy) serve(t *testing.T) {
+func (p *silenceProxy) serve() {
 	for {
 		in, err := p.ln.Accept()
 		if err != nil {
@@ -47,10 +57,10 @@ func (p *silenceProxy) serve(t *testing.T) {
 			in.Close()
 			continue
 		}
-		t.Cleanup(func() { in.Close(); out.Close() })
 		muted := new(atomic.Bool)
 		p.mu.Lock()
 		p.muted = append(p.muted, muted)
+		p.conns = append(p.conns, in, out)
 		p.mu.Unlock()
 		go forward(out, in, muted)
 		go forward(in, out, muted)
