@@ -122,6 +122,12 @@ func (b *bot) routes() http.Handler {
 			http.Error(w, "no flow loaded", http.StatusServiceUnavailable)
 			return
 		}
+		if keys, ok := b.deps.Auth.(signingKeys); ok {
+			if err := keys.Ready(); err != nil { // every notification would get 503 until then
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
 		w.Write([]byte("ready\n"))
 	})
 	return r
@@ -145,6 +151,9 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
 		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
 	wg.Go(func() { poller.Run(loops, b.deps.PresenceEvery) })
+	if keys, ok := b.deps.Auth.(signingKeys); ok {
+		wg.Go(func() { prefetchKeys(loops, keys, b.deps.Log) })
+	}
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -174,6 +183,30 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 		err = nil
 	}
 	return errors.Join(err, shutErr)
+}
+
+// signingKeys is the part of graph.Verifier that start-up and readiness use.
+type signingKeys interface {
+	Prefetch(ctx context.Context) error
+	Ready() error
+}
+
+// prefetchKeys fetches the signing keys at start, retrying from 1 s doubling to 30 s until it
+// has them or ctx ends, so the first notifications do not wait for the metadata URL and
+// readiness can say whether tokens can be verified.
+func prefetchKeys(ctx context.Context, keys signingKeys, log *zap.Logger) {
+	for wait := time.Second; ; wait = min(2*wait, 30*time.Second) {
+		err := keys.Prefetch(ctx)
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		log.Warn("signing keys not fetched; webhook answers 503 until they are", zap.Error(err), zap.Duration("retry_in", wait))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
 }
 
 // maxWebhookInFlight bounds the notifications applied at once; past it the webhook answers 503

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -30,6 +32,9 @@ type world struct {
 	sim    *graphsim.Sim
 	botURL string
 	stdout *syncBuffer
+	logs   *syncBuffer
+	env    map[string]string // callbot's environment
+	done   chan error        // what `callbot serve` returned
 }
 
 type syncBuffer struct {
@@ -73,6 +78,18 @@ var e2eScenarios = []struct {
 
 func startWorld(t *testing.T, rds redisBackend, agents ...graphsim.AgentSpec) *world {
 	t.Helper()
+	w := newWorld(t, rds, agents...)
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	return w
+}
+
+// newWorld makes the simulator, its agents and the Redis; start runs callbot.
+func newWorld(t *testing.T, rds redisBackend, agents ...graphsim.AgentSpec) *world {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
@@ -92,48 +109,64 @@ func startWorld(t *testing.T, rds redisBackend, agents ...graphsim.AgentSpec) *w
 	if err := sim.WriteCAFile(ca); err != nil {
 		t.Fatal(err)
 	}
-	env := map[string]string{
+	return &world{sim: sim, botURL: botURL, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: map[string]string{
 		"CALLBOT_LISTEN_ADDR": addr, "CALLBOT_PUBLIC_URL": botURL, "CALLBOT_TENANT_ID": demoTenant,
 		"CALLBOT_CLIENT_ID": demoClient, "CALLBOT_CLIENT_SECRET": demoSecret, "CALLBOT_AUTHORITY_HOST": sim.AuthorityHost(),
 		"CALLBOT_GRAPH_URL": sim.GraphURL(), "CALLBOT_OPENID_CONFIG_URL": sim.OpenIDConfigURL(), "CALLBOT_CA_FILE": ca,
 		"CALLBOT_REDIS_URL": redisURL, "CALLBOT_FLOW_FILE": "testdata/flow.yaml",
 		"CALLBOT_PRESENCE_INTERVAL": "500ms", "CALLBOT_TOKEN_ISSUERS": graphsim.DefaultIssuer, "CALLBOT_LOG_LEVEL": "debug",
-	}
+	}}
+}
+
+// start runs `callbot serve` until the test ends.
+func (w *world) start(t *testing.T) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &world{sim: sim, botURL: botURL, stdout: &syncBuffer{}}
-	logs := &syncBuffer{}
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, []string{"serve"}, func(k string) string { return env[k] }, w.stdout, logs) }()
+	w.done = make(chan error, 1)
+	go func() {
+		w.done <- run(ctx, []string{"serve"}, func(k string) string { return w.env[k] }, w.stdout, w.logs)
+	}()
 	t.Cleanup(func() {
 		cancel()
-		if err := <-done; err != nil {
+		if err := <-w.done; err != nil {
 			t.Errorf("serve: %v", err)
 		}
 		if t.Failed() {
-			t.Logf("callbot logs:\n%s", logs.String())
+			t.Logf("callbot logs:\n%s", w.logs.String())
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
+}
+
+// readyz is callbot's readiness: its status code and body.
+func (w *world) readyz() (int, string, error) {
+	resp, err := http.Get(w.botURL + "/readyz")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), err
+}
+
+// waitReady waits until callbot's readiness says 200, or fails with what it last said.
+func (w *world) waitReady(within time.Duration) error {
+	deadline := time.Now().Add(within)
 	for {
-		resp, err := http.Get(botURL + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				break
-			}
+		code, body, err := w.readyz()
+		if err == nil && code == 200 {
+			return nil
 		}
 		select {
-		case err := <-done:
-			t.Fatalf("serve exited: %v\n%s", err, logs.String())
+		case err := <-w.done:
+			w.done <- err // for the cleanup
+			return fmt.Errorf("serve exited: %v\n%s", err, w.logs.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("callbot not ready: %v\n%s", err, logs.String())
+			return fmt.Errorf("callbot not ready: %d %q %v\n%s", code, body, err, w.logs.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	time.Sleep(700 * time.Millisecond) // one presence poll
-	return w
 }
 
 func (w *world) call(t *testing.T, spec graphsim.CallerSpec) *graphsim.Call {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -182,6 +183,44 @@ func TestFaultSigningKeyRollover(t *testing.T) {
 	for _, d := range w.sim.Deliveries() {
 		if d.Status == 401 || d.Status == 403 {
 			t.Errorf("notification refused with %d after the rollover", d.Status)
+		}
+	}
+}
+
+// Graph's signing-key metadata is down when callbot starts. callbot says it is not ready, and
+// why, rather than taking notifications it cannot verify; it keeps trying by itself, and once the
+// metadata answers it is ready and the first caller is served with no notification refused.
+func TestFaultSigningKeysUnreachableAtStart(t *testing.T) {
+	w := newWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	down, err := w.sim.AddFault(graphsim.Fault{Kind: graphsim.FaultStatus, Action: "botauth-openid-configuration", Status: 503, Probability: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.start(t)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		code, body, err := w.readyz()
+		if code == 200 {
+			t.Fatal("ready without signing keys")
+		}
+		if err == nil && code == 503 && strings.Contains(body, "signing keys not fetched yet: ") && strings.Contains(body, "status 503") {
+			break // it tried, and says why it is not ready
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("readiness while the key metadata is down: %d %q %v; want 503 naming the failed fetch", code, body, err)
+		}
+	}
+	w.sim.RemoveFault(down)
+	if err := w.waitReady(10 * time.Second); err != nil { // retried after 1 s, 2 s, 4 s
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 20*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred {
+		t.Fatalf("caller experienced %+v; want transferred", r)
+	}
+	for _, d := range w.sim.Deliveries() {
+		if d.Status != 200 && d.Status != 202 && d.Status != 204 {
+			t.Errorf("notification %s %s answered %d %s; want every one taken", d.ChangeType, d.State, d.Status, d.Err)
 		}
 	}
 }

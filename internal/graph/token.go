@@ -77,6 +77,7 @@ type Verifier struct {
 	keys      map[string]*rsa.PublicKey
 	fetchedAt time.Time
 	fetching  chan struct{} // closed when the fetch in flight ends
+	lastErr   error         // the outcome of the last fetch, nil when it succeeded
 	// refreshes allowed now (up to refreshBurst), refilled one per MinRefreshGap since refilled
 	allowance float64
 	refilled  time.Time
@@ -85,7 +86,7 @@ type Verifier struct {
 	cache   map[string]Claims
 }
 
-// NewVerifier returns a verifier; it fetches keys on first use.
+// NewVerifier returns a verifier; it fetches keys on Prefetch or on first use.
 func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
 	if cfg.Audience == "" {
 		return nil, errors.New("token verifier: audience (client id) is required")
@@ -193,7 +194,7 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 	if known {
 		if now.Sub(v.fetchedAt) > v.cfg.RefreshEvery && v.fetching == nil && v.mayRefresh(now) {
 			done := make(chan struct{})
-			v.fetching = done
+			v.fetching = done // taken at once, so no second refresh starts
 			go v.refreshKeys(done)
 		}
 		v.mu.Unlock()
@@ -212,19 +213,10 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 			return nil, ctx.Err()
 		}
 		v.mu.Lock()
+		fetchErr = v.lastErr // the key may be unknown only because that fetch failed
 	case v.mayRefresh(now):
-		done := make(chan struct{})
-		v.fetching = done
-		v.mu.Unlock()
-		keys, err := v.fetchKeys(ctx)
-		v.mu.Lock()
-		if err == nil {
-			v.keys, v.fetchedAt = keys, v.cfg.Now()
-		}
-		fetchErr = err
+		fetchErr = v.fetchLocked(ctx, make(chan struct{}))
 		fetched = true
-		v.fetching = nil
-		close(done)
 	}
 	k, known = v.keys[kid]
 	v.mu.Unlock()
@@ -240,19 +232,72 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 	return nil, fmt.Errorf("unknown signing key %q", kid)
 }
 
-// refreshKeys fetches the key set in the background, then closes done. A failure keeps the keys
-// held; the next token after MinRefreshGap tries again.
-func (v *Verifier) refreshKeys(done chan struct{}) {
-	defer close(done)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+// fetchLocked fetches the key set as the one fetch in flight, announced by done (v.fetching,
+// closed at the end); v.mu is held on entry and on return, released while fetching. A failure
+// keeps the keys held.
+func (v *Verifier) fetchLocked(ctx context.Context, done chan struct{}) error {
+	v.fetching = done
+	v.mu.Unlock()
 	keys, err := v.fetchKeys(ctx)
 	v.mu.Lock()
-	defer v.mu.Unlock()
 	if err == nil {
 		v.keys, v.fetchedAt = keys, v.cfg.Now()
 	}
+	v.lastErr = err
 	v.fetching = nil
+	close(done)
+	return err
+}
+
+// refreshKeys fetches the key set in the background. A failure keeps the keys held; the next
+// token after MinRefreshGap tries again.
+func (v *Verifier) refreshKeys(done chan struct{}) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.fetchLocked(ctx, done)
+}
+
+// Prefetch fetches the signing keys unless some are held, so that the first notifications after
+// a start do not wait for the metadata URL. A fetch already in flight is waited for, not
+// repeated. It returns the fetch's error; the caller retries (callbot: with backoff, from start).
+// It does not take from the allowance that rate-limits refreshes for unknown kids.
+func (v *Verifier) Prefetch(ctx context.Context) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for v.keys == nil {
+		if wait := v.fetching; wait != nil {
+			v.mu.Unlock()
+			select {
+			case <-wait:
+			case <-ctx.Done():
+				v.mu.Lock()
+				return ctx.Err()
+			}
+			v.mu.Lock()
+			if v.keys == nil && v.lastErr != nil {
+				return v.lastErr
+			}
+			continue
+		}
+		return v.fetchLocked(ctx, make(chan struct{}))
+	}
+	return nil
+}
+
+// Ready is nil once signing keys are held: until then no token can be verified, and
+// notifications get 503 (so Graph sends them again). It names the last fetch's error.
+func (v *Verifier) Ready() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	switch {
+	case v.keys != nil:
+		return nil
+	case v.lastErr != nil:
+		return fmt.Errorf("signing keys not fetched yet: %v", v.lastErr)
+	}
+	return errors.New("signing keys not fetched yet")
 }
 
 // refreshBurst is how many key refreshes may follow one another before the MinRefreshGap rate

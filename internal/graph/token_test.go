@@ -239,6 +239,80 @@ func TestStaleKeysRefreshInTheBackground(t *testing.T) {
 	}
 }
 
+// Prefetch takes the keys before any notification comes, and Ready says whether it has them
+// and, if not, why. Failed prefetches do not use up the allowance of refreshes for unknown kids.
+func TestPrefetch(t *testing.T) {
+	ks := newKeyServer(t)
+	v := newTestVerifier(t, ks, nil)
+	ctx := context.Background()
+	if err := v.Ready(); err == nil {
+		t.Fatal("ready before any key was fetched")
+	}
+	ks.down.Store(true)
+	for i := 0; i < 2*refreshBurst; i++ {
+		if err := v.Prefetch(ctx); err == nil {
+			t.Fatal("prefetch with the metadata down: no error")
+		}
+	}
+	if err := v.Ready(); err == nil || !strings.Contains(err.Error(), "status 500") {
+		t.Fatalf("Ready with the metadata down = %v; want the fetch's error", err)
+	}
+	ks.down.Store(false)
+	// the allowance is intact: a token whose key is not held yet still fetches the keys
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))); err != nil {
+		t.Fatalf("token after failed prefetches: %v", err)
+	}
+
+	v = newTestVerifier(t, ks, nil)
+	if err := v.Prefetch(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Ready(); err != nil {
+		t.Fatalf("Ready after a prefetch: %v", err)
+	}
+	fetched := ks.fetches.Load()
+	if err := v.Prefetch(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))); err != nil {
+		t.Fatal(err)
+	}
+	if got := ks.fetches.Load(); got != fetched {
+		t.Errorf("%d metadata fetches after the prefetch, want none", got-fetched)
+	}
+}
+
+// Notifications that wait for a key fetch in flight share its outcome: when the metadata is
+// down they are all told to come again (503), not refused as signed by an unknown key (401,
+// which Graph does not retry: the notification, and maybe the caller, would be lost).
+func TestWaitersOfAFailedFetchAreToldToRetry(t *testing.T) {
+	ks := newKeyServer(t)
+	v := newTestVerifier(t, ks, nil)
+	ks.down.Store(true)
+	gate := make(chan struct{})
+	ks.gate.Store(&gate)
+	tok := signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))
+	const n = 6
+	errs := make(chan error, n)
+	go func() { _, err := v.Verify(context.Background(), tok); errs <- err }()
+	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			close(gate)
+			t.Fatal("no key fetch")
+		}
+	}
+	for range n - 1 { // these find the fetch in flight and wait for it
+		go func() { _, err := v.Verify(context.Background(), tok); errs <- err }()
+	}
+	time.Sleep(100 * time.Millisecond) // let them reach the wait; one that does not fetches alone, also failing
+	close(gate)
+	for range n {
+		if err := <-errs; !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnauthorized) {
+			t.Errorf("Verify while the key fetch failed = %v; want ErrUnavailable only", err)
+		}
+	}
+}
+
 func TestVerifyRequestNeedsBearer(t *testing.T) {
 	ks := newKeyServer(t)
 	v := newTestVerifier(t, ks, nil)
