@@ -180,9 +180,7 @@ func (d *decision) apply(ev Event) error {
 		switch c.State {
 		case StateInMenu:
 			d.timer(TimerMenu, d.menuTimeout())
-		case StateInviting:
-			d.hold(nil)
-		case StateQueued:
+		case StateInviting, StateQueued:
 			if ev.Failed {
 				// never loop on a prompt Graph refuses: try the hold music again in a while
 				d.timer(TimerHold, 5*time.Second)
@@ -190,7 +188,7 @@ func (d *decision) apply(ev Event) error {
 				d.hold(nil)
 			}
 		case StateTerminating:
-			d.emit(Command{Kind: CmdHangup})
+			d.hangup()
 		}
 		return nil
 
@@ -243,8 +241,10 @@ func (d *decision) apply(ev Event) error {
 			d.emit(Command{Kind: CmdCheckCall})
 			d.timer(TimerTransfer, d.env.TransferTimeout)
 		case StateTerminating:
+			// the goodbye never finished, or the hangup got no terminated notification (Graph
+			// refused it, or the notification was lost): hang up again, and keep watching
 			d.c.PromptCtx = ""
-			d.emit(Command{Kind: CmdHangup})
+			d.hangup()
 		}
 		return nil
 
@@ -294,7 +294,7 @@ func (d *decision) apply(ev Event) error {
 		case c.State == StateConnected && c.Joined:
 			// the agent left the conversation: callbot ends the call, the agent wraps up
 			c.State, c.Outcome = StateTerminating, OutcomeConnected
-			d.emit(Command{Kind: CmdHangup})
+			d.hangup()
 			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentWrapUp, After: d.wrapUp()})
 			c.Agent = ""
 		default:
@@ -433,12 +433,19 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		c.State, c.Outcome, c.Queue = StateTerminating, OutcomeDisconnected, ""
 		ps := append(pre, d.prompts(a.Prompt)...)
 		if len(ps) == 0 {
-			d.emit(Command{Kind: CmdHangup})
+			d.hangup()
 			return
 		}
 		d.play(ps)
-		d.timer(TimerMenu, d.env.HangupGrace)
+		d.timer(TimerMenu, d.env.HangupGrace) // a goodbye longer than this is cut
 	}
+}
+
+// hangup ends the call, and arms a timer that hangs up again if no terminated notification
+// comes: a hangup Graph refused or lost must not leave the caller in a call nobody serves.
+func (d *decision) hangup() {
+	d.emit(Command{Kind: CmdHangup})
+	d.timer(TimerMenu, d.env.HangupGrace)
 }
 
 // transferFailed puts a caller whose transfer failed back where it came from: the head of its

@@ -25,8 +25,10 @@
 //
 // Notifications can be lost, repeated or reordered. Guards cover the losses: no established 10 s
 // after answer, no outcome of a transfer in time, a menu prompt whose end is never reported, hold
-// music whose end is never reported; each either asks Graph for the call's state (EvCallState) or
-// acts as if the notification had come. A transfer failure is acted on only once Graph shows the
+// music whose end is never reported, a hangup with no terminated notification after it (Graph
+// refused it, or the notification was lost: callbot hangs up again every hang-up grace until the
+// call ends); each either asks Graph for the call's state (EvCallState) or acts as if the
+// notification had come. A hold prompt Graph refuses is tried again 5 s later, never at once. A transfer failure is acted on only once Graph shows the
 // call established again, since one from an earlier attempt may arrive late.
 //
 // Every change is one compare-and-set on the call's version, and saves the commands it decided
