@@ -67,6 +67,9 @@ type Command struct {
 	Timer         TimerKind           `json:"timer,omitempty"`
 	Token         int64               `json:"token,omitempty"`
 	After         time.Duration       `json:"after,omitempty"`
+	// Settles, on CmdCheckCall: what Graph says settles the current transfer attempt (the check
+	// is its timer's), rather than checking a failure notification that may be an earlier one's.
+	Settles bool `json:"settles,omitempty"`
 }
 
 // Idempotent reports whether sending the command twice does no harm. Answer, reject, redirect

@@ -156,8 +156,16 @@ func (d *decision) apply(ev Event) error {
 			// the answer request failed ambiguously or was lost, and Graph says the call was not
 			// answered: answering again cannot answer twice
 			d.answer()
-		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished:
+		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished && (ev.Verified || c.Transferring):
 			d.transferFailed()
+		case c.State == StateTransferring && ev.GraphState == graph.CallTransferring && !c.Transferring:
+			c.Transferring = true // as EvTransferring: the notification was lost, or is late
+		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished:
+			// Checking a failure notification, Graph has the call established, but it never said
+			// the current attempt was under way: the notification may be a repeat of an earlier
+			// attempt's, and this attempt's request may not have reached Graph yet (another
+			// instance sends it). Look again soon, and let that look settle it.
+			d.timer(TimerTransfer, transferRecheck)
 		default:
 			return ErrIgnored // Graph agrees with callbot, or has not decided yet
 		}
@@ -238,7 +246,7 @@ func (d *decision) apply(ev Event) error {
 				return ErrIgnored
 			}
 			// no outcome in time: ask Graph (a lost notification), and keep watching
-			d.emit(Command{Kind: CmdCheckCall})
+			d.emit(Command{Kind: CmdCheckCall, Settles: true})
 			d.timer(TimerTransfer, d.env.TransferTimeout)
 		case StateTerminating:
 			// the goodbye never finished, or the hangup got no terminated notification (Graph
@@ -251,6 +259,7 @@ func (d *decision) apply(ev Event) error {
 	case EvAgentOffer:
 		c.Agent = ev.Agent
 		c.Offers++
+		c.Transferring = false
 		target := graph.Party{Kind: graph.KindUser, ID: ev.Agent}
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.Handoff == ivr.HandoffInvite {
 			// conference hand-off: the agent is invited and callbot stays; the caller keeps
@@ -306,6 +315,13 @@ func (d *decision) apply(ev Event) error {
 		c.Outcome = OutcomeTransferred // the target took the call; the bot leg ends next
 		return nil
 
+	case EvTransferring:
+		if c.Transferring {
+			return ErrIgnored // a repeat
+		}
+		c.Transferring = true // Graph took the current attempt: a failure from now on is about it
+		return nil
+
 	case EvTransferFailed:
 		if !ev.Verified {
 			// A failure notification does not say which attempt it is about, and one from an
@@ -331,8 +347,11 @@ func (d *decision) apply(ev Event) error {
 // wait in silence for a notification that will not come.
 const (
 	answerCheck = 10 * time.Second // no established this long after answer: ask Graph
-	promptGuard = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
-	holdGuard   = 10 * time.Minute // hold music's end not reported: play it again after this
+	// transferRecheck: a failure notification could not be told from an earlier attempt's; ask
+	// Graph again this long after, and take what it says then
+	transferRecheck = 5 * time.Second
+	promptGuard     = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
+	holdGuard       = 10 * time.Minute // hold music's end not reported: play it again after this
 )
 
 // maxAnswers bounds answer requests for one call (the first, and one after Graph showed the call
@@ -423,7 +442,7 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 			d.timer(TimerMaxWait, q.MaxWait)
 		}
 	case ivr.ActionTransfer:
-		c.State, c.Target, c.Queue = StateTransferring, a.Target, ""
+		c.State, c.Target, c.Queue, c.Transferring = StateTransferring, a.Target, "", false
 		target := a.TransferParty()
 		d.play(pre)
 		c.Offers++
@@ -452,7 +471,7 @@ func (d *decision) hangup() {
 // queue (its original arrival score), or the start of the menu for a direct transfer.
 func (d *decision) transferFailed() {
 	c := &d.c
-	c.Outcome = ""
+	c.Outcome, c.Transferring = "", false
 	if c.Agent != "" {
 		d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed})
 		c.Agent = ""

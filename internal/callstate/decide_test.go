@@ -181,6 +181,11 @@ func TestTransferFailedBackToHeadOfQueue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Graph says it took the transfer
+	c2, _, err = Decide(c2, Event{Kind: EvTransferring}, env)
+	if err != nil || !c2.Transferring {
+		t.Fatalf("transferring: %v, Transferring %v", err, c2.Transferring)
+	}
 	// a failure notification is first checked against Graph: it may belong to an earlier attempt
 	c2b, check, err := Decide(c2, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
 	if err != nil || c2b.State != StateTransferring || len(check) != 1 || check[0].Kind != CmdCheckCall {
@@ -203,6 +208,49 @@ func TestTransferFailedBackToHeadOfQueue(t *testing.T) {
 	}
 	if cmds3[4].Timer != TimerMaxWait || cmds3[4].After != 90*time.Second {
 		t.Errorf("max wait re-armed for %v, want what is left (90s)", cmds3[4].After)
+	}
+}
+
+// A failure notification may repeat an earlier attempt's, and the current attempt's request may
+// not have reached Graph yet (another instance sends it): Graph then still has the call
+// established. Until Graph said the current attempt is under way (transferring), such a check does
+// not end the attempt; callbot looks again 5 s later, and that look settles it.
+func TestFailureNotKnownToBeThisAttemptsIsLookedAtAgain(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	c, _, err := Decide(c, Event{Kind: EvAgentOffer, Agent: "a1"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, check, err := Decide(c, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+	if err != nil || len(check) != 1 || check[0].Kind != CmdCheckCall || check[0].Settles {
+		t.Fatalf("failure notification: %v %v, want a check that does not settle the attempt", kinds(check), err)
+	}
+	c, out, err := Decide(c, Event{Kind: EvCallState, GraphState: graph.CallEstablished}, env)
+	if err != nil || c.State != StateTransferring || c.Agent != "a1" || !slices.Equal(kinds(out), []string{"setTimer"}) ||
+		out[0].Timer != TimerTransfer || out[0].After != 5*time.Second {
+		t.Fatalf("established, never transferring: %s agent %q %v %v; want the attempt kept and a look again in 5 s", c.State, c.Agent, kinds(out), err)
+	}
+	c, out, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: c.Timers[TimerTransfer]}, env)
+	if err != nil || len(out) == 0 || out[0].Kind != CmdCheckCall || !out[0].Settles {
+		t.Fatalf("the look again: %v %v, want a check that settles", kinds(out), err)
+	}
+	c, _, err = Decide(c, Event{Kind: EvCallState, GraphState: graph.CallEstablished, Verified: true}, env)
+	if err != nil || c.State != StateQueued || c.Agent != "" {
+		t.Fatalf("still established 5 s later: %s agent %q %v, want back in the queue", c.State, c.Agent, err)
+	}
+	// a read that finds the attempt under way counts as Graph's transferring notification
+	c, _ = step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1}, Event{Kind: EvAgentOffer, Agent: "a1"})
+	if c, _, err = Decide(c, Event{Kind: EvCallState, GraphState: graph.CallTransferring}, env); err != nil || !c.Transferring {
+		t.Fatalf("Graph read transferring: %v, Transferring %v", err, c.Transferring)
+	}
+	if c, _, err = Decide(c, Event{Kind: EvCallState, GraphState: graph.CallEstablished}, env); err != nil || c.State != StateQueued {
+		t.Fatalf("established after transferring: %s %v, want back in the queue", c.State, err)
+	}
+	// a new attempt forgets the last one's transferring
+	c, _, _ = Decide(c, Event{Kind: EvAgentOffer, Agent: "a2"}, env)
+	if c.Transferring {
+		t.Error("a new attempt starts with Transferring set")
 	}
 }
 

@@ -28,8 +28,14 @@
 // music whose end is never reported, a hangup with no terminated notification after it (Graph
 // refused it, or the notification was lost: callbot hangs up again every hang-up grace until the
 // call ends); each either asks Graph for the call's state (EvCallState) or acts as if the
-// notification had come. A hold prompt Graph refuses is tried again 5 s later, never at once. A transfer failure is acted on only once Graph shows the
-// call established again, since one from an earlier attempt may arrive late.
+// notification had come. A hold prompt Graph refuses is tried again 5 s later, never at once.
+//
+// A transfer failure is acted on only once Graph shows the call established again, since one from
+// an earlier attempt may arrive late or twice; and only once Graph said the current attempt is
+// under way (transferring, Call.Transferring), since a repeat of an earlier attempt's failure can
+// arrive before the current attempt's request reached Graph (another instance may be sending
+// it), when Graph still has the call established. Without that, callbot reads the call again
+// 5 s later, and that read settles it (as the transfer timer's does).
 //
 // Every change is one compare-and-set on the call's version, and saves the commands it decided
 // with it (the outbox): any instance may apply any notification, a lost race is retried on the

@@ -143,7 +143,7 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 }
 
 // EventOf maps a Graph notification to a machine event; false for notifications callbot does
-// not act on (content sharing, intermediate states such as establishing and transferring).
+// not act on (content sharing, intermediate states such as establishing).
 func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 	switch n.Kind {
 	case graph.ResourceCall:
@@ -177,6 +177,8 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 			return Event{Kind: EvEstablished}, true
 		case c.State == graph.CallTransferAccepted:
 			return Event{Kind: EvTransferAccepted}, true
+		case c.State == graph.CallTransferring:
+			return Event{Kind: EvTransferring}, true
 		}
 	case graph.ResourceOperation:
 		op := n.Operation
@@ -188,6 +190,11 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 		}
 		return Event{Kind: EvPromptDone, ClientContext: op.ClientContext}, true
 	case graph.ResourceParticipants:
+		if n.Participants == nil {
+			// not a roster (resourceData null, absent, or one participant's object): reading it
+			// as an empty one would take the agent for gone and hang up on the caller
+			break
+		}
 		ev := Event{Kind: EvRoster, Participants: []string{}}
 		for _, p := range n.Participants {
 			if p.Info.Identity.User != nil {
@@ -519,7 +526,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	case CmdHangup:
 		err = cc.Hangup(ctx, c.ID)
 	case CmdCheckCall:
-		m.checkCall(c, scenario, log)
+		m.checkCall(c, scenario, cmd.Settles, log)
 		return
 	case CmdInvite:
 		op, err = cc.InviteParticipants(ctx, c.ID, graph.InviteRequest{Participants: []graph.Invitee{{Party: cmd.Target}}, ClientContext: cmd.ClientContext})
@@ -540,10 +547,11 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdAnswer:
 			// ambiguous (timeout, 5xx): the answer may have been taken; ask Graph, and answer
 			// again only if it still has the call incoming
-			m.checkCall(c, scenario, log)
+			m.checkCall(c, scenario, false, log)
 		case cmd.Kind == CmdTransfer && !definitive(err):
-			// Graph may have taken it: do not send it again, ask where the call is
-			m.checkCall(c, scenario, log)
+			// Graph may have taken it: do not send it again, ask where the call is; the
+			// attempt's own request is over, so established now means it failed
+			m.checkCall(c, scenario, true, log)
 		case cmd.Kind == CmdTransfer:
 			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true})
 		case cmd.Kind == CmdPlayPrompt:
@@ -568,7 +576,9 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 // request that failed ambiguously (Graph may have taken it), a transfer or an answer with no
 // outcome in time (a notification may be lost). A call Graph no longer has is ended; how it
 // ended (transferred, caller gone) is what its terminated notification says, when it comes.
-func (m *Machine) checkCall(c Call, scenario string, log *zap.Logger) {
+// settles: the read follows the current transfer attempt's own request or timer (EvCallState's
+// Verified).
+func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logger) {
 	ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), m.cfg.CommandTimeout)
 	defer cancel()
 	st, err := m.cfg.Control.GetCall(ctx, c.ID)
@@ -586,7 +596,7 @@ func (m *Machine) checkCall(c Call, scenario string, log *zap.Logger) {
 		log.Warn("cannot read the call from Graph; its timers will ask again", zap.Error(err))
 		return
 	default:
-		ev = Event{Kind: EvCallState, GraphState: st}
+		ev = Event{Kind: EvCallState, GraphState: st, Verified: settles}
 	}
 	if _, err := m.Handle(context.Background(), c.Tenant, key, ev); err != nil {
 		log.Error("apply call state from Graph", zap.Error(err))

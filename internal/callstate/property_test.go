@@ -100,6 +100,7 @@ func (m *model) command(cmd Command) {
 		}
 		m.transfersInFlight++
 		m.graph = graph.CallTransferring
+		m.send(Event{Kind: EvTransferring})
 		a := m.agentIndex(cmd.Target.ID)
 		if a >= 0 && m.agents[a] {
 			m.graph = graph.CallTerminated
@@ -138,7 +139,7 @@ func (m *model) command(cmd Command) {
 		case m.graph == graph.CallTerminated:
 			m.apply(Event{Kind: EvEnded, Reason: "gone from graph"})
 		default:
-			m.apply(Event{Kind: EvCallState, GraphState: m.graph})
+			m.apply(Event{Kind: EvCallState, GraphState: m.graph, Verified: cmd.Settles})
 		}
 	}
 }

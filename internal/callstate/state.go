@@ -73,7 +73,7 @@ const (
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
-	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster"}
+	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {
@@ -117,6 +117,8 @@ type Event struct {
 	GraphState graph.CallState
 	// Verified: a transfer failure known to be about the current attempt (the request was
 	// refused, or Graph shows the call established again), not a late or repeated notification.
+	// On EvCallState: the read settles the current attempt (it follows the attempt's own
+	// request or timer), so a call established again means the attempt failed.
 	Verified bool
 	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
 	Result  graph.ResultInfo

@@ -182,3 +182,109 @@ func TestRefusedHoldMusicWhileInvitingWaits(t *testing.T) {
 		t.Errorf("5 s after the refused prompt: %s, prompt %q; want the hold music playing again", c.State, c.PromptCtx)
 	}
 }
+
+// gatedGraph holds Transfer until gate is closed: a slow Graph, or an executor that is behind.
+type gatedGraph struct {
+	*fakeGraph
+	gate chan struct{}
+}
+
+func (g *gatedGraph) Transfer(ctx context.Context, id string, p graph.Party, cc string) error {
+	if g.gate != nil {
+		<-g.gate
+	}
+	return g.fakeGraph.Transfer(ctx, id, p, cc)
+}
+
+// twoInstances makes two machines (two callbot instances) on one Redis.
+func twoInstances(t *testing.T, prefix string, ga, gb callstate.CallControl, qa, qb callstate.Queues) (a, b *callstate.Machine, store *callstate.Store) {
+	rdb := redistest.Start(t).Client(t)
+	flow, err := ivr.Parse([]byte(handoffFlowYAML), "r.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(g callstate.CallControl, q callstate.Queues) *callstate.Machine {
+		return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix), Control: g,
+			Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	}
+	return mk(ga, qa), mk(gb, qb), callstate.NewStore(rdb, prefix)
+}
+
+func must(t *testing.T, m *callstate.Machine, id string, ev callstate.Event) bool {
+	t.Helper()
+	ok, err := m.Handle(context.Background(), "t1", graph.CallKey(id), ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ok
+}
+
+// Attempt 1 fails, and instance A offers the caller to agent-b; A's transfer request has not
+// reached Graph yet (its executor is behind). Graph repeats attempt 1's failure notification and
+// instance B gets it. B asks Graph, which still has the call established, since attempt 2 has not
+// reached it. Before, B took that as attempt 2's failure: agent-b released as failed and the
+// caller requeued, while A's transfer to agent-b went out. Now a failure is settled only once Graph
+// said the current attempt was under way (transferring), or by a later look.
+func TestRepeatedFailureOfAnEarlierAttemptDoesNotEndTheNext(t *testing.T) {
+	ga := &gatedGraph{fakeGraph: &fakeGraph{}}
+	gb := &fakeGraph{}
+	qa, qb := &fakeQueues{}, &fakeQueues{}
+	a, b, store := twoInstances(t, "lt", ga, gb, qa, qb)
+	id := "c-late"
+	key := graph.CallKey(id)
+	must(t, a, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	must(t, a, id, callstate.Event{Kind: callstate.EvEstablished})
+	must(t, a, id, callstate.Event{Kind: callstate.EvTone, Digit: "1", Seq: 1})
+	must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-a"})
+	a.Wait()
+	must(t, a, id, callstate.Event{Kind: callstate.EvTransferring}) // Graph took attempt 1
+	failure := callstate.Event{Kind: callstate.EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}
+	must(t, a, id, failure) // attempt 1's failure: checked with Graph (established), requeued
+	a.Wait()
+	if c, _ := store.Get(context.Background(), key); c.State != callstate.StateQueued {
+		t.Fatalf("after attempt 1 failed: %s, want queued", c.State)
+	}
+	ga.gate = make(chan struct{})
+	if !must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"}) {
+		t.Fatal("offer to agent-b refused")
+	}
+	must(t, b, id, failure) // Graph repeats attempt 1's failure; B gets it
+	b.Wait()
+	close(ga.gate)
+	a.Wait()
+	c, _ := store.Get(context.Background(), key)
+	if c.State != callstate.StateTransferring || c.Agent != "agent-b" {
+		t.Fatalf("a repeated failure of attempt 1 ended attempt 2: call %s agent %q; A sent %v; B's queue operations %v",
+			c.State, c.Agent, ga.log(), qb.ops)
+	}
+	if countPrefix(qb.ops, "release") != 0 {
+		t.Errorf("B released an agent: %v", qb.ops)
+	}
+}
+
+// A participants notification with no roster in it (resourceData null, absent, or one
+// participant's object) is not an empty roster: read as one, it took the agent of a connected
+// call for gone and hung up on the caller. An empty array is a roster with nobody in it.
+func TestParticipantsNotificationWithoutARosterIsNoRoster(t *testing.T) {
+	const id = "57dab8b1-894c-409a-b240-bd8beae78896"
+	for _, tc := range []struct {
+		url, data string
+		roster    bool
+	}{
+		{"/participants", `null`, false},
+		{"/participants", `{"@odata.type":"#microsoft.graph.participant","id":"p1"}`, false},
+		{"/participants/p1", `{"@odata.type":"#microsoft.graph.participant","id":"p1"}`, false},
+		{"/participants", `[]`, true},
+	} {
+		body := `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"updated","resourceUrl":"/communications/calls/` +
+			id + tc.url + `","resourceData":` + tc.data + `}]}`
+		ns, err := graph.Decode([]byte(body))
+		if err != nil {
+			t.Fatalf("%s %s: %v", tc.url, tc.data, err)
+		}
+		ev, ok := callstate.EventOf(ns[0], "t1", "")
+		if ok != tc.roster || (ok && (ev.Kind != callstate.EvRoster || len(ev.Participants) != 0)) {
+			t.Errorf("%s %s: event %v %v, want a roster: %v", tc.url, tc.data, ev.Kind, ok, tc.roster)
+		}
+	}
+}

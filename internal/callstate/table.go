@@ -43,6 +43,8 @@ var Transitions = []Transition{
 	{StateTransferring, EvTimeout, StateTransferring},  // no outcome from Graph in time: ask Graph
 	{StateTransferring, EvCallState, StateQueued},      // Graph has it established again: the transfer failed
 	{StateTransferring, EvCallState, StateInMenu},
+	{StateTransferring, EvCallState, StateTransferring},    // a failure not known to be this attempt's: look again soon
+	{StateTransferring, EvTransferring, StateTransferring}, // Graph took the current attempt
 
 	{StateInviting, EvPromptDone, StateInviting},  // hold music loops while the agent rings
 	{StateInviting, EvInviteDone, StateConnected}, // the agent joined

@@ -209,8 +209,8 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 		v.mu.Unlock()
 		select {
 		case <-wait:
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		case <-ctx.Done(): // the request gave up waiting: not the token's fault
+			return nil, fmt.Errorf("%w: waiting for the key fetch: %v", errKeyNotYet, ctx.Err())
 		}
 		v.mu.Lock()
 		fetchErr = v.lastErr // the key may be unknown only because that fetch failed

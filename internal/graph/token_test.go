@@ -313,6 +313,28 @@ func TestWaitersOfAFailedFetchAreToldToRetry(t *testing.T) {
 	}
 }
 
+// A request that gives up waiting for a key fetch in flight is told to come again (503), not
+// refused as if its token were bad.
+func TestVerifyGivenUpWaitingIsUnavailable(t *testing.T) {
+	ks := newKeyServer(t)
+	v := newTestVerifier(t, ks, nil)
+	gate := make(chan struct{})
+	ks.gate.Store(&gate)
+	defer close(gate)
+	go v.Prefetch(context.Background())
+	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no key fetch")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := v.Verify(ctx, signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now())))
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("Verify that gave up waiting for the keys = %v; want ErrUnavailable only", err)
+	}
+}
+
 func TestVerifyRequestNeedsBearer(t *testing.T) {
 	ks := newKeyServer(t)
 	v := newTestVerifier(t, ks, nil)

@@ -46,7 +46,13 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return h.Log.With(zap.String("scenario_id", r.Header.Get("Scenario-Id")),
 			zap.String("client_request_id", r.Header.Get("client-request-id")), zap.String("request_id", r.Header.Get("request-id")))
 	}
+	verifyStart := time.Now()
 	claims, err := h.Auth.VerifyRequest(r)
+	if waited := time.Since(verifyStart); waited > slowVerify && err == nil {
+		// The token waited (for the signing keys): the server's read deadline, counted from the
+		// request's start, may have passed with the body unread. Give the body its own time.
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyReadTime))
+	}
 	if errors.Is(err, ErrUnavailable) {
 		log().Warn("webhook: token not verifiable yet, asking for a retry", zap.Error(err))
 		w.Header().Set("Retry-After", "5")
@@ -85,7 +91,11 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			writeProblem(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", maxBody))
 			return
 		}
-		writeProblem(w, http.StatusBadRequest, "read body: "+err.Error())
+		// Graph sent a body callbot could not read (a timeout, a connection cut): nothing was
+		// applied, and a 4xx would make Graph drop the notification. Ask for it again.
+		log().Warn("webhook: body not read, asking for a retry", zap.Error(err))
+		w.Header().Set("Retry-After", "1")
+		writeProblem(w, http.StatusServiceUnavailable, "read body: "+err.Error())
 		return
 	}
 	ns, err := Decode(body)
@@ -124,6 +134,13 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(http.StatusAccepted)
 }
+
+// A token verification longer than slowVerify (it waited for the signing keys) gives the body
+// bodyReadTime of its own to be read.
+const (
+	slowVerify   = time.Second
+	bodyReadTime = 10 * time.Second
+)
 
 // bodyPool holds request body buffers, so reading a body allocates only when it is larger than
 // any read before (io.ReadAll would start at 512 bytes and grow for every request).

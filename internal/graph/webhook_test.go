@@ -135,3 +135,58 @@ func TestWebhookBodyBufferReuse(t *testing.T) {
 		t.Errorf("delivered notifications changed (-got +want):\n%s", diff)
 	}
 }
+
+// failingBody is a request body whose read fails as a timed-out connection's does.
+type failingBody struct{}
+
+func (failingBody) Read([]byte) (int, error) { return 0, os.ErrDeadlineExceeded }
+func (failingBody) Close() error             { return nil }
+
+// A body callbot could not read (a timeout, a connection cut) is not Graph's fault: the answer
+// is 503 with Retry-After, so Graph sends the notification again; a 400 would make Graph drop it.
+func TestWebhookBodyNotReadAsksForRetry(t *testing.T) {
+	ks := newKeyServer(t)
+	sink := &recordingSink{}
+	h := &Webhook{Auth: newTestVerifier(t, ks, nil), Sink: sink, Log: zaptest.NewLogger(t)}
+	r := httptest.NewRequest("POST", "/api/calls", nil)
+	r.Body = failingBody{}
+	r.Header.Set("Authorization", "Bearer "+signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now())))
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, r)
+	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") == "" || len(sink.got) > 0 {
+		t.Fatalf("status %d, Retry-After %q, delivered %d; want 503 with Retry-After and nothing applied", w.Code, w.Header().Get("Retry-After"), len(sink.got))
+	}
+}
+
+// slowAuth accepts every token after a delay: a verification that waited for the signing keys.
+type slowAuth struct{ delay time.Duration }
+
+func (a slowAuth) VerifyRequest(*http.Request) (Claims, error) {
+	time.Sleep(a.delay)
+	return Claims{TenantID: testTenant, Expiry: time.Now().Add(time.Hour)}, nil
+}
+
+// The server's read deadline counts from the request's start. A token that waited for the
+// signing keys past it left the body unreadable, and a notification Graph sent in time was
+// refused. The body now gets time of its own once the token is verified.
+func TestWebhookBodyReadAfterASlowTokenCheck(t *testing.T) {
+	sink := &recordingSink{}
+	srv := httptest.NewUnstartedServer(&Webhook{Auth: slowAuth{delay: slowVerify + 300*time.Millisecond}, Sink: sink, Log: zaptest.NewLogger(t)})
+	srv.Config.ReadTimeout = slowVerify
+	srv.Start()
+	t.Cleanup(srv.Close)
+	incoming, err := os.ReadFile("testdata/payloads/notification-incoming.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// larger than what the server reads with the headers, so the handler reads from the socket
+	body := strings.Replace(string(incoming), "{", "{"+strings.Repeat(" ", 16<<10), 1)
+	resp, err := http.Post(srv.URL+"/api/calls", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted || len(sink.got) != 1 {
+		t.Fatalf("status %d, delivered %d; want the notification taken", resp.StatusCode, len(sink.got))
+	}
+}
