@@ -91,6 +91,7 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		Flow:        d.Flow,
 		CallbackURI: d.CallbackURI,
 		OutboxLease: d.OutboxLease,
+		Tenants:     []string{d.TenantID},
 		Log:         d.Log.Named("call"),
 		OnEnd:       d.OnEnd,
 	})

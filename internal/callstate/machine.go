@@ -40,6 +40,10 @@ type QueueWriter interface {
 
 // Config wires a Machine.
 type Config struct {
+	// Tenants whose agent reservations the reconciler checks on every pass, whether or not they
+	// have a live call (an agent reserved for a caller who hung up before the offer would
+	// otherwise stay reserved until the tenant had a call older than a minute).
+	Tenants         []string
 	Store           *Store
 	Timers          *Timers
 	Control         CallControl
@@ -63,10 +67,10 @@ type Config struct {
 // check (retrying on conflict, so any instance may handle any notification), then carries out
 // the commands. Graph commands of one call run in order, off the request path.
 type Machine struct {
-	// suspect holds reservations the last reconciliation found with a caller still queued:
-	// one still there at the next pass is stale (its offer was lost), not in flight.
+	// suspect holds reservations the last reconciliation found with a caller still queued, by
+	// tenant and agent: one still there at the next pass is stale (its offer was lost), not in flight.
 	mu      sync.Mutex
-	suspect map[string]string
+	suspect map[[2]string]string
 
 	acks     chan Ack    // acknowledgements waiting for RunAcks' next batch
 	batching atomic.Bool // RunAcks is running
@@ -805,6 +809,19 @@ func (m *Machine) Offer(ctx context.Context, tenant, callKey, agent string) (boo
 	return m.Handle(ctx, tenant, callKey, Event{Kind: EvAgentOffer, Agent: agent})
 }
 
+// Offered reports whether the stored call has been offered to agent (it left the queue for them).
+func (m *Machine) Offered(ctx context.Context, tenant, callKey, agent string) (bool, error) {
+	m.cache.drop(callKey)
+	c, err := m.cfg.Store.Get(ctx, callKey)
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), nil
+}
+
 // Wait blocks until every queued Graph command has run (used at shutdown and in tests).
 func (m *Machine) Wait() { m.exec.wait() }
 
@@ -997,6 +1014,9 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		return fmt.Errorf("reconcile: %w", err)
 	}
 	tenants := map[string]bool{}
+	for _, t := range m.cfg.Tenants {
+		tenants[t] = true
+	}
 	for _, key := range keys {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -1049,7 +1069,7 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 		m.cfg.Log.Warn("reconcile reservations", zap.Error(err))
 		return
 	}
-	suspect := map[string]string{}
+	suspect := map[[2]string]string{}
 	for agent, key := range res {
 		c, err := m.cfg.Store.Get(ctx, key)
 		stale := false
@@ -1061,10 +1081,13 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 		case c.State.Terminal(), c.Agent != agent && c.State != StateQueued:
 			stale = true
 		case c.State == StateQueued:
-			if m.suspect[agent] == key {
+			m.mu.Lock()
+			was := m.suspect[[2]string{tenant, agent}]
+			m.mu.Unlock()
+			if was == key {
 				stale = true
 			} else {
-				suspect[agent] = key
+				suspect[[2]string{tenant, agent}] = key
 			}
 		}
 		if stale {
@@ -1073,7 +1096,12 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 		}
 	}
 	m.mu.Lock()
-	m.suspect = suspect
+	maps.DeleteFunc(m.suspect, func(k [2]string, _ string) bool { return k[0] == tenant })
+	if m.suspect == nil {
+		m.suspect = suspect
+	} else {
+		maps.Copy(m.suspect, suspect)
+	}
 	m.mu.Unlock()
 }
 

@@ -38,6 +38,23 @@ type Dispatcher struct {
 
 var _ callstate.Queues = (*Dispatcher)(nil)
 
+// OfferChecker says whether an offer that returned an error was saved all the same (the save
+// was applied and only its answer lost). callstate.Machine implements it.
+type OfferChecker interface {
+	Offered(ctx context.Context, tenant, callKey, agent string) (bool, error)
+}
+
+// offerTook reads the call's record after an offer returned an error: took when the offer was
+// applied all the same; known false when the record could not be read.
+func (d *Dispatcher) offerTook(ctx context.Context, r Reservation) (took, known bool) {
+	oc, ok := d.Offer.(OfferChecker)
+	if !ok {
+		return false, true
+	}
+	took, err := oc.Offered(ctx, d.Tenant, r.Call, r.Agent)
+	return took, err == nil
+}
+
 // NewDispatcher returns a dispatcher for the queues of one tenant.
 func NewDispatcher(store *Store, offer Offerer, tenant string, queues []string, log *zap.Logger) *Dispatcher {
 	return &Dispatcher{Store: store, Offer: offer, Tenant: tenant, Queues: queues, Log: log, Now: time.Now,
@@ -152,12 +169,26 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 			ok, err := d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
 			switch {
 			case err != nil:
-				// the call's state is unknown: put the caller back where it was, free the agent
+				took, known := d.offerTook(ctx, r)
+				if took {
+					// the save was applied, only its answer was lost: the offer stands, and
+					// freeing the agent would let another caller have them during the transfer
+					d.Log.Warn("offer answered with an error but applied", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
+					offers++
+					return offers
+				}
+				// The caller goes back where it was (harmless if the offer did apply: a later
+				// offer to a call that moved on is refused). The agent is freed only when the
+				// record shows the offer did not apply; when it cannot be read, the reconciler
+				// frees the agent if the caller is still queued on its next pass.
 				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
-				if err := errors.Join(d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score),
-					d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)); err != nil {
+				undo := d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
+				if known {
+					undo = errors.Join(undo, d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0))
+				}
+				if undo != nil {
 					// the reconciler puts the caller back and frees the agent
-					d.Log.Error("undo reservation", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
+					d.Log.Error("undo reservation", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(undo))
 				}
 				return offers
 			case !ok:
