@@ -140,6 +140,9 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 				m.cfg.Log.Error("broken invariant", zap.String("call_id", n.CallID), zap.Error(err))
 				continue
 			}
+			if errors.Is(err, graph.ErrWrongTenant) {
+				return err
+			}
 			return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
 		}
 	}
@@ -243,6 +246,12 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 					return false, err
 				}
 			}
+		}
+		if cur.Tenant != "" && cur.Tenant != tenant {
+			// Only a notification can name another tenant (callbot's own events carry the
+			// call's): its token was issued for a tenant this call is not of.
+			log.Warn("notification for a call of another tenant refused", zap.String("call_tenant", cur.Tenant))
+			return false, fmt.Errorf("call %s: %w", callKey, graph.ErrWrongTenant)
 		}
 		next, cmds, err := Decide(cur, ev, m.env())
 		if errors.Is(err, ErrIgnored) && fromCache && !Stale(cur, ev) {

@@ -2,6 +2,7 @@ package callstate_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -286,5 +287,34 @@ func TestParticipantsNotificationWithoutARosterIsNoRoster(t *testing.T) {
 		if ok != tc.roster || (ok && (ev.Kind != callstate.EvRoster || len(ev.Participants) != 0)) {
 			t.Errorf("%s %s: event %v %v, want a roster: %v", tc.url, tc.data, ev.Kind, ok, tc.roster)
 		}
+	}
+}
+
+// With several tenants allowed, a notification carrying one tenant's token must not change a
+// call of another: call updates, terminations, operations and rosters do not name the tenant
+// in their body, so the call's own record is what is checked. The webhook answers 403.
+func TestNotificationOfAnotherTenantChangesNothing(t *testing.T) {
+	m, store := newMachine(t, &fakeGraph{}, &fakeQueues{})
+	id := "57dab8b1-894c-409a-b240-bd8beae78896"
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)) // tenant-1's call
+	m.Wait()
+	before, err := store.Get(context.Background(), graph.CallKey(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, err := graph.Decode([]byte(note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated"}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = m.Notify(context.Background(), "tenant-2", ns)
+	if !errors.Is(err, graph.ErrWrongTenant) {
+		t.Fatalf("Notify with another tenant's token = %v, want ErrWrongTenant", err)
+	}
+	after, err := store.Get(context.Background(), graph.CallKey(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.State != before.State || after.Version != before.Version {
+		t.Errorf("call went %s v%d -> %s v%d on another tenant's notification", before.State, before.Version, after.State, after.Version)
 	}
 }

@@ -25,6 +25,10 @@ type Sink interface {
 // should be sent again.
 var ErrUnavailable = errors.New("temporarily unavailable")
 
+// ErrWrongTenant marks a notification about a call of another tenant than the token's: the
+// webhook answers 403 and the call is not changed.
+var ErrWrongTenant = errors.New("call belongs to another tenant than the token")
+
 // Authenticator verifies the bearer token of a webhook request.
 type Authenticator interface {
 	VerifyRequest(r *http.Request) (Claims, error)
@@ -127,6 +131,10 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 			w.Header().Set("Retry-After", strconv.Itoa(1))
 			writeProblem(w, http.StatusServiceUnavailable, "notifications not applied, retry")
+			return
+		}
+		if errors.Is(err, ErrWrongTenant) {
+			writeProblem(w, http.StatusForbidden, err.Error())
 			return
 		}
 		writeProblem(w, http.StatusInternalServerError, "notifications not applied")

@@ -3,6 +3,7 @@ package graph
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -53,6 +54,7 @@ func TestWebhook(t *testing.T) {
 		{"too large", "Bearer " + good, `{"value":[` + strings.Repeat(" ", 2<<20) + `]}`, nil, http.StatusRequestEntityTooLarge, false},
 		{"storage down", "Bearer " + good, string(incoming), ErrUnavailable, http.StatusServiceUnavailable, true},
 		{"storage bug", "Bearer " + good, string(incoming), errors.New("boom"), http.StatusInternalServerError, true},
+		{"call of another tenant", "Bearer " + good, string(incoming), fmt.Errorf("call k: %w", ErrWrongTenant), http.StatusForbidden, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			sink := &recordingSink{err: c.sinkErr}
