@@ -1,6 +1,9 @@
 package callstate
 
-import "sync"
+import (
+	"slices"
+	"sync"
+)
 
 // cache keeps the records this instance saved last, so a notification that lands on the
 // instance that handled the previous one needs no read from Redis: the save's version check
@@ -49,20 +52,17 @@ func (c *cache) drop(key string) {
 	c.mu.Unlock()
 }
 
-// acked raises the cached copy's acknowledgement watermark, so its outbox does not carry
-// commands already done into the next save.
-func (c *cache) acked(key string, graphKind bool, seq int64) {
+// acked drops a batch of done commands (those of one kind after prev up to seq) from the cached
+// copy's outbox, so its next save does not carry them.
+func (c *cache) acked(key string, graphKind bool, prev, seq int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	v, ok := c.m[key]
 	if !ok {
 		return
 	}
-	if graphKind {
-		v.AckedGraph = max(v.AckedGraph, seq)
-	} else {
-		v.AckedStorage = max(v.AckedStorage, seq)
-	}
-	v.pruneOutbox()
+	v.Outbox = slices.DeleteFunc(slices.Clone(v.Outbox), func(p Pending) bool {
+		return p.Cmd.Kind.Graph() == graphKind && p.Seq > prev && p.Seq <= seq
+	})
 	c.m[key] = v
 }

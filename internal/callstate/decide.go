@@ -272,7 +272,8 @@ func (d *decision) apply(ev Event) error {
 		}
 		c.PromptCtx = "" // hold music stops mattering: the transfer takes the caller's media
 		c.State = StateTransferring
-		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: "x" + strconv.FormatInt(d.next(), 10)})
+		c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
+		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: c.TransferCtx})
 		d.timer(TimerTransfer, d.env.TransferTimeout)
 		return nil
 
@@ -446,7 +447,8 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		target := a.TransferParty()
 		d.play(pre)
 		c.Offers++
-		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: "x" + strconv.FormatInt(d.next(), 10)})
+		c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
+		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: c.TransferCtx})
 		d.timer(TimerTransfer, d.env.TransferTimeout)
 	default: // disconnect
 		c.State, c.Outcome, c.Queue = StateTerminating, OutcomeDisconnected, ""
@@ -471,7 +473,7 @@ func (d *decision) hangup() {
 // queue (its original arrival score), or the start of the menu for a direct transfer.
 func (d *decision) transferFailed() {
 	c := &d.c
-	c.Outcome, c.Transferring = "", false
+	c.Outcome, c.Transferring, c.TransferCtx = "", false, ""
 	if c.Agent != "" {
 		d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed})
 		c.Agent = ""

@@ -360,6 +360,22 @@ func (c *Call) addToOutbox(cmds []Command, version int64) []Pending {
 // carryOut queues the Graph commands for the call's executor, then runs after (what follows the
 // queue writes the save carried: it wakes the dispatcher) and the storage commands.
 func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *place, after func(), log *zap.Logger) {
+	// The commands of each kind decided before these and not done yet: their batch is acknowledged
+	// behind them, so that one finished here first does not retire them (another instance may
+	// still be carrying them out, or have died before it did).
+	var prevGraph, prevStorage int64
+	if len(ps) > 0 {
+		for _, p := range c.Outbox {
+			if p.Seq >= ps[0].Seq {
+				break
+			}
+			if p.Cmd.Kind.Graph() {
+				prevGraph = p.Seq
+			} else {
+				prevStorage = p.Seq
+			}
+		}
+	}
 	var storage, toGraph []Pending
 	for _, p := range ps {
 		if p.Cmd.Kind.Graph() {
@@ -372,16 +388,17 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *plac
 	// can set off the call's next transition at once, as the dispatcher offers the caller to an
 	// agent, and that transition's Graph commands (the transfer) must follow this one's (silence
 	// the menu, start the hold music) on the call's executor.
-	m.queueGraph(ctx, c, toGraph, slot, log)
+	m.queueGraph(ctx, c, toGraph, prevGraph, slot, log)
 	if after != nil {
 		after()
 	}
-	m.runStorage(ctx, c, storage, log)
+	m.runStorage(ctx, c, storage, prevStorage, log)
 }
 
-// runStorage carries out storage commands in order and acknowledges them. A failure leaves them
-// in the outbox, for RunOutbox to retry (they are idempotent).
-func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap.Logger) {
+// runStorage carries out storage commands in order and acknowledges them (prev: the last storage
+// command before them not done when they were decided; 0 when none). A failure leaves them in the
+// outbox, for RunOutbox to retry (they are idempotent).
+func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int64, log *zap.Logger) {
 	if len(ps) == 0 {
 		return
 	}
@@ -404,14 +421,15 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, log *zap
 			return
 		}
 	}
-	m.ack(ctx, key, false, ps[len(ps)-1].Seq, log)
+	m.ack(ctx, key, false, prev, ps[len(ps)-1].Seq, log)
 }
 
-// ack records that a call's commands up to seq are done: at once in the cached copy (so its
-// next save drops them from the outbox), and in Redis either in the next batch (RunAcks) or now.
-func (m *Machine) ack(ctx context.Context, key string, graphKind bool, seq int64, log *zap.Logger) {
-	m.cache.acked(key, graphKind, seq)
-	a := Ack{Call: key, Graph: graphKind, Seq: seq}
+// ack records that a batch of a call's commands of one kind (after prev, up to seq) is done: at
+// once in the cached copy (so its next save drops them from the outbox), and in Redis either in
+// the next batch (RunAcks) or now.
+func (m *Machine) ack(ctx context.Context, key string, graphKind bool, prev, seq int64, log *zap.Logger) {
+	m.cache.acked(key, graphKind, prev, seq)
+	a := Ack{Call: key, Graph: graphKind, Prev: prev, Seq: seq}
 	if m.batching.Load() {
 		select {
 		case m.acks <- a:
@@ -474,9 +492,11 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 	}
 }
 
-// queueGraph sends Graph commands in order on the call's executor, then acknowledges them.
-// slot, if not nil, is the place on the executor taken for them before the save.
-func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, slot *place, log *zap.Logger) {
+// queueGraph sends Graph commands in order on the call's executor, then acknowledges them (prev:
+// the last Graph command before them not done when they were decided, which another instance
+// may still be carrying out; 0 when none). slot, if not nil, is the place on the executor taken
+// for them before the save.
+func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, prev int64, slot *place, log *zap.Logger) {
 	key := graph.CallKey(c.ID)
 	if len(ps) == 0 {
 		if slot != nil {
@@ -509,7 +529,7 @@ func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, slot *pl
 			m.send(c, scenario, p.Cmd, log)
 		}
 		// a command whose result was fed back as an event is done too: the event decided what next
-		m.ack(context.Background(), key, true, ps[len(ps)-1].Seq, log)
+		m.ack(context.Background(), key, true, prev, ps[len(ps)-1].Seq, log)
 	})
 }
 
@@ -695,10 +715,12 @@ func repeat(ctx context.Context, every time.Duration, now bool, f func()) {
 }
 
 // Redrive carries out what is left in one call's outbox. Storage commands are idempotent and
-// all run again, in order. Of the Graph commands only those of the call's latest transition
-// still matter (later events decided without the older ones); one that acts on the call itself
-// (answer, reject, transfer) is first checked against the call's state in Graph, and skipped
-// if it evidently took effect.
+// all run again, in order. Of the Graph commands, those of the call's latest transition, and
+// older ones the call still waits on (an answer while answering, the transfer to the agent it is
+// transferring to, the invite it waits for, a hangup while terminating, the tone subscription):
+// an older prompt or cancellation is moot, as later events decided without it. One that acts
+// on the call itself (answer, reject, transfer) is first checked against the call's state in
+// Graph, and skipped if it evidently took effect.
 func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	log := m.cfg.Log.With(zap.String("call_id", key))
 	c, err := m.cfg.Store.Get(ctx, key)
@@ -721,14 +743,14 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 		switch {
 		case !p.Cmd.Kind.Graph():
 			storage = append(storage, p)
-		case p.Version == c.Version:
+		case p.Version == c.Version || awaited(c, p.Cmd):
 			current = append(current, p)
 			lastGraph = max(lastGraph, p.Seq)
 		default:
 			lastGraph = max(lastGraph, p.Seq)
 		}
 	}
-	m.runStorage(ctx, c, storage, log)
+	m.runStorage(ctx, c, storage, 0, log)
 	m.Redriven.Add(int64(len(storage)))
 	var send []Pending
 	for _, p := range current {
@@ -740,7 +762,7 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	}
 	if len(send) == 0 {
 		if lastGraph > 0 {
-			m.ack(ctx, key, true, lastGraph, log)
+			m.ack(ctx, key, true, 0, lastGraph, log)
 		}
 		return
 	}
@@ -753,8 +775,27 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 		for _, p := range send {
 			m.send(c, scenario, p.Cmd, log)
 		}
-		m.ack(context.Background(), key, true, lastGraph, log)
+		m.ack(context.Background(), key, true, 0, lastGraph, log)
 	})
+}
+
+// awaited reports whether the call, in its current state, still waits on a Graph command an
+// earlier transition decided: such a command was never superseded, only left unsent (its
+// instance died) while later events moved the call's version on.
+func awaited(c Call, cmd Command) bool {
+	switch cmd.Kind {
+	case CmdAnswer, CmdReject:
+		return c.State == StateAnswering
+	case CmdSubscribeToTone:
+		return !c.State.Terminal()
+	case CmdTransfer:
+		return c.State == StateTransferring && cmd.ClientContext != "" && cmd.ClientContext == c.TransferCtx
+	case CmdInvite:
+		return c.State == StateInviting && cmd.ClientContext != "" && cmd.ClientContext == c.InviteCtx
+	case CmdHangup:
+		return c.State == StateTerminating
+	}
+	return false
 }
 
 // tookEffect asks Graph whether a non-idempotent command already acted on the call.

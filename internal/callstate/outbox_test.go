@@ -423,3 +423,60 @@ func createWithOutbox(t *testing.T) (*callstate.Store, *callstate.Call, time.Tim
 	}
 	return store, c, now
 }
+
+// Batches of a call's commands are acknowledged in whatever order instances finish them. A
+// batch done ahead of an older one not yet done waits beside the watermark, is not taken as
+// done beyond itself, and joins the watermark once the older one is done.
+func TestAcksInAnyOrder(t *testing.T) {
+	ctx := context.Background()
+	store := callstate.NewStore(redistest.Start(t).Client(t), "ao")
+	play := func(seq, version int64) callstate.Pending {
+		return callstate.Pending{Seq: seq, Version: version, Cmd: callstate.Command{Kind: callstate.CmdPlayPrompt, ClientContext: fmt.Sprint("p", seq)}}
+	}
+	c := &callstate.Call{ID: "c1", Tenant: "t", State: callstate.StateInviting, CreatedAt: time.Now(),
+		Outbox: []callstate.Pending{play(1, 1), play(2, 1), {Seq: 3, Version: 2, Cmd: callstate.Command{Kind: callstate.CmdLeaveQueue}}, play(4, 2), play(5, 3)}}
+	if err := store.Create(ctx, c, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	seqs := func() []int64 {
+		t.Helper()
+		got, err := store.Get(ctx, "c1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []int64
+		for _, p := range got.Outbox {
+			out = append(out, p.Seq)
+		}
+		return out
+	}
+	steps := []struct {
+		ack  callstate.Ack
+		want []int64
+	}{
+		{callstate.Ack{Call: "c1", Graph: true, Prev: 2, Seq: 4}, []int64{1, 2, 3, 5}}, // version 2's prompt, before version 1's
+		{callstate.Ack{Call: "c1", Graph: true, Prev: 4, Seq: 5}, []int64{1, 2, 3}},    // version 3's
+		{callstate.Ack{Call: "c1", Graph: false, Prev: 0, Seq: 3}, []int64{1, 2}},      // storage: its own watermark
+		{callstate.Ack{Call: "c1", Graph: true, Prev: 0, Seq: 2}, nil},                 // version 1's at last: all done
+	}
+	for i, st := range steps {
+		if err := store.AckMany(ctx, st.ack); err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(st.want, seqs()); diff != "" {
+			t.Errorf("after ack %d %+v, commands left (-want +got):\n%s", i, st.ack, diff)
+		}
+	}
+	// A later batch whose predecessors are all done moves the watermark at once.
+	c2, _ := store.Get(ctx, "c1")
+	c2.Outbox = append(c2.Outbox, play(6, 4))
+	if err := store.Save(ctx, &c2, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.AckMany(ctx, callstate.Ack{Call: "c1", Graph: true, Prev: 0, Seq: 6}); err != nil {
+		t.Fatal(err)
+	}
+	if got := seqs(); len(got) != 0 {
+		t.Errorf("left %v, want nothing", got)
+	}
+}

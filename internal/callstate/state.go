@@ -178,16 +178,20 @@ type Call struct {
 	ConnectedAt time.Time `json:"connectedAt,omitzero"`
 	// Transferring is set when Graph reported the current transfer attempt under way: only then
 	// can a failure notification be about it (one from an earlier attempt may arrive late).
-	Transferring bool      `json:"transferring,omitempty"`
-	CreatedAt    time.Time `json:"createdAt"`
-	AnsweredAt   time.Time `json:"answeredAt,omitzero"`
-	QueuedAt     time.Time `json:"queuedAt,omitzero"`
-	EndedAt      time.Time `json:"endedAt,omitzero"`
-	Outcome      string    `json:"outcome,omitempty"`
+	Transferring bool `json:"transferring,omitempty"`
+	// TransferCtx is the clientContext of the current transfer attempt's request.
+	TransferCtx string    `json:"transferCtx,omitempty"`
+	CreatedAt   time.Time `json:"createdAt"`
+	AnsweredAt  time.Time `json:"answeredAt,omitzero"`
+	QueuedAt    time.Time `json:"queuedAt,omitzero"`
+	EndedAt     time.Time `json:"endedAt,omitzero"`
+	Outcome     string    `json:"outcome,omitempty"`
 	// Outbox holds the commands decided with this record and not yet acknowledged as done;
 	// CmdSeq numbers them. AckedStorage and AckedGraph are the acknowledgement watermarks of the
 	// two kinds of command (storage commands run in order right after the save, Graph commands
-	// in order on the call's executor); they live beside the record in Redis.
+	// in order on the call's executor); they live beside the record in Redis, with the batches
+	// acknowledged ahead of them (one instance may finish a batch before another instance has
+	// finished, or sent, an older one: such a batch joins the watermark once the older is done).
 	Outbox       []Pending `json:"outbox,omitempty"`
 	CmdSeq       int64     `json:"cmdSeq,omitempty"`
 	AckedStorage int64     `json:"-"`

@@ -65,10 +65,39 @@ redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1`)
 
+// ackScript records that a batch of one kind's commands is done: the commands of that kind after
+// prev up to hi. ARGV: the watermark field, the field of batches done ahead of it, prev, hi.
+// The watermark moves to hi when every command of the kind up to prev is done; otherwise the batch
+// waits in the second field ("prev:hi,...") until the watermark reaches its prev. So a batch
+// another instance finished first does not retire an older batch nobody has sent yet.
 var ackScript = redis.NewScript(`
-local a = redis.call('HGET', KEYS[1], ARGV[1])
-if not a then return 0 end
-if tonumber(ARGV[2]) > tonumber(a) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local w = redis.call('HGET', KEYS[1], ARGV[1])
+if not w then return 0 end
+w = tonumber(w)
+local pend = redis.call('HGET', KEYS[1], ARGV[2])
+local list = {{tonumber(ARGV[3]), tonumber(ARGV[4])}}
+if pend then
+  for p, h in string.gmatch(pend, '(%d+):(%d+)') do list[#list + 1] = {tonumber(p), tonumber(h)} end
+end
+local moved = true
+while moved do
+  moved = false
+  for i = #list, 1, -1 do
+    if list[i][1] <= w or list[i][2] <= w then
+      if list[i][2] > w then w = list[i][2] end
+      table.remove(list, i)
+      moved = true
+    end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], w)
+if #list > 0 then
+  local out = {}
+  for _, e in ipairs(list) do out[#out + 1] = e[1] .. ':' .. e[2] end
+  redis.call('HSET', KEYS[1], ARGV[2], table.concat(out, ','))
+elseif pend then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+end
 return 1`)
 
 func ttl(c *Call) time.Duration {
@@ -204,7 +233,7 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 // Get loads a call, its outbox reduced to the commands not acknowledged yet. It returns
 // ErrNotFound when there is no record.
 func (s *Store) Get(ctx context.Context, callKey string) (Call, error) {
-	vals, err := s.rdb.HMGet(ctx, s.key(callKey), "v", "d", "s", "g").Result()
+	vals, err := s.rdb.HMGet(ctx, s.key(callKey), "v", "d", "s", "g", "sp", "gp").Result()
 	if err != nil {
 		return Call{}, fmt.Errorf("get call %s: %w", callKey, err)
 	}
@@ -225,22 +254,46 @@ func (s *Store) Get(ctx context.Context, callKey string) (Call, error) {
 	ag, _ := vals[3].(string)
 	c.AckedStorage, _ = strconv.ParseInt(as, 10, 64)
 	c.AckedGraph, _ = strconv.ParseInt(ag, 10, 64)
-	c.pruneOutbox()
+	sp, _ := vals[4].(string)
+	gp, _ := vals[5].(string)
+	c.pruneOutbox(parseAhead(sp), parseAhead(gp))
 	return c, nil
 }
 
-// pruneOutbox drops the commands at or below the acknowledgement watermarks.
-func (c *Call) pruneOutbox() {
+// parseAhead reads the batches acknowledged ahead of the watermark ("prev:hi,...").
+func parseAhead(s string) [][2]int64 {
+	if s == "" {
+		return nil
+	}
+	var out [][2]int64
+	for _, e := range strings.Split(s, ",") {
+		p, h, ok := strings.Cut(e, ":")
+		pv, err1 := strconv.ParseInt(p, 10, 64)
+		hv, err2 := strconv.ParseInt(h, 10, 64)
+		if ok && err1 == nil && err2 == nil {
+			out = append(out, [2]int64{pv, hv})
+		}
+	}
+	return out
+}
+
+// pruneOutbox drops the commands acknowledged: at or below their kind's watermark, or in a batch
+// acknowledged ahead of it (prev < seq <= hi).
+func (c *Call) pruneOutbox(storageAhead, graphAhead [][2]int64) {
 	if len(c.Outbox) == 0 {
 		return
 	}
 	out := make([]Pending, 0, len(c.Outbox))
 	for _, p := range c.Outbox {
-		acked := c.AckedStorage
+		acked, ahead := c.AckedStorage, storageAhead
 		if p.Cmd.Kind.Graph() {
-			acked = c.AckedGraph
+			acked, ahead = c.AckedGraph, graphAhead
 		}
-		if p.Seq > acked {
+		done := p.Seq <= acked
+		for _, b := range ahead {
+			done = done || (p.Seq > b[0] && p.Seq <= b[1])
+		}
+		if !done {
 			out = append(out, p)
 		}
 	}
@@ -270,21 +323,30 @@ func (s *Store) SaveWith(ctx context.Context, c *Call, w Write) error {
 	return nil
 }
 
-// Ack says a call's commands of one kind (Graph or storage) are done up to Seq.
+// Ack says a batch of a call's commands of one kind (Graph or storage) is done: those after Prev
+// up to Seq. Prev is the last command of that kind the batch's transition found not yet done
+// (0 when none): until it is done, the batch is recorded ahead of the watermark.
 type Ack struct {
 	Call  string // call key
 	Graph bool
+	Prev  int64
 	Seq   int64
 }
 
-func (a Ack) field() string {
+func (a Ack) fields() (watermark, ahead string) {
 	if a.Graph {
-		return "g"
+		return "g", "gp"
 	}
-	return "s"
+	return "s", "sp"
 }
 
-// Ack records that a call's commands up to seq of one kind (Graph or storage) are done.
+func (a Ack) args() []any {
+	w, ahead := a.fields()
+	return []any{w, ahead, a.Prev, a.Seq}
+}
+
+// Ack records that a call's commands of one kind (Graph or storage) are done up to seq, all of
+// them (a re-drive, which carries out everything left).
 func (s *Store) Ack(ctx context.Context, callKey string, graphKind bool, seq int64) error {
 	return s.AckMany(ctx, Ack{Call: callKey, Graph: graphKind, Seq: seq})
 }
@@ -293,7 +355,7 @@ func (s *Store) Ack(ctx context.Context, callKey string, graphKind bool, seq int
 func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
 	if len(acks) == 1 {
 		a := acks[0]
-		if err := ackScript.Run(ctx, s.rdb, []string{s.key(a.Call)}, a.field(), a.Seq).Err(); err != nil {
+		if err := ackScript.Run(ctx, s.rdb, []string{s.key(a.Call)}, a.args()...).Err(); err != nil {
 			return fmt.Errorf("ack commands of call %s: %w", a.Call, err)
 		}
 		return nil
@@ -302,9 +364,9 @@ func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, a := range acks {
 				if eval {
-					ackScript.Eval(ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
+					ackScript.Eval(ctx, p, []string{s.key(a.Call)}, a.args()...)
 				} else {
-					ackScript.EvalSha(ctx, p, []string{s.key(a.Call)}, a.field(), a.Seq)
+					ackScript.EvalSha(ctx, p, []string{s.key(a.Call)}, a.args()...)
 				}
 			}
 			return nil

@@ -318,3 +318,51 @@ func TestNotificationOfAnotherTenantChangesNothing(t *testing.T) {
 		t.Errorf("call went %s v%d -> %s v%d on another tenant's notification", before.State, before.Version, after.State, after.Version)
 	}
 }
+
+// Instance A saves the offer (invite agent-b) and dies before sending the invite. Within A's
+// lease the hold music's end (still awaited in inviting) reaches B, which plays it again and
+// acknowledges its own Graph commands. Acknowledgements were a watermark per kind of command,
+// so B's covered A's invite: the re-drive found nothing, the invite was never sent, and 90 s
+// later the caller was requeued and agent-b marked failed without having rung. A batch finished
+// ahead of an older one is now recorded ahead of the watermark, and the re-drive sends the
+// commands the call still waits on, older ones included.
+func TestInviteNotSentByADeadInstanceIsNotLostBehindALaterTransition(t *testing.T) {
+	ga := &fakeGraph{}
+	gb := &fakeGraph{}
+	a, b, store := twoInstances(t, "rl", ga, gb, &fakeQueues{}, &fakeQueues{})
+	id := "c-lost"
+	key := graph.CallKey(id)
+	must(t, a, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	must(t, a, id, callstate.Event{Kind: callstate.EvEstablished})
+	must(t, a, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
+	a.Wait()
+	ga.block = make(chan struct{}) // A hangs from here on: it never sends the invite
+	defer close(ga.block)
+	must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	ctx := context.Background()
+	c, _ := store.Get(ctx, key)
+	if c.State != callstate.StateInviting || c.PromptCtx == "" {
+		t.Fatalf("after the offer: %s prompt %q", c.State, c.PromptCtx)
+	}
+	must(t, b, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx}) // hold music ended
+	b.Wait()
+	keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(time.Minute), time.Minute, 10) // A's lease ran out
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		b.Redrive(ctx, k, score)
+	}
+	b.Wait()
+	if n := countPrefix(gb.log(), "invite"); n != 1 {
+		c, _ = store.Get(ctx, key)
+		t.Fatalf("invite sent %d times by the re-drive (B sent %v); the call waits in %s with %d commands left", n, gb.log(), c.State, len(c.Outbox))
+	}
+	if n := countPrefix(gb.log(), "playPrompt"); n != 1 {
+		t.Errorf("B played the hold music %d times; want once (its own batch was done, and an older prompt is moot)", n)
+	}
+	// Everything is done now: a later claim finds nothing to send.
+	if c, _ = store.Get(ctx, key); len(c.Outbox) != 0 {
+		t.Errorf("outbox after the re-drive: %+v, want empty", c.Outbox)
+	}
+}
