@@ -445,7 +445,13 @@ func (s *Store) Forget(ctx context.Context, callKey string) error {
 // TryLease takes or renews the lease name for holder for ttl; it reports whether holder has it.
 // Instances use it to share work that one of them is enough for (the reconciler's pass).
 func (s *Store) TryLease(ctx context.Context, name, holder string, ttl time.Duration) (bool, error) {
-	n, err := leaseScript.Run(ctx, s.rdb, []string{s.prefix + ":{lease:" + name + "}"}, holder, ttl.Milliseconds()).Int()
+	return TryLeaseAt(ctx, s.rdb, s.prefix+":{lease:"+name+"}", holder, ttl)
+}
+
+// TryLeaseAt is TryLease on a key of the caller's choosing (one in the slot of the data the
+// lease guards, so a script can check the lease as it writes).
+func TryLeaseAt(ctx context.Context, rdb redis.Scripter, key, holder string, ttl time.Duration) (bool, error) {
+	n, err := leaseScript.Run(ctx, rdb, []string{key}, holder, ttl.Milliseconds()).Int()
 	return n == 1, err
 }
 

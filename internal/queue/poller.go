@@ -8,7 +8,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
 )
 
@@ -50,7 +49,12 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 		}
 		p.holding = held
 		if held {
-			if err := p.PollOnce(ctx); err != nil && ctx.Err() == nil {
+			err := p.poll(ctx, p.Instance)
+			switch {
+			case errors.Is(err, ErrLeaseLost):
+				p.Log.Info("presence lease lost during a poll; its reading was not written")
+				p.holding = false
+			case err != nil && ctx.Err() == nil:
 				p.Log.Warn("presence poll failed, keeping last known presence", zap.Error(err))
 			}
 		}
@@ -63,12 +67,17 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 }
 
 func (p *Poller) lease(ctx context.Context, ttl time.Duration) (bool, error) {
-	return callstate.NewStore(p.Store.rdb, p.Store.prefix).TryLease(ctx, "presence:"+p.Tenant, p.Instance, ttl)
+	return p.Store.TryPresenceLease(ctx, p.Tenant, p.Instance, ttl)
 }
 
 // PollOnce reads every agent's presence and stores who is routable (what changed since the
 // last poll, or everything every SyncEvery). Agents Graph does not return are not routable.
-func (p *Poller) PollOnce(ctx context.Context) error {
+func (p *Poller) PollOnce(ctx context.Context) error { return p.poll(ctx, "") }
+
+// poll is PollOnce; with a holder, the write is refused (ErrLeaseLost) unless holder still holds
+// the tenant's presence lease: a poll that outlived its lease must not write its older reading
+// over the newer one of the poller that took the lease.
+func (p *Poller) poll(ctx context.Context, holder string) error {
 	routable := make(map[string]bool, len(p.Agents))
 	for _, a := range p.Agents {
 		routable[a] = false
@@ -102,7 +111,7 @@ func (p *Poller) PollOnce(ctx context.Context) error {
 			}
 		}
 	}
-	if err := p.Store.SetRoutable(ctx, p.Tenant, write); err != nil {
+	if err := p.Store.setRoutableAs(ctx, p.Tenant, holder, write); err != nil {
 		return err
 	}
 	if full {

@@ -119,7 +119,8 @@ func (s *Store) Length(ctx context.Context, tenant, queue string) (int64, error)
 // out, by what the set summarises: free means routable, not reserved, and idle (known to a
 // queue), with the idle score. ARGV: agent, presence ("1", "0", or "" to keep the stored one), ...
 var syncFreeScript = redis.NewScript(`
-for i = 1, #ARGV, 2 do
+if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then return -1 end
+for i = 2, #ARGV, 2 do
   local a, v = ARGV[i], ARGV[i + 1]
   if v ~= '' then redis.call('HSET', KEYS[1], a, v) else v = redis.call('HGET', KEYS[1], a) end
   local idle = redis.call('ZSCORE', KEYS[3], a)
@@ -137,22 +138,44 @@ return 0`)
 const syncChunk = 128
 
 // syncFree runs syncFreeScript over args (agent, presence pairs) in chunks, in one round trip.
-func (s *Store) syncFree(ctx context.Context, tenant string, args []any) error {
+func (s *Store) syncFree(ctx context.Context, tenant, holder string, args []any) error {
 	k := s.keys(tenant, "")
-	keys := []string{k.routable, k.busy, k.idle, k.free}
+	keys := []string{k.routable, k.busy, k.idle, k.free, s.k(tenant, "lease:presence")}
+	var cmds []*redis.Cmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for len(args) > 0 {
 			n := min(len(args), 2*syncChunk)
-			syncFreeScript.Eval(ctx, p, keys, args[:n]...) // a pipeline cannot fall back from EVALSHA
+			cmds = append(cmds, syncFreeScript.Eval(ctx, p, keys, append([]any{holder}, args[:n]...)...)) // a pipeline cannot fall back from EVALSHA
 			args = args[n:]
 		}
 		return nil
 	})
+	if err == nil {
+		for _, c := range cmds {
+			if v, _ := c.Int(); v == -1 {
+				return ErrLeaseLost
+			}
+		}
+	}
 	return err
+}
+
+// ErrLeaseLost: a presence write from a poller that no longer holds the lease was refused.
+var ErrLeaseLost = errors.New("presence lease lost")
+
+// TryPresenceLease takes or renews the tenant's presence lease for holder. It lives in the
+// tenant's slot, so the presence script can refuse a write from a poller that lost it.
+func (s *Store) TryPresenceLease(ctx context.Context, tenant, holder string, ttl time.Duration) (bool, error) {
+	return callstate.TryLeaseAt(ctx, s.rdb, s.k(tenant, "lease:presence"), holder, ttl)
 }
 
 // SetRoutable records which agents may be offered a call according to their presence.
 func (s *Store) SetRoutable(ctx context.Context, tenant string, routable map[string]bool) error {
+	return s.setRoutableAs(ctx, tenant, "", routable)
+}
+
+// setRoutableAs is SetRoutable fenced by the presence lease when holder is not empty.
+func (s *Store) setRoutableAs(ctx context.Context, tenant, holder string, routable map[string]bool) error {
 	if len(routable) == 0 {
 		return nil
 	}
@@ -164,7 +187,7 @@ func (s *Store) SetRoutable(ctx context.Context, tenant string, routable map[str
 		}
 		args = append(args, a, v)
 	}
-	if err := s.syncFree(ctx, tenant, args); err != nil {
+	if err := s.syncFree(ctx, tenant, holder, args); err != nil {
 		return fmt.Errorf("set presence: %w", err)
 	}
 	return nil
@@ -191,7 +214,7 @@ func (s *Store) RepairFree(ctx context.Context, tenant string) error {
 			args = append(args, a, "")
 		}
 	}
-	if err := s.syncFree(ctx, tenant, args); err != nil {
+	if err := s.syncFree(ctx, tenant, "", args); err != nil {
 		return fmt.Errorf("repair free agents of tenant %s: %w", tenant, err)
 	}
 	return nil

@@ -1,0 +1,67 @@
+package queue
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/callbot/callbot/internal/graph"
+)
+
+// slowPresence answers a presence read taken now, but only once released: a Graph request that
+// takes longer than the poller's lease.
+type slowPresence struct {
+	called, release chan struct{}
+	p               graph.Presence
+}
+
+func (f *slowPresence) Presences(_ context.Context, ids []string) ([]graph.Presence, error) {
+	p := f.p // what presence said when the request was made
+	f.called <- struct{}{}
+	<-f.release
+	return []graph.Presence{p}, nil
+}
+
+// A poller whose lease ran out while its Graph request was in flight wrote its old reading over
+// the newer one of the poller that took the lease; the new holder's next polls (deltas) never
+// wrote it again, so the agent was offered calls while presence said offline. The presence
+// write is now fenced by the lease: it lives in the tenant's slot and the script refuses a
+// write from a poller that no longer holds it (ErrLeaseLost).
+func TestPollerThatLostItsLeaseCannotOverwritePresence(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newStore(t)
+	must(t, s.SetMembers(ctx, "t", "q", []string{"a1"}))
+
+	every := 50 * time.Millisecond // lease TTL 150 ms
+	slow := &slowPresence{called: make(chan struct{}, 1), release: make(chan struct{}),
+		p: graph.Presence{UserID: "a1", Availability: "Available", Activity: "Available"}}
+	wroteA := make(chan struct{}, 8)
+	a := &Poller{Store: s, Source: slow, Tenant: "t", Agents: []string{"a1"}, Instance: "A",
+		Log: zaptest.NewLogger(t), OnChange: func() { wroteA <- struct{}{} }}
+	go a.Run(ctx, every)
+	<-slow.called         // A holds the lease and reads "Available" ...
+	time.Sleep(4 * every) // ... its Graph request outlives the lease
+	b := &Poller{Store: s, Tenant: "t", Agents: []string{"a1"}, Instance: "B", Log: zaptest.NewLogger(t),
+		Source: &fakePresence{status: map[string]graph.Presence{"a1": {UserID: "a1", Availability: "Offline", Activity: "Offline"}}}}
+	held, err := b.lease(ctx, time.Minute) // B keeps it: A never polls again
+	must(t, err)
+	if !held {
+		t.Fatal("B did not get the expired lease")
+	}
+	must(t, b.PollOnce(ctx)) // B: a1 is now Offline (full write)
+	close(slow.release)      // A's old answer arrives and is written
+	select {
+	case <-wroteA:
+	case <-time.After(500 * time.Millisecond): // A's write was refused
+	}
+	must(t, b.PollOnce(ctx)) // B's next poll, between full writes: a1 unchanged for B, not written
+
+	must(t, s.Enqueue(ctx, "t", "q", "c1", 1))
+	v, _ := s.rdb.HGet(ctx, s.keys("t", "").routable, "a1").Result()
+	if r, err := s.Reserve(ctx, "t", "q", time.Now()); err == nil {
+		t.Errorf("routable[a1]=%q after the lease holder wrote Offline: %s reserved for %s while offline", v, r.Agent, r.Call)
+	}
+}
