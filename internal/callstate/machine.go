@@ -397,10 +397,10 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *plac
 
 // runStorage carries out storage commands in order and acknowledges them (prev: the last storage
 // command before them not done when they were decided; 0 when none). A failure leaves them in the
-// outbox, for RunOutbox to retry (they are idempotent).
-func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int64, log *zap.Logger) {
+// outbox, for RunOutbox to retry (they are idempotent); it reports whether all were done.
+func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int64, log *zap.Logger) bool {
 	if len(ps) == 0 {
-		return
+		return true
 	}
 	key := graph.CallKey(c.ID)
 	for _, p := range ps {
@@ -418,10 +418,11 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 		}
 		if err != nil {
 			log.Error("command failed, left in the outbox", zap.Stringer("command", cmd.Kind), zap.Error(err))
-			return
+			return false
 		}
 	}
 	m.ack(ctx, key, false, prev, ps[len(ps)-1].Seq, log)
+	return true
 }
 
 // ack records that a batch of a call's commands of one kind (after prev, up to seq) is done: at
@@ -738,9 +739,14 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	}
 	m.cache.drop(key)
 	var storage, current []Pending
-	var lastGraph int64
+	var lastGraph, lastStorage int64
 	for _, p := range c.Outbox {
 		switch {
+		case p.Cmd.Kind == CmdReleaseAgent && !c.State.Terminal() && p.Cmd.Agent != "" && p.Cmd.Agent == c.Agent:
+			// The call is with this agent again (a later offer reserved them for it): releasing
+			// now would free them in the middle of that offer. Nothing to do: the release ran,
+			// or the later reservation could not have been made.
+			lastStorage = max(lastStorage, p.Seq)
 		case !p.Cmd.Kind.Graph():
 			storage = append(storage, p)
 		case p.Version == c.Version || awaited(c, p.Cmd):
@@ -750,7 +756,9 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 			lastGraph = max(lastGraph, p.Seq)
 		}
 	}
-	m.runStorage(ctx, c, storage, 0, log)
+	if m.runStorage(ctx, c, storage, 0, log) && lastStorage > 0 {
+		m.ack(ctx, key, false, 0, lastStorage, log) // the releases skipped above are done with
+	}
 	m.Redriven.Add(int64(len(storage)))
 	var send []Pending
 	for _, p := range current {
