@@ -54,7 +54,6 @@ var Transitions = []Transition{
 	{StateInviting, EvRoster, StateInviting},      // the roster shows the agent before the operation ends
 	{StateConnected, EvRoster, StateConnected},    // someone joined or left; the agent is still there
 	{StateConnected, EvRoster, StateTerminating},  // the agent left: callbot hangs up
-	{StateConnected, EvTimeout, StateTerminating}, // the agent never appeared in a roster
 
 	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
 	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway
