@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/url"
 	"os"
 	"regexp"
@@ -13,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 
@@ -144,8 +146,11 @@ func misspelt(fl field) bool { return fl.key != nil && fl.val == nil }
 
 type parser struct {
 	file     string
+	data     []byte
 	problems []Problem
 	refs     []ref
+	// the value nodes of menus' menu fallbacks and queues' queue on-timeouts, for the cycle check
+	fallbacks, overflows map[string]*yaml.Node
 }
 
 func (p *parser) errorf(n *yaml.Node, format string, args ...any) {
@@ -154,15 +159,39 @@ func (p *parser) errorf(n *yaml.Node, format string, args ...any) {
 
 func (p *parser) syntax(err error) {
 	m := yamlErrRE.FindStringSubmatch(err.Error())
-	if m == nil {
-		p.problems = append(p.problems, Problem{File: p.file, Msg: err.Error()})
+	if m == nil || m[1] == "" {
+		// The YAML reader's own errors (bad UTF-8, a control character) name no line: find the
+		// byte it stopped at (a file saved as Latin-1 is the usual cause).
+		line, col := badByte(p.data)
+		p.problems = append(p.problems, Problem{File: p.file, Line: line, Column: col, Msg: err.Error()})
 		return
 	}
 	line, _ := strconv.Atoi(m[1])
 	p.problems = append(p.problems, Problem{File: p.file, Line: line, Msg: "yaml: " + m[2]})
 }
 
+// badByte is the line and column (1-based) of the first byte that is not UTF-8 text YAML takes
+// (invalid UTF-8, or a control character other than tab, newline and carriage return); 0, 0
+// when there is none.
+func badByte(data []byte) (line, col int) {
+	line, col = 1, 1
+	for len(data) > 0 {
+		r, n := utf8.DecodeRune(data)
+		switch {
+		case r == utf8.RuneError && n <= 1, r < 0x20 && r != '\t' && r != '\n' && r != '\r', r == 0x7f:
+			return line, col
+		case r == '\n':
+			line, col = line+1, 1
+		default:
+			col++
+		}
+		data = data[n:]
+	}
+	return 0, 0
+}
+
 func (p *parser) parse(data []byte) *Flow {
+	p.data = data
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	var doc yaml.Node
 	if err := dec.Decode(&doc); err != nil {
@@ -211,7 +240,50 @@ func (p *parser) parse(data []byte) *Flow {
 		}
 	}
 	p.resolve(f)
+	p.cycles(f)
 	return f
+}
+
+// cycles reports menus whose fallbacks lead back to themselves and queues whose on-timeouts do:
+// a caller who never presses a valid key would go round the menus forever, one nobody answers
+// round the queues, and max-wait would never end the wait. A chain must end in a queue, a
+// transfer or a disconnect. Each cycle is reported once, at its first member by id.
+func (p *parser) cycles(f *Flow) {
+	next := func(id string, menus bool) (string, bool) {
+		if menus {
+			if m := f.Menus[id]; m != nil && m.Fallback.Kind == ActionMenu {
+				return m.Fallback.Target, true
+			}
+			return "", false
+		}
+		if q := f.Queues[id]; q != nil && q.MaxWait > 0 && q.OnTimeout.Kind == ActionQueue {
+			return q.OnTimeout.Target, true
+		}
+		return "", false
+	}
+	for _, menus := range []bool{true, false} {
+		nodes, what, via := p.fallbacks, "menus", "fallback"
+		if !menus {
+			nodes, what, via = p.overflows, "queues", "on-timeout"
+		}
+		for _, id := range slices.Sorted(maps.Keys(nodes)) {
+			chain := []string{id}
+			for cur := id; ; {
+				n, ok := next(cur, menus)
+				if !ok || slices.Contains(chain[1:], n) {
+					break
+				}
+				if n == id {
+					if slices.Min(chain) == id && len(chain) > 1 {
+						p.errorf(nodes[id], "%s.%s.%s: leads back to %s through %s %s: a caller could go round them forever; end the chain with a queue, a transfer or a disconnect",
+							what, id, via, id, what, strings.Join(chain[1:], ", "))
+					}
+					break
+				}
+				chain, cur = append(chain, n), n
+			}
+		}
+	}
 }
 
 func (p *parser) prompts(f *Flow, fl field) {
@@ -306,6 +378,11 @@ func (p *parser) menu(id string, e field) *Menu {
 		}
 		if m.Fallback.Kind == ActionMenu && m.Fallback.Target == id {
 			p.errorf(fl.val, "%s.fallback: names its own menu, so callers could never leave it", path)
+		} else if m.Fallback.Kind == ActionMenu {
+			if p.fallbacks == nil {
+				p.fallbacks = map[string]*yaml.Node{}
+			}
+			p.fallbacks[id] = fl.val
 		}
 	}
 	return m
@@ -346,6 +423,12 @@ func (p *parser) queue(id string, e field) *Queue {
 			p.errorf(fl.key, "%s.on-timeout: has no effect without max-wait", path)
 		default:
 			q.OnTimeout = a
+			if a.Kind == ActionQueue {
+				if p.overflows == nil {
+					p.overflows = map[string]*yaml.Node{}
+				}
+				p.overflows[id] = fl.val
+			}
 		}
 	}
 

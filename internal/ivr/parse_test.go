@@ -381,6 +381,29 @@ menus:
 			},
 		},
 		{
+			// a caller who never presses a valid key would go round main and sub forever; a
+			// chain that ends (c falls back to main, whose fallback disconnects) is fine
+			name: "fallback and overflow cycles",
+			src: `name: t
+prompts:
+  p: {uri: https://media.example/p.wav}
+start: main
+menus:
+  main: {prompt: p, options: {"1": {queue: q}}, fallback: {menu: sub}}
+  sub: {prompt: p, options: {"1": {queue: q}}, fallback: {menu: main}}
+  c: {prompt: p, options: {"1": {queue: q}}, fallback: {menu: main}}
+  d: {prompt: p, options: {"1": {menu: c}}, fallback: {menu: c}}
+queues:
+  q: {hold: p, max-wait: 1m, on-timeout: {queue: q2}, agents: [11111111-0000-4000-8000-000000000001]}
+  q2: {hold: p, max-wait: 1m, on-timeout: {queue: q3}, agents: [11111111-0000-4000-8000-000000000001]}
+  q3: {hold: p, max-wait: 1m, on-timeout: {queue: q}, agents: [11111111-0000-4000-8000-000000000001]}
+`,
+			want: []problem{
+				{6, `menus.main.fallback: leads back to main through menus sub`},
+				{11, `queues.q.on-timeout: leads back to q through queues q2, q3`},
+			},
+		},
+		{
 			name: "queues",
 			src: `name: t
 prompts:
@@ -466,6 +489,12 @@ queues: q
 			name: "second document",
 			src:  base + "---\nname: other\n",
 			want: []problem{{15, "a flow file holds one YAML document"}},
+		},
+		{
+			// saved as Latin-1: the YAML reader's error names no line; callbot finds it
+			name: "not UTF-8",
+			src:  strings.Replace(base, "  q:\n", "  q:\n    name: Caf\xe9\n", 1),
+			want: []problem{{13, "invalid"}},
 		},
 	}
 	for _, tt := range tests {
