@@ -2,6 +2,7 @@ package msgraph
 
 import (
 	"context"
+	"net/http"
 	"testing"
 	"time"
 )
@@ -27,3 +28,24 @@ func SetHTTP2HealthCheck(t testing.TB, pingAfter, pingTimeout time.Duration) {
 	graphPingAfter, graphPingTimeout = pingAfter, pingTimeout
 	t.Cleanup(func() { graphPingAfter, graphPingTimeout = after, timeout })
 }
+
+// BodyResendable runs a request of action op through the innermost transport of the Graph
+// pipeline and reports whether the request handed to base could have its body sent again by
+// net/http (GetBody set).
+func BodyResendable(op string, req *http.Request) (bool, error) {
+	var resendable bool
+	base := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		resendable = r.GetBody != nil
+		return &http.Response{StatusCode: 202, Body: http.NoBody, Request: r}, nil
+	})
+	a := &attempt{once: !RetryPolicyFor(op).Idempotent}
+	resp, err := traceTransport{base: base}.RoundTrip(req.WithContext(context.WithValue(req.Context(), attemptKey{}, a)))
+	if resp != nil {
+		resp.Body.Close()
+	}
+	return resendable, err
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

@@ -87,7 +87,7 @@ func retryAfter(v string, now time.Time) time.Duration {
 	}
 	if t, err := http.ParseTime(v); err == nil {
 		if d := t.Sub(now); d > 0 {
-			return d.Round(time.Second)
+			return d // not rounded: a retry must not go out before the date
 		}
 	}
 	return 0

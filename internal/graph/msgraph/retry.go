@@ -104,14 +104,23 @@ func (c *Client) do(ctx context.Context, op, callID string, send sendFunc) (repl
 	defer cancel()
 	deadline, _ := ctx.Deadline()
 	policy := RetryPolicyFor(op)
+	var acted error // the first failure after which Graph may have acted
 	for n := 1; ; n++ {
 		r, a, err := c.send(ctx, op, callID, send)
 		if err == nil {
 			return r, nil
 		}
+		if acted == nil && graph.Classify(err) == graph.Ambiguous {
+			acted = err
+		}
 		wait, again := c.retryDelay(ctx, policy, n, err, a, deadline)
 		c.logFailure(ctx, op, callID, n, r, a, err, wait, again)
 		if !again {
+			if acted != nil && acted != err && graph.Classify(err) != graph.Ambiguous && !errors.Is(err, graph.ErrCallGone) {
+				// a later send was refused, but an earlier one may have acted: the outcome is
+				// not known, whatever the last answer says
+				return r, fmt.Errorf("%w; then: %v", acted, err)
+			}
 			return r, err
 		}
 		if c.sleep(ctx, wait) != nil {
@@ -122,7 +131,7 @@ func (c *Client) do(ctx context.Context, op, callID string, send sendFunc) (repl
 
 // send makes one attempt.
 func (c *Client) send(ctx context.Context, op, callID string, send sendFunc) (reply, *attempt, error) {
-	a := &attempt{}
+	a := &attempt{once: !RetryPolicyFor(op).Idempotent}
 	ctx = context.WithValue(ctx, attemptKey{}, a)
 	h := abs.NewRequestHeaders()
 	scenario := graph.ScenarioID(ctx)
@@ -166,6 +175,10 @@ func (c *Client) send(ctx context.Context, op, callID string, send sendFunc) (re
 	}
 	if r.status == 0 && !a.sent() {
 		err = fmt.Errorf("%w (%w)", err, graph.ErrNotSent)
+	}
+	if id := a.requestID(); r.status == 0 && id != "" {
+		// a timeout or a cut connection: the id is what Microsoft support needs to trace it
+		err = fmt.Errorf("%w (client-request-id %s)", err, id)
 	}
 	if callID == "" {
 		return r, a, fmt.Errorf("%s: %w", op, err)
@@ -250,6 +263,8 @@ func (c *Client) logFailure(ctx context.Context, op, callID string, n int, r rep
 // attempt records what happened to one send below the SDK: whether a connection was obtained
 // and the request written, and whether the token could be fetched.
 type attempt struct {
+	// once: the action must not be sent twice after Graph may have read it (not idempotent)
+	once        bool
 	gotConn     atomic.Bool
 	writeFailed atomic.Bool
 	tokenFailed atomic.Bool
@@ -306,6 +321,14 @@ func (t traceTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	if err := sizeBody(out); err != nil {
 		return nil, err
+	}
+	if a := attemptFrom(ctx); a != nil && a.once {
+		// Without GetBody net/http sends the body once: its HTTP/2 client would otherwise send
+		// the request again by itself after some stream resets that may come after the server
+		// read all of it (PROTOCOL_ERROR; only REFUSED_STREAM and GOAWAY promise it was not
+		// processed). A request whose body was not written yet is still retried on a new
+		// connection; anything else is this client's to decide (ambiguous: not resent).
+		out.GetBody = nil
 	}
 	return t.base.RoundTrip(out)
 }

@@ -3,6 +3,7 @@ package msgraph_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -519,5 +520,75 @@ func TestFailureLoggedWithDiagnostics(t *testing.T) {
 	}
 	if n := logs.FilterMessage("graph request failed, retrying").Len(); n != 1 {
 		t.Errorf("%d retry log lines, want 1", n)
+	}
+}
+
+// net/http's HTTP/2 client sends a request again by itself after some stream resets that can
+// come after the server read all of it (PROTOCOL_ERROR), when the request can give its body
+// again (GetBody). An action that must not be sent twice (answer, transfer, invite...) goes
+// without GetBody: a request whose body was not written is still retried on a new connection;
+// anything else is the client's to decide, and it does not resend an ambiguous one.
+func TestActionsThatMustNotRepeatCannotBeResentByNetHTTP(t *testing.T) {
+	for op, want := range map[string]bool{"transfer": false, "answer": false, "invite": false, "playPrompt": false, "hangup": true, "subscribeToTone": true} {
+		req, err := http.NewRequest("POST", "https://graph.test/v1.0/communications/calls/x/"+op, io.NopCloser(strings.NewReader(`{"a":1}`)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := msgraph.BodyResendable(op, req)
+		if err != nil || got != want {
+			t.Errorf("%s: body resendable by net/http = %v (%v), want %v", op, got, err, want)
+		}
+	}
+}
+
+// A Retry-After given as an HTTP date is waited out to the date, not rounded to the nearest
+// second (which could send the retry up to half a second early).
+func TestRetryAfterDateIsNotRoundedDown(t *testing.T) {
+	f := newFakeGraph(t)
+	c, clk := newRetryClient(t, f, nil)
+	now := time.Now().Truncate(time.Second).Add(600 * time.Millisecond)
+	msgraph.SetClock(c, func() time.Time { return now }, nil, nil)
+	date := now.Truncate(time.Second).Add(5 * time.Second)
+	path := "/communications/calls/" + callID + "/transfer"
+	f.respondSeq("POST", path, retryAfterResp(429, date.UTC().Format(http.TimeFormat)), response{Status: 202})
+	if err := c.Transfer(context.Background(), callID, graph.Party{Kind: graph.KindUser, ID: "550fae72-d251-43ec-868c-373732c2704f"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	sleeps := clk.takeSleeps()
+	if len(sleeps) != 1 || now.Add(sleeps[0]).Before(date) {
+		t.Errorf("waited %v after a Retry-After of %s (now %s): the retry went out before the date", sleeps, date.Format(time.TimeOnly), now.Format("15:04:05.000"))
+	}
+}
+
+// A request that timed out (or whose connection was cut) is the case where Graph may have acted
+// and Microsoft support needs the request's id: the error carries client-request-id.
+func TestTimeoutErrorCarriesClientRequestID(t *testing.T) {
+	f := newFakeGraph(t)
+	c := newClientCfg(t, f, nil)
+	f.respond("POST", "/communications/calls/"+callID+"/transfer", response{Hang: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	err := c.Transfer(ctx, callID, graph.Party{Kind: graph.KindUser, ID: "550fae72-d251-43ec-868c-373732c2704f"}, "")
+	reqs := f.requests()
+	if err == nil || len(reqs) == 0 {
+		t.Fatalf("transfer: %v, %d requests", err, len(reqs))
+	}
+	if id := reqs[0].Header.Get("client-request-id"); id == "" || !strings.Contains(err.Error(), id) {
+		t.Errorf("error %q lacks the client-request-id %q", err, id)
+	}
+}
+
+// An action retried after an ambiguous failure and then refused is still ambiguous: the first
+// send may have acted, whatever the last answer says.
+func TestRefusalAfterAnAmbiguousFailureStaysAmbiguous(t *testing.T) {
+	f := newFakeGraph(t)
+	c, _ := newRetryClient(t, f, nil)
+	f.respondSeq("DELETE", "/communications/calls/"+callID, retryAfterResp(504, ""), retryAfterResp(429, "300"))
+	err := c.Hangup(context.Background(), callID)
+	if n := len(f.requests()); n != 2 {
+		t.Fatalf("%d requests, want 2 (the 504, then the 429 whose Retry-After is past the deadline)", n)
+	}
+	if got := graph.Classify(err); got != graph.Ambiguous {
+		t.Errorf("Classify(%v) = %v, want ambiguous: the 504'd send may have hung up", err, got)
 	}
 }
