@@ -153,3 +153,20 @@ func TestMetricsAfterACall(t *testing.T) {
 		t.Errorf("metrics lack %q:\n%s", want, body)
 	}
 }
+
+// Label values are escaped as the Prometheus text format allows (backslash, double quote and
+// newline only): Go's %q wrote \t and \u00a0 for queue ids with a tab or a non-breaking space,
+// and a scraper refuses the whole page for one such line.
+func TestMetricsLabelValuesEscaped(t *testing.T) {
+	for in, want := range map[string]string{
+		"sales\u00a0desk": "sales\u00a0desk",
+		"support\ttier":   "support\ttier",
+		`back\slash`:      `back\\slash`,
+		`"quoted"`:        `\"quoted\"`,
+		"two\nlines":      `two\nlines`,
+	} {
+		if got := labelValue(in); got != want {
+			t.Errorf("labelValue(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

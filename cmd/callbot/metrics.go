@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -91,7 +92,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	fmt.Fprintln(w, "# HELP callbot_calls_ended_total Calls that ended through this instance, by outcome.")
 	fmt.Fprintln(w, "# TYPE callbot_calls_ended_total counter")
 	for _, o := range outcomes {
-		fmt.Fprintf(w, "callbot_calls_ended_total{outcome=%q} %d\n", o, m.ended[o])
+		fmt.Fprintf(w, "callbot_calls_ended_total{outcome=\"%s\"} %d\n", labelValue(o), m.ended[o])
 	}
 	m.mu.Unlock()
 
@@ -112,7 +113,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	slices.Sort(ids)
 	for _, id := range ids {
 		if n, err := b.queues.Length(ctx, b.deps.TenantID, id); err == nil {
-			fmt.Fprintf(w, "callbot_queue_waiting{queue=%q} %d\n", id, n)
+			fmt.Fprintf(w, "callbot_queue_waiting{queue=\"%s\"} %d\n", labelValue(id), n)
 		}
 	}
 
@@ -132,3 +133,8 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 		"Time callbot took to answer a notification, from its headers read to the response written (Graph wants an answer within 5 s).",
 		b.metrics.webhook.Snapshot())
 }
+
+// labelValue escapes a Prometheus label value as the text exposition format allows: backslash,
+// double quote and newline only (Go's %q writes \t, \u00a0... which scrapers refuse). Queue ids
+// are any YAML key.
+var labelValue = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace

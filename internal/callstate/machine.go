@@ -762,9 +762,13 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	m.Redriven.Add(int64(len(storage)))
 	var send []Pending
 	for _, p := range current {
-		if !p.Cmd.Kind.Idempotent() && m.tookEffect(ctx, c, p.Cmd, log) {
-			m.Skipped.Add(1)
-			continue
+		if !p.Cmd.Kind.Idempotent() {
+			if done, known := m.tookEffect(ctx, c, p.Cmd, log); done {
+				if known {
+					m.Skipped.Add(1) // counted only when Graph showed it: the metric says so
+				}
+				continue
+			}
 		}
 		send = append(send, p)
 	}
@@ -806,26 +810,28 @@ func awaited(c Call, cmd Command) bool {
 	return false
 }
 
-// tookEffect asks Graph whether a non-idempotent command already acted on the call.
-func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.Logger) bool {
+// tookEffect asks Graph whether a non-idempotent command already acted on the call. known is
+// false when Graph could not be read: done is then true all the same (when in doubt, do not act
+// twice; timers and notifications settle the call).
+func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.Logger) (done, known bool) {
 	cctx, cancel := context.WithTimeout(ctx, m.cfg.CommandTimeout)
 	defer cancel()
 	st, err := m.cfg.Control.GetCall(cctx, c.ID)
 	if errors.Is(err, graph.ErrCallGone) {
 		m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), Event{Kind: EvEnded, Reason: "call gone"})
-		return true
+		return true, true
 	}
 	if err != nil {
 		log.Warn("cannot read the call from Graph; not repeating "+cmd.Kind.String(), zap.Error(err))
-		return true // when in doubt, do not act twice: timers and notifications settle the call
+		return true, false
 	}
 	switch cmd.Kind {
 	case CmdAnswer, CmdReject:
-		return st != graph.CallIncoming
+		return st != graph.CallIncoming, true
 	case CmdTransfer:
-		return st != graph.CallEstablished
+		return st != graph.CallEstablished, true
 	}
-	return false
+	return false, true
 }
 
 // definitive reports whether a failed Graph request certainly did not act (refused, or not

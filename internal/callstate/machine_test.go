@@ -76,6 +76,9 @@ func (f *fakeGraph) GetCall(_ context.Context, id string) (graph.CallState, erro
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, "get")
+	if err := f.fail["get"]; err != nil {
+		return "", err
+	}
 	if f.state == "gone" {
 		return "", &graph.Error{Op: "get", Status: 404}
 	}

@@ -61,10 +61,15 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 	for _, c := range []struct {
 		name       string
 		graphState graph.CallState // where Graph has the call when B asks
+		getFails   bool            // Graph cannot be read
 		want       []string
+		skipped    int64 // counted as shown done by Graph (callbot_outbox_skipped_total)
 	}{
-		{"answer never reached Graph", graph.CallIncoming, []string{"get", "answer c-%s https://bot.test/api/calls"}},
-		{"answer took effect before A died", graph.CallEstablished, []string{"get"}},
+		{"answer never reached Graph", graph.CallIncoming, false, []string{"get", "answer c-%s https://bot.test/api/calls"}, 0},
+		{"answer took effect before A died", graph.CallEstablished, false, []string{"get"}, 1},
+		// when in doubt callbot does not answer twice (the answer timer asks Graph again), and
+		// does not count the answer as shown done
+		{"Graph cannot be read", "unreadable", true, []string{"get"}, 0},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			id := "c-" + string(c.graphState)
@@ -77,6 +82,9 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 			}
 			// A hangs in its answer request; B looks before the lease ran out, then after
 			g := &fakeGraph{state: c.graphState}
+			if c.getFails {
+				g.fail = map[string]error{"get": &graph.Error{Op: "getCall", Status: 503}}
+			}
 			b, storeB := newInstance(g, &fakeQueues{}, 0)
 			redriveAll(b, storeB, 0)
 			if len(g.log()) != 0 {
@@ -92,6 +100,9 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 			}
 			if diff := cmp.Diff(g.log(), want); diff != "" {
 				t.Fatalf("B's graph commands (-got +want):\n%s", diff)
+			}
+			if got := b.Skipped.Load(); got != c.skipped {
+				t.Errorf("skipped %d, want %d", got, c.skipped)
 			}
 			// done: another pass finds nothing to do
 			redriveAll(b, storeB, 2*time.Minute)
