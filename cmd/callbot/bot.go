@@ -170,6 +170,11 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	b.deps.Log.Info("shutting down", zap.Duration("grace", grace))
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
+	// The outbox leases of the commands still being sent are renewed until they are (or the
+	// grace is over): with the loops stopped, another instance would send them again.
+	renewing := make(chan struct{})
+	go func() { b.machine.RenewLeases(sctx); close(renewing) }()
+	defer func() { cancel(); <-renewing }()
 	shutErr := srv.Shutdown(sctx)
 	stopLoops()
 	wg.Wait()

@@ -35,6 +35,7 @@ type world struct {
 	logs   *syncBuffer
 	env    map[string]string // callbot's environment
 	done   chan error        // what `callbot serve` returned
+	stop   func()            // SIGTERM, as it were: serve's context ends
 }
 
 type syncBuffer struct {
@@ -122,6 +123,7 @@ func newWorld(t *testing.T, rds redisBackend, agents ...graphsim.AgentSpec) *wor
 func (w *world) start(t *testing.T) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
+	w.stop = cancel
 	w.done = make(chan error, 1)
 	go func() {
 		w.done <- run(ctx, []string{"serve"}, func(k string) string { return w.env[k] }, w.stdout, w.logs)

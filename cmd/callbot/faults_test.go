@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -242,5 +243,40 @@ func TestFaultExpiredTokenOnANotification(t *testing.T) {
 	}
 	if refused != 1 {
 		t.Errorf("%d notifications refused with 403, want the one with the expired token", refused)
+	}
+}
+
+// An instance stopped (SIGTERM) while its answer is on its way to a slow Graph keeps renewing
+// that command's outbox lease until it is sent: another instance does not answer the call a
+// second time. Before, the shutdown stopped the renewal with the other loops, and with a 1 s
+// lease the other instance re-drove the answer Graph had not applied yet.
+func TestShutdownKeepsTheLeasesOfCommandsInFlight(t *testing.T) {
+	w := newWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	w.env["CALLBOT_OUTBOX_LEASE"] = "1s"
+	w.env["CALLBOT_SHUTDOWN_GRACE"] = "10s"
+	b := &world{sim: w.sim, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: maps.Clone(w.env)}
+	addrB := freeAddr(t)
+	b.botURL = "http://" + addrB
+	b.env["CALLBOT_LISTEN_ADDR"], b.env["CALLBOT_PUBLIC_URL"], b.env["CALLBOT_INSTANCE_ID"] = addrB, b.botURL, "b"
+	w.env["CALLBOT_INSTANCE_ID"] = "a"
+	w.start(t) // graphsim's webhook is this one
+	b.start(t)
+	for _, x := range []*world{w, b} {
+		if err := x.waitReady(10 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultLatency, Action: "answer", Latency: 3 * time.Second, Probability: 1})
+	c := w.call(t, graphsim.CallerSpec{Digits: "1"}) // acknowledged: A's answer is on its way
+	w.stop()
+	select {
+	case err := <-w.done: // A sent its answer (3 s) within its grace, then exited
+		w.done <- err // for the cleanup
+	case <-time.After(20 * time.Second):
+		t.Fatal("the stopped instance did not exit within its grace")
+	}
+	time.Sleep(2 * time.Second) // two more leases: B would have re-driven by now
+	if sent, _ := requests(w, c.ID(), "answer"); sent != 1 {
+		t.Errorf("%d answer requests for the call, want 1: another instance answered it again while the stopping one was still sending", sent)
 	}
 }

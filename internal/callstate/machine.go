@@ -674,17 +674,22 @@ func (m *Machine) renewLeases(ctx context.Context) {
 	}
 }
 
-// RunOutbox, every interval (or every quarter lease, if that is shorter) until ctx ends, renews
-// the outbox leases of the calls this instance is carrying out (at most once a quarter lease)
-// and re-drives the commands of calls whose lease ran out: commands an instance saved and did
-// not acknowledge, because it died or lost Redis.
+// RenewLeases renews, every quarter lease until ctx ends, the outbox leases of the calls this
+// instance is carrying out. RunOutbox runs it; an instance shutting down runs it until its last
+// commands are sent, so that no other instance sends them again meanwhile.
+func (m *Machine) RenewLeases(ctx context.Context) {
+	repeat(ctx, max(m.cfg.OutboxLease/4, time.Millisecond), false, func() { m.renewLeases(ctx) })
+}
+
+// RunOutbox, every interval until ctx ends, re-drives the commands of calls whose lease ran out:
+// commands an instance saved and did not acknowledge, because it died or lost Redis. Meanwhile it
+// renews the leases of the calls this instance is carrying out (RenewLeases), on a goroutine of
+// its own: a re-drive that waits for Graph must not hold the renewal up.
 func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
-	var renewed time.Time
+	var renewing sync.WaitGroup
+	renewing.Go(func() { m.RenewLeases(ctx) })
+	defer renewing.Wait()
 	repeat(ctx, max(min(cmp.Or(every, time.Second), m.cfg.OutboxLease/4), time.Millisecond), false, func() {
-		if now := m.cfg.Now(); now.Sub(renewed) >= m.cfg.OutboxLease/4 {
-			m.renewLeases(ctx)
-			renewed = now
-		}
 		keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
 		if err != nil {
 			if ctx.Err() == nil {
@@ -738,6 +743,10 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 		return
 	}
 	m.cache.drop(key)
+	// The claim leased the outbox for one lease; asking Graph whether commands took effect may
+	// take longer: the lease is renewed while this instance works on it.
+	m.carry(key)
+	defer m.carried(key)
 	var storage, current []Pending
 	var lastGraph, lastStorage int64
 	for _, p := range c.Outbox {

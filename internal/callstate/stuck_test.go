@@ -3,6 +3,8 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -364,5 +366,68 @@ func TestInviteNotSentByADeadInstanceIsNotLostBehindALaterTransition(t *testing.
 	// Everything is done now: a later claim finds nothing to send.
 	if c, _ = store.Get(ctx, key); len(c.Outbox) != 0 {
 		t.Errorf("outbox after the re-drive: %+v, want empty", c.Outbox)
+	}
+}
+
+// slowGraph: GetCall takes getDelay; Answer for gateCall waits for gate.
+type slowGraph struct {
+	*fakeGraph
+	getDelay time.Duration
+	gateCall string
+	gate     chan struct{}
+}
+
+func (g *slowGraph) GetCall(ctx context.Context, id string) (graph.CallState, error) {
+	time.Sleep(g.getDelay)
+	return g.fakeGraph.GetCall(ctx, id)
+}
+
+func (g *slowGraph) Answer(ctx context.Context, id string, r graph.AnswerRequest) error {
+	if id == g.gateCall {
+		<-g.gate
+	}
+	return g.fakeGraph.Answer(ctx, id, r)
+}
+
+// Instance A carries out a slow answer and, in its RunOutbox, re-drives the outbox of a dead
+// instance, asking Graph first, which is slower than a lease. The renewal of A's leases used to
+// run in the same loop as the re-drive and waited behind it: instance B then re-drove the answer A
+// was still sending, and the outbox A was re-driving. Renewal now runs on its own, and a re-drive
+// renews the lease of the outbox it works on.
+func TestLeasesRenewedWhileARedriveWaitsForGraph(t *testing.T) {
+	const lease = 400 * time.Millisecond
+	rdb := redistest.Start(t).Client(t)
+	flow, err := ivr.Parse([]byte(handoffFlowYAML), "r.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(g callstate.CallControl) *callstate.Machine {
+		return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "rl"), Timers: callstate.NewTimers(rdb, "rl"), Control: g,
+			Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), OutboxLease: lease})
+	}
+	incoming := func(m *callstate.Machine, id string) {
+		must(t, m, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	}
+	dead := &fakeGraph{block: make(chan struct{})}
+	defer close(dead.block)
+	incoming(mk(dead), "c-orphan") // saved, never sent: this instance hangs for good
+
+	ga := &slowGraph{fakeGraph: &fakeGraph{state: graph.CallIncoming}, getDelay: 8 * lease, gateCall: "c-slow", gate: make(chan struct{})}
+	a := mk(ga)
+	incoming(a, "c-slow") // A's answer to Graph is slow
+	ctx, cancel := context.WithCancel(context.Background())
+	var loops sync.WaitGroup
+	defer func() { close(ga.gate); cancel(); loops.Wait() }()
+	loops.Go(func() { a.RunOutbox(ctx, 50*time.Millisecond) })
+
+	time.Sleep(2 * lease) // A has claimed the orphan's outbox and is asking Graph about it
+	gb := &fakeGraph{state: graph.CallIncoming}
+	b := mk(gb)
+	loops.Go(func() { b.RunOutbox(ctx, 50*time.Millisecond) })
+	time.Sleep(4 * lease)
+	for _, cmd := range gb.log() {
+		if strings.HasPrefix(cmd, "answer") {
+			t.Errorf("B sent %q while A, alive, was sending it (B's commands: %v)", cmd, gb.log())
+		}
 	}
 }
