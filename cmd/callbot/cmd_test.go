@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -34,6 +35,37 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+// The files the configuration names are read at start: a CA file with no certificate, a client
+// certificate that does not parse, and a certificate password with no certificate are refused
+// with the rest, each naming its variable (they failed later, one at a time, unnamed).
+func TestConfigChecksTheFilesItNames(t *testing.T) {
+	junk := filepath.Join(t.TempDir(), "junk.pem")
+	if err := os.WriteFile(junk, []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := map[string]string{
+		"CALLBOT_PUBLIC_URL": "https://bot.example.com", "CALLBOT_TENANT_ID": "1fdd12d0-4620-44ed-baec-459b611f84b2",
+		"CALLBOT_CLIENT_ID": "0efc74f7-41c3-47a4-8775-7259bfef4241", "CALLBOT_REDIS_URL": "redis://127.0.0.1:1/0",
+		"CALLBOT_FLOW_FILE": "testdata/flow.yaml", "CALLBOT_CA_FILE": junk,
+	}
+	for name, tc := range map[string]struct {
+		set  map[string]string
+		want []string
+	}{
+		"bad files":             {map[string]string{"CALLBOT_CLIENT_CERT_FILE": junk}, []string{"CALLBOT_CA_FILE: " + junk + " holds no PEM certificate", "CALLBOT_CLIENT_CERT_FILE: " + junk}},
+		"password without cert": {map[string]string{"CALLBOT_CLIENT_SECRET": "s", "CALLBOT_CLIENT_CERT_PASSWORD": "pw"}, []string{"CALLBOT_CLIENT_CERT_PASSWORD: set without CALLBOT_CLIENT_CERT_FILE"}},
+	} {
+		env := maps.Clone(base)
+		maps.Copy(env, tc.set)
+		_, err := loadConfig(func(k string) string { return env[k] })
+		for _, want := range tc.want {
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("%s: error %v lacks %q", name, err, want)
+			}
 		}
 	}
 }

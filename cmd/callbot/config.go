@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/graph/msgraph"
 )
 
 // config is everything `callbot serve` reads from the environment.
@@ -103,9 +105,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 	case c.ClientSecret != "" && c.CertFile != "":
 		bad("CALLBOT_CLIENT_CERT_FILE", "set together with CALLBOT_CLIENT_SECRET: use one")
 	case c.CertFile != "":
-		if _, err := os.Stat(c.CertFile); err != nil {
+		if err := msgraph.CheckCertFile(c.CertFile, c.CertPassword); err != nil {
 			bad("CALLBOT_CLIENT_CERT_FILE", "%v", err)
 		}
+	}
+	if c.CertPassword != "" && c.CertFile == "" {
+		bad("CALLBOT_CLIENT_CERT_PASSWORD", "set without CALLBOT_CLIENT_CERT_FILE")
 	}
 	if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
 		bad("CALLBOT_LISTEN_ADDR", "%q is not host:port", c.ListenAddr)
@@ -138,8 +143,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 		bad("CALLBOT_TOKEN_ISSUERS", "no issuer given")
 	}
 	if c.CAFile != "" {
-		if _, err := os.Stat(c.CAFile); err != nil {
+		if pem, err := os.ReadFile(c.CAFile); err != nil {
 			bad("CALLBOT_CA_FILE", "%v", err)
+		} else if !x509.NewCertPool().AppendCertsFromPEM(pem) {
+			bad("CALLBOT_CA_FILE", "%s holds no PEM certificate", c.CAFile)
 		}
 	}
 	if c.RedisURL != "" {

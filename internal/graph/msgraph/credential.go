@@ -138,3 +138,20 @@ func (t *tenantCredentials) forTenant(tenant string) (azcore.TokenCredential, er
 	t.creds[key] = c
 	return c, nil
 }
+
+// CheckCertFile reads and parses a client certificate file as the client will (PEM, or PKCS#12
+// decrypted with password), so that a configuration can be refused at start with its problem.
+func CheckCertFile(path, password string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var pw []byte
+	if password != "" {
+		pw = []byte(password)
+	}
+	if _, _, err := azidentity.ParseCertificates(data, pw); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return nil
+}
