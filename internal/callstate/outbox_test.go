@@ -74,8 +74,8 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			id := "c-" + string(c.graphState)
 			hung := &fakeGraph{block: make(chan struct{})}
-			defer close(hung.block)
 			a, _ := newInstance(hung, &fakeQueues{}, 0)
+			defer func() { close(hung.block); a.Wait() }() // A's goroutines end before the test does
 			ns, _ := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
 			if err := a.Notify(ctx, "t1", ns); err != nil {
 				t.Fatal(err)

@@ -59,6 +59,7 @@ func (f *agentOnRealQueues) instance(c *redis.Client, g callstate.CallControl, m
 		mod(&cfg)
 	}
 	m := callstate.NewMachine(cfg)
+	f.t.Cleanup(m.Wait) // its Graph commands are done before the test ends (and its logger with it)
 	d.Offer = m
 	return m, d, st
 }

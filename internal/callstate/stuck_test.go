@@ -207,8 +207,10 @@ func twoInstances(t *testing.T, prefix string, ga, gb callstate.CallControl, qa,
 		t.Fatal(err)
 	}
 	mk := func(g callstate.CallControl, q callstate.Queues) *callstate.Machine {
-		return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix), Control: g,
+		m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix), Control: g,
 			Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+		t.Cleanup(m.Wait) // its Graph commands are done before the test ends (and its logger with it)
+		return m
 	}
 	return mk(ga, qa), mk(gb, qb), callstate.NewStore(rdb, prefix)
 }
@@ -339,7 +341,7 @@ func TestInviteNotSentByADeadInstanceIsNotLostBehindALaterTransition(t *testing.
 	must(t, a, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
 	a.Wait()
 	ga.block = make(chan struct{}) // A hangs from here on: it never sends the invite
-	defer close(ga.block)
+	defer func() { close(ga.block); a.Wait() }() // A's goroutines end before the test does
 	must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
 	ctx := context.Background()
 	c, _ := store.Get(ctx, key)
@@ -409,20 +411,28 @@ func TestLeasesRenewedWhileARedriveWaitsForGraph(t *testing.T) {
 		must(t, m, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
 	}
 	dead := &fakeGraph{block: make(chan struct{})}
-	defer close(dead.block)
-	incoming(mk(dead), "c-orphan") // saved, never sent: this instance hangs for good
+	d := mk(dead)
+	incoming(d, "c-orphan") // saved, never sent: this instance hangs for good
 
 	ga := &slowGraph{fakeGraph: &fakeGraph{state: graph.CallIncoming}, getDelay: 8 * lease, gateCall: "c-slow", gate: make(chan struct{})}
 	a := mk(ga)
 	incoming(a, "c-slow") // A's answer to Graph is slow
+	gb := &fakeGraph{state: graph.CallIncoming}
+	b := mk(gb)
 	ctx, cancel := context.WithCancel(context.Background())
 	var loops sync.WaitGroup
-	defer func() { close(ga.gate); cancel(); loops.Wait() }()
+	defer func() { // everything the instances started ends before the test does
+		close(ga.gate)
+		cancel()
+		loops.Wait()
+		close(dead.block)
+		for _, m := range []*callstate.Machine{a, b, d} {
+			m.Wait()
+		}
+	}()
 	loops.Go(func() { a.RunOutbox(ctx, 50*time.Millisecond) })
 
 	time.Sleep(2 * lease) // A has claimed the orphan's outbox and is asking Graph about it
-	gb := &fakeGraph{state: graph.CallIncoming}
-	b := mk(gb)
 	loops.Go(func() { b.RunOutbox(ctx, 50*time.Millisecond) })
 	time.Sleep(4 * lease)
 	for _, cmd := range gb.log() {
