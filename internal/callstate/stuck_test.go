@@ -340,7 +340,7 @@ func TestInviteNotSentByADeadInstanceIsNotLostBehindALaterTransition(t *testing.
 	must(t, a, id, callstate.Event{Kind: callstate.EvEstablished})
 	must(t, a, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
 	a.Wait()
-	ga.block = make(chan struct{}) // A hangs from here on: it never sends the invite
+	ga.block = make(chan struct{})               // A hangs from here on: it never sends the invite
 	defer func() { close(ga.block); a.Wait() }() // A's goroutines end before the test does
 	must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
 	ctx := context.Background()
