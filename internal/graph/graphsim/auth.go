@@ -335,9 +335,6 @@ func (s *Sim) handleToken(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.tokenRequests++
 	s.mu.Unlock()
-	if s.requestFault(w, r, "token", true) {
-		return
-	}
 	if err := r.ParseForm(); err != nil {
 		s.aadError(w, r, http.StatusBadRequest, "invalid_request", 900144, "The request body must be application/x-www-form-urlencoded.")
 		return
@@ -369,6 +366,10 @@ func (s *Sim) handleToken(w http.ResponseWriter, r *http.Request) {
 	if !slices.Contains(strings.Fields(r.PostForm.Get("scope")), GraphResource+"/.default") {
 		s.aadError(w, r, http.StatusBadRequest, "invalid_scope", 1002012,
 			fmt.Sprintf("The provided value for scope %s is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.", r.PostForm.Get("scope")))
+		return
+	}
+	// Faults apply to requests that authenticated (docs/graphsim.md): a bad secret never uses one.
+	if s.requestFault(w, r, "token", true) {
 		return
 	}
 	now := time.Now()

@@ -133,7 +133,7 @@ func (s *Sim) PlaceCall(ctx context.Context, spec CallerSpec) (*Call, error) {
 	s.sendCall(c, graph.Created, callData{
 		ID: id, State: graph.CallIncoming, Direction: "incoming", Source: c.source(), Targets: c.targets(s),
 		RequestedModalities: []string{"audio"}, TenantID: s.opts.TenantID,
-		MyParticipantID: c.myParticipantID, CallChainID: c.chainID,
+		MyParticipantID: c.myParticipantID, CallChainID: c.chainID, CallbackURI: s.opts.WebhookURL,
 	}, ack)
 	s.afterCall(c, s.opts.AnswerTimeout, func() {
 		if c.state == graph.CallIncoming {

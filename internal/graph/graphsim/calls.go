@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/callbot/callbot/internal/graph"
 )
@@ -26,6 +29,7 @@ type call struct {
 
 	state       graph.CallState
 	callbackURI string
+	appMedia    bool // answered with appHostedMediaConfig: the service-hosted media actions are refused
 	subscribed  bool
 	toneSeq     int64
 	etag        int
@@ -208,6 +212,8 @@ func decode(body []byte, v any) *apiError {
 	return nil
 }
 
+// checkCallback: Graph calls https callback URIs only (WIRE.md a.1); graphsim also takes http to
+// a loopback host, where a bot under test listens.
 func checkCallback(u string) *apiError {
 	if u == "" {
 		return nil
@@ -215,11 +221,25 @@ func checkCallback(u string) *apiError {
 	if err := checkURL(u); err != nil {
 		return badRequest("Invalid callbackUri: %v", err)
 	}
+	if p, _ := url.Parse(u); p.Scheme == "http" {
+		if ip := net.ParseIP(p.Hostname()); !(ip != nil && ip.IsLoopback()) && p.Hostname() != "localhost" {
+			return badRequest("Invalid callbackUri: %q must be https.", u)
+		}
+	}
+	return nil
+}
+
+// serviceMediaOnly refuses a media action on a call answered with app-hosted media (WIRE.md b:
+// playPrompt, subscribeToTone and cancelMediaProcessing are service-hosted media only).
+func serviceMediaOnly(c *call, action string) *apiError {
+	if c.appMedia {
+		return badRequest("Action %s is not supported for calls with app hosted media.", action)
+	}
 	return nil
 }
 
 func checkClientContext(cc string) *apiError {
-	if len(cc) > 256 {
+	if utf8.RuneCountInString(cc) > 256 { // characters, not bytes (WIRE.md)
 		return badRequest("clientContext is longer than 256 characters.")
 	}
 	return nil
@@ -250,6 +270,11 @@ func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 	if req.CallbackURI != "" {
 		c.callbackURI = req.CallbackURI
 	}
+	var media struct {
+		ODataType string `json:"@odata.type"`
+	}
+	json.Unmarshal(req.MediaConfig, &media)
+	c.appMedia = strings.EqualFold(media.ODataType, "#microsoft.graph.appHostedMediaConfig")
 	c.state = graph.CallEstablishing
 	c.res.Answered = true
 	c.res.AnsweredAt = time.Now()
@@ -481,6 +506,9 @@ func (s *Sim) playPrompt(c *call, body []byte) (reply, *apiError) {
 	if c.state != graph.CallEstablished && c.state != graph.CallEstablishing {
 		return reply{}, wrongState(c, "playPrompt")
 	}
+	if e := serviceMediaOnly(c, "playPrompt"); e != nil {
+		return reply{}, e
+	}
 	if n := len(req.Prompts); n == 0 || n > 20 {
 		return reply{}, badRequest("prompts must hold 1 to 20 media prompts, not %d.", n)
 	}
@@ -545,7 +573,7 @@ func (s *Sim) stopMedia(c *call, notify bool) {
 	c.mediaGen++
 	if notify {
 		for _, op := range c.media {
-			s.sendOp(c, op, graph.OpFailed, resultInfo{code: 400, subcode: 8508, message: "Action falied, the operation was cancelled."})
+			s.sendOp(c, op, graph.OpFailed, resultInfo{code: 400, subcode: 8508, message: "Action failed, the operation was cancelled."})
 		}
 	}
 	c.media = nil
@@ -593,6 +621,9 @@ func (s *Sim) subscribeToTone(c *call, body []byte) (reply, *apiError) {
 	if c.state != graph.CallEstablished && c.state != graph.CallEstablishing {
 		return reply{}, wrongState(c, "subscribeToTone")
 	}
+	if e := serviceMediaOnly(c, "subscribeToTone"); e != nil {
+		return reply{}, e
+	}
 	if e := checkClientContext(req.ClientContext); e != nil {
 		return reply{}, e
 	}
@@ -614,6 +645,9 @@ func (s *Sim) cancelMediaProcessing(c *call, body []byte) (reply, *apiError) {
 	case graph.CallEstablishing, graph.CallEstablished, graph.CallTransferring:
 	default:
 		return reply{}, wrongState(c, "cancelMediaProcessing")
+	}
+	if e := serviceMediaOnly(c, "cancelMediaProcessing"); e != nil {
+		return reply{}, e
 	}
 	if e := checkClientContext(req.ClientContext); e != nil {
 		return reply{}, e

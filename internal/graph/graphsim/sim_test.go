@@ -150,7 +150,7 @@ func TestHappyPathTransferToAcceptingAgent(t *testing.T) {
 	created := notes[0].N.Call
 	if notes[0].Path != "/api/calls" || created.Source.Identity.Phone.ID != phoneCaller.ID ||
 		created.Targets[0].Identity.ApplicationInstance.ID != testAppInst || created.TenantID != testTenant ||
-		created.MyParticipantID == "" || created.CallChainID == "" || created.Direction != "incoming" || created.CallbackURI != "" {
+		created.MyParticipantID == "" || created.CallChainID == "" || created.Direction != "incoming" || !strings.HasSuffix(created.CallbackURI, "/api/calls") {
 		t.Errorf("created: path %s %+v", notes[0].Path, created)
 	}
 	for _, n := range notes[1:] {

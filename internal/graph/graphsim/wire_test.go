@@ -1,0 +1,109 @@
+package graphsim
+
+import (
+	"context"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/callbot/callbot/internal/graph"
+)
+
+// Where graphsim departed from WIRE.md and the payload examples, found by a review; each case
+// failed before its fix.
+
+// clientContext is limited to 256 characters (WIRE.md b), not bytes.
+func TestClientContextLimitCountsCharacters(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), answerOnly)
+	c := placeAndWaitFor(t, s, b, CallerSpec{From: phoneCaller, To: testAppInst}, graph.CallEstablished)
+	path := "/communications/calls/" + c.ID()
+	prompts := []any{map[string]any{"mediaInfo": map[string]any{"uri": promptURI}}}
+	if st, out, _ := b.call("POST", path+"/playPrompt", map[string]any{"clientContext": strings.Repeat("é", 256), "prompts": prompts}); st != http.StatusOK {
+		t.Errorf("256 characters (512 bytes): %d %s, want 200", st, out)
+	}
+	if st, _, _ := b.call("POST", path+"/playPrompt", map[string]any{"clientContext": strings.Repeat("é", 257), "prompts": prompts}); st != http.StatusBadRequest {
+		t.Errorf("257 characters: %d, want 400", st)
+	}
+}
+
+// playPrompt, subscribeToTone and cancelMediaProcessing are for service-hosted media only
+// (WIRE.md b): a call answered with app-hosted media refuses them.
+func TestMediaActionsRefusedOnAppHostedMedia(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), nil)
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := "/communications/calls/" + c.ID()
+	if st, out, _ := b.call("POST", path+"/answer", map[string]any{"callbackUri": b.srv.URL + "/cb", "acceptedModalities": []string{"audio"},
+		"mediaConfig": map[string]any{"@odata.type": "#microsoft.graph.appHostedMediaConfig", "blob": "<media configuration blob>"}}); st != http.StatusAccepted {
+		t.Fatalf("answer with app-hosted media: %d %s", st, out)
+	}
+	eventually(t, "established", func() bool {
+		return slices.ContainsFunc(b.seen(c.ID()), func(n seen) bool { return n.N.Call != nil && n.N.Call.State == graph.CallEstablished })
+	})
+	for action, body := range map[string]any{
+		"playPrompt":            map[string]any{"prompts": []any{map[string]any{"mediaInfo": map[string]any{"uri": promptURI}}}},
+		"subscribeToTone":       map[string]any{},
+		"cancelMediaProcessing": map[string]any{},
+	} {
+		if st, out, _ := b.call("POST", path+"/"+action, body); st != http.StatusBadRequest {
+			t.Errorf("%s on an app-hosted-media call: %d %s, want 400", action, st, out)
+		}
+	}
+}
+
+// The incoming (created) notification carries callbackUri, as Graph's does (WIRE.md a.3,
+// payloads/notification-incoming-to-app-instance-pstn-bot.json).
+func TestIncomingNotificationCarriesCallbackURI(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), nil)
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "incoming", func() bool { return len(b.seen(c.ID())) > 0 })
+	if n := b.seen(c.ID())[0].N; n.Call == nil || n.Call.CallbackURI == "" {
+		t.Errorf("incoming notification without callbackUri: %+v", n)
+	}
+}
+
+// Graph calls https callback URIs only (WIRE.md a.1); graphsim takes http to a loopback host,
+// where a bot under test listens, and nothing else.
+func TestPlainHTTPCallbackRefused(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), nil)
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer := func(cb string) int {
+		st, _, _ := b.call("POST", "/communications/calls/"+c.ID()+"/answer", map[string]any{"callbackUri": cb,
+			"acceptedModalities": []string{"audio"}, "mediaConfig": map[string]any{"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"}})
+		return st
+	}
+	if st := answer("http://bot.contoso.com/api/calls"); st != http.StatusBadRequest {
+		t.Errorf("http callbackUri to a public host: %d, want 400", st)
+	}
+	if st := answer("http://127.0.0.1:8080/api/calls"); st != http.StatusAccepted {
+		t.Errorf("http callbackUri to loopback: %d, want 202", st)
+	}
+}
+
+// A token request that fails authentication does not use up a fault (docs/graphsim.md).
+func TestBadSecretDoesNotUseUpATokenFault(t *testing.T) {
+	t.Parallel()
+	s, _ := newHarness(t, fastOptions(), nil)
+	if _, err := s.AddFault(Fault{Kind: FaultStatus, Action: "token", Status: 503, Count: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := fetchToken(t, s, testClient, "wrong-secret"); st != http.StatusUnauthorized {
+		t.Errorf("bad secret: %d, want 401", st)
+	}
+	if st, _ := fetchToken(t, s, testClient, testSecret); st != http.StatusServiceUnavailable {
+		t.Errorf("good secret after a bad one: %d, want the fault's 503", st)
+	}
+}
