@@ -175,7 +175,7 @@ func (d *decision) apply(ev Event) error {
 		if ev.Seq != 0 && ev.Seq <= c.LastTone {
 			return ErrIgnored // duplicate or late key press
 		}
-		c.LastTone = ev.Seq
+		c.LastTone = max(c.LastTone, ev.Seq) // a tone without a sequenceId must not lower it
 		d.silence()
 		d.menuStep(d.env.Flow.Digit(c.Menu, ev.Digit))
 		return nil
@@ -301,6 +301,13 @@ func (d *decision) apply(ev Event) error {
 			return ErrIgnored
 		case present:
 			c.Joined = true
+			if c.State == StateInviting {
+				// The agent is in the call: connected, whether or not the invite's completion
+				// comes (late, or lost). Waiting for it left a caller whose agent had already
+				// left in a call with nobody, or sent them back to the queue mid-conversation.
+				c.State, c.ConnectedAt, c.Timers, c.InviteCtx = StateConnected, d.env.Now, nil, ""
+				d.silence() // the hold music must not play over the conversation
+			}
 		case c.State == StateConnected && c.Joined:
 			// the agent left the conversation: callbot ends the call, the agent wraps up
 			c.State, c.Outcome = StateTerminating, OutcomeConnected

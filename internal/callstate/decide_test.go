@@ -473,3 +473,70 @@ func TestInviteFailedOrCallerLeaves(t *testing.T) {
 		t.Errorf("caller hung up while connected: %s %v", ended.Outcome, kinds(out))
 	}
 }
+
+// inviting is a call whose caller was offered to the conference hand-off queue's agent.
+func inviting(t *testing.T) (Call, Env, string) {
+	t.Helper()
+	env := testEnv(t)
+	agent := "11111111-0000-4000-8000-000000000002"
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1}, Event{Kind: EvAgentOffer, Agent: agent})
+	if c.State != StateInviting {
+		t.Fatalf("after the offer: %s", c.State)
+	}
+	return c, env, agent
+}
+
+// A roster that shows the invited agent means they are in the call: connected, whatever the
+// invite's completion says later, or if it never comes. Waiting for it: an agent who joined and
+// left before it came left the caller in a call with nobody and no timer; a lost completion sent
+// the caller back to the queue (the agent released as failed) mid-conversation; a caller who
+// hung up then cost the agent their wrap-up.
+func TestRosterWithTheAgentConnectsAnInvite(t *testing.T) {
+	t.Run("agent joined and left before the invite's completion", func(t *testing.T) {
+		c, env, agent := inviting(t)
+		inviteCtx := c.InviteCtx
+		c, out, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller", agent}, Seq: 1}, env)
+		if err != nil || c.State != StateConnected || !slices.Equal(kinds(out), []string{"cancelMediaProcessing"}) {
+			t.Fatalf("roster with the agent: %s %v %v, want connected and the hold music stopped", c.State, kinds(out), err)
+		}
+		c, out, _ = Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 2}, env)
+		if c.State != StateTerminating || kinds(out)[0] != "hangup" {
+			t.Fatalf("agent left: %s %v, want callbot to hang up", c.State, kinds(out))
+		}
+		if _, _, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: inviteCtx}, env); !errors.Is(err, ErrIgnored) {
+			t.Errorf("the invite's late completion: %v, want ignored", err)
+		}
+	})
+	t.Run("invite completion lost", func(t *testing.T) {
+		c, env, agent := inviting(t)
+		timer := c.Timers[TimerTransfer]
+		c, _, _ = Decide(c, Event{Kind: EvRoster, Participants: []string{agent}, Seq: 1}, env)
+		if next, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: timer}, env); !errors.Is(err, ErrIgnored) || next.State != StateConnected {
+			t.Errorf("the invite's timer after the agent joined: %s %v %v, want ignored", next.State, kinds(out), err)
+		}
+	})
+	t.Run("caller hangs up before the completion", func(t *testing.T) {
+		c, env, agent := inviting(t)
+		c, _, _ = Decide(c, Event{Kind: EvRoster, Participants: []string{agent}, Seq: 1}, env)
+		c, out, _ := Decide(c, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}}, env)
+		if c.Outcome != OutcomeConnected || len(out) != 1 || out[0].AgentOutcome != AgentWrapUp {
+			t.Errorf("hang-up after the agent joined: outcome %s %+v, want connected and the agent's wrap-up", c.Outcome, out)
+		}
+	})
+}
+
+// A key press without a sequenceId must not lower LastTone: a repeat of an earlier press was then
+// applied again, and the cache's Stale contract (LastTone only rises) broken.
+func TestToneWithoutSequenceKeepsLastTone(t *testing.T) {
+	env := testEnv(t)
+	env.Flow.Menus["main"].Retries = 5 // invalid keys replay the menu, no fallback yet
+	dup := Event{Kind: EvTone, Digit: "7", Seq: 2}
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, dup)
+	c, _, err := Decide(c, Event{Kind: EvTone, Digit: "8"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Decide(c, dup, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("a repeat of the press with sequenceId 2, after one without: %v (LastTone %d), want ignored", err, c.LastTone)
+	}
+}

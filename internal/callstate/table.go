@@ -51,7 +51,7 @@ var Transitions = []Transition{
 	{StateInviting, EvInviteDone, StateQueued},    // the agent did not: back to the head of the queue
 	{StateInviting, EvTimeout, StateInviting},     // hold music again
 	{StateInviting, EvTimeout, StateQueued},       // no outcome in time
-	{StateInviting, EvRoster, StateInviting},      // the roster shows the agent before the operation ends
+	{StateInviting, EvRoster, StateConnected},     // the roster shows the agent: joined, whatever the invite's completion says later
 	{StateConnected, EvRoster, StateConnected},    // someone joined or left; the agent is still there
 	{StateConnected, EvRoster, StateTerminating},  // the agent left: callbot hangs up
 
