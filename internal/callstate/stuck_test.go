@@ -21,24 +21,11 @@ import (
 // sent twice, and the tests that keep them closed. Found by a review of callstate that proved
 // each with one of these tests failing.
 
-// handoffFlowYAML has a queue with blind transfer (1) and one with the conference hand-off (2).
-const handoffFlowYAML = `
-name: r
-prompts:
-  menu: {uri: https://m.test/menu.wav}
-  hold: {uri: https://m.test/hold.wav}
-start: main
-menus:
-  main:
-    prompt: menu
-    options:
-      "1": {queue: q}
+// handoffFlowYAML is flowYAML with a second option (2) to a queue with the conference hand-off.
+var handoffFlowYAML = strings.Replace(flowYAML, `      "1": {queue: q}
+`, `      "1": {queue: q}
       "2": {queue: vip}
-queues:
-  q:
-    hold: hold
-    agents: [11111111-0000-4000-8000-000000000001]
-  vip:
+`, 1) + `  vip:
     hold: hold
     handoff: invite
     agents: [11111111-0000-4000-8000-000000000002]

@@ -13,6 +13,16 @@ import (
 // Where graphsim departed from WIRE.md and the payload examples, found by a review; each case
 // failed before its fix.
 
+// placeIncoming places a call from a phone and returns it, ringing.
+func placeIncoming(t *testing.T, s *Sim) *Call {
+	t.Helper()
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // clientContext is limited to 256 characters (WIRE.md b), not bytes.
 func TestClientContextLimitCountsCharacters(t *testing.T) {
 	t.Parallel()
@@ -33,10 +43,7 @@ func TestClientContextLimitCountsCharacters(t *testing.T) {
 func TestMediaActionsRefusedOnAppHostedMedia(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
-	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := placeIncoming(t, s)
 	path := "/communications/calls/" + c.ID()
 	if st, out, _ := b.call("POST", path+"/answer", map[string]any{"callbackUri": b.srv.URL + "/cb", "acceptedModalities": []string{"audio"},
 		"mediaConfig": map[string]any{"@odata.type": "#microsoft.graph.appHostedMediaConfig", "blob": "<media configuration blob>"}}); st != http.StatusAccepted {
@@ -61,10 +68,7 @@ func TestMediaActionsRefusedOnAppHostedMedia(t *testing.T) {
 func TestIncomingNotificationCarriesCallbackURI(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
-	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := placeIncoming(t, s)
 	eventually(t, "incoming", func() bool { return len(b.seen(c.ID())) > 0 })
 	if n := b.seen(c.ID())[0].N; n.Call == nil || n.Call.CallbackURI == "" {
 		t.Errorf("incoming notification without callbackUri: %+v", n)
@@ -76,10 +80,7 @@ func TestIncomingNotificationCarriesCallbackURI(t *testing.T) {
 func TestPlainHTTPCallbackRefused(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
-	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := placeIncoming(t, s)
 	answer := func(cb string) int {
 		st, _, _ := b.call("POST", "/communications/calls/"+c.ID()+"/answer", map[string]any{"callbackUri": cb,
 			"acceptedModalities": []string{"audio"}, "mediaConfig": map[string]any{"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"}})
