@@ -64,6 +64,17 @@ func newKeyServer(t testing.TB) *keyServer {
 	return ks
 }
 
+// fetchedSince waits (10 s at most, a bound for a failing test) until the metadata URL has been
+// asked more than base times.
+func (ks *keyServer) fetchedSince(base int32) bool {
+	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == base; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+	return true
+}
+
 func genKey(t testing.TB) *rsa.PrivateKey {
 	k, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
@@ -212,10 +223,9 @@ func TestStaleKeysRefreshInTheBackground(t *testing.T) {
 		close(gate)
 		t.Fatal("a token signed with a known key waited for the key refresh")
 	}
-	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == base; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the stale key set was not refreshed")
-		}
+	if !ks.fetchedSince(base) {
+		close(gate)
+		t.Fatal("the stale key set was not refreshed")
 	}
 	close(gate)
 	// Once the refresh is done the set is fresh: another token fetches nothing.
@@ -295,11 +305,9 @@ func TestWaitersOfAFailedFetchAreToldToRetry(t *testing.T) {
 	const n = 6
 	errs := make(chan error, n)
 	go func() { _, err := v.Verify(context.Background(), tok); errs <- err }()
-	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			close(gate)
-			t.Fatal("no key fetch")
-		}
+	if !ks.fetchedSince(0) {
+		close(gate)
+		t.Fatal("no key fetch")
 	}
 	for range n - 1 { // these find the fetch in flight and wait for it
 		go func() { _, err := v.Verify(context.Background(), tok); errs <- err }()
@@ -322,10 +330,8 @@ func TestVerifyGivenUpWaitingIsUnavailable(t *testing.T) {
 	ks.gate.Store(&gate)
 	defer close(gate)
 	go v.Prefetch(context.Background())
-	for deadline := time.Now().Add(10 * time.Second); ks.fetches.Load() == 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no key fetch")
-		}
+	if !ks.fetchedSince(0) {
+		t.Fatal("no key fetch")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
