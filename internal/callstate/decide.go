@@ -259,7 +259,6 @@ func (d *decision) apply(ev Event) error {
 	case EvAgentOffer:
 		c.Agent = ev.Agent
 		c.Offers++
-		c.Transferring = false
 		target := graph.Party{Kind: graph.KindUser, ID: ev.Agent}
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.Handoff == ivr.HandoffInvite {
 			// conference hand-off: the agent is invited and callbot stays; the caller keeps
@@ -271,10 +270,7 @@ func (d *decision) apply(ev Event) error {
 			return nil
 		}
 		c.PromptCtx = "" // hold music stops mattering: the transfer takes the caller's media
-		c.State = StateTransferring
-		c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
-		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: c.TransferCtx})
-		d.timer(TimerTransfer, d.env.TransferTimeout)
+		d.transfer(target)
 		return nil
 
 	case EvInviteDone:
@@ -450,13 +446,10 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 			d.timer(TimerMaxWait, q.MaxWait)
 		}
 	case ivr.ActionTransfer:
-		c.State, c.Target, c.Queue, c.Transferring = StateTransferring, a.Target, "", false
-		target := a.TransferParty()
+		c.Target, c.Queue = a.Target, ""
 		d.play(pre)
 		c.Offers++
-		c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
-		d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: c.TransferCtx})
-		d.timer(TimerTransfer, d.env.TransferTimeout)
+		d.transfer(a.TransferParty())
 	default: // disconnect
 		c.State, c.Outcome, c.Queue = StateTerminating, OutcomeDisconnected, ""
 		ps := append(pre, d.prompts(a.Prompt)...)
@@ -467,6 +460,15 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		d.play(ps)
 		d.timer(TimerMenu, d.env.HangupGrace) // a goodbye longer than this is cut
 	}
+}
+
+// transfer starts a transfer attempt to target, with a clientContext of its own, and watches for
+// its outcome. Graph has not said this attempt is under way yet (Transferring).
+func (d *decision) transfer(target graph.Party) {
+	d.c.State, d.c.Transferring = StateTransferring, false
+	d.c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
+	d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: d.c.TransferCtx})
+	d.timer(TimerTransfer, d.env.TransferTimeout)
 }
 
 // hangup ends the call, and arms a timer that hangs up again if no terminated notification

@@ -274,7 +274,7 @@ func (p *parser) cycles(f *Flow) {
 					break
 				}
 				if n == id {
-					if slices.Min(chain) == id && len(chain) > 1 {
+					if slices.Min(chain) == id {
 						p.errorf(nodes[id], "%s.%s.%s: leads back to %s through %s %s: a caller could go round them forever; end the chain with a queue, a transfer or a disconnect",
 							what, id, via, id, what, strings.Join(chain[1:], ", "))
 					}
