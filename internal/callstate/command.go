@@ -21,6 +21,9 @@ const (
 	CmdHangup
 	CmdCheckCall // read the call's state from Graph (EvCallState), when a notification may be lost or stale
 	CmdInvite    // invite Target into the call (conference hand-off)
+	// CmdCheckRoster reads the call's participants from Graph (EvRoster with ClientContext), when
+	// an invite's outcome or the agent's leaving may not have been notified
+	CmdCheckRoster
 
 	CmdEnqueue      // put the call in Queue at Score
 	CmdLeaveQueue   // take the call out of Queue
@@ -29,7 +32,7 @@ const (
 )
 
 var commandNames = [...]string{"", "answer", "reject", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
-	"transfer", "hangup", "checkCall", "invite", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
+	"transfer", "hangup", "checkCall", "invite", "checkRoster", "enqueue", "leaveQueue", "releaseAgent", "setTimer"}
 
 func (k CommandKind) String() string {
 	if int(k) < len(commandNames) {
@@ -39,7 +42,7 @@ func (k CommandKind) String() string {
 }
 
 // Graph reports whether the command is sent to Graph.
-func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdInvite }
+func (k CommandKind) Graph() bool { return k >= CmdAnswer && k <= CmdCheckRoster }
 
 // AgentOutcome says how an offer to an agent ended.
 type AgentOutcome string
@@ -70,6 +73,9 @@ type Command struct {
 	// Settles, on CmdCheckCall: what Graph says settles the current transfer attempt (the check
 	// is its timer's), rather than checking a failure notification that may be an earlier one's.
 	Settles bool `json:"settles,omitempty"`
+	// Again marks a command the re-drive sends a second time, not knowing whether the first
+	// reached Graph. Not stored: only the re-driving instance needs it.
+	Again bool `json:"-"`
 }
 
 // Idempotent reports whether sending the command twice does no harm. Answer, reject, redirect

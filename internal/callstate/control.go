@@ -29,6 +29,9 @@ type CallControl interface {
 	// GetCall reads the call's state from Graph; callbot asks before repeating a command that
 	// acts on the call (answer, transfer) whose first attempt may or may not have taken effect.
 	GetCall(ctx context.Context, callID string) (graph.CallState, error)
+	// Participants reads the call's roster from Graph (GET .../participants): whether an invited
+	// agent is in the call, when its invite's outcome or the agent's leaving was not notified.
+	Participants(ctx context.Context, callID string) ([]graph.Participant, error)
 	// KeepAlive tells Graph the call is still wanted; without one every 15-45 minutes Graph ends
 	// the call (408/8537).
 	KeepAlive(ctx context.Context, callID string) error

@@ -67,6 +67,9 @@ func Stale(c Call, ev Event) bool {
 	case EvTone:
 		return ev.Seq != 0 && ev.Seq <= c.LastTone
 	case EvRoster:
+		if ev.ClientContext != "" { // a roster read: see the EvRoster case of apply
+			return pastToken(c, ev.ClientContext, c.RosterCtx) || (ev.Seq != 0 && ev.Seq < c.LastRoster)
+		}
 		return ev.Seq != 0 && ev.Seq <= c.LastRoster
 	}
 	return false
@@ -232,15 +235,27 @@ func (d *decision) apply(ev Event) error {
 			d.emit(Command{Kind: CmdCheckCall})
 			d.timer(TimerAnswer, answerCheck)
 		case StateInviting:
-			switch ev.Timer {
-			case TimerHold:
+			switch {
+			case ev.Timer == TimerHold:
 				d.hold(nil)
-			case TimerTransfer:
+			case ev.Timer == TimerTransfer && c.InviteCtx != "":
+				// No word from Graph in time: the agent's phone rang out, or the completion and
+				// the roster were lost while the agent talks to the caller. Look before giving up.
 				c.InviteCtx = ""
-				d.transferFailed() // the agent's phone rang out with no word from Graph
+				d.checkRoster()
+				d.timer(TimerTransfer, transferRecheck)
+			case ev.Timer == TimerTransfer:
+				d.transferFailed() // the roster could not be read either: the agent did not join
 			default:
 				return ErrIgnored
 			}
+		case StateConnected:
+			if ev.Timer != TimerRoster {
+				return ErrIgnored
+			}
+			// the roster that shows the agent leaving may be lost: look now and then
+			d.checkRoster()
+			d.timer(TimerRoster, rosterCheck)
 		case StateTransferring:
 			if ev.Timer != TimerTransfer {
 				return ErrIgnored
@@ -279,18 +294,32 @@ func (d *decision) apply(ev Event) error {
 		}
 		c.InviteCtx = ""
 		if ev.Failed {
-			d.transferFailed()
+			// The agent did not join, or so says a completion that may be a second invite's
+			// (a re-drive sent it again) while the agent talks to the caller after the first:
+			// read the roster, and act on what it shows.
+			d.checkRoster()
+			d.timer(TimerTransfer, transferRecheck)
 			return nil
 		}
-		c.State, c.ConnectedAt, c.Timers = StateConnected, d.env.Now, nil
-		d.silence() // the hold music must not play over the conversation
+		d.connected()
 		return nil
 
 	case EvRoster:
-		if ev.Seq != 0 && ev.Seq <= c.LastRoster {
+		// A roster read (ClientContext set) is Graph's whole roster when it was read: it applies
+		// while the call still waits for that read, and unless a newer notified roster came.
+		read := ev.ClientContext != ""
+		switch {
+		case read && ev.ClientContext != c.RosterCtx:
+			return ErrIgnored // the call moved on since the read was decided
+		case read && ev.Seq != 0 && ev.Seq < c.LastRoster:
+			return ErrIgnored // a newer roster was notified meanwhile
+		case !read && ev.Seq != 0 && ev.Seq <= c.LastRoster:
 			return ErrIgnored // an older roster, or a repeat
 		}
 		c.LastRoster = max(c.LastRoster, ev.Seq)
+		if read {
+			c.RosterCtx = ""
+		}
 		present := slices.Contains(ev.Participants, strings.ToLower(c.Agent))
 		switch {
 		case present && c.Joined:
@@ -299,13 +328,19 @@ func (d *decision) apply(ev Event) error {
 			c.Joined = true
 			if c.State == StateInviting {
 				// The agent is in the call: connected, whether or not the invite's completion
-				// comes (late, or lost). Waiting for it left a caller whose agent had already
-				// left in a call with nobody, or sent them back to the queue mid-conversation.
-				c.State, c.ConnectedAt, c.Timers, c.InviteCtx = StateConnected, d.env.Now, nil, ""
-				d.silence() // the hold music must not play over the conversation
+				// comes (late, or lost), and whatever a failure said (a second invite's). Waiting
+				// for it left a caller whose agent had already left in a call with nobody, or
+				// sent them back to the queue mid-conversation.
+				c.InviteCtx = ""
+				d.connected()
 			}
-		case c.State == StateConnected && c.Joined:
-			// the agent left the conversation: callbot ends the call, the agent wraps up
+		case c.State == StateInviting && read && c.InviteCtx == "":
+			// the invite failed or timed out, and Graph confirms the agent is not in the call
+			d.transferFailed()
+		case c.State == StateConnected && (c.Joined || read):
+			// The agent left the conversation (a roster read is made a check interval after
+			// connecting: an agent not in it by then has left): callbot ends the call, the
+			// agent wraps up.
 			c.State, c.Outcome = StateTerminating, OutcomeConnected
 			d.hangup()
 			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentWrapUp, After: d.wrapUp()})
@@ -356,6 +391,9 @@ const (
 	transferRecheck = 5 * time.Second
 	promptGuard     = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
 	holdGuard       = 10 * time.Minute // hold music's end not reported: play it again after this
+	// rosterCheck: while connected, read the roster this often, in case the roster that shows
+	// the agent leaving was lost (a caller would stay in a call with nobody until they hang up)
+	rosterCheck = time.Minute
 )
 
 // maxAnswers bounds answer requests for one call (the first, and one after Graph showed the call
@@ -469,6 +507,21 @@ func (d *decision) transfer(target graph.Party) {
 	d.c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
 	d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: d.c.TransferCtx})
 	d.timer(TimerTransfer, d.env.TransferTimeout)
+}
+
+// connected: the invited agent is in the call. The hold music stops, and the roster is read
+// now and then in case the agent's leaving is not notified.
+func (d *decision) connected() {
+	d.c.State, d.c.ConnectedAt, d.c.Timers, d.c.RosterCtx = StateConnected, d.env.Now, nil, ""
+	d.silence() // the hold music must not play over the conversation
+	d.timer(TimerRoster, rosterCheck)
+}
+
+// checkRoster reads the call's participants from Graph; the read comes back as an EvRoster with
+// its token, which applies only while the call still waits for it.
+func (d *decision) checkRoster() {
+	d.c.RosterCtx = "r" + strconv.FormatInt(d.next(), 10)
+	d.emit(Command{Kind: CmdCheckRoster, ClientContext: d.c.RosterCtx})
 }
 
 // hangup ends the call, and arms a timer that hangs up again if no terminated notification

@@ -433,8 +433,8 @@ func TestInviteHandoff(t *testing.T) {
 		t.Errorf("hold music while the agent rings: %v %v", kinds(out), err)
 	}
 	c, out, err = Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env)
-	if err != nil || c.State != StateConnected || !slices.Equal(kinds(out), []string{"cancelMediaProcessing"}) {
-		t.Fatalf("agent joined: %s %v %v, want connected and the hold music stopped", c.State, kinds(out), err)
+	if err != nil || c.State != StateConnected || !slices.Equal(kinds(out), []string{"cancelMediaProcessing", "setTimer"}) || out[1].Timer != TimerRoster {
+		t.Fatalf("agent joined: %s %v %v, want connected, the hold music stopped and a roster check armed", c.State, kinds(out), err)
 	}
 	if _, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 1}, env); !errors.Is(err, ErrIgnored) {
 		t.Errorf("a roster before the agent appears must not end the call: %v", err)
@@ -464,8 +464,12 @@ func TestInviteFailedOrCallerLeaves(t *testing.T) {
 	agent := "11111111-0000-4000-8000-000000000002"
 	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1}, Event{Kind: EvAgentOffer, Agent: agent})
 	failed, out, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, env)
+	if err != nil || failed.State != StateInviting || !slices.Equal(kinds(out), []string{"checkRoster", "setTimer"}) {
+		t.Fatalf("declined invite: %s %v %v, want the roster read first", failed.State, kinds(out), err)
+	}
+	failed, out, err = Decide(failed, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: failed.RosterCtx}, env)
 	if err != nil || failed.State != StateQueued || out[0].AgentOutcome != AgentFailed {
-		t.Errorf("declined invite: %s %v %v, want back in the queue and the agent cooling down", failed.State, kinds(out), err)
+		t.Errorf("declined invite, the agent not in the roster: %s %v %v, want back in the queue and the agent cooling down", failed.State, kinds(out), err)
 	}
 	joined, _, _ := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env)
 	ended, out, _ := Decide(joined, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}}, env)
@@ -496,7 +500,7 @@ func TestRosterWithTheAgentConnectsAnInvite(t *testing.T) {
 		c, env, agent := inviting(t)
 		inviteCtx := c.InviteCtx
 		c, out, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller", agent}, Seq: 1}, env)
-		if err != nil || c.State != StateConnected || !slices.Equal(kinds(out), []string{"cancelMediaProcessing"}) {
+		if err != nil || c.State != StateConnected || !slices.Equal(kinds(out), []string{"cancelMediaProcessing", "setTimer"}) {
 			t.Fatalf("roster with the agent: %s %v %v, want connected and the hold music stopped", c.State, kinds(out), err)
 		}
 		c, out, _ = Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 2}, env)
@@ -521,6 +525,90 @@ func TestRosterWithTheAgentConnectsAnInvite(t *testing.T) {
 		c, out, _ := Decide(c, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}}, env)
 		if c.Outcome != OutcomeConnected || len(out) != 1 || out[0].AgentOutcome != AgentWrapUp {
 			t.Errorf("hang-up after the agent joined: outcome %s %+v, want connected and the agent's wrap-up", c.Outcome, out)
+		}
+	})
+}
+
+// An invite's failure is confirmed by reading the roster before the caller goes back to the
+// queue: a re-drive may have invited the agent a second time, and that invite's failure comes
+// while the agent talks to the caller after the first. Taking it at its word sent the caller
+// back to the queue mid-conversation and marked the agent failed.
+func TestInviteFailureIsCheckedAgainstTheRoster(t *testing.T) {
+	c, env, agent := inviting(t)
+	failed, out, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, env)
+	if err != nil || failed.State != StateInviting || out[0].Kind != CmdCheckRoster || out[0].ClientContext != failed.RosterCtx {
+		t.Fatalf("failure: %s %+v %v, want a roster read", failed.State, out, err)
+	}
+	t.Run("the agent is in the call", func(t *testing.T) {
+		got, out, err := Decide(failed, Event{Kind: EvRoster, Participants: []string{"caller", agent}, ClientContext: failed.RosterCtx}, env)
+		if err != nil || got.State != StateConnected || slices.Contains(kinds(out), "releaseAgent") {
+			t.Errorf("roster read with the agent: %s %v %v, want connected, the agent kept", got.State, kinds(out), err)
+		}
+	})
+	t.Run("a read decided before is not this one", func(t *testing.T) {
+		if _, _, err := Decide(failed, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: "r1"}, env); !errors.Is(err, ErrIgnored) {
+			t.Errorf("another read's roster: %v, want ignored", err)
+		}
+		if !Stale(failed, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: "r1"}) {
+			t.Error("another read's roster is not Stale")
+		}
+	})
+	t.Run("the roster cannot be read", func(t *testing.T) {
+		got, out, err := Decide(failed, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: failed.Timers[TimerTransfer]}, env)
+		if err != nil || got.State != StateQueued || out[0].AgentOutcome != AgentFailed {
+			t.Errorf("no read %v later: %s %v %v, want back in the queue", transferRecheck, got.State, kinds(out), err)
+		}
+	})
+}
+
+// No word of the invite in time (the agent-alert timer): the completion and the rosters may have
+// been lost while the agent talks to the caller. callbot reads the roster before requeueing.
+func TestInviteTimeoutReadsTheRoster(t *testing.T) {
+	c, env, agent := inviting(t)
+	c, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: c.Timers[TimerTransfer]}, env)
+	if err != nil || c.State != StateInviting || !slices.Equal(kinds(out), []string{"checkRoster", "setTimer"}) || out[1].After != transferRecheck {
+		t.Fatalf("the invite's timer: %s %v %v, want a roster read and a recheck", c.State, kinds(out), err)
+	}
+	got, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{agent}, ClientContext: c.RosterCtx}, env)
+	if err != nil || got.State != StateConnected {
+		t.Errorf("read shows the agent: %s %v, want connected", got.State, err)
+	}
+	got, out, err = Decide(c, Event{Kind: EvRoster, Participants: []string{}, ClientContext: c.RosterCtx}, env)
+	if err != nil || got.State != StateQueued || out[0].AgentOutcome != AgentFailed {
+		t.Errorf("read without the agent: %s %v %v, want back in the queue", got.State, kinds(out), err)
+	}
+	if _, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{}, Seq: 4}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("a notified roster without the agent while the read is pending: %v, want ignored (only the read confirms)", err)
+	}
+}
+
+// While connected, callbot reads the roster every rosterCheck: if the roster that showed the
+// agent leaving was lost, the caller is not left in a call with nobody until they hang up.
+func TestConnectedReadsTheRosterNowAndThen(t *testing.T) {
+	c, env, agent := inviting(t)
+	c, _, _ = Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env) // joined; no roster seen yet
+	c, _, _ = Decide(c, Event{Kind: EvRoster, Participants: []string{agent}, Seq: 5}, env)
+	tick, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerRoster, TimerToken: c.Timers[TimerRoster]}, env)
+	if err != nil || tick.State != StateConnected || !slices.Equal(kinds(out), []string{"checkRoster", "setTimer"}) || out[1].After != rosterCheck {
+		t.Fatalf("roster timer: %s %v %v, want a read and the next check", tick.State, kinds(out), err)
+	}
+	if _, _, err := Decide(tick, Event{Kind: EvRoster, Participants: []string{agent}, Seq: 5, ClientContext: tick.RosterCtx}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("read with the agent: %v, want nothing to do", err)
+	}
+	if _, _, err := Decide(tick, Event{Kind: EvRoster, Participants: []string{}, Seq: 4, ClientContext: tick.RosterCtx}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("a read older than the roster notified: %v, want ignored", err)
+	}
+	got, out, err := Decide(tick, Event{Kind: EvRoster, Participants: []string{}, ClientContext: tick.RosterCtx}, env)
+	if err != nil || got.State != StateTerminating || !slices.Equal(kinds(out), []string{"hangup", "setTimer", "releaseAgent"}) || out[2].AgentOutcome != AgentWrapUp {
+		t.Errorf("read without the agent: %s %v %v, want callbot to hang up and the agent to wrap up", got.State, kinds(out), err)
+	}
+	t.Run("connected by the completion, no roster ever seen", func(t *testing.T) {
+		c, env, _ := inviting(t)
+		c, _, _ = Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env)
+		c, _, _ = Decide(c, Event{Kind: EvTimeout, Timer: TimerRoster, TimerToken: c.Timers[TimerRoster]}, env)
+		got, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{}, ClientContext: c.RosterCtx}, env)
+		if err != nil || got.State != StateTerminating {
+			t.Errorf("read without the agent a check interval after joining: %s %v, want callbot to hang up", got.State, err)
 		}
 	})
 }

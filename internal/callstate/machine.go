@@ -202,16 +202,22 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 			// as an empty one would take the agent for gone and hang up on the caller
 			break
 		}
-		ev := Event{Kind: EvRoster, Participants: []string{}}
-		for _, p := range n.Participants {
-			if p.Info.Identity.User != nil {
-				ev.Participants = append(ev.Participants, strings.ToLower(p.Info.Identity.User.ID))
-			}
-			ev.Seq = max(ev.Seq, int64(p.RosterSequenceNumber))
-		}
-		return ev, true
+		return rosterEvent(n.Participants), true
 	}
 	return Event{}, false
+}
+
+// rosterEvent is the EvRoster of a roster, notified or read: its users' ids and its highest
+// rosterSequenceNumber.
+func rosterEvent(ps []graph.Participant) Event {
+	ev := Event{Kind: EvRoster, Participants: []string{}}
+	for _, p := range ps {
+		if p.Info.Identity.User != nil {
+			ev.Participants = append(ev.Participants, strings.ToLower(p.Info.Identity.User.ID))
+		}
+		ev.Seq = max(ev.Seq, int64(p.RosterSequenceNumber))
+	}
+	return ev
 }
 
 // Handle applies one event to the call stored under callKey. It reports whether the event
@@ -562,6 +568,9 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	case CmdCheckCall:
 		m.checkCall(c, scenario, cmd.Settles, log)
 		return
+	case CmdCheckRoster:
+		m.checkRoster(c, scenario, cmd.ClientContext, log)
+		return
 	case CmdInvite:
 		op, err = cc.InviteParticipants(ctx, c.ID, graph.InviteRequest{Participants: []graph.Invitee{{Party: cmd.Target}}, ClientContext: cmd.ClientContext})
 	}
@@ -591,6 +600,11 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
 			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})
+		case cmd.Kind == CmdInvite && cmd.Again:
+			// Re-sent not knowing whether the first invite reached Graph: a refusal may only
+			// mean the agent is ringing already. The first invite's completion, the roster or
+			// the invite's timer settles it.
+			log.Info("invite refused when sent again; waiting for the first one's outcome")
 		case cmd.Kind == CmdInvite && definitive(err):
 			feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true})
 			// an ambiguous invite failure is settled by the invite's notification or its timer
@@ -634,6 +648,33 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 	}
 	if _, err := m.Handle(context.Background(), c.Tenant, key, ev); err != nil {
 		log.Error("apply call state from Graph", zap.Error(err))
+	}
+}
+
+// checkRoster reads the call's participants from Graph and feeds them back (EvRoster with the
+// read's token), when an invite's outcome or the agent's leaving may not have been notified. A
+// call Graph no longer has is ended; a failed read is left to the call's timers.
+func (m *Machine) checkRoster(c Call, scenario, token string, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), m.cfg.CommandTimeout)
+	defer cancel()
+	ps, err := m.cfg.Control.Participants(ctx, c.ID)
+	var ev Event
+	switch {
+	case errors.Is(err, graph.ErrCallGone):
+		ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+	case peerToPeer(err) && c.State == StateInviting:
+		// Graph does not list the participants of a peer-to-peer call: the agent has not joined
+		// (a call they joined has three parties, a group call)
+		ev = Event{Kind: EvRoster, Participants: []string{}, ClientContext: token}
+	case err != nil:
+		log.Warn("cannot read the call's participants from Graph; its timers will ask again", zap.Error(err))
+		return
+	default:
+		ev = rosterEvent(ps)
+		ev.ClientContext = token
+	}
+	if _, err := m.Handle(context.Background(), c.Tenant, graph.CallKey(c.ID), ev); err != nil {
+		log.Error("apply the participants read from Graph", zap.Error(err))
 	}
 }
 
@@ -778,6 +819,7 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 				}
 				continue
 			}
+			p.Cmd.Again = true
 		}
 		send = append(send, p)
 	}
@@ -815,6 +857,8 @@ func awaited(c Call, cmd Command) bool {
 		return c.State == StateInviting && cmd.ClientContext != "" && cmd.ClientContext == c.InviteCtx
 	case CmdHangup:
 		return c.State == StateTerminating
+	case CmdCheckRoster:
+		return cmd.ClientContext != "" && cmd.ClientContext == c.RosterCtx
 	}
 	return false
 }
@@ -825,6 +869,9 @@ func awaited(c Call, cmd Command) bool {
 func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.Logger) (done, known bool) {
 	cctx, cancel := context.WithTimeout(ctx, m.cfg.CommandTimeout)
 	defer cancel()
+	if cmd.Kind == CmdInvite {
+		return m.inviteTookEffect(cctx, c, cmd, log)
+	}
 	st, err := m.cfg.Control.GetCall(cctx, c.ID)
 	if errors.Is(err, graph.ErrCallGone) {
 		m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), Event{Kind: EvEnded, Reason: "call gone"})
@@ -841,6 +888,42 @@ func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.
 		return st != graph.CallEstablished, true
 	}
 	return false, true
+}
+
+// inviteTookEffect asks Graph whether the invited agent is in the call already: the call's own
+// state cannot tell (it stays established). An agent in the roster is fed to the call as a
+// notified roster would be (connected). An agent not in it may be ringing from the first invite,
+// or the first was never sent: the invite goes again, and a refusal of it is not taken as the
+// attempt's failure (send).
+func (m *Machine) inviteTookEffect(ctx context.Context, c Call, cmd Command, log *zap.Logger) (done, known bool) {
+	ps, err := m.cfg.Control.Participants(ctx, c.ID)
+	if errors.Is(err, graph.ErrCallGone) {
+		m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), Event{Kind: EvEnded, Reason: "call gone"})
+		return true, true
+	}
+	if peerToPeer(err) {
+		return false, true // still the caller and callbot alone: the agent has not joined
+	}
+	if err != nil {
+		log.Warn("cannot read the call's participants from Graph; not inviting again (the invite's timer settles it)", zap.Error(err))
+		return true, false
+	}
+	ev := rosterEvent(ps)
+	if !slices.Contains(ev.Participants, strings.ToLower(cmd.Target.ID)) {
+		return false, true
+	}
+	if _, err := m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), ev); err != nil {
+		log.Warn("apply the participants read from Graph", zap.Error(err))
+	}
+	return true, true
+}
+
+// peerToPeer reports whether Graph refused to list a call's participants as it does for a
+// peer-to-peer call (documented as unsupported; its answer is a 400, or a 405): a call an invited
+// agent joined has three parties and is a group call, so the agent is not in it.
+func peerToPeer(err error) bool {
+	var ge *graph.Error
+	return errors.As(err, &ge) && (ge.Status == 400 || ge.Status == 405)
 }
 
 // definitive reports whether a failed Graph request certainly did not act (refused, or not

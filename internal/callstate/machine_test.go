@@ -4,6 +4,7 @@ import (
 	"context"
 	"maps"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -24,6 +25,7 @@ type fakeGraph struct {
 	calls []string
 	fail  map[string]error
 	state graph.CallState // what GetCall answers; default established
+	users []string        // the users Participants lists besides the caller (the bot is always there)
 	block chan struct{}   // when set, commands wait for it (an instance that hangs)
 }
 
@@ -86,6 +88,30 @@ func (f *fakeGraph) GetCall(_ context.Context, id string) (graph.CallState, erro
 		return graph.CallEstablished, nil
 	}
 	return f.state, nil
+}
+
+func (f *fakeGraph) Participants(_ context.Context, id string) ([]graph.Participant, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "participants")
+	if err := f.fail["participants"]; err != nil {
+		return nil, err
+	}
+	if f.state == "gone" {
+		return nil, &graph.Error{Op: "participants", Status: 404}
+	}
+	ps := []graph.Participant{{ID: "p-bot", Info: graph.ParticipantInfo{Identity: graph.IdentitySet{Application: &graph.Identity{ID: "bot"}}}}}
+	for i, u := range f.users {
+		ps = append(ps, graph.Participant{ID: "p-" + strconv.Itoa(i), Info: graph.ParticipantInfo{Identity: graph.IdentitySet{User: &graph.Identity{ID: u}}}})
+	}
+	return ps, nil
+}
+
+// setUsers sets the users Participants lists.
+func (f *fakeGraph) setUsers(users ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.users = users
 }
 
 type fakeQueues struct {

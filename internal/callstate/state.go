@@ -92,6 +92,7 @@ const (
 	TimerTransfer TimerKind = "transfer" // no transfer outcome from Graph in time
 	TimerHold     TimerKind = "hold"     // hold music could not play, or its end was never reported: play it again
 	TimerAnswer   TimerKind = "answer"   // no established after answer: ask Graph
+	TimerRoster   TimerKind = "roster"   // connected: read the roster, in case the agent's leaving was not notified
 )
 
 // Event is the input of the machine.
@@ -111,7 +112,9 @@ type Event struct {
 	// Agent reserved for the call (EvAgentOffer).
 	Agent string
 	// Participants are the user ids in a roster update (EvRoster); Seq its highest
-	// rosterSequenceNumber.
+	// rosterSequenceNumber. A roster read from Graph (CmdCheckRoster) rather than notified carries
+	// the read's ClientContext: it is the whole roster at the time of the read, and applies only
+	// while the call still waits for that read (Call.RosterCtx).
 	Participants []string
 	// GraphState is the call's state read from Graph (EvCallState).
 	GraphState graph.CallState
@@ -172,9 +175,12 @@ type Call struct {
 	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
 	// InviteCtx is the clientContext of the invite callbot waits on (conference hand-off);
 	// Joined is set once a roster showed the agent in the call; LastRoster orders rosters.
+	// RosterCtx is the token of the roster read callbot waits on; InviteCtx empty while
+	// inviting means the invite's failure (or its timer) waits on that read to be confirmed.
 	InviteCtx   string    `json:"inviteCtx,omitempty"`
 	Joined      bool      `json:"joined,omitempty"`
 	LastRoster  int64     `json:"lastRoster,omitempty"`
+	RosterCtx   string    `json:"rosterCtx,omitempty"`
 	ConnectedAt time.Time `json:"connectedAt,omitzero"`
 	// Transferring is set when Graph reported the current transfer attempt under way: only then
 	// can a failure notification be about it (one from an earlier attempt may arrive late).

@@ -428,3 +428,137 @@ func TestLeasesRenewedWhileARedriveWaitsForGraph(t *testing.T) {
 		}
 	}
 }
+
+// sentThenHung sends invites (recorded by the fake), then hangs before returning: an instance
+// that dies after its invite reached Graph and before it acknowledged it.
+type sentThenHung struct {
+	*fakeGraph
+	hang chan struct{}
+}
+
+func (g *sentThenHung) InviteParticipants(ctx context.Context, id string, r graph.InviteRequest) (graph.Operation, error) {
+	op, err := g.fakeGraph.InviteParticipants(ctx, id, r)
+	<-g.hang
+	return op, err
+}
+
+// Instance A invites agent-b into the call and dies before acknowledging it. The re-drive cannot
+// tell from the call (it stays established) whether the invite reached Graph; it re-sent it, so
+// an agent who had joined was invited again, and an agent still ringing got a second invite that
+// Graph refused (graphsim: "is ringing already"), a refusal taken as the attempt's failure: the
+// caller went back to the queue while agent-b's phone rang. Now the re-drive reads the roster: an
+// agent in it is not invited again (the call is connected); one not in it is, and a refusal of
+// that second invite is left to the first one's outcome.
+func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
+	setup := func(t *testing.T, prefix string) (b *callstate.Machine, gb *fakeGraph, store *callstate.Store, id string) {
+		ga := &sentThenHung{fakeGraph: &fakeGraph{}, hang: make(chan struct{})}
+		gb = &fakeGraph{}
+		a, b, store := twoInstances(t, prefix, ga, gb, &fakeQueues{}, &fakeQueues{})
+		t.Cleanup(func() { close(ga.hang) })
+		id = "c-" + prefix
+		must(t, a, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+		must(t, a, id, callstate.Event{Kind: callstate.EvEstablished})
+		must(t, a, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
+		a.Wait()
+		must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+		for countPrefix(ga.log(), "invite") == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		return b, gb, store, id
+	}
+	redrive := func(t *testing.T, b *callstate.Machine, store *callstate.Store) {
+		ctx := context.Background()
+		keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(time.Minute), time.Minute, 10) // A's lease ran out
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			b.Redrive(ctx, k, score)
+		}
+		b.Wait()
+	}
+	t.Run("the agent joined", func(t *testing.T) {
+		b, gb, store, id := setup(t, "ij")
+		gb.setUsers("caller", "agent-b")
+		redrive(t, b, store)
+		if n := countPrefix(gb.log(), "invite"); n != 0 {
+			t.Errorf("the re-drive invited the agent %d more times (B sent %v); they are in the call", n, gb.log())
+		}
+		if c, _ := store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected {
+			t.Errorf("call %s, want connected (the roster shows the agent)", c.State)
+		}
+	})
+	t.Run("the call is still peer to peer", func(t *testing.T) {
+		b, gb, store, _ := setup(t, "ip")
+		gb.fail = map[string]error{"participants": &graph.Error{Op: "listParticipants", Status: 400}}
+		redrive(t, b, store)
+		if n := countPrefix(gb.log(), "invite"); n != 1 {
+			t.Errorf("the re-drive sent %d invites (%v), want one (Graph lists no roster: nobody joined)", n, gb.log())
+		}
+	})
+	t.Run("the agent is ringing", func(t *testing.T) {
+		b, gb, store, id := setup(t, "ir")
+		gb.setUsers("caller")
+		gb.fail = map[string]error{"invite": &graph.Error{Op: "invite", Status: 400, Message: "An invited participant (agent-b) is ringing already."}}
+		redrive(t, b, store)
+		if n := countPrefix(gb.log(), "invite"); n != 1 {
+			t.Fatalf("the re-drive sent %d invites (%v), want one (Graph may never have had the first)", n, gb.log())
+		}
+		c, _ := store.Get(context.Background(), graph.CallKey(id))
+		if c.State != callstate.StateInviting || c.Agent != "agent-b" {
+			t.Fatalf("after the second invite was refused: %s agent %q, want still inviting agent-b", c.State, c.Agent)
+		}
+		must(t, b, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx}) // the first invite: agent-b joined
+		b.Wait()
+		if c, _ := store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected {
+			t.Errorf("after the first invite completed: %s, want connected", c.State)
+		}
+	})
+}
+
+// Connected, the agent leaves and the roster that says so is lost. callbot reads the roster a
+// check interval later, hangs up and lets the agent wrap up; before, the caller stayed in a call
+// with nobody until they hung up.
+func TestLostRosterOfTheAgentLeavingIsFoundByReading(t *testing.T) {
+	g := &fakeGraph{}
+	r := newRig(t, g, "rr")
+	id := "c-left"
+	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvRoster, Participants: []string{"caller", "agent-b"}, Seq: 1})
+	g.setUsers("caller", "agent-b")
+	r.skew += 61 * time.Second
+	r.fireDue(t)
+	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected {
+		t.Fatalf("a minute into the conversation: %s, want connected (the agent is still there)", c.State)
+	}
+	g.setUsers("caller") // the agent hung up; the roster notification is lost
+	r.skew += 61 * time.Second
+	r.fireDue(t)
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	if c.State != callstate.StateTerminating || countPrefix(g.log(), "hangup") != 1 {
+		t.Errorf("a check interval after the agent left: %s, Graph saw %v; want callbot to hang up", c.State, g.log())
+	}
+}
+
+// Graph does not list the participants of a peer-to-peer call (the caller and callbot, before an
+// invited agent joins). Such a refusal says the agent is not in the call: a failed invite sends
+// the caller back to the queue at once rather than after the roster read's recheck (and the
+// re-drive of an invite sends it again: TestInviteSentByADeadInstanceIsNotSentTwice).
+func TestPeerToPeerRosterMeansTheAgentHasNotJoined(t *testing.T) {
+	p2p := &graph.Error{Op: "listParticipants", Status: 400, Message: "Listing participants is not supported for peer-to-peer calls."}
+	g := &fakeGraph{fail: map[string]error{"participants": p2p}}
+	r := newRig(t, g, "rp2p")
+	id := "c-p2p"
+	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
+	if c, _ = r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.Agent != "" {
+		t.Errorf("declined invite, roster refused as peer-to-peer: %s agent %q, want back in the queue", c.State, c.Agent)
+	}
+}

@@ -48,12 +48,14 @@ var Transitions = []Transition{
 
 	{StateInviting, EvPromptDone, StateInviting},  // hold music loops while the agent rings
 	{StateInviting, EvInviteDone, StateConnected}, // the agent joined
-	{StateInviting, EvInviteDone, StateQueued},    // the agent did not: back to the head of the queue
-	{StateInviting, EvTimeout, StateInviting},     // hold music again
-	{StateInviting, EvTimeout, StateQueued},       // no outcome in time
-	{StateInviting, EvRoster, StateConnected},     // the roster shows the agent: joined, whatever the invite's completion says later
+	{StateInviting, EvInviteDone, StateInviting},  // the agent did not: read the roster to be sure
+	{StateInviting, EvTimeout, StateInviting},     // hold music again; no outcome in time: read the roster
+	{StateInviting, EvTimeout, StateQueued},       // no outcome, and the roster could not be read
+	{StateInviting, EvRoster, StateConnected},     // the roster shows the agent: joined, whatever the invite's completion says
+	{StateInviting, EvRoster, StateQueued},        // the roster read confirms a failure: back to the head of the queue
 	{StateConnected, EvRoster, StateConnected},    // someone joined or left; the agent is still there
 	{StateConnected, EvRoster, StateTerminating},  // the agent left: callbot hangs up
+	{StateConnected, EvTimeout, StateConnected},   // read the roster now and then (the agent's leaving may be lost)
 
 	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
 	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway

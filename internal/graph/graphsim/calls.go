@@ -40,6 +40,7 @@ type call struct {
 	offers      []*offer // agents ringing for a transfer, redirect or invite
 	invite      *invite  // the invite ringing or joined; nil when none
 	rosterSeq   int64    // rosterSequenceNumber of the last roster update
+	grouped     bool     // an invited agent joined: a group call from then on (its roster can be listed)
 	keepAlive   *time.Timer
 	ended       bool
 	res         CallResult

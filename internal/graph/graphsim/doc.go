@@ -14,7 +14,8 @@
 //     and /botauth/keys, the JWKS that verifies the bearer token on every notification.
 //   - Graph v1.0 call control for service-hosted media: answer, reject, redirect, transfer
 //     (blind), playPrompt, subscribeToTone, cancelMediaProcessing, keepAlive, participants/invite
-//     (one agent at a time, into an established call), GET and DELETE of a call, and POST
+//     (one agent at a time, into an established call), GET .../participants (once an agent
+//     joined; 400 for a peer-to-peer call, as Graph lists none), GET and DELETE of a call, and POST
 //     /communications/getPresencesByUserId, with the status codes, bodies and headers
 //     (request-id, Location, Retry-After) documented in shared/graph/WIRE.md.
 //   - Conference-style hand-off: an invited agent rings (their AgentSpec.Answer decides); on
@@ -43,7 +44,7 @@
 //
 // What it does not simulate: audio (a prompt "plays" for Options.PromptDuration, or for what
 // Options.PromptDurations gives its URI, whatever its file), recordResponse, outbound calls (POST /communications/calls), group calls and
-// meetings, listing participants (GET .../participants), inviting several participants at once,
+// meetings (but for a call an invited agent joined), inviting several participants at once,
 // a transfer while an invitee rings or is joined, delta rosters, hold music, consultative
 // transfer semantics (replacesCallId is ignored, also in invites), presence subscriptions,
 // multiple tenants and the legacy (Skype) notification format. A redirect's timeout is validated but unanswered targets ring for

@@ -68,8 +68,8 @@ type Fault struct {
 	Kind FaultKind
 	// Action is the endpoint a request fault applies to: a Graph call action ("answer",
 	// "reject", "redirect", "transfer", "playPrompt", "subscribeToTone",
-	// "cancelMediaProcessing", "keepAlive"), "invite" (participants/invite), "get" and
-	// "delete" (of a call),
+	// "cancelMediaProcessing", "keepAlive"), "invite" (participants/invite), "participants"
+	// (GET .../participants), "get" and "delete" (of a call),
 	// "getPresencesByUserId", "token", "botauth-keys" or "botauth-openid-configuration"; any
 	// case; "*" matches them all. Not used by notification faults.
 	Action string
@@ -127,7 +127,7 @@ var knownActions = func() map[string]string {
 	for k, a := range callActions {
 		m[k] = a.name
 	}
-	for _, a := range []string{"invite", "get", "delete", "getPresencesByUserId", "token", "botauth-keys", "botauth-openid-configuration"} {
+	for _, a := range []string{"invite", "participants", "get", "delete", "getPresencesByUserId", "token", "botauth-keys", "botauth-openid-configuration"} {
 		m[strings.ToLower(a)] = a
 	}
 	return m
@@ -264,7 +264,7 @@ func (s *Sim) Injected() []InjectedFault {
 // FailNext makes the next n requests to action fail with status and a Graph error body (and a
 // Retry-After header when retryAfter > 0), without effect. Actions: "answer", "reject",
 // "redirect", "transfer", "playPrompt", "subscribeToTone", "cancelMediaProcessing",
-// "keepAlive", "invite", "get", "delete", "getPresencesByUserId", "token" (any case). n <= 0 clears.
+// "keepAlive", "invite", "participants", "get", "delete", "getPresencesByUserId", "token" (any case). n <= 0 clears.
 // Requests that fail authentication do not consume a failure. It is a shorthand for AddFault
 // with FaultStatus and Count n, replacing the rule an earlier FailNext added for the action;
 // an unknown action or a status outside 400-599 is ignored.

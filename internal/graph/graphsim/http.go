@@ -26,6 +26,7 @@ func (s *Sim) routes() http.Handler {
 	mux.HandleFunc("POST /v1.0/communications/calls/{id}/{action}", s.graph(s.handleCallAction))
 	mux.HandleFunc("POST /v1.0/communications/calls/{id}/participants/invite", s.graph(s.handleInvite))
 	mux.HandleFunc("GET /v1.0/communications/calls/{id}", s.graph(s.handleGetCall))
+	mux.HandleFunc("GET /v1.0/communications/calls/{id}/participants", s.graph(s.handleParticipants))
 	mux.HandleFunc("DELETE /v1.0/communications/calls/{id}", s.graph(s.handleDeleteCall))
 	mux.HandleFunc("POST /v1.0/communications/calls", s.graph(s.handleCreateCall))
 	mux.HandleFunc("POST /v1.0/communications/getPresencesByUserId", s.graph(s.handlePresences))

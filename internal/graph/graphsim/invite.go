@@ -20,6 +20,10 @@ import (
 //	agent declines (after StepDelay), does not answer (after RingTimeout) or is unknown:
 //	  deleted  /communications/calls/{id}/operations/{opId}  status failed, 486/0, 408/10057 or 480/10037
 //
+//	GET /communications/calls/{id}/participants
+//	  200 {"value": [the roster as the last update listed it]} once an agent has joined (a group
+//	  call); 400 before (Graph does not list the participants of a peer-to-peer call)
+//
 // Graph documents no failed invite; the failure codes are graphsim's choice (docs/graphsim.md).
 
 // Result codes of a failed invite.
@@ -199,6 +203,7 @@ func (s *Sim) inviteJoined(c *call, inv *invite) {
 	o := inv.offer
 	s.connect(c, o, func() { s.inviteLeft(c, inv) })
 	inv.joined = true
+	c.grouped = true
 	c.res.Agent = o.id
 	s.sendInviteOp(c, inv, graph.OpCompleted, resultInfo{code: 200, message: "Action completed successfully."})
 	s.sendRoster(c)
@@ -228,6 +233,26 @@ func (s *Sim) inviteLeft(c *call, inv *invite) {
 // which grows by one per update. Called with s.mu held.
 func (s *Sim) sendRoster(c *call) {
 	c.rosterSeq++
+	s.enqueue(c, graph.Updated, c.path()+"/participants", "", s.roster(c), nil)
+}
+
+// handleParticipants: GET /participants lists the call's roster, for a group call.
+func (s *Sim) handleParticipants(w http.ResponseWriter, r *http.Request, info *reqInfo) {
+	info.action = "participants"
+	s.runCallAction(w, r, info, func(s *Sim, c *call, _ []byte) (reply, *apiError) {
+		if !c.grouped {
+			return reply{}, badRequest("Listing participants is not supported for peer-to-peer calls.")
+		}
+		return reply{status: http.StatusOK, body: map[string]any{
+			"@odata.context": s.GraphURL() + "/$metadata#communications/calls('" + c.id + "')/participants",
+			"value":          s.roster(c),
+		}}, nil
+	})
+}
+
+// roster is the call's participants: the caller, the bot and, while one is joined, the invited
+// agent, each with the last update's rosterSequenceNumber. Called with s.mu held.
+func (s *Sim) roster(c *call) []participantData {
 	stream := func(n int) []mediaStream {
 		return []mediaStream{{ODataType: "#microsoft.graph.mediaStream", MediaType: "audio",
 			SourceID: strconv.Itoa(n), Direction: "sendReceive"}}
@@ -249,5 +274,5 @@ func (s *Sim) sendRoster(c *call) {
 		}
 		roster = append(roster, part(inv.participantID, graph.ParticipantInfo{Identity: graph.IdentitySet{User: u}}, 3))
 	}
-	s.enqueue(c, graph.Updated, c.path()+"/participants", "", roster, nil)
+	return roster
 }

@@ -383,3 +383,64 @@ func TestInviteCountsInAgentConcurrency(t *testing.T) {
 	}
 	waitDone(t, calls[1])
 }
+
+// GET .../participants: refused for a peer-to-peer call (Graph does not list those), then the
+// roster as the last update listed it once an invited agent joined (a group call from then on,
+// after the agent has left too); 404 once the call is gone.
+func TestListParticipants(t *testing.T) {
+	t.Parallel()
+	answerOnly := func(b *fakeBot, n graph.Notification) {
+		if n.Kind == graph.ResourceCall && n.ChangeType == graph.Created && n.Call.State == graph.CallIncoming {
+			b.answer(n.CallID)
+		}
+	}
+	s, b := newHarness(t, fastOptions(), answerOnly)
+	s.AddAgent(AgentSpec{ID: agentA, DisplayName: "Heidi", TalkTime: 300 * time.Millisecond})
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := "/communications/calls/" + c.ID() + "/participants"
+	list := func() (int, []graph.Participant, []byte) {
+		st, out, _ := b.call(http.MethodGet, path, nil)
+		var body struct {
+			Value []graph.Participant `json:"value"`
+		}
+		if st == http.StatusOK {
+			if err := json.Unmarshal(out, &body); err != nil {
+				t.Fatalf("list: %v: %s", err, out)
+			}
+		}
+		return st, body.Value, out
+	}
+	lastRoster := func() []graph.Participant {
+		ns := b.seen(c.ID())
+		for i := len(ns) - 1; i >= 0; i-- {
+			if ns[i].N.Kind == graph.ResourceParticipants {
+				return ns[i].N.Participants
+			}
+		}
+		return nil
+	}
+	eventually(t, "established", func() bool { return slices.Contains(summary(b.seen(c.ID())), "updated established") })
+	if st, _, out := list(); st != http.StatusBadRequest || !bytes.Contains(out, []byte("peer-to-peer")) {
+		t.Errorf("list of a peer-to-peer call: %d %s, want 400", st, out)
+	}
+	b.invite(c.ID(), agentA, "x1", http.StatusOK)
+	eventually(t, "the agent in the roster", func() bool { return len(lastRoster()) == 3 })
+	st, got, out := list()
+	want := lastRoster()
+	if st != http.StatusOK || len(got) != 3 || got[2].Info.Identity.User == nil || got[2].Info.Identity.User.ID != agentA ||
+		got[2].ID != want[2].ID || got[0].RosterSequenceNumber != want[0].RosterSequenceNumber {
+		t.Errorf("list with the agent joined: %d %s; the roster notified: %+v", st, out, want)
+	}
+	eventually(t, "the agent gone from the roster", func() bool { return len(lastRoster()) == 2 })
+	if st, got, out := list(); st != http.StatusOK || len(got) != 2 || got[0].RosterSequenceNumber != lastRoster()[0].RosterSequenceNumber {
+		t.Errorf("list after the agent left: %d %s, want the caller and the bot", st, out)
+	}
+	b.hangUp(c.ID())
+	waitDone(t, c)
+	if st, _, out := list(); st != http.StatusNotFound {
+		t.Errorf("list of an ended call: %d %s, want 404", st, out)
+	}
+}

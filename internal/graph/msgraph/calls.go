@@ -418,6 +418,32 @@ func (c *Client) GetCall(ctx context.Context, callID string) (graph.CallState, e
 	return graph.ParseCallState(call.State), nil
 }
 
+// Participants reads the call's roster (GET /communications/calls/{id}/participants): who is
+// in the call now, the bot included. callbot reads it when an invite's outcome or an agent's
+// leaving may not have been notified. Graph serves it for group calls (a call an invited agent
+// joined) and refuses it for peer-to-peer calls. A 404 gives a *graph.Error matching
+// graph.ErrCallGone. Idempotent: retried after transient failures. Errors otherwise as Answer.
+func (c *Client) Participants(ctx context.Context, callID string) ([]graph.Participant, error) {
+	r, err := c.do(ctx, "listParticipants", callID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
+		_, err := communications.NewCallsItemParticipantsRequestBuilder(c.callURL(callID, "participants"), c.adapter).Get(ctx,
+			&communications.CallsItemParticipantsRequestBuilderGetRequestConfiguration{Headers: h, Options: o})
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	var list struct {
+		Value []graph.Participant `json:"value"`
+	}
+	if err := json.Unmarshal(r.body, &list); err != nil {
+		return nil, fmt.Errorf("listParticipants call %s: decode response: %w", callID, err)
+	}
+	if list.Value == nil {
+		return nil, fmt.Errorf("listParticipants call %s: response has no value", callID)
+	}
+	return list.Value, nil
+}
+
 // Presences reads the Teams presence of up to graph.MaxPresenceIDs users in one request
 // (POST /communications/getPresencesByUserId). Availability and activity are returned as Graph
 // wrote them. No request is made for an empty list. Idempotent: retried after transient

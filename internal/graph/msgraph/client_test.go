@@ -944,6 +944,42 @@ func TestGetCall(t *testing.T) {
 	}
 }
 
+// The roster as Graph documents it (call-list-participants), and one with the invited agent.
+func TestParticipants(t *testing.T) {
+	f := newFakeGraph(t)
+	c := newClient(t, f)
+	path := "/communications/calls/" + callID + "/participants"
+	f.respond("GET", path, response{Status: 200, Body: string(payload(t, "response-list-participants.json"))})
+	got, err := c.Participants(context.Background(), callID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].ID != "a7ebfb2d-871e-419c-87af-27290b22e8db" || got[1].Info.Identity.Application == nil ||
+		got[1].Info.Identity.Application.ID != "ef43e42b-4c05-4594-9756-1edb3ccbc989" || got[0].Info.Identity.User != nil {
+		t.Errorf("documented roster decoded as %+v", got)
+	}
+	if r := f.requests()[0]; r.Method != "GET" || r.Path != path {
+		t.Errorf("got %s %s, want GET %s", r.Method, r.Path, path)
+	}
+	f.respond("GET", path, response{Status: 200, Body: `{"value":[{"@odata.type":"#microsoft.graph.participant","id":"p1",` +
+		`"info":{"identity":{"user":{"id":"11111111-0000-4000-8000-000000000002","displayName":"Agent"}}},"rosterSequenceNumber":7}]}`})
+	got, err = c.Participants(context.Background(), callID)
+	if err != nil || len(got) != 1 || got[0].Info.Identity.User == nil || got[0].Info.Identity.User.ID != "11111111-0000-4000-8000-000000000002" || got[0].RosterSequenceNumber != 7 {
+		t.Errorf("roster with the agent: %+v %v", got, err)
+	}
+	for _, bad := range []string{`{"value":{}}`, `{}`, `not json`} {
+		f.respond("GET", path, response{Status: 200, Body: bad})
+		if got, err := c.Participants(context.Background(), callID); err == nil {
+			t.Errorf("response %s: %+v, want an error (a roster callbot cannot read is not an empty one)", bad, got)
+		}
+	}
+	body, _ := json.Marshal(graphError("ItemNotFound", "Call not found.", "rid-404"))
+	f.respond("GET", path, response{Status: 404, Body: string(body)})
+	if _, err := c.Participants(context.Background(), callID); !errors.Is(err, graph.ErrCallGone) {
+		t.Errorf("404: %v, want ErrCallGone", err)
+	}
+}
+
 func TestNotFoundIsCallGone(t *testing.T) {
 	f := newFakeGraph(t)
 	c := newClient(t, f)

@@ -39,6 +39,7 @@ type RetryPolicy struct {
 //
 //	action                   max sends  after 429 / not sent  after 502/503/504, lost connection
 //	getCall                  3          yes                   yes
+//	listParticipants         3          yes                   yes
 //	keepAlive                3          yes                   yes
 //	getPresencesByUserId     3          yes                   yes
 //	subscribeToTone          3          yes                   yes (subscribing twice is harmless)
@@ -58,6 +59,7 @@ type RetryPolicy struct {
 // An action missing from the table is sent once.
 var retryPolicies = map[string]RetryPolicy{
 	"getCall":               {MaxAttempts: 3, Idempotent: true},
+	"listParticipants":      {MaxAttempts: 3, Idempotent: true},
 	"keepAlive":             {MaxAttempts: 3, Idempotent: true},
 	"getPresencesByUserId":  {MaxAttempts: 3, Idempotent: true},
 	"subscribeToTone":       {MaxAttempts: 3, Idempotent: true},

@@ -123,6 +123,10 @@ func retryActions() []retryAction {
 			_, err := c.GetCall(ctx, callID)
 			return err
 		}},
+		{"listParticipants", "GET", calls + "/participants", response{Status: 200, Body: `{"value":[]}`}, func(ctx context.Context, c *msgraph.Client) error {
+			_, err := c.Participants(ctx, callID)
+			return err
+		}},
 		{"keepAlive", "POST", calls + "/keepAlive", response{Status: 200}, func(ctx context.Context, c *msgraph.Client) error {
 			return c.KeepAlive(ctx, callID)
 		}},
@@ -144,7 +148,7 @@ func retryActions() []retryAction {
 
 // idempotent are the actions repeated after ambiguous transient failures.
 var idempotent = map[string]bool{
-	"getCall": true, "keepAlive": true, "getPresencesByUserId": true, "subscribeToTone": true,
+	"getCall": true, "listParticipants": true, "keepAlive": true, "getPresencesByUserId": true, "subscribeToTone": true,
 	"cancelMediaProcessing": true, "hangup": true,
 }
 
