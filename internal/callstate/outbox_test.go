@@ -25,6 +25,21 @@ func (q *failingQueues) Enqueue(context.Context, string, string, string, int64) 
 // Two instances share one Redis. Instance A saves a decision and dies before carrying it out;
 // instance B, once A's lease has run out, re-drives what A left: storage commands again, a
 // command that acts on the call only after asking Graph whether it already took effect.
+// redriveAll re-drives, on m, every outbox whose lease has run out skew from now (as RunOutbox
+// would), and waits for m's Graph commands.
+func redriveAll(t *testing.T, m *callstate.Machine, store *callstate.Store, skew time.Duration) {
+	t.Helper()
+	ctx := context.Background()
+	keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(skew), 30*time.Second, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		m.Redrive(ctx, k, score)
+	}
+	m.Wait()
+}
+
 func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
 	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
@@ -46,16 +61,6 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 		if err := m.Notify(ctx, "t1", ns); err != nil {
 			t.Fatal(err)
 		}
-	}
-	redriveAll := func(m *callstate.Machine, store *callstate.Store, skew time.Duration) {
-		keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(skew), 30*time.Second, 100)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, k := range keys {
-			m.Redrive(ctx, k, score)
-		}
-		m.Wait()
 	}
 
 	for _, c := range []struct {
@@ -86,11 +91,11 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 				g.fail = map[string]error{"get": &graph.Error{Op: "getCall", Status: 503}}
 			}
 			b, storeB := newInstance(g, &fakeQueues{}, 0)
-			redriveAll(b, storeB, 0)
+			redriveAll(t, b, storeB, 0)
 			if len(g.log()) != 0 {
 				t.Fatalf("B acted within A's lease: %v", g.log())
 			}
-			redriveAll(b, storeB, time.Minute)
+			redriveAll(t, b, storeB, time.Minute)
 			want := make([]string, len(c.want))
 			for i, w := range c.want {
 				want[i] = w
@@ -105,7 +110,7 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 				t.Errorf("skipped %d, want %d", got, c.skipped)
 			}
 			// done: another pass finds nothing to do
-			redriveAll(b, storeB, 2*time.Minute)
+			redriveAll(t, b, storeB, 2*time.Minute)
 			if diff := cmp.Diff(g.log(), want); diff != "" {
 				t.Errorf("second pass sent more (-got +want):\n%s", diff)
 			}
@@ -123,7 +128,7 @@ func TestOutboxRedrivenByAnotherInstance(t *testing.T) {
 		a.Wait()
 		qb := &fakeQueues{}
 		b, storeB := newInstance(&fakeGraph{}, qb, 0)
-		redriveAll(b, storeB, time.Minute)
+		redriveAll(t, b, storeB, time.Minute)
 		if diff := cmp.Diff(qb.ops, []string{"enqueue q"}); diff != "" {
 			t.Errorf("B's queue writes (-got +want):\n%s", diff)
 		}

@@ -129,12 +129,7 @@ func TestOfferAppliedDespiteAnErrorKeepsTheAgent(t *testing.T) {
 	b, dB, storeB := f.instance(f.srv.Client(t), gb, nil)
 	c, err := storeB.Get(ctx, realCallKey)
 	mustDo(t, err)
-	keys, score, err := storeB.ClaimOutbox(ctx, time.Now().Add(time.Minute), 30*time.Second, 100)
-	mustDo(t, err)
-	for _, k := range keys {
-		b.Redrive(ctx, k, score)
-	}
-	b.Wait()
+	redriveAll(t, b, storeB, time.Minute)
 	// meanwhile another caller arrives; before, a dispatcher took the first caller again (its
 	// offer ignored: the call is transferring), freed the agent, and reserved them for the second
 	dB.DispatchOnce(ctx)
@@ -228,12 +223,7 @@ func TestRedrivenReleaseDoesNotFreeALaterReservation(t *testing.T) {
 		t.Fatalf("second offer: %d", n)
 	}
 	b.Wait()
-	keys, score, err := storeB.ClaimOutbox(ctx, time.Now().Add(time.Minute), 30*time.Second, 100)
-	mustDo(t, err)
-	for _, k := range keys {
-		b.Redrive(ctx, k, score)
-	}
-	b.Wait()
+	redriveAll(t, b, storeB, time.Minute)
 	c, _ := storeB.Get(ctx, realCallKey)
 	res, _ := f.qs.Reserved(ctx, "tenant-1", agent)
 	if len(c.Outbox) != 0 {

@@ -61,6 +61,16 @@ func (r *rig) handle(t *testing.T, id string, ev callstate.Event) {
 	r.m.Wait()
 }
 
+// inviting brings call id through the menu (key 2) to the conference hand-off queue, and offers
+// it to agent: the agent is invited.
+func (r *rig) inviting(t *testing.T, id, agent string) {
+	t.Helper()
+	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: agent})
+}
+
 // fireDue applies the timers due at the rig's clock, as RunTimers does.
 func (r *rig) fireDue(t *testing.T) {
 	t.Helper()
@@ -145,10 +155,7 @@ func TestRefusedHoldMusicWhileInvitingWaits(t *testing.T) {
 	g := &failPrompts{fakeGraph: &fakeGraph{}, limit: 500}
 	r := newRig(t, g, "rp")
 	id := "c-loop"
-	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	r.inviting(t, id, "agent-b")
 	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
 	if c.State != callstate.StateInviting {
 		t.Fatalf("after the offer: %s, want inviting", c.State)
@@ -337,14 +344,7 @@ func TestInviteNotSentByADeadInstanceIsNotLostBehindALaterTransition(t *testing.
 	}
 	must(t, b, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx}) // hold music ended
 	b.Wait()
-	keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(time.Minute), time.Minute, 10) // A's lease ran out
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range keys {
-		b.Redrive(ctx, k, score)
-	}
-	b.Wait()
+	redriveAll(t, b, store, time.Minute) // A's lease ran out
 	if n := countPrefix(gb.log(), "invite"); n != 1 {
 		c, _ = store.Get(ctx, key)
 		t.Fatalf("invite sent %d times by the re-drive (B sent %v); the call waits in %s with %d commands left", n, gb.log(), c.State, len(c.Outbox))
@@ -466,21 +466,10 @@ func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
 		}
 		return b, gb, store, id
 	}
-	redrive := func(t *testing.T, b *callstate.Machine, store *callstate.Store) {
-		ctx := context.Background()
-		keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(time.Minute), time.Minute, 10) // A's lease ran out
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, k := range keys {
-			b.Redrive(ctx, k, score)
-		}
-		b.Wait()
-	}
 	t.Run("the agent joined", func(t *testing.T) {
 		b, gb, store, id := setup(t, "ij")
 		gb.setUsers("caller", "agent-b")
-		redrive(t, b, store)
+		redriveAll(t, b, store, time.Minute) // A's lease ran out
 		if n := countPrefix(gb.log(), "invite"); n != 0 {
 			t.Errorf("the re-drive invited the agent %d more times (B sent %v); they are in the call", n, gb.log())
 		}
@@ -491,7 +480,7 @@ func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
 	t.Run("the call is still peer to peer", func(t *testing.T) {
 		b, gb, store, _ := setup(t, "ip")
 		gb.fail = map[string]error{"participants": &graph.Error{Op: "listParticipants", Status: 400}}
-		redrive(t, b, store)
+		redriveAll(t, b, store, time.Minute) // A's lease ran out
 		if n := countPrefix(gb.log(), "invite"); n != 1 {
 			t.Errorf("the re-drive sent %d invites (%v), want one (Graph lists no roster: nobody joined)", n, gb.log())
 		}
@@ -500,7 +489,7 @@ func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
 		b, gb, store, id := setup(t, "ir")
 		gb.setUsers("caller")
 		gb.fail = map[string]error{"invite": &graph.Error{Op: "invite", Status: 400, Message: "An invited participant (agent-b) is ringing already."}}
-		redrive(t, b, store)
+		redriveAll(t, b, store, time.Minute) // A's lease ran out
 		if n := countPrefix(gb.log(), "invite"); n != 1 {
 			t.Fatalf("the re-drive sent %d invites (%v), want one (Graph may never have had the first)", n, gb.log())
 		}
@@ -523,10 +512,7 @@ func TestLostRosterOfTheAgentLeavingIsFoundByReading(t *testing.T) {
 	g := &fakeGraph{}
 	r := newRig(t, g, "rr")
 	id := "c-left"
-	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	r.inviting(t, id, "agent-b")
 	r.handle(t, id, callstate.Event{Kind: callstate.EvRoster, Participants: []string{"caller", "agent-b"}, Seq: 1})
 	g.setUsers("caller", "agent-b")
 	r.skew += 61 * time.Second
@@ -552,10 +538,7 @@ func TestPeerToPeerRosterMeansTheAgentHasNotJoined(t *testing.T) {
 	g := &fakeGraph{fail: map[string]error{"participants": p2p}}
 	r := newRig(t, g, "rp2p")
 	id := "c-p2p"
-	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
-	r.handle(t, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	r.inviting(t, id, "agent-b")
 	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
 	r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
 	if c, _ = r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.Agent != "" {
