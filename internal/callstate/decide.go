@@ -238,10 +238,10 @@ func (d *decision) apply(ev Event) error {
 			switch {
 			case ev.Timer == TimerHold:
 				d.hold(nil)
-			case ev.Timer == TimerTransfer && c.InviteCtx != "":
+			case ev.Timer == TimerTransfer && c.RosterCtx == "":
 				// No word from Graph in time: the agent's phone rang out, or the completion and
-				// the roster were lost while the agent talks to the caller. Look before giving up.
-				c.InviteCtx = ""
+				// the roster were lost while the agent talks to the caller. Look before giving up
+				// (the invite's own completion still counts meanwhile).
 				d.checkRoster()
 				d.timer(TimerTransfer, transferRecheck)
 			case ev.Timer == TimerTransfer:
@@ -292,15 +292,19 @@ func (d *decision) apply(ev Event) error {
 		if ev.ClientContext == "" || ev.ClientContext != c.InviteCtx {
 			return ErrIgnored // an earlier attempt's, or a repeat
 		}
-		c.InviteCtx = ""
 		if ev.Failed {
+			if c.RosterCtx != "" {
+				return ErrIgnored // a repeat, or a second invite's: the roster is being read
+			}
 			// The agent did not join, or so says a completion that may be a second invite's
-			// (a re-drive sent it again) while the agent talks to the caller after the first:
-			// read the roster, and act on what it shows.
+			// (a re-drive sent it again) while the agent rings, or talks to the caller, after
+			// the first: read the roster, and act on what it shows. A success completion still
+			// counts meanwhile.
 			d.checkRoster()
 			d.timer(TimerTransfer, transferRecheck)
 			return nil
 		}
+		c.InviteCtx = ""
 		d.connected()
 		return nil
 
@@ -334,14 +338,14 @@ func (d *decision) apply(ev Event) error {
 				c.InviteCtx = ""
 				d.connected()
 			}
-		case c.State == StateInviting && read && c.InviteCtx == "":
+		case c.State == StateInviting && read:
 			// the invite failed or timed out, and Graph confirms the agent is not in the call
 			d.transferFailed()
 		case c.State == StateConnected && (c.Joined || read):
 			// The agent left the conversation (a roster read is made a check interval after
 			// connecting: an agent not in it by then has left): callbot ends the call, the
 			// agent wraps up.
-			c.State, c.Outcome = StateTerminating, OutcomeConnected
+			c.State, c.Outcome, c.Timers = StateTerminating, OutcomeConnected, nil
 			d.hangup()
 			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentWrapUp, After: d.wrapUp()})
 			c.Agent = ""
@@ -535,7 +539,7 @@ func (d *decision) hangup() {
 // queue (its original arrival score), or the start of the menu for a direct transfer.
 func (d *decision) transferFailed() {
 	c := &d.c
-	c.Outcome, c.Transferring, c.TransferCtx = "", false, ""
+	c.Outcome, c.Transferring, c.TransferCtx, c.InviteCtx, c.RosterCtx = "", false, "", "", ""
 	if c.Agent != "" {
 		d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed})
 		c.Agent = ""

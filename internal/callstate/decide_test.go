@@ -561,6 +561,63 @@ func TestInviteFailureIsCheckedAgainstTheRoster(t *testing.T) {
 	})
 }
 
+// While an invite's failure (or its timer) is checked against the roster, the invite's own
+// success completion still counts: a re-driven second invite can fail while the agent rings from
+// the first and then answers it. Dropping that success let the read, made before the agent
+// joined, send the caller back to the queue (the agent released as failed) while the agent joined
+// the call, and the roster showing them was then ignored in the queue.
+func TestInviteSuccessDuringTheRosterCheckConnects(t *testing.T) {
+	for _, start := range []string{"failure", "timer"} {
+		t.Run(start, func(t *testing.T) {
+			c, env, agent := inviting(t)
+			inv := c.InviteCtx
+			var err error
+			if start == "failure" {
+				c, _, err = Decide(c, Event{Kind: EvInviteDone, ClientContext: inv, Failed: true}, env)
+			} else {
+				c, _, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: c.Timers[TimerTransfer]}, env)
+			}
+			if err != nil || c.State != StateInviting || c.RosterCtx == "" {
+				t.Fatalf("check started: %s %v", c.State, err)
+			}
+			read := c.RosterCtx
+			success := Event{Kind: EvInviteDone, ClientContext: inv} // the agent joined on the first invite
+			if Stale(c, success) {
+				t.Errorf("the awaited invite's success is Stale during the roster check")
+			}
+			c, _, err = Decide(c, success, env)
+			if err != nil || c.State != StateConnected {
+				t.Fatalf("the invite's success during the roster check: %s %v, want connected", c.State, err)
+			}
+			if _, out, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: read}, env); !errors.Is(err, ErrIgnored) {
+				t.Errorf("the read made before the agent joined, coming back: %v %v, want ignored", kinds(out), err)
+			}
+			if _, _, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller", agent}, Seq: 9}, env); err != nil {
+				t.Errorf("the roster showing the agent: %v", err)
+			}
+		})
+	}
+}
+
+// Connected, the agent leaves: callbot hangs up, and the roster check armed while connected is
+// disarmed. Left armed, it fired in terminating and sent a second hangup before the hang-up
+// grace.
+func TestAgentLeavingDisarmsTheRosterCheck(t *testing.T) {
+	c, env, agent := inviting(t)
+	c, _, _ = Decide(c, Event{Kind: EvRoster, Participants: []string{"caller", agent}, Seq: 1}, env)
+	tok := c.Timers[TimerRoster]
+	c, out, err := Decide(c, Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: 2}, env)
+	if err != nil || c.State != StateTerminating || !slices.Contains(kinds(out), "hangup") {
+		t.Fatalf("agent left: %s %v %v", c.State, kinds(out), err)
+	}
+	if _, ok := c.Timers[TimerRoster]; ok {
+		t.Errorf("terminating still has the roster timer armed: %v", c.Timers)
+	}
+	if _, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerRoster, TimerToken: tok}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("the roster timer in terminating: %v %v, want ignored (no second hangup before the grace)", kinds(out), err)
+	}
+}
+
 // No word of the invite in time (the agent-alert timer): the completion and the rosters may have
 // been lost while the agent talks to the caller. callbot reads the roster before requeueing.
 func TestInviteTimeoutReadsTheRoster(t *testing.T) {

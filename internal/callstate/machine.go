@@ -854,7 +854,8 @@ func awaited(c Call, cmd Command) bool {
 	case CmdTransfer:
 		return c.State == StateTransferring && cmd.ClientContext != "" && cmd.ClientContext == c.TransferCtx
 	case CmdInvite:
-		return c.State == StateInviting && cmd.ClientContext != "" && cmd.ClientContext == c.InviteCtx
+		// not while its failure is being checked against the roster (RosterCtx)
+		return c.State == StateInviting && cmd.ClientContext != "" && cmd.ClientContext == c.InviteCtx && c.RosterCtx == ""
 	case CmdHangup:
 		return c.State == StateTerminating
 	case CmdCheckRoster:

@@ -175,8 +175,8 @@ type Call struct {
 	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
 	// InviteCtx is the clientContext of the invite callbot waits on (conference hand-off);
 	// Joined is set once a roster showed the agent in the call; LastRoster orders rosters.
-	// RosterCtx is the token of the roster read callbot waits on; InviteCtx empty while
-	// inviting means the invite's failure (or its timer) waits on that read to be confirmed.
+	// RosterCtx is the token of the roster read callbot waits on; set while inviting, the
+	// invite's failure (or its timer) waits on that read to be confirmed.
 	InviteCtx   string    `json:"inviteCtx,omitempty"`
 	Joined      bool      `json:"joined,omitempty"`
 	LastRoster  int64     `json:"lastRoster,omitempty"`

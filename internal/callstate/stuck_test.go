@@ -450,10 +450,10 @@ func (g *sentThenHung) InviteParticipants(ctx context.Context, id string, r grap
 // agent in it is not invited again (the call is connected); one not in it is, and a refusal of
 // that second invite is left to the first one's outcome.
 func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
-	setup := func(t *testing.T, prefix string) (b *callstate.Machine, gb *fakeGraph, store *callstate.Store, id string) {
+	setup := func(t *testing.T, prefix string) (a, b *callstate.Machine, gb *fakeGraph, store *callstate.Store, id string) {
 		ga := &sentThenHung{fakeGraph: &fakeGraph{}, hang: make(chan struct{})}
 		gb = &fakeGraph{}
-		a, b, store := twoInstances(t, prefix, ga, gb, &fakeQueues{}, &fakeQueues{})
+		a, b, store = twoInstances(t, prefix, ga, gb, &fakeQueues{}, &fakeQueues{})
 		t.Cleanup(func() { close(ga.hang) })
 		id = "c-" + prefix
 		must(t, a, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
@@ -464,10 +464,10 @@ func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
 		for countPrefix(ga.log(), "invite") == 0 {
 			time.Sleep(time.Millisecond)
 		}
-		return b, gb, store, id
+		return a, b, gb, store, id
 	}
 	t.Run("the agent joined", func(t *testing.T) {
-		b, gb, store, id := setup(t, "ij")
+		_, b, gb, store, id := setup(t, "ij")
 		gb.setUsers("caller", "agent-b")
 		redriveAll(t, b, store, time.Minute) // A's lease ran out
 		if n := countPrefix(gb.log(), "invite"); n != 0 {
@@ -478,15 +478,27 @@ func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
 		}
 	})
 	t.Run("the call is still peer to peer", func(t *testing.T) {
-		b, gb, store, _ := setup(t, "ip")
+		_, b, gb, store, _ := setup(t, "ip")
 		gb.fail = map[string]error{"participants": &graph.Error{Op: "listParticipants", Status: 400}}
 		redriveAll(t, b, store, time.Minute) // A's lease ran out
 		if n := countPrefix(gb.log(), "invite"); n != 1 {
 			t.Errorf("the re-drive sent %d invites (%v), want one (Graph lists no roster: nobody joined)", n, gb.log())
 		}
 	})
+	t.Run("its failure is being checked", func(t *testing.T) {
+		a, b, gb, store, id := setup(t, "ic")
+		c, _ := store.Get(context.Background(), graph.CallKey(id))
+		// A takes a failure (a second invite's, say) and decides to read the roster; the read
+		// waits behind A's hung invite: no answer comes
+		must(t, a, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
+		gb.setUsers("caller") // the agent is not in the call (yet)
+		redriveAll(t, b, store, time.Minute) // A's lease ran out
+		if n := countPrefix(gb.log(), "invite"); n != 0 {
+			t.Errorf("the re-drive sent %d invites while the invite's failure was being checked (%v), want none", n, gb.log())
+		}
+	})
 	t.Run("the agent is ringing", func(t *testing.T) {
-		b, gb, store, id := setup(t, "ir")
+		_, b, gb, store, id := setup(t, "ir")
 		gb.setUsers("caller")
 		gb.fail = map[string]error{"invite": &graph.Error{Op: "invite", Status: 400, Message: "An invited participant (agent-b) is ringing already."}}
 		redriveAll(t, b, store, time.Minute) // A's lease ran out
