@@ -491,7 +491,7 @@ func TestInviteSentByADeadInstanceIsNotSentTwice(t *testing.T) {
 		// A takes a failure (a second invite's, say) and decides to read the roster; the read
 		// waits behind A's hung invite: no answer comes
 		must(t, a, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
-		gb.setUsers("caller") // the agent is not in the call (yet)
+		gb.setUsers("caller")                // the agent is not in the call (yet)
 		redriveAll(t, b, store, time.Minute) // A's lease ran out
 		if n := countPrefix(gb.log(), "invite"); n != 0 {
 			t.Errorf("the re-drive sent %d invites while the invite's failure was being checked (%v), want none", n, gb.log())
