@@ -23,11 +23,16 @@ type node struct {
 func startNode(path string, port int, logfile, dir string, extra ...string) (*node, error) {
 	args := append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
 		"--dir", dir, "--logfile", logfile}, extra...)
+	return startProc(path, fmt.Sprintf("127.0.0.1:%d", port), logfile, args...)
+}
+
+// startProc starts redis-server with args; it will listen on addr and log to logfile.
+func startProc(path, addr, logfile string, args ...string) (*node, error) {
 	cmd := exec.Command(path, args...)
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	n := &node{addr: fmt.Sprintf("127.0.0.1:%d", port), logfile: logfile, cmd: cmd, exited: make(chan struct{})}
+	n := &node{addr: addr, logfile: logfile, cmd: cmd, exited: make(chan struct{})}
 	go func() {
 		cmd.Wait()
 		close(n.exited)

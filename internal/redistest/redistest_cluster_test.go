@@ -70,3 +70,34 @@ func TestStartStandaloneStillWorks(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The Sentinel set-up: a client through the Sentinel writes to the master, and after the master
+// is killed the Sentinel promotes the replica, which has the data.
+func TestStartSentinel(t *testing.T) {
+	s := redistest.StartSentinel(t)
+	ctx := context.Background()
+	c := s.Client(t)
+	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Wait(ctx, 1, time.Second).Err(); err != nil {
+		t.Fatal(err)
+	}
+	old, err := s.KillMaster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	addr, err := s.WaitFailover(old, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("failover from %s to %s in %s", old, addr, time.Since(t0).Round(time.Millisecond))
+	got, err := c.Get(ctx, "k").Result()
+	if err != nil || got != "v" {
+		t.Errorf("after the failover: %q %v, want the value written before", got, err)
+	}
+	if !strings.HasPrefix(s.URL(), "sentinel://127.0.0.1:") || !strings.HasSuffix(s.URL(), "/"+redistest.SentinelMaster) {
+		t.Errorf("URL %s", s.URL())
+	}
+}

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph/graphsim"
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+// onSentinel is a redisBackend on a Sentinel set-up (a master, a replica, a Sentinel) that
+// starts from an empty master for each world, as it would from a Redis of its own.
+func onSentinel(s *redistest.Sentinel) redisBackend {
+	return func(t *testing.T) string {
+		rdb := s.Client(t)
+		ctx := context.Background()
+		if err := rdb.FlushAll(ctx).Err(); err != nil {
+			t.Fatalf("flush the master: %v", err)
+		}
+		t.Cleanup(func() { // after callbot stopped
+			if n, err := rdb.DBSize(ctx).Result(); err != nil || n == 0 {
+				t.Errorf("callbot wrote no key through the Sentinel (%d keys, %v)", n, err)
+			}
+		})
+		return s.URL()
+	}
+}
+
+// TestE2EOnRedisSentinel runs every end-to-end scenario with callbot configured, as in
+// production, with a sentinel:// URL: it finds the master through a real Sentinel.
+func TestE2EOnRedisSentinel(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	s := redistest.StartSentinel(t)
+	for _, sc := range e2eScenarios {
+		t.Run(sc.name, func(t *testing.T) { sc.run(t, onSentinel(s)) })
+	}
+}
+
+// The master dies while a caller waits in the queue. The Sentinel promotes the replica; callbot
+// follows it without a restart: readiness is 200 again, the waiting caller (its place in the
+// queue replicated before the crash) reaches the agent who becomes available, and a new caller
+// is served too.
+func TestE2ESentinelFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	s := redistest.StartSentinel(t)
+	w := startWorld(t, onSentinel(s), away(agent1), away(agent2), away(agent3))
+	waiting := w.call(t, graphsim.CallerSpec{Digits: "1"})
+	ctx := context.Background()
+	rdb := s.Client(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Contains(waiting.Result().Prompts, "https://media.test/hold.wav") { // queued
+		if time.Now().After(deadline) {
+			t.Fatalf("the caller did not reach the queue: %+v", waiting.Result())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := rdb.Wait(ctx, 1, 2*time.Second).Err(); err != nil { // what callbot wrote is on the replica
+		t.Fatal(err)
+	}
+	old, err := s.KillMaster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	newMaster, err := s.WaitFailover(old, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatalf("after the failover: %v", err)
+	}
+	t.Logf("master %s killed; %s promoted and callbot ready %s later", old, newMaster, time.Since(t0).Round(time.Millisecond))
+
+	w.sim.SetPresence(agent2, "Available", "Available")
+	r := waitDone(t, waiting, 20*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent2 {
+		t.Fatalf("the caller who waited through the failover experienced %+v; want transferred to %s", r, agent2)
+	}
+	w.sim.SetPresence(agent3, "Available", "Available")
+	r = waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 20*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent == "" {
+		t.Fatalf("a caller after the failover experienced %+v; want transferred to an agent", r)
+	}
+}

@@ -1,0 +1,220 @@
+package redistest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// SentinelMaster is the master name a Sentinel set-up monitors.
+const SentinelMaster = "callbot"
+
+// Sentinel is a Redis master, one replica and one Sentinel monitoring them (quorum 1, the master
+// taken for down after a second), for one test: real redis-server processes on free loopback
+// ports, without persistence.
+type Sentinel struct {
+	dir      string
+	nodes    []*node // the master and the replica, in the order they were started
+	sentinel *node
+}
+
+// StartSentinel starts a Sentinel set-up that lives until the test ends. It returns once the
+// replica is in sync and the Sentinel knows it (so a failover has somewhere to go). Without
+// redis-server on PATH the test is skipped, or fails with CALLBOT_REQUIRE_REDIS=1.
+func StartSentinel(t testing.TB) *Sentinel {
+	t.Helper()
+	server, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CALLBOT_REQUIRE_REDIS") == "1" {
+			t.Fatalf("CALLBOT_REQUIRE_REDIS=1 but Sentinel cannot be started: %v", err)
+		}
+		t.Skipf("redis sentinel: %v", err)
+	}
+	dir := t.TempDir()
+	var lastErr error
+	for attempt := 1; attempt <= 4; attempt++ {
+		s, err := startSentinel(server, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)))
+		if err == nil {
+			t.Cleanup(s.stop)
+			return s
+		}
+		lastErr = err
+		t.Logf("redis sentinel attempt %d: %v", attempt, err)
+	}
+	t.Fatalf("start redis sentinel: %v", lastErr)
+	return nil
+}
+
+func startSentinel(server, dir string) (s *Sentinel, err error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	ports, err := clusterPorts(3) // distinct free ports (their +10000 pairs are not needed, but free too)
+	if err != nil {
+		return nil, err
+	}
+	s = &Sentinel{dir: dir}
+	defer func() {
+		if err != nil {
+			s.stop()
+		}
+	}()
+	master, err := startNode(server, ports[0], filepath.Join(dir, "master.log"), dir)
+	if err != nil {
+		return s, err
+	}
+	s.nodes = append(s.nodes, master)
+	if err := master.waitReady(5 * time.Second); err != nil {
+		return s, err
+	}
+	replica, err := startNode(server, ports[1], filepath.Join(dir, "replica.log"), dir,
+		"--replicaof", "127.0.0.1", strconv.Itoa(ports[0]))
+	if err != nil {
+		return s, err
+	}
+	s.nodes = append(s.nodes, replica)
+	if err := replica.waitReady(5 * time.Second); err != nil {
+		return s, err
+	}
+	conf := filepath.Join(dir, "sentinel.conf") // Sentinel rewrites its configuration: a file of its own
+	text := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nlogfile %s\n"+
+		"sentinel monitor %s 127.0.0.1 %d 1\n"+
+		"sentinel down-after-milliseconds %[4]s 1000\n"+
+		"sentinel failover-timeout %[4]s 10000\n"+
+		"sentinel parallel-syncs %[4]s 1\n",
+		ports[2], dir, filepath.Join(dir, "sentinel.log"), SentinelMaster, ports[0])
+	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
+		return s, err
+	}
+	s.sentinel, err = startProc(server, fmt.Sprintf("127.0.0.1:%d", ports[2]), filepath.Join(dir, "sentinel.log"), conf, "--sentinel")
+	if err != nil {
+		return s, err
+	}
+	if err := s.sentinel.waitReady(5 * time.Second); err != nil {
+		return s, err
+	}
+	if err := s.waitReplica(15 * time.Second); err != nil {
+		return s, err
+	}
+	return s, nil
+}
+
+// waitReplica waits until the replica's link to the master is up and the Sentinel lists the
+// replica as healthy.
+func (s *Sentinel) waitReplica(within time.Duration) error {
+	deadline := time.Now().Add(within)
+	rc := redis.NewClient(&redis.Options{Addr: s.nodes[1].addr, MaxRetries: -1})
+	defer rc.Close()
+	sc := redis.NewSentinelClient(&redis.Options{Addr: s.sentinel.addr, MaxRetries: -1})
+	defer sc.Close()
+	for {
+		problem := func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+			defer cancel()
+			info, err := rc.Info(ctx, "replication").Result()
+			if err != nil {
+				return err
+			}
+			if bad := infoMismatch(info, map[string]string{"master_link_status": "up"}); bad != "" {
+				return errors.New("replica: " + bad)
+			}
+			replicas, err := sc.Replicas(ctx, SentinelMaster).Result()
+			if err != nil {
+				return err
+			}
+			for _, r := range replicas {
+				if r["name"] == s.nodes[1].addr && !strings.Contains(r["flags"], "down") {
+					return nil
+				}
+			}
+			return fmt.Errorf("sentinel does not list the replica %s yet: %v", s.nodes[1].addr, replicas)
+		}()
+		if problem == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return problem
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// URL is the CALLBOT_REDIS_URL of the set-up: sentinel://host:port/master.
+func (s *Sentinel) URL() string { return "sentinel://" + s.sentinel.addr + "/" + SentinelMaster }
+
+// MasterAddr asks the Sentinel which node is the master now.
+func (s *Sentinel) MasterAddr(ctx context.Context) (string, error) {
+	sc := redis.NewSentinelClient(&redis.Options{Addr: s.sentinel.addr, MaxRetries: -1})
+	defer sc.Close()
+	hp, err := sc.GetMasterAddrByName(ctx, SentinelMaster).Result()
+	if err != nil {
+		return "", err
+	}
+	return strings.Join(hp, ":"), nil
+}
+
+// Client returns a client of whichever node is the master (through the Sentinel), closed when
+// the test ends.
+func (s *Sentinel) Client(t testing.TB) *redis.Client {
+	c := redis.NewFailoverClient(&redis.FailoverOptions{MasterName: SentinelMaster, SentinelAddrs: []string{s.sentinel.addr}})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// KillMaster kills the master at once, as a crash would, and returns its address. The Sentinel
+// promotes the replica a second or two later (WaitFailover).
+func (s *Sentinel) KillMaster(ctx context.Context) (string, error) {
+	addr, err := s.MasterAddr(ctx)
+	if err != nil {
+		return "", err
+	}
+	for _, n := range s.nodes {
+		if n.addr == addr {
+			n.stop()
+			return addr, nil
+		}
+	}
+	return "", fmt.Errorf("master %s is none of the set-up's nodes", addr)
+}
+
+// WaitFailover waits until the Sentinel names a master other than old, and that node answers as
+// a master.
+func (s *Sentinel) WaitFailover(old string, within time.Duration) (string, error) {
+	deadline := time.Now().Add(within)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		addr, err := s.MasterAddr(ctx)
+		if err == nil && addr != old {
+			c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+			var info string
+			info, err = c.Info(ctx, "replication").Result()
+			c.Close()
+			if err == nil && infoMismatch(info, map[string]string{"role": "master"}) == "" {
+				cancel()
+				return addr, nil
+			}
+		}
+		cancel()
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no failover from %s within %s (sentinel says %q, %v); sentinel log: %s",
+				old, within, addr, err, s.sentinel.logTail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (s *Sentinel) stop() {
+	s.sentinel.stop()
+	for _, n := range s.nodes {
+		n.stop()
+	}
+}
