@@ -1,0 +1,148 @@
+//go:build chaos
+
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph/graphsim"
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+// TestRedisSentinelFailover: one callbot instance configured with a sentinel:// URL (a master,
+// a replica and a Sentinel); the master is SIGKILLed while calls are in menus, queues and
+// transfers, and the Sentinel promotes the replica. callbot must follow it without a restart:
+// every call reaches a defined end, no agent is offered two calls at once (a reservation lost
+// with unreplicated writes must not double-book an agent), the webhook answers 503 rather than
+// anything else while no master answers, and readiness is 200 again once the replica is master.
+// Record versions that went back (writes the replica had not received) are counted and logged:
+// Redis replication is asynchronous, so a failover may lose the last moment of writes.
+func TestRedisSentinelFailover(t *testing.T) {
+	const (
+		calls  = 40
+		every  = 150 * time.Millisecond
+		killAt = 20
+	)
+	requireRedis(t)
+	sd := seed(t)
+	s := redistest.StartSentinel(t)
+	rdb := s.Client(t)
+	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	talk := time.Second
+	sim, ca := newSim(t, "http://"+addr+"/api/calls", []graphsim.AgentSpec{
+		agent(1, graphsim.AgentAccept, true, talk), agent(2, graphsim.AgentAccept, true, talk),
+		agent(3, graphsim.AgentAccept, true, talk), agent(4, graphsim.AgentAccept, true, talk),
+		agent(5, graphsim.AgentAccept, false, talk), agent(6, graphsim.AgentAccept, true, talk),
+		agent(7, graphsim.AgentAccept, true, talk), agent(8, graphsim.AgentAccept, false, talk),
+	})
+	env := baseEnv(sim, ca, "", "http://"+addr)
+	env["CALLBOT_REDIS_URL"] = s.URL()
+	bot := startCallbot(t, "bot", addr, env)
+	time.Sleep(1200 * time.Millisecond)
+
+	ctx := context.Background()
+	t0 := time.Now()
+	var (
+		killed, promoted time.Time
+		ready            time.Time // /readyz 200 again after the promotion
+		oldMaster        string
+		newMaster        string
+		before           map[string]int64
+		atKill           map[string]int
+		failoverErr      error
+		done             = make(chan struct{})
+	)
+	callers := placeCalls(t, sim, sd, calls, every, func(i int) {
+		if i != killAt {
+			return
+		}
+		atKill = recordStates(rdb)
+		before = versions(rdb)
+		oldMaster, failoverErr = s.KillMaster(ctx)
+		killed = time.Now()
+		go func() {
+			defer close(done)
+			if failoverErr != nil {
+				return
+			}
+			newMaster, failoverErr = s.WaitFailover(oldMaster, 30*time.Second)
+			promoted = time.Now()
+			for end := promoted.Add(10 * time.Second); failoverErr == nil && time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+				if code, _ := readyz(bot.url()); code == http.StatusOK {
+					ready = time.Now()
+					return
+				}
+			}
+		}()
+	})
+	<-done
+	if failoverErr != nil {
+		t.Fatalf("failover: %v", failoverErr)
+	}
+	t.Logf("t=%s: master %s SIGKILLed with call records [%s]; t=%s %s promoted", since(t0, killed), oldMaster,
+		fmtCounts(atKill), since(t0, promoted), newMaster)
+	if ready.IsZero() {
+		t.Errorf("/readyz not 200 within 10s of the promotion")
+	}
+	after := versions(rdb)
+	var wentBack []string
+	for k, v := range before {
+		if after[k] < v {
+			wentBack = append(wentBack, fmt.Sprintf("%s v%d -> v%d", k, v, after[k]))
+		}
+	}
+
+	deadline := promoted.Add(60 * time.Second)
+	stuck := waitEnded(t, t0, callers, deadline)
+	known := judgeStuck(t, sim, rdb, stuck, bot)
+
+	statuses := map[string]int{}
+	var total, in503, gaveUp int
+	for _, d := range sim.Deliveries() {
+		total++
+		if d.Status >= 500 && d.Attempt == 4 {
+			gaveUp++
+		}
+		if d.Time.Before(killed) || !d.Time.Before(ready) {
+			continue
+		}
+		st := strconv.Itoa(d.Status)
+		if d.Err != "" {
+			st = "error"
+		}
+		if d.Time.Before(promoted) {
+			statuses["no master: "+st]++
+		} else {
+			statuses["promoted: "+st]++
+		}
+		switch d.Status {
+		case http.StatusServiceUnavailable:
+			in503++
+		case http.StatusAccepted:
+		default:
+			t.Errorf("delivery during the failover answered %s (%s %s attempt %d), want 503 or 202", st, d.State, d.ResourceURL, d.Attempt)
+		}
+	}
+	if gaveUp > 0 {
+		t.Errorf("%d notifications were refused on all 4 attempts: graphsim gave up on them", gaveUp)
+	}
+	counts, misrouted := checkOutcomes(t, callers, bot)
+	known = append(known, misrouted...)
+	offered, accepted := checkAgents(t, sim)
+	t.Logf("summary: %d calls, outcomes [%s]; master down to replica promoted %s, callbot ready %s after the kill; "+
+		"deliveries %d, during the failover [%s] (503: %d), given up %d; record versions that went back with the failover: %d of %d %v; "+
+		"agents offered %d, accepted %d; callbot warnings %d, errors %d",
+		calls, fmtCounts(counts), promoted.Sub(killed).Round(time.Millisecond), ready.Sub(killed).Round(time.Millisecond),
+		total, fmtCounts(statuses), in503, gaveUp, len(wentBack), len(before), wentBack,
+		offered, accepted, countLines(bot.logPath, `"level":"warn"`), countLines(bot.logPath, `"level":"error"`))
+	if t.Failed() {
+		t.Logf("callbot warnings and errors:\n%s", strings.Join(lastN(grep(bot.logPath, `"level":"warn"`, `"level":"error"`), 40), "\n"))
+	}
+	skipKnown(t, known, calls)
+}
