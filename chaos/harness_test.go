@@ -274,7 +274,7 @@ func startCallbot(t *testing.T, name, addr string, env map[string]string) *callb
 		if dir := os.Getenv("CHAOS_LOG_DIR"); dir != "" { // keep the logs for a post-mortem
 			if b, err := os.ReadFile(p.logPath); err == nil {
 				os.MkdirAll(dir, 0o755)
-				os.WriteFile(filepath.Join(dir, t.Name()+"-"+name+".log"), b, 0o644)
+				os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+"-"+name+".log"), b, 0o644) // a subtest's name has slashes
 			}
 		}
 	})

@@ -39,9 +39,12 @@ type botDeps struct {
 	TenantID    string
 	CallbackURI string
 	// Instance names this instance (affinity hint, presence lease holder); random when empty.
-	Instance      string
-	OutboxLease   time.Duration
-	PresenceEvery time.Duration
+	Instance    string
+	OutboxLease time.Duration
+	// RedisReplicas a call's change waits for (WAIT) within ReplicaTimeout; 0: none.
+	RedisReplicas  int
+	ReplicaTimeout time.Duration
+	PresenceEvery  time.Duration
 	// FailCooldown: an agent who declined or missed an offer is skipped this long (default 10s).
 	FailCooldown time.Duration
 	// ConnectedGuard: an agent who just took a call is skipped this long even if polled presence
@@ -57,6 +60,7 @@ type bot struct {
 	machine    *callstate.Machine
 	dispatcher *queue.Dispatcher
 	queues     *queue.Store
+	store      *callstate.Store
 	handler    http.Handler
 	instance   string
 	draining   atomic.Bool
@@ -83,8 +87,12 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		}
 	}
 	b.dispatcher = queue.NewDispatcher(b.queues, nil, d.TenantID, queueIDs, d.Log.Named("dispatch"))
+	b.store = callstate.NewStore(d.Redis, d.KeyPrefix)
+	if d.RedisReplicas > 0 {
+		b.store.WaitForReplicas(d.RedisReplicas, d.ReplicaTimeout)
+	}
 	b.machine = callstate.NewMachine(callstate.Config{
-		Store:       callstate.NewStore(d.Redis, d.KeyPrefix),
+		Store:       b.store,
 		Timers:      callstate.NewTimers(d.Redis, d.KeyPrefix),
 		Control:     d.Graph,
 		Queues:      b.dispatcher,
@@ -149,6 +157,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	wg.Go(func() { b.machine.RunAcks(loops, 20*time.Millisecond) })
 	wg.Go(func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
 	wg.Go(func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
+	wg.Go(func() { b.store.WatchReplicas(loops, time.Second) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
 		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
 	wg.Go(func() { poller.Run(loops, b.deps.PresenceEvery) })

@@ -58,6 +58,8 @@ func TestConfigChecksTheFilesItNames(t *testing.T) {
 	}{
 		"bad files":             {map[string]string{"CALLBOT_CLIENT_CERT_FILE": junk}, []string{"CALLBOT_CA_FILE: " + junk + " holds no PEM certificate", "CALLBOT_CLIENT_CERT_FILE: " + junk}},
 		"password without cert": {map[string]string{"CALLBOT_CLIENT_SECRET": "s", "CALLBOT_CLIENT_CERT_PASSWORD": "pw"}, []string{"CALLBOT_CLIENT_CERT_PASSWORD: set without CALLBOT_CLIENT_CERT_FILE"}},
+		"replicas on a cluster": {map[string]string{"CALLBOT_REDIS_URL": "10.0.0.1:7000,10.0.0.2:7000", "CALLBOT_REDIS_REPLICAS": "1"}, []string{"CALLBOT_REDIS_REPLICAS: is not supported on Redis Cluster"}},
+		"bad replicas":          {map[string]string{"CALLBOT_REDIS_REPLICAS": "-1", "CALLBOT_REDIS_REPLICA_TIMEOUT": "1h"}, []string{"CALLBOT_REDIS_REPLICAS: \"-1\" is not a number from 0 to 16", "CALLBOT_REDIS_REPLICA_TIMEOUT: \"1h\""}},
 	} {
 		env := maps.Clone(base)
 		maps.Copy(env, tc.set)
@@ -84,6 +86,9 @@ func TestConfigDefaults(t *testing.T) {
 		c.OpenIDConfigURL != "https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration" ||
 		len(c.AllowedTenants) != 1 || c.AllowedTenants[0] != env["CALLBOT_TENANT_ID"] {
 		t.Errorf("defaults: %+v", c)
+	}
+	if c.RedisReplicas != 0 || c.ReplicaTimeout != 100*time.Millisecond {
+		t.Errorf("replicas %d within %s, want none by default (100ms)", c.RedisReplicas, c.ReplicaTimeout)
 	}
 	o, _ := redisOptions(c.RedisURL)
 	if !o.IsClusterMode || len(o.Addrs) != 2 {

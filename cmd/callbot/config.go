@@ -38,6 +38,8 @@ type config struct {
 	PresenceEvery   time.Duration
 	ShutdownGrace   time.Duration
 	OutboxLease     time.Duration
+	RedisReplicas   int
+	ReplicaTimeout  time.Duration
 	InstanceID      string
 	LogLevel        string
 }
@@ -58,6 +60,8 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID)"},
 	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority and the OpenID metadata"},
 	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., sentinel://[:pass@]host:port,host:port/master[?db=N], or a comma-separated list of cluster node addresses (required)"},
+	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas or Sentinel, not Cluster"},
+	{"CALLBOT_REDIS_REPLICA_TIMEOUT", "100ms", "how long a change waits for CALLBOT_REDIS_REPLICAS; past it the notification is refused (503) and delivered again"},
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
@@ -149,12 +153,22 @@ func loadConfig(getenv func(string) string) (config, error) {
 			bad("CALLBOT_CA_FILE", "%s holds no PEM certificate", c.CAFile)
 		}
 	}
+	var err error
+	if c.RedisReplicas, err = strconv.Atoi(get("CALLBOT_REDIS_REPLICAS")); err != nil || c.RedisReplicas < 0 || c.RedisReplicas > 16 {
+		bad("CALLBOT_REDIS_REPLICAS", "%q is not a number from 0 to 16", get("CALLBOT_REDIS_REPLICAS"))
+	}
+	if c.ReplicaTimeout, err = time.ParseDuration(get("CALLBOT_REDIS_REPLICA_TIMEOUT")); err != nil || c.ReplicaTimeout < time.Millisecond || c.ReplicaTimeout > 2*time.Second {
+		bad("CALLBOT_REDIS_REPLICA_TIMEOUT", "%q is not a duration from 1ms to 2s", get("CALLBOT_REDIS_REPLICA_TIMEOUT"))
+	}
 	if c.RedisURL != "" {
-		if _, err := redisOptions(c.RedisURL); err != nil {
+		o, err := redisOptions(c.RedisURL)
+		switch {
+		case err != nil:
 			bad("CALLBOT_REDIS_URL", "%v", err)
+		case o.IsClusterMode && c.RedisReplicas > 0:
+			bad("CALLBOT_REDIS_REPLICAS", "is not supported on Redis Cluster (a call's record and its index entries live on different masters); use 0")
 		}
 	}
-	var err error
 	if c.PresenceEvery, err = time.ParseDuration(get("CALLBOT_PRESENCE_INTERVAL")); err != nil || c.PresenceEvery < 500*time.Millisecond {
 		bad("CALLBOT_PRESENCE_INTERVAL", "%q is not a duration of at least 500ms", get("CALLBOT_PRESENCE_INTERVAL"))
 	}

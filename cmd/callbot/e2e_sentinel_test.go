@@ -2,7 +2,10 @@ package main
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -43,13 +46,20 @@ func TestE2EOnRedisSentinel(t *testing.T) {
 // The master dies while a caller waits in the queue. The Sentinel promotes the replica; callbot
 // follows it without a restart: readiness is 200 again, the waiting caller (its place in the
 // queue replicated before the crash) reaches the agent who becomes available, and a new caller
-// is served too.
+// is served too. callbot waits for the replica (CALLBOT_REDIS_REPLICAS=1) while there is one,
+// and not once the promoted master is alone.
 func TestE2ESentinelFailover(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end")
 	}
 	s := redistest.StartSentinel(t)
-	w := startWorld(t, onSentinel(s), away(agent1), away(agent2), away(agent3))
+	w := newWorld(t, onSentinel(s), away(agent1), away(agent2), away(agent3))
+	w.env["CALLBOT_REDIS_REPLICAS"] = "1"
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitMetric(t, w, "callbot_redis_replicas 1")
 	waiting := w.call(t, graphsim.CallerSpec{Digits: "1"})
 	ctx := context.Background()
 	rdb := s.Client(t)
@@ -78,6 +88,7 @@ func TestE2ESentinelFailover(t *testing.T) {
 	}
 	t.Logf("master %s killed; %s promoted and callbot ready %s later", old, newMaster, time.Since(t0).Round(time.Millisecond))
 
+	waitMetric(t, w, "callbot_redis_replicas 0")
 	w.sim.SetPresence(agent2, "Available", "Available")
 	r := waitDone(t, waiting, 20*time.Second)
 	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent2 {
@@ -88,4 +99,24 @@ func TestE2ESentinelFailover(t *testing.T) {
 	if r.Outcome != graphsim.OutcomeTransferred || r.Agent == "" {
 		t.Fatalf("a caller after the failover experienced %+v; want transferred to an agent", r)
 	}
+}
+
+// waitMetric waits until callbot's /metrics has the line.
+func waitMetric(t *testing.T, w *world, line string) {
+	t.Helper()
+	var body []byte
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		resp, err := http.Get(w.botURL + "/metrics")
+		if err != nil {
+			continue
+		}
+		body, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, l := range strings.Split(string(body), "\n") {
+			if l == line {
+				return
+			}
+		}
+	}
+	t.Fatalf("/metrics has no %q within 10s:\n%s", line, body)
 }

@@ -101,8 +101,14 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	}
 	counter("callbot_outbox_redriven_total", "Commands re-driven from outboxes an instance left unacknowledged.", b.machine.Redriven.Load())
 	counter("callbot_outbox_skipped_total", "Re-driven commands skipped because Graph showed they had taken effect.", b.machine.Skipped.Load())
+	counter("callbot_redis_unreplicated_total", "Call changes not acknowledged by CALLBOT_REDIS_REPLICAS replicas in time (the notification was refused with 503).", b.store.Unreplicated.Load())
 	counter("callbot_graph_commands_superseded_total", "Prompts and media cancellations not sent because a transfer decided after them went first.", b.machine.Superseded.Load())
 	counter("callbot_calls_closed_total", "Calls the reconciler ended because Graph no longer knew them.", b.machine.Closed.Load())
+	if b.deps.RedisReplicas > 0 {
+		fmt.Fprintln(w, "# HELP callbot_redis_replicas Replicas the Redis master had connected at the last look (a change waits for at most this many).")
+		fmt.Fprintln(w, "# TYPE callbot_redis_replicas gauge")
+		fmt.Fprintf(w, "callbot_redis_replicas %d\n", b.store.ConnectedReplicas())
+	}
 
 	fmt.Fprintln(w, "# HELP callbot_queue_waiting Callers waiting in each queue.")
 	fmt.Fprintln(w, "# TYPE callbot_queue_waiting gauge")

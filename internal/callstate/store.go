@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -19,6 +20,11 @@ var (
 	ErrNotFound = errors.New("call not found")
 	ErrExists   = errors.New("call already exists")
 	ErrConflict = errors.New("call changed concurrently")
+	// ErrNotReplicated: the write was applied on the master, but fewer replicas than the store
+	// waits for (WaitForReplicas) acknowledged it in time, so a failover now could lose it. It
+	// is a failed write: the notification is refused (503) and delivered again, and the commands
+	// it decided wait in the outbox for the re-drive.
+	ErrNotReplicated = errors.New("write not acknowledged by enough replicas")
 )
 
 // TTLs of call records: an active call may last a day (Graph drops calls without keepAlive
@@ -40,6 +46,74 @@ type Store struct {
 	index  string
 	active string // sorted set of live calls (call key -> creation ms), for recovery
 	timers string // the timers' sorted set (see Timers)
+	// replicas a record write waits for (WAIT), and for how long; 0: none
+	replicas       int
+	replicaTimeout time.Duration
+	// connected is how many replicas the master had at the last look (WatchReplicas), -1
+	// before the first: a write waits for no more than that
+	connected atomic.Int64
+	// Unreplicated counts record writes that returned ErrNotReplicated.
+	Unreplicated atomic.Int64
+}
+
+// WaitForReplicas makes every write of a call record wait until n replicas have it (WAIT n, in
+// the write's own round trip, so it covers everything written before it too: Redis replicates
+// one ordered stream); a write they do not acknowledge within timeout returns ErrNotReplicated.
+// A write waits for no more replicas than the master has connected (WatchReplicas): a master
+// with none (after a failover that left the promoted replica alone) cannot be failed over from,
+// so waiting would only stop callbot. For a standalone master with replicas, or Sentinel: not on
+// Redis Cluster, where a record and its index entries live on different masters.
+func (s *Store) WaitForReplicas(n int, timeout time.Duration) {
+	s.replicas, s.replicaTimeout = n, timeout
+	s.connected.Store(-1)
+}
+
+// WatchReplicas reads how many replicas the master has connected (INFO replication) every
+// interval until ctx ends, for WaitForReplicas. A failed read keeps the last count.
+func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
+	if s.replicas == 0 {
+		return
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		rctx, cancel := context.WithTimeout(ctx, every)
+		info, err := s.rdb.Info(rctx, "replication").Result()
+		cancel()
+		if err == nil {
+			if n, ok := connectedReplicas(info); ok {
+				s.connected.Store(int64(n))
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// ConnectedReplicas is how many replicas the master had at the last look; -1 before the first.
+func (s *Store) ConnectedReplicas() int64 { return s.connected.Load() }
+
+// connectedReplicas reads connected_slaves from INFO replication.
+func connectedReplicas(info string) (int, bool) {
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "connected_slaves:"); ok {
+			n, err := strconv.Atoi(v)
+			return n, err == nil
+		}
+	}
+	return 0, false
+}
+
+// replicasToWait is how many replicas a write waits for now.
+func (s *Store) replicasToWait() int {
+	n := int64(s.replicas)
+	if c := s.connected.Load(); c >= 0 {
+		n = min(n, c)
+	}
+	return int(n)
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -150,7 +224,8 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 			p.ZRem(ctx, s.active, graph.CallKey(c.ID))
 		}
 	}
-	if len(pre) == 0 && behind == nil {
+	need := s.replicasToWait()
+	if len(pre) == 0 && behind == nil && need == 0 {
 		return script.Run(ctx, s.rdb, keys, args...).Int()
 	}
 	if _, cluster := s.rdb.(*redis.ClusterClient); cluster {
@@ -170,7 +245,10 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		return n, err
 	}
 	for attempt := 0; ; attempt++ {
-		var res *redis.Cmd
+		var (
+			res  *redis.Cmd
+			wait *redis.Cmd
+		)
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, z := range pre {
 				p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
@@ -183,6 +261,9 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 			if behind != nil {
 				behind(p)
 			}
+			if need > 0 {
+				wait = p.Do(ctx, "WAIT", need, s.replicaTimeout.Milliseconds())
+			}
 			return nil
 		})
 		if attempt == 0 && res != nil && res.Err() != nil && strings.HasPrefix(res.Err().Error(), "NOSCRIPT") {
@@ -194,7 +275,15 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		if err != nil {
 			return 0, err
 		}
-		return res.Int()
+		n, err := res.Int()
+		if err != nil || n != 1 || wait == nil {
+			return n, err
+		}
+		if got, werr := wait.Int64(); werr != nil || got < int64(need) {
+			s.Unreplicated.Add(1)
+			return n, fmt.Errorf("%w: %d of %d within %s (%v)", ErrNotReplicated, got, need, s.replicaTimeout, werr)
+		}
+		return n, nil
 	}
 }
 

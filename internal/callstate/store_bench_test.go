@@ -16,8 +16,33 @@ import (
 // goroutine, against a real redis-server. "serial" is one writer; "parallel" is 64 writers, as
 // when many notifications of different calls are applied at once. ns/op is per save.
 func BenchmarkSave(b *testing.B) {
-	rdb := redistest.Start(b).Client(b)
-	store := callstate.NewStore(rdb, "bench")
+	benchSaves(b, callstate.NewStore(redistest.Start(b).Client(b), "bench"))
+}
+
+// BenchmarkSaveReplicated: the same saves on a master with a replica (through its Sentinel),
+// without waiting for the replica and with CALLBOT_REDIS_REPLICAS=1 (WAIT 1 in each save's
+// round trip): what waiting for the replica costs.
+func BenchmarkSaveReplicated(b *testing.B) {
+	s := redistest.StartSentinel(b)
+	for _, wait := range []int{0, 1} {
+		b.Run(fmt.Sprintf("wait=%d", wait), func(b *testing.B) {
+			store := callstate.NewStore(s.Client(b), fmt.Sprintf("bench%d", wait))
+			if wait > 0 {
+				store.WaitForReplicas(wait, 100*time.Millisecond)
+				ctx, stop := context.WithCancel(context.Background())
+				done := make(chan struct{})
+				go func() { store.WatchReplicas(ctx, 100*time.Millisecond); close(done) }()
+				defer func() { stop(); <-done }()
+				for store.ConnectedReplicas() != 1 {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+			benchSaves(b, store)
+		})
+	}
+}
+
+func benchSaves(b *testing.B, store *callstate.Store) {
 	ctx := context.Background()
 	var next atomic.Int64
 	newCall := func() *callstate.Call {

@@ -72,15 +72,20 @@ func TestStartStandaloneStillWorks(t *testing.T) {
 }
 
 // The Sentinel set-up: a client through the Sentinel writes to the master, and after the master
-// is killed the Sentinel promotes the replica, which has the data.
+// is killed the Sentinel promotes the replica, which has the data replicated before
+// HoldReplication and not what came after.
 func TestStartSentinel(t *testing.T) {
-	s := redistest.StartSentinel(t)
+	s := redistest.StartSentinelWithLink(t)
 	ctx := context.Background()
 	c := s.Client(t)
 	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.Wait(ctx, 1, time.Second).Err(); err != nil {
+		t.Fatal(err)
+	}
+	s.HoldReplication() // what is written from now on does not reach the replica
+	if err := c.Set(ctx, "late", "v", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
 	old, err := s.KillMaster(ctx)
@@ -96,6 +101,9 @@ func TestStartSentinel(t *testing.T) {
 	got, err := c.Get(ctx, "k").Result()
 	if err != nil || got != "v" {
 		t.Errorf("after the failover: %q %v, want the value written before", got, err)
+	}
+	if n, err := c.Exists(ctx, "late").Result(); err != nil || n != 0 {
+		t.Errorf("the write made while replication was held: exists=%d %v, want lost with the master", n, err)
 	}
 	if !strings.HasPrefix(s.URL(), "sentinel://127.0.0.1:") || !strings.HasSuffix(s.URL(), "/"+redistest.SentinelMaster) {
 		t.Errorf("URL %s", s.URL())

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,12 +28,26 @@ type Sentinel struct {
 	dir      string
 	nodes    []*node // the master and the replica, in the order they were started
 	sentinel *node
+	link     *replLink // the replica reaches the master through it
 }
 
 // StartSentinel starts a Sentinel set-up that lives until the test ends. It returns once the
 // replica is in sync and the Sentinel knows it (so a failover has somewhere to go). Without
 // redis-server on PATH the test is skipped, or fails with CALLBOT_REQUIRE_REDIS=1.
 func StartSentinel(t testing.TB) *Sentinel {
+	t.Helper()
+	return startSentinelT(t, false)
+}
+
+// StartSentinelWithLink is StartSentinel with the replica reaching the master through a proxy
+// in the test's process, so that the test can stall replication (HoldReplication). The proxy's
+// work is the test process's: do not benchmark through it.
+func StartSentinelWithLink(t testing.TB) *Sentinel {
+	t.Helper()
+	return startSentinelT(t, true)
+}
+
+func startSentinelT(t testing.TB, link bool) *Sentinel {
 	t.Helper()
 	server, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -42,7 +59,7 @@ func StartSentinel(t testing.TB) *Sentinel {
 	dir := t.TempDir()
 	var lastErr error
 	for attempt := 1; attempt <= 4; attempt++ {
-		s, err := startSentinel(server, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)))
+		s, err := startSentinel(server, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), link)
 		if err == nil {
 			t.Cleanup(s.stop)
 			return s
@@ -54,7 +71,7 @@ func StartSentinel(t testing.TB) *Sentinel {
 	return nil
 }
 
-func startSentinel(server, dir string) (s *Sentinel, err error) {
+func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -76,8 +93,15 @@ func startSentinel(server, dir string) (s *Sentinel, err error) {
 	if err := master.waitReady(5 * time.Second); err != nil {
 		return s, err
 	}
-	replica, err := startNode(server, ports[1], filepath.Join(dir, "replica.log"), dir,
-		"--replicaof", "127.0.0.1", strconv.Itoa(ports[0]))
+	upstream := master.addr
+	if link {
+		if s.link, err = newReplLink(master.addr); err != nil {
+			return s, err
+		}
+		upstream = s.link.ln.Addr().String()
+	}
+	uhost, uport, _ := net.SplitHostPort(upstream)
+	replica, err := startNode(server, ports[1], filepath.Join(dir, "replica.log"), dir, "--replicaof", uhost, uport)
 	if err != nil {
 		return s, err
 	}
@@ -212,9 +236,84 @@ func (s *Sentinel) WaitFailover(old string, within time.Duration) (string, error
 	}
 }
 
+// HoldReplication stops the replication stream: from now on what the master writes does not
+// reach the replica (a replica that lags, or a link that stalls), and a failover loses it. Only
+// for a set-up from StartSentinelWithLink.
+func (s *Sentinel) HoldReplication() {
+	if s.link == nil {
+		panic("redistest: HoldReplication needs StartSentinelWithLink")
+	}
+	s.link.hold.Store(true)
+}
+
 func (s *Sentinel) stop() {
+	if s.link != nil {
+		s.link.close()
+	}
 	s.sentinel.stop()
 	for _, n := range s.nodes {
 		n.stop()
+	}
+}
+
+// replLink is a TCP proxy between the replica and the master that can stop passing the master's
+// replication stream on.
+type replLink struct {
+	ln     net.Listener
+	target string
+	hold   atomic.Bool
+	mu     sync.Mutex
+	conns  []net.Conn
+}
+
+func newReplLink(target string) (*replLink, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	l := &replLink{ln: ln, target: target}
+	go l.serve()
+	return l, nil
+}
+
+func (l *replLink) serve() {
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			return
+		}
+		m, err := net.Dial("tcp", l.target)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		l.mu.Lock()
+		l.conns = append(l.conns, c, m)
+		l.mu.Unlock()
+		go func() { io.Copy(m, c); m.Close() }() // the replica's acknowledgements and commands
+		go func() {                              // the master's replication stream
+			defer c.Close()
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := m.Read(buf)
+				if n > 0 && !l.hold.Load() {
+					if _, werr := c.Write(buf[:n]); werr != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+func (l *replLink) close() {
+	l.ln.Close()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.conns {
+		c.Close()
 	}
 }
