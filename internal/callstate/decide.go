@@ -151,6 +151,15 @@ func (d *decision) apply(ev Event) error {
 		d.established()
 		return nil
 
+	case EvAdopt:
+		// Graph has the call established, answered by callbot, whose record is gone (lost with
+		// Redis data: a failover, a crash within the AOF's second). Where the caller was is lost
+		// with it: the menu starts again, rather than leave them in a call nobody serves.
+		in := ev.Incoming
+		*c = Call{ID: in.GraphID, Tenant: in.TenantID, State: StateAnswering, Scenario: in.ScenarioID, CreatedAt: d.env.Now}
+		d.established()
+		return nil
+
 	case EvCallState:
 		switch {
 		case c.State == StateAnswering && ev.GraphState == graph.CallEstablished:

@@ -685,3 +685,18 @@ func TestToneWithoutSequenceKeepsLastTone(t *testing.T) {
 		t.Errorf("a repeat of the press with sequenceId 2, after one without: %v (LastTone %d), want ignored", err, c.LastTone)
 	}
 }
+
+// EvAdopt makes a record for a call Graph has established and callbot lost: the caller starts
+// the menu again. On a call callbot knows it changes nothing.
+func TestAdoptStartsTheMenuAgain(t *testing.T) {
+	env := testEnv(t)
+	in := &Incoming{GraphID: "g-1", TenantID: "t1", ScenarioID: "s"}
+	c, out, err := Decide(Call{}, Event{Kind: EvAdopt, Incoming: in}, env)
+	if err != nil || c.State != StateInMenu || c.ID != "g-1" || c.Tenant != "t1" || c.AnsweredAt.IsZero() ||
+		!slices.Equal(kinds(out)[:2], []string{"subscribeToTone", "playPrompt"}) {
+		t.Fatalf("adopt: %+v %v %v, want the menu from its start", c, kinds(out), err)
+	}
+	if _, _, err := Decide(c, Event{Kind: EvAdopt, Incoming: in}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("adopt of a call with a record: %v, want ignored", err)
+	}
+}

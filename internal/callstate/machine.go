@@ -92,6 +92,11 @@ type Machine struct {
 	// Superseded counts media commands not sent because a transfer decided after them took the
 	// caller's media first (queueGraph).
 	Superseded atomic.Int64
+	// Adopted counts calls Graph had established and callbot had no record of, taken back
+	// (adopt); adoptMu guards adoptSeen, when each call was last looked at for that.
+	Adopted   atomic.Int64
+	adoptMu   sync.Mutex
+	adoptSeen map[string]time.Time
 }
 
 // NewMachine returns a machine; Start runs its timers.
@@ -135,7 +140,11 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 				zap.String("resource", n.ResourceURL), zap.String("type", n.DataType), zap.String("change", string(n.ChangeType)))
 			continue
 		}
-		if _, err := m.Handle(ctx, tenant, graph.CallKey(n.CallID), ev); err != nil {
+		if _, err := m.handle(ctx, tenant, graph.CallKey(n.CallID), ev); err != nil {
+			if errors.Is(err, errUnknownCall) {
+				m.adopt(tenant, n.CallID, graph.ScenarioID(ctx), ev)
+				continue
+			}
 			if errors.Is(err, ErrInvalidTransition) {
 				m.cfg.Log.Error("broken invariant", zap.String("call_id", n.CallID), zap.Error(err))
 				continue
@@ -207,6 +216,68 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 	return Event{}, false
 }
 
+// adoptEvery is how often a call callbot has no record of is looked at again (adopt).
+const adoptEvery = 10 * time.Second
+
+// adopt takes back a call callbot has no record of, if Graph has it established with callbot in
+// it: its record was lost with Redis data (a failover that lost unreplicated writes, a crash
+// within the AOF's second), and its caller would otherwise wait in a call nobody serves. ev is
+// the event that found it unknown: only those of a call in callbot's IVR or queue count (a key
+// press, a prompt's end, established, a failed transfer); a call in a transfer or a conference
+// is left alone, as is a call in the middle of being created (incoming). Graph is asked on the
+// call's executor, off the webhook; a call is looked at once per adoptEvery.
+func (m *Machine) adopt(tenant, callID, scenario string, ev Event) {
+	switch ev.Kind {
+	case EvEstablished, EvTone, EvPromptDone, EvTransferFailed:
+	default:
+		return
+	}
+	if len(m.cfg.Tenants) > 0 && !slices.Contains(m.cfg.Tenants, tenant) {
+		return
+	}
+	key := graph.CallKey(callID)
+	now := m.cfg.Now()
+	m.adoptMu.Lock()
+	if t, ok := m.adoptSeen[key]; ok && now.Sub(t) < adoptEvery {
+		m.adoptMu.Unlock()
+		return
+	}
+	if m.adoptSeen == nil {
+		m.adoptSeen = map[string]time.Time{}
+	}
+	for k, t := range m.adoptSeen {
+		if now.Sub(t) >= adoptEvery {
+			delete(m.adoptSeen, k)
+		}
+	}
+	m.adoptSeen[key] = now
+	m.adoptMu.Unlock()
+	log := m.cfg.Log.With(zap.String("call_id", callID), zap.String("tenant_id", tenant), zap.Stringer("event", ev.Kind))
+	m.exec.do(key, func() {
+		ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), tenant), m.cfg.CommandTimeout)
+		defer cancel()
+		st, err := m.cfg.Control.GetCall(ctx, callID)
+		switch {
+		case err != nil:
+			log.Debug("notification of a call callbot does not know; Graph not read", zap.Error(err))
+			return
+		case st != graph.CallEstablished:
+			log.Debug("notification of a call callbot does not know, not established in Graph", zap.String("graph_state", string(st)))
+			return
+		}
+		ok, err := m.Handle(context.Background(), tenant, key, Event{Kind: EvAdopt,
+			Incoming: &Incoming{GraphID: callID, TenantID: tenant, ScenarioID: scenario}})
+		if err != nil {
+			log.Error("take back a call callbot had no record of", zap.Error(err))
+			return
+		}
+		if ok {
+			m.Adopted.Add(1)
+			log.Warn("call established in Graph had no record (lost with Redis data): taken back, its menu starts again")
+		}
+	})
+}
+
 // rosterEvent is the EvRoster of a roster, notified or read: its users' ids and its highest
 // rosterSequenceNumber.
 func rosterEvent(ps []graph.Participant) Event {
@@ -229,6 +300,18 @@ func rosterEvent(ps []graph.Participant) Event {
 // executor. Each kind is acknowledged when done; what an instance leaves unacknowledged (it
 // died) is re-driven by RunOutbox on any instance.
 func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) (bool, error) {
+	ok, err := m.handle(ctx, tenant, callKey, ev)
+	if errors.Is(err, errUnknownCall) {
+		return false, nil
+	}
+	return ok, err
+}
+
+// errUnknownCall: the event is for a call callbot has no record of (handle).
+var errUnknownCall = errors.New("unknown call")
+
+// handle is Handle, with errUnknownCall for an event of a call callbot has no record of.
+func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) (bool, error) {
 	// WithLazy: the fields are encoded only if something is logged, which on the hot path is rare.
 	log := m.cfg.Log.WithLazy(zap.String("call_id", callKey), zap.String("tenant_id", tenant), zap.Stringer("event", ev.Kind))
 	if s := graph.ScenarioID(ctx); s != "" {
@@ -237,7 +320,7 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 	for attempt := 0; attempt < 16; attempt++ {
 		var cur Call
 		fromCache := false
-		if ev.Kind != EvIncoming {
+		if ev.Kind != EvIncoming && ev.Kind != EvAdopt {
 			cached, ok := m.cache.get(callKey)
 			if ok && attempt == 0 {
 				cur, fromCache = cached, true
@@ -246,7 +329,7 @@ func (m *Machine) Handle(ctx context.Context, tenant, callKey string, ev Event) 
 				cur, err = m.cfg.Store.Get(ctx, callKey)
 				if errors.Is(err, ErrNotFound) {
 					log.Debug("event for unknown call ignored")
-					return false, nil
+					return false, errUnknownCall
 				}
 				if err != nil {
 					return false, err

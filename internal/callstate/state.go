@@ -70,10 +70,11 @@ const (
 	EvInviteDone                            // Graph: the invite operation finished (Failed: the agent did not join)
 	EvRoster                                // Graph: the call's participants changed (Participants, Seq)
 	EvTransferring                          // Graph: state transferring (it took the transfer request)
+	EvAdopt                                 // a call Graph has established but callbot has no record of (lost with Redis data): the menu starts again (Incoming)
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
-	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring"}
+	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring", "adopt"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {

@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -555,5 +556,51 @@ func TestPeerToPeerRosterMeansTheAgentHasNotJoined(t *testing.T) {
 	r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
 	if c, _ = r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.Agent != "" {
 		t.Errorf("declined invite, roster refused as peer-to-peer: %s agent %q, want back in the queue", c.State, c.Agent)
+	}
+}
+
+// A call Graph has established whose record is gone (lost with Redis data: a failover that lost
+// unreplicated writes, a crash within the AOF's second): its notifications were ignored as being
+// for an unknown call, and the caller waited in a call nobody served. callbot now asks Graph
+// and, the call being established, takes it back: the menu starts again. Once per call per
+// adoptEvery, and not for a call Graph no longer has, nor for events of a transfer or a
+// conference.
+func TestCallWithoutARecordIsTakenBack(t *testing.T) {
+	g, q := &fakeGraph{}, &fakeQueues{}
+	m, store := newMachine(t, g, q)
+	id := "8a1b2c3d-0000-4000-8000-00000000a0a0"
+	tone := `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":3,"tone":"tone1"}}`
+	notify(t, m, note("updated", id, tone))
+	c, err := store.Get(context.Background(), graph.CallKey(id))
+	if err != nil || c.State != callstate.StateInMenu || c.Tenant != "tenant-1" || c.ID != id {
+		t.Fatalf("a key press of a call with no record, established in Graph: %+v %v; want the call taken back in its menu", c, err)
+	}
+	if got := g.log(); !slices.Equal(got, []string{"get", "subscribeToTone", "playPrompt menu"}) {
+		t.Errorf("graph commands %v, want the call read, then tones subscribed and the menu played", got)
+	}
+	if n := m.Adopted.Load(); n != 1 {
+		t.Errorf("Adopted = %d, want 1", n)
+	}
+	notify(t, m, note("updated", id, tone)) // known now: a repeat changes nothing
+	if n := countPrefix(g.log(), "get"); n != 1 {
+		t.Errorf("Graph read %d times, want once", n)
+	}
+
+	gone := "8a1b2c3d-0000-4000-8000-00000000b0b0"
+	g.mu.Lock()
+	g.state = "gone"
+	g.mu.Unlock()
+	notify(t, m, note("updated", gone, tone))
+	notify(t, m, note("updated", gone, tone)) // within adoptEvery: not asked again
+	if _, err := store.Get(context.Background(), graph.CallKey(gone)); !errors.Is(err, callstate.ErrNotFound) {
+		t.Errorf("a call Graph no longer has: %v, want no record", err)
+	}
+	if n := countPrefix(g.log(), "get"); n != 2 {
+		t.Errorf("Graph read %d times in all, want 2 (the second call once)", n)
+	}
+	roster := `[{"@odata.type":"#microsoft.graph.participant","id":"p","info":{"identity":{"user":{"id":"agent-b"}}}}]`
+	notify(t, m, `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"updated","resourceUrl":"/communications/calls/8a1b2c3d-0000-4000-8000-00000000c0c0/participants","resourceData":`+roster+`}]}`)
+	if n := countPrefix(g.log(), "get"); n != 2 {
+		t.Errorf("a roster of an unknown call (a conference) made Graph be read: %v", g.log())
 	}
 }

@@ -12,6 +12,7 @@ type Transition struct {
 // EvEnded from any non-terminal state is added by legal(); terminated stays terminated.
 var Transitions = []Transition{
 	{StateNone, EvIncoming, StateAnswering},
+	{StateNone, EvAdopt, StateInMenu}, // a call whose record was lost: its caller starts the menu again
 
 	{StateAnswering, EvEstablished, StateInMenu},
 	{StateAnswering, EvCommandFailed, StateTerminated}, // answer refused by Graph
