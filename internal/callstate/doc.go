@@ -57,6 +57,12 @@
 // transfer ahead of the hold music. Media commands a transfer decided after them makes moot (the
 // transfer takes the caller's media) are not sent at all.
 //
+// Redis data can be lost (a failover that loses unreplicated writes, a host crash within the AOF's
+// second). A call whose record is gone is taken back when its next notification comes, if Graph
+// has it established (EvAdopt: its menu starts again). With Store.WaitForReplicas a change is
+// acknowledged only once the replicas have it (a WAIT in the write's round trip; Store.Sync for a
+// notification delivered again whose change the master already has), so a failover loses none.
+//
 // The hot path is built for few round trips: each instance caches the records it saved, and
 // ignores on the cached copy an event no later version could take (Stale); a save carries its
 // timers, outbox-index entry and harmless queue writes in its own pipeline; acknowledgements go

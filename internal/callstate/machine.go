@@ -353,6 +353,12 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 		}
 		if errors.Is(err, ErrIgnored) {
 			log.Debug("event ignored", zap.Stringer("state", cur.State))
+			if !fromCache {
+				// The record read may hold a change refused as unreplicated, this event's own
+				// (delivered again): acknowledge it only once the replicas have it. A cached record
+				// was written with its replicas' acknowledgement.
+				return false, m.cfg.Store.Sync(ctx)
+			}
 			return false, nil
 		}
 		if err != nil {
@@ -406,7 +412,7 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			if errors.Is(err, ErrExists) {
 				m.exec.fill(execKey, slot, nil)
 				log.Debug("repeated incoming notification ignored")
-				return false, nil
+				return false, m.cfg.Store.Sync(ctx) // the record may be one refused as unreplicated
 			}
 		} else {
 			err = m.cfg.Store.SaveWith(ctx, &next, w)

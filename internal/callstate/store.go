@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -49,9 +50,12 @@ type Store struct {
 	// replicas a record write waits for (WAIT), and for how long; 0: none
 	replicas       int
 	replicaTimeout time.Duration
-	// connected is how many replicas the master had at the last look (WatchReplicas), -1
-	// before the first: a write waits for no more than that
-	connected atomic.Int64
+	// counted is how many replicas a write waits for at most, -1 before the first look
+	// (WatchReplicas): the most the current master (replid) has had connected
+	counted atomic.Int64
+	replMu  sync.Mutex
+	replid  string
+	peak    int64
 	// Unreplicated counts record writes that returned ErrNotReplicated.
 	Unreplicated atomic.Int64
 }
@@ -59,17 +63,19 @@ type Store struct {
 // WaitForReplicas makes every write of a call record wait until n replicas have it (WAIT n, in
 // the write's own round trip, so it covers everything written before it too: Redis replicates
 // one ordered stream); a write they do not acknowledge within timeout returns ErrNotReplicated.
-// A write waits for no more replicas than the master has connected (WatchReplicas): a master
-// with none (after a failover that left the promoted replica alone) cannot be failed over from,
-// so waiting would only stop callbot. For a standalone master with replicas, or Sentinel: not on
-// Redis Cluster, where a record and its index entries live on different masters.
+// A write waits for no more replicas than the current master has had connected (WatchReplicas
+// counts them per master_replid, which a promotion changes): a replica that drops off for a
+// moment still counts, since Sentinel would still promote it, so writes are refused until it is
+// back; a promoted master that is alone has no replica to fail over to and is not waited on. For
+// a standalone master with replicas, or Sentinel: not on Redis Cluster, where a record and its
+// index entries live on different masters.
 func (s *Store) WaitForReplicas(n int, timeout time.Duration) {
 	s.replicas, s.replicaTimeout = n, timeout
-	s.connected.Store(-1)
+	s.counted.Store(-1)
 }
 
-// WatchReplicas reads how many replicas the master has connected (INFO replication) every
-// interval until ctx ends, for WaitForReplicas. A failed read keeps the last count.
+// WatchReplicas looks at the master's replicas (INFO replication) every interval until ctx
+// ends, for WaitForReplicas. A failed look keeps the last count.
 func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
 	if s.replicas == 0 {
 		return
@@ -78,13 +84,8 @@ func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
 	defer t.Stop()
 	for {
 		rctx, cancel := context.WithTimeout(ctx, every)
-		info, err := s.rdb.Info(rctx, "replication").Result()
+		s.lookAtReplicas(rctx)
 		cancel()
-		if err == nil {
-			if n, ok := connectedReplicas(info); ok {
-				s.connected.Store(int64(n))
-			}
-		}
 		select {
 		case <-ctx.Done():
 			return
@@ -93,24 +94,94 @@ func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
 	}
 }
 
-// ConnectedReplicas is how many replicas the master had at the last look; -1 before the first.
-func (s *Store) ConnectedReplicas() int64 { return s.connected.Load() }
+// lookAtReplicas reads the master's replication id and connected replicas, and counts the most
+// replicas the master has had. It reports whether it could read them.
+func (s *Store) lookAtReplicas(ctx context.Context) bool {
+	info, err := s.rdb.Info(ctx, "replication").Result()
+	if err != nil {
+		return false
+	}
+	id, n, ok := replicationInfo(info)
+	if !ok {
+		return false
+	}
+	s.replMu.Lock()
+	defer s.replMu.Unlock()
+	if id != s.replid {
+		s.replid, s.peak = id, 0 // another master (a promotion), or one restarted without its data
+	}
+	s.peak = max(s.peak, int64(n))
+	s.counted.Store(s.peak)
+	return true
+}
 
-// connectedReplicas reads connected_slaves from INFO replication.
-func connectedReplicas(info string) (int, bool) {
+// ConnectedReplicas is how many replicas a write waits for at most: the most the current master
+// has had connected; -1 before the first look.
+func (s *Store) ConnectedReplicas() int64 { return s.counted.Load() }
+
+// replicationInfo reads master_replid and connected_slaves from INFO replication.
+func replicationInfo(info string) (replid string, connected int, ok bool) {
+	found := 0
 	for _, line := range strings.Split(info, "\n") {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "connected_slaves:"); ok {
+		line = strings.TrimSpace(line)
+		if v, ok := strings.CutPrefix(line, "connected_slaves:"); ok {
 			n, err := strconv.Atoi(v)
-			return n, err == nil
+			if err != nil {
+				return "", 0, false
+			}
+			connected = n
+			found++
+		}
+		if v, ok := strings.CutPrefix(line, "master_replid:"); ok {
+			replid = v
+			found++
 		}
 	}
-	return 0, false
+	return replid, connected, found == 2
+}
+
+// replicated checks the answer to a WAIT for need replicas. A short one is looked at again:
+// the write may have gone to a master promoted since the last look, alone (nothing to fail over
+// to, so nothing to wait for).
+func (s *Store) replicated(ctx context.Context, wait *redis.Cmd, need int) error {
+	got, err := wait.Int64()
+	if err == nil && got >= int64(need) {
+		return nil
+	}
+	if err == nil && s.lookAtReplicas(ctx) && got >= int64(s.replicasToWait()) {
+		return nil
+	}
+	s.Unreplicated.Add(1)
+	return fmt.Errorf("%w: %d of %d within %s (%v)", ErrNotReplicated, got, need, s.replicaTimeout, err)
+}
+
+// Sync waits until the replicas a write waits for have everything the master has, for a change
+// callbot acknowledges without writing it: a notification delivered again after its change was
+// refused as unreplicated finds the change on the master (a repeated incoming, an ignored event)
+// and would be acknowledged while no replica has it. A write of its own on the same connection
+// (a key of the store's) makes the WAIT cover the master's whole stream so far. ErrNotReplicated
+// as for a write; nil at once when the store waits for no replica.
+func (s *Store) Sync(ctx context.Context) error {
+	need := s.replicasToWait()
+	if need == 0 {
+		return nil
+	}
+	var wait *redis.Cmd
+	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.Set(ctx, s.prefix+":{sync}", 1, time.Minute)
+		wait = p.Do(ctx, "WAIT", need, s.replicaTimeout.Milliseconds())
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return s.replicated(ctx, wait, need)
 }
 
 // replicasToWait is how many replicas a write waits for now.
 func (s *Store) replicasToWait() int {
 	n := int64(s.replicas)
-	if c := s.connected.Load(); c >= 0 {
+	if c := s.counted.Load(); c >= 0 {
 		n = min(n, c)
 	}
 	return int(n)
@@ -279,11 +350,7 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		if err != nil || n != 1 || wait == nil {
 			return n, err
 		}
-		if got, werr := wait.Int64(); werr != nil || got < int64(need) {
-			s.Unreplicated.Add(1)
-			return n, fmt.Errorf("%w: %d of %d within %s (%v)", ErrNotReplicated, got, need, s.replicaTimeout, werr)
-		}
-		return n, nil
+		return n, s.replicated(ctx, wait, need)
 	}
 }
 

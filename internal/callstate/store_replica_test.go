@@ -3,11 +3,15 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zaptest"
+
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -74,5 +78,194 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: not within 10s", what)
 		}
+	}
+}
+
+// replicatedMachine is a machine whose store waits for one replica (200 ms), on a Sentinel
+// set-up whose replication link the test can stall.
+func replicatedMachine(t *testing.T, prefix string) (*redistest.Sentinel, *callstate.Machine, *callstate.Store) {
+	t.Helper()
+	s := redistest.StartSentinelWithLink(t)
+	rdb := s.Client(t)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := callstate.NewStore(rdb, prefix)
+	store.WaitForReplicas(1, 200*time.Millisecond)
+	ctx, stop := context.WithCancel(context.Background())
+	watched := make(chan struct{})
+	go func() { store.WatchReplicas(ctx, 50*time.Millisecond); close(watched) }()
+	t.Cleanup(func() { stop(); <-watched })
+	waitFor(t, "the replica counted", func() bool { return store.ConnectedReplicas() == 1 })
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, prefix), Control: &fakeGraph{},
+		Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	t.Cleanup(m.Wait)
+	return s, m, store
+}
+
+// deliver applies a notification as the webhook does: nil is a 202.
+func deliver(m *callstate.Machine, payload string) error {
+	ns, err := graph.Decode([]byte(payload))
+	if err != nil {
+		return err
+	}
+	err = m.Notify(context.Background(), "tenant-1", ns)
+	m.Wait()
+	return err
+}
+
+// A notification refused as unreplicated (503) is delivered again by Graph. Its change is on the
+// master already, so the redelivery finds nothing to do (a repeated incoming; a repeated key
+// press): it was acknowledged without waiting for the replica, which still did not have the
+// change, and the failover lost what callbot had acknowledged. It is acknowledged now only once
+// the replica has it (Store.Sync).
+func TestRedeliveryOfAnUnreplicatedChangeWaitsForTheReplica(t *testing.T) {
+	s, m, store := replicatedMachine(t, "rv1")
+	ctx := context.Background()
+	const old, fresh = "c-old", "c-new"
+	if err := deliver(m, note("created", old, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := deliver(m, note("updated", old, `{"@odata.type":"#microsoft.graph.call","state":"established"}`)); err != nil {
+		t.Fatal(err)
+	}
+	s.HoldReplication()
+
+	incoming := note("created", fresh, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)
+	if err := deliver(m, incoming); err == nil {
+		t.Fatal("incoming with the replica stalled was acknowledged")
+	}
+	incomingAgain := deliver(m, incoming) // Graph delivers the 503'd notification again
+	if incomingAgain == nil {
+		t.Errorf("the redelivered incoming was acknowledged (202) though no replica has the call")
+	}
+	tone := note("updated", old, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)
+	if err := deliver(m, tone); err == nil {
+		t.Fatal("tone with the replica stalled was acknowledged")
+	}
+	toneAgain := deliver(m, tone)
+	if toneAgain == nil {
+		t.Errorf("the redelivered key press was acknowledged (202) though no replica has it")
+	}
+
+	// what the acknowledgements were worth: the master dies, the replica is promoted
+	addr, err := s.KillMaster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.WaitFailover(addr, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		gotNew error
+		gotOld callstate.Call
+	)
+	waitFor(t, "the promoted master read", func() bool {
+		_, gotNew = store.Get(ctx, graph.CallKey(fresh))
+		var e error
+		gotOld, e = store.Get(ctx, graph.CallKey(old))
+		return e == nil
+	})
+	if incomingAgain == nil && errors.Is(gotNew, callstate.ErrNotFound) {
+		t.Errorf("after the failover the acknowledged incoming call %s has no record", fresh)
+	}
+	if toneAgain == nil && gotOld.State != callstate.StateQueued {
+		t.Errorf("after the failover the call whose key press was acknowledged is %s, want queued", gotOld.State)
+	}
+}
+
+// A replica whose link drops (a network blip, a replica restart) leaves the master with
+// connected_slaves 0 for a moment. Counting that as "no replica" let writes stop waiting, but
+// Sentinel still promotes that replica when the master dies: what callbot acknowledged meanwhile
+// was lost. The most replicas the master has had still count.
+func TestAReplicaBrieflyDisconnectedStillCounts(t *testing.T) {
+	s, m, store := replicatedMachine(t, "rv2")
+	ctx := context.Background()
+	const id = "c-blip"
+	if err := deliver(m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := deliver(m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`)); err != nil {
+		t.Fatal(err)
+	}
+	// the link drops and does not come back at once (the replica's reconnection stalls)
+	s.HoldReplication()
+	rdb := s.Client(t)
+	if err := rdb.Do(ctx, "CLIENT", "KILL", "TYPE", "replica").Err(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the master's replica gone from INFO", func() bool {
+		info, err := rdb.Info(ctx, "replication").Result()
+		return err == nil && strings.Contains(info, "connected_slaves:0")
+	})
+	time.Sleep(200 * time.Millisecond) // WatchReplicas (every 50 ms) has looked since
+	if n := store.ConnectedReplicas(); n != 1 {
+		t.Errorf("replicas counted with the replica off for a moment: %d, want 1", n)
+	}
+	tone := note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)
+	acked := deliver(m, tone) == nil
+
+	addr, err := s.KillMaster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	promoted, err := s.WaitFailover(addr, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c callstate.Call
+	waitFor(t, "the promoted master read", func() bool {
+		var e error
+		c, e = store.Get(ctx, graph.CallKey(id))
+		return e == nil
+	})
+	if acked && c.State != callstate.StateQueued {
+		t.Errorf("the replica %s was promoted, and the acknowledged key press is lost: the call is %s, want queued", promoted, c.State)
+	}
+}
+
+// The count of replicas read from the old master outlived it: after the promotion, writes on the
+// lone new master waited for a replica it does not have, and were refused until the next look.
+// A short WAIT now looks again at once.
+func TestPromotedMasterServedAtOnce(t *testing.T) {
+	s := redistest.StartSentinel(t)
+	ctx := context.Background()
+	store := callstate.NewStore(s.Client(t), "st")
+	store.WaitForReplicas(1, 100*time.Millisecond)
+	wctx, stop := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() { store.WatchReplicas(wctx, time.Second); close(watched) }() // as callbot serve does
+	t.Cleanup(func() { stop(); <-watched })
+	waitFor(t, "the replica counted", func() bool { return store.ConnectedReplicas() == 1 })
+	c := callstate.Call{ID: "c-stale", Tenant: "t1", State: callstate.StateAnswering}
+	if err := store.Create(ctx, &c, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	old, err := s.KillMaster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.WaitFailover(old, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	refused := 0
+	for t0 := time.Now(); time.Since(t0) < 5*time.Second; {
+		got, err := store.Get(ctx, graph.CallKey(c.ID))
+		if err != nil {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		got.State = callstate.StateInMenu
+		err = store.Save(ctx, &got, time.Time{})
+		if err == nil {
+			break
+		}
+		if errors.Is(err, callstate.ErrNotReplicated) {
+			refused++
+		}
+	}
+	if refused > 0 {
+		t.Errorf("%d saves on the promoted master (no replica) refused as unreplicated: the count was the old master's", refused)
 	}
 }
