@@ -59,7 +59,7 @@
 //
 // Redis data can be lost (a failover that loses unreplicated writes, a host crash within the AOF's
 // second). A call whose record is gone is taken back when its next notification comes, if Graph
-// has it established (EvAdopt: its menu starts again). With Store.WaitForReplicas a change is
+// has it established with the caller alone with callbot (EvAdopt: its menu starts again). With Store.WaitForReplicas a change is
 // acknowledged only once the replicas have it (a WAIT in the write's round trip; Store.Sync for a
 // notification delivered again whose change the master already has), so a failover loses none.
 //

@@ -265,17 +265,49 @@ func (m *Machine) adopt(tenant, callID, scenario string, ev Event) {
 			log.Debug("notification of a call callbot does not know, not established in Graph", zap.String("graph_state", string(st)))
 			return
 		}
+		// A conference (an invited agent talking to the caller, callbot in the call) must not
+		// get the menu played over it: only a call of the caller and callbot alone is taken
+		// back (Graph lists no participants of a peer-to-peer call).
+		ps, err := m.cfg.Control.Participants(ctx, callID)
+		switch {
+		case peerToPeer(err):
+		case err != nil:
+			log.Debug("notification of a call callbot does not know; its participants not read", zap.Error(err))
+			return
+		case people(ps) > 1:
+			log.Warn("call established in Graph had no record, but others are in it with the caller: left alone", zap.Int("participants", len(ps)))
+			return
+		}
 		ok, err := m.Handle(context.Background(), tenant, key, Event{Kind: EvAdopt,
 			Incoming: &Incoming{GraphID: callID, TenantID: tenant, ScenarioID: scenario}})
 		if err != nil {
 			log.Error("take back a call callbot had no record of", zap.Error(err))
 			return
 		}
-		if ok {
-			m.Adopted.Add(1)
-			log.Warn("call established in Graph had no record (lost with Redis data): taken back, its menu starts again")
+		if !ok {
+			return
+		}
+		m.Adopted.Add(1)
+		log.Warn("call established in Graph had no record (lost with Redis data): taken back, its menu starts again")
+		if ev.Kind == EvTone {
+			// the key press that found the call unknown is the caller's latest choice: the new
+			// menu takes it (a menu key, or a barge-in that replays the menu)
+			if _, err := m.Handle(context.Background(), tenant, key, ev); err != nil {
+				log.Warn("apply the key press to the call taken back", zap.Error(err))
+			}
 		}
 	})
+}
+
+// people counts the participants that are not applications (callbot, other bots).
+func people(ps []graph.Participant) int {
+	n := 0
+	for _, p := range ps {
+		if id := p.Info.Identity; id.Application == nil && id.ApplicationInstance == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // rosterEvent is the EvRoster of a roster, notified or read: its users' ids and its highest

@@ -572,18 +572,19 @@ func TestCallWithoutARecordIsTakenBack(t *testing.T) {
 	tone := `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":3,"tone":"tone1"}}`
 	notify(t, m, note("updated", id, tone))
 	c, err := store.Get(context.Background(), graph.CallKey(id))
-	if err != nil || c.State != callstate.StateInMenu || c.Tenant != "tenant-1" || c.ID != id {
-		t.Fatalf("a key press of a call with no record, established in Graph: %+v %v; want the call taken back in its menu", c, err)
+	if err != nil || c.State != callstate.StateQueued || c.Tenant != "tenant-1" || c.ID != id {
+		t.Fatalf("a key press (1: the queue) of a call with no record, established in Graph: %+v %v; want the call taken back, and the key press applied to its new menu", c, err)
 	}
-	if got := g.log(); !slices.Equal(got, []string{"get", "subscribeToTone", "playPrompt menu"}) {
-		t.Errorf("graph commands %v, want the call read, then tones subscribed and the menu played", got)
+	want := []string{"get", "participants", "subscribeToTone", "playPrompt menu", "cancelMediaProcessing", "playPrompt hold"}
+	if got := g.log(); !slices.Equal(got, want) {
+		t.Errorf("graph commands %v, want %v: the call and its participants read, tones subscribed, the menu started, then the key press", got, want)
 	}
 	if n := m.Adopted.Load(); n != 1 {
 		t.Errorf("Adopted = %d, want 1", n)
 	}
 	notify(t, m, note("updated", id, tone)) // known now: a repeat changes nothing
-	if n := countPrefix(g.log(), "get"); n != 1 {
-		t.Errorf("Graph read %d times, want once", n)
+	if got := g.log(); len(got) != len(want) {
+		t.Errorf("a repeat of the key press: %v", got[len(want):])
 	}
 
 	gone := "8a1b2c3d-0000-4000-8000-00000000b0b0"
@@ -598,9 +599,22 @@ func TestCallWithoutARecordIsTakenBack(t *testing.T) {
 	if n := countPrefix(g.log(), "get"); n != 2 {
 		t.Errorf("Graph read %d times in all, want 2 (the second call once)", n)
 	}
+	// A conference (an invited agent with the caller): the menu must not play over it.
+	g.mu.Lock()
+	g.state = ""
+	g.mu.Unlock()
+	g.setUsers("caller", "agent-b")
+	conf := "8a1b2c3d-0000-4000-8000-00000000d0d0"
+	notify(t, m, note("updated", conf, tone))
+	if _, err := store.Get(context.Background(), graph.CallKey(conf)); !errors.Is(err, callstate.ErrNotFound) {
+		t.Errorf("a conference with no record was taken back (its menu played over the conversation): %v", err)
+	}
+	if n := countPrefix(g.log(), "subscribeToTone"); n != 1 {
+		t.Errorf("commands %v: a second call was taken back", g.log())
+	}
 	roster := `[{"@odata.type":"#microsoft.graph.participant","id":"p","info":{"identity":{"user":{"id":"agent-b"}}}}]`
 	notify(t, m, `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"updated","resourceUrl":"/communications/calls/8a1b2c3d-0000-4000-8000-00000000c0c0/participants","resourceData":`+roster+`}]}`)
-	if n := countPrefix(g.log(), "get"); n != 2 {
+	if n := countPrefix(g.log(), "get"); n != 3 {
 		t.Errorf("a roster of an unknown call (a conference) made Graph be read: %v", g.log())
 	}
 }
