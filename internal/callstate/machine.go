@@ -256,10 +256,19 @@ func (m *Machine) adopt(tenant, callID, scenario string, ev Event) {
 	m.exec.do(key, func() {
 		ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), tenant), m.cfg.CommandTimeout)
 		defer cancel()
+		retry := func() { // Graph could not be read: the call's next notification asks again
+			m.adoptMu.Lock()
+			delete(m.adoptSeen, key)
+			m.adoptMu.Unlock()
+		}
 		st, err := m.cfg.Control.GetCall(ctx, callID)
 		switch {
+		case err != nil && !errors.Is(err, graph.ErrCallGone):
+			log.Warn("notification of a call callbot does not know; Graph not read", zap.Error(err))
+			retry()
+			return
 		case err != nil:
-			log.Debug("notification of a call callbot does not know; Graph not read", zap.Error(err))
+			log.Debug("notification of a call callbot does not know, gone from Graph")
 			return
 		case st != graph.CallEstablished:
 			log.Debug("notification of a call callbot does not know, not established in Graph", zap.String("graph_state", string(st)))
@@ -272,7 +281,8 @@ func (m *Machine) adopt(tenant, callID, scenario string, ev Event) {
 		switch {
 		case peerToPeer(err):
 		case err != nil:
-			log.Debug("notification of a call callbot does not know; its participants not read", zap.Error(err))
+			log.Warn("notification of a call callbot does not know; its participants not read", zap.Error(err))
+			retry()
 			return
 		case people(ps) > 1:
 			log.Warn("call established in Graph had no record, but others are in it with the caller: left alone", zap.Int("participants", len(ps)))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -616,5 +617,70 @@ func TestCallWithoutARecordIsTakenBack(t *testing.T) {
 	notify(t, m, `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"updated","resourceUrl":"/communications/calls/8a1b2c3d-0000-4000-8000-00000000c0c0/participants","resourceData":`+roster+`}]}`)
 	if n := countPrefix(g.log(), "get"); n != 3 {
 		t.Errorf("a roster of an unknown call (a conference) made Graph be read: %v", g.log())
+	}
+}
+
+// A call taken back starts its tokens above any its lost record drew: another instance that
+// still caches the lost record (it handled an earlier event of the call) ignored the new menu's
+// end and its no-input timer as past ones (Stale), and the caller heard the menu once, then
+// silence.
+func TestAdoptedCallIsNotIgnoredByAnotherInstancesCache(t *testing.T) {
+	r := newRig(t, &fakeGraph{}, "ra") // instance A
+	flow, err := ivr.Parse([]byte(handoffFlowYAML), "r.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(r.rdb, "ra"), Timers: callstate.NewTimers(r.rdb, "ra"),
+		Control: &fakeGraph{}, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	t.Cleanup(b.Wait)
+	ctx := context.Background()
+	id := "c-cached"
+	key := graph.CallKey(id)
+	must(t, b, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	must(t, b, id, callstate.Event{Kind: callstate.EvEstablished})
+	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 1}) // invalid key: the menu again
+	b.Wait()
+	if err := r.rdb.Del(ctx, "ra:{call:"+key+"}").Err(); err != nil { // lost with Redis data; B still caches it
+		t.Fatal(err)
+	}
+	ns, err := graph.Decode([]byte(note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":2,"tone":"tone7"}}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.m.Notify(ctx, "t1", ns); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Wait()
+	c, err := r.store.Get(ctx, key)
+	if err != nil || c.State != callstate.StateInMenu || c.PromptCtx == "" || r.m.Adopted.Load() != 1 {
+		t.Fatalf("taken back on A: %+v %v (adopted %d)", c, err, r.m.Adopted.Load())
+	}
+	// the new menu prompt ends; Graph's notification lands on B
+	must(t, b, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx})
+	if got, _ := r.store.Get(ctx, key); got.PromptCtx != "" {
+		t.Errorf("the new menu's end, on B: PromptCtx still %q, want it applied", got.PromptCtx)
+	}
+	c, _ = r.store.Get(ctx, key)
+	if !must(t, b, id, callstate.Event{Kind: callstate.EvTimeout, Timer: callstate.TimerMenu, TimerToken: c.Timers[callstate.TimerMenu]}) {
+		t.Errorf("the new menu's no-input timer, on B: ignored, want the menu replayed")
+	}
+}
+
+// Graph could not be read about a call with no record: the call's next notification asks again
+// at once, rather than after adoptEvery (a caller waiting in the menu sends few).
+func TestFailedReadOfAnUnknownCallIsAskedAgain(t *testing.T) {
+	g := &fakeGraph{fail: map[string]error{"get": &graph.Error{Op: "getCall", Status: 503}}}
+	m, store := newMachine(t, g, &fakeQueues{})
+	id := "8a1b2c3d-0000-4000-8000-00000000e0e0"
+	press := func(seq int) {
+		notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":`+strconv.Itoa(seq)+`,"tone":"tone1"}}`))
+	}
+	press(1)
+	g.mu.Lock()
+	g.fail = nil
+	g.mu.Unlock()
+	press(2)
+	if c, err := store.Get(context.Background(), graph.CallKey(id)); err != nil || m.Adopted.Load() != 1 {
+		t.Errorf("after a failed read, the next key press: %+v %v (adopted %d), want the call taken back", c, err, m.Adopted.Load())
 	}
 }
