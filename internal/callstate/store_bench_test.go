@@ -29,13 +29,7 @@ func BenchmarkSaveReplicated(b *testing.B) {
 			store := callstate.NewStore(s.Client(b), fmt.Sprintf("bench%d", wait))
 			if wait > 0 {
 				store.WaitForReplicas(wait, 100*time.Millisecond)
-				ctx, stop := context.WithCancel(context.Background())
-				done := make(chan struct{})
-				go func() { store.WatchReplicas(ctx, 100*time.Millisecond); close(done) }()
-				defer func() { stop(); <-done }()
-				for store.ConnectedReplicas() != 1 {
-					time.Sleep(10 * time.Millisecond)
-				}
+				watchReplicas(b, store, 100*time.Millisecond)
 			}
 			benchSaves(b, store)
 		})

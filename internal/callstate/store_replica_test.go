@@ -24,11 +24,7 @@ func TestWritesWaitForTheReplica(t *testing.T) {
 	ctx := context.Background()
 	store := callstate.NewStore(s.Client(t), "wr")
 	store.WaitForReplicas(1, 200*time.Millisecond)
-	wctx, stop := context.WithCancel(ctx)
-	watched := make(chan struct{})
-	go func() { store.WatchReplicas(wctx, 50*time.Millisecond); close(watched) }()
-	t.Cleanup(func() { stop(); <-watched })
-	waitFor(t, "the replica counted", func() bool { return store.ConnectedReplicas() == 1 })
+	watchReplicas(t, store, 50*time.Millisecond)
 	c := callstate.Call{ID: "c-repl", Tenant: "t1", State: callstate.StateAnswering}
 	if err := store.Create(ctx, &c, time.Time{}); err != nil {
 		t.Fatalf("create with the replica in sync: %v", err)
@@ -72,7 +68,18 @@ func TestWritesWaitForTheReplica(t *testing.T) {
 	}
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+// watchReplicas runs store.WatchReplicas every interval until the test ends, and waits until it
+// has counted the set-up's replica.
+func watchReplicas(t testing.TB, store *callstate.Store, every time.Duration) {
+	t.Helper()
+	ctx, stop := context.WithCancel(context.Background())
+	watched := make(chan struct{})
+	go func() { store.WatchReplicas(ctx, every); close(watched) }()
+	t.Cleanup(func() { stop(); <-watched })
+	waitFor(t, "the replica counted", func() bool { return store.ConnectedReplicas() == 1 })
+}
+
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -93,11 +100,7 @@ func replicatedMachine(t *testing.T, prefix string) (*redistest.Sentinel, *calls
 	}
 	store := callstate.NewStore(rdb, prefix)
 	store.WaitForReplicas(1, 200*time.Millisecond)
-	ctx, stop := context.WithCancel(context.Background())
-	watched := make(chan struct{})
-	go func() { store.WatchReplicas(ctx, 50*time.Millisecond); close(watched) }()
-	t.Cleanup(func() { stop(); <-watched })
-	waitFor(t, "the replica counted", func() bool { return store.ConnectedReplicas() == 1 })
+	watchReplicas(t, store, 50*time.Millisecond)
 	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, prefix), Control: &fakeGraph{},
 		Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
 	t.Cleanup(m.Wait)
@@ -233,11 +236,7 @@ func TestPromotedMasterServedAtOnce(t *testing.T) {
 	ctx := context.Background()
 	store := callstate.NewStore(s.Client(t), "st")
 	store.WaitForReplicas(1, 100*time.Millisecond)
-	wctx, stop := context.WithCancel(ctx)
-	watched := make(chan struct{})
-	go func() { store.WatchReplicas(wctx, time.Second); close(watched) }() // as callbot serve does
-	t.Cleanup(func() { stop(); <-watched })
-	waitFor(t, "the replica counted", func() bool { return store.ConnectedReplicas() == 1 })
+	watchReplicas(t, store, time.Second) // as callbot serve does
 	c := callstate.Call{ID: "c-stale", Tenant: "t1", State: callstate.StateAnswering}
 	if err := store.Create(ctx, &c, time.Time{}); err != nil {
 		t.Fatal(err)
