@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -40,18 +41,22 @@ func startProc(path, addr, logfile string, args ...string) (*node, error) {
 	return n, nil
 }
 
-// waitReady waits until the node answers PING. A process that exits (a port taken since it
-// was picked) is reported at once, with the end of its log.
+// waitReady waits until the node answers PING, as this process (INFO's process_id: another
+// redis-server that took the port since it was picked answers PING too). A process that exits
+// (the port taken) is reported at once, with the end of its log.
 func (n *node) waitReady(within time.Duration) error {
 	deadline := time.Now().Add(within)
 	c := redis.NewClient(&redis.Options{Addr: n.addr, MaxRetries: -1})
 	defer c.Close()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		err := c.Ping(ctx).Err()
+		info, err := c.Info(ctx, "server").Result()
 		cancel()
 		if err == nil {
-			return nil
+			if pid := infoValue(info, "process_id"); pid == strconv.Itoa(n.cmd.Process.Pid) {
+				return nil
+			}
+			err = fmt.Errorf("another redis-server answers on %s", n.addr)
 		}
 		select {
 		case <-n.exited:
@@ -76,4 +81,14 @@ func (n *node) stop() {
 	}
 	n.cmd.Process.Kill()
 	<-n.exited
+}
+
+// infoValue is the value of field in an INFO reply, "" if absent.
+func infoValue(info, field string) string {
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), field+":"); ok {
+			return v
+		}
+	}
+	return ""
 }
