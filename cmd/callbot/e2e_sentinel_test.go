@@ -62,7 +62,6 @@ func TestE2ESentinelFailover(t *testing.T) {
 	waitMetric(t, w, "callbot_redis_replicas 1")
 	waiting := w.call(t, graphsim.CallerSpec{Digits: "1"})
 	ctx := context.Background()
-	rdb := s.Client(t)
 	deadline := time.Now().Add(10 * time.Second)
 	for !slices.Contains(waiting.Result().Prompts, "https://media.test/hold.wav") { // queued
 		if time.Now().After(deadline) {
@@ -70,10 +69,7 @@ func TestE2ESentinelFailover(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	time.Sleep(300 * time.Millisecond)
-	if err := rdb.Wait(ctx, 1, 2*time.Second).Err(); err != nil { // what callbot wrote is on the replica
-		t.Fatal(err)
-	}
+	time.Sleep(300 * time.Millisecond) // what callbot acknowledged is on the replica: CALLBOT_REDIS_REPLICAS=1
 	old, err := s.KillMaster(ctx)
 	if err != nil {
 		t.Fatal(err)

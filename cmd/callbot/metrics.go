@@ -106,7 +106,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	counter("callbot_calls_closed_total", "Calls the reconciler ended because Graph no longer knew them.", b.machine.Closed.Load())
 	counter("callbot_calls_adopted_total", "Calls Graph had established and callbot had no record of (lost with Redis data), taken back: their menu started again.", b.machine.Adopted.Load())
 	if b.deps.RedisReplicas > 0 {
-		fmt.Fprintln(w, "# HELP callbot_redis_replicas Replicas a change waits for at most: the most the current Redis master has had connected (below CALLBOT_REDIS_REPLICAS: a promoted master alone).")
+		fmt.Fprintln(w, "# HELP callbot_redis_replicas The most replicas the current Redis master has had connected (-1 before the first look); a change waits for the smaller of this and CALLBOT_REDIS_REPLICAS.")
 		fmt.Fprintln(w, "# TYPE callbot_redis_replicas gauge")
 		fmt.Fprintf(w, "callbot_redis_replicas %d\n", b.store.ConnectedReplicas())
 	}

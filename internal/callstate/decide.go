@@ -155,12 +155,14 @@ func (d *decision) apply(ev Event) error {
 		// Graph has the call established, answered by callbot, whose record is gone (lost with
 		// Redis data: a failover, a crash within the AOF's second). Where the caller was is lost
 		// with it: the menu starts again, rather than leave them in a call nobody serves.
-		// Its tokens start above any the lost record drew (they are drawn from Seq): another
-		// instance's cached copy of that record must not take this one's prompts and timers for
-		// past ones (Stale).
+		// Its version, tokens and command numbers start above any the lost record had: another
+		// instance's cached copy of that record must neither pass the save's version check nor
+		// take this one's prompts and timers for past ones (Stale), and the lost record's late
+		// acknowledgements must not retire this one's commands.
 		in := ev.Incoming
+		base := d.env.Now.UnixMilli()
 		*c = Call{ID: in.GraphID, Tenant: in.TenantID, State: StateAnswering, Scenario: in.ScenarioID, CreatedAt: d.env.Now,
-			Seq: d.env.Now.UnixMilli()}
+			Version: base, Seq: base, CmdSeq: base}
 		d.established()
 		return nil
 

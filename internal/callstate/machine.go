@@ -93,10 +93,12 @@ type Machine struct {
 	// caller's media first (queueGraph).
 	Superseded atomic.Int64
 	// Adopted counts calls Graph had established and callbot had no record of, taken back
-	// (adopt); adoptMu guards adoptSeen, when each call was last looked at for that.
+	// (adopt); adoptMu guards adoptSeen, when each call was last found not to be taken back, and
+	// adopting, the calls being taken back now.
 	Adopted   atomic.Int64
 	adoptMu   sync.Mutex
 	adoptSeen map[string]time.Time
+	adopting  map[string]bool
 }
 
 // NewMachine returns a machine; Start runs its timers.
@@ -142,7 +144,9 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 		}
 		if _, err := m.handle(ctx, tenant, graph.CallKey(n.CallID), ev); err != nil {
 			if errors.Is(err, errUnknownCall) {
-				m.adopt(tenant, n.CallID, graph.ScenarioID(ctx), ev)
+				if err := m.adopt(ctx, tenant, n.CallID, graph.ScenarioID(ctx), ev); err != nil {
+					return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
+				}
 				continue
 			}
 			if errors.Is(err, ErrInvalidTransition) {
@@ -216,97 +220,109 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 	return Event{}, false
 }
 
-// adoptEvery is how often a call callbot has no record of is looked at again (adopt).
+// adoptEvery is how long a call found not to be taken back (gone from Graph, not established,
+// a conference) is not looked at again (adopt).
 const adoptEvery = 10 * time.Second
 
-// adopt takes back a call callbot has no record of, if Graph has it established with callbot in
-// it: its record was lost with Redis data (a failover that lost unreplicated writes, a crash
-// within the AOF's second), and its caller would otherwise wait in a call nobody serves. ev is
-// the event that found it unknown: only those of a call in callbot's IVR or queue count (a key
-// press, a prompt's end, established, a failed transfer); a call in a transfer or a conference
-// is left alone, as is a call in the middle of being created (incoming). Graph is asked on the
-// call's executor, off the webhook; a call is looked at once per adoptEvery.
-func (m *Machine) adopt(tenant, callID, scenario string, ev Event) {
+// adoptWithin bounds the Graph reads of adopt, on the webhook's path.
+const adoptWithin = 3 * time.Second
+
+// errAdopting: another notification of the call is taking it back; this one is refused (503)
+// and delivered again.
+var errAdopting = errors.New("call being taken back")
+
+// adopt takes back a call callbot has no record of, if Graph has it established with the caller
+// alone with callbot: its record was lost with Redis data (a failover that lost unreplicated
+// writes, a crash within the AOF's second), and its caller would otherwise wait in a call nobody
+// serves. ev is the event that found it unknown: only those of a call in callbot's IVR or queue
+// count (a key press, a prompt's end, established, a failed transfer); a call in a transfer or a
+// conference is left alone, as is a call being created (incoming). It runs on the notification's
+// own path, so that the notification is acknowledged only once the call is taken back and ev
+// (a key press) applied: an error (Graph not read, the call being taken back by another
+// notification, the record not saved or not replicated) refuses it (503), and Graph delivers it
+// again. A call found not to be taken back is not looked at again for adoptEvery.
+func (m *Machine) adopt(ctx context.Context, tenant, callID, scenario string, ev Event) error {
 	switch ev.Kind {
 	case EvEstablished, EvTone, EvPromptDone, EvTransferFailed:
 	default:
-		return
+		return nil
 	}
 	if len(m.cfg.Tenants) > 0 && !slices.Contains(m.cfg.Tenants, tenant) {
-		return
+		return nil
 	}
 	key := graph.CallKey(callID)
 	now := m.cfg.Now()
 	m.adoptMu.Lock()
 	if t, ok := m.adoptSeen[key]; ok && now.Sub(t) < adoptEvery {
 		m.adoptMu.Unlock()
-		return
+		return nil
+	}
+	if m.adopting[key] {
+		m.adoptMu.Unlock()
+		return errAdopting
 	}
 	if m.adoptSeen == nil {
-		m.adoptSeen = map[string]time.Time{}
+		m.adoptSeen, m.adopting = map[string]time.Time{}, map[string]bool{}
 	}
 	for k, t := range m.adoptSeen {
 		if now.Sub(t) >= adoptEvery {
 			delete(m.adoptSeen, k)
 		}
 	}
-	m.adoptSeen[key] = now
+	m.adopting[key] = true
 	m.adoptMu.Unlock()
+	defer func() {
+		m.adoptMu.Lock()
+		delete(m.adopting, key)
+		m.adoptMu.Unlock()
+	}()
+	leave := func(why string, fields ...zap.Field) error { // not one to take back
+		m.adoptMu.Lock()
+		m.adoptSeen[key] = now
+		m.adoptMu.Unlock()
+		m.cfg.Log.Debug("notification of a call callbot does not know: "+why, append(fields, zap.String("call_id", callID))...)
+		return nil
+	}
 	log := m.cfg.Log.With(zap.String("call_id", callID), zap.String("tenant_id", tenant), zap.Stringer("event", ev.Kind))
-	m.exec.do(key, func() {
-		ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), tenant), m.cfg.CommandTimeout)
-		defer cancel()
-		retry := func() { // Graph could not be read: the call's next notification asks again
-			m.adoptMu.Lock()
-			delete(m.adoptSeen, key)
-			m.adoptMu.Unlock()
-		}
-		st, err := m.cfg.Control.GetCall(ctx, callID)
-		switch {
-		case err != nil && !errors.Is(err, graph.ErrCallGone):
-			log.Warn("notification of a call callbot does not know; Graph not read", zap.Error(err))
-			retry()
-			return
-		case err != nil:
-			log.Debug("notification of a call callbot does not know, gone from Graph")
-			return
-		case st != graph.CallEstablished:
-			log.Debug("notification of a call callbot does not know, not established in Graph", zap.String("graph_state", string(st)))
-			return
-		}
-		// A conference (an invited agent talking to the caller, callbot in the call) must not
-		// get the menu played over it: only a call of the caller and callbot alone is taken
-		// back (Graph lists no participants of a peer-to-peer call).
-		ps, err := m.cfg.Control.Participants(ctx, callID)
-		switch {
-		case peerToPeer(err):
-		case err != nil:
-			log.Warn("notification of a call callbot does not know; its participants not read", zap.Error(err))
-			retry()
-			return
-		case people(ps) > 1:
-			log.Warn("call established in Graph had no record, but others are in it with the caller: left alone", zap.Int("participants", len(ps)))
-			return
-		}
-		ok, err := m.Handle(context.Background(), tenant, key, Event{Kind: EvAdopt,
-			Incoming: &Incoming{GraphID: callID, TenantID: tenant, ScenarioID: scenario}})
-		if err != nil {
-			log.Error("take back a call callbot had no record of", zap.Error(err))
-			return
-		}
-		if !ok {
-			return
-		}
+	gctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(ctx, scenario), tenant), min(m.cfg.CommandTimeout, adoptWithin))
+	defer cancel()
+	st, err := m.cfg.Control.GetCall(gctx, callID)
+	switch {
+	case errors.Is(err, graph.ErrCallGone):
+		return leave("gone from Graph")
+	case err != nil:
+		return fmt.Errorf("call %s has no record, and Graph could not be read: %w", callID, err)
+	case st != graph.CallEstablished:
+		return leave("not established in Graph", zap.String("graph_state", string(st)))
+	}
+	// A conference (an invited agent talking to the caller, callbot in the call) must not get
+	// the menu played over it: only a call of the caller and callbot alone is taken back (Graph
+	// lists no participants of a peer-to-peer call).
+	ps, err := m.cfg.Control.Participants(gctx, callID)
+	switch {
+	case peerToPeer(err):
+	case err != nil:
+		return fmt.Errorf("call %s has no record, and its participants could not be read: %w", callID, err)
+	case people(ps) > 1:
+		log.Warn("call established in Graph had no record, but others are in it with the caller: left alone", zap.Int("participants", len(ps)))
+		return leave("a conference")
+	}
+	ok, err := m.Handle(ctx, tenant, key, Event{Kind: EvAdopt, Incoming: &Incoming{GraphID: callID, TenantID: tenant, ScenarioID: scenario}})
+	if err != nil {
+		return fmt.Errorf("take back call %s: %w", callID, err)
+	}
+	if ok {
 		m.Adopted.Add(1)
 		log.Warn("call established in Graph had no record (lost with Redis data): taken back, its menu starts again")
-		if ev.Kind == EvTone {
-			// the key press that found the call unknown is the caller's latest choice: the new
-			// menu takes it (a menu key, or a barge-in that replays the menu)
-			if _, err := m.Handle(context.Background(), tenant, key, ev); err != nil {
-				log.Warn("apply the key press to the call taken back", zap.Error(err))
-			}
+	}
+	if ev.Kind == EvTone {
+		// the key press that found the call unknown is the caller's latest choice: the new menu
+		// takes it (a menu key, or a barge-in that replays the menu)
+		if _, err := m.Handle(ctx, tenant, key, ev); err != nil {
+			return fmt.Errorf("apply the key press to call %s taken back: %w", callID, err)
 		}
-	})
+	}
+	return nil
 }
 
 // people counts the participants that are not applications (callbot, other bots).
@@ -436,7 +452,7 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				rest = kept
 			}
 		}
-		added := next.addToOutbox(rest, cur.Version+1)
+		added := next.addToOutbox(rest, next.Version+1) // next.Version is cur's, but for a call taken back (EvAdopt)
 		w := Write{Timers: timers, Behind: behind}
 		if len(next.Outbox) > 0 {
 			w.OutboxDue = m.cfg.Now().Add(m.cfg.OutboxLease)
@@ -990,7 +1006,7 @@ func awaited(c Call, cmd Command) bool {
 	case CmdHangup:
 		return c.State == StateTerminating
 	case CmdCheckRoster:
-		return cmd.ClientContext != "" && cmd.ClientContext == c.RosterCtx
+		return (c.State == StateInviting || c.State == StateConnected) && cmd.ClientContext != "" && cmd.ClientContext == c.RosterCtx
 	}
 	return false
 }

@@ -115,8 +115,8 @@ func (s *Store) lookAtReplicas(ctx context.Context) bool {
 	return true
 }
 
-// ConnectedReplicas is how many replicas a write waits for at most: the most the current master
-// has had connected; -1 before the first look.
+// ConnectedReplicas is the most replicas the current master has had connected; -1 before the
+// first look. A write waits for the smaller of this and WaitForReplicas' n.
 func (s *Store) ConnectedReplicas() int64 { return s.counted.Load() }
 
 // replicationInfo reads master_replid and connected_slaves from INFO replication.
@@ -199,7 +199,7 @@ func (s *Store) key(callKey string) string { return s.prefix + ":{call:" + callK
 
 var createScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1], 's', 0, 'g', 0)
+redis.call('HSET', KEYS[1], 'v', ARGV[3], 'd', ARGV[1], 's', 0, 'g', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1`)
 
@@ -375,14 +375,17 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds()}, s.ahead(c, w.OutboxDue, true, w.Timers), w.Behind)
+	v := strconv.FormatInt(c.Version+1, 10) // 1, or above any version a lost record of the call had (EvAdopt)
+	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds(), v}, s.ahead(c, w.OutboxDue, true, w.Timers), w.Behind)
+	if n == 1 {
+		c.Version++
+	}
 	if err != nil {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
 	if n == 0 {
 		return ErrExists
 	}
-	c.Version = 1
 	return nil
 }
 

@@ -268,3 +268,16 @@ func TestPromotedMasterServedAtOnce(t *testing.T) {
 		t.Errorf("%d saves on the promoted master (no replica) refused as unreplicated: the count was the old master's", refused)
 	}
 }
+
+// The key press of a call taken back is acknowledged only once the new record is replicated: it
+// was acknowledged first and the call taken back after, so a create refused as unreplicated
+// left the key press lost and the call uncounted.
+func TestAdoptionAcknowledgedOnlyOnceReplicated(t *testing.T) {
+	s, m, store := replicatedMachine(t, "rva")
+	s.HoldReplication()
+	id := "8a1b2c3d-0000-4000-8000-0000000a0a0a"
+	err := deliver(m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	if err == nil && store.Unreplicated.Load() > 0 {
+		t.Errorf("the key press was acknowledged (202) though the call taken back is on no replica")
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -626,13 +625,7 @@ func TestCallWithoutARecordIsTakenBack(t *testing.T) {
 // silence.
 func TestAdoptedCallIsNotIgnoredByAnotherInstancesCache(t *testing.T) {
 	r := newRig(t, &fakeGraph{}, "ra") // instance A
-	flow, err := ivr.Parse([]byte(handoffFlowYAML), "r.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(r.rdb, "ra"), Timers: callstate.NewTimers(r.rdb, "ra"),
-		Control: &fakeGraph{}, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
-	t.Cleanup(b.Wait)
+	b := secondInstance(t, r, "ra", &fakeGraph{})
 	ctx := context.Background()
 	id := "c-cached"
 	key := graph.CallKey(id)
@@ -666,21 +659,161 @@ func TestAdoptedCallIsNotIgnoredByAnotherInstancesCache(t *testing.T) {
 	}
 }
 
-// Graph could not be read about a call with no record: the call's next notification asks again
-// at once, rather than after adoptEvery (a caller waiting in the menu sends few).
+// Graph could not be read about a call with no record: the notification is refused (503), so
+// Graph delivers it again, and the call is taken back then, the key press applied.
 func TestFailedReadOfAnUnknownCallIsAskedAgain(t *testing.T) {
 	g := &fakeGraph{fail: map[string]error{"get": &graph.Error{Op: "getCall", Status: 503}}}
 	m, store := newMachine(t, g, &fakeQueues{})
 	id := "8a1b2c3d-0000-4000-8000-00000000e0e0"
-	press := func(seq int) {
-		notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":`+strconv.Itoa(seq)+`,"tone":"tone1"}}`))
+	press := note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)
+	if err := deliver(m, press); !errors.Is(err, graph.ErrUnavailable) {
+		t.Fatalf("a key press of an unknown call, Graph unreadable: %v, want ErrUnavailable (503: delivered again)", err)
 	}
-	press(1)
 	g.mu.Lock()
 	g.fail = nil
 	g.mu.Unlock()
-	press(2)
-	if c, err := store.Get(context.Background(), graph.CallKey(id)); err != nil || m.Adopted.Load() != 1 {
-		t.Errorf("after a failed read, the next key press: %+v %v (adopted %d), want the call taken back", c, err, m.Adopted.Load())
+	if err := deliver(m, press); err != nil { // Graph delivers it again
+		t.Fatal(err)
+	}
+	if c, err := store.Get(context.Background(), graph.CallKey(id)); err != nil || m.Adopted.Load() != 1 || c.State != callstate.StateQueued {
+		t.Errorf("the key press delivered again: %+v %v (adopted %d), want the call taken back and queued", c.State, err, m.Adopted.Load())
+	}
+}
+
+// secondInstance is another machine on the rig's Redis and key prefix, with its own Graph.
+func secondInstance(t *testing.T, r *rig, prefix string, g callstate.CallControl) *callstate.Machine {
+	t.Helper()
+	flow, err := ivr.Parse([]byte(handoffFlowYAML), "r.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(r.rdb, prefix), Timers: callstate.NewTimers(r.rdb, prefix),
+		Control: g, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	t.Cleanup(m.Wait)
+	return m
+}
+
+// A call taken back starts its version above any its lost record had: it started at 1, so an
+// instance caching the lost record at version N passed the save's version check once the new
+// record reached N, and saved a decision made on the lost state over it.
+func TestAdoptedRecordNotOverwrittenFromALostRecordsCache(t *testing.T) {
+	r := newRig(t, &fakeGraph{}, "rv") // instance A
+	b := secondInstance(t, r, "rv", &fakeGraph{})
+	ctx := context.Background()
+	id := "c-version"
+	key := graph.CallKey(id)
+	must(t, b, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	must(t, b, id, callstate.Event{Kind: callstate.EvEstablished})
+	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 1}) // v3, cached on B
+	b.Wait()
+	if err := r.rdb.Del(ctx, "rv:{call:"+key+"}").Err(); err != nil { // lost with Redis data
+		t.Fatal(err)
+	}
+	ns, err := graph.Decode([]byte(note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":2,"tone":"tone7"}}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.m.Notify(ctx, "t1", ns); err != nil { // A takes it back and applies the key
+		t.Fatal(err)
+	}
+	r.m.Wait()
+	c, _ := r.store.Get(ctx, key)
+	r.handle(t, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx})
+	adopted, _ := r.store.Get(ctx, key)
+	if r.m.Adopted.Load() != 1 {
+		t.Fatalf("not taken back")
+	}
+	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 3}) // lands on B
+	b.Wait()
+	c, _ = r.store.Get(ctx, key)
+	if c.Seq < adopted.Seq {
+		t.Errorf("B saved a decision made on its cached copy of the lost record: Seq %d, below the adopted record's %d", c.Seq, adopted.Seq)
+	}
+	if c.PromptCtx != "" && !must(t, r.m, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx}) {
+		t.Errorf("the prompt's end (%s), on A: ignored", c.PromptCtx)
+	}
+}
+
+// A call taken back numbers its commands above any its lost record did: they started at 1, so
+// an instance slow on Graph that acknowledged the lost record's commands afterwards moved the
+// new record's watermark past commands not sent yet, and the re-drive found nothing to send.
+func TestLostRecordsAckDoesNotRetireTheAdoptedRecordsCommands(t *testing.T) {
+	ga := &fakeGraph{}
+	r := newRig(t, ga, "rk") // instance A
+	gb, gc := &fakeGraph{}, &fakeGraph{}
+	b, c := secondInstance(t, r, "rk", gb), secondInstance(t, r, "rk", gc)
+	ctx := context.Background()
+	id := "c-ack"
+	key := graph.CallKey(id)
+	must(t, r.m, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	must(t, r.m, id, callstate.Event{Kind: callstate.EvEstablished})
+	must(t, r.m, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 1})
+	r.m.Wait()
+	gateA := make(chan struct{})
+	ga.block = gateA // A's Graph is slow from now on
+	must(t, r.m, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 2})
+	if err := r.rdb.Del(ctx, "rk:{call:"+key+"}").Err(); err != nil {
+		t.Fatal(err)
+	}
+	ns, _ := graph.Decode([]byte(note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":3,"tone":"tone9"}}`)))
+	if err := b.Notify(ctx, "t1", ns); err != nil { // B takes it back
+		t.Fatal(err)
+	}
+	b.Wait()
+	if b.Adopted.Load() != 1 {
+		t.Fatal("not taken back")
+	}
+	close(gateA) // A's commands of the lost record go out; A acknowledges them
+	r.m.Wait()
+	gb.block = make(chan struct{}) // B hangs (dies) before sending its next commands
+	t.Cleanup(func() { close(gb.block) })
+	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "1", Seq: 4}) // the queue
+	redriveAll(t, c, r.store, time.Minute)
+	if n := countPrefix(gc.log(), "playPrompt"); n == 0 {
+		after, _ := r.store.Get(ctx, key)
+		t.Errorf("the re-drive sent no hold music (C sent %v): B's commands were taken as done by A's acknowledgement of the lost record's (acked graph %d, CmdSeq %d)",
+			gc.log(), after.AckedGraph, after.CmdSeq)
+	}
+}
+
+// hungRoster never answers a roster read: an instance that dies while reading.
+type hungRoster struct {
+	*fakeGraph
+	hang chan struct{}
+}
+
+func (g *hungRoster) Participants(ctx context.Context, id string) ([]graph.Participant, error) {
+	<-g.hang
+	return nil, context.Canceled
+}
+
+// A roster read left behind by an instance that died is not re-driven once the call has ended:
+// nothing waits for it any more.
+func TestRosterReadNotRedrivenForAnEndedCall(t *testing.T) {
+	ga := &hungRoster{fakeGraph: &fakeGraph{}, hang: make(chan struct{})}
+	gb := &fakeGraph{}
+	a, b, store := twoInstances(t, "rx", ga, gb, &fakeQueues{}, &fakeQueues{})
+	t.Cleanup(func() { close(ga.hang) })
+	ctx := context.Background()
+	id := "c-rx"
+	key := graph.CallKey(id)
+	must(t, a, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	must(t, a, id, callstate.Event{Kind: callstate.EvEstablished})
+	must(t, a, id, callstate.Event{Kind: callstate.EvTone, Digit: "2", Seq: 1})
+	must(t, a, id, callstate.Event{Kind: callstate.EvAgentOffer, Agent: "agent-b"})
+	must(t, a, id, callstate.Event{Kind: callstate.EvRoster, Participants: []string{"caller", "agent-b"}, Seq: 1})
+	c, _ := store.Get(ctx, key)
+	if c.State != callstate.StateConnected {
+		t.Fatalf("set-up: %s", c.State)
+	}
+	must(t, a, id, callstate.Event{Kind: callstate.EvTimeout, Timer: callstate.TimerRoster, TimerToken: c.Timers[callstate.TimerRoster]})
+	must(t, b, id, callstate.Event{Kind: callstate.EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}})
+	b.Wait()
+	if c, _ = store.Get(ctx, key); !c.State.Terminal() {
+		t.Fatalf("after the caller hung up: %s", c.State)
+	}
+	redriveAll(t, b, store, time.Minute)
+	if n := countPrefix(gb.log(), "participants"); n != 0 {
+		t.Errorf("the re-drive read the roster of a call that has ended: B sent %v", gb.log())
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -78,11 +80,16 @@ func TestStartSentinel(t *testing.T) {
 	s := redistest.StartSentinelWithLink(t)
 	ctx := context.Background()
 	c := s.Client(t)
-	if err := c.Set(ctx, "k", "v", 0).Err(); err != nil {
+	var acked *redis.Cmd
+	if _, err := c.Pipelined(ctx, func(p redis.Pipeliner) error { // WAIT counts this connection's writes
+		p.Set(ctx, "k", "v", 0)
+		acked = p.Do(ctx, "WAIT", 1, 1000)
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Wait(ctx, 1, time.Second).Err(); err != nil {
-		t.Fatal(err)
+	if n, err := acked.Int64(); err != nil || n != 1 {
+		t.Fatalf("SET then WAIT 1: %d replicas, %v", n, err)
 	}
 	s.HoldReplication() // what is written from now on does not reach the replica
 	if err := c.Set(ctx, "late", "v", 0).Err(); err != nil {
