@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -278,5 +279,31 @@ func TestShutdownKeepsTheLeasesOfCommandsInFlight(t *testing.T) {
 	time.Sleep(2 * time.Second) // two more leases: B would have re-driven by now
 	if sent, _ := requests(w, c.ID(), "answer"); sent != 1 {
 		t.Errorf("%d answer requests for the call, want 1: another instance answered it again while the stopping one was still sending", sent)
+	}
+}
+
+// Conference hand-off, the agent declines: callbot reads the call's roster before giving up on
+// the agent (a second invite's failure could come while the agent talks to the caller); graphsim,
+// as Graph, lists no participants of a peer-to-peer call (400), which tells callbot nobody joined,
+// and the caller goes back to the queue, hearing the hold music again.
+func TestE2EDeclinedInviteReadsTheRoster(t *testing.T) {
+	agent := graphsim.AgentSpec{ID: agent3, Availability: "Available", Activity: "Available", Answer: graphsim.AgentDecline}
+	w := startWorld(t, standaloneRedis, away(agent1), away(agent2), agent)
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "3", HangUpAfter: 4 * time.Second}), 20*time.Second)
+	var seq []string // invites, roster reads and prompts, in order
+	for _, q := range w.sim.RequestsFor(r.ID) {
+		switch q.Action {
+		case "invite", "participants":
+			seq = append(seq, fmt.Sprintf("%s %d", q.Action, q.Status))
+		case "playPrompt":
+			seq = append(seq, "playPrompt")
+		}
+	}
+	invited, read := slices.Index(seq, "invite 200"), slices.Index(seq, "participants 400")
+	if invited < 0 || read < invited || !slices.Contains(seq[read:], "playPrompt") {
+		t.Errorf("requests %v; want the invite, then the roster read (400: peer-to-peer), then the hold music again", seq)
+	}
+	if r.Outcome != graphsim.OutcomeCallerHangUp || !r.ConnectedAt.IsZero() {
+		t.Errorf("caller experienced %+v; want to wait in the queue until they hung up", r)
 	}
 }
