@@ -624,26 +624,9 @@ func TestCallWithoutARecordIsTakenBack(t *testing.T) {
 // end and its no-input timer as past ones (Stale), and the caller heard the menu once, then
 // silence.
 func TestAdoptedCallIsNotIgnoredByAnotherInstancesCache(t *testing.T) {
-	r := newRig(t, &fakeGraph{}, "ra") // instance A
-	b := secondInstance(t, r, "ra", &fakeGraph{})
+	r, b, id := takenBackWhileCachedElsewhere(t, "ra")
 	ctx := context.Background()
-	id := "c-cached"
 	key := graph.CallKey(id)
-	must(t, b, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
-	must(t, b, id, callstate.Event{Kind: callstate.EvEstablished})
-	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 1}) // invalid key: the menu again
-	b.Wait()
-	if err := r.rdb.Del(ctx, "ra:{call:"+key+"}").Err(); err != nil { // lost with Redis data; B still caches it
-		t.Fatal(err)
-	}
-	ns, err := graph.Decode([]byte(note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":2,"tone":"tone7"}}`)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.m.Notify(ctx, "t1", ns); err != nil {
-		t.Fatal(err)
-	}
-	r.m.Wait()
 	c, err := r.store.Get(ctx, key)
 	if err != nil || c.State != callstate.StateInMenu || c.PromptCtx == "" || r.m.Adopted.Load() != 1 {
 		t.Fatalf("taken back on A: %+v %v (adopted %d)", c, err, r.m.Adopted.Load())
@@ -693,30 +676,41 @@ func secondInstance(t *testing.T, r *rig, prefix string, g callstate.CallControl
 	return m
 }
 
-// A call taken back starts its version above any its lost record had: it started at 1, so an
-// instance caching the lost record at version N passed the save's version check once the new
-// record reached N, and saved a decision made on the lost state over it.
-func TestAdoptedRecordNotOverwrittenFromALostRecordsCache(t *testing.T) {
-	r := newRig(t, &fakeGraph{}, "rv") // instance A
-	b := secondInstance(t, r, "rv", &fakeGraph{})
+// takenBackWhileCachedElsewhere: instance B handles a call into its menu (and caches its
+// record, at version 3); the record is lost with Redis data; a key press (invalid: the menu
+// again) lands on instance A (the rig), which takes the call back. It returns the rig, B and the
+// call's id.
+func takenBackWhileCachedElsewhere(t *testing.T, prefix string) (*rig, *callstate.Machine, string) {
+	t.Helper()
+	r := newRig(t, &fakeGraph{}, prefix)
+	b := secondInstance(t, r, prefix, &fakeGraph{})
 	ctx := context.Background()
-	id := "c-version"
-	key := graph.CallKey(id)
+	id := "c-" + prefix
 	must(t, b, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
 	must(t, b, id, callstate.Event{Kind: callstate.EvEstablished})
-	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 1}) // v3, cached on B
+	must(t, b, id, callstate.Event{Kind: callstate.EvTone, Digit: "9", Seq: 1})
 	b.Wait()
-	if err := r.rdb.Del(ctx, "rv:{call:"+key+"}").Err(); err != nil { // lost with Redis data
+	if err := r.rdb.Del(ctx, prefix+":{call:"+graph.CallKey(id)+"}").Err(); err != nil {
 		t.Fatal(err)
 	}
 	ns, err := graph.Decode([]byte(note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":2,"tone":"tone7"}}`)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.m.Notify(ctx, "t1", ns); err != nil { // A takes it back and applies the key
+	if err := r.m.Notify(ctx, "t1", ns); err != nil {
 		t.Fatal(err)
 	}
 	r.m.Wait()
+	return r, b, id
+}
+
+// A call taken back starts its version above any its lost record had: it started at 1, so an
+// instance caching the lost record at version N passed the save's version check once the new
+// record reached N, and saved a decision made on the lost state over it.
+func TestAdoptedRecordNotOverwrittenFromALostRecordsCache(t *testing.T) {
+	r, b, id := takenBackWhileCachedElsewhere(t, "rv")
+	ctx := context.Background()
+	key := graph.CallKey(id)
 	c, _ := r.store.Get(ctx, key)
 	r.handle(t, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx})
 	adopted, _ := r.store.Get(ctx, key)
