@@ -129,6 +129,43 @@ func TestFaultDuplicatedAndReorderedNotifications(t *testing.T) {
 	}
 }
 
+// Graph may put several notifications in one request: callbot applies each of them, in order.
+func TestFaultBatchedNotifications(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultBatch, Probability: 0.6, Latency: 300 * time.Millisecond})
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultDuplicate, Probability: 0.2})
+	var calls []*graphsim.Call
+	for i := range 3 {
+		calls = append(calls, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 400 * time.Millisecond,
+			From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+1425556%04d", i)}}))
+		time.Sleep(200 * time.Millisecond)
+	}
+	for _, c := range calls {
+		r := waitDone(t, c, 40*time.Second)
+		if r.Outcome != graphsim.OutcomeTransferred {
+			t.Errorf("caller %s experienced %+v; want transferred", r.From.ID, r)
+			continue
+		}
+		if _, took := requests(w, r.ID, "transfer"); took != 1 {
+			t.Errorf("caller %s: %d transfers taken by Graph, want 1", r.From.ID, took)
+		}
+	}
+	// Requests that carried several notifications, and callbot's answers to them.
+	shared := 0
+	ds := w.sim.Deliveries()
+	for i, d := range ds {
+		if i > 0 && d.Fault == graphsim.FaultBatch && ds[i-1].Fault == graphsim.FaultBatch && ds[i-1].Time.Equal(d.Time) {
+			shared++
+			if d.Status != 202 {
+				t.Errorf("a request of several notifications got %d, want 202", d.Status)
+			}
+		}
+	}
+	if shared == 0 {
+		t.Error("no request carried several notifications: the test proved nothing")
+	}
+}
+
 // A lost "established" notification: callbot asks Graph after 10 s and starts the menu.
 func TestFaultLostEstablishedNotification(t *testing.T) {
 	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))

@@ -34,8 +34,8 @@
 //     and hang up; agents with Teams presence who accept, decline or ignore transfers,
 //     redirects and invites, and are Busy/InACall while connected.
 //   - Faults, per endpoint and per notification (AddFault, FailNext): latency; error statuses
-//     with Graph error bodies and Retry-After; dropped, duplicated and reordered
-//     notifications; expired callback tokens, tokens signed with an unpublished key, and
+//     with Graph error bodies and Retry-After; dropped, duplicated, reordered and batched
+//     notifications (several in one request, as Graph may send them); expired callback tokens, tokens signed with an unpublished key, and
 //     signing-key rollover (RolloverKey). Rules apply to the next N events or with a
 //     probability drawn from a source seeded with Options.Seed; Injected records every fault.
 //   - A control API under /_sim/ on the same server (JSON, no authentication: the server

@@ -34,6 +34,11 @@ const (
 	// of the same call, or after Fault.Latency (default 1s) when no other comes, or at once when
 	// the call has ended and nothing else is queued.
 	FaultReorder FaultKind = "reorder"
+	// FaultBatch holds the notification back and posts it in one request with the call's next
+	// notification (both in `value`, in order), as Graph may. Several batched notifications in
+	// a row go in one request; one for which nothing follows within Fault.Latency (default 1s),
+	// or that the call's end leaves last, goes alone.
+	FaultBatch FaultKind = "batch"
 	// FaultExpiredToken signs the notification's bearer token with exp 10 minutes in the past
 	// (beyond the usual 5-minute clock-skew allowance).
 	FaultExpiredToken FaultKind = "expired-token"
@@ -48,13 +53,14 @@ const (
 // IsNotification reports whether the kind acts on notifications rather than requests.
 func (k FaultKind) IsNotification() bool {
 	switch k {
-	case FaultDrop, FaultDuplicate, FaultReorder, FaultExpiredToken, FaultUnpublishedKey:
+	case FaultDrop, FaultDuplicate, FaultReorder, FaultBatch, FaultExpiredToken, FaultUnpublishedKey:
 		return true
 	}
 	return false
 }
 
-// DefaultReorderHold is how long a reordered notification waits for the next one at most.
+// DefaultReorderHold is how long a reordered or batched notification waits for the next one at
+// most.
 const DefaultReorderHold = time.Second
 
 // Fault is a fault-injection rule. A rule applies to the next Count matching events, each with
@@ -83,7 +89,7 @@ type Fault struct {
 	Status     int
 	RetryAfter time.Duration
 	// Latency is the delay of FaultLatency and FaultStatus, and the longest hold of
-	// FaultReorder.
+	// FaultReorder and FaultBatch.
 	Latency time.Duration
 	// Count and Probability decide which matching events the rule applies to. Faults returns
 	// the count left.
@@ -163,20 +169,20 @@ func (f *Fault) validate() error {
 		if f.Kind == FaultLatency && (f.Status != 0 || f.RetryAfter != 0) {
 			return invalidFault("status and retryAfter apply to status faults only")
 		}
-	case FaultDrop, FaultDuplicate, FaultReorder, FaultExpiredToken, FaultUnpublishedKey:
+	case FaultDrop, FaultDuplicate, FaultReorder, FaultBatch, FaultExpiredToken, FaultUnpublishedKey:
 		if f.Action != "" {
 			return invalidFault("action applies to request faults only (%s acts on notifications)", f.Kind)
 		}
 		if f.Status != 0 || f.RetryAfter != 0 {
 			return invalidFault("status and retryAfter apply to status faults only")
 		}
-		if f.Latency != 0 && f.Kind != FaultReorder {
+		if f.Latency != 0 && f.Kind != FaultReorder && f.Kind != FaultBatch {
 			return invalidFault("latency does not apply to %s faults", f.Kind)
 		}
 	case "":
-		return invalidFault("kind is required (latency, status, drop, duplicate, reorder, expired-token, unpublished-key or rollover)")
+		return invalidFault("kind is required (latency, status, drop, duplicate, reorder, batch, expired-token, unpublished-key or rollover)")
 	default:
-		return invalidFault("unknown kind %q (latency, status, drop, duplicate, reorder, expired-token, unpublished-key or rollover)", f.Kind)
+		return invalidFault("unknown kind %q (latency, status, drop, duplicate, reorder, batch, expired-token, unpublished-key or rollover)", f.Kind)
 	}
 	switch {
 	case f.Latency < 0 || f.RetryAfter < 0:
@@ -375,11 +381,12 @@ func aadErrorCode(status int) string {
 }
 
 // noteFault picks the fault for a notification about to be posted and records it. held says
-// a reordered notification of the call is waiting already: it is not reordered again. Called
-// with s.mu held.
-func (s *Sim) noteFault(c *call, n *outNote, held bool) FaultKind {
+// a reordered notification of the call is waiting already: it is neither reordered nor batched
+// then; batching says notifications wait to go in one request: this one may join them, but is
+// not reordered. Called with s.mu held.
+func (s *Sim) noteFault(c *call, n *outNote, held, batching bool) FaultKind {
 	for _, f := range slices.Clone(s.faults) {
-		if !f.Kind.IsNotification() || (f.Kind == FaultReorder && held) {
+		if !f.Kind.IsNotification() || (f.Kind == FaultReorder && (held || batching)) || (f.Kind == FaultBatch && held) {
 			continue
 		}
 		if f.CallID != "" && graph.CallKey(f.CallID) != c.key {
@@ -391,7 +398,7 @@ func (s *Sim) noteFault(c *call, n *outNote, held bool) FaultKind {
 		if !s.take(f) {
 			continue
 		}
-		if f.Kind == FaultReorder {
+		if f.Kind == FaultReorder || f.Kind == FaultBatch {
 			n.hold = f.Latency
 			if n.hold <= 0 {
 				n.hold = DefaultReorderHold

@@ -126,6 +126,58 @@ func TestReorderWithNothingToFollow(t *testing.T) {
 	}
 }
 
+// Graph may put several notifications in one request: a batched notification goes in one POST
+// with the ones after it, in order; one with nothing after it goes alone.
+func TestBatchedNotificationsShareARequest(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), answerOnce())
+	// establishing waits for established; the call's last notification has nothing after it.
+	mustAddFault(t, s, Fault{Kind: FaultBatch, State: "establishing", Count: 1})
+	mustAddFault(t, s, Fault{Kind: FaultBatch, State: "terminated", Count: 1})
+	c := placeAndWaitFor(t, s, b, CallerSpec{From: phoneCaller, To: testAppInst}, graph.CallEstablished)
+	start := time.Now()
+	if err := c.HangUp(); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, c)
+	if d := time.Since(start); d > 900*time.Millisecond {
+		t.Errorf("the batched last notification waited %v", d)
+	}
+	seen := b.seen(c.ID())
+	want := []string{"created incoming", "updated establishing", "updated established", "deleted terminated 200/540000"}
+	if diff := cmp.Diff(summary(seen), want); diff != "" {
+		t.Fatalf("bot received (-got +want):\n%s", diff)
+	}
+	if !bytes.Equal(seen[1].Raw, seen[2].Raw) || bytes.Equal(seen[0].Raw, seen[1].Raw) || bytes.Equal(seen[2].Raw, seen[3].Raw) {
+		t.Errorf("requests: establishing and established should share one, and only they:\n%s\n%s\n%s\n%s", seen[0].Raw, seen[1].Raw, seen[2].Raw, seen[3].Raw)
+	}
+	wantD := []string{"created incoming 202", "updated establishing 202 batch", "updated established 202 batch", "deleted terminated 202 batch"}
+	if diff := cmp.Diff(deliverySummary(s.Deliveries(), c.ID()), wantD); diff != "" {
+		t.Errorf("deliveries (-got +want):\n%s", diff)
+	}
+
+	// Every notification batched: runs of them go together, each request in order, none lost.
+	mustAddFault(t, s, Fault{Kind: FaultBatch, Probability: 1, Latency: 50 * time.Millisecond})
+	c = placeAndWaitFor(t, s, b, CallerSpec{From: phoneCaller, To: testAppInst}, graph.CallEstablished)
+	if err := c.HangUp(); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, c)
+	seen = b.seen(c.ID())
+	if diff := cmp.Diff(summary(seen), want); diff != "" {
+		t.Errorf("bot received (-got +want):\n%s", diff)
+	}
+	requests := 0
+	for i := range seen {
+		if i == 0 || !bytes.Equal(seen[i].Raw, seen[i-1].Raw) {
+			requests++
+		}
+	}
+	if requests >= len(seen) {
+		t.Errorf("%d notifications in %d requests: none batched", len(seen), requests)
+	}
+}
+
 func TestDroppedNotifications(t *testing.T) {
 	t.Parallel()
 	opts := fastOptions()

@@ -98,20 +98,28 @@ func newHarness(t *testing.T, opts Options, react func(b *fakeBot, n graph.Notif
 }
 
 // checkDeliveriesDecode asserts that every notification the simulator sent decodes with
-// graph.Decode into what its delivery record says.
+// graph.Decode into what its delivery record says. The records of a batched request follow one
+// another, one for each notification it carried.
 func checkDeliveriesDecode(t *testing.T, s *Sim) {
 	t.Helper()
-	for i, d := range s.Deliveries() {
+	ds := s.Deliveries()
+	inBatch := 0 // the record's place in its request
+	for i, d := range ds {
 		ns, err := graph.Decode(d.Body)
 		if err != nil {
 			t.Errorf("delivery %d: graph.Decode: %v\n%s", i, err, d.Body)
 			continue
 		}
-		if len(ns) != 1 {
-			t.Errorf("delivery %d: %d notifications", i, len(ns))
+		if i > 0 && d.Fault == FaultBatch && ds[i-1].Fault == FaultBatch && ds[i-1].Time.Equal(d.Time) && bytes.Equal(ds[i-1].Body, d.Body) {
+			inBatch++
+		} else {
+			inBatch = 0
+		}
+		if (len(ns) != 1 && d.Fault != FaultBatch) || inBatch >= len(ns) {
+			t.Errorf("delivery %d (%s): %d notifications, record %d of its request", i, d.Fault, len(ns), inBatch)
 			continue
 		}
-		n := ns[0]
+		n := ns[inBatch]
 		if string(n.ChangeType) != d.ChangeType || n.ResourceURL != d.ResourceURL || graph.CallKey(n.CallID) != graph.CallKey(d.CallID) {
 			t.Errorf("delivery %d: decoded %+v, record %+v", i, n, d)
 		}

@@ -103,10 +103,12 @@ type outNote struct {
 	changeType  graph.ChangeType
 	resourceURL string
 	state       string
-	body        []byte
+	item        []byte        // the notification
+	body        []byte        // the request body: an envelope of item, or of batch's items
 	ack         chan error    // receives the delivery result; nil when nobody waits
 	fault       FaultKind     // the injected fault that shapes this delivery
-	hold        time.Duration // FaultReorder: the longest the notification is held
+	hold        time.Duration // FaultReorder, FaultBatch: the longest the notification is held
+	batch       []outNote     // the notifications a batched request carries (FaultBatch)
 }
 
 // sendCall queues a call notification. A zero State sends the bare form (@odata.type and
@@ -131,12 +133,9 @@ func (s *Sim) sendOp(c *call, op *mediaOp, status graph.OperationStatus, r resul
 }
 
 func (s *Sim) enqueue(c *call, ct graph.ChangeType, resourceURL, state string, data any, ack chan error) {
-	body, err := json.Marshal(envelope{
-		ODataType: graph.TypeNotifications,
-		Value: []notification{{
-			ODataType: "#microsoft.graph.commsNotification", ChangeType: ct,
-			ResourceURL: resourceURL, ResourceData: data,
-		}},
+	item, err := json.Marshal(notification{
+		ODataType: "#microsoft.graph.commsNotification", ChangeType: ct,
+		ResourceURL: resourceURL, ResourceData: data,
 	})
 	if err != nil { // only our own types are marshalled: a bug
 		s.log.DPanic("marshal notification", zap.Error(err))
@@ -146,43 +145,84 @@ func (s *Sim) enqueue(c *call, ct graph.ChangeType, resourceURL, state string, d
 	if c.callbackURI != "" {
 		u = c.callbackURI
 	}
-	c.outbox = append(c.outbox, outNote{url: u, changeType: ct, resourceURL: resourceURL, state: state, body: body, ack: ack})
+	c.outbox = append(c.outbox, outNote{url: u, changeType: ct, resourceURL: resourceURL, state: state,
+		item: item, body: envelopeOf(item), ack: ack})
 	select {
 	case c.wake <- struct{}{}:
 	default:
 	}
 }
 
+// envelopeOf is the commsNotifications body carrying these notifications, in order.
+func envelopeOf(items ...[]byte) []byte {
+	b := fmt.Appendf(nil, `{"@odata.type":%q,"value":[`, graph.TypeNotifications)
+	for i, it := range items {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, it...)
+	}
+	return append(b, "]}"...)
+}
+
+// batched is one request carrying the notifications of batch, in order.
+func batched(batch []outNote) outNote {
+	if len(batch) == 1 {
+		return batch[0]
+	}
+	items := make([][]byte, len(batch))
+	for i, n := range batch {
+		items[i] = n.item
+	}
+	return outNote{url: batch[0].url, body: envelopeOf(items...), fault: FaultBatch, batch: batch}
+}
+
 // runOutbox delivers a call's notifications one at a time, in order, until the call has ended
 // and everything queued was delivered (or given up), or the simulator closes. Notification
 // faults are applied here: a dropped notification is skipped, a duplicated one posted twice, a
-// reordered one held until the next one was posted.
+// reordered one held until the next one was posted, batched ones held and posted in one request
+// with the next one.
 func (s *Sim) runOutbox(c *call) {
 	defer s.wg.Done()
 	defer c.doneOnce.Do(func() { close(c.done) })
 	var (
-		held      *outNote
-		heldUntil time.Time
+		held       *outNote
+		heldUntil  time.Time
+		batch      []outNote // batched notifications waiting for the next one
+		batchUntil time.Time
 	)
 	for {
 		s.mu.Lock()
 		if len(c.outbox) == 0 {
 			ended := c.ended
 			s.mu.Unlock()
-			if held != nil && (ended || !time.Now().Before(heldUntil)) {
+			now := time.Now()
+			if held != nil && (ended || !now.Before(heldUntil)) {
 				s.deliverNote(c, *held)
 				held = nil
 				continue
 			}
-			if ended && held == nil {
+			if len(batch) > 0 && (ended || !now.Before(batchUntil)) {
+				s.deliverNote(c, batched(batch))
+				batch = nil
+				continue
+			}
+			if ended && held == nil && len(batch) == 0 {
 				return
+			}
+			var until time.Time
+			if held != nil {
+				until = heldUntil
+			}
+			if len(batch) > 0 && (until.IsZero() || batchUntil.Before(until)) {
+				until = batchUntil
 			}
 			var (
 				expired <-chan time.Time
 				t       *time.Timer
 			)
-			if held != nil {
-				t = time.NewTimer(time.Until(heldUntil))
+			if !until.IsZero() {
+				t = time.NewTimer(time.Until(until))
 				expired = t.C
 			}
 			select {
@@ -200,8 +240,14 @@ func (s *Sim) runOutbox(c *call) {
 		}
 		n := c.outbox[0]
 		c.outbox = c.outbox[1:]
-		n.fault = s.noteFault(c, &n, held != nil)
+		n.fault = s.noteFault(c, &n, held != nil, len(batch) > 0)
 		s.mu.Unlock()
+		if len(batch) > 0 && (n.url != batch[0].url || (n.fault != "" && n.fault != FaultBatch)) {
+			// The next notification goes elsewhere, or a fault of its own shapes it: the batch
+			// goes without it.
+			s.deliverNote(c, batched(batch))
+			batch = nil
+		}
 		switch n.fault {
 		case FaultDrop:
 			s.log.Debug("notification dropped", zap.String("call_id", c.id), zap.String("scenario_id", c.scenarioID),
@@ -213,13 +259,25 @@ func (s *Sim) runOutbox(c *call) {
 		case FaultReorder:
 			held, heldUntil = &n, time.Now().Add(n.hold)
 			continue
+		case FaultBatch:
+			if len(batch) == 0 {
+				batchUntil = time.Now().Add(n.hold)
+			}
+			batch = append(batch, n)
+			continue
 		}
-		if n.fault == FaultDuplicate {
+		switch {
+		case len(batch) > 0:
+			s.deliverNote(c, batched(append(batch, n)))
+			batch = nil
+		case n.fault == FaultDuplicate:
 			first := n
 			first.fault, n.ack = "", nil
 			s.deliverNote(c, first)
+			s.deliverNote(c, n)
+		default:
+			s.deliverNote(c, n)
 		}
-		s.deliverNote(c, n)
 		if held != nil {
 			s.deliverNote(c, *held)
 			held = nil
@@ -239,6 +297,11 @@ func (s *Sim) deliverNote(c *call, n outNote) {
 	}
 	if n.ack != nil {
 		n.ack <- err
+	}
+	for _, b := range n.batch {
+		if b.ack != nil {
+			b.ack <- err
+		}
 	}
 }
 
@@ -287,7 +350,8 @@ func (s *Sim) deliver(c *call, n outNote) error {
 	}
 }
 
-// post makes one delivery attempt and records it.
+// post makes one delivery attempt and records it: a Delivery for each notification the
+// request carries.
 func (s *Sim) post(c *call, n outNote, target string, attempt int, clientRequestID string) (int, http.Header, error) {
 	rec := Delivery{
 		Time: time.Now(), CallID: c.id, URL: target, Attempt: attempt, ChangeType: string(n.changeType),
@@ -298,13 +362,24 @@ func (s *Sim) post(c *call, n outNote, target string, attempt int, clientRequest
 	if err != nil {
 		rec.Err = err.Error()
 	}
+	recs := []Delivery{rec}
+	if len(n.batch) > 0 {
+		recs = recs[:0]
+		for _, b := range n.batch {
+			r := rec
+			r.ChangeType, r.ResourceURL, r.State = string(b.changeType), b.resourceURL, b.state
+			recs = append(recs, r)
+		}
+	}
 	s.mu.Lock()
-	s.deliveries = append(s.deliveries, rec)
+	s.deliveries = append(s.deliveries, recs...)
 	s.mu.Unlock()
-	s.log.Debug("notification", zap.String("call_id", c.id), zap.String("scenario_id", c.scenarioID),
-		zap.String("tenant_id", s.opts.TenantID), zap.String("change_type", string(n.changeType)),
-		zap.String("resource_url", n.resourceURL), zap.String("state", n.state), zap.String("url", target),
-		zap.Int("attempt", attempt), zap.Int("status", status), zap.Error(err))
+	for _, r := range recs {
+		s.log.Debug("notification", zap.String("call_id", c.id), zap.String("scenario_id", c.scenarioID),
+			zap.String("tenant_id", s.opts.TenantID), zap.String("change_type", r.ChangeType),
+			zap.String("resource_url", r.ResourceURL), zap.String("state", r.State), zap.String("url", target),
+			zap.Int("attempt", attempt), zap.Int("in_request", len(recs)), zap.Int("status", status), zap.Error(err))
+	}
 	return status, hdr, err
 }
 

@@ -129,8 +129,9 @@ type Delivery struct {
 	Status int    // the bot's status code; 0 when the request failed
 	Err    string // transport error, if any
 	// Fault is the injected fault that shaped this delivery: FaultDuplicate on the second
-	// copy, FaultReorder on the notification held back, FaultExpiredToken or
-	// FaultUnpublishedKey; "" for none.
+	// copy, FaultReorder on the notification held back, FaultBatch on each notification of a
+	// request that carried several (they share Time, Body and Status) and on a batched one
+	// posted alone, FaultExpiredToken or FaultUnpublishedKey; "" for none.
 	Fault FaultKind
 }
 
