@@ -97,17 +97,15 @@ func TestFaultTransferUnavailableNoDuplicate(t *testing.T) {
 	}
 }
 
-// Graph's notifications may arrive twice and out of order: every caller still reaches an
-// agent, each by exactly one transfer Graph took, and no agent rings twice at once.
-func TestFaultDuplicatedAndReorderedNotifications(t *testing.T) {
-	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
-	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultDuplicate, Probability: 0.5})
-	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultReorder, Probability: 0.3, Latency: 300 * time.Millisecond})
+// eachCallerTransferredOnce places n callers who press 1, gap apart, and asserts that each
+// reaches an agent by exactly one transfer Graph took, and that no agent rang twice at once.
+func eachCallerTransferredOnce(t *testing.T, w *world, n int, gap time.Duration) {
+	t.Helper()
 	var calls []*graphsim.Call
-	for i := range 4 {
+	for i := range n {
 		calls = append(calls, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 400 * time.Millisecond,
 			From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+1425555%04d", i)}}))
-		time.Sleep(300 * time.Millisecond)
+		time.Sleep(gap)
 	}
 	for _, c := range calls {
 		r := waitDone(t, c, 40*time.Second)
@@ -124,6 +122,15 @@ func TestFaultDuplicatedAndReorderedNotifications(t *testing.T) {
 			t.Errorf("agent %s offered %d calls at once", a, st.MaxConcurrentOffers)
 		}
 	}
+}
+
+// Graph's notifications may arrive twice and out of order: every caller still reaches an
+// agent, each by exactly one transfer Graph took, and no agent rings twice at once.
+func TestFaultDuplicatedAndReorderedNotifications(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultDuplicate, Probability: 0.5})
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultReorder, Probability: 0.3, Latency: 300 * time.Millisecond})
+	eachCallerTransferredOnce(t, w, 4, 300*time.Millisecond)
 	if len(w.sim.Injected()) == 0 {
 		t.Error("no fault was injected: the test proved nothing")
 	}
@@ -134,22 +141,7 @@ func TestFaultBatchedNotifications(t *testing.T) {
 	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), available(agent2, graphsim.AgentAccept), available(agent3, graphsim.AgentAccept))
 	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultBatch, Probability: 0.6, Latency: 300 * time.Millisecond})
 	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultDuplicate, Probability: 0.2})
-	var calls []*graphsim.Call
-	for i := range 3 {
-		calls = append(calls, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 400 * time.Millisecond,
-			From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+1425556%04d", i)}}))
-		time.Sleep(200 * time.Millisecond)
-	}
-	for _, c := range calls {
-		r := waitDone(t, c, 40*time.Second)
-		if r.Outcome != graphsim.OutcomeTransferred {
-			t.Errorf("caller %s experienced %+v; want transferred", r.From.ID, r)
-			continue
-		}
-		if _, took := requests(w, r.ID, "transfer"); took != 1 {
-			t.Errorf("caller %s: %d transfers taken by Graph, want 1", r.From.ID, took)
-		}
-	}
+	eachCallerTransferredOnce(t, w, 3, 200*time.Millisecond)
 	// Requests that carried several notifications, and callbot's answers to them.
 	shared := 0
 	ds := w.sim.Deliveries()
