@@ -162,12 +162,43 @@ func (p *parser) syntax(err error) {
 	if m == nil || m[1] == "" {
 		// The YAML reader's own errors (bad UTF-8, a control character) name no line: find the
 		// byte it stopped at (a file saved as Latin-1 is the usual cause).
-		line, col := badByte(p.data)
-		p.problems = append(p.problems, Problem{File: p.file, Line: line, Column: col, Msg: err.Error()})
-		return
+		if line, col := badByte(p.data); line > 0 {
+			p.problems = append(p.problems, Problem{File: p.file, Line: line, Column: col, Msg: err.Error()})
+			return
+		}
 	}
-	line, _ := strconv.Atoi(m[1])
-	p.problems = append(p.problems, Problem{File: p.file, Line: line, Msg: "yaml: " + m[2]})
+	msg := err.Error()
+	if m != nil {
+		msg = "yaml: " + m[2]
+	}
+	// The line yaml.v3 names is where the enclosing block or flow collection began, for most
+	// errors the line before it, and none for an error on the first line: find the line itself.
+	p.problems = append(p.problems, Problem{File: p.file, Line: syntaxLine(p.data), Msg: msg})
+}
+
+// syntaxLine is the line (1-based) of the syntax error in data: the line after the longest run
+// of whole lines from the start that is valid YAML.
+func syntaxLine(data []byte) int {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	end := len(data)
+	for k := len(lines) - 1; k > 0; k-- {
+		end -= len(lines[k])
+		if validYAML(data[:end]) {
+			return k + 1
+		}
+	}
+	return 1
+}
+
+// validYAML reports whether data is a stream of well-formed YAML documents.
+func validYAML(data []byte) bool {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	for {
+		var n yaml.Node
+		if err := dec.Decode(&n); err != nil {
+			return errors.Is(err, io.EOF)
+		}
+	}
 }
 
 // badByte is the line and column (1-based) of the first byte that is not UTF-8 text YAML takes

@@ -521,6 +521,45 @@ queues: q
 	}
 }
 
+// A YAML syntax error names the line an admin has to fix. yaml.v3 names the line where the
+// enclosing block or flow collection began (for most errors the one before it), or no line at
+// all for an error on the first line: a misindented option at the end of a long menu was
+// reported on the "menus:" line.
+func TestSyntaxErrorLine(t *testing.T) {
+	tests := []struct {
+		name string
+		src  string
+		line int
+	}{
+		{"misindented option", strings.Replace(base, "      \"1\": {queue: q}\n", "      \"1\": {queue: q}\n     \"2\": {queue: q}\n", 1), 11},
+		{"misindented option, deeper", strings.Replace(base, "      \"1\": {queue: q}\n", "      \"1\": {queue: q}\n       \"2\": {queue: q}\n", 1), 11},
+		{"bracket mismatch", strings.Replace(base, "{queue: q}", "{queue: q]", 1), 10},
+		{"unclosed quote", strings.Replace(base, "{queue: q}", "{queue: \"q}", 1), 10},
+		{"first line", strings.Replace(base, "name: t", "name: a: b", 1), 1},
+		{"unclosed bracket", "name: t\nmenus:\n  main: [\n", 3},
+		{"tab", "name: t\n\tstart: main\n", 2},
+		{"second document", base + "---\nname: x\n  y: z\n", 17},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.src), "flow.yaml")
+			var verr *ValidationError
+			if !errors.As(err, &verr) {
+				t.Fatalf("Parse: %v, want a *ValidationError", err)
+			}
+			var yamlLines []int
+			for _, p := range verr.Problems {
+				if strings.HasPrefix(p.Msg, "yaml: ") {
+					yamlLines = append(yamlLines, p.Line)
+				}
+			}
+			if len(yamlLines) != 1 || yamlLines[0] != tt.line {
+				t.Errorf("syntax error on lines %v, want line %d; full error:\n%v", yamlLines, tt.line, err)
+			}
+		})
+	}
+}
+
 func TestValidationErrorFormat(t *testing.T) {
 	src := strings.Replace(base, "start: main", "start: nowhere", 1)
 	src = strings.Replace(src, "    prompt: p\n", "    prompt: p\n    timeout: 2m\n", 1)
