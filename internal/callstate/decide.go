@@ -569,7 +569,7 @@ func (d *decision) transferFailed() {
 		return
 	}
 	c.Target = ""
-	d.menuStep(d.env.Flow.Begin())
+	d.menuStep(d.env.Flow.Restart())
 }
 
 func (d *decision) ended(ev Event) {

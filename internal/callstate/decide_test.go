@@ -351,9 +351,23 @@ func TestDirectTransferFailureReturnsToMenu(t *testing.T) {
 	if c.State != StateTransferring || cmds[2][1].Target != (graph.Party{Kind: graph.KindUser, ID: "22222222-0000-4000-8000-000000000001"}) {
 		t.Fatalf("%s %+v", c.State, cmds[2])
 	}
-	c, _, err := Decide(c, Event{Kind: EvTransferFailed, Verified: true}, env)
+	c, cmds2, err := Decide(c, Event{Kind: EvTransferFailed, Verified: true}, env)
 	if err != nil || c.State != StateInMenu {
 		t.Fatalf("after failed direct transfer: %s %v", c.State, err)
+	}
+	// The caller is back at the start menu, not at the start of the call: the greeting is
+	// played once, after answer.
+	var played [][]graph.MediaPrompt
+	for _, cmd := range cmds2 {
+		if cmd.Kind == CmdPlayPrompt {
+			played = append(played, cmd.Prompts)
+		}
+	}
+	if diff := cmp.Diff(played, [][]graph.MediaPrompt{{prompt("menu")}}); diff != "" {
+		t.Errorf("prompts after a failed direct transfer (-got +want):\n%s", diff)
+	}
+	if c.Menu != (ivr.Position{Menu: "main"}) || c.Timers[TimerMenu] == 0 {
+		t.Errorf("after failed direct transfer: position %+v, timers %v; want the start menu, waiting for a key", c.Menu, c.Timers)
 	}
 }
 

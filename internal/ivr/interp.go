@@ -37,6 +37,13 @@ func (f *Flow) Begin() Step {
 	return f.enter(f.Start, f.prompts(nil, f.Greeting))
 }
 
+// Restart is the step that takes a caller back to the start menu in a call already under way
+// (a direct transfer failed): the start menu's prompt, without the greeting, which is played
+// once, after answer.
+func (f *Flow) Restart() Step {
+	return f.enter(f.Start, nil)
+}
+
 // Digit is the step after the caller pressed digit ("0"-"9", "*", "#", as
 // graph.ToneInfo.Digit returns it) while at pos. A key the menu does not offer counts as a
 // failed attempt: the invalid prompt and the menu prompt are replayed until the attempts
