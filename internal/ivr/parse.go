@@ -272,7 +272,23 @@ func (p *parser) parse(data []byte) *Flow {
 	}
 	p.resolve(f)
 	p.cycles(f)
+	p.commentedKeys()
 	return f
+}
+
+// hashKeyRE matches a line that is an option for the # key written without quotes, which YAML
+// reads as a comment: `#: {queue: sales}`.
+var hashKeyRE = regexp.MustCompile(`^(\s*)#\s*:\s*\{\s*(menu|queue|transfer|disconnect)\s*:`)
+
+// commentedKeys reports options for the # key that YAML took for comments: the option would be
+// lost without a word, and callers pressing # would hear the invalid-key prompt.
+func (p *parser) commentedKeys() {
+	for i, line := range strings.Split(string(p.data), "\n") {
+		if m := hashKeyRE.FindStringSubmatch(line); m != nil {
+			p.problems = append(p.problems, Problem{File: p.file, Line: i + 1, Column: len(m[1]) + 1,
+				Msg: `an option for the # key is read as a comment in YAML: quote the key ("#": ...)`})
+		}
+	}
 }
 
 // cycles reports menus whose fallbacks lead back to themselves and queues whose on-timeouts do:

@@ -215,6 +215,13 @@ func TestParseProblems(t *testing.T) {
 			want: []problem{{1, "name is required"}, {1, "start is required"}, {1, "menus: at least one menu is required"}},
 		},
 		{
+			// YAML reads an unquoted # key as a comment: the option would vanish without a word,
+			// and callers pressing # would hear the invalid-key prompt.
+			name: "unquoted # key",
+			src:  strings.Replace(base, "      \"1\": {queue: q}\n", "      \"1\": {queue: q}\n      #: {disconnect: true}\n", 1),
+			want: []problem{{11, `quote the key`}},
+		},
+		{
 			name: "unknown keys everywhere",
 			src: `name: t
 prompts:
