@@ -208,7 +208,9 @@ func EventOf(n graph.Notification, tenant, scenario string) (Event, bool) {
 		if strings.EqualFold(n.DataType, graph.TypeInviteParticipantsOp) {
 			return Event{Kind: EvInviteDone, ClientContext: op.ClientContext, Failed: op.Status != graph.OpCompleted}, true
 		}
-		return Event{Kind: EvPromptDone, ClientContext: op.ClientContext}, true
+		// A failed prompt (a media file Graph could not fetch) is played again only after a
+		// while; a cancelled one (400/8508) is one callbot no longer waits for, ignored either way.
+		return Event{Kind: EvPromptDone, ClientContext: op.ClientContext, Failed: op.Status == graph.OpFailed}, true
 	case graph.ResourceParticipants:
 		if n.Participants == nil {
 			// not a roster (resourceData null, absent, or one participant's object): reading it

@@ -326,3 +326,28 @@ func TestMachineTimers(t *testing.T) {
 }
 
 func deadRedis(t *testing.T) *redisClient { return newDead() }
+
+// Hold music Graph reports as failed (its operation's final status "failed": a media file it
+// could not fetch, say) is played again only after a while: played again at once, it failed
+// again at once, a loop of playPrompt requests for as long as the caller waited.
+func TestFailedHoldMusicIsRetriedLater(t *testing.T) {
+	g, q := &fakeGraph{}, &fakeQueues{}
+	m, store := newMachine(t, g, q)
+	id := "6a0d4a2e-7d3c-4a43-9c51-0f6c3c9d9e11"
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	c, err := store.Get(context.Background(), graph.CallKey(id))
+	if err != nil || c.State != callstate.StateQueued || c.PromptCtx == "" {
+		t.Fatalf("queued caller with hold music: %+v %v", c, err)
+	}
+	before := len(g.log())
+	notify(t, m, `{"value":[{"changeType":"deleted","resourceUrl":"/communications/calls/`+id+`/operations/o1","resourceData":{"@odata.type":"#microsoft.graph.playPromptOperation","status":"failed","clientContext":"`+c.PromptCtx+`","resultInfo":{"code":400,"subcode":8513,"message":"media fetch failed"}}}]}`)
+	if got := g.log()[before:]; len(got) != 0 {
+		t.Errorf("Graph commands right after the hold music failed: %v, want none (a retry later)", got)
+	}
+	c, _ = store.Get(context.Background(), graph.CallKey(id))
+	if c.State != callstate.StateQueued || c.Timers[callstate.TimerHold] == 0 {
+		t.Errorf("after the hold music failed: state %s timers %v, want queued with the hold retry armed", c.State, c.Timers)
+	}
+}
