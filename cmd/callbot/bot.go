@@ -187,6 +187,11 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	shutErr := srv.Shutdown(sctx)
 	stopLoops()
 	wg.Wait()
+	// The reconciler's lease goes back at once: the instance that replaces this one (a new name,
+	// in a rolling restart) reconciles at its start instead of when the lease runs out.
+	if err := b.store.ReleaseLease(sctx, "reconcile", b.instance); err != nil {
+		b.deps.Log.Warn("reconciler's lease not handed back", zap.Error(err))
+	}
 	done := make(chan struct{})
 	go func() { b.machine.Wait(); close(done) }()
 	select {

@@ -607,6 +607,16 @@ func (s *Store) TryLease(ctx context.Context, name, holder string, ttl time.Dura
 	return TryLeaseAt(ctx, s.rdb, s.prefix+":{lease:"+name+"}", holder, ttl)
 }
 
+// ReleaseLease gives up the lease name if holder has it (an instance shutting down), so that
+// another instance takes it at once instead of when it expires.
+func (s *Store) ReleaseLease(ctx context.Context, name, holder string) error {
+	return releaseLeaseScript.Run(ctx, s.rdb, []string{s.prefix + ":{lease:" + name + "}"}, holder).Err()
+}
+
+var releaseLeaseScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
 // TryLeaseAt is TryLease on a key of the caller's choosing (one in the slot of the data the
 // lease guards, so a script can check the lease as it writes).
 func TryLeaseAt(ctx context.Context, rdb redis.Scripter, key, holder string, ttl time.Duration) (bool, error) {

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"io"
+	"maps"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+// metric reads one line of callbot's /metrics that starts with prefix ("" when absent).
+func (w *world) metric(t *testing.T, prefix string) string {
+	t.Helper()
+	resp, err := http.Get(w.botURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, prefix) {
+			return l
+		}
+	}
+	return ""
+}
+
+// An instance stopped with SIGTERM hands back the reconciler's lease: the instance that starts
+// next (a rolling restart: a new pod, a new name) reconciles at once, and closes a call Graph no
+// longer knows. Before, the stopped instance's lease held for 7.5 minutes, so the next instance's
+// start-up pass was skipped, and the call stayed live for up to 10 minutes.
+func TestShutdownHandsBackTheReconcileLease(t *testing.T) {
+	var rdb *redis.Client
+	rds := func(t *testing.T) string {
+		s := redistest.Start(t)
+		rdb = s.Client(t)
+		return "redis://" + s.Addr + "/0"
+	}
+	a := newWorld(t, rds, away(agent1), away(agent2), away(agent3))
+	a.env["CALLBOT_INSTANCE_ID"] = "a"
+	b := &world{sim: a.sim, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: maps.Clone(a.env)}
+	b.env["CALLBOT_INSTANCE_ID"] = "b"
+	a.start(t)
+	if err := a.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if h, _ := rdb.Get(ctx, "cb:{lease:reconcile}").Result(); h == "a" {
+			break // a reconciled at start and holds the lease
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first instance did not take the reconciler's lease")
+		}
+	}
+	a.stop()
+	select {
+	case err := <-a.done:
+		a.done <- err // for the cleanup
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stopped instance did not exit")
+	}
+
+	// While no instance ran, a queued caller hung up and its notification was lost: Graph no
+	// longer knows the call (graphsim answers 404), callbot's record says it is waiting.
+	id := "5b0c0a1e-0000-4000-8000-00000000c0de"
+	created := time.Now().Add(-3 * time.Minute)
+	call := &callstate.Call{ID: id, Tenant: demoTenant, State: callstate.StateQueued, Queue: "sales",
+		Caller: graph.Party{Kind: graph.KindPhone, ID: "+14255550123"}, CreatedAt: created, AnsweredAt: created, QueuedAt: created}
+	if err := callstate.NewStore(rdb, "cb").CreateWith(ctx, call, callstate.Write{}); err != nil {
+		t.Fatal(err)
+	}
+
+	b.botURL = a.botURL // the same address, free again
+	b.start(t)
+	if err := b.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if b.metric(t, "callbot_calls_closed_total") == "callbot_calls_closed_total 1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			h, _ := rdb.Get(ctx, "cb:{lease:reconcile}").Result()
+			t.Fatalf("the call Graph no longer knows is not closed 5 s after the next instance started "+
+				"(%q; reconciler's lease held by %q)", b.metric(t, "callbot_calls_closed_total"), h)
+		}
+	}
+}
