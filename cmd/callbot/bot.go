@@ -242,7 +242,9 @@ func limitInFlight(n int, next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 		default:
 			w.Header().Set("Retry-After", "1")
-			http.Error(w, `{"error":"too many notifications in flight, retry"}`, http.StatusServiceUnavailable)
+			w.Header().Set("Content-Type", "application/json") // the webhook's Error answer
+			w.WriteHeader(http.StatusServiceUnavailable)
+			w.Write([]byte(`{"error":"too many notifications in flight, retry"}` + "\n"))
 		}
 	})
 }

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"encoding/json"
 	"go/ast"
 	"go/parser"
 	"go/token"
 	"maps"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"slices"
 	"strings"
@@ -157,4 +159,18 @@ func webhookStatusConstants(t *testing.T, file string) []string {
 		t.Fatalf("%s uses no http.Status constant; has the webhook moved?", file)
 	}
 	return slices.Sorted(maps.Keys(seen))
+}
+
+// The 503 of the in-flight cap is the webhook's documented Unavailable answer: a JSON Error body
+// with Retry-After. It was written with http.Error: text/plain, its JSON as plain text.
+func TestWebhookOverloadAnswerIsDocumented(t *testing.T) {
+	h := limitInFlight(0, http.HandlerFunc(func(http.ResponseWriter, *http.Request) { t.Error("served past the cap") }))
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", "/api/calls", strings.NewReader("{}")))
+	var body map[string]string
+	if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") != "1" ||
+		rec.Header().Get("Content-Type") != "application/json" || json.Unmarshal(rec.Body.Bytes(), &body) != nil || body["error"] == "" || len(body) != 1 {
+		t.Errorf("overload answered %d, Retry-After %q, Content-Type %q, body %q; want 503, 1, application/json and the Error schema (api/openapi.yaml, Unavailable)",
+			rec.Code, rec.Header().Get("Retry-After"), rec.Header().Get("Content-Type"), rec.Body.String())
+	}
 }
