@@ -47,7 +47,7 @@ type config struct {
 // The environment variables, with their defaults, in the order the README lists them.
 var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_LISTEN_ADDR", ":8080", "address the HTTP server listens on"},
-	{"CALLBOT_PUBLIC_URL", "", "https base URL Graph reaches callbot at; callbackUri is CALLBOT_PUBLIC_URL/api/calls (required)"},
+	{"CALLBOT_PUBLIC_URL", "", "https base URL Graph reaches callbot at; callbackUri is CALLBOT_PUBLIC_URL/api/calls/<instance> (required)"},
 	{"CALLBOT_TENANT_ID", "", "Entra tenant id (GUID) of the app registration (required)"},
 	{"CALLBOT_CLIENT_ID", "", "application (client) id of the bot (required)"},
 	{"CALLBOT_CLIENT_SECRET", "", "client secret of the app registration (this or CALLBOT_CLIENT_CERT_FILE)"},
