@@ -167,9 +167,13 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				break
 			}
 			ok, err := d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
+			// What follows a reservation runs even when ctx ended meanwhile (a shutdown stops the
+			// loops): the caller and the agent it holds are handed back, not left to the reconciler.
+			// Redis's own timeouts bound it.
+			uctx := context.WithoutCancel(ctx)
 			switch {
 			case err != nil:
-				took, known := d.offerTook(ctx, r)
+				took, known := d.offerTook(uctx, r)
 				if took {
 					// the save was applied, only its answer was lost: the offer stands, and
 					// freeing the agent would let another caller have them during the transfer
@@ -182,9 +186,9 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				// record shows the offer did not apply; when it cannot be read, the reconciler
 				// frees the agent if the caller is still queued on its next pass.
 				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
-				undo := d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
+				undo := d.Store.Enqueue(uctx, d.Tenant, q, r.Call, r.Score)
 				if known {
-					undo = errors.Join(undo, d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0))
+					undo = errors.Join(undo, d.Store.Release(uctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0))
 				}
 				if undo != nil {
 					// the reconciler puts the caller back and frees the agent
@@ -193,7 +197,7 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				return offers
 			case !ok:
 				d.Log.Debug("reserved caller no longer waiting", zap.String("call_id", r.Call))
-				_ = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
+				_ = d.Store.Release(uctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
 			default:
 				offers++
 				d.Log.Info("caller offered to agent", zap.String("call_id", r.Call), zap.String("queue", q), zap.String("agent", r.Agent))

@@ -547,3 +547,41 @@ func BenchmarkSetRoutable(b *testing.B) {
 		}
 	}
 }
+
+// shutdownOfferer is an Offerer that meets a shutdown during the offer: the dispatcher's context
+// ends (SIGTERM stops the loops) and, as the machine's Redis calls then do, the offer and the
+// read of the call fail with the context's error; nothing was applied.
+type shutdownOfferer struct{ stop context.CancelFunc }
+
+func (f *shutdownOfferer) Offer(ctx context.Context, _, _, _ string) (bool, error) {
+	f.stop()
+	return false, ctx.Err()
+}
+
+func (f *shutdownOfferer) Offered(ctx context.Context, _, _, _ string) (bool, error) {
+	return false, ctx.Err()
+}
+
+// An instance stopped between reserving an agent and offering them the caller hands both back:
+// the caller is in the queue again and the agent free, so another instance offers the caller at
+// once. The undo ran on the context the shutdown had ended: it failed, and the caller sat out of
+// the queue, the agent reserved, until a reconciler's pass (minutes) repaired them.
+func TestDispatcherStoppedMidOfferHandsBackCallerAndAgent(t *testing.T) {
+	s := newStore(t)
+	bg := context.Background()
+	must(t, s.SetMembers(bg, "t", "q", []string{"a1"}))
+	must(t, s.SetRoutable(bg, "t", map[string]bool{"a1": true}))
+	must(t, s.Enqueue(bg, "t", "q", "c1", 1))
+	ctx, stop := context.WithCancel(bg)
+	defer stop()
+	d := NewDispatcher(s, &shutdownOfferer{stop: stop}, "t", []string{"q"}, zaptest.NewLogger(t))
+	if n := d.DispatchOnce(ctx); n != 0 {
+		t.Fatalf("%d offers made, want 0", n)
+	}
+	if n, _ := s.Length(bg, "t", "q"); n != 1 {
+		t.Errorf("%d callers in the queue after the interrupted offer, want the caller back", n)
+	}
+	if r, _ := s.Reserved(bg, "t", "a1"); r != "" {
+		t.Errorf("agent still reserved for %q after the interrupted offer", r)
+	}
+}
