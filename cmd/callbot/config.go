@@ -140,6 +140,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 			bad("CALLBOT_ALLOWED_TENANTS", "%q is not a GUID", t)
 		}
 	}
+	// Graph writes these GUIDs in lower case (tid and aud of its tokens, tenantId of its calls),
+	// and they are compared as strings: a GUID written in capitals is the same one.
+	c.TenantID, c.ClientID = strings.ToLower(c.TenantID), strings.ToLower(c.ClientID)
+	for i, t := range c.AllowedTenants {
+		c.AllowedTenants[i] = strings.ToLower(t)
+	}
 	if len(c.AllowedTenants) == 0 && c.TenantID != "" {
 		c.AllowedTenants = []string{c.TenantID}
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/graph/graphsim"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -93,5 +94,28 @@ func TestShutdownHandsBackTheReconcileLease(t *testing.T) {
 			t.Fatalf("the call Graph no longer knows is not closed 5 s after the next instance started "+
 				"(%q; reconciler's lease held by %q)", b.metric(t, "callbot_calls_closed_total"), h)
 		}
+	}
+}
+
+// A tenant id written in capitals is a GUID, and the configuration accepts it; Graph writes
+// tids in lower case. Callers are served all the same. Before, the tenant was compared as written:
+// every notification's token was refused (403 "tenant ... not allowed") and no call was answered.
+func TestConfigTenantIDInCapitals(t *testing.T) {
+	w := newWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	w.env["CALLBOT_TENANT_ID"] = strings.ToUpper(demoTenant)
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", HangUpAfter: 10 * time.Second}), 20*time.Second)
+	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred {
+		refused := 0
+		for _, d := range w.sim.Deliveries() {
+			if d.Status == 403 {
+				refused++
+			}
+		}
+		t.Fatalf("caller experienced %+v (%d notifications refused with 403); want answered and transferred", r, refused)
 	}
 }
