@@ -119,3 +119,45 @@ func TestConfigTenantIDInCapitals(t *testing.T) {
 		t.Fatalf("caller experienced %+v (%d notifications refused with 403); want answered and transferred", r, refused)
 	}
 }
+
+// An instance stopped with SIGTERM hands back the presence lease: the instance that replaces it
+// polls presence at once. Before, the stopped instance's lease held for three intervals (15 s by
+// default), and agents' presence went unread meanwhile: an agent who became available was
+// offered no caller.
+func TestShutdownHandsBackThePresenceLease(t *testing.T) {
+	a := newWorld(t, standaloneRedis, away(agent1), away(agent2), away(agent3))
+	a.env["CALLBOT_INSTANCE_ID"], a.env["CALLBOT_PRESENCE_INTERVAL"] = "a", "4s"
+	b := &world{sim: a.sim, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: maps.Clone(a.env)}
+	b.env["CALLBOT_INSTANCE_ID"] = "b"
+	a.start(t)
+	if err := a.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // a polled at start, and holds the lease
+	a.stop()
+	select {
+	case err := <-a.done:
+		a.done <- err // for the cleanup
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stopped instance did not exit")
+	}
+	polls := func() int {
+		n := 0
+		for _, r := range a.sim.Requests() {
+			if r.Action == "getPresencesByUserId" {
+				n++
+			}
+		}
+		return n
+	}
+	before := polls()
+	b.botURL = a.botURL
+	b.start(t)
+	if err := b.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if polls() == before {
+		t.Errorf("the new instance has not polled presence 1 s after it started (interval 4 s): the stopped one's lease kept it from it")
+	}
+}

@@ -610,7 +610,12 @@ func (s *Store) TryLease(ctx context.Context, name, holder string, ttl time.Dura
 // ReleaseLease gives up the lease name if holder has it (an instance shutting down), so that
 // another instance takes it at once instead of when it expires.
 func (s *Store) ReleaseLease(ctx context.Context, name, holder string) error {
-	return releaseLeaseScript.Run(ctx, s.rdb, []string{s.prefix + ":{lease:" + name + "}"}, holder).Err()
+	return ReleaseLeaseAt(ctx, s.rdb, s.prefix+":{lease:"+name+"}", holder)
+}
+
+// ReleaseLeaseAt is ReleaseLease on a key of the caller's choosing (TryLeaseAt's).
+func ReleaseLeaseAt(ctx context.Context, rdb redis.Scripter, key, holder string) error {
+	return releaseLeaseScript.Run(ctx, rdb, []string{key}, holder).Err()
 }
 
 var releaseLeaseScript = redis.NewScript(`

@@ -60,6 +60,13 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 		}
 		select {
 		case <-ctx.Done():
+			if p.holding { // handed back: another instance polls at once
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				if err := p.Store.ReleasePresenceLease(rctx, p.Tenant, p.Instance); err != nil {
+					p.Log.Warn("presence lease not handed back", zap.Error(err))
+				}
+				cancel()
+			}
 			return
 		case <-t.C:
 		}

@@ -169,6 +169,12 @@ func (s *Store) TryPresenceLease(ctx context.Context, tenant, holder string, ttl
 	return callstate.TryLeaseAt(ctx, s.rdb, s.k(tenant, "lease:presence"), holder, ttl)
 }
 
+// ReleasePresenceLease gives up the tenant's presence lease if holder has it (an instance
+// shutting down), so that another instance polls at once instead of when the lease expires.
+func (s *Store) ReleasePresenceLease(ctx context.Context, tenant, holder string) error {
+	return callstate.ReleaseLeaseAt(ctx, s.rdb, s.k(tenant, "lease:presence"), holder)
+}
+
 // SetRoutable records which agents may be offered a call according to their presence.
 func (s *Store) SetRoutable(ctx context.Context, tenant string, routable map[string]bool) error {
 	return s.setRoutableAs(ctx, tenant, "", routable)
