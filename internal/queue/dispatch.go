@@ -1,8 +1,10 @@
 package queue
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -146,25 +148,31 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 	}
 }
 
-// DispatchOnce offers every caller it can to a free agent, queue by queue, and returns how many
-// offers it made. It is not safe for concurrent use: one goroutine (Run) calls it.
+// DispatchOnce offers every caller it can to a free agent and returns how many offers it made.
+// Among its queues, the one whose head caller has waited longest is served first, one caller at
+// a time: queues that share agents take turns by their callers' waiting time, so a queue is not
+// starved while a busier one has callers. It is not safe for concurrent use: one goroutine (Run)
+// calls it.
 func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 	offers := 0
-	for _, q := range d.Queues {
-		if d.exhausted[q] {
-			continue
+	for ctx.Err() == nil {
+		order, err := d.byHead(ctx)
+		if err != nil {
+			d.Log.Warn("read queue heads", zap.Error(err))
+			return offers
 		}
-		for ctx.Err() == nil {
+		served := false
+		for _, q := range order {
 			r, err := d.Store.Reserve(ctx, d.Tenant, q, d.Now())
 			if errors.Is(err, ErrNoAgent) {
 				d.exhausted[q] = true
 			}
 			if errors.Is(err, ErrEmpty) {
-				break
+				continue
 			}
 			if err != nil {
 				d.Log.Warn("reserve agent", zap.String("queue", q), zap.Error(err))
-				break
+				continue
 			}
 			ok, err := d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
 			// What follows a reservation runs even when ctx ended meanwhile (a shutdown stops the
@@ -202,7 +210,46 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				offers++
 				d.Log.Info("caller offered to agent", zap.String("call_id", r.Call), zap.String("queue", q), zap.String("agent", r.Agent))
 			}
+			served = true
+			break // the heads changed: the next caller is the one who has waited longest now
+		}
+		if !served {
+			return offers
 		}
 	}
 	return offers
+}
+
+// byHead returns the queues that are not exhausted, the one whose head caller has waited
+// longest (lowest score) first; queues nobody waits in are left out. With one queue it reads
+// nothing: the reservation finds out.
+func (d *Dispatcher) byHead(ctx context.Context) ([]string, error) {
+	var qs []string
+	for _, q := range d.Queues {
+		if !d.exhausted[q] {
+			qs = append(qs, q)
+		}
+	}
+	if len(qs) < 2 {
+		return qs, nil
+	}
+	heads := make([]*redis.ZSliceCmd, len(qs))
+	if _, err := d.Store.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, q := range qs {
+			heads[i] = p.ZRangeWithScores(ctx, d.Store.keys(d.Tenant, q).queue, 0, 0)
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	score := map[string]float64{}
+	order := qs[:0]
+	for i, q := range qs {
+		if h := heads[i].Val(); len(h) > 0 {
+			score[q] = h[0].Score
+			order = append(order, q)
+		}
+	}
+	slices.SortStableFunc(order, func(a, b string) int { return cmp.Compare(score[a], score[b]) })
+	return order, nil
 }
