@@ -43,3 +43,39 @@ func TestDispatcherDoesNotStarveAQueueSharingAgents(t *testing.T) {
 	}
 	t.Errorf("offers %v: the caller of queue b, waiting longest, was never offered the shared agent", off.offers)
 }
+
+// With a blind transfer callbot leaves the call, so it only learns when the conversation ends
+// from the agent's presence. An agent's idle time was set when the transfer completed and never
+// again: agent x, who took a long call, came back with the idle time of that call's start and
+// was offered the next caller ahead of agent y, who had finished a short call long before and
+// sat idle since. Now an agent's idle time starts again when presence makes them routable.
+func TestLongestIdleCountsFromTheEndOfTheLastConversation(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t)
+	s.ConnectedGuard = 0
+	must(t, s.SetMembers(ctx, "t", "q", []string{"x", "y"}))
+	must(t, s.SetRoutable(ctx, "t", map[string]bool{"x": true, "y": true}))
+	take := func(call, want string) {
+		t.Helper()
+		must(t, s.Enqueue(ctx, "t", "q", call, time.Now().UnixMilli()))
+		r, err := s.Reserve(ctx, "t", "q", time.Now())
+		must(t, err)
+		if r.Agent != want {
+			t.Fatalf("%s reserved for %s, want %s", call, r.Agent, want)
+		}
+		must(t, s.Release(ctx, "t", r.Agent, call, callstate.AgentConnected, 0)) // transferred
+		must(t, s.SetRoutable(ctx, "t", map[string]bool{r.Agent: false}))        // in a call
+		time.Sleep(5 * time.Millisecond)
+	}
+	take("c1", "x")                                              // x's long call starts
+	take("c2", "y")                                              // y's short call starts ...
+	must(t, s.SetRoutable(ctx, "t", map[string]bool{"y": true})) // ... and ends: y idle from now
+	time.Sleep(5 * time.Millisecond)
+	must(t, s.SetRoutable(ctx, "t", map[string]bool{"x": true})) // x's long call ends just now
+	must(t, s.Enqueue(ctx, "t", "q", "c3", time.Now().UnixMilli()))
+	r, err := s.Reserve(ctx, "t", "q", time.Now())
+	must(t, err)
+	if r.Agent != "y" {
+		t.Errorf("c3 reserved for %s, want y: idle since its short call ended, longer than x who just hung up", r.Agent)
+	}
+}

@@ -117,12 +117,19 @@ func (s *Store) Length(ctx context.Context, tenant, queue string) (int64, error)
 
 // syncFreeScript records agents' presence and puts each in the set of free agents or takes it
 // out, by what the set summarises: free means routable, not reserved, and idle (known to a
-// queue), with the idle score. ARGV: agent, presence ("1", "0", or "" to keep the stored one), ...
+// queue), with the idle score. An agent presence makes routable who was not is idle from now:
+// after a blind transfer only presence tells when the conversation ended. ARGV: holder, now
+// (ms), then agent, presence ("1", "0", or "" to keep the stored one), ...
 var syncFreeScript = redis.NewScript(`
 if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then return -1 end
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local a, v = ARGV[i], ARGV[i + 1]
-  if v ~= '' then redis.call('HSET', KEYS[1], a, v) else v = redis.call('HGET', KEYS[1], a) end
+  if v ~= '' then
+    if v == '1' and redis.call('HGET', KEYS[1], a) ~= '1' then redis.call('ZADD', KEYS[3], 'XX', ARGV[2], a) end
+    redis.call('HSET', KEYS[1], a, v)
+  else
+    v = redis.call('HGET', KEYS[1], a)
+  end
   local idle = redis.call('ZSCORE', KEYS[3], a)
   if v == '1' and idle and redis.call('HEXISTS', KEYS[2], a) == 0 then
     redis.call('ZADD', KEYS[4], idle, a)
@@ -141,11 +148,12 @@ const syncChunk = 128
 func (s *Store) syncFree(ctx context.Context, tenant, holder string, args []any) error {
 	k := s.keys(tenant, "")
 	keys := []string{k.routable, k.busy, k.idle, k.free, s.k(tenant, "lease:presence")}
+	now := time.Now().UnixMilli()
 	var cmds []*redis.Cmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for len(args) > 0 {
 			n := min(len(args), 2*syncChunk)
-			cmds = append(cmds, syncFreeScript.Eval(ctx, p, keys, append([]any{holder}, args[:n]...)...)) // a pipeline cannot fall back from EVALSHA
+			cmds = append(cmds, syncFreeScript.Eval(ctx, p, keys, append([]any{holder, now}, args[:n]...)...)) // a pipeline cannot fall back from EVALSHA
 			args = args[n:]
 		}
 		return nil
