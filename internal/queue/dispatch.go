@@ -3,8 +3,10 @@ package queue
 import (
 	"cmp"
 	"context"
+	"crypto/rand"
 	"errors"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -36,6 +38,14 @@ type Dispatcher struct {
 	// (other instances release agents without telling this one). It spares Redis a reservation,
 	// which reads the tenant's free agents, for every caller who joins a queue nobody can take.
 	exhausted map[string]bool
+
+	// id names this dispatcher's reservation attempts; seq numbers them. retryQueue and
+	// retryToken are an attempt that failed: Redis may have made the reservation and lost only
+	// its reply (the caller out of the queue, the agent reserved for nobody), so it is asked for
+	// again, with the same token, before anything else.
+	id                     string
+	seq                    uint64
+	retryQueue, retryToken string
 }
 
 var _ callstate.Queues = (*Dispatcher)(nil)
@@ -60,7 +70,7 @@ func (d *Dispatcher) offerTook(ctx context.Context, r Reservation) (took, known 
 // NewDispatcher returns a dispatcher for the queues of one tenant.
 func NewDispatcher(store *Store, offer Offerer, tenant string, queues []string, log *zap.Logger) *Dispatcher {
 	return &Dispatcher{Store: store, Offer: offer, Tenant: tenant, Queues: queues, Log: log, Now: time.Now,
-		wake: make(chan struct{}, 1), wakeAgents: make(chan struct{}, 1), exhausted: map[string]bool{}}
+		wake: make(chan struct{}, 1), wakeAgents: make(chan struct{}, 1), exhausted: map[string]bool{}, id: rand.Text()}
 }
 
 // Poke makes the dispatcher look at the queues now: a caller joined.
@@ -162,8 +172,17 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 			return offers
 		}
 		served := false
+		if q := d.retryQueue; q != "" {
+			order = append([]string{q}, slices.DeleteFunc(order, func(o string) bool { return o == q })...)
+		}
 		for _, q := range order {
-			r, err := d.Store.Reserve(ctx, d.Tenant, q, d.Now())
+			token := d.retryToken
+			if q != d.retryQueue || token == "" {
+				d.seq++
+				token = strconv.FormatUint(d.seq, 10)
+			}
+			d.retryQueue, d.retryToken = "", ""
+			r, err := d.Store.reserveAs(ctx, d.Tenant, q, d.Now(), d.id, token)
 			if errors.Is(err, ErrNoAgent) {
 				d.exhausted[q] = true
 			}
@@ -171,8 +190,10 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				continue
 			}
 			if err != nil {
+				// Redis may have made it and lost only the reply: ask again first, next time
+				d.retryQueue, d.retryToken = q, token
 				d.Log.Warn("reserve agent", zap.String("queue", q), zap.Error(err))
-				continue
+				return offers
 			}
 			ok, err := d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
 			// What follows a reservation runs even when ctx ended meanwhile (a shutdown stops the

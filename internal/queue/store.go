@@ -257,7 +257,21 @@ var (
 // 256). Reading the whole idle set instead, every agent of the tenant, cost Redis 164 µs per
 // reservation with 1,950 agents. An agent found reserved or not routable all the same (a set
 // written by an older callbot) is dropped from the set on the way.
+//
+// With a token (ARGV[2]), the reservation made is recorded under the dispatcher's key (KEYS[7])
+// for ARGV[3] ms, and a reservation asked for again with the same token returns the one that
+// token made, while it stands, rather than make another: its reply was lost.
 var reserveScript = redis.NewScript(`
+if ARGV[2] ~= '' then
+  local prev = redis.call('GET', KEYS[7])
+  if prev then
+    local p = cjson.decode(prev)
+    if p[1] == ARGV[2] and redis.call('HGET', KEYS[5], p[3]) == p[2] then
+      redis.call('ZREM', KEYS[1], p[2])
+      return {p[2], p[3], p[4]}
+    end
+  end
+end
 local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #head == 0 then return false end
 local now = tonumber(ARGV[1])
@@ -274,6 +288,9 @@ while true do
         redis.call('ZREM', KEYS[1], head[1])
         redis.call('HSET', KEYS[5], a, head[1])
         redis.call('ZREM', KEYS[4], a)
+        if ARGV[2] ~= '' then
+          redis.call('SET', KEYS[7], cjson.encode({ARGV[2], head[1], a, head[2]}), 'PX', ARGV[3])
+        end
         return {head[1], a, head[2]}
       end
     end
@@ -286,8 +303,22 @@ end`)
 // Reserve takes the caller at the head of queue and reserves an agent for it, atomically. It
 // returns ErrNoCaller when nobody waits and ErrNoAgent when no agent of the queue is free.
 func (s *Store) Reserve(ctx context.Context, tenant, queue string, now time.Time) (Reservation, error) {
+	return s.reserveAs(ctx, tenant, queue, now, "", "")
+}
+
+// reserveTokenTTL is how long a dispatcher may ask again for a reservation whose reply it lost.
+// It is shorter than the reconciler's interval: the reconciler frees such an agent at its second
+// pass at the earliest, so a token never finds the agent reserved again for the same call by
+// another dispatcher.
+const reserveTokenTTL = time.Minute
+
+// reserveAs is Reserve for dispatcher holder, as attempt token: asked again with the same token
+// (the reply of the first ask was lost), it returns the reservation that attempt made, if it did
+// and it stands, rather than make another. Only holder's latest attempt is remembered.
+func (s *Store) reserveAs(ctx context.Context, tenant, queue string, now time.Time, holder, token string) (Reservation, error) {
 	k := s.keys(tenant, queue)
-	v, err := reserveScript.Run(ctx, s.rdb, []string{k.queue, k.members, k.routable, k.free, k.busy, k.cool}, now.UnixMilli()).Result()
+	keys := []string{k.queue, k.members, k.routable, k.free, k.busy, k.cool, s.k(tenant, "reserving:"+holder)}
+	v, err := reserveScript.Run(ctx, s.rdb, keys, now.UnixMilli(), token, reserveTokenTTL.Milliseconds()).Result()
 	if errors.Is(err, redis.Nil) {
 		return Reservation{}, ErrNoCaller
 	}

@@ -42,7 +42,7 @@ func TestStoreOnRedisCluster(t *testing.T) {
 		}
 		var got []queue.Reservation
 		for range 2 {
-			r, err := st.Reserve(ctx, tenant, "sales", time.Now()) // reserveScript, six keys
+			r, err := st.Reserve(ctx, tenant, "sales", time.Now()) // reserveScript, seven keys
 			if err != nil {
 				t.Fatalf("%s: reserve: %v", tenant, err)
 			}
