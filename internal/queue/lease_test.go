@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -64,4 +65,45 @@ func TestPollerThatLostItsLeaseCannotOverwritePresence(t *testing.T) {
 	if r, err := s.Reserve(ctx, "t", "q", time.Now()); err == nil {
 		t.Errorf("routable[a1]=%q after the lease holder wrote Offline: %s reserved for %s while offline", v, r.Agent, r.Call)
 	}
+}
+
+// slowBatches answers every presence request after delay: a Graph that is slow, but answers.
+type slowBatches struct{ delay time.Duration }
+
+func (f slowBatches) Presences(ctx context.Context, ids []string) ([]graph.Presence, error) {
+	time.Sleep(f.delay)
+	out := make([]graph.Presence, len(ids))
+	for i, id := range ids {
+		out[i] = graph.Presence{UserID: id, Availability: "Available", Activity: "Available"}
+	}
+	return out, nil
+}
+
+// The lease was taken once per poll. A poll of several batches (650 agents each) that took
+// longer than the lease, with Graph slow but answering, had its write refused as if another
+// poller had taken the lease, though none had; the next poll took the lease again and was
+// refused again, so with one instance (or every instance as slow) presence was never written
+// again: agents who came online were never offered a call, and agents who went offline kept
+// being offered calls. Now the poller renews its lease before each batch and before writing.
+func TestSlowPollOfSeveralBatchesStillWritesPresence(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newStore(t)
+	agents := make([]string, 700) // two batches
+	for i := range agents {
+		agents[i] = fmt.Sprintf("agent-%04d", i)
+	}
+	must(t, s.SetMembers(ctx, "t", "q", agents))
+	every := 50 * time.Millisecond // lease TTL 150 ms; each batch takes 100 ms
+	p := &Poller{Store: s, Source: slowBatches{delay: 2 * every}, Tenant: "t", Agents: agents, Instance: "only",
+		Log: zaptest.NewLogger(t)}
+	go p.Run(ctx, every)
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		if v, _ := s.rdb.HGet(ctx, s.keys("t", "").routable, "agent-0000").Result(); v == "1" {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Error("presence never written: every poll of the only poller was refused as lease lost")
 }

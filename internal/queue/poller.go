@@ -33,14 +33,18 @@ type Poller struct {
 	last    map[string]bool
 	synced  time.Time
 	holding bool
+	// leaseTTL is the lease Run takes; a poll renews it before each batch and before writing,
+	// so a poll of several slow batches keeps the lease it has (it was refused as lost).
+	leaseTTL time.Duration
 }
 
 // Run polls every interval until ctx ends.
 func (p *Poller) Run(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
+	p.leaseTTL = 3 * every
 	for {
-		held, err := p.lease(ctx, 3*every)
+		held, err := p.lease(ctx, p.leaseTTL)
 		if err != nil {
 			p.Log.Warn("presence lease", zap.Error(err))
 		}
@@ -89,9 +93,26 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 	for _, a := range p.Agents {
 		routable[a] = false
 	}
+	// renew keeps holder's lease through a poll longer than it: a poll that lost it to
+	// another poller stops (its reading would be refused).
+	renew := func() error {
+		if holder == "" || p.leaseTTL <= 0 {
+			return nil
+		}
+		held, err := p.lease(ctx, p.leaseTTL)
+		if err == nil && !held {
+			err = ErrLeaseLost
+		}
+		return err
+	}
 	var errs []error
 	for start := 0; start < len(p.Agents); start += graph.MaxPresenceIDs {
 		batch := p.Agents[start:min(start+graph.MaxPresenceIDs, len(p.Agents))]
+		if start > 0 {
+			if err := renew(); err != nil {
+				return err
+			}
+		}
 		ps, err := p.Source.Presences(ctx, batch)
 		if err != nil {
 			errs = append(errs, err)
@@ -117,6 +138,9 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 				write[a] = r
 			}
 		}
+	}
+	if err := renew(); err != nil {
+		return err
 	}
 	if err := p.Store.setRoutableAs(ctx, p.Tenant, holder, write); err != nil {
 		return err
