@@ -39,6 +39,34 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 	}
 }
 
+// Settings that passed the checks and broke later: a port that does not exist (refused only at
+// listen, after callbot had written to Redis), a public URL ending in an empty query or
+// fragment (callbot appends /api/calls/<instance> to it: a broken callbackUri), an outbox lease
+// past Graph's 15 s answer deadline (a dead instance's answer re-driven too late), and a key
+// prefix with a brace (Redis Cluster hashes the part in braces: a script's keys in other slots).
+func TestConfigRefusesSettingsThatBreakLater(t *testing.T) {
+	for _, tc := range []struct{ name, value, want string }{
+		{"CALLBOT_LISTEN_ADDR", ":99999", "CALLBOT_LISTEN_ADDR: \":99999\""},
+		{"CALLBOT_PUBLIC_URL", "https://bot.example.com/x?", "must not have a query or fragment"},
+		{"CALLBOT_PUBLIC_URL", "https://bot.example.com/#", "must not have a query or fragment"},
+		{"CALLBOT_OUTBOX_LEASE", "15s", "CALLBOT_OUTBOX_LEASE: \"15s\" is not a duration from 1s to under 15s"},
+		{"CALLBOT_KEY_PREFIX", "cb{1}", "CALLBOT_KEY_PREFIX: \"cb{1}\" must be non-empty, without braces"},
+		{"CALLBOT_KEY_PREFIX", "c{b", "without braces"},
+	} {
+		env := validEnv(t)
+		env[tc.name] = tc.value
+		_, err := loadConfig(func(k string) string { return env[k] })
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s=%q: %v, want an error with %q", tc.name, tc.value, err, tc.want)
+		}
+	}
+	env := validEnv(t)
+	env["CALLBOT_OUTBOX_LEASE"], env["CALLBOT_KEY_PREFIX"] = "14s", "callbot-prod"
+	if _, err := loadConfig(func(k string) string { return env[k] }); err != nil {
+		t.Errorf("a valid configuration refused: %v", err)
+	}
+}
+
 // The files the configuration names are read at start: a CA file with no certificate, a client
 // certificate that does not parse, and a certificate password with no certificate are refused
 // with the rest, each naming its variable (they failed later, one at a time, unnamed).
@@ -72,12 +100,18 @@ func TestConfigChecksTheFilesItNames(t *testing.T) {
 	}
 }
 
-func TestConfigDefaults(t *testing.T) {
-	env := map[string]string{
+// validEnv is the least configuration serve accepts.
+func validEnv(t *testing.T) map[string]string {
+	t.Helper()
+	return map[string]string{
 		"CALLBOT_PUBLIC_URL": "https://bot.example.com/", "CALLBOT_TENANT_ID": "7a3c1e52-0d4b-4c1a-9d8e-2f6b5a4c3d21",
 		"CALLBOT_CLIENT_ID": "0efc74f7-41c3-47a4-8775-7259bfef4241", "CALLBOT_CLIENT_SECRET": "s",
 		"CALLBOT_REDIS_URL": "10.0.0.1:7000,10.0.0.2:7000", "CALLBOT_FLOW_FILE": "f.yaml",
 	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	env := validEnv(t)
 	c, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)

@@ -63,10 +63,10 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas or Sentinel, not Cluster"},
 	{"CALLBOT_REDIS_REPLICA_TIMEOUT", "100ms", "how long a change waits for CALLBOT_REDIS_REPLICAS; past it the notification is refused (503) and delivered again"},
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
-	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key"},
+	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key (no braces)"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
 	{"CALLBOT_SHUTDOWN_GRACE", "20s", "time given to requests and Graph commands in flight on SIGTERM"},
-	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them"},
+	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them (under 15s)"},
 	{"CALLBOT_INSTANCE_ID", "", "name of this instance, put in callback URIs as an affinity hint (default: the host name)"},
 	{"CALLBOT_LOG_LEVEL", "info", "debug, info, warn or error"},
 }
@@ -116,8 +116,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.CertPassword != "" && c.CertFile == "" {
 		bad("CALLBOT_CLIENT_CERT_PASSWORD", "set without CALLBOT_CLIENT_CERT_FILE")
 	}
-	if _, _, err := net.SplitHostPort(c.ListenAddr); err != nil {
+	if _, port, err := net.SplitHostPort(c.ListenAddr); err != nil {
 		bad("CALLBOT_LISTEN_ADDR", "%q is not host:port", c.ListenAddr)
+	} else if _, err := net.LookupPort("tcp", port); err != nil {
+		// refused here, before callbot writes anything to Redis, not when it listens
+		bad("CALLBOT_LISTEN_ADDR", "%q: %v", c.ListenAddr, err)
 	}
 	if c.PublicURL != "" {
 		if err := checkPublicURL(c.PublicURL); err != nil {
@@ -181,8 +184,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.ShutdownGrace, err = time.ParseDuration(get("CALLBOT_SHUTDOWN_GRACE")); err != nil || c.ShutdownGrace <= 0 {
 		bad("CALLBOT_SHUTDOWN_GRACE", "%q is not a positive duration", get("CALLBOT_SHUTDOWN_GRACE"))
 	}
-	if c.OutboxLease, err = time.ParseDuration(get("CALLBOT_OUTBOX_LEASE")); err != nil || c.OutboxLease < time.Second {
-		bad("CALLBOT_OUTBOX_LEASE", "%q is not a duration of at least 1s", get("CALLBOT_OUTBOX_LEASE"))
+	if c.OutboxLease, err = time.ParseDuration(get("CALLBOT_OUTBOX_LEASE")); err != nil || c.OutboxLease < time.Second || c.OutboxLease >= maxOutboxLease {
+		// Longer, an answer a dead instance had saved would be re-driven after Graph's 15 s
+		// answer deadline: the caller would be dropped.
+		bad("CALLBOT_OUTBOX_LEASE", "%q is not a duration from 1s to under %v (Graph's answer deadline)", get("CALLBOT_OUTBOX_LEASE"), maxOutboxLease)
+	}
+	if strings.ContainsAny(c.KeyPrefix, "{}") || c.KeyPrefix == "" || strings.TrimSpace(c.KeyPrefix) != c.KeyPrefix {
+		// callbot's keys carry their own hash tags ({call:K}, {tenant:T}): a brace in the prefix
+		// would make Redis Cluster hash another part of the key, and a script's keys fall apart
+		bad("CALLBOT_KEY_PREFIX", "%q must be non-empty, without braces or surrounding spaces", c.KeyPrefix)
 	}
 	c.InstanceID = get("CALLBOT_INSTANCE_ID")
 	if c.InstanceID == "" {
@@ -251,6 +261,10 @@ func isGUID(s string) bool {
 	return true
 }
 
+// maxOutboxLease bounds CALLBOT_OUTBOX_LEASE: Graph ends an incoming call not answered within
+// 15 s, and an answer a dead instance saved waits out the lease before another sends it.
+const maxOutboxLease = 15 * time.Second
+
 // checkPublicURL: Graph only calls https callback URIs; plain http is accepted for loopback
 // hosts so a local simulator can reach callbot.
 func checkPublicURL(s string) error {
@@ -258,7 +272,7 @@ func checkPublicURL(s string) error {
 	if err != nil || u.Host == "" {
 		return fmt.Errorf("%q is not an absolute URL", s)
 	}
-	if u.RawQuery != "" || u.Fragment != "" {
+	if strings.ContainsAny(s, "?#") { // even empty: callbot appends /api/calls/<instance> to it
 		return fmt.Errorf("%q must not have a query or fragment", s)
 	}
 	switch u.Scheme {
