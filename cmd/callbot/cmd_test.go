@@ -132,7 +132,12 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil || o.MasterName != "callbot" || len(o.Addrs) != 2 || o.Password != "pw" || o.DB != 2 || o.IsClusterMode {
 		t.Errorf("sentinel URL: %+v %v", o, err)
 	}
-	for _, bad := range []string{"sentinel://10.0.0.1:26379", "sentinel://nohost/m", "unix:///tmp/r.sock", "redis://:bad port"} {
+	o, err = redisOptions("sentinel://:pw@10.0.0.1:26379/callbot?sentinel_password=spw")
+	if err != nil || o.Password != "pw" || o.SentinelPassword != "spw" {
+		t.Errorf("sentinel URL with the Sentinels' password: %+v %v", o, err)
+	}
+	for _, bad := range []string{"sentinel://10.0.0.1:26379", "sentinel://nohost/m", "unix:///tmp/r.sock", "redis://:bad port",
+		"sentinel://10.0.0.1:26379/m?bd=2"} { // a misspelt parameter was ignored
 		if _, err := redisOptions(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}

@@ -334,6 +334,11 @@ func sentinelOptions(s string) (*redis.UniversalOptions, error) {
 		if err != nil {
 			return nil, err
 		}
+		for k := range q {
+			if k != "db" && k != "sentinel_password" {
+				return nil, fmt.Errorf("unknown sentinel URL parameter %q (db, sentinel_password)", k)
+			}
+		}
 		if db := q.Get("db"); db != "" {
 			n, err := strconv.Atoi(db)
 			if err != nil || n < 0 {
@@ -341,6 +346,9 @@ func sentinelOptions(s string) (*redis.UniversalOptions, error) {
 			}
 			o.DB = n
 		}
+		// The password before @ is the data nodes'; Sentinels with a requirepass of their own
+		// need theirs too.
+		o.SentinelPassword = q.Get("sentinel_password")
 	}
 	o.Addrs = splitList(hosts)
 	for _, a := range o.Addrs {
