@@ -34,6 +34,26 @@ func (w *world) metric(t *testing.T, prefix string) string {
 	return ""
 }
 
+// stopAndWait sends w's callbot SIGTERM and waits for it to exit.
+func stopAndWait(t *testing.T, w *world) {
+	t.Helper()
+	w.stop()
+	select {
+	case err := <-w.done:
+		w.done <- err // for the cleanup
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stopped instance did not exit")
+	}
+}
+
+// replacement is a second callbot for w's simulator and configuration, named instance (a rolling
+// restart's new pod); it listens where w did once started with botURL set.
+func replacement(w *world, instance string) *world {
+	r := &world{sim: w.sim, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: maps.Clone(w.env)}
+	r.env["CALLBOT_INSTANCE_ID"] = instance
+	return r
+}
+
 // An instance stopped with SIGTERM hands back the reconciler's lease: the instance that starts
 // next (a rolling restart: a new pod, a new name) reconciles at once, and closes a call Graph no
 // longer knows. Before, the stopped instance's lease held for 7.5 minutes, so the next instance's
@@ -47,8 +67,7 @@ func TestShutdownHandsBackTheReconcileLease(t *testing.T) {
 	}
 	a := newWorld(t, rds, away(agent1), away(agent2), away(agent3))
 	a.env["CALLBOT_INSTANCE_ID"] = "a"
-	b := &world{sim: a.sim, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: maps.Clone(a.env)}
-	b.env["CALLBOT_INSTANCE_ID"] = "b"
+	b := replacement(a, "b")
 	a.start(t)
 	if err := a.waitReady(10 * time.Second); err != nil {
 		t.Fatal(err)
@@ -62,13 +81,7 @@ func TestShutdownHandsBackTheReconcileLease(t *testing.T) {
 			t.Fatal("the first instance did not take the reconciler's lease")
 		}
 	}
-	a.stop()
-	select {
-	case err := <-a.done:
-		a.done <- err // for the cleanup
-	case <-time.After(30 * time.Second):
-		t.Fatal("the stopped instance did not exit")
-	}
+	stopAndWait(t, a)
 
 	// While no instance ran, a queued caller hung up and its notification was lost: Graph no
 	// longer knows the call (graphsim answers 404), callbot's record says it is waiting.
@@ -127,20 +140,13 @@ func TestConfigTenantIDInCapitals(t *testing.T) {
 func TestShutdownHandsBackThePresenceLease(t *testing.T) {
 	a := newWorld(t, standaloneRedis, away(agent1), away(agent2), away(agent3))
 	a.env["CALLBOT_INSTANCE_ID"], a.env["CALLBOT_PRESENCE_INTERVAL"] = "a", "4s"
-	b := &world{sim: a.sim, stdout: &syncBuffer{}, logs: &syncBuffer{}, env: maps.Clone(a.env)}
-	b.env["CALLBOT_INSTANCE_ID"] = "b"
+	b := replacement(a, "b")
 	a.start(t)
 	if err := a.waitReady(10 * time.Second); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond) // a polled at start, and holds the lease
-	a.stop()
-	select {
-	case err := <-a.done:
-		a.done <- err // for the cleanup
-	case <-time.After(30 * time.Second):
-		t.Fatal("the stopped instance did not exit")
-	}
+	stopAndWait(t, a)
 	polls := func() int {
 		n := 0
 		for _, r := range a.sim.Requests() {
