@@ -48,7 +48,8 @@
 // fresh record, and what an instance decided but did not carry out (it died) is re-driven by
 // another once its lease runs out (RunOutbox); while an instance lives it renews the leases of
 // the commands it is still carrying out, so a slow Graph is not mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
-// has forgotten, keeps long calls alive and repairs queues and agent reservations. Events with no row for the
+// has forgotten, keeps long calls alive and repairs queues (a queued caller missing is put back, an
+// entry whose call ended is removed) and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //
 // A call's Graph commands go out in the order of the transitions that decided them, one at a

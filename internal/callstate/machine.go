@@ -32,10 +32,30 @@ type Queues interface {
 
 // QueueWriter is implemented by Queues whose writes can join the round trip of the save that
 // decided them (behind it: they run even if the save meets a conflict, so only writes that are
-// harmless then are given: an enqueue, and what a call that ends leaves behind).
+// harmless then are given: an enqueue, and what a call that ends leaves behind). An enqueue
+// whose save lost to the call's end leaves a ghost in the queue, which the reconciler removes
+// (QueueSweeper).
 type QueueWriter interface {
 	// Writes returns the pipeline writes of cmds, and what to do once they are sent.
 	Writes(ctx context.Context, tenant, callKey string, cmds []Command) (write func(redis.Pipeliner), after func())
+}
+
+// QueueEntry is a caller in a queue with its score (arrival, ms), as read.
+type QueueEntry struct {
+	Call  string
+	Score float64
+}
+
+// QueueSweeper is implemented by Queues whose queues the reconciler can sweep of ghosts: entries
+// of callers whose call ended (or whose record is gone). A queue write that goes behind a save
+// runs even when the save loses its race (QueueWriter), and the dispatcher's undo of a failed
+// offer puts the caller back, so a caller whose call ends at that moment can be left in a queue.
+type QueueSweeper interface {
+	// Entries returns the callers waiting in each of the tenant's queues named, with their scores.
+	Entries(ctx context.Context, tenant string, queues []string) (map[string][]QueueEntry, error)
+	// RemoveEntries takes out of a queue each entry still there with the score given (one put
+	// back since, at another score, stays), and returns how many it took out.
+	RemoveEntries(ctx context.Context, tenant, queue string, entries []QueueEntry) (int, error)
 }
 
 // Config wires a Machine.
@@ -86,6 +106,9 @@ type Machine struct {
 	cache *cache
 	// Closed counts calls the reconciler found gone from Graph and ended.
 	Closed atomic.Int64
+	// Ghosts counts queue entries the reconciler removed because their call had ended or its
+	// record was gone (sweepGhosts).
+	Ghosts atomic.Int64
 	// Redriven counts commands re-driven from outboxes other instances (or this one before a
 	// restart) left behind; Skipped those found already done by asking Graph.
 	Redriven, Skipped atomic.Int64
@@ -1311,8 +1334,8 @@ const keepAliveAfter = 15 * time.Minute
 // Reconcile walks the live calls once: records that ended or expired leave the set; a call
 // Graph no longer knows (404) is ended and counted in Closed; a call older than 15 minutes gets
 // a keepAlive; a queued caller is put back in its queue if a failure took it out. Then agent
-// reservations whose call ended or moved on are released. Run at start-up it picks up calls
-// whose instance vanished.
+// reservations whose call ended or moved on are released, and queue entries whose call ended
+// are removed (sweepGhosts). Run at start-up it picks up calls whose instance vanished.
 func (m *Machine) Reconcile(ctx context.Context) error {
 	now := m.cfg.Now()
 	keys, err := m.cfg.Store.Live(ctx, now.Add(-time.Minute), 10_000) // a newer call is still being set up
@@ -1323,6 +1346,7 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 	for _, t := range m.cfg.Tenants {
 		tenants[t] = true
 	}
+	live := map[string]bool{} // calls read live on this pass: their queue entries need no second read
 	for _, key := range keys {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -1353,6 +1377,7 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		case err != nil:
 			m.cfg.Log.Warn("reconcile call", zap.String("call_id", key), zap.Error(err))
 		}
+		live[key] = true
 		if c.State == StateQueued && c.Queue != "" {
 			// idempotent: a caller a failed offer took out of the queue is back at its place
 			if err := m.cfg.Queues.Enqueue(ctx, c.Tenant, c.Queue, key, c.QueueScore); err != nil {
@@ -1362,8 +1387,81 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 	}
 	for tenant := range tenants {
 		m.releaseStale(ctx, tenant)
+		m.sweepGhosts(ctx, tenant, live)
 	}
 	return nil
+}
+
+// sweepBatch is how many call records sweepGhosts reads in one round trip.
+const sweepBatch = 500
+
+// sweepGhosts removes from the tenant's queues (those of the flow) the entries of callers whose
+// call ended, or whose record is gone (expired, lost with Redis data): ghosts, which a queue write
+// behind a save that lost its race, or the dispatcher's undo of a failed offer, can leave when
+// the call ends at that moment. A ghost otherwise stays until an agent is free to be reserved for
+// it (the offer is refused), counted among the callers waiting meanwhile. Only those entries are
+// removed: a caller in any other state may be put back at the same score at any moment (a failed
+// transfer), and taking one out would lose their place. An ended call never waits again, so its
+// entry is removed only while it is still there with the score read first: one put back since
+// stays. live holds the calls this pass read and found live: their entries are kept unread.
+func (m *Machine) sweepGhosts(ctx context.Context, tenant string, live map[string]bool) {
+	qs, ok := m.cfg.Queues.(QueueSweeper)
+	flow := m.flow.Load()
+	if !ok || flow == nil || len(flow.Queues) == 0 {
+		return
+	}
+	// the entries first, then the records: a record read after its entry was, so an entry whose
+	// record is found ended (or gone) was there, at that score, while the call had ended
+	entries, err := qs.Entries(ctx, tenant, slices.Sorted(maps.Keys(flow.Queues)))
+	if err != nil {
+		m.cfg.Log.Warn("sweep queues", zap.String("tenant_id", tenant), zap.Error(err))
+		return
+	}
+	seen := map[string]bool{}
+	var keys []string
+	for _, es := range entries {
+		for _, e := range es {
+			if !live[e.Call] && !seen[e.Call] {
+				seen[e.Call] = true
+				keys = append(keys, e.Call)
+			}
+		}
+	}
+	ended := map[string]bool{}
+	for chunk := range slices.Chunk(keys, sweepBatch) {
+		got, err := m.cfg.Store.Ended(ctx, chunk)
+		if err != nil {
+			m.cfg.Log.Warn("sweep queues: read calls", zap.String("tenant_id", tenant), zap.Error(err))
+			return
+		}
+		for i, k := range chunk {
+			if got[i] {
+				ended[k] = true
+			}
+		}
+	}
+	if len(ended) == 0 {
+		return
+	}
+	for _, q := range slices.Sorted(maps.Keys(entries)) {
+		var ghosts []QueueEntry
+		for _, e := range entries[q] {
+			if ended[e.Call] {
+				ghosts = append(ghosts, e)
+			}
+		}
+		if len(ghosts) == 0 {
+			continue
+		}
+		n, err := qs.RemoveEntries(ctx, tenant, q, ghosts)
+		if err != nil {
+			m.cfg.Log.Warn("sweep queue", zap.String("tenant_id", tenant), zap.String("queue", q), zap.Error(err))
+		}
+		if n > 0 {
+			m.Ghosts.Add(int64(n))
+			m.cfg.Log.Info("callers whose call ended removed from a queue", zap.String("tenant_id", tenant), zap.String("queue", q), zap.Int("removed", n))
+		}
+	}
 }
 
 // releaseStale frees agents reserved for a call that ended, or that is with another agent, or

@@ -590,6 +590,37 @@ func (s *Store) DoneOutbox(ctx context.Context, callKey string, score float64) e
 	return doneOutboxScript.Run(ctx, s.rdb, []string{s.index}, callKey, strconv.FormatFloat(score, 'f', -1, 64)).Err()
 }
 
+// Ended reports, for each call, whether its record is terminal or absent (expired, lost): a call
+// that will never wait in a queue again. A record that cannot be understood (a state a newer
+// callbot wrote) counts as not ended. The records are read in one round trip (on Redis Cluster,
+// one per node).
+func (s *Store) Ended(ctx context.Context, callKeys []string) ([]bool, error) {
+	cmds := make([]*redis.SliceCmd, len(callKeys))
+	if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range callKeys {
+			cmds[i] = p.HMGet(ctx, s.key(k), "v", "d")
+		}
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("read %d calls: %w", len(callKeys), err)
+	}
+	out := make([]bool, len(callKeys))
+	for i, c := range cmds {
+		vals := c.Val()
+		vs, _ := vals[0].(string)
+		ds, _ := vals[1].(string)
+		if vs == "" || ds == "" {
+			out[i] = true // as Get: no record
+			continue
+		}
+		var r struct {
+			State State `json:"state"`
+		}
+		out[i] = json.Unmarshal([]byte(ds), &r) == nil && r.State.Terminal()
+	}
+	return out, nil
+}
+
 // Live returns up to limit calls of the set of live calls created before the given time, oldest
 // first.
 func (s *Store) Live(ctx context.Context, before time.Time, limit int64) ([]string, error) {

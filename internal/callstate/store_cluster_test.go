@@ -128,6 +128,11 @@ func testStoreOnCluster(t *testing.T, cluster *redistest.Cluster) (ids []string)
 	if live, _ := st.Live(ctx, now.Add(time.Second), 100); len(live) != calls-1 {
 		t.Errorf("%d live calls after forgetting one, want %d", len(live), calls-1)
 	}
+	// the reconciler's sweep reads records of every master in one pipeline
+	ended, err := st.Ended(ctx, append(slices.Clone(ids), "no-such-call"))
+	if err != nil || slices.Contains(ended[:calls], true) || !ended[calls] {
+		t.Errorf("ended %v (%v), want none but the call with no record", ended, err)
+	}
 	return ids
 }
 

@@ -131,6 +131,18 @@ func (d *Dispatcher) Writes(ctx context.Context, tenant, callKey string, cmds []
 	return write, after
 }
 
+var _ callstate.QueueSweeper = (*Dispatcher)(nil)
+
+// Entries implements callstate.QueueSweeper.
+func (d *Dispatcher) Entries(ctx context.Context, tenant string, queues []string) (map[string][]callstate.QueueEntry, error) {
+	return d.Store.Entries(ctx, tenant, queues)
+}
+
+// RemoveEntries implements callstate.QueueSweeper.
+func (d *Dispatcher) RemoveEntries(ctx context.Context, tenant, queue string, entries []callstate.QueueEntry) (int, error) {
+	return d.Store.RemoveEntries(ctx, tenant, queue, entries)
+}
+
 // Reservations implements callstate.Queues.
 func (d *Dispatcher) Reservations(ctx context.Context, tenant string) (map[string]string, error) {
 	return d.Store.Reservations(ctx, tenant)

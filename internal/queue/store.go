@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -108,6 +109,63 @@ func (s *Store) remove(ctx context.Context, c redis.Cmdable, tenant, queue, call
 // Waiting returns the callers in a queue, head first.
 func (s *Store) Waiting(ctx context.Context, tenant, queue string) ([]string, error) {
 	return s.rdb.ZRange(ctx, s.keys(tenant, queue).queue, 0, -1).Result()
+}
+
+// Entries returns the callers in each of the tenant's queues named, head first, with their scores:
+// one round trip (the queues share the tenant's slot).
+func (s *Store) Entries(ctx context.Context, tenant string, queues []string) (map[string][]callstate.QueueEntry, error) {
+	cmds := make([]*redis.ZSliceCmd, len(queues))
+	if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, q := range queues {
+			cmds[i] = p.ZRangeWithScores(ctx, s.keys(tenant, q).queue, 0, -1)
+		}
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("read the queues of tenant %s: %w", tenant, err)
+	}
+	out := make(map[string][]callstate.QueueEntry, len(queues))
+	for i, q := range queues {
+		zs := cmds[i].Val()
+		if len(zs) == 0 {
+			continue
+		}
+		es := make([]callstate.QueueEntry, len(zs))
+		for j, z := range zs {
+			es[j] = callstate.QueueEntry{Call: fmt.Sprint(z.Member), Score: z.Score}
+		}
+		out[q] = es
+	}
+	return out, nil
+}
+
+// removeAtScript takes out of a queue each caller still there with the score given: ARGV is
+// caller, score, ... It returns how many it took out.
+var removeAtScript = redis.NewScript(`
+local n = 0
+for i = 1, #ARGV, 2 do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) == tonumber(ARGV[i + 1]) then n = n + redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return n`)
+
+// RemoveEntries takes out of a queue each entry that is still there with its score (one put back
+// since at another score stays), atomically per chunk of entries, and returns how many it took
+// out.
+func (s *Store) RemoveEntries(ctx context.Context, tenant, queue string, entries []callstate.QueueEntry) (int, error) {
+	key := s.keys(tenant, queue).queue
+	removed := 0
+	for chunk := range slices.Chunk(entries, syncChunk) {
+		args := make([]any, 0, 2*len(chunk))
+		for _, e := range chunk {
+			args = append(args, e.Call, strconv.FormatFloat(e.Score, 'f', -1, 64))
+		}
+		n, err := removeAtScript.Run(ctx, s.rdb, []string{key}, args...).Int()
+		removed += n
+		if err != nil {
+			return removed, fmt.Errorf("remove %d callers from %s: %w", len(chunk), queue, err)
+		}
+	}
+	return removed, nil
 }
 
 // Length returns how many callers wait in a queue.

@@ -72,6 +72,17 @@ func TestStoreOnRedisCluster(t *testing.T) {
 				t.Errorf("%s: agent %s reserved for %q %v", tenant, a, call, err)
 			}
 		}
+		// the reconciler's sweep: the queues of a tenant read in one pipeline, removeAtScript
+		if err := st.Enqueue(ctx, tenant, "support", "ghost", 1); err != nil {
+			t.Fatal(err)
+		}
+		es, err := st.Entries(ctx, tenant, []string{"sales", "support"})
+		if err != nil || len(es["sales"]) != 0 || len(es["support"]) != 1 {
+			t.Fatalf("%s: entries %v %v, want the ghost in support alone", tenant, es, err)
+		}
+		if n, err := st.RemoveEntries(ctx, tenant, "support", es["support"]); err != nil || n != 1 {
+			t.Fatalf("%s: removed %d %v, want the ghost", tenant, n, err)
+		}
 
 		// every key of the tenant is where CLUSTER KEYSLOT says, on the slot of the tag alone
 		tagSlot, addr, err := cluster.SlotOf(ctx, "tenant:"+tenant)
