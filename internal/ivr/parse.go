@@ -342,6 +342,12 @@ func (p *parser) prompts(f *Flow, fl field) {
 			continue
 		}
 		path := "prompts." + id
+		if v := deref(e.val); v != nil && v.Kind == yaml.ScalarNode && !isNull(v) {
+			// the URL alone: say how to write it, once (the prompt stays known to what plays it)
+			p.errorf(v, "%s: want a mapping such as {uri: %s}, got a string", path, v.Value)
+			f.Prompts[id] = graph.MediaPrompt{URI: v.Value, ResourceID: id}
+			continue
+		}
 		fs, _ := p.object(e.val, path, promptKeys)
 		uri := p.str(fs["uri"], path+".uri")
 		if missing(fs["uri"]) {

@@ -222,6 +222,12 @@ func TestParseProblems(t *testing.T) {
 			want: []problem{{11, `quote the key`}},
 		},
 		{
+			// the URL alone, not in a mapping: one problem that says how to write it, not two
+			name: "prompt as a plain string",
+			src:  strings.Replace(base, "  p: {uri: https://media.example/p.wav}", "  p: https://media.example/p.wav", 1),
+			want: []problem{{3, `prompts.p: want a mapping such as {uri: https://media.example/p.wav}, got a string`}},
+		},
+		{
 			name: "unknown keys everywhere",
 			src: `name: t
 prompts:
