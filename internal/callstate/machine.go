@@ -1106,30 +1106,39 @@ func definitive(err error) bool {
 	return o == graph.Refused || o == graph.NotProcessed
 }
 
-// RunTimers claims due timers and applies them until ctx ends.
+// RunTimers claims due timers and applies them until ctx ends. A batch claimed is applied even
+// if ctx ends meanwhile (a shutdown), within the claim's lease: left claimed, its timers would
+// fire, on another instance, only once the claim ran out, a lease late (an answer check past
+// Graph's answer deadline).
 func (m *Machine) RunTimers(ctx context.Context, every time.Duration) {
 	repeat(ctx, cmp.Or(every, 100*time.Millisecond), false, func() {
-		for {
-			due, err := m.cfg.Timers.Claim(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
-			if err != nil {
-				if ctx.Err() == nil {
-					m.cfg.Log.Warn("claim timers", zap.Error(err))
-				}
-				break
-			}
-			for _, tm := range due {
-				_, err := m.Handle(ctx, tm.Tenant, tm.Call, Event{Kind: EvTimeout, Timer: tm.Kind, TimerToken: tm.Token})
-				if err != nil {
-					m.cfg.Log.Warn("timer not applied, retried after its lease", zap.String("call_id", tm.Call), zap.Error(err))
-					continue
-				}
-				_ = m.cfg.Timers.Done(ctx, tm)
-			}
-			if len(due) < 100 {
+		for ctx.Err() == nil {
+			if m.fireTimers(ctx) < 100 {
 				break
 			}
 		}
 	})
+}
+
+// fireTimers claims up to 100 due timers and applies them, on a context that outlives ctx by at
+// most the claim's lease; it returns how many it claimed.
+func (m *Machine) fireTimers(ctx context.Context) int {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.OutboxLease)
+	defer cancel()
+	due, err := m.cfg.Timers.Claim(wctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
+	if err != nil {
+		m.cfg.Log.Warn("claim timers", zap.Error(err))
+		return 0
+	}
+	for _, tm := range due {
+		_, err := m.Handle(wctx, tm.Tenant, tm.Call, Event{Kind: EvTimeout, Timer: tm.Kind, TimerToken: tm.Token})
+		if err != nil {
+			m.cfg.Log.Warn("timer not applied, retried after its lease", zap.String("call_id", tm.Call), zap.Error(err))
+			continue
+		}
+		_ = m.cfg.Timers.Done(wctx, tm)
+	}
+	return len(due)
 }
 
 // Offer hands a caller the dispatcher took from a queue to an agent it reserved. It returns
