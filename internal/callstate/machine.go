@@ -894,8 +894,9 @@ func (m *Machine) RenewLeases(ctx context.Context) {
 	repeat(ctx, max(m.cfg.OutboxLease/4, time.Millisecond), false, func() { m.renewLeases(ctx) })
 }
 
-// RunOutbox, every interval until ctx ends, re-drives the commands of calls whose lease ran out:
-// commands an instance saved and did not acknowledge, because it died or lost Redis. Meanwhile it
+// RunOutbox, every interval until ctx ends, re-drives the commands of calls whose lease ran out
+// (all of those due, a hundred at a time): commands an instance saved and did not acknowledge,
+// because it died or lost Redis. Meanwhile it
 // renews the leases of the calls this instance is carrying out (RenewLeases), on a goroutine of
 // its own: a re-drive that waits for Graph must not hold the renewal up.
 func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
@@ -903,15 +904,23 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 	renewing.Go(func() { m.RenewLeases(ctx) })
 	defer renewing.Wait()
 	repeat(ctx, max(min(cmp.Or(every, time.Second), m.cfg.OutboxLease/4), time.Millisecond), false, func() {
-		keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
-		if err != nil {
-			if ctx.Err() == nil {
-				m.cfg.Log.Warn("claim outboxes", zap.Error(err))
+		// Every call whose transition decided commands falls due here a lease later, nearly
+		// always acknowledged by then: claim until none is left due, or the outbox of an
+		// instance that died waits behind the calls done already.
+		for ctx.Err() == nil {
+			keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
+			if err != nil {
+				if ctx.Err() == nil {
+					m.cfg.Log.Warn("claim outboxes", zap.Error(err))
+				}
+				return
 			}
-			return
-		}
-		for _, key := range keys {
-			m.Redrive(ctx, key, score)
+			for _, key := range keys {
+				m.Redrive(ctx, key, score)
+			}
+			if len(keys) < 100 {
+				return
+			}
 		}
 	})
 }
