@@ -757,11 +757,12 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
 			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String()})
-		case cmd.Kind == CmdAnswer && definitive(err):
+		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused:
 			feed(Event{Kind: EvCommandFailed, Command: cmd.Kind.String()})
 		case cmd.Kind == CmdAnswer:
-			// ambiguous (timeout, 5xx): the answer may have been taken; ask Graph, and answer
-			// again only if it still has the call incoming
+			// ambiguous (timeout, 5xx): the answer may have been taken; or not taken (throttled,
+			// never sent: the token could not be had), which is no refusal of the call. Ask
+			// Graph, and answer again only if it still has the call incoming
 			m.checkCall(c, scenario, false, log)
 		case cmd.Kind == CmdTransfer && !definitive(err):
 			// Graph may have taken it: do not send it again, ask where the call is; the
