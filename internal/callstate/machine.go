@@ -916,8 +916,20 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 				}
 				return
 			}
-			for _, key := range keys {
-				m.Redrive(ctx, key, score)
+			for i, key := range keys {
+				if ctx.Err() != nil {
+					// a shutdown: what this instance will not re-drive is due again at once for
+					// the others, not a lease later
+					hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+					if err := m.cfg.Store.HandBackOutbox(hctx, keys[i:], score, m.cfg.Now()); err != nil {
+						m.cfg.Log.Warn("hand back claimed outboxes", zap.Int("calls", len(keys)-i), zap.Error(err))
+					}
+					cancel()
+					return
+				}
+				// the re-drive begun is carried through (a read of Graph cut short would
+				// count as Graph unreadable, and its command be given up)
+				m.Redrive(context.WithoutCancel(ctx), key, score)
 			}
 			if len(keys) < 100 {
 				return

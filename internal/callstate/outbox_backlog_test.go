@@ -71,3 +71,80 @@ func TestOutboxBacklogDoesNotHoldUpADeadInstancesAnswer(t *testing.T) {
 			"it waited behind %d outboxes already done", got, 250)
 	}
 }
+
+// getCancels is a Graph whose GetCall ends the caller's loop (a shutdown comes while the read is
+// in flight), then answers as Graph would, unless the read's own context has ended.
+type getCancels struct {
+	*fakeGraph
+	shutdown func()
+}
+
+func (g *getCancels) GetCall(ctx context.Context, id string) (graph.CallState, error) {
+	g.shutdown()
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	return g.fakeGraph.GetCall(ctx, id)
+}
+
+// A shutdown that comes while RunOutbox re-drives an outbox it has claimed: the re-drive of a
+// dead instance's answer must still go out (or be left due at once for another instance), not
+// be dropped as "Graph could not be read" (the read failed only because the loop's context
+// ended) nor left claimed to be re-driven a lease (8 s) later, past Graph's answer deadline.
+func TestOutboxClaimedWhenTheShutdownComesIsNotDropped(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu   sync.Mutex
+		skew time.Duration
+	)
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return time.Now().Add(skew) }
+	store := callstate.NewStore(rdb, "sd")
+	newInstance := func(g callstate.CallControl) *callstate.Machine {
+		return callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "sd"),
+			Control: g, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
+	}
+	hung := &fakeGraph{block: make(chan struct{})}
+	a := newInstance(hung)
+	defer func() { close(hung.block); a.Wait() }()
+	ids := []string{"c-left", "c-left2"}
+	for _, id := range ids {
+		ns, _ := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+		if err := a.Notify(context.Background(), "t1", ns); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A dies before its answers reached Graph
+
+	mu.Lock()
+	skew = 9 * time.Second
+	mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	g := &getCancels{fakeGraph: &fakeGraph{state: graph.CallIncoming}, shutdown: cancel}
+	b := newInstance(g)
+	done := make(chan struct{})
+	go func() { b.RunOutbox(ctx, 10*time.Millisecond); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("RunOutbox did not return after its context ended")
+	}
+	b.Wait()
+	for _, id := range ids {
+		sent := countPrefix(g.log(), "answer "+id+" ") == 1
+		score, err := rdb.ZScore(context.Background(), "sd:{outbox}", graph.CallKey(id)).Result()
+		c, gerr := store.Get(context.Background(), graph.CallKey(id))
+		if gerr != nil {
+			t.Fatal(gerr)
+		}
+		dueNow := err == nil && int64(score) <= now().UnixMilli() && len(c.Outbox) > 0
+		if !sent && !dueNow {
+			t.Errorf("%s: the dead instance's answer, claimed for a re-drive as the shutdown came, was neither sent nor left due at once "+
+				"(graph %v; outbox %v, index score %v %v, due %d)", id, g.log(), c.Outbox, score, err, now().UnixMilli())
+		}
+	}
+}

@@ -580,6 +580,26 @@ func (s *Store) RenewOutbox(ctx context.Context, callKeys []string, due time.Tim
 	return nil
 }
 
+var handBackOutboxScript = redis.NewScript(`
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[1] then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i]) end
+end
+return 0`)
+
+// HandBackOutbox makes the given calls' outboxes, claimed with score and not re-driven (an
+// instance shutting down), due again at now for any instance; one re-leased since is left alone.
+func (s *Store) HandBackOutbox(ctx context.Context, callKeys []string, score float64, now time.Time) error {
+	if len(callKeys) == 0 {
+		return nil
+	}
+	args := make([]any, 0, len(callKeys)+2)
+	args = append(args, strconv.FormatFloat(score, 'f', -1, 64), now.UnixMilli())
+	for _, k := range callKeys {
+		args = append(args, k)
+	}
+	return handBackOutboxScript.Run(ctx, s.rdb, []string{s.index}, args...).Err()
+}
+
 var doneOutboxScript = redis.NewScript(`
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0`)
