@@ -511,6 +511,7 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			return false, err
 		}
 		m.cache.put(callKey, next)
+		m.dropTimers(cur, next, callKey)
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
 		m.carryOut(ctx, next, added, slot, after, log)
 		if next.State.Terminal() && m.cfg.OnEnd != nil {
@@ -601,6 +602,31 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 	}
 	m.ack(ctx, key, false, prev, ps[len(ps)-1].Seq, log)
 	return true
+}
+
+// dropTimers takes the timers the saved transition from cur to next disarmed (superseded,
+// cancelled, fired, or left by the call's end) out of the timer set, with the next batch of
+// acknowledgements (RunAcks): no round trip of their own. Left there, each fires later for
+// nothing: a claim, a read of the record and a removal, more than a round trip per call. Without
+// batching, or with the batch full, they are left to fire and be ignored, as any timer a crash
+// leaves behind.
+func (m *Machine) dropTimers(cur, next Call, key string) {
+	if len(cur.Timers) == 0 || !m.batching.Load() {
+		return
+	}
+	var stale []string
+	for kind, tok := range cur.Timers {
+		if tok != 0 && next.Timers[kind] != tok {
+			stale = append(stale, member(cur.Tenant, key, kind, tok))
+		}
+	}
+	if len(stale) == 0 {
+		return
+	}
+	select {
+	case m.acks <- Ack{Call: key, Timers: stale}:
+	default:
+	}
 }
 
 // ack records that a batch of a call's commands of one kind (after prev, up to seq) is done: at
@@ -916,6 +942,11 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 				}
 				return
 			}
+			claimed := len(keys)
+			// Most are done with: one read of them all, one removal from the index, and only
+			// those with commands pending are re-driven (a read and a removal for each of a few
+			// hundred calls a second was a quarter of a round trip per notification).
+			keys = m.skipDone(ctx, keys, score)
 			for i, key := range keys {
 				if ctx.Err() != nil {
 					// a shutdown: what this instance will not re-drive is due again at once for
@@ -931,11 +962,33 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 				// count as Graph unreadable, and its command be given up)
 				m.Redrive(context.WithoutCancel(ctx), key, score)
 			}
-			if len(keys) < 100 {
+			if claimed < 100 {
 				return
 			}
 		}
 	})
+}
+
+// skipDone takes out of the outbox index the claimed calls (score) whose commands are all
+// acknowledged, or that have no record, and returns the others, for Redrive. When the records
+// cannot be read it returns keys whole: Redrive reads each.
+func (m *Machine) skipDone(ctx context.Context, keys []string, score float64) []string {
+	pending, err := m.cfg.Store.Pending(ctx, keys)
+	if err != nil {
+		return keys
+	}
+	var todo, done []string
+	for i, k := range keys {
+		if pending[i] {
+			todo = append(todo, k)
+		} else {
+			done = append(done, k)
+		}
+	}
+	if err := m.cfg.Store.DoneOutboxes(ctx, done, score); err != nil && ctx.Err() == nil {
+		m.cfg.Log.Warn("remove done outboxes from the index", zap.Int("calls", len(done)), zap.Error(err))
+	}
+	return todo
 }
 
 // repeat calls f every interval until ctx ends (at once first when now is set).

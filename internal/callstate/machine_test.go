@@ -351,3 +351,71 @@ func TestFailedHoldMusicIsRetriedLater(t *testing.T) {
 		t.Errorf("after the hold music failed: state %s timers %v, want queued with the hold retry armed", c.State, c.Timers)
 	}
 }
+
+// A timer a transition disarms (the menu's no-input once the caller pressed a key, every timer of
+// a call that ended) leaves the timer set with the acknowledgements; the current state's timers
+// stay. Left there, each fired later for nothing: a claim, a read of the record and a removal,
+// for every call (a fifth of a Redis round trip per notification at 100 calls a second).
+func TestDisarmedTimersLeaveTheTimerSet(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "dt"), Timers: callstate.NewTimers(rdb, "dt"),
+		Control: &fakeGraph{}, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	ctx, cancel := context.WithCancel(context.Background())
+	acking := make(chan struct{})
+	go func() { m.RunAcks(ctx, 10*time.Millisecond); close(acking) }()
+	defer func() { cancel(); <-acking }()
+	id := "0c9d4a2e-7d3c-4a43-9c51-0f6c3c9d9e22"
+	key := graph.CallKey(id)
+	timersOf := func() []string {
+		all, err := rdb.ZRange(context.Background(), "dt:{timers}", 0, -1).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, mem := range all {
+			if strings.Contains(mem, "|"+key+"|") {
+				out = append(out, strings.Split(mem, "|")[2])
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	settle := func(want func([]string) bool) []string {
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			got := timersOf()
+			if want(got) || time.Now().After(deadline) {
+				return got
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	c, _ := callstate.NewStore(rdb, "dt").Get(context.Background(), key)
+	notify(t, m, `{"value":[{"changeType":"deleted","resourceUrl":"/communications/calls/`+id+`/operations/o1","resourceData":{"@odata.type":"#microsoft.graph.playPromptOperation","status":"completed","clientContext":"`+c.PromptCtx+`"}}]}`)
+	if got := settle(func(ts []string) bool { return slices.Contains(ts, string(callstate.TimerMenu)) }); !slices.Contains(got, string(callstate.TimerMenu)) {
+		t.Fatalf("in the menu: timers %v, want the no-input timer armed", got)
+	}
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	c, _ = callstate.NewStore(rdb, "dt").Get(context.Background(), key)
+	var want []string
+	for kind := range c.Timers {
+		want = append(want, string(kind))
+	}
+	slices.Sort(want)
+	if len(want) == 0 {
+		t.Fatal("a queued caller with no timer: the test proves nothing")
+	}
+	if got := settle(func(ts []string) bool { return slices.Equal(ts, want) }); !slices.Equal(got, want) {
+		t.Errorf("queued: timers in the set %v, want those of the record %v (the menu's gone)", got, want)
+	}
+	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated"}`))
+	if got := settle(func(ts []string) bool { return len(ts) == 0 }); len(got) != 0 {
+		t.Errorf("ended: timers %v left in the set, want none", got)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -316,6 +317,45 @@ func TestDoneOutboxKeepsAReLease(t *testing.T) {
 	}
 	if keys, _, _ := store.ClaimOutbox(ctx, now.Add(time.Minute), time.Minute, 10); len(keys) != 1 {
 		t.Errorf("the save's index entry was removed by an older claim: %v", keys)
+	}
+}
+
+// RunOutbox's sweep of a claimed batch: Pending tells the calls with commands left from those
+// done with or without a record, in one read, and DoneOutboxes removes the index entries of the
+// latter that are still at the claim's score (one a save re-leased since stays).
+func TestPendingAndDoneOutboxes(t *testing.T) {
+	store, _, now := createWithOutbox(t) // c1: one command not acknowledged
+	ctx := context.Background()
+	done := &callstate.Call{ID: "c2", Tenant: "t", State: callstate.StateQueued, CreatedAt: now,
+		Outbox: []callstate.Pending{{Seq: 1, Version: 1, Cmd: callstate.Command{Kind: callstate.CmdEnqueue, Queue: "q"}}}}
+	releasedSince := &callstate.Call{ID: "c3", Tenant: "t", State: callstate.StateQueued, CreatedAt: now, Outbox: done.Outbox}
+	for _, x := range []*callstate.Call{done, releasedSince} {
+		if err := store.Create(ctx, x, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := store.AckMany(ctx, callstate.Ack{Call: "c2", Seq: 1}, callstate.Ack{Call: "c3", Seq: 1}); err != nil {
+		t.Fatal(err)
+	}
+	keys, score, err := store.ClaimOutbox(ctx, now.Add(time.Minute), 0, 10)
+	if err != nil || len(keys) != 3 {
+		t.Fatalf("claim: %v %v", keys, err)
+	}
+	pending, err := store.Pending(ctx, []string{"c1", "c2", "c3", "no-record"})
+	if err != nil || !slices.Equal(pending, []bool{true, false, false, false}) {
+		t.Fatalf("Pending = %v %v, want only c1", pending, err)
+	}
+	releasedSince.State = callstate.StateTerminated
+	if err := store.Save(ctx, releasedSince, now.Add(time.Minute)); err != nil { // a save leases c3 again
+		t.Fatal(err)
+	}
+	if err := store.DoneOutboxes(ctx, []string{"c2", "c3"}, score); err != nil {
+		t.Fatal(err)
+	}
+	left, _, err := store.ClaimOutbox(ctx, now.Add(time.Hour), time.Minute, 10)
+	slices.Sort(left)
+	if err != nil || !slices.Equal(left, []string{"c1", "c3"}) {
+		t.Errorf("index after DoneOutboxes: %v %v, want c1 (pending) and c3 (saved since the claim)", left, err)
 	}
 }
 

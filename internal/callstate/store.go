@@ -392,9 +392,41 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 // Get loads a call, its outbox reduced to the commands not acknowledged yet. It returns
 // ErrNotFound when there is no record.
 func (s *Store) Get(ctx context.Context, callKey string) (Call, error) {
-	vals, err := s.rdb.HMGet(ctx, s.key(callKey), "v", "d", "s", "g", "sp", "gp").Result()
+	vals, err := s.rdb.HMGet(ctx, s.key(callKey), recordFields...).Result()
 	if err != nil {
 		return Call{}, fmt.Errorf("get call %s: %w", callKey, err)
+	}
+	return decodeRecord(callKey, vals)
+}
+
+// recordFields are the fields of a call's hash that make its record (Get).
+var recordFields = []string{"v", "d", "s", "g", "sp", "gp"}
+
+// Pending reports, for each call, whether its outbox holds commands not acknowledged yet (false
+// for a call with no record): one round trip (on Redis Cluster, one per node) for them all. A
+// record that cannot be read or understood counts as pending, for Redrive to look at.
+func (s *Store) Pending(ctx context.Context, callKeys []string) ([]bool, error) {
+	cmds := make([]*redis.SliceCmd, len(callKeys))
+	if _, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range callKeys {
+			cmds[i] = p.HMGet(ctx, s.key(k), recordFields...)
+		}
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("read %d calls: %w", len(callKeys), err)
+	}
+	out := make([]bool, len(callKeys))
+	for i, cmd := range cmds {
+		c, err := decodeRecord(callKeys[i], cmd.Val())
+		out[i] = len(c.Outbox) > 0 || (err != nil && !errors.Is(err, ErrNotFound))
+	}
+	return out, nil
+}
+
+// decodeRecord makes a call's record from the values of its recordFields.
+func decodeRecord(callKey string, vals []any) (Call, error) {
+	if len(vals) != len(recordFields) {
+		return Call{}, fmt.Errorf("get call %s: %d fields read", callKey, len(vals))
 	}
 	vs, _ := vals[0].(string)
 	ds, _ := vals[1].(string)
@@ -405,8 +437,8 @@ func (s *Store) Get(ctx context.Context, callKey string) (Call, error) {
 	if err := json.Unmarshal([]byte(ds), &c); err != nil {
 		return Call{}, fmt.Errorf("get call %s: corrupt record: %w", callKey, err)
 	}
-	c.Version, err = strconv.ParseInt(vs, 10, 64)
-	if err != nil {
+	var err error
+	if c.Version, err = strconv.ParseInt(vs, 10, 64); err != nil {
 		return Call{}, fmt.Errorf("get call %s: corrupt version %q", callKey, vs)
 	}
 	as, _ := vals[2].(string)
@@ -489,7 +521,11 @@ type Ack struct {
 	Call  string // call key
 	Graph bool
 	Prev  int64
-	Seq   int64
+	Seq   int64 // 0: no commands acknowledged, only Timers
+	// Timers are members of the timer set that a saved transition of the call disarmed
+	// (superseded, cancelled, or left by the call's end): taken out with the acknowledgements,
+	// so that they do not fire for nothing.
+	Timers []string
 }
 
 func (a Ack) fields() (watermark, ahead string) {
@@ -512,7 +548,11 @@ func (s *Store) Ack(ctx context.Context, callKey string, graphKind bool, seq int
 
 // AckMany records acknowledgements, in one round trip.
 func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
-	if len(acks) == 1 {
+	var stale []string
+	for _, a := range acks {
+		stale = append(stale, a.Timers...)
+	}
+	if len(acks) == 1 && len(stale) == 0 {
 		a := acks[0]
 		if err := ackScript.Run(ctx, s.rdb, []string{s.key(a.Call)}, a.args()...).Err(); err != nil {
 			return fmt.Errorf("ack commands of call %s: %w", a.Call, err)
@@ -521,7 +561,13 @@ func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
 	}
 	run := func(eval bool) error {
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			if len(stale) > 0 {
+				p.ZRem(ctx, s.timers, stale)
+			}
 			for _, a := range acks {
+				if a.Seq == 0 {
+					continue
+				}
 				if eval {
 					ackScript.Eval(ctx, p, []string{s.key(a.Call)}, a.args()...)
 				} else {
@@ -603,6 +649,26 @@ func (s *Store) HandBackOutbox(ctx context.Context, callKeys []string, score flo
 var doneOutboxScript = redis.NewScript(`
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0`)
+
+var doneOutboxesScript = redis.NewScript(`
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[1] then n = n + redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return n`)
+
+// DoneOutboxes is DoneOutbox for several calls claimed with the same score, in one round trip.
+func (s *Store) DoneOutboxes(ctx context.Context, callKeys []string, score float64) error {
+	if len(callKeys) == 0 {
+		return nil
+	}
+	args := make([]any, 0, len(callKeys)+1)
+	args = append(args, strconv.FormatFloat(score, 'f', -1, 64))
+	for _, k := range callKeys {
+		args = append(args, k)
+	}
+	return doneOutboxesScript.Run(ctx, s.rdb, []string{s.index}, args...).Err()
+}
 
 // DoneOutbox removes a call from the outbox index if nobody re-leased it since the claim that
 // returned score (a save in between re-adds it with a new score, and keeps it).
