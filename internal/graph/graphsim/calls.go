@@ -728,8 +728,10 @@ func (s *Sim) finish(c *call, outcome string, code, subcode int, last *callData)
 	c.res.EndCode, c.res.EndSubcode = code, subcode
 	c.res.EndedAt = time.Now()
 	if last == nil {
-		last = &callData{ID: c.id, State: graph.CallTerminated,
-			ResultInfo: &resultInfo{code: code, subcode: subcode, message: endMessages[subcode]}}
+		// After a DELETE, Graph writes code and subcode as strings (the call-delete page's
+		// terminated notification, WIRE.md a.2).
+		last = &callData{ID: c.id, State: graph.CallTerminated, ResultInfo: &resultInfo{code: code, subcode: subcode,
+			message: endMessages[subcode], quoted: outcome == OutcomeBotHangUp}}
 	}
 	s.sendCall(c, graph.Deleted, *last, nil)
 }

@@ -67,11 +67,13 @@ type toneInfo struct {
 }
 
 // resultInfo marshals as Graph's resultInfo. camel spells the subcode key "subCode", as the
-// documented transfer-failed notification does.
+// documented transfer-failed notification does; quoted writes code and subcode as JSON strings,
+// as the documented terminated notification after a DELETE does.
 type resultInfo struct {
 	code, subcode int
 	message       string
 	camel         bool
+	quoted        bool
 }
 
 func (r resultInfo) MarshalJSON() ([]byte, error) {
@@ -83,8 +85,11 @@ func (r resultInfo) MarshalJSON() ([]byte, error) {
 	if r.camel {
 		key = "subCode"
 	}
-	return fmt.Appendf(nil, `{"@odata.type":"#microsoft.graph.resultInfo","code":%d,"%s":%d,"message":%s}`,
-		r.code, key, r.subcode, msg), nil
+	format := `{"@odata.type":"#microsoft.graph.resultInfo","code":%d,"%s":%d,"message":%s}`
+	if r.quoted {
+		format = `{"@odata.type":"#microsoft.graph.resultInfo","code":"%d","%s":"%d","message":%s}`
+	}
+	return fmt.Appendf(nil, format, r.code, key, r.subcode, msg), nil
 }
 
 // opData is a commsOperation (playPromptOperation...), in responses and notifications.

@@ -2,6 +2,7 @@ package graphsim
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"slices"
 	"strings"
@@ -106,5 +107,37 @@ func TestBadSecretDoesNotUseUpATokenFault(t *testing.T) {
 	}
 	if st, _ := fetchToken(t, s, testClient, testSecret); st != http.StatusServiceUnavailable {
 		t.Errorf("good secret after a bad one: %d, want the fault's 503", st)
+	}
+}
+
+// After a DELETE, Graph's terminated notification writes resultInfo's code and subcode as JSON
+// strings ("200", "5001": payloads/notification-terminated.json, the call-delete page; WIRE.md
+// a.2). A bot that decodes them into plain integers passed against graphsim's numbers and failed
+// on Graph's first hang-up.
+func TestTerminatedAfterDeleteCarriesStringCodes(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), answerOnly)
+	c := placeAndWaitFor(t, s, b, CallerSpec{From: phoneCaller, To: testAppInst}, graph.CallEstablished)
+	b.hangUp(c.ID())
+	waitDone(t, c)
+	var raw []byte
+	for _, d := range s.Deliveries() {
+		if d.CallID == c.ID() && d.State == string(graph.CallTerminated) {
+			raw = d.Body
+		}
+	}
+	var env struct {
+		Value []struct {
+			ResourceData struct {
+				ResultInfo map[string]json.RawMessage `json:"resultInfo"`
+			} `json:"resourceData"`
+		} `json:"value"`
+	}
+	if err := json.Unmarshal(raw, &env); err != nil || len(env.Value) != 1 {
+		t.Fatalf("terminated notification %s: %v", raw, err)
+	}
+	ri := env.Value[0].ResourceData.ResultInfo
+	if string(ri["code"]) != `"200"` || string(ri["subcode"]) != `"7000"` {
+		t.Errorf("resultInfo code %s subcode %s, want the strings \"200\" and \"7000\": %s", ri["code"], ri["subcode"], raw)
 	}
 }
