@@ -424,7 +424,7 @@ func (b *fakeBot) invite(callID, agent, clientContext string, want int) string {
 		ClientContext string
 	}
 	_ = json.Unmarshal(out, &op)
-	if op.Type != graph.TypeInviteParticipantsOp || op.Status != "running" || op.ClientContext != clientContext ||
+	if op.Type != graph.TypeInviteParticipantsOp || graph.ParseOperationStatus(op.Status) != graph.OpRunning || op.ClientContext != clientContext ||
 		hdr.Get("Location") != b.s.GraphURL()+"/communications/calls/"+callID+"/operations/"+op.ID {
 		b.t.Errorf("invite response %s, Location %q", out, hdr.Get("Location"))
 	}

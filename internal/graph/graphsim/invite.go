@@ -11,7 +11,7 @@ import (
 // it (WIRE.md a.4, a.5 and b, "Invite participants").
 //
 //	POST /communications/calls/{id}/participants/invite
-//	  200 inviteParticipantsOperation (running) + Location .../operations/{opId}
+//	  200 inviteParticipantsOperation (status "Running", PascalCase) + Location .../operations/{opId}
 //	agent accepts (after StepDelay):
 //	  deleted  /communications/calls/{id}/operations/{opId}  status completed, 200/0
 //	  updated  /communications/calls/{id}/participants       caller, bot, agent
@@ -32,6 +32,10 @@ const (
 	inviteNoAnswerCode, inviteNoAnswerSubcode = 408, 10057 // WIRE.md a.3: no signalling from callee
 	inviteUnknownCode, inviteUnknownSubcode   = 480, 10037 // WIRE.md a.3: no callee endpoints
 )
+
+// inviteRunning is the status of the invite response, as Graph's documented response spells it
+// (payloads/response-participants-invite-operation.json).
+const inviteRunning graph.OperationStatus = "Running"
 
 // invite is one invitation of an agent into a call.
 type invite struct {
@@ -178,8 +182,10 @@ func (s *Sim) invite(c *call, body []byte) (reply, *apiError) {
 			}
 		})
 	}
+	// Graph's invite response spells the status "Running" (PascalCase), unlike the lower-case
+	// statuses of playPrompt's response and of every operation notification (WIRE.md a.2).
 	return reply{status: http.StatusOK, location: s.GraphURL() + c.path() + "/operations/" + inv.id,
-		body: s.inviteOp(inv, graph.OpRunning, nil)}, nil
+		body: s.inviteOp(inv, inviteRunning, nil)}, nil
 }
 
 func (s *Sim) inviteOp(inv *invite, status graph.OperationStatus, r *resultInfo) inviteOpData {

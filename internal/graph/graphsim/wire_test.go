@@ -141,3 +141,21 @@ func TestTerminatedAfterDeleteCarriesStringCodes(t *testing.T) {
 		t.Errorf("resultInfo code %s subcode %s, want the strings \"200\" and \"7000\": %s", ri["code"], ri["subcode"], raw)
 	}
 }
+
+// Graph's participants/invite response spells the operation status "Running", in PascalCase
+// (payloads/response-participants-invite-operation.json; WIRE.md a.2), while playPrompt's is
+// "running". A bot comparing the invite's status case-sensitively with "running" passed against
+// graphsim and failed on Graph.
+func TestInviteResponseStatusIsPascalCase(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), answerOnly)
+	s.AddAgent(AgentSpec{ID: agentA, Answer: AgentNoAnswer})
+	c := placeAndWaitFor(t, s, b, CallerSpec{From: phoneCaller, To: testAppInst}, graph.CallEstablished)
+	st, out, _ := b.call(http.MethodPost, "/communications/calls/"+c.ID()+"/participants/invite", map[string]any{
+		"participants": []any{map[string]any{"identity": map[string]any{"user": map[string]any{"id": agentA}}}},
+	})
+	var op struct{ Status string }
+	if err := json.Unmarshal(out, &op); st != http.StatusOK || err != nil || op.Status != "Running" {
+		t.Errorf("invite: %d %s, want 200 with status \"Running\"", st, out)
+	}
+}
