@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -246,6 +247,9 @@ func checkClientContext(cc string) *apiError {
 	return nil
 }
 
+// answerModalities are the acceptedModalities an answer may name (WIRE.md b, the call-answer page).
+var answerModalities = []string{"audio", "video", "videoBasedScreenSharing"}
+
 // answer: POST /answer (WIRE.md b). 202, then establishing, then established.
 func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 	var req struct {
@@ -261,6 +265,11 @@ func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 	}
 	if len(req.AcceptedModalities) == 0 {
 		return reply{}, badRequest("acceptedModalities is required.")
+	}
+	for _, m := range req.AcceptedModalities {
+		if !slices.ContainsFunc(answerModalities, func(v string) bool { return strings.EqualFold(v, m) }) {
+			return reply{}, badRequest("acceptedModalities: %q is not a modality (audio, video, videoBasedScreenSharing).", m)
+		}
 	}
 	if len(req.MediaConfig) == 0 || string(req.MediaConfig) == "null" {
 		return reply{}, badRequest("mediaConfig is required.")

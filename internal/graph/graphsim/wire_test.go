@@ -159,3 +159,26 @@ func TestInviteResponseStatusIsPascalCase(t *testing.T) {
 		t.Errorf("invite: %d %s, want 200 with status \"Running\"", st, out)
 	}
 }
+
+// answer's acceptedModalities are Graph's modality values: audio, video, videoBasedScreenSharing
+// (WIRE.md b, "Answer"; the call-answer page). graphsim took any string, so a bot answering with
+// a misspelt modality ("Voice", "audio " ...) passed here and had its answer refused by Graph.
+func TestAnswerRefusesUnknownModality(t *testing.T) {
+	t.Parallel()
+	s, b := newHarness(t, fastOptions(), nil)
+	c := placeIncoming(t, s)
+	answer := func(modalities ...string) (int, []byte) {
+		st, out, _ := b.call("POST", "/communications/calls/"+c.ID()+"/answer", map[string]any{
+			"callbackUri": b.srv.URL + "/cb", "acceptedModalities": modalities,
+			"mediaConfig": map[string]any{"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"}})
+		return st, out
+	}
+	for _, m := range [][]string{{"voice"}, {"audio", "speech"}, {""}} {
+		if st, out := answer(m...); st != http.StatusBadRequest {
+			t.Errorf("acceptedModalities %q: %d %s, want 400", m, st, out)
+		}
+	}
+	if st, out := answer("audio", "video"); st != http.StatusAccepted {
+		t.Errorf("acceptedModalities audio, video: %d %s, want 202", st, out)
+	}
+}
