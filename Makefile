@@ -39,7 +39,7 @@ tidy:
 # method and figures in docs/performance.md. Other settings: make bench-load LOAD="-rate 100 -json".
 .PHONY: bench-load
 bench-load:
-	$(GO) run ./cmd/callbot-load $(or $(LOAD),-rate 200 -duration 20s)
+	$(GO) run ./cmd/callbot-load $(or $(LOAD),-rate 200 -duration 40s)
 
 # Fault-injection tests (issue #3, docs/chaos.md): real callbot processes, redis-server and
 # graphsim on loopback; an instance and then Redis are killed mid-traffic. About 2 minutes.

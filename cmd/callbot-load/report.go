@@ -92,6 +92,20 @@ func settingsOf(o options) Settings {
 		Presence: o.presence.String(), Hold: o.hold, LogLevel: o.logLevel, RedisProxy: o.redisProxy}
 }
 
+// steadyAfter is how long a run must place calls for its Redis counts to include the work each
+// call leaves for later: its outbox-index entry falls due a lease (8 s) after its last save.
+const steadyAfter = 40 * time.Second
+
+// shortRunNote warns that a run shorter than steadyAfter undercounts Redis's work per
+// notification ("" for a longer run, or a closed-loop run with no duration).
+func shortRunNote(duration string) string {
+	d, err := time.ParseDuration(duration)
+	if err != nil || d >= steadyAfter {
+		return ""
+	}
+	return fmt.Sprintf("\n                 (a %s run undercounts: each call's outbox entry comes due 8 s after it; use -duration %s or more)", d, steadyAfter)
+}
+
 func durationOrEmpty(d time.Duration) string {
 	if d == 0 {
 		return ""
@@ -386,7 +400,7 @@ func (r *Report) Text() string {
 		rd.ExecutedPerNotification, rd.ScriptsPerNotification, strings.Join(top, ", "), rd.BackgroundPerSec, rd.KeysAtEnd)
 	if rd.Sent > 0 {
 		p("                 %.2f commands sent/notification by callbot (proxy count: a pipeline counts each command, EVALSHA counts one)", rd.SentPerNotification)
-		p("                 %.2f round trips/notification by callbot (reads of its requests at the proxy: a pipeline is one)", rd.RoundTripsPerNotification)
+		p("                 %.2f round trips/notification by callbot (reads of its requests at the proxy: a pipeline is one)%s", rd.RoundTripsPerNotification, shortRunNote(r.Settings.Duration))
 	} else {
 		p("                 (Redis counts commands run inside Lua scripts too; -redis-proxy counts what callbot sends: each command of a pipeline, EVALSHA as one)")
 	}
