@@ -791,9 +791,11 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// Graph, and answer again only if it still has the call incoming
 			m.checkCall(c, scenario, false, log)
 		case cmd.Kind == CmdTransfer && !definitive(err):
-			// Graph may have taken it: do not send it again, ask where the call is; the
-			// attempt's own request is over, so established now means it failed
-			m.checkCall(c, scenario, true, log)
+			// Graph may have taken it: do not send it again, ask where the call is. A request
+			// that timed out may still be under way in Graph, which may not have left
+			// established yet: established now is one more look, settled by the transfer's
+			// notifications or a second read a while later (transferRecheck), not a failure
+			m.checkCall(c, scenario, false, log)
 		case cmd.Kind == CmdTransfer:
 			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true})
 		case cmd.Kind == CmdPlayPrompt:

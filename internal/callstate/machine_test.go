@@ -2,6 +2,7 @@ package callstate_test
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"os"
 	"slices"
@@ -417,5 +418,70 @@ func TestDisarmedTimersLeaveTheTimerSet(t *testing.T) {
 	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated"}`))
 	if got := settle(func(ts []string) bool { return len(ts) == 0 }); len(got) != 0 {
 		t.Errorf("ended: timers %v left in the set, want none", got)
+	}
+}
+
+// A transfer request that timed out may have reached Graph all the same, and Graph may not have
+// left "established" yet when callbot reads the call at once: taking that read for the
+// transfer's failure put the caller back in the queue while Graph was transferring them (the
+// next offer a second transfer). The read is one more look, settled a while later (or by the
+// transfer's own notifications), not a verdict.
+func TestAmbiguousTransferFailureIsNotSettledByAnImmediateRead(t *testing.T) {
+	g, q := &fakeGraph{fail: map[string]error{"transfer": fmt.Errorf("post transfer: %w", context.DeadlineExceeded)}}, &fakeQueues{}
+	m, store := newMachine(t, g, q)
+	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e33"
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	m.Wait() // the transfer times out; callbot reads the call: still established
+	c, _ := store.Get(context.Background(), graph.CallKey(id))
+	if c.State != callstate.StateTransferring || slices.Contains(q.ops, "release agent-a failed") {
+		t.Fatalf("after a timed-out transfer and an immediate read: %s, queue ops %v; want still transferring, the agent kept", c.State, q.ops)
+	}
+	// Graph did take it
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
+	c, _ = store.Get(context.Background(), graph.CallKey(id))
+	if c.Outcome != callstate.OutcomeTransferred || countPrefix(g.log(), "transfer") != 1 || countPrefix(q.ops, "enqueue") != 1 {
+		t.Errorf("outcome %s, graph %v, queue ops %v; want transferred by the one transfer, queued once", c.Outcome, g.log(), q.ops)
+	}
+}
+
+// The other side of it: Graph did not take the timed-out transfer. The second read, a while
+// later, settles it: the caller goes back to the head of the queue and the agent is freed.
+func TestAmbiguousTransferFailureRequeuesAfterASecondRead(t *testing.T) {
+	g, q := &fakeGraph{fail: map[string]error{"transfer": fmt.Errorf("post transfer: %w", context.DeadlineExceeded)}}, &fakeQueues{}
+	var mu sync.Mutex
+	clock := time.Now()
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	m, store := newMachine(t, g, q, now)
+	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e44"
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	m.Wait()
+	mu.Lock()
+	clock = clock.Add(6 * time.Second) // past the recheck
+	mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
+	var c callstate.Call
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		m.Wait()
+		if c, _ = store.Get(context.Background(), graph.CallKey(id)); c.State == callstate.StateQueued {
+			break
+		}
+	}
+	cancel()
+	<-done
+	if c.State != callstate.StateQueued || !slices.Contains(q.ops, "release agent-a failed") || countPrefix(g.log(), "transfer") != 1 {
+		t.Errorf("after the second read: %s, queue ops %v, graph %v; want back in the queue, the agent freed, one transfer sent", c.State, q.ops, g.log())
 	}
 }
