@@ -25,13 +25,9 @@ const (
 	maxRedirects  = 3
 )
 
-// Wire shapes of what the simulator sends. graph's types are reused where they marshal to the
-// documented shape; these add the @odata annotations and the `subCode` spelling.
-type envelope struct {
-	ODataType string         `json:"@odata.type"`
-	Value     []notification `json:"value"`
-}
-
+// Wire shapes of what the simulator sends (the commsNotifications envelope around them is
+// envelopeOf's). graph's types are reused where they marshal to the documented shape; these add
+// the @odata annotations and the `subCode` spelling.
 type notification struct {
 	ODataType    string           `json:"@odata.type"`
 	ChangeType   graph.ChangeType `json:"changeType"`
