@@ -1597,12 +1597,20 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 
 // RunReconcile reconciles at once and then every interval until ctx ends. Among instances,
 // the one holding the reconciler's lease in Redis does the pass (holder names this instance).
+// An instance without the lease asks for it every tenth of the interval (30 s at most), so a
+// lease handed back at shutdown is taken within that: in a rolling update the instance that
+// replaces a stopped one started before it stopped, and its start-up pass found the lease held.
 func (m *Machine) RunReconcile(ctx context.Context, every time.Duration, holder string) {
-	repeat(ctx, every, true, func() {
+	var last time.Time // this instance's last pass
+	repeat(ctx, max(min(every/10, 30*time.Second), time.Millisecond), true, func() {
+		if !last.IsZero() && time.Since(last) < every {
+			return
+		}
 		held, err := m.cfg.Store.TryLease(ctx, "reconcile", holder, every+every/2)
 		if err != nil || !held {
 			return
 		}
+		last = time.Now()
 		if err := m.Reconcile(ctx); err != nil && ctx.Err() == nil {
 			m.cfg.Log.Warn("reconcile", zap.Error(err))
 		}
