@@ -49,7 +49,7 @@ func TestConfigRefusesSettingsThatBreakLater(t *testing.T) {
 		{"CALLBOT_LISTEN_ADDR", ":99999", "CALLBOT_LISTEN_ADDR: \":99999\""},
 		{"CALLBOT_PUBLIC_URL", "https://bot.example.com/x?", "must not have a query or fragment"},
 		{"CALLBOT_PUBLIC_URL", "https://bot.example.com/#", "must not have a query or fragment"},
-		{"CALLBOT_OUTBOX_LEASE", "15s", "CALLBOT_OUTBOX_LEASE: \"15s\" is not a duration from 1s to under 15s"},
+		{"CALLBOT_OUTBOX_LEASE", "13s", "CALLBOT_OUTBOX_LEASE: \"13s\" is not a duration from 1s to 12s"},
 		{"CALLBOT_KEY_PREFIX", "cb{1}", "CALLBOT_KEY_PREFIX: \"cb{1}\" must be non-empty, without braces"},
 		{"CALLBOT_KEY_PREFIX", "c{b", "without braces"},
 	} {
@@ -61,7 +61,7 @@ func TestConfigRefusesSettingsThatBreakLater(t *testing.T) {
 		}
 	}
 	env := validEnv(t)
-	env["CALLBOT_OUTBOX_LEASE"], env["CALLBOT_KEY_PREFIX"] = "14s", "callbot-prod"
+	env["CALLBOT_OUTBOX_LEASE"], env["CALLBOT_KEY_PREFIX"] = "12s", "callbot-prod"
 	if _, err := loadConfig(func(k string) string { return env[k] }); err != nil {
 		t.Errorf("a valid configuration refused: %v", err)
 	}

@@ -66,7 +66,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key (no braces)"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
 	{"CALLBOT_SHUTDOWN_GRACE", "20s", "time given to requests and Graph commands in flight on SIGTERM"},
-	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them (under 15s)"},
+	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them (at most 12s)"},
 	{"CALLBOT_INSTANCE_ID", "", "name of this instance, put in callback URIs as an affinity hint (default: the host name)"},
 	{"CALLBOT_LOG_LEVEL", "info", "debug, info, warn or error"},
 }
@@ -184,10 +184,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.ShutdownGrace, err = time.ParseDuration(get("CALLBOT_SHUTDOWN_GRACE")); err != nil || c.ShutdownGrace <= 0 {
 		bad("CALLBOT_SHUTDOWN_GRACE", "%q is not a positive duration", get("CALLBOT_SHUTDOWN_GRACE"))
 	}
-	if c.OutboxLease, err = time.ParseDuration(get("CALLBOT_OUTBOX_LEASE")); err != nil || c.OutboxLease < time.Second || c.OutboxLease >= maxOutboxLease {
+	if c.OutboxLease, err = time.ParseDuration(get("CALLBOT_OUTBOX_LEASE")); err != nil || c.OutboxLease < time.Second || c.OutboxLease > maxOutboxLease {
 		// Longer, an answer a dead instance had saved would be re-driven after Graph's 15 s
 		// answer deadline: the caller would be dropped.
-		bad("CALLBOT_OUTBOX_LEASE", "%q is not a duration from 1s to under %v (Graph's answer deadline)", get("CALLBOT_OUTBOX_LEASE"), maxOutboxLease)
+		bad("CALLBOT_OUTBOX_LEASE", "%q is not a duration from 1s to %v (a dead instance's answer is re-driven a lease after it was saved, then read and sent: within Graph's 15 s answer deadline)", get("CALLBOT_OUTBOX_LEASE"), maxOutboxLease)
 	}
 	if strings.ContainsAny(c.KeyPrefix, "{}") || c.KeyPrefix == "" || strings.TrimSpace(c.KeyPrefix) != c.KeyPrefix {
 		// callbot's keys carry their own hash tags ({call:K}, {tenant:T}): a brace in the prefix
@@ -262,8 +262,9 @@ func isGUID(s string) bool {
 }
 
 // maxOutboxLease bounds CALLBOT_OUTBOX_LEASE: Graph ends an incoming call not answered within
-// 15 s, and an answer a dead instance saved waits out the lease before another sends it.
-const maxOutboxLease = 15 * time.Second
+// 15 s, and an answer a dead instance saved waits out the lease, then up to a claim tick (a
+// quarter lease, 1 s at most), a read of the call and the answer request, before it is sent.
+const maxOutboxLease = 12 * time.Second
 
 // checkPublicURL: Graph only calls https callback URIs; plain http is accepted for loopback
 // hosts so a local simulator can reach callbot.
