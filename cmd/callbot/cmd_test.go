@@ -136,6 +136,15 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil || o.Password != "pw" || o.SentinelPassword != "spw" {
 		t.Errorf("sentinel URL with the Sentinels' password: %+v %v", o, err)
 	}
+	// an @ in the Sentinels' password, and an encoded one in the data nodes'
+	o, err = redisOptions("sentinel://:p%40ss@10.0.0.1:26379/callbot?sentinel_password=s%40pw")
+	if err != nil || o.Password != "p@ss" || o.SentinelPassword != "s@pw" || o.MasterName != "callbot" || len(o.Addrs) != 1 {
+		t.Errorf("sentinel URL with @ in its passwords: %+v %v", o, err)
+	}
+	o, err = redisOptions("sentinel://10.0.0.1:26379/callbot?sentinel_password=s@pw")
+	if err != nil || o.SentinelPassword != "s@pw" || o.Password != "" || o.MasterName != "callbot" {
+		t.Errorf("sentinel URL with a bare @ in the query: %+v %v", o, err)
+	}
 	for _, bad := range []string{"sentinel://10.0.0.1:26379", "sentinel://nohost/m", "unix:///tmp/r.sock", "redis://:bad port",
 		"sentinel://10.0.0.1:26379/m?bd=2"} { // a misspelt parameter was ignored
 		if _, err := redisOptions(bad); err == nil {

@@ -320,15 +320,20 @@ func redisOptions(s string) (*redis.UniversalOptions, error) {
 // addresses and the name of the master they watch.
 func sentinelOptions(s string) (*redis.UniversalOptions, error) {
 	o := &redis.UniversalOptions{}
+	s, query, _ := strings.Cut(s, "?") // a sentinel_password may hold an @
 	if at := strings.LastIndex(s, "@"); at >= 0 {
-		o.Password = strings.TrimPrefix(s[:at], ":")
+		// percent-encoded as in a redis:// URL, so that a password may hold any character
+		pw, err := url.PathUnescape(strings.TrimPrefix(s[:at], ":"))
+		if err != nil {
+			return nil, fmt.Errorf("sentinel URL password: %v", err)
+		}
+		o.Password = pw
 		s = s[at+1:]
 	}
-	hosts, rest, ok := strings.Cut(s, "/")
-	if !ok || rest == "" {
+	hosts, master, ok := strings.Cut(s, "/")
+	if !ok || master == "" {
 		return nil, errors.New("sentinel URL needs the master name: sentinel://host:port,host:port/master")
 	}
-	master, query, _ := strings.Cut(rest, "?")
 	o.MasterName = master
 	if query != "" {
 		q, err := url.ParseQuery(query)
