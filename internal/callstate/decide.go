@@ -175,7 +175,7 @@ func (d *decision) apply(ev Event) error {
 			// answered: answering again cannot answer twice
 			d.answer()
 		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished && (ev.Verified || c.Transferring):
-			d.transferFailed()
+			d.transferFailed(false)
 		case c.State == StateTransferring && ev.GraphState == graph.CallTransferring && !c.Transferring:
 			c.Transferring = true // as EvTransferring: the notification was lost, or is late
 		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished:
@@ -260,7 +260,7 @@ func (d *decision) apply(ev Event) error {
 				d.checkRoster()
 				d.timer(TimerTransfer, transferRecheck)
 			case ev.Timer == TimerTransfer:
-				d.transferFailed() // the roster could not be read either: the agent did not join
+				d.transferFailed(false) // the roster could not be read either: the agent did not join
 			default:
 				return ErrIgnored
 			}
@@ -355,7 +355,7 @@ func (d *decision) apply(ev Event) error {
 			}
 		case c.State == StateInviting && read:
 			// the invite failed or timed out, and Graph confirms the agent is not in the call
-			d.transferFailed()
+			d.transferFailed(false)
 		case c.State == StateConnected && (c.Joined || read):
 			// The agent left the conversation (a roster read is made a check interval after
 			// connecting: an agent not in it by then has left): callbot ends the call, the
@@ -387,7 +387,7 @@ func (d *decision) apply(ev Event) error {
 			d.emit(Command{Kind: CmdCheckCall})
 			return nil
 		}
-		d.transferFailed()
+		d.transferFailed(ev.NotSent)
 		return nil
 
 	case EvEnded:
@@ -408,6 +408,7 @@ const (
 	// transferRecheck: a failure notification could not be told from an earlier attempt's; ask
 	// Graph again this long after, and take what it says then
 	transferRecheck = 5 * time.Second
+	notSentHold     = 2 * time.Second  // an agent whose transfer Graph never processed, before the next offer
 	promptGuard     = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
 	holdGuard       = 10 * time.Minute // hold music's end not reported: play it again after this
 	// rosterCheck: while connected, read the roster this often, in case the roster that shows
@@ -551,12 +552,20 @@ func (d *decision) hangup() {
 }
 
 // transferFailed puts a caller whose transfer failed back where it came from: the head of its
-// queue (its original arrival score), or the start of the menu for a direct transfer.
-func (d *decision) transferFailed() {
+// queue (its original arrival score), or the start of the menu for a direct transfer. The agent
+// cools down and counts as idle from now, unless notSent: Graph never processed the request
+// (throttled, no token), so the agent never rang and keeps their place among the longest idle,
+// held back only notSentHold (else a request that fails at once, for want of a token, would be
+// tried again with the same agent in a tight loop).
+func (d *decision) transferFailed(notSent bool) {
 	c := &d.c
 	c.Outcome, c.Transferring, c.TransferCtx, c.InviteCtx, c.RosterCtx = "", false, "", "", ""
 	if c.Agent != "" {
-		d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed})
+		release := Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed}
+		if notSent {
+			release.AgentOutcome, release.After = AgentAbandoned, notSentHold
+		}
+		d.emit(release)
 		c.Agent = ""
 		c.State = StateQueued
 		c.Timers = nil

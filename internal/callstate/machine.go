@@ -797,7 +797,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// notifications or a second read a while later (transferRecheck), not a failure
 			m.checkCall(c, scenario, false, log)
 		case cmd.Kind == CmdTransfer:
-			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true})
+			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true, NotSent: graph.Classify(err) == graph.NotProcessed})
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
 			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})

@@ -485,3 +485,37 @@ func TestAmbiguousTransferFailureRequeuesAfterASecondRead(t *testing.T) {
 		t.Errorf("after the second read: %s, queue ops %v, graph %v; want back in the queue, the agent freed, one transfer sent", c.State, q.ops, g.log())
 	}
 }
+
+// A transfer Graph refused is the agent's failed attempt: they cool down and their idle time
+// starts again. One Graph never processed (throttled after the client's retries, or never sent
+// for want of a token) never rang the agent: they keep their place among the longest idle, held
+// back only 2 s (not a tight loop of offers), while the caller goes back to the head of the
+// queue either way.
+func TestTransferNotProcessedDoesNotCoolTheAgent(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"refused", &graph.Error{Op: "transfer", Status: 403, Code: "Forbidden"}, "release agent-a failed"},
+		{"throttled", &graph.Error{Op: "transfer", Status: 429, Code: "TooManyRequests"}, "release agent-a abandoned 2s"},
+		{"no token", fmt.Errorf("get token: %w", graph.ErrNotSent), "release agent-a abandoned 2s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, q := &fakeGraph{fail: map[string]error{"transfer": tc.err}}, &fakeQueues{}
+			m, store := newMachine(t, g, q)
+			id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e55"
+			notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+			notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+			notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+			if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
+				t.Fatalf("offer: %v %v", ok, err)
+			}
+			m.Wait()
+			c, _ := store.Get(context.Background(), graph.CallKey(id))
+			if c.State != callstate.StateQueued || !slices.Contains(q.ops, tc.want) || countPrefix(q.ops, "enqueue") != 2 {
+				t.Errorf("after the transfer failed: %s, queue ops %v; want back in the queue and %q", c.State, q.ops, tc.want)
+			}
+		})
+	}
+}

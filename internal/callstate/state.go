@@ -124,6 +124,9 @@ type Event struct {
 	// On EvCallState: the read settles the current attempt (it follows the attempt's own
 	// request or timer), so a call established again means the attempt failed.
 	Verified bool
+	// NotSent: a transfer request Graph never processed (EvTransferFailed): throttled (429), or
+	// never sent (no token). The agent never rang: not their failure.
+	NotSent bool
 	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
 	Result  graph.ResultInfo
 	Reason  string
