@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/callbot/callbot/internal/callstate"
@@ -170,16 +171,56 @@ queues:
 `
 
 func newMachine(t *testing.T, g *fakeGraph, q callstate.Queues, now ...func() time.Time) (*callstate.Machine, *callstate.Store) {
-	srv := redistest.Start(t)
-	rdb := srv.Client(t)
+	rdb := redistest.Start(t).Client(t)
+	return instance(t, rdb, "test", g, q, append(now, time.Now)[0]), callstate.NewStore(rdb, "test")
+}
+
+// instance is a machine with the test flow on rdb under prefix, one of the instances that may
+// share it; now is its clock (nil: time.Now).
+func instance(t *testing.T, rdb *redis.Client, prefix string, g callstate.CallControl, q callstate.Queues, now func() time.Time) *callstate.Machine {
+	t.Helper()
 	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	store := callstate.NewStore(rdb, "test")
-	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "test"), Control: g, Queues: q,
-		Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: append(now, time.Now)[0]})
-	return m, store
+	if now == nil {
+		now = time.Now
+	}
+	return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
+		Control: g, Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
+}
+
+// skewClock is the wall clock moved forward by what a test adds.
+type skewClock struct {
+	mu   sync.Mutex
+	skew time.Duration
+}
+
+func (c *skewClock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return time.Now().Add(c.skew) }
+func (c *skewClock) add(d time.Duration) {
+	c.mu.Lock()
+	c.skew += d
+	c.mu.Unlock()
+}
+
+// offeredToAgentA takes a new call through the menu into the queue (key 1) and offers it to
+// agent-a; it returns the call's key.
+func offeredToAgentA(t *testing.T, m *callstate.Machine, id string) string {
+	t.Helper()
+	queuedCall(t, m, id)
+	if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	m.Wait()
+	return graph.CallKey(id)
+}
+
+// queuedCall takes a new call through the menu into the queue (key 1).
+func queuedCall(t *testing.T, m *callstate.Machine, id string) {
+	t.Helper()
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
 }
 
 func notify(t *testing.T, m *callstate.Machine, payload string) {
@@ -335,9 +376,7 @@ func TestFailedHoldMusicIsRetriedLater(t *testing.T) {
 	g, q := &fakeGraph{}, &fakeQueues{}
 	m, store := newMachine(t, g, q)
 	id := "6a0d4a2e-7d3c-4a43-9c51-0f6c3c9d9e11"
-	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
-	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
-	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	queuedCall(t, m, id)
 	c, err := store.Get(context.Background(), graph.CallKey(id))
 	if err != nil || c.State != callstate.StateQueued || c.PromptCtx == "" {
 		t.Fatalf("queued caller with hold music: %+v %v", c, err)
@@ -359,12 +398,7 @@ func TestFailedHoldMusicIsRetriedLater(t *testing.T) {
 // for every call (a fifth of a Redis round trip per notification at 100 calls a second).
 func TestDisarmedTimersLeaveTheTimerSet(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "dt"), Timers: callstate.NewTimers(rdb, "dt"),
-		Control: &fakeGraph{}, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	m := instance(t, rdb, "dt", &fakeGraph{}, &fakeQueues{}, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	acking := make(chan struct{})
 	go func() { m.RunAcks(ctx, 10*time.Millisecond); close(acking) }()
@@ -430,13 +464,7 @@ func TestAmbiguousTransferFailureIsNotSettledByAnImmediateRead(t *testing.T) {
 	g, q := &fakeGraph{fail: map[string]error{"transfer": fmt.Errorf("post transfer: %w", context.DeadlineExceeded)}}, &fakeQueues{}
 	m, store := newMachine(t, g, q)
 	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e33"
-	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
-	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
-	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
-	if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
-		t.Fatalf("offer: %v %v", ok, err)
-	}
-	m.Wait() // the transfer times out; callbot reads the call: still established
+	offeredToAgentA(t, m, id) // the transfer times out; callbot reads the call: still established
 	c, _ := store.Get(context.Background(), graph.CallKey(id))
 	if c.State != callstate.StateTransferring || slices.Contains(q.ops, "release agent-a failed") {
 		t.Fatalf("after a timed-out transfer and an immediate read: %s, queue ops %v; want still transferring, the agent kept", c.State, q.ops)
@@ -459,13 +487,7 @@ func TestAmbiguousTransferFailureRequeuesAfterASecondRead(t *testing.T) {
 	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
 	m, store := newMachine(t, g, q, now)
 	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e44"
-	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
-	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
-	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
-	if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
-		t.Fatalf("offer: %v %v", ok, err)
-	}
-	m.Wait()
+	offeredToAgentA(t, m, id)
 	mu.Lock()
 	clock = clock.Add(6 * time.Second) // past the recheck
 	mu.Unlock()
@@ -505,13 +527,7 @@ func TestTransferNotProcessedDoesNotCoolTheAgent(t *testing.T) {
 			g, q := &fakeGraph{fail: map[string]error{"transfer": tc.err}}, &fakeQueues{}
 			m, store := newMachine(t, g, q)
 			id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e55"
-			notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
-			notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
-			notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
-			if ok, err := m.Offer(context.Background(), "tenant-1", graph.CallKey(id), "agent-a"); !ok || err != nil {
-				t.Fatalf("offer: %v %v", ok, err)
-			}
-			m.Wait()
+			offeredToAgentA(t, m, id)
 			c, _ := store.Get(context.Background(), graph.CallKey(id))
 			if c.State != callstate.StateQueued || !slices.Contains(q.ops, tc.want) || countPrefix(q.ops, "enqueue") != 2 {
 				t.Errorf("after the transfer failed: %s, queue ops %v; want back in the queue and %q", c.State, q.ops, tc.want)

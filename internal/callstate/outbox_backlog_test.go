@@ -3,15 +3,11 @@ package callstate_test
 import (
 	"context"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
-	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -22,19 +18,8 @@ import (
 // seconds (then minutes) after its lease ran out, past Graph's 15 s answer deadline.
 func TestOutboxBacklogDoesNotHoldUpADeadInstancesAnswer(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		mu   sync.Mutex
-		skew time.Duration
-	)
-	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return time.Now().Add(skew) }
-	newInstance := func(g *fakeGraph) *callstate.Machine {
-		return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "bl"), Timers: callstate.NewTimers(rdb, "bl"),
-			Control: g, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
-	}
+	var clock skewClock
+	newInstance := func(g *fakeGraph) *callstate.Machine { return instance(t, rdb, "bl", g, &fakeQueues{}, clock.now) }
 	incoming := func(m *callstate.Machine, id string) {
 		ns, _ := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
 		if err := m.Notify(context.Background(), "t1", ns); err != nil {
@@ -56,9 +41,7 @@ func TestOutboxBacklogDoesNotHoldUpADeadInstancesAnswer(t *testing.T) {
 	incoming(a, "c-dead")
 	before := len(g.log())
 
-	mu.Lock()
-	skew = 9 * time.Second // every lease has run out
-	mu.Unlock()
+	clock.add(9 * time.Second) // every lease has run out
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { b.RunOutbox(ctx, time.Second); close(done) }()
@@ -93,20 +76,10 @@ func (g *getCancels) GetCall(ctx context.Context, id string) (graph.CallState, e
 // ended) nor left claimed to be re-driven a lease (8 s) later, past Graph's answer deadline.
 func TestOutboxClaimedWhenTheShutdownComesIsNotDropped(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		mu   sync.Mutex
-		skew time.Duration
-	)
-	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return time.Now().Add(skew) }
+	var clock skewClock
+	now := clock.now
 	store := callstate.NewStore(rdb, "sd")
-	newInstance := func(g callstate.CallControl) *callstate.Machine {
-		return callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "sd"),
-			Control: g, Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
-	}
+	newInstance := func(g callstate.CallControl) *callstate.Machine { return instance(t, rdb, "sd", g, &fakeQueues{}, now) }
 	hung := &fakeGraph{block: make(chan struct{})}
 	a := newInstance(hung)
 	defer func() { close(hung.block); a.Wait() }()
@@ -119,9 +92,7 @@ func TestOutboxClaimedWhenTheShutdownComesIsNotDropped(t *testing.T) {
 	}
 	// A dies before its answers reached Graph
 
-	mu.Lock()
-	skew = 9 * time.Second
-	mu.Unlock()
+	clock.add(9 * time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	g := &getCancels{fakeGraph: &fakeGraph{state: graph.CallIncoming}, shutdown: cancel}

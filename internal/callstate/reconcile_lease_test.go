@@ -2,15 +2,11 @@ package callstate_test
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
-	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -21,24 +17,18 @@ import (
 // which a call Graph no longer knows stays live and a reservation made for nobody stays.
 func TestReconcileLeaseHandedBackIsTakenWithinTheInterval(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
-	flow, _ := ivr.Parse([]byte(flowYAML), "t.yaml")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var mu sync.Mutex
-	skew := time.Duration(0)
-	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return time.Now().Add(skew) }
+	var clock skewClock
 	g := &fakeGraph{}
 	store := callstate.NewStore(rdb, "rl")
-	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "rl"), Control: g, Queues: &fakeQueues{},
-		Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
+	m := instance(t, rdb, "rl", g, &fakeQueues{}, clock.now)
 	ns, _ := graph.Decode([]byte(note("created", "gone-call", `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
 	if err := m.Notify(ctx, "t1", ns); err != nil {
 		t.Fatal(err)
 	}
 	m.Wait()
-	mu.Lock()
-	skew = 2 * time.Minute // older than a minute: the reconciler looks at it
-	mu.Unlock()
+	clock.add(2 * time.Minute) // older than a minute: the reconciler looks at it
 	g.mu.Lock()
 	g.state = "gone" // Graph no longer knows the call
 	g.mu.Unlock()

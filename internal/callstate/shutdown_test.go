@@ -7,11 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
-	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -22,10 +19,6 @@ import (
 // until Graph dropped the call, when the check would have answered again in time.
 func TestTimersClaimedWhenTheShutdownComesAreNotLeftALeaseLate(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	g := &fakeGraph{state: graph.CallIncoming}
 	var (
 		mu       sync.Mutex
@@ -43,9 +36,8 @@ func TestTimersClaimedWhenTheShutdownComesAreNotLeftALeaseLate(t *testing.T) {
 		}
 		return clock
 	}
-	store, timers := callstate.NewStore(rdb, "test"), callstate.NewTimers(rdb, "test")
-	m := callstate.NewMachine(callstate.Config{Store: store, Timers: timers, Control: g, Queues: &fakeQueues{},
-		Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
+	store := callstate.NewStore(rdb, "test")
+	m := instance(t, rdb, "test", g, &fakeQueues{}, now)
 	id := "7c1e0f44-1b7e-4c1e-9a55-3f1d2c3b4a50"
 	key := graph.CallKey(id)
 	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
