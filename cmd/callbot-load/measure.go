@@ -396,7 +396,11 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	rep.Log = logStats(w.botLog)
 	w.sim.Close()
 	if o.baseline > 0 && len(replays) > 0 {
-		workers := max(1, peak)
+		// The peak of callbot's POSTs in flight follows the load offered to callbot: 2 at 50
+		// calls/s left the no-op waiting on round trips, not saturated (19,400/s, 34 us of CPU
+		// per request, where 16 connections gave 42,100/s and 20 us), and thousands in an
+		// overloaded run spent the client's one CPU on connections (docs/performance.md).
+		workers := min(max(minBaselineWorkers, peak), maxBaselineWorkers)
 		fmt.Fprintf(progress, "no-op baseline: %d recorded notifications, %d workers, %s\n", len(replays), workers, o.baseline)
 		srv, url, err := startNoop(w.cpus.server)
 		if err != nil {
@@ -418,6 +422,12 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 			b.ServerCPUus = round(float64(rr.serverCPU.Microseconds())/float64(rr.n), 1)
 			b.ClientCPUus = round(float64(rr.clientCPU.Microseconds())/float64(rr.n), 1)
 			b.ServerSyscalls = round(float64(rr.serverSyscalls)/float64(rr.n), 2)
+			b.ServerCores = round(rr.serverCPU.Seconds()/rr.wall.Seconds(), 2)
+			b.ClientCores = round(rr.clientCPU.Seconds()/rr.wall.Seconds(), 2)
+		}
+		b.ServerCPUs = len(w.cpus.server)
+		if b.ServerCPUs == 0 {
+			b.ServerCPUs = runtime.NumCPU()
 		}
 		if paced.n > 0 {
 			b.AtRate = &PacedBaseline{Rate: round(rep.Notifications.PerSec, 1), Requests: paced.n, Failed: paced.failed,
@@ -498,6 +508,12 @@ func callTimes(calls []graphsim.CallResult, answerAt map[string]time.Time, start
 	}
 	return toAnswer, toAgent
 }
+
+// The saturated no-op baseline is driven with callbot's peak of POSTs in flight, within these.
+const (
+	minBaselineWorkers = 16
+	maxBaselineWorkers = 64
+)
 
 func statusName(s int) string {
 	if s == 0 {

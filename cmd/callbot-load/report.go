@@ -208,8 +208,19 @@ type Baseline struct {
 	ClientCPUus float64 `json:"client_cpu_us_per_request"`
 	// ServerSyscalls is the no-op server's read and write system calls per request.
 	ServerSyscalls float64 `json:"server_syscalls_per_request"`
+	// ServerCores and ClientCores are the CPU the no-op server and this tool used per second:
+	// the no-op is saturated only when ServerCores is about ServerCPUs (the CPUs it may use).
+	// Below that its throughput is a lower bound and the throughput ratio an upper bound.
+	ServerCores float64 `json:"server_cores"`
+	ClientCores float64 `json:"client_cores"`
+	ServerCPUs  int     `json:"server_cpus"`
 	// AtRate is the same no-op server driven, open loop, at callbot's notifications/s.
 	AtRate *PacedBaseline `json:"at_callbot_rate,omitempty"`
+}
+
+// notSaturated says the no-op server used less than 90% of its CPUs.
+func (b *Baseline) notSaturated() bool {
+	return b.ServerCPUs > 0 && b.ServerCores < 0.9*float64(b.ServerCPUs)
 }
 
 // PacedBaseline is the no-op server at a fixed rate rather than saturated.
@@ -292,6 +303,9 @@ func targets(r *Report) []Target {
 		t.Note = fmt.Sprintf("CPU-normalised %.2f (with Redis %.2f)", r.Ratio.CPU, r.Ratio.CPUWithRedis)
 		if r.Mode == "rate" {
 			t.Note += "; at a fixed rate callbot's figure is the offered load, see docs/performance.md"
+		}
+		if b := r.Baseline; b != nil && b.notSaturated() {
+			t.Note += fmt.Sprintf("; the no-op used %.2f of its %d CPUs, not saturated: an upper bound", b.ServerCores, b.ServerCPUs)
 		}
 		ts = append(ts, t)
 	}
@@ -424,6 +438,10 @@ func (r *Report) Text() string {
 	if bl := r.Baseline; bl != nil {
 		p("no-op baseline   %.0f notifications/s (%d workers, same bodies, %.1fs, %d failed); %s; server %.0f us CPU/request, %.1f read/write system calls/request",
 			bl.PerSec, bl.Workers, bl.Seconds, bl.Failed, lat(bl.Latency), bl.ServerCPUus, bl.ServerSyscalls)
+		p("                 no-op server %.2f cores of %d, load tool (client) %.2f cores", bl.ServerCores, bl.ServerCPUs, bl.ClientCores)
+		if bl.notSaturated() {
+			p("                 WARNING: the no-op server was not saturated: its throughput is a lower bound, the throughput ratio an upper bound")
+		}
 		if a := bl.AtRate; a != nil {
 			p("no-op at rate    %.0f/s asked, %.0f/s done (%d failed); %s; server %.0f us CPU/request, %.1f read/write system calls/request",
 				a.Rate, a.PerSec, a.Failed, lat(a.Latency), a.ServerCPUus, a.ServerSyscalls)
