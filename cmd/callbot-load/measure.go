@@ -272,6 +272,7 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	winStart := w.rec.resetWindow()
 	probe := schedProbe()
 	profDone := w.startProfile(ctx, o.duration)
+	steadyReads := w.readSteady(ctx, o)
 	dr := w.drive(ctx, o.rate, o.duration, 0, o.concurrency, true, progress)
 	rep.ToolDelay = latency(probe())
 	open1, opened1, connsOK := w.graphConns(ctx)
@@ -377,6 +378,9 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	// Redis and CPU.
 	total, by := commandsBetween(u0.info, u1.info)
 	w.redisReport(rep, total, by, u1.proxied-u0.proxied, u1.proxiedReads-u0.proxiedReads, acked, u1.info.keys)
+	if a, b, ok := steadyReads(); ok {
+		rep.Redis.Steady = w.steadyRedis(a, b, dr.start, w.rec.snapshot())
+	}
 	wall := u1.at.Sub(u0.at).Seconds()
 	idle := u0.at.Sub(idle0.at).Seconds()
 	rep.CPU = CPUStats{
@@ -507,6 +511,59 @@ func callTimes(calls []graphsim.CallResult, answerAt map[string]time.Time, start
 		}
 	}
 	return toAnswer, toAgent
+}
+
+// readSteady reads the counters steadyFrom after now and when the placing should end, for a
+// rate run long enough to have a steady window of 5 s or more; the function returned waits for
+// both readings.
+func (w *world) readSteady(ctx context.Context, o options) func() (a, b usage, ok bool) {
+	if o.rate <= 0 || o.duration < steadyFrom+5*time.Second {
+		return func() (usage, usage, bool) { return usage{}, usage{}, false }
+	}
+	start := time.Now()
+	var a, b usage
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i, at := range []time.Duration{steadyFrom, o.duration} {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Until(start.Add(at))):
+			}
+			if i == 0 {
+				a = w.read()
+			} else {
+				b = w.read()
+			}
+		}
+	}()
+	return func() (usage, usage, bool) {
+		<-done
+		return a, b, ctx.Err() == nil && !b.at.IsZero()
+	}
+}
+
+// steadyRedis is Redis's work per notification between readings a and b, over the
+// notifications whose POST started between them.
+func (w *world) steadyRedis(a, b usage, start time.Time, posts []post) *SteadyRedis {
+	n := 0
+	for _, p := range posts {
+		if p.status >= 200 && p.status <= 299 && !p.start.Before(a.at) && p.start.Before(b.at) {
+			n++
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	total, _ := commandsBetween(a.info, b.info)
+	st := &SteadyRedis{From: round(a.at.Sub(start).Seconds(), 1), To: round(b.at.Sub(start).Seconds(), 1), Notifications: n,
+		ExecutedPerNotification: round(float64(total)/float64(n), 2)}
+	if w.proxy != nil {
+		st.SentPerNotification = round(float64(b.proxied-a.proxied)/float64(n), 2)
+		st.RoundTripsPerNotification = round(float64(b.proxiedReads-a.proxiedReads)/float64(n), 2)
+	}
+	return st
 }
 
 // The saturated no-op baseline is driven with callbot's peak of POSTs in flight, within these.

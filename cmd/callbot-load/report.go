@@ -92,6 +92,10 @@ func settingsOf(o options) Settings {
 		Presence: o.presence.String(), Hold: o.hold, LogLevel: o.logLevel, RedisProxy: o.redisProxy}
 }
 
+// steadyFrom is when, after the first call, the work each call leaves for later comes due at
+// the rate calls are placed: a lease (8 s) after the first calls' last save, plus a margin.
+const steadyFrom = 10 * time.Second
+
 // steadyAfter is how long a run must place calls for its Redis counts to include the work each
 // call leaves for later: its outbox-index entry falls due a lease (8 s) after its last save.
 const steadyAfter = 40 * time.Second
@@ -170,6 +174,25 @@ type RedisStats struct {
 	Top                       []CommandCount `json:"top,omitempty"`
 	BackgroundPerSec          float64        `json:"background_per_sec"` // with no call placed
 	KeysAtEnd                 int64          `json:"keys_at_end"`
+	// Steady is the same counts over a window at steady state (rate mode, -duration of 15 s or
+	// more): from steadyFrom after the first call to the end of placing, divided by the
+	// notifications started in it.
+	Steady *SteadyRedis `json:"steady,omitempty"`
+}
+
+// SteadyRedis is Redis's work per notification at steady state. The whole-run figures miss the
+// work the last calls leave for later (each call's outbox entry falls due a lease, 8 s, after
+// its last save, after the run's last reading): they undercount by about 8 s over the run's
+// length of that work, 20% of it in a 40 s run. From steadyFrom on, that work comes due at the
+// rate calls are placed, so a window that starts there and ends with the placing counts it once
+// per call.
+type SteadyRedis struct {
+	From                      float64 `json:"from_s"`
+	To                        float64 `json:"to_s"`
+	Notifications             int     `json:"notifications"`
+	ExecutedPerNotification   float64 `json:"executed_per_notification"`
+	SentPerNotification       float64 `json:"sent_per_notification,omitempty"`
+	RoundTripsPerNotification float64 `json:"round_trips_per_notification,omitempty"`
 }
 
 type CommandCount struct {
@@ -417,6 +440,14 @@ func (r *Report) Text() string {
 		p("                 %.2f round trips/notification by callbot (reads of its requests at the proxy: a pipeline is one)%s", rd.RoundTripsPerNotification, shortRunNote(r.Settings.Duration))
 	} else {
 		p("                 (Redis counts commands run inside Lua scripts too; -redis-proxy counts what callbot sends: each command of a pipeline, EVALSHA as one)")
+	}
+	if st := rd.Steady; st != nil {
+		line := fmt.Sprintf("                 at steady state (%.0f-%.0f s after the first call, %d notifications): %.2f commands executed",
+			st.From, st.To, st.Notifications, st.ExecutedPerNotification)
+		if rd.Sent > 0 {
+			line += fmt.Sprintf(", %.2f sent, %.2f round trips", st.SentPerNotification, st.RoundTripsPerNotification)
+		}
+		p("%s per notification", line)
 	}
 	cu := r.CPU
 	p("cpu              callbot %.0f us/notification (%.2f cores), redis %.0f us (%.2f), load tool+graphsim %.0f us (%.2f)",
