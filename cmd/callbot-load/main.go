@@ -93,7 +93,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.callbot, "callbot", "", "callbot binary to run; default: go build ./cmd/callbot into a temporary directory")
 	fs.StringVar(&o.redisServer, "redis-server", "redis-server", "redis-server binary (started on a free port, never a shared one)")
 	fs.Float64Var(&o.rate, "rate", 200, "new calls per second; 0 = closed loop: keep -concurrency calls alive, as fast as they go")
-	fs.DurationVar(&o.duration, "duration", steadyAfter, "how long new calls are placed (shorter runs undercount the Redis work each call leaves for later)")
+	fs.DurationVar(&o.duration, "duration", defaultDuration, "how long new calls are placed (Redis counts per notification at steady state need 15s or more)")
 	fs.IntVar(&o.concurrency, "concurrency", 5000, "most calls alive at once (placing waits beyond it)")
 	fs.IntVar(&o.agents, "agents", 0, "agents in the queue, always available; 0 = max(200, 3 x rate)")
 	fs.DurationVar(&o.talk, "talk", time.Second, "how long an agent talks (is Busy) after taking a call")

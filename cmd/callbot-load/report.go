@@ -96,18 +96,18 @@ func settingsOf(o options) Settings {
 // the rate calls are placed: a lease (8 s) after the first calls' last save, plus a margin.
 const steadyFrom = 10 * time.Second
 
-// steadyAfter is how long a run must place calls for its Redis counts to include the work each
-// call leaves for later: its outbox-index entry falls due a lease (8 s) after its last save.
-const steadyAfter = 40 * time.Second
+// defaultDuration is how long a run places calls unless told: long enough that most of the run
+// is at steady state (from steadyFrom on).
+const defaultDuration = 40 * time.Second
 
-// shortRunNote warns that a run shorter than steadyAfter undercounts Redis's work per
-// notification ("" for a longer run, or a closed-loop run with no duration).
-func shortRunNote(duration string) string {
-	d, err := time.ParseDuration(duration)
-	if err != nil || d >= steadyAfter {
-		return ""
+// wholeRunNote says how the whole run's Redis counts per notification undercount: they stop when
+// the last call ends, before the work the last lease's calls leave for later comes due. steady:
+// the report has the steady-state window, the figure to judge.
+func wholeRunNote(steady bool) string {
+	if steady {
+		return "\n                 (the whole run undercounts the work each call leaves for later, due 8 s after it: judge the steady-state line)"
 	}
-	return fmt.Sprintf("\n                 (a %s run undercounts: each call's outbox entry comes due 8 s after it; use -duration %s or more)", d, steadyAfter)
+	return "\n                 (undercounts the work each call leaves for later, due 8 s after it: -duration 15s or more adds a steady-state line)"
 }
 
 func durationOrEmpty(d time.Duration) string {
@@ -437,7 +437,7 @@ func (r *Report) Text() string {
 		rd.ExecutedPerNotification, rd.ScriptsPerNotification, strings.Join(top, ", "), rd.BackgroundPerSec, rd.KeysAtEnd)
 	if rd.Sent > 0 {
 		p("                 %.2f commands sent/notification by callbot (proxy count: a pipeline counts each command, EVALSHA counts one)", rd.SentPerNotification)
-		p("                 %.2f round trips/notification by callbot (reads of its requests at the proxy: a pipeline is one)%s", rd.RoundTripsPerNotification, shortRunNote(r.Settings.Duration))
+		p("                 %.2f round trips/notification by callbot (reads of its requests at the proxy: a pipeline is one)%s", rd.RoundTripsPerNotification, wholeRunNote(rd.Steady != nil))
 	} else {
 		p("                 (Redis counts commands run inside Lua scripts too; -redis-proxy counts what callbot sends: each command of a pipeline, EVALSHA as one)")
 	}
