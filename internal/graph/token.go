@@ -184,7 +184,8 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 
 // key returns the key for kid, refreshing the key set when it is stale or the kid is unknown,
 // at most once per MinRefreshGap so forged kids cannot make callbot hammer the metadata URL.
-// Concurrent callers share one fetch. A failed refresh keeps the keys already held. A known
+// Concurrent callers share one fetch, which runs on its own context (refreshKeys): a caller
+// that gives up waiting does not cancel it for the others. A failed refresh keeps the keys already held. A known
 // key is returned at once even when the set is stale: the refresh then runs in the background,
 // so no notification waits for the metadata URL once a day.
 func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) {
@@ -202,10 +203,16 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 	}
 	var fetchErr error
 	fetched := false // this call fetched, or waited for a fetch that began after the token came
-	switch {
-	case v.fetching != nil:
+	wait := v.fetching
+	if wait == nil && v.mayRefresh(now) {
+		// The fetch serves every token that waits for it: it runs on its own context, so that
+		// the request that started it cannot cancel it by hanging up.
+		wait = make(chan struct{})
+		v.fetching = wait
+		go v.refreshKeys(wait)
+	}
+	if wait != nil {
 		fetched = true
-		wait := v.fetching
 		v.mu.Unlock()
 		select {
 		case <-wait:
@@ -214,9 +221,6 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 		}
 		v.mu.Lock()
 		fetchErr = v.lastErr // the key may be unknown only because that fetch failed
-	case v.mayRefresh(now):
-		fetchErr = v.fetchLocked(ctx, make(chan struct{}))
-		fetched = true
 	}
 	k, known = v.keys[kid]
 	v.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -428,5 +429,53 @@ func TestDocumentedCallbackTokenClaims(t *testing.T) {
 	got, err := v.Verify(context.Background(), signRS(t, ks.keys["k1"], "k1", claims))
 	if err != nil || got.TenantID != "1fdd12d0-4620-44ed-baec-459b611f84b2" || got.Issuer != "https://api.botframework.com" {
 		t.Errorf("documented claims: %+v, %v", got, err)
+	}
+}
+
+// A key fetch started for one request serves every token that waits for it, so the request
+// that started it must not be able to cancel it. An attacker who sends tokens with made-up kids
+// and hangs up at once (its request's context ends) used to cancel each fetch it triggered:
+// the refreshes allowed were used up with nothing fetched, and after a genuine key rollover
+// every real notification got 503 for as long as the attacker kept it up.
+func TestKeyFetchNotCancelledByTheRequestThatStartedIt(t *testing.T) {
+	ks := newKeyServer(t)
+	clock := time.Now()
+	v := newTestVerifier(t, ks, func(c *VerifierConfig) { c.Now = func() time.Time { return clock } })
+	if _, err := v.Verify(context.Background(), signRS(t, ks.keys["k1"], "k1", goodClaims(clock))); err != nil {
+		t.Fatal(err)
+	}
+	ks.keys["k2"] = genKey(t)             // Microsoft rolls its keys over
+	for i := 0; i < refreshBurst-1; i++ { // the refreshes the first token left
+		gate := make(chan struct{})
+		ks.gate.Store(&gate)
+		base := ks.fetches.Load()
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() {
+			_, err := v.Verify(ctx, signRS(t, ks.keys["k1"], fmt.Sprintf("made-up-%d", i), goodClaims(clock)))
+			errc <- err
+		}()
+		fetching := ks.fetchedSince(base)
+		cancel() // the attacker hangs up while the fetch it started is in flight
+		<-errc
+		close(gate)
+		ks.gate.Store(nil)
+		if !fetching {
+			break // no refresh left
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+			v.mu.Lock()
+			idle := v.fetching == nil
+			v.mu.Unlock()
+			if idle {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the key fetch did not end")
+			}
+		}
+	}
+	if _, err := v.Verify(context.Background(), signRS(t, ks.keys["k2"], "k2", goodClaims(clock))); err != nil {
+		t.Fatalf("token signed with the rolled-over key after an attacker hung up on the key fetches: %v", err)
 	}
 }
