@@ -165,7 +165,13 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 				zap.String("resource", n.ResourceURL), zap.String("type", n.DataType), zap.String("change", string(n.ChangeType)))
 			continue
 		}
-		if _, err := m.handle(ctx, tenant, graph.CallKey(n.CallID), ev); err != nil {
+		key := graph.CallKey(n.CallID)
+		if ev.Kind == EvIncoming {
+			// the record is created under the id resourceData gives (EventOf), which may name
+			// another call than resourceUrl: it is cached, and its timers armed, under that id
+			key = graph.CallKey(ev.Incoming.GraphID)
+		}
+		if _, err := m.handle(ctx, tenant, key, ev); err != nil {
 			if errors.Is(err, errUnknownCall) {
 				if err := m.adopt(ctx, tenant, n.CallID, graph.ScenarioID(ctx), ev); err != nil {
 					return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
