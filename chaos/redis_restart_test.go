@@ -15,6 +15,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
 	"github.com/callbot/callbot/internal/graph/graphsim"
 )
 
@@ -106,7 +108,27 @@ func TestRedisRestartAOF(t *testing.T) {
 		lost                          []string
 		outage                        sync.WaitGroup
 	)
+	// Callers who hang up in the menu while Redis is down: the end of a call is a notification
+	// callbot must refuse (503) then, not acknowledge and lose. Placed a few calls before the
+	// kill, without a key, they hang up 1 s after the answer, within the outage.
+	var hangers []*caller
+	var placing sync.WaitGroup
 	callers := placeCalls(t, sim, sd, calls, every, func(i int) {
+		if i == killAt-3 || i == killAt-1 {
+			c := &caller{n: calls + len(hangers), kind: "hangup", spec: graphsim.CallerSpec{
+				From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+1425557%04d", i)}, To: accountID,
+				HangUpAfter: time.Second}}
+			hangers = append(hangers, c)
+			c.placed = time.Now()
+			placing.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				c.call, c.err = sim.PlaceCall(ctx, c.spec)
+				if c.err == nil {
+					c.acked = time.Now()
+				}
+			})
+		}
 		if i != killAt {
 			return
 		}
@@ -129,6 +151,13 @@ func TestRedisRestartAOF(t *testing.T) {
 		})
 	})
 	outage.Wait()
+	placing.Wait()
+	for _, c := range hangers {
+		if c.call == nil {
+			t.Fatalf("call %d not placed: %v", c.n, c.err)
+		}
+	}
+	callers = append(callers, hangers...)
 	if restartErr != nil {
 		t.Fatalf("restart redis-server: %v", restartErr)
 	}
@@ -150,6 +179,8 @@ func TestRedisRestartAOF(t *testing.T) {
 	// notifications callbot can drop without Redis (the event changes nothing).
 	statuses := map[string]int{}
 	var in503, gaveUp int
+	var endsAcked []graphsim.Delivery // a call's end acknowledged (202) while Redis was down
+	var endsDown int                  // ends delivered while Redis was down
 	for _, d := range sim.Deliveries() {
 		if d.Status >= 500 && d.Attempt == 4 {
 			gaveUp++
@@ -162,16 +193,52 @@ func TestRedisRestartAOF(t *testing.T) {
 			st = "error"
 		}
 		statuses[st]++
+		if d.State == "terminated" {
+			endsDown++
+		}
 		switch d.Status {
 		case http.StatusServiceUnavailable:
 			in503++
 		case http.StatusAccepted:
+			if d.State == "terminated" {
+				endsAcked = append(endsAcked, d)
+			}
 		default:
 			t.Errorf("delivery while Redis was down answered %s (%s %s attempt %d), want 503", st, d.State, d.ResourceURL, d.Attempt)
 		}
 	}
 	if in503 == 0 {
 		t.Errorf("no webhook delivery was answered 503 while Redis was down (deliveries then: %v)", statuses)
+	}
+	// A 202 is what callbot may answer for a notification that changes nothing (one its cached
+	// record shows stale). A call's end always changes something, unless callbot's record had
+	// already ended: acknowledged while Redis was down, Graph does not deliver it again, and a
+	// record that does not show it is a call left live in callbot (queued, reserving an agent,
+	// transferring) that Graph has ended. The 202 is right only if the record shows this end,
+	// with the result code Graph sent, no later than that delivery could have written it (Redis
+	// may have come back while it was being handled: the webhook's 5 s). A record ended later by
+	// callbot's own timers (a menu timeout's prompt finding the call gone) does not make up for
+	// it: it carries no result code, and meanwhile the call was live in callbot.
+	if endsDown == 0 {
+		t.Errorf("no call's end was delivered while Redis was down: the callers hanging up then did not (deliveries then: %v)", statuses)
+	}
+	results := map[string]graphsim.CallResult{}
+	for _, c := range callers {
+		r := c.call.Result()
+		results[r.ID] = r
+	}
+	store := callstate.NewStore(rdb, keyPrefix)
+	for _, d := range endsAcked {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		rec, err := store.Get(ctx, graph.CallKey(d.CallID))
+		cancel()
+		r := results[d.CallID]
+		if err != nil || !rec.State.Terminal() || rec.EndedAt.After(d.Time.Add(6*time.Second)) ||
+			rec.EndCode != int64(r.EndCode) || rec.EndSubcode != int64(r.EndSubcode) {
+			t.Errorf("the end of call %s (%d/%d, attempt %d at %s) was acknowledged (202) while Redis was down, but callbot's "+
+				"record does not show it: state %s ended %s with %d/%d (%v)", d.CallID, r.EndCode, r.EndSubcode, d.Attempt,
+				since(t0, d.Time), rec.State, since(t0, rec.EndedAt), rec.EndCode, rec.EndSubcode, err)
+		}
 	}
 	switch {
 	case gaveUp > 0 && down < retryBudget:
