@@ -144,7 +144,14 @@ func (m *model) command(cmd Command) {
 	}
 }
 
+// directTarget is the flow's direct-transfer target (key 3): agent-0 answers it, so that direct
+// transfers succeed too (declined once, then taken) and their notifications get reordered.
+const directTarget = "22222222-0000-4000-8000-000000000001"
+
 func (m *model) agentIndex(id string) int {
+	if id == directTarget {
+		return 0
+	}
 	for i := range m.agents {
 		if id == agentID(i) {
 			return i
@@ -212,7 +219,7 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 		m.agents = append(m.agents, script.IntN(2) == 0)
 		m.free = append(m.free, true)
 	}
-	// the flow's direct-transfer target and the queue's agent are agent-0
+	// the queue's first agent and the flow's direct-transfer target (agentIndex) are agent-0
 	return m
 }
 
@@ -228,11 +235,15 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	if testing.Short() {
 		n = 300
 	}
+	directDone := 0 // histories that end transferred by the menu's direct transfer
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		inOrder := newModel(t, seed, false)
 		inOrder.run()
 		chaos := newModel(t, seed, true)
 		chaos.run()
+		if inOrder.c.Outcome == OutcomeTransferred && inOrder.c.Target != "" {
+			directDone++
+		}
 		if got, want := outcome(chaos), outcome(inOrder); got != want {
 			t.Fatalf("seed %d: outcome %s with duplicates and reordering, %s in order (tones %v, hangup %v, agents %v)",
 				seed, got, want, newModel(t, seed, false).tones, inOrder.hangup, newModel(t, seed, false).agents)
@@ -246,6 +257,12 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 			}
 			checkStale(t, seed, m)
 		}
+	}
+	// The generator must produce the histories that matter: a direct transfer's acceptance and
+	// end reordered, not only the queue's.
+	t.Logf("%d of %d histories ended by a direct transfer", directDone, n)
+	if directDone < n/50 {
+		t.Errorf("%d of %d histories ended by a direct transfer: the generator hardly makes any", directDone, n)
 	}
 }
 
