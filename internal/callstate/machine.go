@@ -931,9 +931,9 @@ func (m *Machine) RenewLeases(ctx context.Context) {
 
 // RunOutbox, every interval until ctx ends, re-drives the commands of calls whose lease ran out
 // (all of those due, a hundred at a time): commands an instance saved and did not acknowledge,
-// because it died or lost Redis. Meanwhile it
-// renews the leases of the calls this instance is carrying out (RenewLeases), on a goroutine of
-// its own: a re-drive that waits for Graph must not hold the renewal up.
+// because it died or lost Redis. Meanwhile it renews the leases of the calls this instance is
+// carrying out (RenewLeases), on a goroutine of its own: a re-drive that waits for Graph must not
+// hold the renewal up.
 func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 	var renewing sync.WaitGroup
 	renewing.Go(func() { m.RenewLeases(ctx) })
