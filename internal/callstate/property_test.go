@@ -1,9 +1,11 @@
 package callstate
 
 import (
+	"cmp"
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,8 +14,28 @@ import (
 
 // A model of Graph, a caller and the agents, driven by the commands Decide returns. It produces
 // the notifications Graph would send; the network delivers them in order, or (chaos) in any
-// order among those already sent and with duplicates. Timers fire only when no notification is
-// in flight, as a timer's seconds are long next to a notification's milliseconds.
+// order among those already sent and with duplicates. Time passes only when no notification is
+// in flight, as a timer's seconds are long next to a notification's milliseconds: then the
+// earliest of callbot's timers and the world's own events (an invited agent answering or
+// declining, leaving the conversation, the caller hanging up) happens. The world's events come
+// from the seed alone, at times that are no timer's, so both runs face the same world.
+
+type armed struct {
+	tok int64
+	at  time.Duration
+}
+
+// inviteScript is how the world answers callbot's invites, drawn from the seed.
+type inviteScript struct {
+	failMode    int           // an agent who does not take the invite: 0 declines, 1 does not answer, 2 its completion is lost
+	rosterFirst bool          // an agent who joins: the roster before the invite's completion
+	loseDone    bool          // the completion of an invite the agent took is lost
+	loseJoin    bool          // the roster showing the agent join is lost
+	loseLeave   bool          // the roster showing the agent leave is lost
+	talk        time.Duration // how long the agent and the caller talk
+	callerEnds  bool          // the caller, not the agent, ends the conversation
+	hangAfter   time.Duration // the caller hangs up this long after the first invite (0: never)
+}
 
 type note struct {
 	ev Event
@@ -24,6 +46,7 @@ type model struct {
 	t      *testing.T
 	rng    *rand.Rand
 	chaos  bool
+	seed   uint64
 	env    Env
 	c      Call
 	graph  graph.CallState // where Graph has the call
@@ -33,11 +56,24 @@ type model struct {
 	agents []bool          // per agent: accepts (true) or declines
 	free   []bool
 	queued bool
-	timers map[TimerKind]int64
+	timers map[TimerKind]armed
+	now    time.Duration // time since the call came in
 	flight []note
 	nextID int
 	seq    int64
+	// conference hand-off (a queue with handoff: invite)
+	inv       inviteScript
+	ringing   int    // the invited agent whose phone rings, or -1
+	ringCtx   string // the ringing invite's clientContext
+	ringAt    time.Duration
+	inCall    int // the agent in the conference with the caller, or -1
+	leaveAt   time.Duration
+	hangSet   bool // the caller hangs up at hangAt
+	hangAt    time.Duration
+	rosterSeq int64 // rosterSequenceNumber of Graph's last roster update
 	// what happened
+	invites           int // invites sent
+	joins             int // times an invited agent joined
 	transfersInFlight int
 	violations        []string
 	steps             int
@@ -81,7 +117,7 @@ func (m *model) command(cmd Command) {
 		if gone {
 			return
 		}
-		if m.c.State != StateQueued { // hold music plays longer than anything else takes
+		if m.c.State != StateQueued && m.c.State != StateInviting { // hold music plays longer than anything else takes
 			m.send(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext})
 		}
 		// the caller presses the next key while hearing a menu
@@ -118,8 +154,24 @@ func (m *model) command(cmd Command) {
 		if !gone {
 			m.graph = graph.CallTerminated
 			m.send(Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 7000}})
+			m.ringing, m.inCall = -1, -1
 		}
+	case CmdInvite:
+		m.invite(cmd)
+	case CmdCheckRoster: // as Machine.checkRoster: the roster when read, answered on its own path
+		if gone {
+			m.send(Event{Kind: EvEnded, Reason: "gone from graph"})
+			return
+		}
+		ps := []string{"caller"}
+		if m.inCall >= 0 {
+			ps = append(ps, agentID(m.inCall))
+		}
+		m.send(Event{Kind: EvRoster, Participants: ps, Seq: m.rosterSeq, ClientContext: cmd.ClientContext})
 	case CmdEnqueue:
+		if m.inCall >= 0 {
+			m.violations = append(m.violations, "caller sent back to the queue while the agent is in the call")
+		}
 		m.queued = true
 		if m.hangup {
 			m.graph = graph.CallTerminated
@@ -129,10 +181,13 @@ func (m *model) command(cmd Command) {
 		m.queued = false
 	case CmdReleaseAgent:
 		if a := m.agentIndex(cmd.Agent); a >= 0 {
+			if a == m.inCall && cmd.AgentOutcome == AgentFailed {
+				m.violations = append(m.violations, "agent released as failed while in the call")
+			}
 			m.free[a] = true
 		}
 	case CmdSetTimer:
-		m.timers[cmd.Timer] = cmd.Token
+		m.timers[cmd.Timer] = armed{tok: cmd.Token, at: m.now + cmd.After}
 	case CmdCheckCall: // as Machine.checkCall
 		switch {
 		case m.graph == graph.CallTerminated && m.c.State == StateTransferring:
@@ -142,6 +197,110 @@ func (m *model) command(cmd Command) {
 			m.apply(Event{Kind: EvCallState, GraphState: m.graph, Verified: cmd.Settles})
 		}
 	}
+}
+
+// invite: Graph rings the agent; the world answers at ringAt (ringDone).
+func (m *model) invite(cmd Command) {
+	if m.graph == graph.CallTerminated {
+		m.send(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true}) // Graph refuses it
+		return
+	}
+	if m.ringing >= 0 || m.inCall >= 0 {
+		m.violations = append(m.violations, "invite sent while an agent rings or is in the call")
+	}
+	m.invites++
+	if !m.hangSet && m.inv.hangAfter > 0 {
+		m.hangSet, m.hangAt = true, m.now+m.inv.hangAfter
+	}
+	a := m.agentIndex(cmd.Target.ID)
+	if a < 0 {
+		m.t.Fatalf("invite of unknown agent %q", cmd.Target.ID)
+	}
+	m.ringing, m.ringCtx = a, cmd.ClientContext
+	switch {
+	case m.agents[a]:
+		m.ringAt = m.now + 8500*time.Millisecond
+	case m.inv.failMode == 0:
+		m.ringAt = m.now + 3500*time.Millisecond
+	default:
+		m.ringAt = m.now + 30500*time.Millisecond
+	}
+}
+
+// ringDone: the invited agent joins, or the invite fails.
+func (m *model) ringDone() {
+	a, ctx := m.ringing, m.ringCtx
+	m.ringing = -1
+	if !m.agents[a] {
+		m.agents[a] = true // declines once, then takes the next offer
+		if m.inv.failMode < 2 {
+			m.send(Event{Kind: EvInviteDone, ClientContext: ctx, Failed: true})
+		}
+		return
+	}
+	m.inCall, m.leaveAt = a, m.now+m.inv.talk
+	m.joins++
+	if m.joins > 1 { // notifications are lost rarely: not again when the agent joins again
+		m.inv.loseDone, m.inv.loseJoin, m.inv.loseLeave = false, false, false
+	}
+	m.rosterSeq++
+	join := Event{Kind: EvRoster, Participants: []string{"caller", agentID(a)}, Seq: m.rosterSeq}
+	done := Event{Kind: EvInviteDone, ClientContext: ctx}
+	if m.inv.rosterFirst && !m.inv.loseJoin {
+		m.send(join)
+	}
+	if !m.inv.loseDone {
+		m.send(done)
+	}
+	if !m.inv.rosterFirst && !m.inv.loseJoin {
+		m.send(join)
+	}
+}
+
+// conversationEnds: the agent leaves, or the caller hangs up.
+func (m *model) conversationEnds() {
+	if m.inv.callerEnds {
+		m.callerHangsUp()
+		return
+	}
+	m.inCall = -1
+	m.rosterSeq++
+	if !m.inv.loseLeave {
+		m.send(Event{Kind: EvRoster, Participants: []string{"caller"}, Seq: m.rosterSeq})
+	}
+}
+
+func (m *model) callerHangsUp() {
+	m.hangSet = false
+	m.graph = graph.CallTerminated
+	m.send(Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 540000}})
+	if m.ringing >= 0 {
+		m.send(Event{Kind: EvInviteDone, ClientContext: m.ringCtx, Failed: true})
+	}
+	m.ringing, m.inCall = -1, -1
+}
+
+// nextWorld is the world's next event and its time.
+func (m *model) nextWorld() (time.Duration, func(), bool) {
+	var at time.Duration
+	var do func()
+	pick := func(t time.Duration, f func()) {
+		if do == nil || t < at {
+			at, do = t, f
+		}
+	}
+	if m.graph != graph.CallTerminated {
+		if m.ringing >= 0 {
+			pick(m.ringAt, m.ringDone)
+		}
+		if m.inCall >= 0 {
+			pick(m.leaveAt, m.conversationEnds)
+		}
+		if m.hangSet {
+			pick(m.hangAt, m.callerHangsUp)
+		}
+	}
+	return at, do, do != nil
 }
 
 // directTarget is the flow's direct-transfer target (key 3): agent-0 answers it, so that direct
@@ -183,34 +342,50 @@ func (m *model) run() {
 			m.free[a] = false
 			m.queued = false
 			m.apply(Event{Kind: EvAgentOffer, Agent: agentID(a)})
-			if m.c.State != StateTransferring {
+			if m.c.State != StateTransferring && m.c.State != StateInviting {
 				m.free[a] = true
 			}
-		case len(m.timers) > 0:
+		default:
+			// time passes: the earliest timer or world event happens
 			kinds := make([]TimerKind, 0, len(m.timers))
 			for k := range m.timers {
 				kinds = append(kinds, k)
 			}
-			slices.Sort(kinds)
-			k := kinds[0]
-			tok := m.timers[k]
-			delete(m.timers, k)
-			m.apply(Event{Kind: EvTimeout, Timer: k, TimerToken: tok})
-		default:
-			return
+			slices.SortFunc(kinds, func(a, b TimerKind) int {
+				if c := cmp.Compare(m.timers[a].at, m.timers[b].at); c != 0 {
+					return c
+				}
+				return cmp.Compare(a, b)
+			})
+			at, do, world := m.nextWorld()
+			switch {
+			case world && (len(kinds) == 0 || at < m.timers[kinds[0]].at):
+				m.now = max(m.now, at)
+				m.env.Now = t0.Add(m.now)
+				do()
+			case len(kinds) > 0:
+				k := kinds[0]
+				tm := m.timers[k]
+				delete(m.timers, k)
+				m.now = max(m.now, tm.at)
+				m.env.Now = t0.Add(m.now)
+				m.apply(Event{Kind: EvTimeout, Timer: k, TimerToken: tm.tok})
+			default:
+				return
+			}
 		}
 	}
-	m.t.Fatalf("history did not settle in 500 steps: state %s", m.c.State)
+	m.t.Fatalf("seed %d (chaos %v): history did not settle in 500 steps: state %s%s", m.seed, m.chaos, m.c.State, history(m))
 }
 
 func newModel(t *testing.T, seed uint64, chaos bool) *model {
 	rng := rand.New(rand.NewPCG(seed, 99))
 	env := testEnv(t)
 	env.TransferTimeout = time.Minute
-	m := &model{t: t, rng: rng, chaos: chaos, env: env, timers: map[TimerKind]int64{}}
+	m := &model{t: t, rng: rng, chaos: chaos, seed: seed, env: env, timers: map[TimerKind]armed{}, ringing: -1, inCall: -1}
 	// the caller's script comes from the seed alone, so both runs face the same caller
 	script := rand.New(rand.NewPCG(seed, 1))
-	keys := []string{"1", "1", "7", "9", "3", "5"}
+	keys := []string{"1", "1", "7", "9", "3", "5", "4", "4", "4"} // 4: the queue with the conference hand-off
 	for n := script.IntN(4); n > 0; n-- {
 		m.tones = append(m.tones, keys[script.IntN(len(keys))])
 	}
@@ -220,11 +395,23 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 		m.free = append(m.free, true)
 	}
 	// the queue's first agent and the flow's direct-transfer target (agentIndex) are agent-0
+	m.inv = inviteScript{
+		failMode:    script.IntN(3),
+		rosterFirst: script.IntN(2) == 0,
+		loseDone:    script.IntN(5) == 0,
+		loseJoin:    script.IntN(5) == 0,
+		loseLeave:   script.IntN(4) == 0,
+		talk:        time.Duration(5+script.IntN(200))*time.Second + 250*time.Millisecond,
+		callerEnds:  script.IntN(4) == 0,
+	}
+	if script.IntN(4) == 0 {
+		m.inv.hangAfter = time.Duration(script.IntN(240))*time.Second + 750*time.Millisecond
+	}
 	return m
 }
 
 func outcome(m *model) string {
-	return fmt.Sprintf("%s/%s", m.c.State, m.c.Outcome)
+	return fmt.Sprintf("%s/%s/agent connected %v", m.c.State, m.c.Outcome, !m.c.ConnectedAt.IsZero())
 }
 
 // Over thousands of generated call histories, duplicated and reordered notifications lead to
@@ -236,6 +423,9 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 		n = 300
 	}
 	directDone := 0 // histories that end transferred by the menu's direct transfer
+	// conference hand-off histories: with an invite, ended with the agent connected, with an
+	// invite that sent the caller back to the queue
+	invited, connected, requeued := 0, 0, 0
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		inOrder := newModel(t, seed, false)
 		inOrder.run()
@@ -244,9 +434,19 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 		if inOrder.c.Outcome == OutcomeTransferred && inOrder.c.Target != "" {
 			directDone++
 		}
+		if inOrder.invites > 0 {
+			invited++
+			if !inOrder.c.ConnectedAt.IsZero() {
+				connected++
+			}
+			if inviteRequeued(inOrder) {
+				requeued++
+			}
+		}
 		if got, want := outcome(chaos), outcome(inOrder); got != want {
-			t.Fatalf("seed %d: outcome %s with duplicates and reordering, %s in order (tones %v, hangup %v, agents %v)",
-				seed, got, want, newModel(t, seed, false).tones, inOrder.hangup, newModel(t, seed, false).agents)
+			t.Fatalf("seed %d: outcome %s with duplicates and reordering, %s in order (tones %v, hangup %v, agents %v, invites %+v)\nin order: %s\nchaos: %s",
+				seed, got, want, newModel(t, seed, false).tones, inOrder.hangup, newModel(t, seed, false).agents, inOrder.inv,
+				history(inOrder), history(chaos))
 		}
 		for _, m := range []*model{inOrder, chaos} {
 			if len(m.violations) > 0 {
@@ -264,6 +464,47 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	if directDone < n/50 {
 		t.Errorf("%d of %d histories ended by a direct transfer: the generator hardly makes any", directDone, n)
 	}
+	// and the conference hand-off's: invites completed and failed, rosters of the agent joining
+	// and leaving, roster reads, reordered
+	t.Logf("%d of %d histories invited an agent: %d ended with the agent connected, %d went back to the queue after an invite",
+		invited, n, connected, requeued)
+	if invited < n/5 || connected < n/10 || requeued < n/20 {
+		t.Errorf("%d of %d histories invited an agent, %d connected, %d requeued after an invite: the generator hardly makes any",
+			invited, n, connected, requeued)
+	}
+}
+
+// inviteRequeued: the call went from inviting back to the queue.
+func inviteRequeued(m *model) bool {
+	for i := 1; i < len(m.versions); i++ {
+		if m.versions[i-1].State == StateInviting && m.versions[i].State == StateQueued {
+			return true
+		}
+	}
+	return false
+}
+
+// history is the events a model delivered, for a failure's message.
+func history(m *model) string {
+	var b strings.Builder
+	for _, ev := range m.events {
+		fmt.Fprintf(&b, "\n  %s", ev.Kind)
+		switch ev.Kind {
+		case EvRoster:
+			fmt.Fprintf(&b, " %v seq %d %s", ev.Participants, ev.Seq, ev.ClientContext)
+		case EvInviteDone, EvPromptDone:
+			fmt.Fprintf(&b, " %s failed %v", ev.ClientContext, ev.Failed)
+		case EvTimeout:
+			fmt.Fprintf(&b, " %s %d", ev.Timer, ev.TimerToken)
+		case EvTone:
+			fmt.Fprintf(&b, " %s", ev.Digit)
+		case EvAgentOffer:
+			fmt.Fprintf(&b, " %s", ev.Agent)
+		case EvEnded:
+			fmt.Fprintf(&b, " %d %s", ev.Result.Subcode, ev.Reason)
+		}
+	}
+	return b.String()
 }
 
 // checkStale: an event Stale calls ignorable on a version of the call is ignored by every later
