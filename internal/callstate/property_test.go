@@ -357,11 +357,13 @@ func (m *model) run() {
 			// world event (Graph redelivers one whose first delivery failed, seconds later). Held
 			// up only the conference hand-off's: a key press held up past the menu's timeout, or
 			// a caller's hang-up past an agent's offer, is another history, not another order.
+			// Nor while the caller is set to hang up at a given time: a failure held up delays
+			// the next invite, and the agent joins after the caller left rather than before.
 			// The answer to a roster read is neither: callbot gives up on a read after a while,
 			// by design.
 			if m.chaos && !n.read && m.rng.IntN(8) == 0 {
 				m.late = append(m.late, n)
-				if n.ev.Kind == EvInviteDone || n.ev.Kind == EvRoster {
+				if (n.ev.Kind == EvInviteDone || n.ev.Kind == EvRoster) && !m.hangSet {
 					if m.rng.IntN(2) == 0 {
 						continue // held up
 					}
