@@ -36,6 +36,7 @@ type inviteScript struct {
 	callerEnds  bool          // the caller, not the agent, ends the conversation
 	hangAfter   time.Duration // the caller hangs up this long after the first invite (0: never)
 	groupRoster bool          // the first invite makes the call a group call: a roster of the caller alone
+	readFails   bool          // callbot's first roster read gets no answer (Graph fails it)
 }
 
 type note struct {
@@ -74,6 +75,7 @@ type model struct {
 	hangSet   bool // the caller hangs up at hangAt
 	hangAt    time.Duration
 	rosterSeq int64 // rosterSequenceNumber of Graph's last roster update
+	reads     int   // roster reads callbot made
 	// what happened
 	invites           int      // invites sent
 	releases          []string // the agents released, and how (but abandoned)
@@ -168,6 +170,13 @@ func (m *model) command(cmd Command) {
 	case CmdCheckRoster: // as Machine.checkRoster: the roster when read, answered on its own path
 		if gone {
 			m.send(Event{Kind: EvEnded, Reason: "gone from graph"})
+			return
+		}
+		m.reads++
+		if m.reads == 1 && m.inv.readFails && !(m.c.State == StateInviting && m.inCall >= 0) {
+			// Graph fails the read: the invite's recheck gives up on the agent, or the next
+			// roster check reads again. (Not while the agent is in the call and callbot has
+			// seen neither the invite's completion nor a roster: giving up then is by design.)
 			return
 		}
 		ps := []string{"caller"}
@@ -452,6 +461,7 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 		m.inv.hangAfter = time.Duration(script.IntN(240)>>(script.IntN(2)*3))*time.Second + 750*time.Millisecond
 	}
 	m.inv.groupRoster = script.IntN(2) == 0
+	m.inv.readFails = script.IntN(4) == 0
 	return m
 }
 
