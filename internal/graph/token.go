@@ -203,16 +203,18 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 	}
 	var fetchErr error
 	fetched := false // this call fetched, or waited for a fetch that began after the token came
-	wait := v.fetching
-	if wait == nil && v.mayRefresh(now) {
-		// The fetch serves every token that waits for it: it runs on its own context, so that
-		// the request that started it cannot cancel it by hanging up.
-		wait = make(chan struct{})
-		v.fetching = wait
-		go v.refreshKeys(wait)
-	}
-	if wait != nil {
-		fetched = true
+	for !fetched {
+		wait, own := v.fetching, false
+		if wait == nil && v.mayRefresh(now) {
+			// The fetch serves every token that waits for it: it runs on its own context, so
+			// that the request that started it cannot cancel it by hanging up.
+			wait, own = make(chan struct{}), true
+			v.fetching = wait
+			go v.refreshKeys(wait)
+		}
+		if wait == nil {
+			break
+		}
 		v.mu.Unlock()
 		select {
 		case <-wait:
@@ -221,6 +223,12 @@ func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) 
 		}
 		v.mu.Lock()
 		fetchErr = v.lastErr // the key may be unknown only because that fetch failed
+		if _, known = v.keys[kid]; known || fetchErr != nil {
+			break
+		}
+		// A fetch in flight when the token came began before it, and may have read the key set
+		// before a rollover: only one begun for it says the kid is unknown (else 503 below).
+		fetched = own
 	}
 	k, known = v.keys[kid]
 	v.mu.Unlock()
