@@ -408,9 +408,14 @@ const (
 	// transferRecheck: a failure notification could not be told from an earlier attempt's; ask
 	// Graph again this long after, and take what it says then
 	transferRecheck = 5 * time.Second
-	notSentHold     = 2 * time.Second  // an agent whose transfer Graph never processed, before the next offer
-	promptGuard     = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
-	holdGuard       = 10 * time.Minute // hold music's end not reported: play it again after this
+	// notSentHold: an agent whose transfer Graph never processed is not offered a call this
+	// long (as long as a decline's default cool-down, but keeping their place among the longest
+	// idle), so that a release a dead instance left is re-driven (a lease later: 8 s by default)
+	// before the same agent can be reserved for the same caller again: a late release would free
+	// them in the middle of that offer
+	notSentHold = 10 * time.Second
+	promptGuard = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
+	holdGuard   = 10 * time.Minute // hold music's end not reported: play it again after this
 	// rosterCheck: while connected, read the roster this often, in case the roster that shows
 	// the agent leaving was lost (a caller would stay in a call with nobody until they hang up)
 	rosterCheck = time.Minute
@@ -555,8 +560,8 @@ func (d *decision) hangup() {
 // queue (its original arrival score), or the start of the menu for a direct transfer. The agent
 // cools down and counts as idle from now, unless notSent: Graph never processed the request
 // (throttled, no token), so the agent never rang and keeps their place among the longest idle,
-// held back only notSentHold (else a request that fails at once, for want of a token, would be
-// tried again with the same agent in a tight loop).
+// held back notSentHold all the same (a request that fails at once, for want of a token, must not
+// become a tight loop of offers, nor a late release free the agent mid-offer).
 func (d *decision) transferFailed(notSent bool) {
 	c := &d.c
 	c.Outcome, c.Transferring, c.TransferCtx, c.InviteCtx, c.RosterCtx = "", false, "", "", ""

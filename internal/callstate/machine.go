@@ -1608,8 +1608,11 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 // replaces a stopped one started before it stopped, and its start-up pass found the lease held.
 func (m *Machine) RunReconcile(ctx context.Context, every time.Duration, holder string) {
 	var last time.Time // this instance's last pass
-	repeat(ctx, max(min(every/10, 30*time.Second), time.Millisecond), true, func() {
-		if !last.IsZero() && time.Since(last) < every {
+	tick := max(min(every/10, 30*time.Second), time.Millisecond)
+	repeat(ctx, tick, true, func() {
+		// half a tick of slack: the tick that comes an interval after the last pass is the next
+		// pass (measured strictly, it came a hair early and the pass waited one more tick)
+		if !last.IsZero() && time.Since(last) < every-tick/2 {
 			return
 		}
 		held, err := m.cfg.Store.TryLease(ctx, "reconcile", holder, every+every/2)

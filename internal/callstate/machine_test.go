@@ -511,17 +511,17 @@ func TestAmbiguousTransferFailureRequeuesAfterASecondRead(t *testing.T) {
 // A transfer Graph refused is the agent's failed attempt: they cool down and their idle time
 // starts again. One Graph never processed (throttled after the client's retries, or never sent
 // for want of a token) never rang the agent: they keep their place among the longest idle, held
-// back only 2 s (not a tight loop of offers), while the caller goes back to the head of the
-// queue either way.
-func TestTransferNotProcessedDoesNotCoolTheAgent(t *testing.T) {
+// back 10 s (not a tight loop of offers), while the caller goes back to the head of the queue
+// either way.
+func TestTransferNotProcessedKeepsTheAgentsIdlePlace(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		err  error
 		want string
 	}{
 		{"refused", &graph.Error{Op: "transfer", Status: 403, Code: "Forbidden"}, "release agent-a failed"},
-		{"throttled", &graph.Error{Op: "transfer", Status: 429, Code: "TooManyRequests"}, "release agent-a abandoned 2s"},
-		{"no token", fmt.Errorf("get token: %w", graph.ErrNotSent), "release agent-a abandoned 2s"},
+		{"throttled", &graph.Error{Op: "transfer", Status: 429, Code: "TooManyRequests"}, "release agent-a abandoned 10s"},
+		{"no token", fmt.Errorf("get token: %w", graph.ErrNotSent), "release agent-a abandoned 10s"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g, q := &fakeGraph{fail: map[string]error{"transfer": tc.err}}, &fakeQueues{}
