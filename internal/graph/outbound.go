@@ -12,7 +12,11 @@ import (
 // an incoming call), and the classification of failures callers use to decide whether to
 // reconcile with GET /communications/calls/{id} before acting again.
 
-// Documented limits of the outbound actions (graph/WIRE.md section b).
+// Documented limits of the outbound actions, from the Graph v1.0 reference:
+// https://learn.microsoft.com/en-us/graph/api/call-playprompt (prompts, clientContext),
+// https://learn.microsoft.com/en-us/graph/api/call-record (recordResponse),
+// https://learn.microsoft.com/en-us/graph/api/call-redirect (targets, timeout) and
+// https://learn.microsoft.com/en-us/graph/api/participant-invite (up to 5 invitees).
 const (
 	MaxPrompts            = 20  // playPrompt prompts
 	MaxRecordPrompts      = 1   // recordResponse prompts

@@ -26,7 +26,12 @@ type Claims struct {
 	Expiry   time.Time
 }
 
-// VerifierConfig configures inbound token validation (WIRE.md d.2).
+// VerifierConfig configures inbound token validation: a bearer token signed with a key of the
+// OpenID configuration at api.aps.skype.com, aud the bot's app id, iss https://api.botframework.com,
+// tid the tenant, not expired ("Authenticate the callback",
+// https://learn.microsoft.com/en-us/microsoftteams/platform/bots/calls-and-meetings/call-notifications).
+// Microsoft's calling samples (AuthenticationProvider.cs in microsoft-graph-comms-samples, which
+// that page links to) also accept the issuer https://graph.microsoft.com.
 type VerifierConfig struct {
 	// OpenIDConfigURL is the metadata document naming jwks_uri, by default
 	// https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration.

@@ -95,7 +95,8 @@ func ParseAgents(data []byte) ([]AgentSpec, error) {
 	return out, errors.Join(errs...)
 }
 
-// Availabilities and Activities are the documented presence values (WIRE.md c.2).
+// Availabilities and Activities are the presence values Graph documents, PascalCase as they are
+// sent (https://learn.microsoft.com/en-us/graph/api/resources/presence).
 var (
 	Availabilities = []string{"Available", "AvailableIdle", "Away", "BeRightBack", "Busy", "BusyIdle",
 		"DoNotDisturb", "Offline", "PresenceUnknown"}

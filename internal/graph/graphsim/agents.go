@@ -230,7 +230,8 @@ func (s *Sim) endTalk(o *offer) {
 	}
 }
 
-// handlePresences: POST /communications/getPresencesByUserId (WIRE.md c.1).
+// handlePresences: POST /communications/getPresencesByUserId, at most 650 ids a request
+// (https://learn.microsoft.com/en-us/graph/api/cloudcommunications-getpresencesbyuserid).
 func (s *Sim) handlePresences(w http.ResponseWriter, r *http.Request, info *reqInfo) {
 	info.action = "getPresencesByUserId"
 	if s.requestFault(w, r, info.action, false) {

@@ -328,7 +328,8 @@ func (s *Sim) handleTokenKeys(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, jwks(s.tokenKid, &s.tokenKey.PublicKey))
 }
 
-// handleToken implements the client-credentials grant (WIRE.md d.1).
+// handleToken implements the client-credentials grant
+// (https://learn.microsoft.com/en-us/graph/auth-v2-service).
 func (s *Sim) handleToken(w http.ResponseWriter, r *http.Request) {
 	info := reqInfoFrom(r)
 	info.action = "token"

@@ -214,7 +214,8 @@ func decode(body []byte, v any) *apiError {
 	return nil
 }
 
-// checkCallback: Graph calls https callback URIs only (WIRE.md a.1); graphsim also takes http to
+// checkCallback: a callbackUri must be https ("This must be https", the answer and redirect
+// pages: https://learn.microsoft.com/en-us/graph/api/call-answer); graphsim also takes http to
 // a loopback host, where a bot under test listens.
 func checkCallback(u string) *apiError {
 	if u == "" {
@@ -231,8 +232,11 @@ func checkCallback(u string) *apiError {
 	return nil
 }
 
-// serviceMediaOnly refuses a media action on a call answered with app-hosted media (WIRE.md b:
-// playPrompt, subscribeToTone and cancelMediaProcessing are service-hosted media only).
+// serviceMediaOnly refuses a media action on a call answered with app-hosted media: playPrompt
+// and subscribeToTone are supported only for calls with serviceHostedMediaConfig
+// (https://learn.microsoft.com/en-us/graph/api/call-playprompt,
+// https://learn.microsoft.com/graph/api/call-subscribetotone?view=graph-rest-1.0), and
+// cancelMediaProcessing only cancels such prompts (and recordResponse, service-hosted too).
 func serviceMediaOnly(c *call, action string) *apiError {
 	if c.appMedia {
 		return badRequest("Action %s is not supported for calls with app hosted media.", action)
@@ -241,16 +245,18 @@ func serviceMediaOnly(c *call, action string) *apiError {
 }
 
 func checkClientContext(cc string) *apiError {
-	if utf8.RuneCountInString(cc) > 256 { // characters, not bytes (WIRE.md)
+	if utf8.RuneCountInString(cc) > 256 { // characters, not bytes ("Max limit is 256 chars", commsOperation)
 		return badRequest("clientContext is longer than 256 characters.")
 	}
 	return nil
 }
 
-// answerModalities are the acceptedModalities an answer may name (WIRE.md b, the call-answer page).
+// answerModalities are the acceptedModalities an answer may name
+// (https://learn.microsoft.com/en-us/graph/api/call-answer).
 var answerModalities = []string{"audio", "video", "videoBasedScreenSharing"}
 
-// answer: POST /answer (WIRE.md b). 202, then establishing, then established.
+// answer: POST /answer (https://learn.microsoft.com/en-us/graph/api/call-answer). 202, then
+// establishing, then established.
 func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 	var req struct {
 		CallbackURI        string          `json:"callbackUri"`
@@ -307,7 +313,9 @@ func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 }
 
 // watchKeepAlive (re)starts the keep-alive deadline of an answered call: when it passes, the
-// call is dropped with 408/8537 (WIRE.md b, keepAlive). Called with s.mu held.
+// call is dropped with 408/8537, "Keep Alive timeout" (a call without a keepAlive for 45 minutes
+// ends: https://learn.microsoft.com/en-us/graph/api/call-keepalive; the code is in the call-end
+// table of https://learn.microsoft.com/en-us/graph/api/call-delete). Called with s.mu held.
 func (s *Sim) watchKeepAlive(c *call) {
 	s.stopTimer(c.keepAlive)
 	c.keepAlive = s.afterCall(c, s.opts.KeepAliveTimeout, func() {
@@ -737,8 +745,8 @@ func (s *Sim) finish(c *call, outcome string, code, subcode int, last *callData)
 	c.res.EndCode, c.res.EndSubcode = code, subcode
 	c.res.EndedAt = time.Now()
 	if last == nil {
-		// After a DELETE, Graph writes code and subcode as strings (the call-delete page's
-		// terminated notification, WIRE.md a.2).
+		// After a DELETE, Graph writes code and subcode as strings (the terminated notification
+		// of https://learn.microsoft.com/en-us/graph/api/call-delete).
 		last = &callData{ID: c.id, State: graph.CallTerminated, ResultInfo: &resultInfo{code: code, subcode: subcode,
 			message: endMessages[subcode], quoted: outcome == OutcomeBotHangUp}}
 	}

@@ -372,7 +372,8 @@ func TestParseAgents(t *testing.T) {
 }
 
 // TestEndSequences checks the documented notification sequences of the ways a call ends that
-// the other tests do not cover end to end (WIRE.md a.3 and b).
+// the other tests do not cover end to end (the redirect, keepAlive and Delete call pages of the
+// Graph reference; docs/graphsim.md, "Sources").
 func TestEndSequences(t *testing.T) {
 	t.Parallel()
 	redirectTo := func(ids ...string) func(b *fakeBot, n graph.Notification) {

@@ -17,7 +17,8 @@
 //     (one agent at a time, into an established call), GET .../participants (once an agent
 //     joined; 400 for a peer-to-peer call, as Graph lists none), GET and DELETE of a call, and POST
 //     /communications/getPresencesByUserId, with the status codes, bodies and headers
-//     (request-id, Location, Retry-After) documented in shared/graph/WIRE.md.
+//     (request-id, Location, Retry-After) of Microsoft's Graph reference (docs/graphsim.md lists
+//     the pages under "Sources").
 //   - Conference-style hand-off: an invited agent rings (their AgentSpec.Answer decides); on
 //     accept the inviteParticipantsOperation completes (deleted, 200/0) and a roster update on
 //     /participants lists the caller, the bot and the agent; after the agent's TalkTime the

@@ -8,7 +8,7 @@ import (
 )
 
 // Conference-style hand-off: the bot invites one agent into its established call and stays in
-// it (WIRE.md a.4, a.5 and b, "Invite participants").
+// it (https://learn.microsoft.com/en-us/graph/api/participant-invite).
 //
 //	POST /communications/calls/{id}/participants/invite
 //	  200 inviteParticipantsOperation (status "Running", PascalCase) + Location .../operations/{opId}
@@ -29,8 +29,8 @@ import (
 // Result codes of a failed invite.
 const (
 	inviteDeclinedCode, inviteDeclinedSubcode = 486, 0     // SIP 486 Busy Here: the agent declined
-	inviteNoAnswerCode, inviteNoAnswerSubcode = 408, 10057 // WIRE.md a.3: no signalling from callee
-	inviteUnknownCode, inviteUnknownSubcode   = 480, 10037 // WIRE.md a.3: no callee endpoints
+	inviteNoAnswerCode, inviteNoAnswerSubcode = 408, 10057 // Delete call page: no signaling from callee endpoints
+	inviteUnknownCode, inviteUnknownSubcode   = 480, 10037 // Delete call page: no callee endpoints were found
 )
 
 // inviteRunning is the status of the invite response, as Graph's documented response spells it
@@ -79,7 +79,8 @@ type identityData struct {
 	TenantID         string `json:"tenantId,omitempty"`
 }
 
-// participantData is a #microsoft.graph.participant of a roster update (WIRE.md a.5).
+// participantData is a #microsoft.graph.participant of a roster update
+// (https://learn.microsoft.com/en-us/graph/api/resources/participant).
 type participantData struct {
 	ODataType            string                `json:"@odata.type"`
 	ID                   string                `json:"id"`
@@ -183,7 +184,8 @@ func (s *Sim) invite(c *call, body []byte) (reply, *apiError) {
 		})
 	}
 	// Graph's invite response spells the status "Running" (PascalCase), unlike the lower-case
-	// statuses of playPrompt's response and of every operation notification (WIRE.md a.2).
+	// statuses of playPrompt's response and of every operation notification (the examples of the
+	// participant-invite and call-playprompt pages).
 	return reply{status: http.StatusOK, location: s.GraphURL() + c.path() + "/operations/" + inv.id,
 		body: s.inviteOp(inv, inviteRunning, nil)}, nil
 }

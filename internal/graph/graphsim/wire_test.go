@@ -11,7 +11,8 @@ import (
 	"github.com/callbot/callbot/internal/graph"
 )
 
-// Where graphsim departed from WIRE.md and the payload examples, found by a review; each case
+// Where graphsim departed from Microsoft's Graph reference (docs/graphsim.md, "Sources") and the
+// payload examples copied from it (../testdata/payloads), found by a review; each case
 // failed before its fix.
 
 // placeIncoming places a call from a phone and returns it, ringing.
@@ -24,7 +25,8 @@ func placeIncoming(t *testing.T, s *Sim) *Call {
 	return c
 }
 
-// clientContext is limited to 256 characters (WIRE.md b), not bytes.
+// clientContext is limited to 256 characters ("Max limit is 256 chars", the commsOperation and
+// action pages), not bytes.
 func TestClientContextLimitCountsCharacters(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), answerOnly)
@@ -39,8 +41,10 @@ func TestClientContextLimitCountsCharacters(t *testing.T) {
 	}
 }
 
-// playPrompt, subscribeToTone and cancelMediaProcessing are for service-hosted media only
-// (WIRE.md b): a call answered with app-hosted media refuses them.
+// playPrompt, subscribeToTone and cancelMediaProcessing are for service-hosted media only (the
+// playPrompt and subscribeToTone pages: calls with serviceHostedMediaConfig only; the media
+// operations cancelMediaProcessing cancels are those): a call answered with app-hosted media
+// refuses them.
 func TestMediaActionsRefusedOnAppHostedMedia(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
@@ -64,8 +68,8 @@ func TestMediaActionsRefusedOnAppHostedMedia(t *testing.T) {
 	}
 }
 
-// The incoming (created) notification carries callbackUri, as Graph's does (WIRE.md a.3,
-// payloads/notification-incoming-to-app-instance-pstn-bot.json).
+// The incoming (created) notification carries callbackUri, as Graph's does (the call-redirect
+// page's example, payloads/notification-incoming-to-app-instance-pstn-bot.json).
 func TestIncomingNotificationCarriesCallbackURI(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)
@@ -76,7 +80,7 @@ func TestIncomingNotificationCarriesCallbackURI(t *testing.T) {
 	}
 }
 
-// Graph calls https callback URIs only (WIRE.md a.1); graphsim takes http to a loopback host,
+// A callbackUri must be https (the call-answer page); graphsim takes http to a loopback host,
 // where a bot under test listens, and nothing else.
 func TestPlainHTTPCallbackRefused(t *testing.T) {
 	t.Parallel()
@@ -111,8 +115,8 @@ func TestBadSecretDoesNotUseUpATokenFault(t *testing.T) {
 }
 
 // After a DELETE, Graph's terminated notification writes resultInfo's code and subcode as JSON
-// strings ("200", "5001": payloads/notification-terminated.json, the call-delete page; WIRE.md
-// a.2). A bot that decodes them into plain integers passed against graphsim's numbers and failed
+// strings ("200", "5001": payloads/notification-terminated.json, from the call-delete page). A
+// bot that decodes them into plain integers passed against graphsim's numbers and failed
 // on Graph's first hang-up.
 func TestTerminatedAfterDeleteCarriesStringCodes(t *testing.T) {
 	t.Parallel()
@@ -143,9 +147,9 @@ func TestTerminatedAfterDeleteCarriesStringCodes(t *testing.T) {
 }
 
 // Graph's participants/invite response spells the operation status "Running", in PascalCase
-// (payloads/response-participants-invite-operation.json; WIRE.md a.2), while playPrompt's is
-// "running". A bot comparing the invite's status case-sensitively with "running" passed against
-// graphsim and failed on Graph.
+// (payloads/response-participants-invite-operation.json, from the participant-invite page),
+// while playPrompt's is "running". A bot comparing the invite's status case-sensitively with
+// "running" passed against graphsim and failed on Graph.
 func TestInviteResponseStatusIsPascalCase(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), answerOnly)
@@ -161,8 +165,8 @@ func TestInviteResponseStatusIsPascalCase(t *testing.T) {
 }
 
 // answer's acceptedModalities are Graph's modality values: audio, video, videoBasedScreenSharing
-// (WIRE.md b, "Answer"; the call-answer page). graphsim took any string, so a bot answering with
-// a misspelt modality ("Voice", "audio " ...) passed here and had its answer refused by Graph.
+// (the call-answer page). graphsim took any string, so a bot answering with a misspelt modality
+// ("Voice", "audio " ...) passed here and had its answer refused by Graph.
 func TestAnswerRefusesUnknownModality(t *testing.T) {
 	t.Parallel()
 	s, b := newHarness(t, fastOptions(), nil)

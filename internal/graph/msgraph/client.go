@@ -12,9 +12,12 @@
 //
 // The SDK's default RetryHandler is left out of the middleware chain: it repeats POSTs on 503
 // and 504, so a transfer that Graph did carry out could be sent twice, and an answer could wait
-// past Graph's 15 s deadline (graph/WIRE.md, "Go SDK pitfalls"). Retries are decided here
-// instead, per action (see RetryPolicyFor): idempotent actions are repeated after transient
-// failures, the others only when Graph certainly did not act (429, request never sent).
+// past Graph's 15 s deadline (https://learn.microsoft.com/en-us/graph/api/call-answer). That
+// handler (retry_handler.go in github.com/microsoft/kiota-http-go) retries a request whose body
+// has a known length on 429, 503 and 504, up to 3 times, waiting Retry-After or 3 s doubling.
+// Retries are decided here instead, per action (see RetryPolicyFor): idempotent actions are
+// repeated after transient failures, the others only when Graph certainly did not act (429,
+// request never sent).
 // Callers reconcile ambiguous failures (graph.IsAmbiguous).
 package msgraph
 

@@ -380,7 +380,8 @@ func payload(t *testing.T, name string) []byte {
 
 // notSentByCallbot lists the documented request bodies no method of this package sends, and why.
 var notSentByCallbot = map[string]string{
-	"request-subscription-presence-bulk.json": "presence subscriptions are delegated-only (graph/WIRE.md c.3); " +
+	"request-subscription-presence-bulk.json": "presence subscriptions are delegated-only " +
+		"(https://learn.microsoft.com/en-us/graph/changenotifications-for-presence); " +
 		"callbot polls getPresencesByUserId with app permissions",
 }
 
