@@ -260,7 +260,9 @@ func (d *decision) apply(ev Event) error {
 				d.checkRoster()
 				d.timer(TimerTransfer, transferRecheck)
 			case ev.Timer == TimerTransfer:
-				d.transferFailed(false) // the roster could not be read either: the agent did not join
+				// the roster could not be read either: the agent did not join (and was never
+				// rung, if Graph never processed the invite)
+				d.transferFailed(c.InviteNotSent)
 			default:
 				return ErrIgnored
 			}
@@ -293,7 +295,7 @@ func (d *decision) apply(ev Event) error {
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.Handoff == ivr.HandoffInvite {
 			// conference hand-off: the agent is invited and callbot stays; the caller keeps
 			// hearing hold music while the agent's phone rings
-			c.State, c.Joined = StateInviting, false
+			c.State, c.Joined, c.InviteNotSent = StateInviting, false, false
 			c.InviteCtx = "i" + strconv.FormatInt(d.next(), 10)
 			d.emit(Command{Kind: CmdInvite, Target: target, ClientContext: c.InviteCtx})
 			d.timer(TimerTransfer, d.env.TransferTimeout)
@@ -308,13 +310,25 @@ func (d *decision) apply(ev Event) error {
 			return ErrIgnored // an earlier attempt's, or a repeat
 		}
 		if ev.Failed {
+			notSent := ev.NotSent && !c.InviteNotSent
+			if notSent {
+				// Graph never processed the request (throttled, no token): the agent never rang,
+				// and is released as after a transfer Graph never processed, once the roster (or
+				// its recheck) confirms they are not in the call. Noted even while the roster is
+				// being read already (the invite's timer came first): that read settles it.
+				c.InviteNotSent = true
+			}
 			if c.RosterCtx != "" {
+				if notSent {
+					return nil
+				}
 				return ErrIgnored // a repeat, or a second invite's: the roster is being read
 			}
 			// The agent did not join, or so says a completion that may be a second invite's
 			// (a re-drive sent it again) while the agent rings, or talks to the caller, after
-			// the first: read the roster, and act on what it shows. A success completion still
-			// counts meanwhile.
+			// the first: read the roster, and act on what it shows, also when Graph never
+			// processed this invite (another instance's re-drive of it may have). A success
+			// completion still counts meanwhile.
 			d.checkRoster()
 			d.timer(TimerTransfer, transferRecheck)
 			return nil
@@ -355,7 +369,7 @@ func (d *decision) apply(ev Event) error {
 			}
 		case c.State == StateInviting && read:
 			// the invite failed or timed out, and Graph confirms the agent is not in the call
-			d.transferFailed(false)
+			d.transferFailed(c.InviteNotSent)
 		case c.State == StateConnected && (c.Joined || read):
 			// The agent left the conversation (a roster read is made a check interval after
 			// connecting: an agent not in it by then has left): callbot ends the call, the
@@ -537,7 +551,7 @@ func (d *decision) transfer(target graph.Party) {
 // connected: the invited agent is in the call. The hold music stops, and the roster is read
 // now and then in case the agent's leaving is not notified.
 func (d *decision) connected() {
-	d.c.State, d.c.ConnectedAt, d.c.Timers, d.c.RosterCtx = StateConnected, d.env.Now, nil, ""
+	d.c.State, d.c.ConnectedAt, d.c.Timers, d.c.RosterCtx, d.c.InviteNotSent = StateConnected, d.env.Now, nil, "", false
 	d.silence() // the hold music must not play over the conversation
 	d.timer(TimerRoster, rosterCheck)
 }
@@ -556,15 +570,16 @@ func (d *decision) hangup() {
 	d.timer(TimerMenu, d.env.HangupGrace)
 }
 
-// transferFailed puts a caller whose transfer failed back where it came from: the head of its
-// queue (its original arrival score), or the start of the menu for a direct transfer. The agent
-// cools down and counts as idle from now, unless notSent: Graph never processed the request
-// (throttled, no token), so the agent never rang and keeps their place among the longest idle,
-// held back notSentHold all the same (a request that fails at once, for want of a token, must not
-// become a tight loop of offers, nor a late release free the agent mid-offer).
+// transferFailed puts a caller whose transfer (or invite) failed back where it came from: the
+// head of its queue (its original arrival score), or the start of the menu for a direct
+// transfer. The agent cools down and counts as idle from now, unless notSent: Graph never
+// processed the request (throttled, no token), so the agent never rang and keeps their place
+// among the longest idle, held back notSentHold all the same (a request that fails at once, for
+// want of a token, must not become a tight loop of offers, nor a late release free the agent
+// mid-offer).
 func (d *decision) transferFailed(notSent bool) {
 	c := &d.c
-	c.Outcome, c.Transferring, c.TransferCtx, c.InviteCtx, c.RosterCtx = "", false, "", "", ""
+	c.Outcome, c.Transferring, c.TransferCtx, c.InviteCtx, c.RosterCtx, c.InviteNotSent = "", false, "", "", "", false
 	if c.Agent != "" {
 		release := Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentFailed}
 		if notSent {

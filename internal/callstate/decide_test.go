@@ -575,6 +575,65 @@ func TestInviteFailureIsCheckedAgainstTheRoster(t *testing.T) {
 	})
 }
 
+// An invite Graph never processed (NotSent: throttled, no token) is checked against the roster
+// like any failure, and the agent, never rung, is released as after a transfer Graph never
+// processed (abandoned, held back notSentHold), whether the read or its recheck settles it, and
+// also when the invite's timer had started the read first. An agent the read shows in the call
+// is connected all the same (a re-drive of the invite may have reached Graph).
+func TestInviteNotProcessedReleasesTheAgentAsNeverRung(t *testing.T) {
+	c, env, agent := inviting(t)
+	notSent := Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true, NotSent: true}
+	failed, out, err := Decide(c, notSent, env)
+	if err != nil || failed.State != StateInviting || !failed.InviteNotSent || !slices.Equal(kinds(out), []string{"checkRoster", "setTimer"}) {
+		t.Fatalf("invite not processed: %s %v %v, want the roster read first", failed.State, kinds(out), err)
+	}
+	if _, _, err := Decide(failed, notSent, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("the failure again: %v, want ignored", err)
+	}
+	neverRung := func(t *testing.T, got Call, out []Command, err error) {
+		t.Helper()
+		i := slices.IndexFunc(out, func(c Command) bool { return c.Kind == CmdReleaseAgent })
+		if err != nil || got.State != StateQueued || i < 0 || out[i].AgentOutcome != AgentAbandoned || out[i].After != notSentHold || got.InviteNotSent {
+			t.Errorf("%s %+v %v, want back in the queue and the agent released abandoned, held %v", got.State, out, err, notSentHold)
+		}
+	}
+	t.Run("the read shows the agent absent", func(t *testing.T) {
+		got, out, err := Decide(failed, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: failed.RosterCtx}, env)
+		neverRung(t, got, out, err)
+	})
+	t.Run("the roster cannot be read", func(t *testing.T) {
+		got, out, err := Decide(failed, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: failed.Timers[TimerTransfer]}, env)
+		neverRung(t, got, out, err)
+	})
+	t.Run("the read shows the agent in the call", func(t *testing.T) {
+		got, out, err := Decide(failed, Event{Kind: EvRoster, Participants: []string{"caller", agent}, ClientContext: failed.RosterCtx}, env)
+		if err != nil || got.State != StateConnected || got.InviteNotSent || slices.Contains(kinds(out), "releaseAgent") {
+			t.Errorf("%s %v %v, want connected, the agent kept", got.State, kinds(out), err)
+		}
+	})
+	t.Run("the invite's timer read the roster first", func(t *testing.T) {
+		timed, _, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: c.Timers[TimerTransfer]}, env)
+		if err != nil || timed.RosterCtx == "" {
+			t.Fatalf("the invite's timer: %v", err)
+		}
+		late, out, err := Decide(timed, notSent, env)
+		if err != nil || len(out) != 0 || !late.InviteNotSent || late.RosterCtx != timed.RosterCtx {
+			t.Fatalf("not processed while the roster is read: %v %v, want noted, no second read", kinds(out), err)
+		}
+		got, out, err := Decide(late, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: late.RosterCtx}, env)
+		neverRung(t, got, out, err)
+	})
+	t.Run("the next offer's invite reaches the agent", func(t *testing.T) {
+		back, _, _ := Decide(failed, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: failed.RosterCtx}, env)
+		again, _, _ := Decide(back, Event{Kind: EvAgentOffer, Agent: agent}, env)
+		declined, _, _ := Decide(again, Event{Kind: EvInviteDone, ClientContext: again.InviteCtx, Failed: true}, env)
+		got, out, err := Decide(declined, Event{Kind: EvRoster, Participants: []string{"caller"}, ClientContext: declined.RosterCtx}, env)
+		if err != nil || got.State != StateQueued || out[0].AgentOutcome != AgentFailed {
+			t.Errorf("declined on the next offer: %s %+v %v, want the agent cooling down", got.State, out, err)
+		}
+	})
+}
+
 // While an invite's failure (or its timer) is checked against the roster, the invite's own
 // success completion still counts: a re-driven second invite can fail while the agent rings from
 // the first and then answers it. Dropping that success let the read, made before the agent

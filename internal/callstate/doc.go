@@ -27,7 +27,10 @@
 // talks to the caller after the first; and a connected call reads its roster every minute, in
 // case the roster that shows the agent leaving was lost. A read applies only while the call
 // waits for it (Call.RosterCtx) and unless a newer roster was notified. The re-drive of an invite
-// reads the roster first: an agent already in the call is not invited again.
+// reads the roster first: an agent already in the call is not invited again. An invite Graph
+// never processed (throttled, no token: Call.InviteNotSent) is checked against the roster too;
+// its agent, who never rang, is then released as after a transfer Graph never processed (their
+// idle place kept, held back a while), where a failed or declined invite cools them down.
 //
 // Notifications can be lost, repeated or reordered. Guards cover the losses: no established 10 s
 // after answer, no outcome of a transfer in time, a menu prompt whose end is never reported, hold

@@ -813,7 +813,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// the invite's timer settles it.
 			log.Info("invite refused when sent again; waiting for the first one's outcome")
 		case cmd.Kind == CmdInvite && definitive(err):
-			feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true})
+			feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true, NotSent: graph.Classify(err) == graph.NotProcessed})
 			// an ambiguous invite failure is settled by the invite's notification or its timer
 		}
 		return

@@ -153,6 +153,47 @@ func (q *fakeQueues) Release(_ context.Context, tenant, agent, call string, o ca
 	return q.add("release " + agent + " " + string(o))
 }
 
+// The conference hand-off's counterpart: an invite Graph never processed (throttled after the
+// client's retries, or never sent for want of a token) never rang the agent either. Its failure
+// is still checked against the roster (a re-drive of the same invite may have reached Graph), and
+// once the roster (or, unreadable, its recheck) shows the agent did not join, they are released
+// as after a transfer Graph never processed: their idle place kept, held back 10 s. Before, the
+// roster read carried no "not processed" and the agent was released as declining. An invite that
+// did reach the agent (refused, or declined per Graph's notification) still cools them down.
+func TestInviteNotProcessedKeepsTheAgentsIdlePlace(t *testing.T) {
+	throttled := &graph.Error{Op: "invite", Status: 429, Code: "TooManyRequests"}
+	for _, tc := range []struct {
+		name     string
+		fail     map[string]error
+		declined bool // the invite is sent, and Graph notifies its failure
+		want     string
+	}{
+		{"refused", map[string]error{"invite": &graph.Error{Op: "invite", Status: 403, Code: "Forbidden"}}, false, "release agent-b failed"},
+		{"declined", nil, true, "release agent-b failed"},
+		{"throttled", map[string]error{"invite": throttled}, false, "release agent-b abandoned 10s"},
+		{"no token", map[string]error{"invite": fmt.Errorf("get token: %w", graph.ErrNotSent)}, false, "release agent-b abandoned 10s"},
+		{"throttled, the roster too", map[string]error{"invite": throttled, "participants": &graph.Error{Op: "participants", Status: 429}}, false, "release agent-b abandoned 10s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := &fakeGraph{fail: tc.fail}
+			r := newRig(t, g, "rns")
+			id := "c-invite-not-processed"
+			r.inviting(t, id, "agent-b")
+			if tc.declined {
+				c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+				r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
+			}
+			r.skew += 6 * time.Second // past the roster read's recheck
+			r.fireDue(t)
+			c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+			if c.State != callstate.StateQueued || c.Agent != "" || !slices.Contains(r.q.ops, tc.want) || countPrefix(g.log(), "invite") != 1 {
+				t.Errorf("after the invite failed: %s agent %q, queue ops %v, graph %v; want back in the queue, %q, one invite",
+					c.State, c.Agent, r.q.ops, g.log(), tc.want)
+			}
+		})
+	}
+}
+
 const flowYAML = `
 name: t
 prompts:

@@ -37,12 +37,13 @@ type inviteScript struct {
 	hangAfter   time.Duration // the caller hangs up this long after the first invite (0: never)
 	groupRoster bool          // the first invite makes the call a group call: a roster of the caller alone
 	readFails   bool          // callbot's first roster read gets no answer (Graph fails it)
+	notSent     bool          // Graph never processes the first invite (429 after the client's retries)
 }
 
 type note struct {
-	ev   Event
-	id   int
-	read bool // the answer to callbot's own roster read, not a notification
+	ev  Event
+	id  int
+	own bool // the answer to a request of callbot's own (a roster read, an invite Graph never processed), not a notification
 }
 
 type model struct {
@@ -71,6 +72,7 @@ type model struct {
 	ringCtx   string // the ringing invite's clientContext
 	ringAt    time.Duration
 	inCall    int // the agent in the conference with the caller, or -1
+	unrung    int // the agent whose current invite Graph never processed, or -1
 	leaveAt   time.Duration
 	hangSet   bool // the caller hangs up at hangAt
 	hangAt    time.Duration
@@ -184,7 +186,7 @@ func (m *model) command(cmd Command) {
 			ps = append(ps, agentID(m.inCall))
 		}
 		m.nextID++
-		m.flight = append(m.flight, note{ev: Event{Kind: EvRoster, Participants: ps, Seq: m.rosterSeq, ClientContext: cmd.ClientContext}, id: m.nextID, read: true})
+		m.flight = append(m.flight, note{ev: Event{Kind: EvRoster, Participants: ps, Seq: m.rosterSeq, ClientContext: cmd.ClientContext}, id: m.nextID, own: true})
 	case CmdEnqueue:
 		if m.inCall >= 0 {
 			m.violations = append(m.violations, "caller sent back to the queue while the agent is in the call")
@@ -203,8 +205,18 @@ func (m *model) command(cmd Command) {
 			}
 			m.free[a] = true
 		}
-		if cmd.AgentOutcome != AgentAbandoned { // an offer racing the caller's hang-up: either order is right
-			m.releases = append(m.releases, fmt.Sprintf("%s %v", cmd.Agent, cmd.AgentOutcome))
+		notSent := cmd.AgentOutcome == AgentAbandoned && cmd.After == notSentHold
+		switch a := m.agentIndex(cmd.Agent); {
+		case a >= 0 && a == m.unrung && cmd.AgentOutcome == AgentFailed:
+			m.violations = append(m.violations, "agent released as declining an invite Graph never processed")
+		case notSent && a != m.unrung:
+			m.violations = append(m.violations, "agent released as never rung after an invite that reached them")
+		}
+		m.unrung = -1
+		// an offer racing the caller's hang-up (abandoned): either order is right; a request
+		// Graph never processed is released as abandoned too, but held back
+		if cmd.AgentOutcome != AgentAbandoned || notSent {
+			m.releases = append(m.releases, fmt.Sprintf("%s %v %v", cmd.Agent, cmd.AgentOutcome, cmd.After))
 		}
 	case CmdSetTimer:
 		m.timers[cmd.Timer] = armed{tok: cmd.Token, at: m.now + cmd.After}
@@ -228,13 +240,23 @@ func (m *model) invite(cmd Command) {
 	if m.ringing >= 0 || m.inCall >= 0 {
 		m.violations = append(m.violations, "invite sent while an agent rings or is in the call")
 	}
-	m.invites++
-	if !m.hangSet && m.inv.hangAfter > 0 {
-		m.hangSet, m.hangAt = true, m.now+m.inv.hangAfter
-	}
 	a := m.agentIndex(cmd.Target.ID)
 	if a < 0 {
 		m.t.Fatalf("invite of unknown agent %q", cmd.Target.ID)
+	}
+	if m.inv.notSent {
+		// Graph never processes it (throttled after the client's retries): the agent does not
+		// ring, and callbot hears of it on the request's own path (Machine.send), not by a
+		// notification
+		m.inv.notSent, m.unrung = false, a
+		m.nextID++
+		m.flight = append(m.flight, note{ev: Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true, NotSent: true}, id: m.nextID, own: true})
+		return
+	}
+	m.unrung = -1
+	m.invites++
+	if !m.hangSet && m.inv.hangAfter > 0 {
+		m.hangSet, m.hangAt = true, m.now+m.inv.hangAfter
 	}
 	m.ringing, m.ringCtx = a, cmd.ClientContext
 	if m.invites == 1 && m.inv.groupRoster {
@@ -368,9 +390,10 @@ func (m *model) run() {
 			// a caller's hang-up past an agent's offer, is another history, not another order.
 			// Nor while the caller is set to hang up at a given time: a failure held up delays
 			// the next invite, and the agent joins after the caller left rather than before.
-			// The answer to a roster read is neither: callbot gives up on a read after a while,
-			// by design.
-			if m.chaos && !n.read && m.rng.IntN(8) == 0 {
+			// The answer to a request of callbot's own is neither: callbot gives up on a roster
+			// read after a while, by design, and a request Graph never processed fails within
+			// the command's timeout, long before its timer.
+			if m.chaos && !n.own && m.rng.IntN(8) == 0 {
 				m.late = append(m.late, n)
 				if (n.ev.Kind == EvInviteDone || n.ev.Kind == EvRoster) && !m.hangSet {
 					if m.rng.IntN(2) == 0 {
@@ -435,7 +458,7 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 	rng := rand.New(rand.NewPCG(seed, 99))
 	env := testEnv(t)
 	env.TransferTimeout = time.Minute
-	m := &model{t: t, rng: rng, chaos: chaos, seed: seed, env: env, timers: map[TimerKind]armed{}, ringing: -1, inCall: -1}
+	m := &model{t: t, rng: rng, chaos: chaos, seed: seed, env: env, timers: map[TimerKind]armed{}, ringing: -1, inCall: -1, unrung: -1}
 	// the caller's script comes from the seed alone, so both runs face the same caller
 	script := rand.New(rand.NewPCG(seed, 1))
 	keys := []string{"1", "1", "7", "9", "3", "5", "4", "4", "4"} // 4: the queue with the conference hand-off
@@ -462,6 +485,7 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 	}
 	m.inv.groupRoster = script.IntN(2) == 0
 	m.inv.readFails = script.IntN(4) == 0
+	m.inv.notSent = script.IntN(4) == 0
 	return m
 }
 
@@ -474,7 +498,8 @@ func outcome(m *model) string {
 // was connected, and how the agents were released), terminated stays terminated, and callbot
 // never sends a transfer while another is in progress, nor an invite while one rings, nor sends
 // the caller back to the queue, hangs up, or marks the agent failed while the agent talks to
-// the caller.
+// the caller; an agent whose invite Graph never processed is released as never rung, and one
+// whose invite reached them is not.
 func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	n := 3000
 	if testing.Short() {
@@ -484,6 +509,7 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	// conference hand-off histories: with an invite, ended with the agent connected, with an
 	// invite that sent the caller back to the queue
 	invited, connected, requeued := 0, 0, 0
+	unrung := 0 // histories with an invite Graph never processed, its agent released as never rung
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		inOrder := newModel(t, seed, false)
 		inOrder.run()
@@ -500,6 +526,9 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 			if inviteRequeued(inOrder) {
 				requeued++
 			}
+		}
+		if slices.ContainsFunc(inOrder.releases, func(r string) bool { return strings.HasSuffix(r, " abandoned "+notSentHold.String()) }) {
+			unrung++
 		}
 		got, want := outcome(chaos), outcome(inOrder)
 		if got == want && !slices.Equal(chaos.releases, inOrder.releases) {
@@ -534,6 +563,11 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 		t.Errorf("%d of %d histories invited an agent, %d connected, %d requeued after an invite: the generator hardly makes any",
 			invited, n, connected, requeued)
 	}
+	// and invites Graph never processed, whose agent is released as never rung
+	t.Logf("%d of %d histories released an agent whose invite Graph never processed", unrung, n)
+	if unrung < n/50 {
+		t.Errorf("%d of %d histories released an agent whose invite Graph never processed: the generator hardly makes any", unrung, n)
+	}
 }
 
 // inviteRequeued: the call went from inviting back to the queue.
@@ -555,7 +589,7 @@ func history(m *model) string {
 		case EvRoster:
 			fmt.Fprintf(&b, " %v seq %d %s", ev.Participants, ev.Seq, ev.ClientContext)
 		case EvInviteDone, EvPromptDone:
-			fmt.Fprintf(&b, " %s failed %v", ev.ClientContext, ev.Failed)
+			fmt.Fprintf(&b, " %s failed %v not sent %v", ev.ClientContext, ev.Failed, ev.NotSent)
 		case EvTimeout:
 			fmt.Fprintf(&b, " %s %d", ev.Timer, ev.TimerToken)
 		case EvTone:

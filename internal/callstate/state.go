@@ -124,8 +124,9 @@ type Event struct {
 	// On EvCallState: the read settles the current attempt (it follows the attempt's own
 	// request or timer), so a call established again means the attempt failed.
 	Verified bool
-	// NotSent: a transfer request Graph never processed (EvTransferFailed): throttled (429), or
-	// never sent (no token). The agent never rang: not their failure.
+	// NotSent: a transfer or invite request Graph never processed (EvTransferFailed,
+	// EvInviteDone): throttled (429), or never sent (no token). The agent never rang: not their
+	// failure.
 	NotSent bool
 	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
 	Result  graph.ResultInfo
@@ -186,6 +187,10 @@ type Call struct {
 	LastRoster  int64     `json:"lastRoster,omitempty"`
 	RosterCtx   string    `json:"rosterCtx,omitempty"`
 	ConnectedAt time.Time `json:"connectedAt,omitzero"`
+	// InviteNotSent: Graph never processed the current invite (throttled, no token), so the
+	// agent never rang: if the roster read (or its recheck) finds they did not join, they are
+	// released as after a transfer Graph never processed, not as after a decline.
+	InviteNotSent bool `json:"inviteNotSent,omitempty"`
 	// Transferring is set when Graph reported the current transfer attempt under way: only then
 	// can a failure notification be about it (one from an earlier attempt may arrive late).
 	Transferring bool `json:"transferring,omitempty"`

@@ -38,6 +38,7 @@ type rig struct {
 	store  *callstate.Store
 	timers *callstate.Timers
 	rdb    redis.UniversalClient
+	q      *fakeQueues
 	skew   time.Duration
 }
 
@@ -47,9 +48,9 @@ func newRig(t *testing.T, g callstate.CallControl, prefix string) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &rig{rdb: rdb, store: callstate.NewStore(rdb, prefix), timers: callstate.NewTimers(rdb, prefix)}
+	r := &rig{rdb: rdb, store: callstate.NewStore(rdb, prefix), timers: callstate.NewTimers(rdb, prefix), q: &fakeQueues{}}
 	r.m = callstate.NewMachine(callstate.Config{Store: r.store, Timers: r.timers, Control: g,
-		Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+		Queues: r.q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
 		Now: func() time.Time { return time.Now().Add(r.skew) }})
 	return r
 }
