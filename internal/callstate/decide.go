@@ -18,8 +18,23 @@ var (
 	// ErrIgnored: the event has no effect in the call's state (duplicate, late, stale).
 	ErrIgnored = errors.New("event ignored")
 	// ErrInvalidTransition: the decision broke the transition table; a bug, never input.
+	// Decide returns it as a *TransitionError.
 	ErrInvalidTransition = errors.New("invalid transition")
 )
+
+// TransitionError is the ErrInvalidTransition of one decision: the move the table has no row for.
+type TransitionError struct {
+	From State
+	On   EventKind
+	To   State
+}
+
+func (e *TransitionError) Error() string {
+	return fmt.Sprintf("%v: %s --%s--> %s", ErrInvalidTransition, e.From, e.On, e.To)
+}
+
+// Unwrap makes errors.Is(err, ErrInvalidTransition) true.
+func (e *TransitionError) Unwrap() error { return ErrInvalidTransition }
 
 // Env is what a decision depends on besides the call and the event.
 type Env struct {
@@ -42,7 +57,7 @@ func Decide(c Call, ev Event, env Env) (Call, []Command, error) {
 		return c, nil, err
 	}
 	if !legal(d.from, ev.Kind, d.c.State) {
-		return c, nil, fmt.Errorf("%w: %s --%s--> %s", ErrInvalidTransition, d.from, ev.Kind, d.c.State)
+		return c, nil, &TransitionError{From: d.from, On: ev.Kind, To: d.c.State}
 	}
 	return d.c, d.cmds, nil
 }
@@ -410,6 +425,25 @@ func (d *decision) apply(ev Event) error {
 
 	case EvCommandFailed:
 		c.State, c.EndedAt, c.Outcome = StateTerminated, d.env.Now, OutcomeFailed
+		return nil
+
+	case EvAbort:
+		// A bug left the call where only Graph's notifications move it on, its timer (the guard
+		// against their loss) was refused by the table, and Graph shows the caller alone with
+		// callbot: rather than leave them there for ever, callbot hangs up (and again, every
+		// hang-up grace, until the call ends). An agent still reserved is freed: after their
+		// wrap-up if they talked to the caller, at once after an offer.
+		outcome, release := OutcomeFailed, Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned}
+		if c.State == StateConnected {
+			outcome, release.AgentOutcome, release.After = OutcomeConnected, AgentWrapUp, d.wrapUp()
+		}
+		c.State, c.Outcome, c.Timers, c.PromptCtx = StateTerminating, outcome, nil, ""
+		c.Transferring, c.TransferCtx, c.InviteCtx, c.RosterCtx, c.InviteNotSent = false, "", "", "", false
+		d.hangup()
+		if c.Agent != "" {
+			d.emit(release)
+			c.Agent = ""
+		}
 		return nil
 	}
 	return ErrIgnored

@@ -773,3 +773,43 @@ func TestAdoptStartsTheMenuAgain(t *testing.T) {
 		t.Errorf("adopt of a call with a record: %v, want ignored", err)
 	}
 }
+
+// A timer the table refused (a bug) leaves a call that only Graph's notifications would move on;
+// Graph showing the caller alone with callbot, the machine gives up on it (EvAbort): callbot hangs
+// up, watches that it did, and frees the agent (after their wrap-up if they had been talking to
+// the caller). A caller in the menu or a queue has no such row: their keys or the dispatcher still
+// move them on.
+func TestAbortHangsUpAndFreesTheAgent(t *testing.T) {
+	c, env, agent := inviting(t)
+	got, out, err := Decide(c, Event{Kind: EvAbort}, env)
+	if err != nil || got.State != StateTerminating || got.Outcome != OutcomeFailed || got.Agent != "" || len(got.Timers) != 1 ||
+		!slices.Equal(kinds(out), []string{"hangup", "setTimer", "releaseAgent"}) || out[2].Agent != agent || out[2].AgentOutcome != AgentAbandoned {
+		t.Errorf("inviting: %s %s %+v %v, want a hangup, its retry timer alone, the agent freed", got.State, got.Outcome, out, err)
+	}
+	connected, _, _ := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx}, env)
+	got, out, err = Decide(connected, Event{Kind: EvAbort}, env)
+	if err != nil || got.State != StateTerminating || got.Outcome != OutcomeConnected || len(out) != 3 || out[2].AgentOutcome != AgentWrapUp || out[2].After != 30*time.Second {
+		t.Errorf("connected: %s %s %+v %v, want a hangup and the agent's wrap-up", got.State, got.Outcome, out, err)
+	}
+	inMenu, _ := step(t, env, incoming, Event{Kind: EvEstablished})
+	queued, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1})
+	for _, c := range []Call{inMenu, queued} {
+		if _, _, err := Decide(c, Event{Kind: EvAbort}, env); !errors.Is(err, ErrIgnored) {
+			t.Errorf("%s: %v, want ignored", c.State, err)
+		}
+	}
+}
+
+// Decide's ErrInvalidTransition carries the move the table refused.
+func TestInvalidTransitionNamesTheMove(t *testing.T) {
+	// a record a bug could leave: inviting with no agent, the invite's failure being checked
+	c := Call{ID: "c1", State: StateInviting, RosterCtx: "r5", Seq: 6, Timers: map[TimerKind]int64{TimerTransfer: 6}}
+	_, _, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: 6}, testEnv(t))
+	var te *TransitionError
+	if !errors.Is(err, ErrInvalidTransition) || !errors.As(err, &te) || *te != (TransitionError{StateInviting, EvTimeout, StateInMenu}) {
+		t.Fatalf("got %v, want the invalid transition inviting --timeout--> in_menu", err)
+	}
+	if want := "invalid transition: inviting --timeout--> in_menu"; err.Error() != want {
+		t.Errorf("error %q, want %q", err, want)
+	}
+}

@@ -55,6 +55,13 @@
 // entry whose call ended is removed) and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //
+// A decision the table refuses (ErrInvalidTransition, a *TransitionError) is a bug, never
+// input: it is logged as an error and counted (Machine.InvalidTransitions), and a notification's
+// is dropped. A timer's is removed, not left to be claimed and refused again every lease, and
+// its call given up on where nothing else may move it on (answering, transferring, inviting,
+// connected): if Graph shows the caller alone with callbot, callbot hangs up (EvAbort); a call
+// with others in it is never hung up. A caller in the menu or a queue stays there.
+//
 // A call's Graph commands go out in the order of the transitions that decided them, one at a
 // time, on the call's executor; a transition takes its place there before its save makes the new
 // state visible, so the dispatcher offering a caller it has just seen in the queue cannot send the

@@ -115,6 +115,10 @@ type Machine struct {
 	// Superseded counts media commands not sent because a transfer decided after them took the
 	// caller's media first (queueGraph).
 	Superseded atomic.Int64
+	// InvalidTransitions counts decisions the transition table refused (ErrInvalidTransition: a
+	// bug, never input), whatever the event: a notification's is dropped, a timer's removed and
+	// its call given up on (giveUp).
+	InvalidTransitions atomic.Int64
 	// Adopted counts calls Graph had established and callbot had no record of, taken back
 	// (adopt); adoptMu guards adoptSeen, when each call was last found not to be taken back, and
 	// adopting, the calls being taken back now.
@@ -449,6 +453,9 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				return false, m.cfg.Store.Sync(ctx)
 			}
 			return false, nil
+		}
+		if errors.Is(err, ErrInvalidTransition) {
+			m.InvalidTransitions.Add(1)
 		}
 		if err != nil {
 			return false, err
@@ -1215,13 +1222,88 @@ func (m *Machine) fireTimers(ctx context.Context) int {
 	}
 	for _, tm := range due {
 		_, err := m.Handle(wctx, tm.Tenant, tm.Call, Event{Kind: EvTimeout, Timer: tm.Kind, TimerToken: tm.Token})
-		if err != nil {
+		var broken *TransitionError
+		switch {
+		case errors.As(err, &broken):
+			// A bug, never input: the same record decides the same, so left in the set the timer
+			// would be claimed and refused again every lease, for ever. It goes, and its call is
+			// given up on where nothing else may move it on.
+			m.cfg.Log.Error("timer refused by the transition table (a bug): removed", zap.String("call_id", tm.Call),
+				zap.String("tenant_id", tm.Tenant), zap.String("timer", string(tm.Kind)), zap.Stringer("state", broken.From), zap.Error(err))
+			m.giveUp(tm.Tenant, tm.Call, broken.From)
+		case err != nil:
 			m.cfg.Log.Warn("timer not applied, retried after its lease", zap.String("call_id", tm.Call), zap.Error(err))
 			continue
 		}
 		_ = m.cfg.Timers.Done(wctx, tm)
 	}
 	return len(due)
+}
+
+// giveUp follows a timer the transition table refused (a bug) in state from: without it, a call
+// in a state only Graph's notifications move it out of (EvAbort's rows: answering, transferring,
+// inviting, connected) may stay there for ever, a lost notification no longer guarded against
+// (the reconciler does not help: it ends only calls Graph no longer has, and keeps the others
+// alive). A caller in the menu or a queue is left there: their keys or the dispatcher still move
+// them on. callbot asks Graph, on the call's executor (off the timer loop): a call it no longer
+// has is ended; one it has established with the caller alone with callbot is hung up (EvAbort);
+// one with others in it (the caller talking to an agent), or not established (still ringing in,
+// being transferred), or that cannot be read, is left to its notifications and to the caller,
+// never hung up. Not durable: an instance that dies first leaves the call as it was, as the
+// error logged and callbot_invalid_transitions_total tell.
+func (m *Machine) giveUp(tenant, key string, from State) {
+	log := m.cfg.Log.With(zap.String("call_id", key), zap.String("tenant_id", tenant), zap.Stringer("state", from))
+	if !handles(from, EvAbort) {
+		// the menu, a queue (the caller's keys or the dispatcher still move it on), terminating
+		// (callbot hung up already; the reconciler ends the call once Graph no longer has it)
+		log.Warn("call left where the timer the table refused found it: something else still moves it on")
+		return
+	}
+	m.exec.do(key, func() {
+		ctx := context.Background()
+		c, err := m.cfg.Store.Get(ctx, key)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			return
+		case err != nil:
+			log.Error("call left where a timer the table refused found it: its record could not be read", zap.Error(err))
+			return
+		case c.State != from:
+			return // moved on since
+		}
+		gctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(ctx, c.Scenario), c.Tenant), m.cfg.CommandTimeout)
+		defer cancel()
+		st, err := m.cfg.Control.GetCall(gctx, c.ID)
+		ev := Event{Kind: EvAbort}
+		switch {
+		case errors.Is(err, graph.ErrCallGone):
+			ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+		case err != nil:
+			log.Error("call left where a timer the table refused found it: Graph could not be read", zap.Error(err))
+			return
+		case st != graph.CallEstablished:
+			log.Error("call left where a timer the table refused found it: not established in Graph", zap.String("graph_state", string(st)))
+			return
+		default:
+			ps, err := m.cfg.Control.Participants(gctx, c.ID)
+			switch {
+			case peerToPeer(err): // the caller and callbot alone
+			case errors.Is(err, graph.ErrCallGone):
+				ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+			case err != nil:
+				log.Error("call left where a timer the table refused found it: its participants could not be read", zap.Error(err))
+				return
+			case people(ps) > 1:
+				log.Error("call left where a timer the table refused found it: others are in it with the caller", zap.Int("participants", len(ps)))
+				return
+			}
+		}
+		if ok, err := m.Handle(ctx, tenant, key, ev); err != nil {
+			log.Error("give up on a call a timer the table refused left", zap.Error(err))
+		} else if ok {
+			log.Warn("call a timer the table refused left given up on", zap.Stringer("event", ev.Kind))
+		}
+	})
 }
 
 // Offer hands a caller the dispatcher took from a queue to an agent it reserved. It returns

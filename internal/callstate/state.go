@@ -71,10 +71,11 @@ const (
 	EvRoster                                // Graph: the call's participants changed (Participants, Seq)
 	EvTransferring                          // Graph: state transferring (it took the transfer request)
 	EvAdopt                                 // a call Graph has established but callbot has no record of (lost with Redis data): the menu starts again (Incoming)
+	EvAbort                                 // a timer of the call was refused by the table (a bug) and Graph shows the caller alone with callbot: hang up (Machine.giveUp)
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
-	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring", "adopt"}
+	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring", "adopt", "abort"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {

@@ -60,6 +60,14 @@ var Transitions = []Transition{
 
 	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
 	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway
+
+	// A timer the table refused (a bug) in a state only Graph's notifications move the call out
+	// of, Graph showing the caller alone with callbot: callbot gives up and hangs up. A caller in
+	// the menu or a queue has no such row: their keys or the dispatcher still move them on.
+	{StateAnswering, EvAbort, StateTerminating},
+	{StateTransferring, EvAbort, StateTerminating},
+	{StateInviting, EvAbort, StateTerminating},
+	{StateConnected, EvAbort, StateTerminating},
 }
 
 var legalSet = func() map[Transition]bool {
