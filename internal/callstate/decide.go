@@ -209,6 +209,7 @@ func (d *decision) apply(ev Event) error {
 			return ErrIgnored // duplicate or late key press
 		}
 		c.LastTone = max(c.LastTone, ev.Seq) // a tone without a sequenceId must not lower it
+		c.UnattendedFails = 0                // someone is there
 		d.silence()
 		d.menuStep(d.env.Flow.Digit(c.Menu, ev.Digit))
 		return nil
@@ -469,6 +470,15 @@ const (
 	rosterCheck = time.Minute
 )
 
+// maxUnattendedTransfers is how many direct transfers in a row may fail with no key pressed
+// since before callbot says goodbye and hangs up. A failed direct transfer takes the caller back
+// to the start menu; if that menu's fallback (taken after no input) is the failing transfer, a
+// caller who presses nothing (a phone left off the hook, a dialler) would go round the menu and
+// the transfer until they hang up. Three: a caller who waits on the line for the fallback, as
+// many do, gets it tried three times (the target may have been busy) and hears the menu in full
+// twice in between; one who presses any key starts the count again, so is never cut off by it.
+const maxUnattendedTransfers = 3
+
 // maxAnswers bounds answer requests for one call (the first, and one after Graph showed the call
 // still incoming); Graph's 15 s deadline leaves no room for more.
 const maxAnswers = 2
@@ -606,7 +616,8 @@ func (d *decision) hangup() {
 
 // transferFailed puts a caller whose transfer (or invite) failed back where it came from: the
 // head of its queue (its original arrival score), or the start of the menu for a direct
-// transfer. The agent cools down and counts as idle from now, unless notSent: Graph never
+// transfer (unless that was the maxUnattendedTransfers-th to fail with no key pressed since:
+// goodbye). The agent cools down and counts as idle from now, unless notSent: Graph never
 // processed the request (throttled, no token), so the agent never rang and keeps their place
 // among the longest idle, held back notSentHold all the same (a request that fails at once, for
 // want of a token, must not become a tight loop of offers, nor a late release free the agent
@@ -632,6 +643,14 @@ func (d *decision) transferFailed(notSent bool) {
 		return
 	}
 	c.Target = ""
+	if c.UnattendedFails++; c.UnattendedFails >= maxUnattendedTransfers {
+		// Nobody has pressed a key through this many failed transfers: end the call with the
+		// flow's goodbye rather than go round again. The outcome says why.
+		c.Timers = nil
+		d.act(ivr.Action{Kind: ivr.ActionDisconnect, Prompt: d.env.Flow.Goodbye(c.Menu.Menu)}, nil)
+		c.Outcome = OutcomeTransferFailed
+		return
+	}
 	d.menuStep(d.env.Flow.Restart())
 }
 

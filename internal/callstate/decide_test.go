@@ -2,6 +2,7 @@ package callstate
 
 import (
 	"errors"
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -811,5 +812,126 @@ func TestInvalidTransitionNamesTheMove(t *testing.T) {
 	}
 	if want := "invalid transition: inviting --timeout--> in_menu"; err.Error() != want {
 		t.Errorf("error %q, want %q", err, want)
+	}
+}
+
+// loopFlow is testFlow with the start menu's fallback, taken after no input, its direct transfer.
+func loopFlow(t *testing.T) Env {
+	t.Helper()
+	env := testEnv(t)
+	env.Flow = fallbackTransfer(env.Flow)
+	return env
+}
+
+// fallbackTransfer is f (testFlow) with the start menu's fallback its direct transfer (key 3).
+func fallbackTransfer(f *ivr.Flow) *ivr.Flow {
+	g := *f
+	g.Menus = maps.Clone(f.Menus)
+	main := *g.Menus["main"]
+	main.Fallback = main.Options["3"]
+	g.Menus["main"] = &main
+	return &g
+}
+
+// unattendedRound takes a caller at the start menu who presses nothing (or key first) through
+// the no-input replays to the fallback's direct transfer, and fails that transfer.
+func unattendedRound(t *testing.T, env Env, c Call, key string) (Call, []Command) {
+	t.Helper()
+	if key != "" {
+		var err error
+		if c, _, err = Decide(c, Event{Kind: EvTone, Digit: key, Seq: c.LastTone + 1}, env); err != nil || c.State != StateInMenu {
+			t.Fatalf("key %s: %s %v, want a replay of the menu", key, c.State, err)
+		}
+	}
+	for c.State == StateInMenu {
+		var err error
+		if c.PromptCtx != "" {
+			if c, _, err = Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if c, _, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: c.Timers[TimerMenu]}, env); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.State != StateTransferring {
+		t.Fatalf("after no input: %s, want the fallback's transfer", c.State)
+	}
+	c, out, err := Decide(c, Event{Kind: EvTransferFailed, Verified: true, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, out
+}
+
+// A caller who presses nothing, at a menu whose fallback is a direct transfer that fails, does
+// not go round the menu and the transfer until they hang up: the third failure in a row says
+// goodbye (the menu's disconnect prompt) and hangs up, with an outcome of its own.
+func TestUnattendedCallerLoopingThroughAFailingTransferIsEnded(t *testing.T) {
+	env := loopFlow(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished})
+	var out []Command
+	for i := 1; i < 3; i++ {
+		if c, out = unattendedRound(t, env, c, ""); c.State != StateInMenu {
+			t.Fatalf("failure %d: %s, want back at the menu", i, c.State)
+		}
+	}
+	c, out = unattendedRound(t, env, c, "")
+	if c.State != StateTerminating || c.Outcome != OutcomeTransferFailed {
+		t.Fatalf("third failure with nobody pressing a key: %s %q, want goodbye (terminating, %s)", c.State, c.Outcome, OutcomeTransferFailed)
+	}
+	if diff := cmp.Diff(kinds(out), []string{"playPrompt", "setTimer"}); diff != "" || !slices.Equal(out[0].Prompts, []graph.MediaPrompt{prompt("bye")}) {
+		t.Fatalf("goodbye commands %v %+v (-got +want):\n%s", kinds(out), out[0].Prompts, diff)
+	}
+	if len(c.Timers) != 1 || c.Timers[TimerMenu] == 0 {
+		t.Errorf("timers %v, want only the goodbye's (no transfer timer left to hang up early)", c.Timers)
+	}
+	c, out, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	if err != nil || !slices.Equal(kinds(out), []string{"hangup", "setTimer"}) {
+		t.Fatalf("goodbye played: %v %v, want hangup", kinds(out), err)
+	}
+	c, _, _ = Decide(c, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 7000}}, env)
+	if c.State != StateTerminated || c.Outcome != OutcomeTransferFailed {
+		t.Errorf("ended: %s %q, want terminated, %s", c.State, c.Outcome, OutcomeTransferFailed)
+	}
+
+	// A flow with no goodbye prompt hangs up at once; and the failure found by reading the call
+	// (EvCallState) counts as a notified one.
+	f := *env.Flow
+	f.Menus = maps.Clone(f.Menus)
+	main := *f.Menus["main"]
+	main.Options = maps.Clone(main.Options)
+	delete(main.Options, "9")
+	f.Menus["main"] = &main
+	env.Flow = &f
+	c, _ = step(t, env, incoming, Event{Kind: EvEstablished})
+	for range 2 {
+		c, _ = unattendedRound(t, env, c, "")
+	}
+	for c.State == StateInMenu {
+		c, _, _ = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: c.Timers[TimerMenu]}, env)
+	}
+	c, _, _ = Decide(c, Event{Kind: EvTransferring}, env)
+	c, out, err = Decide(c, Event{Kind: EvCallState, GraphState: graph.CallEstablished}, env)
+	if err != nil || c.State != StateTerminating || c.Outcome != OutcomeTransferFailed || !slices.Equal(kinds(out), []string{"hangup", "setTimer"}) {
+		t.Fatalf("third failure read from Graph, no goodbye prompt: %s %q %v %v, want a hangup", c.State, c.Outcome, kinds(out), err)
+	}
+}
+
+// A caller who presses keys is never cut off by that rule, however often the transfer fails.
+func TestCallerPressingKeysIsNotEndedByFailingTransfers(t *testing.T) {
+	env := loopFlow(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished})
+	for i := range 10 {
+		if c, _ = unattendedRound(t, env, c, "7"); c.State != StateInMenu {
+			t.Fatalf("round %d: %s, want back at the menu", i, c.State)
+		}
+	}
+	// the key that chose the transfer counts as a key too
+	for i := range 10 {
+		c, _, _ = Decide(c, Event{Kind: EvTone, Digit: "3", Seq: c.LastTone + 1}, env)
+		if c, _, _ = Decide(c, Event{Kind: EvTransferFailed, Verified: true}, env); c.State != StateInMenu {
+			t.Fatalf("round %d of key 3: %s, want back at the menu", i, c.State)
+		}
 	}
 }

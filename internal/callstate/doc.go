@@ -17,7 +17,10 @@
 // dispatcher reserves an agent and offers the call (EvAgentOffer), which sends a blind transfer
 // and starts a transfer timer. Graph reports the outcome: established with a failure result puts
 // the caller back in its queue with its original arrival score; terminated with 7015 ends the call
-// as transferred and frees the agent.
+// as transferred and frees the agent. A direct transfer (a menu's, or a queue's on-timeout) that
+// fails takes the caller back to the start menu; the third to fail in a row with no key pressed
+// since ends the call with the menu's goodbye (OutcomeTransferFailed), so that a caller nobody
+// is serving does not go round a failing fallback transfer until they hang up.
 //
 // A queue with handoff: invite brings the agent into the call instead (inviting), and callbot
 // stays in it (connected): it sees the agent in the call's roster, hangs up when the agent

@@ -87,6 +87,9 @@ type model struct {
 	steps             int
 	versions          []Call  // every record the call had, in order
 	events            []Event // every event delivered
+	// deadTarget: the flow's direct transfer (key 3) never succeeds, and the start menu's
+	// fallback is that transfer (a caller who stops pressing keys goes to it again and again)
+	deadTarget bool
 }
 
 func (m *model) send(ev Event) {
@@ -146,14 +149,15 @@ func (m *model) command(cmd Command) {
 		m.graph = graph.CallTransferring
 		m.send(Event{Kind: EvTransferring})
 		a := m.agentIndex(cmd.Target.ID)
-		if a >= 0 && m.agents[a] {
+		dead := m.deadTarget && cmd.Target.ID == directTarget
+		if a >= 0 && m.agents[a] && !dead {
 			m.graph = graph.CallTerminated
 			m.send(Event{Kind: EvTransferAccepted})
 			m.send(Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 0, Subcode: 7015}})
 		} else {
 			m.graph = graph.CallEstablished
 			m.transfersInFlight--
-			if a >= 0 {
+			if a >= 0 && !dead {
 				m.agents[a] = true // declines once, then takes the next offer
 			}
 			m.send(Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}})
@@ -486,6 +490,10 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 	m.inv.groupRoster = script.IntN(2) == 0
 	m.inv.readFails = script.IntN(4) == 0
 	m.inv.notSent = script.IntN(4) == 0
+	if script.IntN(5) == 0 {
+		m.deadTarget = true
+		m.env.Flow = fallbackTransfer(m.env.Flow)
+	}
 	return m
 }
 
@@ -509,7 +517,8 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	// conference hand-off histories: with an invite, ended with the agent connected, with an
 	// invite that sent the caller back to the queue
 	invited, connected, requeued := 0, 0, 0
-	unrung := 0 // histories with an invite Graph never processed, its agent released as never rung
+	unrung := 0    // histories with an invite Graph never processed, its agent released as never rung
+	deadEnded := 0 // histories ended by callbot after the dead direct transfer failed unattended
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		inOrder := newModel(t, seed, false)
 		inOrder.run()
@@ -539,7 +548,14 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 				seed, got, want, newModel(t, seed, false).tones, inOrder.hangup, newModel(t, seed, false).agents, inOrder.inv,
 				history(inOrder), history(chaos))
 		}
+		if inOrder.c.Outcome == OutcomeTransferFailed {
+			deadEnded++
+		}
 		for _, m := range []*model{inOrder, chaos} {
+			if n := unattendedFailures(m); m.c.Outcome == OutcomeTransferFailed && n != maxUnattendedTransfers {
+				t.Fatalf("seed %d (chaos %v): ended %s after %d direct transfers failed with no key pressed since, want %d%s",
+					seed, m.chaos, m.c.Outcome, n, maxUnattendedTransfers, history(m))
+			}
 			if len(m.violations) > 0 {
 				t.Fatalf("seed %d (chaos %v): %v", seed, m.chaos, m.violations)
 			}
@@ -555,6 +571,11 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	if directDone < n/50 {
 		t.Errorf("%d of %d histories ended by a direct transfer: the generator hardly makes any", directDone, n)
 	}
+	// and callers who stop pressing keys at a menu whose fallback is a transfer that always fails
+	t.Logf("%d of %d histories ended by callbot after the direct transfer failed unattended", deadEnded, n)
+	if deadEnded < n/50 {
+		t.Errorf("%d of %d histories ended after unattended failed transfers: the generator hardly makes any", deadEnded, n)
+	}
 	// and the conference hand-off's: invites completed and failed, rosters of the agent joining
 	// and leaving, roster reads, reordered
 	t.Logf("%d of %d histories invited an agent: %d ended with the agent connected, %d went back to the queue after an invite",
@@ -568,6 +589,23 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	if unrung < n/50 {
 		t.Errorf("%d of %d histories released an agent whose invite Graph never processed: the generator hardly makes any", unrung, n)
 	}
+}
+
+// unattendedFailures counts the direct transfers that failed since the caller last pressed a
+// key, as the records show: a move out of transferring to a direct target back to the menu, or
+// to the goodbye; a key press applied (LastTone rising) starts the count again.
+func unattendedFailures(m *model) int {
+	n := 0
+	for i := 1; i < len(m.versions); i++ {
+		prev, cur := m.versions[i-1], m.versions[i]
+		if cur.LastTone > prev.LastTone {
+			n = 0
+		}
+		if prev.State == StateTransferring && prev.Target != "" && (cur.State == StateInMenu || cur.State == StateTerminating) {
+			n++
+		}
+	}
+	return n
 }
 
 // inviteRequeued: the call went from inviting back to the queue.

@@ -153,6 +153,11 @@ const (
 	OutcomeRejected     = "rejected"      // callbot refused the call
 	OutcomeFailed       = "failed"        // a Graph failure ended the call
 	OutcomeConnected    = "connected"     // talked with an agent invited into the call (conference hand-off)
+	// OutcomeTransferFailed: callbot ended the call after the flow's direct transfer had failed
+	// maxUnattendedTransfers times in a row with no key pressed since: a caller nobody is
+	// serving (a phone left off the hook, a dialler), who would otherwise go round the menu and
+	// the failing transfer until they hang up.
+	OutcomeTransferFailed = "transfer_failed"
 )
 
 // Call is the record of one call, stored in Redis.
@@ -179,6 +184,9 @@ type Call struct {
 	Target     string              `json:"target,omitempty"`     // direct transfer target (menu option)
 	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
 	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
+	// UnattendedFails counts the direct transfers that failed since the caller last pressed a
+	// key (any key press resets it); at maxUnattendedTransfers callbot ends the call.
+	UnattendedFails int `json:"unattendedFails,omitempty"`
 	// InviteCtx is the clientContext of the invite callbot waits on (conference hand-off);
 	// Joined is set once a roster showed the agent in the call; LastRoster orders rosters.
 	// RosterCtx is the token of the roster read callbot waits on; set while inviting, the

@@ -39,11 +39,13 @@ var Transitions = []Transition{
 
 	{StateTransferring, EvTransferFailed, StateTransferring}, // a failure notification: ask Graph first
 	{StateTransferring, EvTransferAccepted, StateTransferring},
-	{StateTransferring, EvTransferFailed, StateQueued}, // back to the head of the queue
-	{StateTransferring, EvTransferFailed, StateInMenu}, // a direct transfer from the menu failed
-	{StateTransferring, EvTimeout, StateTransferring},  // no outcome from Graph in time: ask Graph
-	{StateTransferring, EvCallState, StateQueued},      // Graph has it established again: the transfer failed
+	{StateTransferring, EvTransferFailed, StateQueued},      // back to the head of the queue
+	{StateTransferring, EvTransferFailed, StateInMenu},      // a direct transfer from the menu failed
+	{StateTransferring, EvTransferFailed, StateTerminating}, // ... again, no key pressed since: goodbye
+	{StateTransferring, EvTimeout, StateTransferring},       // no outcome from Graph in time: ask Graph
+	{StateTransferring, EvCallState, StateQueued},           // Graph has it established again: the transfer failed
 	{StateTransferring, EvCallState, StateInMenu},
+	{StateTransferring, EvCallState, StateTerminating},
 	{StateTransferring, EvCallState, StateTransferring},    // a failure not known to be this attempt's: look again soon
 	{StateTransferring, EvTransferring, StateTransferring}, // Graph took the current attempt
 

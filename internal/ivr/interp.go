@@ -1,6 +1,8 @@
 package ivr
 
 import (
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/callbot/callbot/internal/graph"
@@ -42,6 +44,29 @@ func (f *Flow) Begin() Step {
 // once, after answer.
 func (f *Flow) Restart() Step {
 	return f.enter(f.Start, nil)
+}
+
+// Goodbye is the prompt id to play when callbot ends a call of its own accord while the caller
+// is at menu, a moment the flow has no step for (a direct transfer failing again and again
+// with nobody pressing a key): the prompt of a disconnect the menu offers (its fallback's, else
+// its options' in key order), else the start menu's; "" when neither offers one.
+func (f *Flow) Goodbye(menu string) string {
+	for _, id := range []string{menu, f.Start} {
+		m := f.Menus[id]
+		if m == nil {
+			continue
+		}
+		if m.Fallback.Kind == ActionDisconnect && m.Fallback.Prompt != "" {
+			return m.Fallback.Prompt
+		}
+		keys := slices.Sorted(maps.Keys(m.Options))
+		for _, k := range keys {
+			if a := m.Options[k]; a.Kind == ActionDisconnect && a.Prompt != "" {
+				return a.Prompt
+			}
+		}
+	}
+	return ""
 }
 
 // Digit is the step after the caller pressed digit ("0"-"9", "*", "#", as

@@ -234,3 +234,26 @@ func TestHandBuiltFlow(t *testing.T) {
 		}
 	}
 }
+
+// Goodbye finds the disconnect prompt of the menu the caller is at, else of the start menu.
+func TestGoodbye(t *testing.T) {
+	f := parseInterp(t)
+	for _, tc := range []struct{ menu, want string }{
+		{"main", "bye"},  // option 3 (5 hangs up without a prompt)
+		{"sub", "bye"},   // none of its own: the start menu's
+		{"gone", "bye"},  // a menu the flow no longer has
+		{"plain", "bye"}, // likewise
+	} {
+		if got := f.Goodbye(tc.menu); got != tc.want {
+			t.Errorf("Goodbye(%q) = %q, want %q", tc.menu, got, tc.want)
+		}
+	}
+	f.Menus["sub"].Fallback = Action{Kind: ActionDisconnect, Prompt: "quiet"}
+	if got := f.Goodbye("sub"); got != "quiet" {
+		t.Errorf("Goodbye(sub) with a disconnect fallback = %q, want its prompt", got)
+	}
+	delete(f.Menus["main"].Options, "3")
+	if got := f.Goodbye("main"); got != "" {
+		t.Errorf("Goodbye(main) with no disconnect prompt = %q, want none", got)
+	}
+}
