@@ -336,3 +336,31 @@ func TestE2EDeclinedInviteReadsTheRoster(t *testing.T) {
 		t.Errorf("caller experienced %+v; want to wait in the queue until they hung up", r)
 	}
 }
+
+// A tone subscription Graph fails (503, after the Graph client's own retries) is made again a
+// second later, so the caller's key, pressed once it took, reaches callbot: without it, graphsim
+// (as Graph) reports no key, and the caller hears the menu until its fallback hangs up on them.
+func TestFaultToneSubscriptionFailedIsMadeAgain(t *testing.T) {
+	w := startWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	addFault(t, w, graphsim.Fault{Kind: graphsim.FaultStatus, Action: "subscribeToTone", Status: 503, Count: 3})
+	c := w.call(t, graphsim.CallerSpec{})
+	for deadline := time.Now().Add(4 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, took := requests(w, c.ID(), "subscribeToTone"); took > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			sent, _ := requests(w, c.ID(), "subscribeToTone")
+			t.Fatalf("no tone subscription taken 4 s after the call came in (%d sent): %+v", sent, c.Result())
+		}
+	}
+	if err := c.Press("1"); err != nil {
+		t.Fatal(err)
+	}
+	r := waitDone(t, c, 20*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 || !slices.Equal(r.Tones, []string{"1"}) {
+		t.Fatalf("caller experienced %+v; want their key taken and transferred to %s", r, agent1)
+	}
+	if sent, took := requests(w, r.ID, "subscribeToTone"); sent != 4 || took != 1 {
+		t.Errorf("subscribeToTone: %d sent, %d taken; want the client's three attempts failed, then callbot's one more", sent, took)
+	}
+}

@@ -64,9 +64,10 @@ func Decide(c Call, ev Event, env Env) (Call, []Command, error) {
 
 // Stale reports whether ev is ignored on c and on every later version of c, so a copy of c that
 // may be behind the stored record is enough to ignore it: the call has ended (terminal stays
-// terminal), or ev answers a prompt, invite, timer, key press or roster that c has already moved
-// past. Tokens and sequence numbers only grow (clientContexts and timer tokens are drawn from
-// Call.Seq; LastTone and LastRoster only rise), so such an event cannot match a later version.
+// terminal), or ev answers a prompt, invite, tone subscription, timer, key press or roster that
+// c has already moved past. Tokens and sequence numbers only grow (clientContexts and timer
+// tokens are drawn from Call.Seq; LastTone and LastRoster only rise), so such an event cannot
+// match a later version.
 // The machine uses it to ignore an event on its cached record without reading Redis.
 func Stale(c Call, ev Event) bool {
 	if c.State.Terminal() {
@@ -77,6 +78,8 @@ func Stale(c Call, ev Event) bool {
 		return pastToken(c, ev.ClientContext, c.PromptCtx)
 	case EvInviteDone:
 		return pastToken(c, ev.ClientContext, c.InviteCtx)
+	case EvToneFailed:
+		return pastToken(c, ev.ClientContext, c.ToneCtx)
 	case EvTimeout:
 		return ev.TimerToken == 0 || (ev.TimerToken <= c.Seq && ev.TimerToken != c.Timers[ev.Timer])
 	case EvTone:
@@ -210,6 +213,12 @@ func (d *decision) apply(ev Event) error {
 		}
 		c.LastTone = max(c.LastTone, ev.Seq) // a tone without a sequenceId must not lower it
 		c.UnattendedFails = 0                // someone is there
+		if c.ToneFails > 0 {
+			// a subscription that failed ambiguously took effect after all: no more retries
+			c.ToneCtx = ""
+			c.Timers = maps.Clone(c.Timers)
+			delete(c.Timers, TimerTone)
+		}
 		d.silence()
 		d.menuStep(d.env.Flow.Digit(c.Menu, ev.Digit))
 		return nil
@@ -240,6 +249,19 @@ func (d *decision) apply(ev Event) error {
 		}
 		c.Timers = maps.Clone(c.Timers)
 		delete(c.Timers, ev.Timer)
+		if ev.Timer == TimerTone {
+			switch c.State {
+			case StateTerminating:
+				return ErrIgnored // the call is being hung up: no keys to wait for
+			case StateTransferring:
+				// Graph has the caller in a transfer and would refuse it: once that is over
+				// (back at a menu or in the queue), not counted as a failure
+				d.timer(TimerTone, toneRetry(max(c.ToneFails, 1)))
+				return nil
+			}
+			d.subscribe()
+			return nil
+		}
 		switch c.State {
 		case StateInMenu:
 			if ev.Timer != TimerMenu {
@@ -420,6 +442,18 @@ func (d *decision) apply(ev Event) error {
 		d.transferFailed(ev.NotSent)
 		return nil
 
+	case EvToneFailed:
+		if ev.ClientContext == "" || ev.ClientContext != c.ToneCtx {
+			return ErrIgnored // a repeat, or a request callbot no longer waits on
+		}
+		// Without a subscription the caller's keys do nothing for the rest of the call (menus
+		// reach only their fallbacks): subscribe again later, with backoff, a few times.
+		c.ToneCtx = ""
+		if c.ToneFails++; c.ToneFails <= maxToneRetries {
+			d.timer(TimerTone, toneRetry(c.ToneFails))
+		}
+		return nil
+
 	case EvEnded:
 		d.ended(ev)
 		return nil
@@ -470,6 +504,21 @@ const (
 	rosterCheck = time.Minute
 )
 
+// A tone subscription that failed (after the Graph client's own retries) is tried again
+// toneRetryFirst later, then twice as long after each failure, at most toneRetryMax apart, up
+// to maxToneRetries times (1, 2, 4, 8, 16, 30 s: a minute in all), never at once: a failure
+// that lasts (a permission missing) must not become a loop of requests.
+const (
+	toneRetryFirst = time.Second
+	toneRetryMax   = 30 * time.Second
+	maxToneRetries = 6
+)
+
+// toneRetry is how long after its n-th failure (from 1) the tone subscription is tried again.
+func toneRetry(n int) time.Duration {
+	return min(toneRetryFirst<<min(n-1, 16), toneRetryMax)
+}
+
 // maxUnattendedTransfers is how many direct transfers in a row may fail with no key pressed
 // since before callbot says goodbye and hangs up. A failed direct transfer takes the caller back
 // to the start menu; if that menu's fallback (taken after no input) is the failing transfer, a
@@ -492,8 +541,25 @@ func (d *decision) answer() {
 // established starts the IVR once the call is up.
 func (d *decision) established() {
 	d.c.AnsweredAt = d.env.Now
-	d.emit(Command{Kind: CmdSubscribeToTone, ClientContext: "t" + strconv.FormatInt(d.next(), 10)})
+	d.subscribe()
 	d.menuStep(d.env.Flow.Begin())
+}
+
+// subscribe asks Graph to report the caller's keys, and waits on that request (ToneCtx): its
+// failure is retried later (EvToneFailed).
+func (d *decision) subscribe() {
+	d.c.ToneCtx = "t" + strconv.FormatInt(d.next(), 10)
+	d.emit(Command{Kind: CmdSubscribeToTone, ClientContext: d.c.ToneCtx})
+}
+
+// clearTimers disarms the call's timers but the tone subscription's retry, which outlives the
+// state that armed it: the caller's keys matter whenever they are back at a menu.
+func (d *decision) clearTimers() {
+	if tok := d.c.Timers[TimerTone]; tok != 0 {
+		d.c.Timers = map[TimerKind]int64{TimerTone: tok}
+		return
+	}
+	d.c.Timers = nil
 }
 
 // hold plays pre and then the queue's hold music, with a guard timer that plays it again if its
@@ -529,7 +595,7 @@ func (d *decision) holdMusic() []graph.MediaPrompt {
 // menuStep carries out what the IVR interpreter decided.
 func (d *decision) menuStep(st ivr.Step) {
 	d.c.Menu = st.Position
-	d.c.Timers = nil
+	d.clearTimers()
 	if st.Action.Kind == ivr.ActionNone {
 		d.c.State = StateInMenu
 		d.play(st.Prompts)
@@ -556,7 +622,7 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		q := d.env.Flow.Queues[a.Target]
 		c.State, c.Queue, c.QueuedAt = StateQueued, a.Target, d.env.Now
 		c.QueueScore = d.env.Now.UnixMilli()
-		c.Timers = nil
+		d.clearTimers()
 		ps := pre
 		if q != nil {
 			ps = append(ps, d.prompts(q.Welcome)...)
@@ -595,7 +661,8 @@ func (d *decision) transfer(target graph.Party) {
 // connected: the invited agent is in the call. The hold music stops, and the roster is read
 // now and then in case the agent's leaving is not notified.
 func (d *decision) connected() {
-	d.c.State, d.c.ConnectedAt, d.c.Timers, d.c.RosterCtx, d.c.InviteNotSent = StateConnected, d.env.Now, nil, "", false
+	d.c.State, d.c.ConnectedAt, d.c.RosterCtx, d.c.InviteNotSent = StateConnected, d.env.Now, "", false
+	d.clearTimers()
 	d.silence() // the hold music must not play over the conversation
 	d.timer(TimerRoster, rosterCheck)
 }
@@ -633,7 +700,7 @@ func (d *decision) transferFailed(notSent bool) {
 		d.emit(release)
 		c.Agent = ""
 		c.State = StateQueued
-		c.Timers = nil
+		d.clearTimers()
 		d.hold(nil)
 		d.emit(Command{Kind: CmdEnqueue, Queue: c.Queue, Score: c.QueueScore})
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.MaxWait > 0 {

@@ -935,3 +935,106 @@ func TestCallerPressingKeysIsNotEndedByFailingTransfers(t *testing.T) {
 		}
 	}
 }
+
+// A tone subscription that fails leaves the caller's keys dead for the whole call: it is tried
+// again later, with backoff (1, 2, 4, 8, 16, 30 s), never at once and a bounded number of times,
+// through a timer that outlives the menu's; a failure repeated, or of a request callbot no
+// longer waits on, changes nothing.
+func TestFailedToneSubscriptionIsRetriedWithBackoff(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished})
+	sub := cmds[1][0]
+	if sub.Kind != CmdSubscribeToTone || sub.ClientContext == "" || c.ToneCtx != sub.ClientContext {
+		t.Fatalf("established: %+v, ToneCtx %q; want a subscription callbot waits on", sub, c.ToneCtx)
+	}
+	if _, _, err := Decide(c, Event{Kind: EvToneFailed, ClientContext: "t999"}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("failure of another request: %v, want ignored", err)
+	}
+	var waits []time.Duration
+	for i := 0; ; i++ {
+		next, out, err := Decide(c, Event{Kind: EvToneFailed, ClientContext: sub.ClientContext}, env)
+		if err != nil {
+			t.Fatalf("failure %d: %v", i+1, err)
+		}
+		if _, _, err := Decide(next, Event{Kind: EvToneFailed, ClientContext: sub.ClientContext}, env); !errors.Is(err, ErrIgnored) {
+			t.Errorf("failure %d repeated: %v, want ignored", i+1, err)
+		}
+		if len(out) == 0 {
+			c = next
+			break
+		}
+		if !slices.Equal(kinds(out), []string{"setTimer"}) || out[0].Timer != TimerTone {
+			t.Fatalf("failure %d: %v, want the tone timer, no request at once", i+1, kinds(out))
+		}
+		waits = append(waits, out[0].After)
+		c = next
+		if i == 0 {
+			// the menu's no-input timeout (a new menu step) keeps the tone timer armed
+			c, _, _ = Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+			c, _, _ = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: c.Timers[TimerMenu]}, env)
+			if c.State != StateInMenu || c.Menu.Attempts != 1 || c.Timers[TimerTone] == 0 {
+				t.Fatalf("no input meanwhile: %s %+v timers %v, want the menu replayed and the tone timer kept", c.State, c.Menu, c.Timers)
+			}
+		}
+		c, out, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerTone, TimerToken: c.Timers[TimerTone]}, env)
+		if err != nil || len(out) != 1 || out[0].Kind != CmdSubscribeToTone || out[0].ClientContext != c.ToneCtx || out[0].ClientContext == sub.ClientContext {
+			t.Fatalf("tone timer %d: %v %v, want a new subscription", i+1, kinds(out), err)
+		}
+		sub = out[0]
+	}
+	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second, 30 * time.Second}
+	if !slices.Equal(waits, want) {
+		t.Errorf("retried after %v, want %v, then given up", waits, want)
+	}
+	if c.ToneFails != 7 || c.ToneCtx != "" || c.Timers[TimerTone] != 0 {
+		t.Errorf("given up: %d failures, ToneCtx %q, timers %v", c.ToneFails, c.ToneCtx, c.Timers)
+	}
+}
+
+// A key press shows the subscription works (one that failed ambiguously had taken effect): the
+// retry is disarmed. A call being hung up subscribes no more.
+func TestToneRetryStopsOnAKeyAndWhileHangingUp(t *testing.T) {
+	env := testEnv(t)
+	c, cmds := step(t, env, incoming, Event{Kind: EvEstablished})
+	c, _, _ = Decide(c, Event{Kind: EvToneFailed, ClientContext: cmds[1][0].ClientContext}, env)
+	tok := c.Timers[TimerTone]
+	if tok == 0 {
+		t.Fatal("no tone timer after the failure")
+	}
+	pressed, _, err := Decide(c, Event{Kind: EvTone, Digit: "7", Seq: 1}, env)
+	if err != nil || pressed.Timers[TimerTone] != 0 {
+		t.Errorf("key press: timers %v %v, want the tone timer disarmed", pressed.Timers, err)
+	}
+	if _, _, err := Decide(pressed, Event{Kind: EvTimeout, Timer: TimerTone, TimerToken: tok}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("disarmed tone timer firing: %v, want ignored", err)
+	}
+	// A retry still armed when the call moves to a goodbye (a queue's max wait keeps the
+	// queue's timers) sends nothing when it fires: made here by arming it on a caller who chose
+	// goodbye.
+	bye, _, _ := Decide(c, Event{Kind: EvTone, Digit: "9", Seq: 1}, env)
+	bye.Timers = map[TimerKind]int64{TimerTone: tok, TimerMenu: bye.Timers[TimerMenu]}
+	if _, out, err := Decide(bye, Event{Kind: EvTimeout, Timer: TimerTone, TimerToken: tok}, env); !errors.Is(err, ErrIgnored) || len(out) != 0 {
+		t.Errorf("tone timer while hanging up: %v %v, want ignored", kinds(out), err)
+	}
+	// queued, the retry is still armed (a failed transfer may bring the caller back to a menu)
+	c, _, _ = Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	for c.State == StateInMenu {
+		c, _, _ = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: c.Timers[TimerMenu]}, env)
+	}
+	if c.State != StateQueued || c.Timers[TimerTone] != tok {
+		t.Fatalf("fallback to the queue: %s timers %v, want the tone timer kept", c.State, c.Timers)
+	}
+	if _, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerTone, TimerToken: tok}, env); err != nil || !slices.Equal(kinds(out), []string{"subscribeToTone"}) {
+		t.Errorf("tone timer while queued: %v %v, want a subscription", kinds(out), err)
+	}
+	// transferring, Graph would refuse it: it waits for the transfer's end, not counted
+	c, _, _ = Decide(c, Event{Kind: EvAgentOffer, Agent: "a1"}, env)
+	c, out, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerTone, TimerToken: tok}, env)
+	if err != nil || !slices.Equal(kinds(out), []string{"setTimer"}) || out[0].Timer != TimerTone || out[0].After != time.Second || c.ToneFails != 1 {
+		t.Errorf("tone timer while transferring: %v %v, %d failures; want it armed again, no request", kinds(out), err, c.ToneFails)
+	}
+	c, _, _ = Decide(c, Event{Kind: EvTransferFailed, Verified: true}, env)
+	if c.State != StateQueued || c.Timers[TimerTone] != out[0].Token {
+		t.Errorf("transfer failed: %s timers %v, want queued with the tone timer kept", c.State, c.Timers)
+	}
+}

@@ -40,7 +40,10 @@
 // music whose end is never reported, a hangup with no terminated notification after it (Graph
 // refused it, or the notification was lost: callbot hangs up again every hang-up grace until the
 // call ends); each either asks Graph for the call's state (EvCallState) or acts as if the
-// notification had come. A hold prompt Graph refuses is tried again 5 s later, never at once.
+// notification had come. A hold prompt Graph refuses is tried again 5 s later, never at once. A
+// tone subscription that fails (the caller's keys would do nothing for the whole call) is made
+// again by a durable timer, 1 s later and then with backoff, six times at most; a key press
+// disarms it, and a call being hung up subscribes no more.
 //
 // A transfer failure is acted on only once Graph shows the call established again, since one from
 // an earlier attempt may arrive late or twice; and only once Graph said the current attempt is

@@ -814,6 +814,13 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
 			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})
+		case cmd.Kind == CmdSubscribeToTone:
+			// Without it the caller's keys do nothing for the whole call: subscribe again later
+			// (the call's tone timer, a durable one, with backoff), a few times.
+			feed(Event{Kind: EvToneFailed, ClientContext: cmd.ClientContext})
+			if c, ok := m.cache.get(key); ok && c.ToneCtx == "" && c.ToneFails == maxToneRetries+1 {
+				log.Error("tone subscription failed too often, given up: the caller's keys do nothing in this call", zap.Int("attempts", c.ToneFails))
+			}
 		case cmd.Kind == CmdInvite && cmd.Again:
 			// Re-sent not knowing whether the first invite reached Graph: a refusal may only
 			// mean the agent is ringing already. The first invite's completion, the roster or
@@ -1112,7 +1119,10 @@ func awaited(c Call, cmd Command) bool {
 	case CmdAnswer, CmdReject:
 		return c.State == StateAnswering
 	case CmdSubscribeToTone:
-		return !c.State.Terminal()
+		// the latest request, while callbot waits on it (a failed one is retried by the call's
+		// tone timer); a record saved before ToneCtx existed waits on any
+		return !c.State.Terminal() && c.State != StateTerminating &&
+			(cmd.ClientContext == c.ToneCtx || c.ToneCtx == "" && c.ToneFails == 0)
 	case CmdTransfer:
 		return c.State == StateTransferring && cmd.ClientContext != "" && cmd.ClientContext == c.TransferCtx
 	case CmdInvite:

@@ -90,6 +90,9 @@ type model struct {
 	// deadTarget: the flow's direct transfer (key 3) never succeeds, and the start menu's
 	// fallback is that transfer (a caller who stops pressing keys goes to it again and again)
 	deadTarget bool
+	// subFails: the first tone subscriptions fail (after the Graph client's retries), as many
+	subFails int
+	keysLate bool // a key was applied after a subscription had failed
 }
 
 func (m *model) send(ev Event) {
@@ -105,6 +108,9 @@ func (m *model) apply(ev Event) {
 			return
 		}
 		m.t.Fatalf("%s in %s: %v", ev.Kind, m.c.State, err)
+	}
+	if ev.Kind == EvTone && m.c.ToneFails > 0 {
+		m.keysLate = true
 	}
 	if m.c.State.Terminal() && next.State != m.c.State {
 		m.violations = append(m.violations, "left terminated")
@@ -123,6 +129,11 @@ func (m *model) command(cmd Command) {
 		m.graph = graph.CallEstablished
 		m.send(Event{Kind: EvEstablished})
 	case CmdSubscribeToTone:
+		if m.subFails > 0 && !gone {
+			m.subFails--
+			m.apply(Event{Kind: EvToneFailed, ClientContext: cmd.ClientContext}) // as Machine.send
+			return
+		}
 		m.sub = true
 	case CmdPlayPrompt:
 		if gone {
@@ -494,6 +505,9 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 		m.deadTarget = true
 		m.env.Flow = fallbackTransfer(m.env.Flow)
 	}
+	if script.IntN(4) == 0 {
+		m.subFails = 1 + script.IntN(2)
+	}
 	return m
 }
 
@@ -519,6 +533,7 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	invited, connected, requeued := 0, 0, 0
 	unrung := 0    // histories with an invite Graph never processed, its agent released as never rung
 	deadEnded := 0 // histories ended by callbot after the dead direct transfer failed unattended
+	keysLate := 0  // histories with a key applied after the tone subscription had failed
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		inOrder := newModel(t, seed, false)
 		inOrder.run()
@@ -551,6 +566,9 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 		if inOrder.c.Outcome == OutcomeTransferFailed {
 			deadEnded++
 		}
+		if inOrder.keysLate {
+			keysLate++
+		}
 		for _, m := range []*model{inOrder, chaos} {
 			if n := unattendedFailures(m); m.c.Outcome == OutcomeTransferFailed && n != maxUnattendedTransfers {
 				t.Fatalf("seed %d (chaos %v): ended %s after %d direct transfers failed with no key pressed since, want %d%s",
@@ -575,6 +593,11 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	t.Logf("%d of %d histories ended by callbot after the direct transfer failed unattended", deadEnded, n)
 	if deadEnded < n/50 {
 		t.Errorf("%d of %d histories ended after unattended failed transfers: the generator hardly makes any", deadEnded, n)
+	}
+	// and callers whose keys work only once a failed tone subscription was made again
+	t.Logf("%d of %d histories applied a key after the tone subscription had failed", keysLate, n)
+	if keysLate < n/50 {
+		t.Errorf("%d of %d histories applied a key after a failed tone subscription: the generator hardly makes any", keysLate, n)
 	}
 	// and the conference hand-off's: invites completed and failed, rosters of the agent joining
 	// and leaving, roster reads, reordered
@@ -628,6 +651,8 @@ func history(m *model) string {
 			fmt.Fprintf(&b, " %v seq %d %s", ev.Participants, ev.Seq, ev.ClientContext)
 		case EvInviteDone, EvPromptDone:
 			fmt.Fprintf(&b, " %s failed %v not sent %v", ev.ClientContext, ev.Failed, ev.NotSent)
+		case EvToneFailed:
+			fmt.Fprintf(&b, " %s", ev.ClientContext)
 		case EvTimeout:
 			fmt.Fprintf(&b, " %s %d", ev.Timer, ev.TimerToken)
 		case EvTone:
@@ -664,7 +689,7 @@ func checkStale(t *testing.T, seed uint64, m *model) {
 // Stale must also say false where a later version can still take the event, or the cache would
 // drop events it has to act on: the current prompt, invite, timer, the next key press.
 func TestStaleKeepsLiveEvents(t *testing.T) {
-	c := Call{State: StateInMenu, Seq: 7, PromptCtx: "p7", InviteCtx: "i6", LastTone: 2, LastRoster: 3,
+	c := Call{State: StateInMenu, Seq: 7, PromptCtx: "p7", InviteCtx: "i6", ToneCtx: "t5", LastTone: 2, LastRoster: 3,
 		Timers: map[TimerKind]int64{TimerMenu: 5}}
 	for _, tc := range []struct {
 		ev    Event
@@ -678,6 +703,9 @@ func TestStaleKeepsLiveEvents(t *testing.T) {
 		{Event{Kind: EvPromptDone, ClientContext: "foreign"}, true},
 		{Event{Kind: EvInviteDone, ClientContext: "i6"}, false},
 		{Event{Kind: EvInviteDone, ClientContext: "i3"}, true},
+		{Event{Kind: EvToneFailed, ClientContext: "t5"}, false}, // the subscription waited on
+		{Event{Kind: EvToneFailed, ClientContext: "t8"}, false}, // one a later version sends
+		{Event{Kind: EvToneFailed, ClientContext: "t2"}, true},  // an earlier one's
 		{Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: 5}, false},
 		{Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: 4}, true},
 		{Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: 9}, false}, // armed by a later version

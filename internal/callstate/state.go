@@ -72,10 +72,12 @@ const (
 	EvTransferring                          // Graph: state transferring (it took the transfer request)
 	EvAdopt                                 // a call Graph has established but callbot has no record of (lost with Redis data): the menu starts again (Incoming)
 	EvAbort                                 // a timer of the call was refused by the table (a bug) and Graph shows the caller alone with callbot: hang up (Machine.giveUp)
+	EvToneFailed                            // the subscribeToTone request ClientContext failed (after the Graph client's retries)
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
-	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring", "adopt", "abort"}
+	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring", "adopt", "abort",
+	"tone_failed"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {
@@ -95,6 +97,7 @@ const (
 	TimerHold     TimerKind = "hold"     // hold music could not play, or its end was never reported: play it again
 	TimerAnswer   TimerKind = "answer"   // no established after answer: ask Graph
 	TimerRoster   TimerKind = "roster"   // connected: read the roster, in case the agent's leaving was not notified
+	TimerTone     TimerKind = "tone"     // the tone subscription failed: subscribe again
 )
 
 // Event is the input of the machine.
@@ -105,7 +108,8 @@ type Event struct {
 	// Digit and Seq for EvTone.
 	Digit string
 	Seq   int64
-	// ClientContext of the finished operation (EvPromptDone); Failed when it did not play.
+	// ClientContext of the finished operation (EvPromptDone, EvInviteDone) or of the failed
+	// request (EvToneFailed); Failed when it did not play.
 	ClientContext string
 	Failed        bool
 	// Timer that fired and its token (EvTimeout).
@@ -176,6 +180,11 @@ type Call struct {
 	PromptCtx string `json:"promptCtx,omitempty"`
 	Seq       int64  `json:"seq"`      // counter for clientContext and timer tokens
 	LastTone  int64  `json:"lastTone"` // highest toneInfo.sequenceId applied
+	// ToneCtx is the clientContext of the tone subscription callbot waits on, "" once it failed
+	// (a TimerTone subscribes again, at most maxToneRetries times, counted by ToneFails) or a
+	// key press showed an earlier one working. A record saved before these fields has neither.
+	ToneCtx   string `json:"toneCtx,omitempty"`
+	ToneFails int    `json:"toneFails,omitempty"`
 	// Timers holds the token of each live timer; a timer firing with another token is stale.
 	Timers     map[TimerKind]int64 `json:"timers,omitempty"`
 	Queue      string              `json:"queue,omitempty"`

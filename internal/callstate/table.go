@@ -70,6 +70,14 @@ var Transitions = []Transition{
 	{StateTransferring, EvAbort, StateTerminating},
 	{StateInviting, EvAbort, StateTerminating},
 	{StateConnected, EvAbort, StateTerminating},
+
+	// the tone subscription failed: subscribe again later (a TimerTone, in any of these states,
+	// until the call is being hung up); the caller's keys matter whenever they are at a menu
+	{StateInMenu, EvToneFailed, StateInMenu},
+	{StateQueued, EvToneFailed, StateQueued},
+	{StateTransferring, EvToneFailed, StateTransferring},
+	{StateInviting, EvToneFailed, StateInviting},
+	{StateConnected, EvToneFailed, StateConnected},
 }
 
 var legalSet = func() map[Transition]bool {
