@@ -638,7 +638,9 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 		c.Offers++
 		d.transfer(a.TransferParty())
 	default: // disconnect
-		c.State, c.Outcome, c.Queue = StateTerminating, OutcomeDisconnected, ""
+		// the timers of where the caller was (a queue's hold-music guard) go: in terminating any
+		// timer hangs up at once, which would cut the goodbye
+		c.State, c.Outcome, c.Queue, c.Timers = StateTerminating, OutcomeDisconnected, "", nil
 		ps := append(pre, d.prompts(a.Prompt)...)
 		if len(ps) == 0 {
 			d.hangup()
@@ -713,7 +715,6 @@ func (d *decision) transferFailed(notSent bool) {
 	if c.UnattendedFails++; c.UnattendedFails >= maxUnattendedTransfers {
 		// Nobody has pressed a key through this many failed transfers: end the call with the
 		// flow's goodbye rather than go round again. The outcome says why.
-		c.Timers = nil
 		d.act(ivr.Action{Kind: ivr.ActionDisconnect, Prompt: d.env.Flow.Goodbye(c.Menu.Menu)}, nil)
 		c.Outcome = OutcomeTransferFailed
 		return

@@ -1038,3 +1038,24 @@ func TestToneRetryStopsOnAKeyAndWhileHangingUp(t *testing.T) {
 		t.Errorf("transfer failed: %s timers %v, want queued with the tone timer kept", c.State, c.Timers)
 	}
 }
+
+// A queue's max wait that ends in a goodbye lets the goodbye play: the timers of the wait (the
+// hold music's guard) go with it, where one of them firing during the goodbye hung up at once.
+func TestMaxWaitGoodbyeIsNotCutByTheHoldTimer(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	hold := c.Timers[TimerHold]
+	if hold == 0 {
+		t.Fatalf("queued with timers %v: want the hold music's guard armed", c.Timers)
+	}
+	c, cmds, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: c.Timers[TimerMaxWait]}, env)
+	if err != nil || c.State != StateTerminating || c.PromptCtx == "" {
+		t.Fatalf("max wait: %s %v %v, want the goodbye playing", c.State, kinds(cmds), err)
+	}
+	if _, ok := c.Timers[TimerHold]; ok || len(c.Timers) != 1 || c.Timers[TimerMenu] == 0 {
+		t.Errorf("timers during the goodbye %v: want only the hang-up's guard", c.Timers)
+	}
+	if _, cmds, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: hold}, env); !errors.Is(err, ErrIgnored) {
+		t.Errorf("the wait's hold timer during the goodbye: %v %v, want ignored (no hang-up over the goodbye)", kinds(cmds), err)
+	}
+}
