@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,17 +21,30 @@ import (
 // ClusterSize is the number of masters StartCluster starts.
 const ClusterSize = 3
 
-// Cluster is a Redis Cluster of ClusterSize masters (no replicas) for one test: real
-// redis-server processes on free loopback ports, joined with `redis-cli --cluster create`.
+// Cluster is a Redis Cluster of ClusterSize masters (no replicas, or one each) for one test:
+// real redis-server processes on free loopback ports, joined with `redis-cli --cluster create`.
 type Cluster struct {
-	addrs []string
-	nodes []*node
+	addrs   []string          // the masters
+	nodes   []*node           // every node, masters and replicas
+	replica map[string]string // master -> its replica (StartClusterWithReplicas)
 }
 
 // StartCluster starts a Redis Cluster that lives until the test ends. It returns once every
 // node reports cluster_state:ok with all 16384 slots assigned and all nodes known. Without
 // redis-server or redis-cli on PATH the test is skipped, or fails with CALLBOT_REQUIRE_REDIS=1.
 func StartCluster(t testing.TB) *Cluster {
+	t.Helper()
+	return startClusterT(t, 0)
+}
+
+// StartClusterWithReplicas is StartCluster with one replica per master (six processes). It
+// returns once every replica's link to its master is up, so that each master can fail over.
+func StartClusterWithReplicas(t testing.TB) *Cluster {
+	t.Helper()
+	return startClusterT(t, 1)
+}
+
+func startClusterT(t testing.TB, replicas int) *Cluster {
 	t.Helper()
 	server, err1 := exec.LookPath("redis-server")
 	cli, err2 := exec.LookPath("redis-cli")
@@ -42,7 +57,7 @@ func StartCluster(t testing.TB) *Cluster {
 	dir := t.TempDir()
 	var lastErr error
 	for attempt := 1; attempt <= 4; attempt++ {
-		c, err := startCluster(server, cli, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)))
+		c, err := startCluster(server, cli, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), replicas)
 		if err == nil {
 			t.Cleanup(c.stop)
 			return c
@@ -54,7 +69,7 @@ func StartCluster(t testing.TB) *Cluster {
 	return nil
 }
 
-// Addrs returns the host:port of every master.
+// Addrs returns the host:port of every master the cluster started with.
 func (c *Cluster) Addrs() []string { return append([]string(nil), c.addrs...) }
 
 // Client returns a cluster client, closed when the test ends.
@@ -93,11 +108,11 @@ func (c *Cluster) SlotOf(ctx context.Context, key string) (slot int64, addr stri
 	return slot, "", fmt.Errorf("slot %d of %q is not served", slot, key)
 }
 
-func startCluster(server, cli, dir string) (c *Cluster, err error) {
+func startCluster(server, cli, dir string, replicas int) (c *Cluster, err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	ports, err := clusterPorts(ClusterSize)
+	ports, err := clusterPorts(ClusterSize * (1 + replicas))
 	if err != nil {
 		return nil, err
 	}
@@ -107,15 +122,18 @@ func startCluster(server, cli, dir string) (c *Cluster, err error) {
 			c.stop()
 		}
 	}()
+	var all []string
 	for i, port := range ports {
 		n := filepath.Join(dir, "nodes-"+strconv.Itoa(i+1))
+		// a replica's first sync starts at once (the default waits 5 s for more replicas)
 		nd, err := startNode(server, port, n+".log", dir,
-			"--cluster-enabled", "yes", "--cluster-config-file", n+".conf", "--cluster-node-timeout", "2000")
+			"--cluster-enabled", "yes", "--cluster-config-file", n+".conf", "--cluster-node-timeout", "2000",
+			"--repl-diskless-sync-delay", "0")
 		if err != nil {
 			return c, err
 		}
 		c.nodes = append(c.nodes, nd)
-		c.addrs = append(c.addrs, nd.addr)
+		all = append(all, nd.addr)
 	}
 	for _, nd := range c.nodes {
 		if err := nd.waitReady(5 * time.Second); err != nil {
@@ -124,15 +142,117 @@ func startCluster(server, cli, dir string) (c *Cluster, err error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	args := append(append([]string{"--cluster", "create"}, c.addrs...), "--cluster-replicas", "0", "--cluster-yes")
+	args := append(append([]string{"--cluster", "create"}, all...), "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput()
 	if err != nil {
 		return c, fmt.Errorf("redis-cli --cluster create: %w: %s", err, lastLines(string(out), 5))
 	}
-	if err := c.waitOK(10 * time.Second); err != nil {
+	if replicas == 0 {
+		c.addrs = all
+	} else if err := c.readRoles(ctx); err != nil {
+		return c, err
+	}
+	if err := c.waitOK(15 * time.Second); err != nil {
 		return c, err
 	}
 	return c, nil
+}
+
+// readRoles finds which nodes are masters and which master each replica follows (redis-cli
+// picks them): each node's own INFO replication, until every replica has its master.
+func (c *Cluster) readRoles(ctx context.Context) error {
+	for {
+		c.addrs, c.replica = nil, map[string]string{}
+		for _, nd := range c.nodes {
+			cl := redis.NewClient(&redis.Options{Addr: nd.addr, MaxRetries: -1})
+			info, err := cl.Info(ctx, "replication").Result()
+			cl.Close()
+			if err != nil {
+				return fmt.Errorf("info replication on %s: %w", nd.addr, err)
+			}
+			switch infoValue(info, "role") {
+			case "master":
+				c.addrs = append(c.addrs, nd.addr)
+			case "slave":
+				c.replica[net.JoinHostPort(infoValue(info, "master_host"), infoValue(info, "master_port"))] = nd.addr
+			}
+		}
+		if len(c.addrs) == ClusterSize && len(c.replica) == ClusterSize {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d masters and %d replicas, want %d each: %w", len(c.addrs), len(c.replica), ClusterSize, ctx.Err())
+		case <-time.After(25 * time.Millisecond):
+		}
+	}
+}
+
+// ReplicaOf returns the address of the replica of the master at addr (StartClusterWithReplicas).
+func (c *Cluster) ReplicaOf(addr string) string { return c.replica[addr] }
+
+// CutReplica stops the replica of the master at addr (SIGSTOP) and has the master drop its
+// link (CLIENT KILL TYPE replica), as a replica that stalls and a link that breaks: what the
+// master writes from now on is on no replica, and a failover to the replica loses it (a pause
+// alone would not: the kernel still takes the stream in for the stopped process). resume starts
+// the replica again (SIGCONT), which reconnects and catches up if its master lives; it is called
+// when the test ends too.
+func (c *Cluster) CutReplica(t testing.TB, addr string) (resume func()) {
+	t.Helper()
+	nd := c.node(c.replica[addr])
+	if nd == nil {
+		t.Fatalf("redistest: %s is not a master with a replica", addr)
+	}
+	if err := nd.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	mc := redis.NewClient(&redis.Options{Addr: addr})
+	defer mc.Close()
+	if err := mc.Do(context.Background(), "CLIENT", "KILL", "TYPE", "replica").Err(); err != nil {
+		nd.cmd.Process.Signal(syscall.SIGCONT)
+		t.Fatalf("cut the replica of %s: %v", addr, err)
+	}
+	var once sync.Once
+	resume = func() { once.Do(func() { nd.cmd.Process.Signal(syscall.SIGCONT) }) }
+	t.Cleanup(resume)
+	return resume
+}
+
+// WaitFailover waits until the replica of old (a master StopNode killed) has been promoted and
+// the cluster is healthy again, and returns the replica's address.
+func (c *Cluster) WaitFailover(old string, within time.Duration) (string, error) {
+	addr := c.replica[old]
+	if addr == "" {
+		return "", fmt.Errorf("%s has no replica", old)
+	}
+	cl := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+	defer cl.Close()
+	deadline := time.Now().Add(within)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		info, err := cl.Info(ctx, "replication").Result()
+		var state string
+		if err == nil {
+			state, err = cl.ClusterInfo(ctx).Result()
+		}
+		cancel()
+		if err == nil && infoMismatch(info, map[string]string{"role": "master"}) == "" && infoMismatch(state, map[string]string{"cluster_state": "ok"}) == "" {
+			return addr, nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("replica %s of %s not promoted within %s (%v); log: %s", addr, old, within, err, c.node(addr).logTail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (c *Cluster) node(addr string) *node {
+	for _, nd := range c.nodes {
+		if nd.addr == addr {
+			return nd
+		}
+	}
+	return nil
 }
 
 // clusterPorts picks n distinct free ports P whose cluster bus port P+10000 is free too.
@@ -176,27 +296,48 @@ func (c *Cluster) waitOK(within time.Duration) error {
 		"cluster_slots_assigned": "16384",
 		"cluster_slots_ok":       "16384",
 		"cluster_known_nodes":    strconv.Itoa(len(c.nodes)),
-		"cluster_size":           strconv.Itoa(len(c.nodes)),
+		"cluster_size":           strconv.Itoa(ClusterSize),
 	}
-	clients := make([]*redis.Client, len(c.addrs))
-	for i, a := range c.addrs {
-		clients[i] = redis.NewClient(&redis.Options{Addr: a, MaxRetries: -1})
+	clients := make([]*redis.Client, len(c.nodes))
+	for i, nd := range c.nodes {
+		clients[i] = redis.NewClient(&redis.Options{Addr: nd.addr, MaxRetries: -1})
 		defer clients[i].Close()
+	}
+	replicas := map[string]bool{}
+	for _, r := range c.replica {
+		replicas[r] = true
 	}
 	for {
 		var problem error
 		for i, cl := range clients {
+			addr := c.nodes[i].addr
 			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 			info, err := cl.ClusterInfo(ctx).Result()
+			var repl string
+			if err == nil && len(c.replica) > 0 {
+				repl, err = cl.Info(ctx, "replication").Result()
+			}
 			cancel()
 			if err != nil {
-				problem = fmt.Errorf("cluster info on %s: %w", c.addrs[i], err)
+				problem = fmt.Errorf("cluster info on %s: %w", addr, err)
 				break
 			}
 			if bad := infoMismatch(info, want); bad != "" {
-				problem = fmt.Errorf("cluster not ready on %s: %s", c.addrs[i], bad)
+				problem = fmt.Errorf("cluster not ready on %s: %s", addr, bad)
 				break
 			}
+			if bad := infoMismatch(repl, map[string]string{"master_link_status": "up", "master_sync_in_progress": "0"}); replicas[addr] && bad != "" {
+				problem = fmt.Errorf("replica %s not in sync: %s", addr, bad)
+				break
+			}
+			// the master counts its replica for WAIT once it is online (after its first ACK)
+			if _, ok := c.replica[addr]; ok && !strings.Contains(infoValue(repl, "slave0"), "state=online") {
+				problem = fmt.Errorf("master %s: replica not online: %q", addr, infoValue(repl, "slave0"))
+				break
+			}
+		}
+		if problem == nil {
+			problem = c.replicasAcknowledge()
 		}
 		if problem == nil {
 			return nil
@@ -206,6 +347,44 @@ func (c *Cluster) waitOK(within time.Duration) error {
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
+}
+
+// replicasAcknowledge checks that a write on each master is acknowledged by its replica (WAIT):
+// for a moment after its first sync a replica is online and not yet fed the master's stream.
+func (c *Cluster) replicasAcknowledge() error {
+	for _, addr := range c.addrs {
+		if c.replica[addr] == "" {
+			continue
+		}
+		cl := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+		err := func() error {
+			defer cl.Close()
+			for i := 0; i < 1000; i++ {
+				key := "redistest:{w" + strconv.Itoa(i) + "}"
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				var set *redis.StatusCmd
+				var wait *redis.Cmd
+				cl.Pipelined(ctx, func(p redis.Pipeliner) error {
+					set = p.Set(ctx, key, 1, time.Minute)
+					wait = p.Do(ctx, "WAIT", 1, 100)
+					return nil
+				})
+				cancel()
+				if _, moved := redis.IsMovedError(set.Err()); moved {
+					continue // another master's slot
+				}
+				if n, err := wait.Int64(); err != nil || set.Err() != nil || n != 1 {
+					return fmt.Errorf("master %s: a write not acknowledged by its replica yet (%d, %v, %v)", addr, n, set.Err(), err)
+				}
+				return nil
+			}
+			return fmt.Errorf("master %s: no key of its slots found", addr)
+		}()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func infoMismatch(info string, want map[string]string) string {

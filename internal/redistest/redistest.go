@@ -1,7 +1,8 @@
 // Package redistest gives tests a Redis of their own: a real redis-server started on a free
 // port when one is on PATH, else an embedded miniredis. With CALLBOT_REQUIRE_REDIS=1 (set by CI)
 // a missing redis-server fails the test instead of falling back. StartCluster starts a real
-// 3-master Redis Cluster (skipped without redis-server and redis-cli, unless required).
+// 3-master Redis Cluster, StartClusterWithReplicas one with a replica per master (skipped without
+// redis-server and redis-cli, unless required).
 package redistest
 
 import (

@@ -116,3 +116,61 @@ func TestStartSentinel(t *testing.T) {
 		t.Errorf("URL %s", s.URL())
 	}
 }
+
+// The cluster with replicas: each master has its replica in sync (a WAIT on the master's
+// connection counts it), a cut replica leaves a write on no replica (WAIT times out), and a
+// master killed with its replica cut fails over to it without that write.
+func TestStartClusterWithReplicas(t *testing.T) {
+	start := time.Now()
+	c := redistest.StartClusterWithReplicas(t)
+	t.Logf("3 masters with a replica each ready in %s", time.Since(start).Round(time.Millisecond))
+	ctx := context.Background()
+	rdb := c.Client(t)
+	if err := rdb.Set(ctx, "{r}k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	_, addr, err := c.SlotOf(ctx, "{r}k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ReplicaOf(addr) == "" {
+		t.Fatalf("master %s has no replica", addr)
+	}
+	wait := func(key string) int64 {
+		t.Helper()
+		node := c.NodeClient(t, addr)
+		var w *redis.Cmd
+		if _, err := node.Pipelined(ctx, func(p redis.Pipeliner) error {
+			p.Set(ctx, key, "v", 0)
+			w = p.Do(ctx, "WAIT", 1, 300)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		n, _ := w.Int64()
+		return n
+	}
+	if n := wait("{r}a"); n != 1 {
+		info, _ := c.NodeClient(t, addr).Info(ctx, "replication").Result()
+		t.Fatalf("WAIT 1 on %s: %d replicas; %s; replica %s", addr, n, info, c.ReplicaOf(addr))
+	}
+	resume := c.CutReplica(t, addr)
+	if n := wait("{r}late"); n != 0 {
+		t.Fatalf("WAIT 1 with the replica cut: %d replicas", n)
+	}
+	c.StopNode(addr)
+	resume()
+	t0 := time.Now()
+	promoted, err := c.WaitFailover(addr, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("failover from %s to %s in %s", addr, promoted, time.Since(t0).Round(time.Millisecond))
+	pc := c.NodeClient(t, promoted)
+	if n, err := pc.Exists(ctx, "{r}a").Result(); err != nil || n != 1 {
+		t.Errorf("the write the replica acknowledged: exists=%d %v", n, err)
+	}
+	if n, err := pc.Exists(ctx, "{r}late").Result(); err != nil || n != 0 {
+		t.Errorf("the write made while the replica was cut: exists=%d %v, want lost", n, err)
+	}
+}
