@@ -91,6 +91,10 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 	if d.RedisReplicas > 0 {
 		b.store.WaitForReplicas(d.RedisReplicas, d.ReplicaTimeout)
 	}
+	if b.store.WaitsOnNodes() {
+		// Redis Cluster: the queues live on other masters than the records that point at them
+		b.queues.Durable = b.store.Durably
+	}
 	b.machine = callstate.NewMachine(callstate.Config{
 		Store:       b.store,
 		Timers:      callstate.NewTimers(d.Redis, d.KeyPrefix),

@@ -86,7 +86,6 @@ func TestConfigChecksTheFilesItNames(t *testing.T) {
 	}{
 		"bad files":             {map[string]string{"CALLBOT_CLIENT_CERT_FILE": junk}, []string{"CALLBOT_CA_FILE: " + junk + " holds no PEM certificate", "CALLBOT_CLIENT_CERT_FILE: " + junk}},
 		"password without cert": {map[string]string{"CALLBOT_CLIENT_SECRET": "s", "CALLBOT_CLIENT_CERT_PASSWORD": "pw"}, []string{"CALLBOT_CLIENT_CERT_PASSWORD: set without CALLBOT_CLIENT_CERT_FILE"}},
-		"replicas on a cluster": {map[string]string{"CALLBOT_REDIS_URL": "10.0.0.1:7000,10.0.0.2:7000", "CALLBOT_REDIS_REPLICAS": "1"}, []string{"CALLBOT_REDIS_REPLICAS: is not supported on Redis Cluster"}},
 		"bad replicas":          {map[string]string{"CALLBOT_REDIS_REPLICAS": "-1", "CALLBOT_REDIS_REPLICA_TIMEOUT": "1h"}, []string{"CALLBOT_REDIS_REPLICAS: \"-1\" is not a number from 0 to 16", "CALLBOT_REDIS_REPLICA_TIMEOUT: \"1h\""}},
 	} {
 		env := maps.Clone(base)
@@ -127,6 +126,10 @@ func TestConfigDefaults(t *testing.T) {
 	o, _ := redisOptions(c.RedisURL)
 	if !o.IsClusterMode || len(o.Addrs) != 2 {
 		t.Errorf("a list of addresses must mean Redis Cluster: %+v", o)
+	}
+	env["CALLBOT_REDIS_REPLICAS"] = "1" // each master a change writes to waits for its replica
+	if c, err := loadConfig(func(k string) string { return env[k] }); err != nil || c.RedisReplicas != 1 {
+		t.Errorf("CALLBOT_REDIS_REPLICAS=1 on Redis Cluster: %d, %v; want it accepted", c.RedisReplicas, err)
 	}
 	o, err = redisOptions("sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/callbot?db=2")
 	if err != nil || o.MasterName != "callbot" || len(o.Addrs) != 2 || o.Password != "pw" || o.DB != 2 || o.IsClusterMode {

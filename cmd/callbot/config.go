@@ -60,7 +60,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID)"},
 	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority and the OpenID metadata"},
 	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., sentinel://[:pass@]host:port,host:port/master[?db=N], or a comma-separated list of cluster node addresses (required)"},
-	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas or Sentinel, not Cluster"},
+	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas, Sentinel, or Cluster (each master a change writes to waits for its own replicas)"},
 	{"CALLBOT_REDIS_REPLICA_TIMEOUT", "100ms", "how long a change waits for CALLBOT_REDIS_REPLICAS; past it the notification is refused (503) and delivered again"},
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key (no braces)"},
@@ -170,12 +170,8 @@ func loadConfig(getenv func(string) string) (config, error) {
 		bad("CALLBOT_REDIS_REPLICA_TIMEOUT", "%q is not a duration from 1ms to 2s", get("CALLBOT_REDIS_REPLICA_TIMEOUT"))
 	}
 	if c.RedisURL != "" {
-		o, err := redisOptions(c.RedisURL)
-		switch {
-		case err != nil:
+		if _, err := redisOptions(c.RedisURL); err != nil {
 			bad("CALLBOT_REDIS_URL", "%v", err)
-		case o.IsClusterMode && c.RedisReplicas > 0:
-			bad("CALLBOT_REDIS_REPLICAS", "is not supported on Redis Cluster (a call's record and its index entries live on different masters); use 0")
 		}
 	}
 	if c.PresenceEvery, err = time.ParseDuration(get("CALLBOT_PRESENCE_INTERVAL")); err != nil || c.PresenceEvery < 500*time.Millisecond {

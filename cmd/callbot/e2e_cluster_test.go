@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/callbot/callbot/internal/graph/graphsim"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -48,5 +51,59 @@ func TestE2EOnRedisCluster(t *testing.T) {
 	}
 	for _, sc := range e2eScenarios {
 		t.Run(sc.name, func(t *testing.T) { sc.run(t, onCluster) })
+	}
+}
+
+// The master of the tenant's queues dies while a caller waits in a queue, on a Redis Cluster whose
+// masters have a replica each, with CALLBOT_REDIS_REPLICAS=1: callbot waits for each master's
+// replica (callbot_redis_replicas counts the fewest), follows the promotion without a restart,
+// and the waiting caller (their place in the queue replicated before the enqueue was
+// acknowledged) reaches the agent who becomes available; a new caller is served too.
+func TestE2EClusterFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	cluster := redistest.StartClusterWithReplicas(t)
+	w := newWorld(t, func(*testing.T) string { return strings.Join(cluster.Addrs(), ",") }, away(agent1), away(agent2), away(agent3))
+	w.env["CALLBOT_REDIS_REPLICAS"] = "1"
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitMetric(t, w, "callbot_redis_replicas 1")
+	waiting := w.call(t, graphsim.CallerSpec{Digits: "1"})
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Contains(waiting.Result().Prompts, "https://media.test/hold.wav") { // queued
+		if time.Now().After(deadline) {
+			t.Fatalf("the caller did not reach the queue: %+v", waiting.Result())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // the enqueue, carried out after the hold music was queued, is done
+	_, addr, err := cluster.SlotOf(context.Background(), "cb:{tenant:"+demoTenant+"}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cluster.StopNode(addr)
+	t0 := time.Now()
+	promoted, err := cluster.WaitFailover(addr, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.waitReady(20 * time.Second); err != nil {
+		t.Fatalf("after the failover: %v", err)
+	}
+	t.Logf("master %s killed; %s promoted and callbot ready %s later", addr, promoted, time.Since(t0).Round(time.Millisecond))
+	waitMetric(t, w, "callbot_redis_replicas 0") // the promoted master is alone
+
+	w.sim.SetPresence(agent2, "Available", "Available")
+	r := waitDone(t, waiting, 30*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent2 {
+		t.Fatalf("the caller who waited through the failover experienced %+v; want transferred to %s", r, agent2)
+	}
+	w.sim.SetPresence(agent3, "Available", "Available")
+	r = waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 30*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent == "" {
+		t.Fatalf("a caller after the failover experienced %+v; want transferred to an agent", r)
 	}
 }

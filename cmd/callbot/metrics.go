@@ -108,7 +108,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	counter("callbot_invalid_transitions_total", "Decisions the transition table refused: a bug, logged as an error with the call, event and state (a notification's is dropped; a timer's is removed, and its caller hung up if nothing else can move the call on and Graph shows them alone with callbot). Alert on any.", b.machine.InvalidTransitions.Load())
 	counter("callbot_calls_adopted_total", "Calls Graph had established and callbot had no record of (lost with Redis data), taken back: their menu started again.", b.machine.Adopted.Load())
 	if b.deps.RedisReplicas > 0 {
-		fmt.Fprintln(w, "# HELP callbot_redis_replicas The most replicas the current Redis master has had connected (-1 before the first look); a change waits for the smaller of this and CALLBOT_REDIS_REPLICAS.")
+		fmt.Fprintln(w, "# HELP callbot_redis_replicas The most replicas the current Redis master has had connected (-1 before the first look); a change waits for the smaller of this and CALLBOT_REDIS_REPLICAS. On Redis Cluster, the fewest of any master's (each master's own is what a change on it waits for).")
 		fmt.Fprintln(w, "# TYPE callbot_redis_replicas gauge")
 		fmt.Fprintf(w, "callbot_redis_replicas %d\n", b.store.ConnectedReplicas())
 	}

@@ -79,6 +79,8 @@
 // has it established with the caller alone with callbot (EvAdopt: its menu starts again). With Store.WaitForReplicas a change is
 // acknowledged only once the replicas have it (a WAIT in the write's round trip; Store.Sync for a
 // notification delivered again whose change the master already has), so a failover loses none.
+// On Redis Cluster each master a change writes to is waited on, the record's last, and what
+// depends on the change on another master waits for it (nodes.go).
 //
 // The hot path is built for few round trips: each instance caches the records it saved, and
 // ignores on the cached copy an event no later version could take (Stale); a save carries its

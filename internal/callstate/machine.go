@@ -19,7 +19,9 @@ import (
 	"github.com/callbot/callbot/internal/ivr"
 )
 
-// Queues is what the machine needs from the queue package.
+// Queues is what the machine needs from the queue package. With a store that waits for
+// replicas on Redis Cluster (Store.WaitsOnNodes), Enqueue, Remove and Release must return nil
+// only once their write is replicated (Store.Durably): the machine acknowledges them then.
 type Queues interface {
 	Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error
 	Remove(ctx context.Context, tenant, queue, callKey string) error
@@ -450,7 +452,7 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				// The record read may hold a change refused as unreplicated, this event's own
 				// (delivered again): acknowledge it only once the replicas have it. A cached record
 				// was written with its replicas' acknowledgement.
-				return false, m.cfg.Store.Sync(ctx)
+				return false, m.cfg.Store.Sync(ctx, callKey)
 			}
 			return false, nil
 		}
@@ -472,9 +474,14 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			}
 		}
 		// Queue writes that are harmless even if this save loses a race join its round trip too.
+		// Not on Redis Cluster with replicas to wait for: they live on another master than the
+		// record, which a failover could take back to before them while keeping the record
+		// (a caller queued in their record and in no queue). There they stay outbox commands,
+		// carried out once the save is replicated and acknowledged only once they are
+		// (Queues' writes wait for their replicas), and re-driven if they are not.
 		var behind func(redis.Pipeliner)
 		var after func()
-		if qw, ok := m.cfg.Queues.(QueueWriter); ok {
+		if qw, ok := m.cfg.Queues.(QueueWriter); ok && !m.cfg.Store.WaitsOnNodes() {
 			var piped, kept []Command
 			for _, cmd := range rest {
 				switch {
@@ -508,7 +515,7 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			if errors.Is(err, ErrExists) {
 				m.exec.fill(execKey, slot, nil)
 				log.Debug("repeated incoming notification ignored")
-				return false, m.cfg.Store.Sync(ctx) // the record may be one refused as unreplicated
+				return false, m.cfg.Store.Sync(ctx, callKey) // the record may be one refused as unreplicated
 			}
 		} else {
 			err = m.cfg.Store.SaveWith(ctx, &next, w)
@@ -607,6 +614,9 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 			err = m.cfg.Queues.Release(ctx, c.Tenant, cmd.Agent, key, cmd.AgentOutcome, cmd.After)
 		case CmdSetTimer: // armed with the save now; kept for outboxes saved before that
 			err = m.cfg.Timers.Set(ctx, c.Tenant, key, cmd.Timer, cmd.Token, m.cfg.Now().Add(cmd.After))
+			if err == nil && m.cfg.Store.WaitsOnNodes() {
+				err = m.cfg.Store.Durably(ctx, m.cfg.Store.timers, nil) // replicated before its acknowledgement
+			}
 		}
 		if err != nil {
 			log.Error("command failed, left in the outbox", zap.Stringer("command", cmd.Kind), zap.Error(err))

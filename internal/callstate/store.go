@@ -50,14 +50,47 @@ type Store struct {
 	// replicas a record write waits for (WAIT), and for how long; 0: none
 	replicas       int
 	replicaTimeout time.Duration
-	// counted is how many replicas a write waits for at most, -1 before the first look
-	// (WatchReplicas): the most the current master (replid) has had connected
-	counted atomic.Int64
-	replMu  sync.Mutex
-	replid  string
-	peak    int64
+	// master counts the replicas of the master (standalone, Sentinel): how many a write waits
+	// for at most
+	master replicaCount
+	// On Redis Cluster: the cluster client, and with replicas to wait for (onNodes) the count of
+	// each master's replicas (by address: *replicaCount) and the fewest any master has had.
+	cluster *redis.ClusterClient
+	onNodes bool
+	nodes   sync.Map
+	fewest  atomic.Int64
 	// Unreplicated counts record writes that returned ErrNotReplicated.
 	Unreplicated atomic.Int64
+}
+
+// replicaCount is how many replicas a write on one master waits for at most: the most that
+// master (its replid) has had connected; -1 before the first look.
+type replicaCount struct {
+	counted atomic.Int64
+	mu      sync.Mutex
+	replid  string
+	peak    int64
+}
+
+// look reads the master's replication id and connected replicas (INFO replication on c), and
+// counts the most replicas the master has had. It reports whether it could read them.
+func (r *replicaCount) look(ctx context.Context, c redis.Cmdable) bool {
+	info, err := c.Info(ctx, "replication").Result()
+	if err != nil {
+		return false
+	}
+	id, n, ok := replicationInfo(info)
+	if !ok {
+		return false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if id != r.replid {
+		r.replid, r.peak = id, 0 // another master (a promotion), or one restarted without its data
+	}
+	r.peak = max(r.peak, int64(n))
+	r.counted.Store(r.peak)
+	return true
 }
 
 // WaitForReplicas makes every write of a call record wait until n replicas have it (WAIT n, in
@@ -66,12 +99,18 @@ type Store struct {
 // A write waits for no more replicas than the current master has had connected (WatchReplicas
 // counts them per master_replid, which a promotion changes): a replica that drops off for a
 // moment still counts, since Sentinel would still promote it, so writes are refused until it is
-// back; a promoted master that is alone has no replica to fail over to and is not waited on. For
-// a standalone master with replicas, or Sentinel: not on Redis Cluster, where a record and its
-// index entries live on different masters.
+// back; a promoted master that is alone has no replica to fail over to and is not waited on.
+//
+// On Redis Cluster a record and the entries written with it live on different masters, and a
+// WAIT covers only the master it is sent to: each master a write writes to is waited on, on the
+// connection that wrote, and in an order that keeps a failover safe (writeOnNodes). The writes
+// of queue commands that go with a save are then carried out as outbox commands, each waited for
+// before it is acknowledged (WaitsOnNodes, Durably).
 func (s *Store) WaitForReplicas(n int, timeout time.Duration) {
 	s.replicas, s.replicaTimeout = n, timeout
-	s.counted.Store(-1)
+	s.master.counted.Store(-1)
+	s.fewest.Store(-1)
+	s.onNodes = s.cluster != nil && n > 0
 }
 
 // WatchReplicas looks at the master's replicas (INFO replication) every interval until ctx
@@ -84,7 +123,11 @@ func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
 	defer t.Stop()
 	for {
 		rctx, cancel := context.WithTimeout(ctx, every)
-		s.lookAtReplicas(rctx)
+		if s.onNodes {
+			s.lookAtMasters(rctx)
+		} else {
+			s.master.look(rctx, s.rdb)
+		}
 		cancel()
 		select {
 		case <-ctx.Done():
@@ -94,30 +137,15 @@ func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
 	}
 }
 
-// lookAtReplicas reads the master's replication id and connected replicas, and counts the most
-// replicas the master has had. It reports whether it could read them.
-func (s *Store) lookAtReplicas(ctx context.Context) bool {
-	info, err := s.rdb.Info(ctx, "replication").Result()
-	if err != nil {
-		return false
-	}
-	id, n, ok := replicationInfo(info)
-	if !ok {
-		return false
-	}
-	s.replMu.Lock()
-	defer s.replMu.Unlock()
-	if id != s.replid {
-		s.replid, s.peak = id, 0 // another master (a promotion), or one restarted without its data
-	}
-	s.peak = max(s.peak, int64(n))
-	s.counted.Store(s.peak)
-	return true
-}
-
 // ConnectedReplicas is the most replicas the current master has had connected; -1 before the
-// first look. A write waits for the smaller of this and WaitForReplicas' n.
-func (s *Store) ConnectedReplicas() int64 { return s.counted.Load() }
+// first look. A write waits for the smaller of this and WaitForReplicas' n. On Redis Cluster it
+// is the fewest of any master's (each master's own count is what a write on it waits for).
+func (s *Store) ConnectedReplicas() int64 {
+	if s.onNodes {
+		return s.fewest.Load()
+	}
+	return s.master.counted.Load()
+}
 
 // replicationInfo reads master_replid and connected_slaves from INFO replication.
 func replicationInfo(info string) (replid string, connected int, ok bool) {
@@ -140,15 +168,15 @@ func replicationInfo(info string) (replid string, connected int, ok bool) {
 	return replid, connected, found == 2
 }
 
-// replicated checks the answer to a WAIT for need replicas. A short one is looked at again:
-// the write may have gone to a master promoted since the last look, alone (nothing to fail over
-// to, so nothing to wait for).
-func (s *Store) replicated(ctx context.Context, wait *redis.Cmd, need int) error {
+// replicated checks the answer to a WAIT for need replicas, sent to the master c whose replicas
+// r counts. A short one is looked at again: the write may have gone to a master promoted since
+// the last look, alone (nothing to fail over to, so nothing to wait for).
+func (s *Store) replicated(ctx context.Context, c redis.Cmdable, r *replicaCount, wait *redis.Cmd, need int) error {
 	got, err := wait.Int64()
 	if err == nil && got >= int64(need) {
 		return nil
 	}
-	if err == nil && s.lookAtReplicas(ctx) && got >= int64(s.replicasToWait()) {
+	if err == nil && r.look(ctx, c) && got >= int64(s.replicasToWaitOn(r)) {
 		return nil
 	}
 	s.Unreplicated.Add(1)
@@ -160,8 +188,13 @@ func (s *Store) replicated(ctx context.Context, wait *redis.Cmd, need int) error
 // refused as unreplicated finds the change on the master (a repeated incoming, an ignored event)
 // and would be acknowledged while no replica has it. A write of its own on the same connection
 // (a key of the store's) makes the WAIT cover the master's whole stream so far. ErrNotReplicated
-// as for a write; nil at once when the store waits for no replica.
-func (s *Store) Sync(ctx context.Context) error {
+// as for a write; nil at once when the store waits for no replica. On Redis Cluster the master
+// waited on is the one of the call's record (callKey): what a change writes elsewhere is
+// replicated before its record is written.
+func (s *Store) Sync(ctx context.Context, callKey string) error {
+	if s.onNodes {
+		return s.Durably(ctx, s.key(callKey), nil)
+	}
 	need := s.replicasToWait()
 	if need == 0 {
 		return nil
@@ -175,13 +208,16 @@ func (s *Store) Sync(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return s.replicated(ctx, wait, need)
+	return s.replicated(ctx, s.rdb, &s.master, wait, need)
 }
 
-// replicasToWait is how many replicas a write waits for now.
-func (s *Store) replicasToWait() int {
+// replicasToWait is how many replicas a write waits for now (standalone, Sentinel).
+func (s *Store) replicasToWait() int { return s.replicasToWaitOn(&s.master) }
+
+// replicasToWaitOn is how many replicas a write on the master r counts waits for now.
+func (s *Store) replicasToWaitOn(r *replicaCount) int {
 	n := int64(s.replicas)
-	if c := s.counted.Load(); c >= 0 {
+	if c := r.counted.Load(); c >= 0 {
 		n = min(n, c)
 	}
 	return int(n)
@@ -192,7 +228,9 @@ func NewStore(rdb redis.UniversalClient, prefix string) *Store {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix)}
+	s := &Store{rdb: rdb, prefix: prefix, index: prefix + ":{outbox}", active: prefix + ":{active}", timers: timersKey(prefix)}
+	s.cluster, _ = rdb.(*redis.ClusterClient)
+	return s
 }
 
 func (s *Store) key(callKey string) string { return s.prefix + ":{call:" + callKey + "}" }
@@ -295,6 +333,9 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 			p.ZRem(ctx, s.active, graph.CallKey(c.ID))
 		}
 	}
+	if s.onNodes {
+		return s.writeOnNodes(ctx, keys, script, args, pre, behind)
+	}
 	need := s.replicasToWait()
 	if len(pre) == 0 && behind == nil && need == 0 {
 		return script.Run(ctx, s.rdb, keys, args...).Int()
@@ -350,7 +391,7 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		if err != nil || n != 1 || wait == nil {
 			return n, err
 		}
-		return n, s.replicated(ctx, wait, need)
+		return n, s.replicated(ctx, s.rdb, &s.master, wait, need)
 	}
 }
 
@@ -365,7 +406,9 @@ func (s *Store) Create(ctx context.Context, c *Call, outboxDue time.Time, timers
 type Write struct {
 	OutboxDue time.Time // when other instances may re-drive the record's outbox
 	Timers    []Timer   // timers the transition arms, written ahead of the record
-	// Behind adds writes after the record's; they run even when the save meets a conflict.
+	// Behind adds writes after the record's; they run even when the save meets a conflict (on
+	// Redis Cluster, only once it succeeded). On Redis Cluster with WaitForReplicas they are not
+	// waited for (WaitsOnNodes): only writes whose loss is harmless may go there.
 	Behind func(redis.Pipeliner)
 }
 

@@ -36,6 +36,23 @@ func BenchmarkSaveReplicated(b *testing.B) {
 	}
 }
 
+// BenchmarkSaveCluster: the same saves on a Redis Cluster whose masters have a replica each,
+// without waiting for the replicas and with CALLBOT_REDIS_REPLICAS=1 (the timer and the outbox
+// index entry waited for on their masters, then the record on its own).
+func BenchmarkSaveCluster(b *testing.B) {
+	cluster := redistest.StartClusterWithReplicas(b)
+	for _, wait := range []int{0, 1} {
+		b.Run(fmt.Sprintf("wait=%d", wait), func(b *testing.B) {
+			store := callstate.NewStore(cluster.Client(b), fmt.Sprintf("benchc%d", wait))
+			if wait > 0 {
+				store.WaitForReplicas(wait, 100*time.Millisecond)
+				watchReplicas(b, store, 100*time.Millisecond)
+			}
+			benchSaves(b, store)
+		})
+	}
+}
+
 func benchSaves(b *testing.B, store *callstate.Store) {
 	ctx := context.Background()
 	var next atomic.Int64

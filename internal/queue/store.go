@@ -29,6 +29,13 @@ type Store struct {
 	// ConnectedGuard: after a transfer completes, the agent is not offered another call for this
 	// long even if polled presence still says Available (presence lags the call by a poll).
 	ConnectedGuard time.Duration
+	// Durable, when set (callstate.Store.Durably, on Redis Cluster with replicas to wait for),
+	// carries the writes of Enqueue, Remove and Release, and follows a reservation: each returns
+	// only once the replicas of the tenant's master have it. On Redis Cluster a call's record
+	// lives on another master than its tenant's queues, and a record a failover keeps must not
+	// point at a queue write or a reservation the failover lost (an offer saved while the
+	// reservation behind it is gone leaves the agent free to be offered a second caller).
+	Durable func(ctx context.Context, key string, write func(redis.Pipeliner)) error
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -84,7 +91,13 @@ func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []s
 // Enqueue puts a caller in a queue. score orders callers (arrival time in ms): a caller whose
 // transfer failed comes back with its original score, ahead of everyone who arrived later.
 func (s *Store) Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error {
-	if err := s.enqueue(ctx, s.rdb, tenant, queue, callKey, score).Err(); err != nil {
+	var err error
+	if s.Durable == nil {
+		err = s.enqueue(ctx, s.rdb, tenant, queue, callKey, score).Err()
+	} else {
+		err = s.durably(ctx, tenant, func(p redis.Pipeliner) redis.Cmder { return s.enqueue(ctx, p, tenant, queue, callKey, score) })
+	}
+	if err != nil {
 		return fmt.Errorf("enqueue call %s in %s: %w", callKey, queue, err)
 	}
 	return nil
@@ -92,10 +105,26 @@ func (s *Store) Enqueue(ctx context.Context, tenant, queue, callKey string, scor
 
 // Remove takes a caller out of a queue (hang-up, max wait).
 func (s *Store) Remove(ctx context.Context, tenant, queue, callKey string) error {
-	if err := s.remove(ctx, s.rdb, tenant, queue, callKey).Err(); err != nil {
+	var err error
+	if s.Durable == nil {
+		err = s.remove(ctx, s.rdb, tenant, queue, callKey).Err()
+	} else {
+		err = s.durably(ctx, tenant, func(p redis.Pipeliner) redis.Cmder { return s.remove(ctx, p, tenant, queue, callKey) })
+	}
+	if err != nil {
 		return fmt.Errorf("remove call %s from %s: %w", callKey, queue, err)
 	}
 	return nil
+}
+
+// durably sends the command write makes with Durable: in a pipeline on the tenant's master that
+// returns once its replicas have it.
+func (s *Store) durably(ctx context.Context, tenant string, write func(redis.Pipeliner) redis.Cmder) error {
+	var cmd redis.Cmder
+	if err := s.Durable(ctx, s.k(tenant, "queues"), func(p redis.Pipeliner) { cmd = write(p) }); err != nil {
+		return err
+	}
+	return cmd.Err()
 }
 
 func (s *Store) enqueue(ctx context.Context, c redis.Cmdable, tenant, queue, callKey string, score int64) *redis.IntCmd {
@@ -387,6 +416,14 @@ func (s *Store) reserveAs(ctx context.Context, tenant, queue string, now time.Ti
 	if !ok || len(res) != 3 {
 		return Reservation{}, ErrNoAgent
 	}
+	if s.Durable != nil {
+		// The offer is saved on the call's master: the reservation must be on the replicas
+		// first. A reservation whose replicas did not confirm it in time is reported as failed,
+		// and asked for again with the same token, which returns it (and waits for it again).
+		if err := s.Durable(ctx, k.queue, nil); err != nil {
+			return Reservation{}, fmt.Errorf("reserve agent for %s: %w", queue, err)
+		}
+	}
 	r := Reservation{Call: fmt.Sprint(res[0]), Agent: fmt.Sprint(res[1])}
 	fmt.Sscan(fmt.Sprint(res[2]), &r.Score)
 	return r, nil
@@ -408,7 +445,13 @@ return 1`)
 // agent who failed cools down for FailCooldown; one wrapping up is not offered a call for
 // wrapUp. A non-zero hold overrides those.
 func (s *Store) Release(ctx context.Context, tenant, agent, callKey string, outcome callstate.AgentOutcome, hold time.Duration) error {
-	if err := s.release(ctx, s.rdb, tenant, agent, callKey, outcome, hold).Err(); err != nil {
+	var err error
+	if s.Durable == nil {
+		err = s.release(ctx, s.rdb, tenant, agent, callKey, outcome, hold).Err()
+	} else {
+		err = s.durably(ctx, tenant, func(p redis.Pipeliner) redis.Cmder { return s.release(ctx, p, tenant, agent, callKey, outcome, hold) })
+	}
+	if err != nil {
 		return fmt.Errorf("release agent %s from call %s: %w", agent, callKey, err)
 	}
 	return nil
