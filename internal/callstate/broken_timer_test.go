@@ -3,6 +3,8 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,5 +87,42 @@ func TestTimerRefusedByTheTableIsRemovedAndItsCallGivenUp(t *testing.T) {
 				t.Errorf("the call is %s, Graph saw %v; want %s and %d hangups", c.State, g.log(), tc.wantState, tc.hangups)
 			}
 		})
+	}
+}
+
+// joinDuringRead is a Graph whose participants read, the first time, lets something happen in
+// the call before it answers (as the agent answering their invite while the read is under way).
+type joinDuringRead struct {
+	*fakeGraph
+	once   sync.Once
+	during func()
+}
+
+func (g *joinDuringRead) Participants(ctx context.Context, id string) ([]graph.Participant, error) {
+	g.once.Do(g.during)
+	return g.fakeGraph.Participants(ctx, id)
+}
+
+// Giving up on a call decides on the record Graph was read for. The agent who answers their
+// invite while callbot reads the roster (which showed the caller alone) is talking to the caller
+// when the read comes back: callbot hung up on that conversation, as the call, connected now,
+// has a row for EvAbort too.
+func TestGiveUpLeavesACallThatMovedOnDuringTheRead(t *testing.T) {
+	g := &joinDuringRead{fakeGraph: &fakeGraph{users: []string{"caller"}}}
+	r := newRig(t, g, "rbj")
+	key, _ := brokenInvite(t, r, "c-broken-join")
+	g.during = func() {
+		// the invite's completion: the agent joined
+		if ok, err := r.m.Handle(context.Background(), "t1", key, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: "i4"}); !ok || err != nil {
+			t.Errorf("the invite's completion during the read: %v %v", ok, err)
+		}
+	}
+	r.runTimers(t, func() bool { return r.m.InvalidTransitions.Load() > 0 && slices.Contains(g.log(), "participants") })
+	c, err := r.store.Get(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != callstate.StateConnected || countPrefix(g.log(), "hangup") != 0 {
+		t.Errorf("the call is %s, Graph saw %v; want it connected, never hung up", c.State, g.log())
 	}
 }

@@ -467,7 +467,12 @@ func (d *decision) apply(ev Event) error {
 		// against their loss) was refused by the table, and Graph shows the caller alone with
 		// callbot: rather than leave them there for ever, callbot hangs up (and again, every
 		// hang-up grace, until the call ends). An agent still reserved is freed: after their
-		// wrap-up if they talked to the caller, at once after an offer.
+		// wrap-up if they talked to the caller, at once after an offer. Only the record Graph was
+		// read for: one that moved on meanwhile (the agent answered their invite, and talks to
+		// the caller now) is not what Graph showed.
+		if ev.Version != c.Version {
+			return ErrIgnored
+		}
 		outcome, release := OutcomeFailed, Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned}
 		if c.State == StateConnected {
 			outcome, release.AgentOutcome, release.After = OutcomeConnected, AgentWrapUp, d.wrapUp()

@@ -65,8 +65,9 @@
 // input: it is logged as an error and counted (Machine.InvalidTransitions), and a notification's
 // is dropped. A timer's is removed, not left to be claimed and refused again every lease, and
 // its call given up on where nothing else may move it on (answering, transferring, inviting,
-// connected): if Graph shows the caller alone with callbot, callbot hangs up (EvAbort); a call
-// with others in it is never hung up. A caller in the menu or a queue stays there.
+// connected): if Graph shows the caller alone with callbot, callbot hangs up (EvAbort, on the
+// record Graph was read for, not one that moved on meanwhile); a call with others in it is never
+// hung up. A caller in the menu or a queue stays there.
 //
 // A call's Graph commands go out in the order of the transitions that decided them, one at a
 // time, on the call's executor; a transition takes its place there before its save makes the new

@@ -1266,7 +1266,8 @@ func (m *Machine) fireTimers(ctx context.Context) int {
 // (the reconciler does not help: it ends only calls Graph no longer has, and keeps the others
 // alive). A caller in the menu or a queue is left there: their keys or the dispatcher still move
 // them on. callbot asks Graph, on the call's executor (off the timer loop): a call it no longer
-// has is ended; one it has established with the caller alone with callbot is hung up (EvAbort);
+// has is ended; one it has established with the caller alone with callbot is hung up (EvAbort),
+// unless the record changed while Graph was read (the agent answered their invite meanwhile);
 // one with others in it (the caller talking to an agent), or not established (still ringing in,
 // being transferred), or that cannot be read, is left to its notifications and to the caller,
 // never hung up. Not durable: an instance that dies first leaves the call as it was, as the
@@ -1294,7 +1295,7 @@ func (m *Machine) giveUp(tenant, key string, from State) {
 		gctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(ctx, c.Scenario), c.Tenant), m.cfg.CommandTimeout)
 		defer cancel()
 		st, err := m.cfg.Control.GetCall(gctx, c.ID)
-		ev := Event{Kind: EvAbort}
+		ev := Event{Kind: EvAbort, Version: c.Version} // only this version: see EvAbort
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
 			ev = Event{Kind: EvEnded, Reason: "gone from graph"}

@@ -133,6 +133,9 @@ type Event struct {
 	// EvInviteDone): throttled (429), or never sent (no token). The agent never rang: not their
 	// failure.
 	NotSent bool
+	// Version is the version of the record EvAbort was decided for (Machine.giveUp read Graph for
+	// it): a call that moved on meanwhile (an agent who answered their invite) is not given up on.
+	Version int64
 	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
 	Result  graph.ResultInfo
 	Reason  string
