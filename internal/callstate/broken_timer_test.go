@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -124,5 +125,32 @@ func TestGiveUpLeavesACallThatMovedOnDuringTheRead(t *testing.T) {
 	}
 	if c.State != callstate.StateConnected || countPrefix(g.log(), "hangup") != 0 {
 		t.Errorf("the call is %s, Graph saw %v; want it connected, never hung up", c.State, g.log())
+	}
+}
+
+// A blind transfer that Graph no longer has the call of has most likely completed (callbot's
+// leg ends when the agent takes the caller), its terminated notification lost or late. Giving
+// up on such a call ended it as if the caller had hung up, releasing the agent at once as never
+// having talked to anyone (abandoned: no guard, their idle place kept): the dispatcher could
+// offer them a second caller in the middle of the conversation. It is left to its terminated
+// notification, as a transfer's own read of the call leaves it (and the reconciler ends it).
+func TestGiveUpLeavesATransferGraphNoLongerHas(t *testing.T) {
+	g := &fakeGraph{state: "gone"}
+	r := newRig(t, g, "rbg")
+	id := "c-broken-transfer"
+	key := graph.CallKey(id)
+	c := callstate.Call{ID: id, Tenant: "t1", State: callstate.StateTransferring, Queue: "q", Agent: "agent-x", TransferCtx: "x4",
+		Transferring: true, Seq: 5, Timers: map[callstate.TimerKind]int64{callstate.TimerTransfer: 5}, CreatedAt: time.Now()}
+	if err := r.store.CreateWith(context.Background(), &c, callstate.Write{}); err != nil {
+		t.Fatal(err)
+	}
+	r.m.GiveUp("t1", key, callstate.StateTransferring)
+	r.m.Wait()
+	got, err := r.store.Get(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.State != callstate.StateTransferring || slices.ContainsFunc(r.q.ops, func(op string) bool { return strings.HasPrefix(op, "release") }) {
+		t.Errorf("the call is %s (%q), the agent %v; want it left transferring, the agent reserved until the transfer's end is known", got.State, got.Outcome, r.q.ops)
 	}
 }

@@ -1266,7 +1266,8 @@ func (m *Machine) fireTimers(ctx context.Context) int {
 // (the reconciler does not help: it ends only calls Graph no longer has, and keeps the others
 // alive). A caller in the menu or a queue is left there: their keys or the dispatcher still move
 // them on. callbot asks Graph, on the call's executor (off the timer loop): a call it no longer
-// has is ended; one it has established with the caller alone with callbot is hung up (EvAbort),
+// has is ended (but for a transfer, most likely completed: left to its terminated notification,
+// as checkCall leaves it, or the reconciler); one it has established with the caller alone with callbot is hung up (EvAbort),
 // unless the record changed while Graph was read (the agent answered their invite meanwhile);
 // one with others in it (the caller talking to an agent), or not established (still ringing in,
 // being transferred), or that cannot be read, is left to its notifications and to the caller,
@@ -1297,6 +1298,13 @@ func (m *Machine) giveUp(tenant, key string, from State) {
 		st, err := m.cfg.Control.GetCall(gctx, c.ID)
 		ev := Event{Kind: EvAbort, Version: c.Version} // only this version: see EvAbort
 		switch {
+		case errors.Is(err, graph.ErrCallGone) && c.State == StateTransferring:
+			// most likely transferred (callbot's leg ends when the target takes the caller), the
+			// terminated notification lost or late: ended now as a caller gone, the agent would be
+			// free at once, in the middle of the conversation. As checkCall: left to that
+			// notification, or the reconciler.
+			log.Error("call left where a timer the table refused found it: gone from Graph during a transfer; waiting for its terminated notification")
+			return
 		case errors.Is(err, graph.ErrCallGone):
 			ev = Event{Kind: EvEnded, Reason: "gone from graph"}
 		case err != nil:
