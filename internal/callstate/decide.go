@@ -530,7 +530,9 @@ func toneRetry(n int) time.Duration {
 // caller who presses nothing (a phone left off the hook, a dialler) would go round the menu and
 // the transfer until they hang up. Three: a caller who waits on the line for the fallback, as
 // many do, gets it tried three times (the target may have been busy) and hears the menu in full
-// twice in between; one who presses any key starts the count again, so is never cut off by it.
+// twice in between; one who presses any key starts the count again, so is never cut off by it. A
+// transfer Graph never processed (throttled, no token) did not try the target, and does not count:
+// a throttling episode must not hang up every caller waiting for a menu's fallback.
 const maxUnattendedTransfers = 3
 
 // maxAnswers bounds answer requests for one call (the first, and one after Graph showed the call
@@ -691,7 +693,7 @@ func (d *decision) hangup() {
 // transferFailed puts a caller whose transfer (or invite) failed back where it came from: the
 // head of its queue (its original arrival score), or the start of the menu for a direct
 // transfer (unless that was the maxUnattendedTransfers-th to fail with no key pressed since:
-// goodbye). The agent cools down and counts as idle from now, unless notSent: Graph never
+// goodbye; one Graph never processed does not count). The agent cools down and counts as idle from now, unless notSent: Graph never
 // processed the request (throttled, no token), so the agent never rang and keeps their place
 // among the longest idle, held back notSentHold all the same (a request that fails at once, for
 // want of a token, must not become a tight loop of offers, nor a late release free the agent
@@ -717,7 +719,11 @@ func (d *decision) transferFailed(notSent bool) {
 		return
 	}
 	c.Target = ""
-	if c.UnattendedFails++; c.UnattendedFails >= maxUnattendedTransfers {
+	if !notSent {
+		// a request Graph never processed did not try the target: it does not count
+		c.UnattendedFails++
+	}
+	if c.UnattendedFails >= maxUnattendedTransfers {
 		// Nobody has pressed a key through this many failed transfers: end the call with the
 		// flow's goodbye rather than go round again. The outcome says why.
 		d.act(ivr.Action{Kind: ivr.ActionDisconnect, Prompt: d.env.Flow.Goodbye(c.Menu.Menu)}, nil)

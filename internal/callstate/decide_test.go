@@ -1059,3 +1059,39 @@ func TestMaxWaitGoodbyeIsNotCutByTheHoldTimer(t *testing.T) {
 		t.Errorf("the wait's hold timer during the goodbye: %v %v, want ignored (no hang-up over the goodbye)", kinds(cmds), err)
 	}
 }
+
+// A transfer request Graph never processed (throttled after the client's retries, no token)
+// never reached its target: it says nothing of the target, and callbot has not tried it. A
+// caller waiting at the menu for its fallback, as many do, was hung up with the "transfer
+// failed" goodbye after three of them (a Graph throttling episode hung up every such caller);
+// they do not count, and the transfers that did reach the target still do.
+func TestTransfersGraphNeverProcessedDoNotEndTheCall(t *testing.T) {
+	env := loopFlow(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished})
+	toTransfer := func() {
+		t.Helper()
+		for c.State == StateInMenu {
+			if c.PromptCtx != "" {
+				c, _, _ = Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+			}
+			c, _, _ = Decide(c, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: c.Timers[TimerMenu]}, env)
+		}
+		if c.State != StateTransferring {
+			t.Fatalf("after no input: %s, want the fallback's transfer", c.State)
+		}
+	}
+	for i := range 5 {
+		toTransfer()
+		var err error
+		if c, _, err = Decide(c, Event{Kind: EvTransferFailed, Verified: true, NotSent: true}, env); err != nil || c.State != StateInMenu {
+			t.Fatalf("transfer %d not processed by Graph: %s %q %v, want back at the menu", i+1, c.State, c.Outcome, err)
+		}
+	}
+	for i := range maxUnattendedTransfers {
+		toTransfer()
+		c, _, _ = Decide(c, Event{Kind: EvTransferFailed, Verified: true, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+		if want := i+1 == maxUnattendedTransfers; (c.State == StateTerminating) != want {
+			t.Fatalf("transfer %d that reached its target failed: %s %q, want goodbye %v", i+1, c.State, c.Outcome, want)
+		}
+	}
+}

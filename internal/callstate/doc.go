@@ -20,7 +20,8 @@
 // as transferred and frees the agent. A direct transfer (a menu's, or a queue's on-timeout) that
 // fails takes the caller back to the start menu; the third to fail in a row with no key pressed
 // since ends the call with the menu's goodbye (OutcomeTransferFailed), so that a caller nobody
-// is serving does not go round a failing fallback transfer until they hang up.
+// is serving does not go round a failing fallback transfer until they hang up (one Graph never
+// processed, throttled or without a token, did not try the target and does not count).
 //
 // A queue with handoff: invite brings the agent into the call instead (inviting), and callbot
 // stays in it (connected): it sees the agent in the call's roster, hangs up when the agent

@@ -197,7 +197,8 @@ type Call struct {
 	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
 	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
 	// UnattendedFails counts the direct transfers that failed since the caller last pressed a
-	// key (any key press resets it); at maxUnattendedTransfers callbot ends the call.
+	// key (any key press resets it; one Graph never processed does not count); at
+	// maxUnattendedTransfers callbot ends the call.
 	UnattendedFails int `json:"unattendedFails,omitempty"`
 	// InviteCtx is the clientContext of the invite callbot waits on (conference hand-off);
 	// Joined is set once a roster showed the agent in the call; LastRoster orders rosters.
