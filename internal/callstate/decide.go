@@ -739,6 +739,11 @@ func (d *decision) ended(ev Event) {
 	c.State, c.EndedAt, c.Timers, c.PromptCtx = StateTerminated, d.env.Now, nil, ""
 	c.EndCode, c.EndSubcode = int64(ev.Result.Code), int64(ev.Result.Subcode)
 	transferred := ev.Result.Subcode == 7015 || ev.Reason == "AppTransferred" || c.Outcome == OutcomeTransferred
+	if from == StateTransferring && c.Transferring && ev.Reason == ReasonGone {
+		// Graph had taken the transfer, and the call is gone from it with its terminated
+		// notification lost: most likely transferred (the agent may be talking to the caller)
+		transferred = true
+	}
 	switch from {
 	case StateQueued:
 		d.emit(Command{Kind: CmdLeaveQueue, Queue: c.Queue})

@@ -1095,3 +1095,31 @@ func TestTransfersGraphNeverProcessedDoNotEndTheCall(t *testing.T) {
 		}
 	}
 }
+
+// A blind transfer Graph had taken (transferring) whose call is then gone from Graph, its
+// terminated notification lost (the reconciler finds it), most likely completed: the agent is
+// released as after a transfer (the connected guard, idle time restarted), not as a caller who
+// left while they rang (offerable at once, keeping their place among the longest idle, while
+// they may be talking to the caller). Without Graph's word that the transfer was under way, the
+// caller left while it was being set up.
+func TestTransferringCallGoneFromGraph(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	c, _, err := Decide(c, Event{Kind: EvAgentOffer, Agent: "a1"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := Event{Kind: EvEnded, Reason: ReasonGone}
+	early, cmds, err := Decide(c, gone, env)
+	if err != nil || early.Outcome != OutcomeCallerHangup || len(cmds) != 1 || cmds[0].AgentOutcome != AgentAbandoned {
+		t.Errorf("gone before Graph said transferring: %s %+v %v, want caller_hangup, the agent released as never having talked", early.Outcome, cmds, err)
+	}
+	c, _, err = Decide(c, Event{Kind: EvTransferring}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	late, cmds, err := Decide(c, gone, env)
+	if err != nil || late.Outcome != OutcomeTransferred || len(cmds) != 1 || cmds[0].Kind != CmdReleaseAgent || cmds[0].AgentOutcome != AgentConnected {
+		t.Errorf("gone once Graph said transferring: %s %+v %v, want transferred, the agent released as connected", late.Outcome, cmds, err)
+	}
+}

@@ -870,7 +870,7 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 		log.Info("call gone from Graph during a transfer; waiting for its terminated notification")
 		return
 	case errors.Is(err, graph.ErrCallGone):
-		ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+		ev = Event{Kind: EvEnded, Reason: ReasonGone}
 	case err != nil:
 		log.Warn("cannot read the call from Graph; its timers will ask again", zap.Error(err))
 		return
@@ -892,7 +892,7 @@ func (m *Machine) checkRoster(c Call, scenario, token string, log *zap.Logger) {
 	var ev Event
 	switch {
 	case errors.Is(err, graph.ErrCallGone):
-		ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+		ev = Event{Kind: EvEnded, Reason: ReasonGone}
 	case peerToPeer(err) && c.State == StateInviting:
 		// Graph does not list the participants of a peer-to-peer call: the agent has not joined
 		// (a call they joined has three parties, a group call)
@@ -1306,7 +1306,7 @@ func (m *Machine) giveUp(tenant, key string, from State) {
 			log.Error("call left where a timer the table refused found it: gone from Graph during a transfer; waiting for its terminated notification")
 			return
 		case errors.Is(err, graph.ErrCallGone):
-			ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+			ev = Event{Kind: EvEnded, Reason: ReasonGone}
 		case err != nil:
 			log.Error("call left where a timer the table refused found it: Graph could not be read", zap.Error(err))
 			return
@@ -1318,7 +1318,7 @@ func (m *Machine) giveUp(tenant, key string, from State) {
 			switch {
 			case peerToPeer(err): // the caller and callbot alone
 			case errors.Is(err, graph.ErrCallGone):
-				ev = Event{Kind: EvEnded, Reason: "gone from graph"}
+				ev = Event{Kind: EvEnded, Reason: ReasonGone}
 			case err != nil:
 				log.Error("call left where a timer the table refused found it: its participants could not be read", zap.Error(err))
 				return
@@ -1572,7 +1572,7 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		cancel()
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
-			if ok, _ := m.Handle(ctx, c.Tenant, key, Event{Kind: EvEnded, Reason: "gone from graph"}); ok {
+			if ok, _ := m.Handle(ctx, c.Tenant, key, Event{Kind: EvEnded, Reason: ReasonGone}); ok {
 				m.Closed.Add(1)
 				m.cfg.Log.Info("call gone from Graph closed", zap.String("call_id", key), zap.Stringer("state", c.State))
 			}

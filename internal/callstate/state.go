@@ -157,7 +157,6 @@ const (
 	OutcomeTransferred  = "transferred"   // handed to an agent or user
 	OutcomeCallerHangup = "caller_hangup" // caller left before reaching an agent
 	OutcomeDisconnected = "disconnected"  // the flow ended the call
-	OutcomeRejected     = "rejected"      // callbot refused the call
 	OutcomeFailed       = "failed"        // a Graph failure ended the call
 	OutcomeConnected    = "connected"     // talked with an agent invited into the call (conference hand-off)
 	// OutcomeTransferFailed: callbot ended the call after the flow's direct transfer had failed
@@ -166,6 +165,10 @@ const (
 	// the failing transfer until they hang up.
 	OutcomeTransferFailed = "transfer_failed"
 )
+
+// ReasonGone is the Reason of an EvEnded callbot makes when Graph answers 404 for the call (it
+// no longer has it) and no terminated notification told how it ended.
+const ReasonGone = "gone from graph"
 
 // Call is the record of one call, stored in Redis.
 type Call struct {
