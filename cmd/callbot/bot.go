@@ -80,11 +80,13 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 	b.queues.FailCooldown = cmp.Or(d.FailCooldown, 10*time.Second)
 	b.queues.ConnectedGuard = cmp.Or(d.ConnectedGuard, 2*d.PresenceEvery)
 	queueIDs := make([]string, 0, len(d.Flow.Queues))
+	members := make(map[string][]string, len(d.Flow.Queues))
 	for id, q := range d.Flow.Queues {
 		queueIDs = append(queueIDs, id)
-		if err := b.queues.SetMembers(ctx, d.TenantID, id, q.Agents); err != nil {
-			return nil, err
-		}
+		members[id] = q.Agents
+	}
+	if err := b.queues.SetQueues(ctx, d.TenantID, members); err != nil {
+		return nil, err
 	}
 	b.dispatcher = queue.NewDispatcher(b.queues, nil, d.TenantID, queueIDs, d.Log.Named("dispatch"))
 	b.store = callstate.NewStore(d.Redis, d.KeyPrefix)

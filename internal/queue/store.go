@@ -88,6 +88,52 @@ func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []s
 	return s.RepairFree(ctx, tenant)
 }
 
+// SetQueues makes each queue's agents its members (SetMembers), then forgets every agent of the
+// tenant who is in none of these queues: an agent taken out of the flow leaves the idle, free,
+// cool-down and presence records (a reservation still held is released as usual). Left there,
+// such an agent stayed for good, at the head of the free agents (idle since their last call,
+// before the flow changed), where every reservation read past them. Instances start with the
+// deployment's flow, so the last instance to start decides, as it does for the members.
+func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string][]string) error {
+	var all []string
+	for q, agents := range queues {
+		if err := s.SetMembers(ctx, tenant, q, agents); err != nil {
+			return err
+		}
+		all = append(all, agents...)
+	}
+	k := s.keys(tenant, "")
+	args := make([]any, len(all))
+	for i, a := range all {
+		args[i] = a
+	}
+	if err := forgetAgentsScript.Run(ctx, s.rdb, []string{k.idle, k.free, k.routable, k.cool}, args...).Err(); err != nil {
+		return fmt.Errorf("forget agents no queue has: %w", err)
+	}
+	return nil
+}
+
+// forgetAgentsScript removes from the tenant's idle, free, routable and cool records every agent
+// not in ARGV.
+var forgetAgentsScript = redis.NewScript(`
+local keep = {}
+for i = 1, #ARGV do keep[ARGV[i]] = true end
+local function forget(list)
+  for _, a in ipairs(list) do
+    if not keep[a] then
+      redis.call('ZREM', KEYS[1], a)
+      redis.call('ZREM', KEYS[2], a)
+      redis.call('HDEL', KEYS[3], a)
+      redis.call('ZREM', KEYS[4], a)
+    end
+  end
+end
+forget(redis.call('ZRANGE', KEYS[1], 0, -1))
+forget(redis.call('ZRANGE', KEYS[2], 0, -1))
+forget(redis.call('HKEYS', KEYS[3]))
+forget(redis.call('ZRANGE', KEYS[4], 0, -1))
+return 0`)
+
 // Enqueue puts a caller in a queue. score orders callers (arrival time in ms): a caller whose
 // transfer failed comes back with its original score, ahead of everyone who arrived later.
 func (s *Store) Enqueue(ctx context.Context, tenant, queue, callKey string, score int64) error {
