@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -225,9 +226,18 @@ func TestMetricsAfterACall(t *testing.T) {
 		`callbot_answer_latency_seconds_count 1`,
 		"callbot_graph_connections ",
 		"callbot_graph_connections_opened_total ",
+		"go_goroutines ",
+		"go_memstats_heap_alloc_bytes ",
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
+		}
+	}
+	if runtime.GOOS == "linux" {
+		for _, want := range []string{"process_resident_memory_bytes ", "process_open_fds "} {
+			if !strings.Contains(string(body), want) {
+				t.Errorf("metrics lack %q:\n%s", want, body)
+			}
 		}
 	}
 	// Every notification callbot answered was timed.

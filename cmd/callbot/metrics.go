@@ -5,8 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"runtime"
+	rtmetrics "runtime/metrics"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -141,6 +145,32 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	writeHistogram(w, "callbot_webhook_duration_seconds",
 		"Time callbot took to answer a notification, from its headers read to the response written (Graph wants an answer within 5 s).",
 		b.metrics.webhook.Snapshot())
+	writeProcessMetrics(w)
+}
+
+// writeProcessMetrics writes what a leak grows in an instance that runs for weeks, under the
+// names Prometheus' Go and process collectors use: goroutines, live heap, and on Linux resident
+// memory and open file descriptors (sockets included).
+func writeProcessMetrics(w io.Writer) {
+	gauge := func(name, help string, v int64) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s gauge\n%s %d\n", name, help, name, name, v)
+	}
+	gauge("go_goroutines", "Goroutines that currently exist.", int64(runtime.NumGoroutine()))
+	heap := []rtmetrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	rtmetrics.Read(heap)
+	if heap[0].Value.Kind() == rtmetrics.KindUint64 {
+		gauge("go_memstats_heap_alloc_bytes", "Bytes of heap objects, live or not yet swept.", int64(heap[0].Value.Uint64()))
+	}
+	if statm, err := os.ReadFile("/proc/self/statm"); err == nil {
+		if f := strings.Fields(string(statm)); len(f) > 1 {
+			if pages, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+				gauge("process_resident_memory_bytes", "Resident memory size in bytes.", pages*int64(os.Getpagesize()))
+			}
+		}
+	}
+	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
+		gauge("process_open_fds", "Open file descriptors.", int64(len(fds)))
+	}
 }
 
 // labelValue escapes a Prometheus label value as the text exposition format allows: backslash,
