@@ -44,7 +44,7 @@ func TestRateRun(t *testing.T) {
 	var out, progress bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	err := run(ctx, []string{"-rate", "10", "-duration", "2s", "-warmup", "2", "-baseline", "500ms", "-drain", "10s", "-graph-latency", "20ms", "-json"}, &out, &progress)
+	err := run(ctx, []string{"-rate", "10", "-duration", "2s", "-warmup", "2", "-baseline", "500ms", "-drain", "10s", "-graph-latency", "20ms", "-leaks", "15s", "-json"}, &out, &progress)
 	if err != nil {
 		t.Fatalf("run: %v\n%s", err, progress.String())
 	}
@@ -80,11 +80,14 @@ func TestRateRun(t *testing.T) {
 	if r.GraphConns == nil || r.GraphConns.PeakOpen < 1 {
 		t.Errorf("callbot's connections to Graph not read: %+v", r.GraphConns)
 	}
+	if l := r.Leaks; l == nil || l.Calls == 0 || l.After.Keys["cb:{call:*}"] < int64(l.Calls) || len(l.Residue) > 0 || l.After.Goroutines <= 0 {
+		t.Errorf("-leaks: %+v; want every call's record, with an ended TTL, and nothing else left", l)
+	}
 	if r.Settings.GraphLat != "20ms" {
 		t.Errorf("settings: graph latency %q, want 20ms", r.Settings.GraphLat)
 	}
 	text := r.Text()
-	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "in callbot", "redis", "graph conns", "no-op baseline", "no-op at rate", "target"} {
+	for _, want := range []string{"notifications/s", "webhook", "incoming->answer", "in callbot", "redis", "graph conns", "no-op baseline", "no-op at rate", "target", "leaks", "residue: none"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("text report lacks %q:\n%s", want, text)
 		}
@@ -124,6 +127,7 @@ func TestParseFlags(t *testing.T) {
 		{"-hold", "10", "-rate", "0"},
 		{"-presence", "100ms"},
 		{"-cpuprofile", "x", "-callbot", "y"},
+		{"-leaks", "15s", "-hold", "10"},
 		{"extra"},
 	} {
 		if _, err := parseFlags(args, &bytes.Buffer{}); err == nil {

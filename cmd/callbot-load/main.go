@@ -84,6 +84,7 @@ type options struct {
 	quiet       bool
 	pin         bool
 	cpuprofile  string
+	leaks       time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -113,6 +114,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary directory (callbot and redis logs, flow file)")
 	fs.BoolVar(&o.quiet, "q", false, "no progress lines on stderr")
 	fs.StringVar(&o.cpuprofile, "cpuprofile", "", "write a CPU profile of the callbot subprocess during the run to this file (builds callbot with net/http/pprof added through go build -overlay; not with -callbot)")
+	fs.DurationVar(&o.leaks, "leaks", 0, "after the calls ended, wait this long (more than the 8 s outbox lease: 15s) and report what the run left in Redis and in callbot (keys by pattern, goroutines, heap, RSS, fds per 1,000 calls); 0 = off")
 	fs.BoolVar(&o.pin, "pin", true, "with 2+ CPUs: this tool (graphsim, callers) on the first half of the CPUs; callbot, redis-server and the no-op server on the rest")
 	if err := fs.Parse(args); err != nil {
 		return o, fmt.Errorf("%w: %v", errUsage, err)
@@ -137,6 +139,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("%w: -presence must be at least 500ms (callbot's minimum)", errUsage)
 	case o.cpuprofile != "" && o.callbot != "":
 		return o, fmt.Errorf("%w: -cpuprofile builds callbot itself; leave out -callbot", errUsage)
+	case o.leaks < 0 || o.leaks > 0 && o.hold > 0:
+		return o, fmt.Errorf("%w: -leaks must be >= 0, and is for rate runs (not -hold)", errUsage)
 	case o.agents < 0 || o.agents > 20000:
 		return o, fmt.Errorf("%w: -agents must be between 0 and 20000", errUsage)
 	}

@@ -250,6 +250,13 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 		fmt.Fprintf(progress, "warm-up: %d calls\n", o.warmup)
 		w.drive(ctx, 20, 0, o.warmup, o.warmup, true, io.Discard)
 	}
+	var leaks0 LeakSnapshot
+	if o.leaks > 0 { // before the counters are read: its commands are not callbot's
+		var err error
+		if leaks0, err = w.leakSnapshot(ctx); err != nil {
+			return fmt.Errorf("-leaks: %w", err)
+		}
+	}
 	// Background work (timers, dispatcher, presence) while no call is placed.
 	idle0 := w.read()
 	select {
@@ -293,6 +300,19 @@ func (w *world) runRate(ctx context.Context, rep *Report, progress io.Writer) er
 	}
 	if w.bot.exited() {
 		return fmt.Errorf("callbot exited during the run: %v\n%s", w.bot.err, tail(w.botLog, 20))
+	}
+	if o.leaks > 0 {
+		fmt.Fprintf(progress, "leaks: reading Redis and callbot %s after the calls ended\n", o.leaks)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(o.leaks):
+		}
+		leaks1, err := w.leakSnapshot(ctx)
+		if err != nil {
+			return fmt.Errorf("-leaks: %w", err)
+		}
+		rep.Leaks = compareLeaks(leaks0, leaks1, dr.placed, o.leaks)
 	}
 
 	// Notifications, as the bot acknowledged them.

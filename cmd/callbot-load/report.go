@@ -50,6 +50,7 @@ type Report struct {
 	Ratio          *Ratio          `json:"ratio,omitempty"`
 	Memory         *Memory         `json:"memory,omitempty"`
 	Targets        []Target        `json:"targets,omitempty"`
+	Leaks          *Leaks          `json:"leaks,omitempty"`
 	Log            LogStats        `json:"callbot_log"`
 	// Profile is `go tool pprof -top -cum` of callbot's CPU profile during the run (-cpuprofile).
 	Profile     []string `json:"callbot_profile_top,omitempty"`
@@ -492,6 +493,9 @@ func (r *Report) Text() string {
 		p("  redis          used_memory %s -> %s: %d bytes/call; %.1f keys/call; redis RSS %s",
 			mb(m.RedisUsedBefore), mb(m.RedisUsedAfter), m.RedisPerCall, m.KeysPerCall, mb(m.RedisRSS))
 		p("  callbot        RSS %s -> %s: %d bytes/call; peak %s", mb(m.CallbotRSSBefore), mb(m.CallbotRSSAfter), m.CallbotRSSPerCall, mb(m.CallbotPeakRSS))
+	}
+	if r.Leaks != nil {
+		b.WriteString(r.Leaks.text())
 	}
 	for _, t := range r.Targets {
 		verdict := "met"
