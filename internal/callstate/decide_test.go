@@ -872,7 +872,7 @@ func TestUnattendedCallerLoopingThroughAFailingTransferIsEnded(t *testing.T) {
 	c, _ := step(t, env, incoming, Event{Kind: EvEstablished})
 	var out []Command
 	for i := 1; i < 3; i++ {
-		if c, out = unattendedRound(t, env, c, ""); c.State != StateInMenu {
+		if c, _ = unattendedRound(t, env, c, ""); c.State != StateInMenu {
 			t.Fatalf("failure %d: %s, want back at the menu", i, c.State)
 		}
 	}
