@@ -1041,12 +1041,14 @@ func repeat(ctx context.Context, every time.Duration, now bool, f func()) {
 }
 
 // Redrive carries out what is left in one call's outbox. Storage commands are idempotent and
-// all run again, in order. Of the Graph commands, those of the call's latest transition, and
-// older ones the call still waits on (an answer while answering, the transfer to the agent it is
-// transferring to, the invite it waits for, a hangup while terminating, the tone subscription):
-// an older prompt or cancellation is moot, as later events decided without it. One that acts
-// on the call itself (answer, reject, transfer) is first checked against the call's state in
-// Graph, and skipped if it evidently took effect.
+// run again, in order, but for those the call has moved past (a queue write for a queue the
+// call has left or joined again since, a release of the agent the call is with again). Of the
+// Graph commands, those of the call's latest transition, and older ones the call still waits on
+// (an answer while answering, the transfer to the agent it is transferring to, the invite it
+// waits for, a hangup while terminating, the tone subscription): an older prompt or
+// cancellation is moot, as later events decided without it. One that acts on the call itself
+// (answer, reject, transfer) is first checked against the call's state in Graph, and skipped if
+// it evidently took effect.
 func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	log := m.cfg.Log.With(zap.String("call_id", key))
 	c, err := m.cfg.Store.Get(ctx, key)
@@ -1075,6 +1077,13 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 			// The call is with this agent again (a later offer reserved them for it): releasing
 			// now would free them in the middle of that offer. Nothing to do: the release ran,
 			// or the later reservation could not have been made.
+			lastStorage = max(lastStorage, p.Seq)
+		case p.Cmd.Kind == CmdEnqueue && (c.State != StateQueued || c.Queue != p.Cmd.Queue),
+			p.Cmd.Kind == CmdLeaveQueue && c.State == StateQueued && c.Queue == p.Cmd.Queue:
+			// A queue write the call has moved past (left unacknowledged: on Redis Cluster, one
+			// its replicas did not confirm in time): the caller no longer waits in that queue
+			// (hung up, or offered: the reservation took them out), or waits in it again. Run
+			// now it would put a caller who is gone back in the queue, or take out one who waits.
 			lastStorage = max(lastStorage, p.Seq)
 		case !p.Cmd.Kind.Graph():
 			storage = append(storage, p)

@@ -330,3 +330,96 @@ func deliverAs(m *callstate.Machine, tenant, payload string) error {
 	m.Wait()
 	return err
 }
+
+// An enqueue whose replica did not confirm it in time stays in the call's outbox, for the
+// re-drive a lease later. By then the caller may have moved on: hung up (the hang-up took them
+// out of the queue), or been offered to an agent (the reservation took them out). The re-drive
+// must not put them back in the queue: a caller who hung up was left there as a ghost, and one
+// being transferred was counted as waiting and had the next free agent reserved for them.
+func TestClusterEnqueueRedrivenOnlyWhileTheCallerWaits(t *testing.T) {
+	const prefix = "crq"
+	for _, tc := range []struct {
+		name    string
+		moveOn  func(t *testing.T, m *callstate.Machine, d *queue.Dispatcher, tenant, id string)
+		wantNow callstate.State
+	}{
+		{"hung up", func(t *testing.T, m *callstate.Machine, _ *queue.Dispatcher, tenant, id string) {
+			if err := deliverAs(m, tenant, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated"}`)); err != nil {
+				t.Fatal(err)
+			}
+		}, callstate.StateTerminated},
+		{"offered", func(t *testing.T, m *callstate.Machine, d *queue.Dispatcher, _, _ string) {
+			if n := d.DispatchOnce(context.Background()); n != 1 {
+				t.Fatalf("%d offers, want the caller offered to the agent", n)
+			}
+			m.Wait()
+		}, callstate.StateTransferring},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cluster, rdb, store := replicatedCluster(t, prefix)
+			ctx := context.Background()
+			timersAt, outboxAt := masterOf(t, cluster, prefix+":{timers}"), masterOf(t, cluster, prefix+":{outbox}")
+			tenant := onAnotherMaster(t, cluster, func(i int) (string, string) {
+				tenant := fmt.Sprintf("tenant-%d", i)
+				return tenant, prefix + ":{tenant:" + tenant + "}"
+			}, timersAt, outboxAt)
+			tenantAt := masterOf(t, cluster, prefix+":{tenant:"+tenant+"}")
+			qs := queue.NewStore(rdb, prefix)
+			qs.Durable = store.Durably
+			const agent = "11111111-0000-4000-8000-000000000001"
+			if err := qs.SetMembers(ctx, tenant, "q", []string{agent}); err != nil {
+				t.Fatal(err)
+			}
+			if err := qs.SetRoutable(ctx, tenant, map[string]bool{agent: true}); err != nil {
+				t.Fatal(err)
+			}
+			d := queue.NewDispatcher(qs, nil, tenant, []string{"q"}, zaptest.NewLogger(t))
+			m := clusterMachine(t, rdb, store, prefix, d, time.Second)
+			d.Offer = m
+			id := callOnAnotherMaster(t, cluster, prefix, tenantAt)
+			key := graph.CallKey(id)
+			for _, n := range []string{
+				note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`),
+				note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`),
+			} {
+				if err := deliverAs(m, tenant, n); err != nil {
+					t.Fatalf("with every replica in sync: %v", err)
+				}
+			}
+			// the key press is saved; its enqueue is on the master, not confirmed by the replica
+			resume := cluster.CutReplica(t, tenantAt)
+			if err := deliverAs(m, tenant, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)); err != nil {
+				t.Fatalf("key press: %v", err)
+			}
+			resume()
+			waitFor(t, "the replica of the tenant's master back", func() bool {
+				return store.Durably(ctx, prefix+":{tenant:"+tenant+"}", nil) == nil
+			})
+			tc.moveOn(t, m, d, tenant, id)
+			if c, err := store.Get(ctx, key); err != nil || c.State != tc.wantNow {
+				t.Fatalf("call %s (%v), want %s", c.State, err, tc.wantNow)
+			}
+
+			// the outbox's lease (1 s) runs out: the re-drive carries out what is left of it
+			octx, stop := context.WithCancel(ctx)
+			redriving := make(chan struct{})
+			go func() { m.RunOutbox(octx, 100*time.Millisecond); close(redriving) }()
+			deadline := time.Now().Add(4 * time.Second)
+			for time.Now().Before(deadline) {
+				if c, err := store.Get(ctx, key); err == nil && !slices.ContainsFunc(c.Outbox, func(p callstate.Pending) bool { return !p.Cmd.Kind.Graph() }) {
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			stop()
+			<-redriving
+			m.Wait()
+			if waiting, err := qs.Waiting(ctx, tenant, "q"); err != nil || slices.Contains(waiting, key) {
+				t.Errorf("the queue holds %v (%v): the caller, %s, was put back in it by the re-drive of their old enqueue", waiting, err, tc.wantNow)
+			}
+			if c, err := store.Get(ctx, key); err != nil || slices.ContainsFunc(c.Outbox, func(p callstate.Pending) bool { return !p.Cmd.Kind.Graph() }) {
+				t.Errorf("storage commands left in the outbox after the re-drive: %+v (%v)", c.Outbox, err)
+			}
+		})
+	}
+}
