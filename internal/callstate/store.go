@@ -59,7 +59,9 @@ type Store struct {
 	onNodes bool
 	nodes   sync.Map
 	fewest  atomic.Int64
-	// Unreplicated counts record writes that returned ErrNotReplicated.
+	// Unreplicated counts writes that returned ErrNotReplicated: record writes (and Sync), and on
+	// Redis Cluster also the writes waited for with Durably (queue writes, left in the outbox for
+	// the re-drive; reservations, asked for again), which refuse no notification.
 	Unreplicated atomic.Int64
 }
 
