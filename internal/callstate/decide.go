@@ -757,7 +757,14 @@ func (d *decision) ended(ev Event) {
 		} else {
 			c.Outcome = OutcomeCallerHangup
 			if c.Agent != "" {
-				d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned})
+				release := Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentAbandoned}
+				if ev.Reason == ReasonGone {
+					// gone with no word of how: the agent may have the caller after all (the
+					// transfer's notifications lost too). Released as after a transfer: held
+					// until presence has been read again, which tells
+					release.AgentOutcome = AgentConnected
+				}
+				d.emit(release)
 			}
 		}
 	case StateInviting:

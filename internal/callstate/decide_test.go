@@ -1101,7 +1101,8 @@ func TestTransfersGraphNeverProcessedDoNotEndTheCall(t *testing.T) {
 // released as after a transfer (the connected guard, idle time restarted), not as a caller who
 // left while they rang (offerable at once, keeping their place among the longest idle, while
 // they may be talking to the caller). Without Graph's word that the transfer was under way, the
-// caller left while it was being set up.
+// caller most likely left while it was being set up, but the agent is held until presence has
+// been read again all the same.
 func TestTransferringCallGoneFromGraph(t *testing.T) {
 	env := testEnv(t)
 	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
@@ -1111,8 +1112,12 @@ func TestTransferringCallGoneFromGraph(t *testing.T) {
 	}
 	gone := Event{Kind: EvEnded, Reason: ReasonGone}
 	early, cmds, err := Decide(c, gone, env)
-	if err != nil || early.Outcome != OutcomeCallerHangup || len(cmds) != 1 || cmds[0].AgentOutcome != AgentAbandoned {
-		t.Errorf("gone before Graph said transferring: %s %+v %v, want caller_hangup, the agent released as never having talked", early.Outcome, cmds, err)
+	if err != nil || early.Outcome != OutcomeCallerHangup || len(cmds) != 1 || cmds[0].AgentOutcome != AgentConnected {
+		t.Errorf("gone before Graph said transferring: %s %+v %v, want caller_hangup, the agent held as after a transfer until presence tells", early.Outcome, cmds, err)
+	}
+	hungUp, cmds, err := Decide(c, Event{Kind: EvEnded, Result: graph.ResultInfo{Code: 200, Subcode: 5010}}, env)
+	if err != nil || hungUp.Outcome != OutcomeCallerHangup || len(cmds) != 1 || cmds[0].AgentOutcome != AgentAbandoned {
+		t.Errorf("caller hung up while it was set up (notified): %s %+v %v, want caller_hangup, the agent free at once", hungUp.Outcome, cmds, err)
 	}
 	c, _, err = Decide(c, Event{Kind: EvTransferring}, env)
 	if err != nil {

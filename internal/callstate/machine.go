@@ -864,9 +864,9 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 	key := graph.CallKey(c.ID)
 	var ev Event
 	switch {
-	case errors.Is(err, graph.ErrCallGone) && c.State == StateTransferring:
-		// transferred, or the caller left while it rang: the terminated notification says
-		// which (and the reconciler ends the call if that notification never comes)
+	case errors.Is(err, graph.ErrCallGone) && c.State == StateTransferring && !settles:
+		// transferred, or the caller left while it rang: the terminated notification, on its
+		// way, says which; if it never comes, the transfer's timer asks again
 		log.Info("call gone from Graph during a transfer; waiting for its terminated notification")
 		return
 	case errors.Is(err, graph.ErrCallGone):

@@ -576,3 +576,55 @@ func TestTransferNotProcessedKeepsTheAgentsIdlePlace(t *testing.T) {
 		})
 	}
 }
+
+// A blind transfer whose terminated notification is lost: the transfer's timer reads the call,
+// Graph no longer has it (404), and the call ends there, its agent released as after a transfer
+// (held until presence has been read again). Before, callbot waited for a notification that was
+// never coming, the agent reserved, offered no caller, until the reconciler's next pass (up to
+// five minutes later).
+func TestTransferWhoseEndIsLostEndsAtItsTimer(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		notified bool // Graph said the transfer was under way
+		outcome  string
+	}{
+		{"transferring notified", true, callstate.OutcomeTransferred},
+		{"nothing notified", false, callstate.OutcomeCallerHangup},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, q := &fakeGraph{}, &fakeQueues{}
+			clock := &skewClock{}
+			m, store := newMachine(t, g, q, clock.now)
+			id := "5d2f3c1e-8a4b-4c6d-9e0f-1a2b3c4d5e6f"
+			key := offeredToAgentA(t, m, id)
+			if tc.notified {
+				notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+			}
+			g.mu.Lock()
+			g.state = "gone" // the transfer went through (or the caller left); the terminated notification is lost
+			g.mu.Unlock()
+			clock.add(91 * time.Second)
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
+			var c callstate.Call
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				if c, _ = store.Get(context.Background(), key); c.State == callstate.StateTerminated {
+					break
+				}
+			}
+			cancel()
+			<-done
+			m.Wait()
+			if c.State != callstate.StateTerminated || c.Outcome != tc.outcome {
+				t.Fatalf("after the transfer's timer with the call gone from Graph: %s %q, want terminated %q", c.State, c.Outcome, tc.outcome)
+			}
+			q.mu.Lock()
+			ops := slices.Clone(q.ops)
+			q.mu.Unlock()
+			if !slices.Contains(ops, "release agent-a connected") {
+				t.Errorf("queue ops %v: want agent-a released as after a transfer", ops)
+			}
+		})
+	}
+}
