@@ -181,12 +181,7 @@ func TestClusterEnqueueReplicatedOrRedriven(t *testing.T) {
 	cluster, rdb, store := replicatedCluster(t, prefix)
 	ctx := context.Background()
 	// a tenant whose master holds none of what the key press's save writes
-	timersAt, outboxAt := masterOf(t, cluster, prefix+":{timers}"), masterOf(t, cluster, prefix+":{outbox}")
-	tenant := onAnotherMaster(t, cluster, func(i int) (string, string) {
-		tenant := fmt.Sprintf("tenant-%d", i)
-		return tenant, prefix + ":{tenant:" + tenant + "}"
-	}, timersAt, outboxAt)
-	tenantAt := masterOf(t, cluster, prefix+":{tenant:"+tenant+"}")
+	tenant, tenantAt := tenantApart(t, cluster, prefix)
 	qs := queue.NewStore(rdb, prefix)
 	qs.Durable = store.Durably
 	d := queue.NewDispatcher(qs, nil, tenant, []string{"q"}, zaptest.NewLogger(t))
@@ -311,6 +306,18 @@ func onAnotherMaster(t *testing.T, cluster *redistest.Cluster, name func(int) (s
 }
 
 // masterOf returns the address of the master serving key.
+// tenantApart is a tenant whose master holds neither the timers nor the outbox index, and that
+// master's address.
+func tenantApart(t *testing.T, cluster *redistest.Cluster, prefix string) (tenant, addr string) {
+	t.Helper()
+	timersAt, outboxAt := masterOf(t, cluster, prefix+":{timers}"), masterOf(t, cluster, prefix+":{outbox}")
+	tenant = onAnotherMaster(t, cluster, func(i int) (string, string) {
+		tenant := fmt.Sprintf("tenant-%d", i)
+		return tenant, prefix + ":{tenant:" + tenant + "}"
+	}, timersAt, outboxAt)
+	return tenant, masterOf(t, cluster, prefix+":{tenant:"+tenant+"}")
+}
+
 func masterOf(t *testing.T, cluster *redistest.Cluster, key string) string {
 	t.Helper()
 	_, addr, err := cluster.SlotOf(context.Background(), key)
@@ -358,12 +365,7 @@ func TestClusterEnqueueRedrivenOnlyWhileTheCallerWaits(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cluster, rdb, store := replicatedCluster(t, prefix)
 			ctx := context.Background()
-			timersAt, outboxAt := masterOf(t, cluster, prefix+":{timers}"), masterOf(t, cluster, prefix+":{outbox}")
-			tenant := onAnotherMaster(t, cluster, func(i int) (string, string) {
-				tenant := fmt.Sprintf("tenant-%d", i)
-				return tenant, prefix + ":{tenant:" + tenant + "}"
-			}, timersAt, outboxAt)
-			tenantAt := masterOf(t, cluster, prefix+":{tenant:"+tenant+"}")
+			tenant, tenantAt := tenantApart(t, cluster, prefix)
 			qs := queue.NewStore(rdb, prefix)
 			qs.Durable = store.Durably
 			const agent = "11111111-0000-4000-8000-000000000001"
