@@ -188,14 +188,7 @@ func TestClusterEnqueueReplicatedOrRedriven(t *testing.T) {
 	m := clusterMachine(t, rdb, store, prefix, d, time.Second)
 	id := callOnAnotherMaster(t, cluster, prefix, tenantAt)
 	key := graph.CallKey(id)
-	for _, n := range []string{
-		note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`),
-		note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`),
-	} {
-		if err := deliverAs(m, tenant, n); err != nil {
-			t.Fatalf("with every replica in sync: %v", err)
-		}
-	}
+	answered(t, m, tenant, id)
 	resume := cluster.CutReplica(t, tenantAt)
 	tone := note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)
 	if err := deliverAs(m, tenant, tone); err != nil {
@@ -306,6 +299,19 @@ func onAnotherMaster(t *testing.T, cluster *redistest.Cluster, name func(int) (s
 }
 
 // masterOf returns the address of the master serving key.
+// answered takes call id of tenant in and up to the menu, every replica in sync.
+func answered(t *testing.T, m *callstate.Machine, tenant, id string) {
+	t.Helper()
+	for _, n := range []string{
+		note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`),
+		note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`),
+	} {
+		if err := deliverAs(m, tenant, n); err != nil {
+			t.Fatalf("with every replica in sync: %v", err)
+		}
+	}
+}
+
 // tenantApart is a tenant whose master holds neither the timers nor the outbox index, and that
 // master's address.
 func tenantApart(t *testing.T, cluster *redistest.Cluster, prefix string) (tenant, addr string) {
@@ -380,14 +386,7 @@ func TestClusterEnqueueRedrivenOnlyWhileTheCallerWaits(t *testing.T) {
 			d.Offer = m
 			id := callOnAnotherMaster(t, cluster, prefix, tenantAt)
 			key := graph.CallKey(id)
-			for _, n := range []string{
-				note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`),
-				note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`),
-			} {
-				if err := deliverAs(m, tenant, n); err != nil {
-					t.Fatalf("with every replica in sync: %v", err)
-				}
-			}
+			answered(t, m, tenant, id)
 			// the key press is saved; its enqueue is on the master, not confirmed by the replica
 			resume := cluster.CutReplica(t, tenantAt)
 			if err := deliverAs(m, tenant, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)); err != nil {
