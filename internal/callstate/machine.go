@@ -121,6 +121,9 @@ type Machine struct {
 	// bug, never input), whatever the event: a notification's is dropped, a timer's removed and
 	// its call given up on (giveUp).
 	InvalidTransitions atomic.Int64
+	// ToneGivenUp counts calls whose tone subscription failed maxToneRetries+1 times: callbot
+	// stopped asking, and the caller's keys do nothing for the rest of the call.
+	ToneGivenUp atomic.Int64
 	// Adopted counts calls Graph had established and callbot had no record of, taken back
 	// (adopt); adoptMu guards adoptSeen, when each call was last found not to be taken back, and
 	// adopting, the calls being taken back now.
@@ -532,6 +535,11 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 		}
 		m.cache.put(callKey, next)
 		m.dropTimers(cur, next, callKey)
+		if ev.Kind == EvToneFailed && next.ToneFails == maxToneRetries+1 {
+			// the save that gives up is made once: counted once, whichever instance made it
+			m.ToneGivenUp.Add(1)
+			log.Error("tone subscription failed too often, given up: the caller's keys do nothing in this call", zap.Int("attempts", next.ToneFails))
+		}
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
 		m.carryOut(ctx, next, added, slot, after, log)
 		if next.State.Terminal() && m.cfg.OnEnd != nil {
@@ -828,9 +836,6 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// Without it the caller's keys do nothing for the whole call: subscribe again later
 			// (the call's tone timer, a durable one, with backoff), a few times.
 			feed(Event{Kind: EvToneFailed, ClientContext: cmd.ClientContext})
-			if c, ok := m.cache.get(key); ok && c.ToneCtx == "" && c.ToneFails == maxToneRetries+1 {
-				log.Error("tone subscription failed too often, given up: the caller's keys do nothing in this call", zap.Int("attempts", c.ToneFails))
-			}
 		case cmd.Kind == CmdInvite && cmd.Again:
 			// Re-sent not knowing whether the first invite reached Graph: a refusal may only
 			// mean the agent is ringing already. The first invite's completion, the roster or

@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -117,5 +118,38 @@ func TestToneSubscriptionOfADeadInstanceIsRedrivenAndRetried(t *testing.T) {
 	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
 	if c, _ = store.Get(context.Background(), key); c.State != callstate.StateQueued {
 		t.Errorf("the caller's key: %s, want queued", c.State)
+	}
+}
+
+// A subscription Graph never takes is given up after the six retries, not tried for ever: no
+// tone timer is left, and the giving up is counted (callbot_tone_given_up_total) so that an
+// operator sees callers whose keys do nothing.
+func TestToneSubscriptionGivenUpIsCounted(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	ga := &fakeGraph{fail: map[string]error{"subscribeToTone": errUnavailable}}
+	clock := &skewClock{}
+	a := instance(t, rdb, "tonegiveup", ga, &fakeQueues{}, clock.now)
+	store := callstate.NewStore(rdb, "tonegiveup")
+	id := "5b1c0f3e-2a4d-4c8e-9f00-7e2d1a3b4c5d"
+	key := graph.CallKey(id)
+	notify(t, a, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, a, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	for fails := 2; fails <= 7; fails++ {
+		if a.ToneGivenUp.Load() != 0 {
+			t.Fatalf("given up after %d failures, want after 7", fails-1)
+		}
+		clock.add(31 * time.Second)
+		runTimers(t, a, func() bool { c, _ := store.Get(context.Background(), key); return c.ToneFails >= fails })
+	}
+	a.Wait()
+	c, err := store.Get(context.Background(), key)
+	if err != nil || c.ToneFails != 7 || c.Timers[callstate.TimerTone] != 0 {
+		t.Fatalf("after the seventh failure: %d failures, timers %v, %v; want 7 and no tone timer", c.ToneFails, c.Timers, err)
+	}
+	if n := a.ToneGivenUp.Load(); n != 1 {
+		t.Errorf("ToneGivenUp = %d, want 1", n)
+	}
+	if n := strings.Count(strings.Join(ga.log(), "\n"), "subscribeToTone"); n != 7 {
+		t.Errorf("%d subscriptions sent, want 7 (the first and six retries)", n)
 	}
 }
