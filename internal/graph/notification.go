@@ -268,6 +268,37 @@ func Decode(body []byte) ([]Notification, error) {
 	return ns, err
 }
 
+// DecodeEach is Decode for a request whose envelope is sound but some of whose notifications
+// are not: it returns the notifications that decode, in order, and a *DecodeError for each that
+// does not, so that one malformed notification does not take the others of its request with it
+// (Graph drops a request answered 400). The envelope's errors (not JSON, value missing, the
+// legacy format) are returned as Decode returns them. A body that decodes whole costs what
+// Decode costs; one with a malformed notification is decoded again, notification by notification.
+func DecodeEach(body []byte) ([]Notification, []error, error) {
+	ns, err := Decode(body)
+	var de *DecodeError
+	if err == nil || !errors.As(err, &de) || de.Index < 0 {
+		return ns, nil, err
+	}
+	var env struct {
+		Value []json.RawMessage `json:"value"`
+	}
+	if err := json.Unmarshal(body, &env); err != nil { // Decode read the envelope: not expected
+		return nil, nil, &DecodeError{Index: -1, Err: err}
+	}
+	var bad []error
+	out := make([]Notification, 0, len(env.Value))
+	for i, raw := range env.Value {
+		n, err := decodeOne(raw)
+		if err != nil {
+			bad = append(bad, &DecodeError{Index: i, Err: err})
+			continue
+		}
+		out = append(out, n)
+	}
+	return out, bad, nil
+}
+
 // fastEnvelope, fastNotification and fastData are the whole body in the shapes encoding/json can
 // fill in one pass. They decode every member decodeExact decodes, with the same Go types, so a body
 // that decodes without error here decodes without error there, to the same values.

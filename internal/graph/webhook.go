@@ -102,17 +102,24 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, http.StatusServiceUnavailable, "read body: "+err.Error())
 		return
 	}
-	ns, err := Decode(body)
+	ns, bad, err := DecodeEach(body)
 	if errors.Is(err, ErrLegacyFormat) {
 		// Graph resends the first notification of a call in Graph format after a 204.
 		log().Info("webhook: legacy notification format, asking for Graph format")
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
+	if err == nil && len(ns) == 0 && len(bad) > 0 {
+		err = bad[0] // nothing in the request decodes
+	}
 	if err != nil {
 		log().Warn("webhook: malformed notification", zap.Error(err))
 		writeProblem(w, http.StatusBadRequest, err.Error())
 		return
+	}
+	if len(bad) > 0 {
+		// Sending the request again would not make them decode; the others are applied.
+		log().Warn("webhook: malformed notifications skipped, the others applied", zap.Errors("skipped", bad), zap.Int("applied", len(ns)))
 	}
 	for i := range ns {
 		if n := &ns[i]; n.Call != nil && n.Call.TenantID != "" && n.Call.TenantID != claims.TenantID {

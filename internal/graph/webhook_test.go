@@ -192,3 +192,56 @@ func TestWebhookBodyReadAfterASlowTokenCheck(t *testing.T) {
 		t.Fatalf("status %d, delivered %d; want the notification taken", resp.StatusCode, len(sink.got))
 	}
 }
+
+// A notification callbot cannot decode must not take the others of its request down with it:
+// Graph drops a request answered 400, so a key press batched with a malformed notification was
+// lost for good. The malformed one is skipped (it would never decode), the others applied, 202;
+// a request with nothing decodable still gets 400.
+func TestWebhookMalformedNotificationDoesNotDropItsBatch(t *testing.T) {
+	ks := newKeyServer(t)
+	good := "Bearer " + signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))
+	tone := `{"changeType":"updated","resourceUrl":"/communications/calls/57dab8b1-894c-409a-b240-bd8beae78896",` +
+		`"resourceData":{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}}`
+	prompt := `{"changeType":"deleted","resourceUrl":"/communications/calls/57dab8b1-894c-409a-b240-bd8beae78896/operations/0FE0",` +
+		`"resourceData":{"@odata.type":"#microsoft.graph.playPromptOperation","status":"completed","clientContext":"p7"}}`
+	for _, c := range []struct {
+		name   string
+		value  string
+		status int
+		want   []string // CallID/ClientContext of what the sink got
+	}{
+		{"unknown changeType", tone + `,{"changeType":"moved","resourceUrl":"/communications/calls/x"},` + prompt, http.StatusAccepted, []string{"tone1", "p7"}},
+		{"no call id", `{"changeType":"updated","resourceUrl":"/communications/calls//operations/x"},` + tone, http.StatusAccepted, []string{"tone1"}},
+		{"wrong member type", tone + `,{"changeType":"updated","resourceUrl":"/communications/calls/x","resourceData":{"toneInfo":"tone2"}}`, http.StatusAccepted, []string{"tone1"}},
+		{"null entry", `null,` + prompt, http.StatusAccepted, []string{"p7"}},
+		{"nothing decodable", `{"changeType":"moved","resourceUrl":"/communications/calls/x"},null`, http.StatusBadRequest, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sink := &recordingSink{}
+			h := &Webhook{Auth: newTestVerifier(t, ks, nil), Sink: sink, Log: zaptest.NewLogger(t)}
+			r := httptest.NewRequest("POST", "/api/calls", strings.NewReader(`{"@odata.type":"#microsoft.graph.commsNotifications","value":[`+c.value+`]}`))
+			r.Header.Set("Authorization", good)
+			w := httptest.NewRecorder()
+			h.ServeHTTP(w, r)
+			if w.Code != c.status {
+				t.Fatalf("status %d, want %d (%s)", w.Code, c.status, w.Body)
+			}
+			var got []string
+			for _, ns := range sink.got {
+				for _, n := range ns {
+					switch {
+					case n.Call != nil && n.Call.ToneInfo != nil:
+						got = append(got, n.Call.ToneInfo.Tone)
+					case n.Operation != nil:
+						got = append(got, n.Operation.ClientContext)
+					default:
+						got = append(got, "?"+n.ResourceURL)
+					}
+				}
+			}
+			if diff := cmp.Diff(c.want, got); diff != "" {
+				t.Errorf("notifications applied (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
