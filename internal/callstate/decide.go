@@ -232,6 +232,10 @@ func (d *decision) apply(ev Event) error {
 		case StateInMenu:
 			d.timer(TimerMenu, d.menuTimeout())
 		case StateInviting, StateQueued:
+			if c.State == StateQueued && d.queueGone() {
+				d.leaveGoneQueue()
+				return nil
+			}
 			if ev.Failed {
 				// never loop on a prompt Graph refuses: try the hold music again in a while
 				d.timer(TimerHold, 5*time.Second)
@@ -269,6 +273,10 @@ func (d *decision) apply(ev Event) error {
 			}
 			d.menuStep(d.env.Flow.NoInput(c.Menu))
 		case StateQueued:
+			if (ev.Timer == TimerHold || ev.Timer == TimerMaxWait) && d.queueGone() {
+				d.leaveGoneQueue()
+				return nil
+			}
 			if ev.Timer == TimerHold {
 				d.hold(nil)
 				return nil
@@ -504,6 +512,9 @@ const (
 	notSentHold = 10 * time.Second
 	promptGuard = 2 * time.Minute  // a menu prompt's end not reported: treat as no input after this
 	holdGuard   = 10 * time.Minute // hold music's end not reported: play it again after this
+	// goneQueueDelay: a caller whose transfer to an agent failed, in a queue the flow no longer
+	// has, goes to the start menu this long after (the hold timer's move)
+	goneQueueDelay = time.Second
 	// rosterCheck: while connected, read the roster this often, in case the roster that shows
 	// the agent leaving was lost (a caller would stay in a call with nobody until they hang up)
 	rosterCheck = time.Minute
@@ -690,6 +701,24 @@ func (d *decision) hangup() {
 	d.timer(TimerMenu, d.env.HangupGrace)
 }
 
+// queueGone reports whether the caller's queue is one the flow no longer has: the flow was
+// edited and callbot restarted while they waited. No dispatcher serves such a queue (each
+// serves its flow's queues) and its hold music went with it: a caller left there waited in
+// silence until they hung up.
+func (d *decision) queueGone() bool {
+	return d.c.Queue != "" && d.env.Flow.Queues[d.c.Queue] == nil
+}
+
+// leaveGoneQueue takes a caller out of a queue the flow no longer has (queueGone) and back to
+// the start menu, without the greeting, as a caller at a menu the flow no longer has: they
+// choose again from what the flow offers now.
+func (d *decision) leaveGoneQueue() {
+	d.emit(Command{Kind: CmdLeaveQueue, Queue: d.c.Queue})
+	d.silence()
+	d.c.Queue, d.c.QueueScore, d.c.QueuedAt = "", 0, time.Time{}
+	d.menuStep(d.env.Flow.Restart())
+}
+
 // transferFailed puts a caller whose transfer (or invite) failed back where it came from: the
 // head of its queue (its original arrival score), or the start of the menu for a direct
 // transfer (unless that was the maxUnattendedTransfers-th to fail with no key pressed since:
@@ -709,6 +738,14 @@ func (d *decision) transferFailed(notSent bool) {
 		d.emit(release)
 		c.Agent = ""
 		c.State = StateQueued
+		if d.queueGone() {
+			// not back in a queue no dispatcher serves: to the start menu once the hold timer
+			// fires (the table has no move from a hand-off to a menu)
+			d.clearTimers()
+			d.silence()
+			d.timer(TimerHold, goneQueueDelay)
+			return
+		}
 		d.clearTimers()
 		d.hold(nil)
 		d.emit(Command{Kind: CmdEnqueue, Queue: c.Queue, Score: c.QueueScore})

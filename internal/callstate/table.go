@@ -36,6 +36,8 @@ var Transitions = []Transition{
 	{StateQueued, EvTimeout, StateQueued},      // max wait: another queue; hold music again
 	{StateQueued, EvTimeout, StateTransferring},
 	{StateQueued, EvTimeout, StateTerminating},
+	{StateQueued, EvTimeout, StateInMenu},    // the flow no longer has the queue: back to the start menu
+	{StateQueued, EvPromptDone, StateInMenu}, // likewise
 
 	{StateTransferring, EvTransferFailed, StateTransferring}, // a failure notification: ask Graph first
 	{StateTransferring, EvTransferAccepted, StateTransferring},

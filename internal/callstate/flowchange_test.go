@@ -1,0 +1,139 @@
+package callstate
+
+import (
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
+)
+
+// envWithout is the test environment after a flow change (a rolling restart with an edited
+// flow) that took queue id out of the flow, with the menu option leading to it.
+func envWithout(t *testing.T, queue string) Env {
+	t.Helper()
+	y := testFlowYAML
+	switch queue {
+	case "vip":
+		y = strings.Replace(y, "      \"4\": {queue: vip}\n", "", 1)
+		y = y[:strings.Index(y, "  vip:\n")]
+	case "sales":
+		y = strings.Replace(y, "      \"1\": {queue: sales}\n", "", 1)
+		y = strings.Replace(y, "    fallback: {queue: sales}\n", "", 1)
+		start := strings.Index(y, "  sales:\n")
+		end := strings.Index(y, "  vip:\n")
+		y = y[:start] + y[end:]
+	}
+	f, err := ivr.Parse([]byte(y), "new.yaml")
+	if err != nil {
+		t.Fatalf("new flow: %v\n%s", err, y)
+	}
+	if f.Queues[queue] != nil {
+		t.Fatalf("new flow still has queue %s", queue)
+	}
+	env := testEnv(t)
+	env.Flow = f
+	return env
+}
+
+// backAtTheMenu checks that a caller whose queue the flow no longer has left it for the start
+// menu, hearing its prompt and waited for: no dispatcher serves a queue no flow names, so a
+// caller left there waited in silence (the hold music is the queue's, gone with it) until they
+// hung up.
+func backAtTheMenu(t *testing.T, what string, c Call, cmds []Command, queue string) {
+	t.Helper()
+	if c.State != StateInMenu || c.Menu != (ivr.Position{Menu: "main"}) || c.Queue != "" {
+		t.Fatalf("%s: %s at %+v in queue %q (%v), want back at the start menu", what, c.State, c.Menu, c.Queue, kinds(cmds))
+	}
+	left := slices.IndexFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdLeaveQueue && cmd.Queue == queue })
+	played := slices.IndexFunc(cmds, func(cmd Command) bool {
+		return cmd.Kind == CmdPlayPrompt && slices.Equal(cmd.Prompts, []graph.MediaPrompt{prompt("menu")})
+	})
+	if left < 0 || played < 0 || c.Timers[TimerMenu] == 0 {
+		t.Errorf("%s: %v, timers %v: want the queue left, the menu played and its timer armed", what, kinds(cmds), c.Timers)
+	}
+	if slices.ContainsFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdEnqueue || cmd.Kind == CmdHangup }) {
+		t.Errorf("%s: %v: want neither a new enqueue in the queue gone nor a hang-up", what, kinds(cmds))
+	}
+}
+
+// released checks the step after a hand-off failed for a caller whose queue the flow no longer
+// has: the agent released, the caller not put back in that queue, and on their way to the menu
+// (the hold timer's move: the table has no move from a hand-off to a menu).
+func released(t *testing.T, what string, c Call, cmds []Command, agent string) {
+	t.Helper()
+	if !slices.ContainsFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdReleaseAgent && cmd.Agent == agent }) {
+		t.Errorf("%s: %v, want the agent released", what, kinds(cmds))
+	}
+	if slices.ContainsFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdEnqueue }) || c.Timers[TimerHold] == 0 || c.Agent != "" {
+		t.Errorf("%s: %v, timers %v, agent %q: want no enqueue in the queue gone, the hold timer armed", what, kinds(cmds), c.Timers, c.Agent)
+	}
+}
+
+func TestCallerInAQueueTheFlowNoLongerHasGoesBackToTheMenu(t *testing.T) {
+	old := testEnv(t)
+	t.Run("hold music ends", func(t *testing.T) {
+		c, _ := step(t, old, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1})
+		if c.State != StateQueued || c.Queue != "vip" {
+			t.Fatalf("%s %q", c.State, c.Queue)
+		}
+		c, cmds, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, envWithout(t, "vip"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		backAtTheMenu(t, "hold music ended", c, cmds, "vip")
+	})
+	t.Run("hold retry", func(t *testing.T) {
+		c, _ := step(t, old, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+		c, cmds, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: c.Timers[TimerHold]}, envWithout(t, "sales"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		backAtTheMenu(t, "hold timer", c, cmds, "sales")
+	})
+	t.Run("max wait", func(t *testing.T) {
+		c, _ := step(t, old, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+		c, cmds, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: c.Timers[TimerMaxWait]}, envWithout(t, "sales"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		backAtTheMenu(t, "max wait", c, cmds, "sales")
+	})
+	t.Run("transfer to the agent fails", func(t *testing.T) {
+		agent := "11111111-0000-4000-8000-000000000001"
+		c, _ := step(t, old, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1},
+			Event{Kind: EvAgentOffer, Agent: agent})
+		env := envWithout(t, "sales")
+		c, cmds, err := Decide(c, Event{Kind: EvTransferFailed, Verified: true}, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		released(t, "failed transfer", c, cmds, agent)
+		c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: c.Timers[TimerHold]}, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		backAtTheMenu(t, "failed transfer", c, cmds, "sales")
+	})
+	t.Run("invite fails", func(t *testing.T) {
+		agent := "11111111-0000-4000-8000-000000000002"
+		c, _ := step(t, old, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1},
+			Event{Kind: EvAgentOffer, Agent: agent})
+		env := envWithout(t, "vip")
+		c, _, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, env)
+		if err != nil || c.RosterCtx == "" {
+			t.Fatalf("invite failed: %s %v, want the roster read", c.State, err)
+		}
+		c, cmds, err := Decide(c, Event{Kind: EvRoster, ClientContext: c.RosterCtx, Participants: []string{"caller"}}, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		released(t, "failed invite", c, cmds, agent)
+		c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: c.Timers[TimerHold]}, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		backAtTheMenu(t, "failed invite", c, cmds, "vip")
+	})
+}
