@@ -43,6 +43,11 @@ type Env struct {
 	CallbackURI     string        // where Graph sends this call's notifications
 	TransferTimeout time.Duration // no transfer outcome in this time: treated as failed
 	HangupGrace     time.Duration // a goodbye prompt longer than this is cut
+	// FlowSince is when Flow took effect in this instance (its start). A caller queued before
+	// it, or within goneQueueWindow after it, in a queue Flow does not have was queued under a
+	// flow this one replaced: that queue is gone. One queued later was queued by an instance
+	// whose flow is newer than this one's (a rolling update adding the queue).
+	FlowSince time.Time
 }
 
 // Decide is the pure heart of callbot: given a call, an event and the environment, it returns
@@ -284,6 +289,12 @@ func (d *decision) apply(ev Event) error {
 			if ev.Timer != TimerMaxWait {
 				return ErrIgnored
 			}
+			if d.queueUnknown() {
+				// a queue of a newer flow than this instance's: its max wait and what follows
+				// it are the newer flow's, for an instance that has it
+				d.timer(TimerMaxWait, unknownQueueRetry)
+				return nil
+			}
 			d.emit(Command{Kind: CmdLeaveQueue, Queue: c.Queue})
 			d.silence()
 			q := d.env.Flow.Queues[c.Queue]
@@ -515,6 +526,13 @@ const (
 	// goneQueueDelay: a caller whose transfer to an agent failed, in a queue the flow no longer
 	// has, goes to the start menu this long after (the hold timer's move)
 	goneQueueDelay = time.Second
+	// goneQueueWindow: how long a rolling update that changes the flow may take. A caller queued
+	// this long after an instance's flow took effect, in a queue that flow lacks, is in a queue
+	// of a newer flow (queueGone).
+	goneQueueWindow = 10 * time.Minute
+	// unknownQueueRetry: a caller in a queue of a newer flow than this instance's waits this
+	// long for its hold music or max wait, for an instance that has the newer flow
+	unknownQueueRetry = 5 * time.Second
 	// rosterCheck: while connected, read the roster this often, in case the roster that shows
 	// the agent leaving was lost (a caller would stay in a call with nobody until they hang up)
 	rosterCheck = time.Minute
@@ -583,6 +601,12 @@ func (d *decision) clearTimers() {
 // hold plays pre and then the queue's hold music, with a guard timer that plays it again if its
 // end is never reported.
 func (d *decision) hold(pre []graph.MediaPrompt) {
+	if len(pre) == 0 && d.queueUnknown() {
+		// the hold music is that of a newer flow than this instance's: a moment's silence, and
+		// the hold timer, which any instance may fire, plays it
+		d.timer(TimerHold, unknownQueueRetry)
+		return
+	}
 	d.play(append(pre, d.holdMusic()...))
 	if d.c.PromptCtx != "" {
 		d.timer(TimerHold, holdGuard)
@@ -701,12 +725,21 @@ func (d *decision) hangup() {
 	d.timer(TimerMenu, d.env.HangupGrace)
 }
 
-// queueGone reports whether the caller's queue is one the flow no longer has: the flow was
-// edited and callbot restarted while they waited. No dispatcher serves such a queue (each
-// serves its flow's queues) and its hold music went with it: a caller left there waited in
-// silence until they hung up.
-func (d *decision) queueGone() bool {
+// queueUnknown reports whether the caller's queue is one this instance's flow does not have:
+// one the flow no longer has (queueGone), or one a newer flow has, in a rolling update that
+// adds it.
+func (d *decision) queueUnknown() bool {
 	return d.c.Queue != "" && d.env.Flow.Queues[d.c.Queue] == nil
+}
+
+// queueGone reports whether the caller's queue is one the flow no longer has: the flow was
+// edited and callbot restarted while they waited (they were queued before this instance's flow
+// took effect, or in the rolling update that followed, by an instance still on the old flow).
+// No dispatcher serves such a queue (each serves its flow's queues) and its hold music went
+// with it: a caller left there waited in silence until they hung up. A caller queued later in
+// a queue this flow lacks is in a queue of a newer flow (an instance not yet updated): not gone.
+func (d *decision) queueGone() bool {
+	return d.queueUnknown() && d.c.QueuedAt.Before(d.env.FlowSince.Add(goneQueueWindow))
 }
 
 // leaveGoneQueue takes a caller out of a queue the flow no longer has (queueGone) and back to

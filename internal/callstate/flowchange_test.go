@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/callbot/callbot/internal/graph"
 	"github.com/callbot/callbot/internal/ivr"
@@ -34,6 +35,7 @@ func envWithout(t *testing.T, queue string) Env {
 	}
 	env := testEnv(t)
 	env.Flow = f
+	env.FlowSince = env.Now // the instance started with the new flow after the caller queued
 	return env
 }
 
@@ -135,5 +137,84 @@ func TestCallerInAQueueTheFlowNoLongerHasGoesBackToTheMenu(t *testing.T) {
 			t.Fatal(err)
 		}
 		backAtTheMenu(t, "failed invite", c, cmds, "vip")
+	})
+}
+
+// In a rolling update that adds a queue, an instance not yet updated sees callers the updated
+// ones put in it: the queue is not gone, it is a newer flow's. Such an instance leaves the caller
+// where they are, a moment's silence and the hold timer (any instance may fire it, the updated
+// ones play the music); it neither sends them to the menu nor hangs up at their max wait.
+func TestCallerInAQueueOfANewerFlowStaysQueued(t *testing.T) {
+	newer := testEnv(t)
+	older := envWithout(t, "vip")
+	older.FlowSince = newer.Now.Add(-time.Hour) // started long before the update, as an old instance did
+	agent := "11111111-0000-4000-8000-000000000002"
+	queued := func(t *testing.T) Call {
+		c, _ := step(t, newer, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1})
+		if c.State != StateQueued || c.Queue != "vip" {
+			t.Fatalf("%s %q", c.State, c.Queue)
+		}
+		return c
+	}
+	stays := func(t *testing.T, what string, c Call, cmds []Command, queue string, timer TimerKind) {
+		t.Helper()
+		if c.State != StateQueued || c.Queue != queue || c.Timers[timer] == 0 {
+			t.Fatalf("%s: %s in %q, timers %v (%v): want still queued in %s, the %s timer armed", what, c.State, c.Queue, c.Timers, kinds(cmds), queue, timer)
+		}
+		if slices.ContainsFunc(cmds, func(cmd Command) bool {
+			return cmd.Kind == CmdLeaveQueue || cmd.Kind == CmdHangup || cmd.Kind == CmdPlayPrompt || cmd.Kind == CmdTransfer
+		}) {
+			t.Errorf("%s: %v: want the caller left where they are", what, kinds(cmds))
+		}
+	}
+	t.Run("hold music ends", func(t *testing.T) {
+		c := queued(t)
+		c, cmds, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, older)
+		if err != nil {
+			t.Fatal(err)
+		}
+		stays(t, "hold music ended", c, cmds, "vip", TimerHold)
+		// the hold timer, fired by an updated instance, plays the music again
+		c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: c.Timers[TimerHold]}, newer)
+		if err != nil || !slices.ContainsFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdPlayPrompt }) {
+			t.Errorf("hold timer on an updated instance: %v %v, want the hold music", kinds(cmds), err)
+		}
+	})
+	t.Run("max wait", func(t *testing.T) {
+		c, _ := step(t, newer, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+		older := envWithout(t, "sales")
+		older.FlowSince = newer.Now.Add(-time.Hour)
+		c, cmds, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: c.Timers[TimerMaxWait]}, older)
+		if err != nil {
+			t.Fatal(err)
+		}
+		stays(t, "max wait", c, cmds, "sales", TimerMaxWait)
+	})
+	t.Run("transfer to the agent fails", func(t *testing.T) {
+		c, _ := step(t, newer, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1},
+			Event{Kind: EvAgentOffer, Agent: agent})
+		c, cmds, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, older)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, cmds, err = Decide(c, Event{Kind: EvRoster, ClientContext: c.RosterCtx, Participants: []string{"caller"}}, older)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.ContainsFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdEnqueue && cmd.Queue == "vip" }) {
+			t.Errorf("failed invite: %v, want the caller back in vip, which the updated instances serve", kinds(cmds))
+		}
+		stays(t, "failed invite", c, cmds, "vip", TimerHold)
+	})
+	t.Run("queued during the update, by an instance still on the old flow", func(t *testing.T) {
+		// the queue was removed; an old instance queued the caller 5 minutes after this one started
+		gone := envWithout(t, "vip")
+		gone.FlowSince = newer.Now.Add(-5 * time.Minute)
+		c := queued(t)
+		c, cmds, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, gone)
+		if err != nil {
+			t.Fatal(err)
+		}
+		backAtTheMenu(t, "queued during the update", c, cmds, "vip")
 	})
 }

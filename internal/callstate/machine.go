@@ -102,10 +102,12 @@ type Machine struct {
 	carryMu  sync.Mutex
 	carrying map[string]int
 
-	cfg   Config
-	flow  atomic.Pointer[ivr.Flow]
-	exec  serial
-	cache *cache
+	cfg  Config
+	flow atomic.Pointer[ivr.Flow]
+	// flowSince is when flow took effect (Env.FlowSince), in Unix nanoseconds
+	flowSince atomic.Int64
+	exec      serial
+	cache     *cache
 	// Closed counts calls the reconciler found gone from Graph and ended.
 	Closed atomic.Int64
 	// Ghosts counts queue entries the reconciler removed because their call had ended or its
@@ -152,15 +154,19 @@ func NewMachine(cfg Config) *Machine {
 	}
 	m := &Machine{cfg: cfg, cache: newCache(100_000), acks: make(chan Ack, 1024), carrying: map[string]int{}}
 	m.flow.Store(cfg.Flow)
+	m.flowSince.Store(cfg.Now().UnixNano())
 	return m
 }
 
 // SetFlow replaces the flow for decisions made from now on.
-func (m *Machine) SetFlow(f *ivr.Flow) { m.flow.Store(f) }
+func (m *Machine) SetFlow(f *ivr.Flow) {
+	m.flowSince.Store(m.cfg.Now().UnixNano())
+	m.flow.Store(f)
+}
 
 func (m *Machine) env() Env {
 	return Env{Flow: m.flow.Load(), Now: m.cfg.Now(), CallbackURI: m.cfg.CallbackURI,
-		TransferTimeout: m.cfg.TransferTimeout, HangupGrace: m.cfg.HangupGrace}
+		TransferTimeout: m.cfg.TransferTimeout, HangupGrace: m.cfg.HangupGrace, FlowSince: time.Unix(0, m.flowSince.Load())}
 }
 
 // Notify implements graph.Sink: it turns each notification into an event and applies it.
