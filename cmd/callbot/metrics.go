@@ -106,6 +106,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	counter("callbot_outbox_redriven_total", "Commands re-driven from outboxes an instance left unacknowledged.", b.machine.Redriven.Load())
 	counter("callbot_outbox_skipped_total", "Re-driven commands skipped because Graph showed they had taken effect.", b.machine.Skipped.Load())
 	counter("callbot_redis_unreplicated_total", "Writes not acknowledged by CALLBOT_REDIS_REPLICAS replicas in time: call changes (the notification was refused with 503) and, on Redis Cluster, queue writes (re-driven a lease later) and agent reservations (asked for again).", b.store.Unreplicated.Load())
+	counter("callbot_offers_lost_total", "Offers saved on the Redis master but refused as unreplicated that a failover then lost: the dispatcher put the caller back in the queue at their place and freed the agent, a follow-up within 2 minutes of the offer.", b.dispatcher.LostOffers.Load())
 	counter("callbot_graph_commands_superseded_total", "Prompts and media cancellations not sent because a transfer decided after them went first.", b.machine.Superseded.Load())
 	counter("callbot_calls_closed_total", "Calls the reconciler ended because Graph no longer knew them.", b.machine.Closed.Load())
 	counter("callbot_queue_ghosts_removed_total", "Queue entries the reconciler removed because their call had ended or its record was gone (callers who were no longer waiting).", b.machine.Ghosts.Load())

@@ -81,6 +81,11 @@
 // has it established with the caller alone with callbot (EvAdopt: its menu starts again). With Store.WaitForReplicas a change is
 // acknowledged only once the replicas have it (a WAIT in the write's round trip; Store.Sync for a
 // notification delivered again whose change the master already has), so a failover loses none.
+// The dispatcher's offer is no notification's change, and none delivers it again: one refused as
+// unreplicated but applied on the master stands, and the dispatcher follows it up (CheckOffer,
+// OfferFate, queue.Dispatcher.FollowUpOffers): if a failover loses it, the caller goes back to
+// their place in the queue and the agent is freed; the reconciler does that if the dispatcher's
+// instance dies first.
 // On Redis Cluster each master a change writes to is waited on, the record's last, and what
 // depends on the change on another master waits for it (nodes.go).
 //

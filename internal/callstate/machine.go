@@ -1374,6 +1374,103 @@ func (m *Machine) Offered(ctx context.Context, tenant, callKey, agent string) (b
 	return c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), nil
 }
 
+// OfferCheck is what a call's record shows of an offer whose save returned an error
+// (Machine.CheckOffer).
+type OfferCheck struct {
+	// Took: the record on the master has the offer (the call is with the agent, neither queued
+	// nor ended).
+	Took bool
+	// Replicated: the replicas the store waits for have everything the master has, the offer
+	// included (Store.Sync); always so when the store waits for none. An offer that took and is
+	// not replicated is the master's alone: a failover now loses it, putting the record back in
+	// the queue while the caller is in none and the agent stays reserved for them (OfferFate).
+	Replicated bool
+	// Offers is the record's count of transfer attempts, the offer's included: a record read
+	// later that counts fewer has lost the offer.
+	Offers int
+}
+
+// CheckOffer reads the record of a call whose offer to agent returned an error (the save's
+// answer lost, or the save refused as unreplicated): whether the offer took, and if so whether
+// the replicas have it.
+func (m *Machine) CheckOffer(ctx context.Context, tenant, callKey, agent string) (OfferCheck, error) {
+	m.cache.drop(callKey)
+	c, err := m.cfg.Store.Get(ctx, callKey)
+	if errors.Is(err, ErrNotFound) {
+		return OfferCheck{}, nil
+	}
+	if err != nil {
+		return OfferCheck{}, err
+	}
+	oc := OfferCheck{Took: c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), Offers: c.Offers}
+	if oc.Took {
+		oc.Replicated = m.cfg.Store.Sync(ctx, callKey) == nil
+	}
+	return oc, nil
+}
+
+// OfferFate is what a later read of its call's record shows of an offer that took on the master
+// but was not replicated (OfferCheck): kept, lost with a failover, or not known yet.
+type OfferFate uint8
+
+// Offer fates.
+const (
+	// OfferUnsettled: the record still shows the offer and the replicas have not confirmed it, or
+	// the record could not be read: look again later.
+	OfferUnsettled OfferFate = iota
+	// OfferKept: the replicas have the offer, or the call is somewhere the follow-up has no
+	// business with (with an agent, in a menu); whatever comes next is the machine's, or the
+	// reconciler's.
+	OfferKept
+	// OfferLost: a failover lost the offer and the call waits in the queue again in its record
+	// (fewer transfer attempts than the offer made): the caller, whom the reservation took out
+	// of the queue, must be put back at their place, and the agent, still reserved for them,
+	// freed.
+	OfferLost
+	// OfferLostEnded: the offer was lost and the call has ended since, or its record is gone:
+	// only the agent is to be freed.
+	OfferLostEnded
+)
+
+var offerFates = [...]string{"unsettled", "kept", "lost", "lost_ended"}
+
+func (f OfferFate) String() string {
+	if int(f) < len(offerFates) {
+		return offerFates[f]
+	}
+	return "fate?"
+}
+
+// OfferFate reads again the record of a call whose offer took on the master without being
+// replicated; offers is OfferCheck.Offers. The count of transfer attempts tells a lost offer from
+// one that took and failed since: a failed transfer also puts the call back in the queue (the
+// machine requeues the caller and frees the agent itself), but with the attempt counted, while a
+// record a failover took back to before the offer counts one attempt fewer. A record that shows
+// the offer, or anything after it, settles once the replicas have it (Store.Sync covers
+// everything the master has).
+func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offers int) (OfferFate, error) {
+	m.cache.drop(callKey)
+	c, err := m.cfg.Store.Get(ctx, callKey)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return OfferLostEnded, nil
+	case err != nil:
+		return OfferUnsettled, err
+	case c.Offers < offers && c.State == StateQueued:
+		return OfferLost, nil
+	case c.Offers < offers && c.State.Terminal():
+		return OfferLostEnded, nil
+	case c.Offers < offers:
+		// taken back further than the queue (the caller in no queue): the reconciler frees the
+		// agent, whose call is neither queued nor with them
+		return OfferKept, nil
+	}
+	if err := m.cfg.Store.Sync(ctx, callKey); err != nil {
+		return OfferUnsettled, err
+	}
+	return OfferKept, nil
+}
+
 // Wait blocks until every queued Graph command has run (used at shutdown and in tests).
 func (m *Machine) Wait() { m.exec.wait() }
 

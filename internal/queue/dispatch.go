@@ -7,6 +7,7 @@ import (
 	"errors"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -46,6 +47,34 @@ type Dispatcher struct {
 	id                     string
 	seq                    uint64
 	retryQueue, retryToken string
+
+	// OfferRecheck is how long after an offer found saved on the master but not on its replicas
+	// (the save refused as unreplicated, CALLBOT_REDIS_REPLICAS) the dispatcher first reads the
+	// call's record again, to learn whether a failover lost it; after an unsettled look it looks
+	// again once the time since the offer has doubled, OfferRechecks looks in all. The defaults
+	// (15 s, 4) look 15 s, 30 s, 1 min and 2 min after the offer: past a failover (Sentinel's
+	// down-after plus its election; Azure Cache for Redis takes 15-30 s).
+	OfferRecheck  time.Duration
+	OfferRechecks int
+	// LostOffers counts the offers the follow-ups found lost (a failover took the call's record
+	// back to the queue): the caller put back in the queue at their place, the agent freed.
+	LostOffers atomic.Int64
+	// followUps are the offers being followed up, oldest first; only the dispatcher's goroutine
+	// (Run) touches them, as it does DispatchOnce.
+	followUps []*followUp
+}
+
+// followUp is an offer the dispatcher watches until it knows whether a failover lost it: the
+// reservation (caller, agent, score), the queue, the record's transfer attempts with the offer,
+// when to look next, the wait after that look (the time since the offer then) and the looks so
+// far.
+type followUp struct {
+	r      Reservation
+	queue  string
+	offers int
+	due    time.Time
+	wait   time.Duration
+	looks  int
 }
 
 var _ callstate.Queues = (*Dispatcher)(nil)
@@ -56,15 +85,114 @@ type OfferChecker interface {
 	Offered(ctx context.Context, tenant, callKey, agent string) (bool, error)
 }
 
+// OfferFollower is an OfferChecker that can also tell whether an offer found applied is on the
+// replicas, and later whether a failover lost it. callstate.Machine implements it.
+type OfferFollower interface {
+	CheckOffer(ctx context.Context, tenant, callKey, agent string) (callstate.OfferCheck, error)
+	OfferFate(ctx context.Context, tenant, callKey string, offers int) (callstate.OfferFate, error)
+}
+
 // offerTook reads the call's record after an offer returned an error: took when the offer was
-// applied all the same; known false when the record could not be read.
-func (d *Dispatcher) offerTook(ctx context.Context, r Reservation) (took, known bool) {
+// applied all the same; known false when the record could not be read. An offer that took on
+// the master without being replicated is followed up (follow).
+func (d *Dispatcher) offerTook(ctx context.Context, q string, r Reservation) (took, known bool) {
+	if of, ok := d.Offer.(OfferFollower); ok {
+		c, err := of.CheckOffer(ctx, d.Tenant, r.Call, r.Agent)
+		if err == nil && c.Took && !c.Replicated {
+			d.follow(q, r, c.Offers)
+		}
+		return c.Took, err == nil
+	}
 	oc, ok := d.Offer.(OfferChecker)
 	if !ok {
 		return false, true
 	}
 	took, err := oc.Offered(ctx, d.Tenant, r.Call, r.Agent)
 	return took, err == nil
+}
+
+// follow starts following up an offer that took on the master but is on no replica yet.
+func (d *Dispatcher) follow(q string, r Reservation, offers int) {
+	wait := cmp.Or(d.OfferRecheck, defaultOfferRecheck)
+	d.followUps = append(d.followUps, &followUp{r: r, queue: q, offers: offers, due: d.Now().Add(wait), wait: wait})
+	d.Log.Warn("offer saved on the master but not on its replicas: following it up", zap.String("call_id", r.Call),
+		zap.String("agent", r.Agent), zap.Duration("first_look", wait))
+}
+
+// Defaults of OfferRecheck and OfferRechecks.
+const (
+	defaultOfferRecheck  = 15 * time.Second
+	defaultOfferRechecks = 4
+)
+
+// FollowUpOffers looks at the offers being followed up whose time has come (Run calls it on
+// every wake, before DispatchOnce) and returns how many are still followed up. An offer saved on
+// the master but refused as unreplicated stands (the transfer is in the call's outbox; freeing
+// the agent would let another caller have them during it), but a failover to a replica that
+// lacks it takes the call's record back to the queue while the reservation, replicated before the
+// offer, keeps the caller out of the queue and the agent reserved for them: nobody would offer
+// that caller again before the reconciler's pass (up to 5 minutes), nor free the agent before
+// the pass after (up to 10). The follow-up reads the record again (callstate.Machine.OfferFate):
+// an offer the replicas have, or a call that moved on past it (with the agent, or back in the
+// queue after the transfer failed: the machine requeued the caller and freed the agent itself),
+// ends it; an offer lost puts the caller back at their score (an enqueue is idempotent) and
+// frees the agent if still reserved for that call (AgentAbandoned: they keep their place among
+// the longest idle), the agent alone if the call ended meanwhile. A follow-up still unsettled
+// after its last look is left to the reconciler, as are those pending when Run ends (a shutdown)
+// or when the instance dies: the follow-ups live in this process only, the reconciler is the
+// durable fallback. They are the offers this dispatcher made in the last couple of minutes that
+// the replicas did not confirm: few, and none once the replicas are back.
+//
+// It is not safe for concurrent use: the goroutine that calls DispatchOnce (Run) calls it.
+func (d *Dispatcher) FollowUpOffers(ctx context.Context) int {
+	of, ok := d.Offer.(OfferFollower)
+	if !ok || len(d.followUps) == 0 {
+		return len(d.followUps)
+	}
+	now := d.Now()
+	failed := false // Redis failed one look: the others due wait for the next pass, not counted
+	kept := d.followUps[:0]
+	for _, f := range d.followUps {
+		if failed || now.Before(f.due) || ctx.Err() != nil {
+			kept = append(kept, f)
+			continue
+		}
+		log := d.Log.With(zap.String("call_id", f.r.Call), zap.String("agent", f.r.Agent), zap.String("queue", f.queue))
+		fate, err := of.OfferFate(ctx, d.Tenant, f.r.Call, f.offers)
+		if fate == callstate.OfferLost || fate == callstate.OfferLostEnded {
+			// decided: carried through even if ctx ends meanwhile (as DispatchOnce's undo)
+			uctx := context.WithoutCancel(ctx)
+			if fate == callstate.OfferLost {
+				err = d.Store.Enqueue(uctx, d.Tenant, f.queue, f.r.Call, f.r.Score)
+			}
+			// the release script frees the agent only while reserved for this call
+			err = errors.Join(err, d.Store.Release(uctx, d.Tenant, f.r.Agent, f.r.Call, callstate.AgentAbandoned, 0))
+			if err == nil {
+				d.LostOffers.Add(1)
+				clear(d.exhausted) // an agent may be free, a caller waits again
+				log.Warn("offer lost with a failover: caller put back in the queue at their place, agent freed", zap.Stringer("fate", fate))
+				continue
+			}
+			fate = callstate.OfferUnsettled // looked at again: both writes are idempotent
+		}
+		if fate == callstate.OfferKept {
+			log.Info("offer followed up: kept")
+			continue
+		}
+		failed = err != nil
+		f.looks++
+		if f.looks >= cmp.Or(d.OfferRechecks, defaultOfferRechecks) {
+			log.Warn("offer still not confirmed on the replicas: left to the reconciler", zap.Int("looks", f.looks), zap.Error(err))
+			continue
+		}
+		f.due = now.Add(f.wait) // the time since the offer doubles
+		log.Debug("offer followed up: not settled yet", zap.Duration("next_look", f.wait), zap.Error(err))
+		f.wait *= 2
+		kept = append(kept, f)
+	}
+	clear(d.followUps[len(kept):])
+	d.followUps = kept
+	return len(kept)
 }
 
 // NewDispatcher returns a dispatcher for the queues of one tenant.
@@ -149,7 +277,9 @@ func (d *Dispatcher) Reservations(ctx context.Context, tenant string) (map[strin
 }
 
 // Run dispatches until ctx ends: when poked, and every tick (agents become free by presence
-// and cool-downs end without a poke; other instances enqueue without poking this one).
+// and cool-downs end without a poke; other instances enqueue without poking this one). Before
+// each dispatch it looks at the offers being followed up whose time has come (FollowUpOffers);
+// those still pending when ctx ends are logged and left to the reconciler.
 func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 	if every <= 0 {
 		every = 250 * time.Millisecond
@@ -159,6 +289,11 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 	for {
 		select {
 		case <-ctx.Done():
+			for _, f := range d.followUps {
+				d.Log.Warn("offer not confirmed on the replicas at shutdown: left to the reconciler",
+					zap.String("call_id", f.r.Call), zap.String("agent", f.r.Agent))
+			}
+			d.followUps = nil
 			return
 		case <-t.C:
 			clear(d.exhausted)
@@ -166,6 +301,7 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 			clear(d.exhausted)
 		case <-d.wake:
 		}
+		d.FollowUpOffers(ctx)
 		d.DispatchOnce(ctx)
 	}
 }
@@ -214,10 +350,12 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 			uctx := context.WithoutCancel(ctx)
 			switch {
 			case err != nil:
-				took, known := d.offerTook(uctx, r)
+				took, known := d.offerTook(uctx, q, r)
 				if took {
-					// the save was applied, only its answer was lost: the offer stands, and
-					// freeing the agent would let another caller have them during the transfer
+					// the save was applied, only its answer was lost or its replicas did not
+					// confirm it: the offer stands, and freeing the agent would let another caller
+					// have them during the transfer; one the replicas lack is followed up, in case
+					// a failover loses it (FollowUpOffers)
 					d.Log.Warn("offer answered with an error but applied", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
 					offers++
 					return offers

@@ -1,0 +1,306 @@
+package callstate_test
+
+import (
+	"context"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/ivr"
+	"github.com/callbot/callbot/internal/queue"
+	"github.com/callbot/callbot/internal/redistest"
+)
+
+// holdBeforeOffer is the machine as the dispatcher's offerer, whose next offer, once armed, is
+// made with the reservation on the replica and the replication stream held from then on: the
+// offer's save is applied on the master and refused as unreplicated, and a failover now keeps
+// the reservation (the caller out of the queue, the agent reserved) and loses the offer.
+type holdBeforeOffer struct {
+	*callstate.Machine
+	t     *testing.T
+	s     *redistest.Sentinel
+	rdb   *redis.Client
+	armed atomic.Bool
+}
+
+func (h *holdBeforeOffer) Offer(ctx context.Context, tenant, callKey, agent string) (bool, error) {
+	if h.armed.CompareAndSwap(true, false) {
+		if n, err := h.rdb.Do(ctx, "WAIT", 1, 5000).Int(); err != nil || n != 1 {
+			h.t.Errorf("the reservation not on the replica before the offer: WAIT %d %v", n, err)
+		}
+		h.s.HoldReplication()
+	}
+	return h.Machine.Offer(ctx, tenant, callKey, agent)
+}
+
+// queueEntry is the caller's score in queue q, and whether they are in it.
+func queueEntry(t *testing.T, qs *queue.Store, call string) (float64, bool) {
+	t.Helper()
+	es, err := qs.Entries(context.Background(), "tenant-1", []string{"q"})
+	mustDo(t, err)
+	for _, e := range es["q"] {
+		if e.Call == call {
+			return e.Score, true
+		}
+	}
+	return 0, false
+}
+
+// With CALLBOT_REDIS_REPLICAS, the dispatcher reserves an agent (the caller out of the queue,
+// the reservation replicated) and saves the offer on the call's record. That save was refused as
+// unreplicated but applied on the master, so the dispatcher let the offer stand. The master then
+// failed over to a replica that lacked the offer: the record was back in the queue, the caller in
+// none, the agent reserved for them. Nobody offered that caller again until the reconciler's pass
+// (up to 5 minutes, on hold music), nor freed the agent until the pass after. The dispatcher now
+// follows such an offer up: once the failover has lost it, the caller is back in the queue at
+// their place and the agent free, without the reconciler.
+func TestOfferLostWithAFailoverIsPutBack(t *testing.T) {
+	ctx := context.Background()
+	s := redistest.StartSentinelWithLink(t)
+	rdb := s.Client(t)
+	const prefix = "lo"
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	mustDo(t, err)
+	qs := queue.NewStore(rdb, prefix)
+	const agent = "11111111-0000-4000-8000-000000000001"
+	mustDo(t, qs.SetMembers(ctx, "tenant-1", "q", []string{agent}))
+	mustDo(t, qs.SetRoutable(ctx, "tenant-1", map[string]bool{agent: true}))
+	store := callstate.NewStore(rdb, prefix)
+	store.WaitForReplicas(1, 200*time.Millisecond)
+	watchReplicas(t, store, 50*time.Millisecond)
+	d := queue.NewDispatcher(qs, nil, "tenant-1", []string{"q"}, zaptest.NewLogger(t))
+	d.OfferRecheck, d.OfferRechecks = 300*time.Millisecond, 10
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, prefix), Control: &fakeGraph{},
+		Queues: d, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	t.Cleanup(m.Wait)
+	offerer := &holdBeforeOffer{Machine: m, t: t, s: s, rdb: rdb}
+	d.Offer = offerer
+
+	notify(t, m, note("created", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	score, in := queueEntry(t, qs, realCallKey)
+	if !in {
+		t.Fatal("the caller is in no queue")
+	}
+
+	offerer.armed.Store(true)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers: want the offer found applied on the master to stand", n)
+	}
+	c, err := store.Get(ctx, realCallKey)
+	mustDo(t, err)
+	if c.State != callstate.StateTransferring || c.Agent != agent {
+		t.Fatalf("on the master after the offer: %s agent %q, want transferring to %s", c.State, c.Agent, agent)
+	}
+	// not settled while the master lives and its replica lacks the offer: nothing is undone
+	time.Sleep(400 * time.Millisecond)
+	if n := d.FollowUpOffers(ctx); n != 1 {
+		t.Errorf("%d offers followed up while the replica lacks the offer, want 1", n)
+	}
+	if _, in := queueEntry(t, qs, realCallKey); in {
+		t.Errorf("the caller was put back in the queue while the master has the offer")
+	}
+
+	old, err := s.KillMaster(ctx)
+	mustDo(t, err)
+	_, err = s.WaitFailover(old, 20*time.Second)
+	mustDo(t, err)
+	failedOver := time.Now()
+	waitFor(t, "the promoted master read", func() bool { _, err := store.Get(ctx, realCallKey); return err == nil })
+	c, err = store.Get(ctx, realCallKey)
+	mustDo(t, err)
+	res, err := qs.Reserved(ctx, "tenant-1", agent)
+	mustDo(t, err)
+	if _, in := queueEntry(t, qs, realCallKey); c.State != callstate.StateQueued || res != realCallKey || in {
+		t.Fatalf("after the failover: %s, agent reserved for %q, caller in the queue %v: want the offer lost, the reservation kept (the set-up is wrong)", c.State, res, in)
+	}
+
+	// the follow-ups, as Run makes them on its ticks; no reconciler
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		d.FollowUpOffers(ctx)
+		_, in := queueEntry(t, qs, realCallKey)
+		res, err = qs.Reserved(ctx, "tenant-1", agent)
+		if err == nil && in && res == "" || time.Now().After(deadline) {
+			break
+		}
+	}
+	got, in := queueEntry(t, qs, realCallKey)
+	if !in || got != score {
+		t.Errorf("after the follow-up: caller in the queue %v at %v, want back at their place %v", in, got, score)
+	}
+	if res != "" {
+		t.Errorf("after the follow-up: the agent is still reserved for %q", res)
+	}
+	if n := d.LostOffers.Load(); n != 1 {
+		t.Errorf("LostOffers = %d, want 1", n)
+	}
+	t.Logf("caller back and agent free %s after the failover", time.Since(failedOver).Round(time.Millisecond))
+
+	// and the caller is offered to the agent again
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Errorf("%d offers after the follow-up, want the caller offered again", n)
+	}
+	if c, err := store.Get(ctx, realCallKey); err != nil || c.State != callstate.StateTransferring || c.Agent != agent {
+		t.Errorf("after the next dispatch: %s agent %q (%v), want transferring to %s", c.State, c.Agent, err, agent)
+	}
+}
+
+// fakeReplica stands for a replica of a standalone Redis: INFO replication counts one, and WAIT
+// answers 1 unless the replica is cut (0). It lets a test refuse writes as unreplicated at will.
+type fakeReplica struct{ cut atomic.Bool }
+
+func (f *fakeReplica) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (f *fakeReplica) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		f.rewrite(cmd)
+		return err
+	}
+}
+func (f *fakeReplica) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		for _, c := range cmds {
+			f.rewrite(c)
+		}
+		return err
+	}
+}
+
+func (f *fakeReplica) rewrite(cmd redis.Cmder) {
+	switch c := cmd.(type) {
+	case *redis.Cmd:
+		if c.Name() == "wait" && c.Err() == nil {
+			n := int64(1)
+			if f.cut.Load() {
+				n = 0
+			}
+			c.SetVal(n)
+		}
+	case *redis.StringCmd:
+		if c.Name() == "info" && c.Err() == nil {
+			c.SetVal(strings.Replace(c.Val(), "connected_slaves:0", "connected_slaves:1", 1))
+		}
+	}
+}
+
+// replicatedOnFake is an instance (machine, dispatcher, store) whose store waits for the fake
+// replica of rep on f's Redis, and whose dispatcher follows offers up after 100 ms.
+func replicatedOnFake(t *testing.T, f *agentOnRealQueues, rep *fakeReplica) (*callstate.Machine, *queue.Dispatcher, *callstate.Store) {
+	rdb := f.srv.Client(t)
+	rdb.AddHook(rep)
+	m, d, st := f.instance(rdb, &fakeGraph{}, nil)
+	st.WaitForReplicas(1, 20*time.Millisecond)
+	d.OfferRecheck = 100 * time.Millisecond
+	return m, d, st
+}
+
+// followUpsUntilDone runs d's follow-ups, its clock moved on past each look, until none is left
+// (at most OfferRechecks looks each).
+func followUpsUntilDone(t *testing.T, d *queue.Dispatcher) {
+	t.Helper()
+	skew := time.Duration(0)
+	d.Now = func() time.Time { return time.Now().Add(skew) }
+	for i := 0; d.FollowUpOffers(context.Background()) > 0; i++ {
+		if i > 20 {
+			t.Fatal("offers still followed up after 20 looks")
+		}
+		skew += 10 * time.Minute
+	}
+}
+
+// An offer refused as unreplicated but applied stands, and is followed up. Meanwhile it goes on
+// as offers do: the transfer fails, the machine puts the caller back in the queue and frees the
+// agent, and another instance reserves the same agent for the same caller again, about to offer.
+// The record then shows the call queued, as after a lost offer, but with the attempt counted: the
+// follow-up must leave it alone. Freeing the agent (reserved for that call, as the lost offer's
+// reservation was) would let another caller have them during the new offer.
+func TestOfferFollowUpLeavesARequeuedCallAlone(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "lq")
+	rep := &fakeReplica{}
+	m, d, _ := replicatedOnFake(t, f, rep)
+	f.queueCaller(m)
+	score, _ := queueEntry(t, f.qs, realCallKey)
+
+	rep.cut.Store(true)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers", n)
+	}
+	rep.cut.Store(false)
+	if n := d.FollowUpOffers(ctx); n != 1 {
+		t.Fatalf("%d offers followed up, want the unreplicated one", n)
+	}
+	m.Wait()
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subCode":7000}}`))
+	if got, in := queueEntry(t, f.qs, realCallKey); !in || got != score {
+		t.Fatalf("after the failed transfer: caller in the queue %v at %v, want at %v", in, got, score)
+	}
+	r, err := f.qs.Reserve(ctx, "tenant-1", "q", time.Now().Add(11*time.Second)) // another instance, about to offer, once the cool-down is over
+	mustDo(t, err)
+	if r.Call != realCallKey || r.Agent != f.agent {
+		t.Fatalf("reservation %+v, want the caller with the agent again", r)
+	}
+
+	rep.cut.Store(true) // the follow-up's looks cannot settle it by the replicas: the record must
+	followUpsUntilDone(t, d)
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); res != realCallKey {
+		t.Errorf("the agent, reserved again for %s by another instance, is reserved for %q after the follow-up", realCallKey, res)
+	}
+	if _, in := queueEntry(t, f.qs, realCallKey); in {
+		t.Errorf("the follow-up put back in the queue a caller another instance is offering")
+	}
+	if n := d.LostOffers.Load(); n != 0 {
+		t.Errorf("LostOffers = %d, want 0", n)
+	}
+}
+
+// A failover loses an offer (the record taken back to the queue), and the agent it held has
+// since been freed and reserved for another caller (the reconciler's second pass, say). The
+// follow-up puts the first caller back at their place and leaves the agent with the other.
+func TestOfferFollowUpFreesOnlyItsOwnReservation(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "lf")
+	rep := &fakeReplica{}
+	m, d, _ := replicatedOnFake(t, f, rep)
+	f.queueCaller(m)
+	score, _ := queueEntry(t, f.qs, realCallKey)
+	rdb := f.srv.Client(t)
+	key := "lf:{call:" + realCallKey + "}"
+	before, err := rdb.Dump(ctx, key).Result()
+	mustDo(t, err)
+
+	rep.cut.Store(true)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers", n)
+	}
+	m.Wait()
+	rep.cut.Store(false)
+	// the failover: the record as the replica had it, before the offer
+	mustDo(t, rdb.RestoreReplace(ctx, key, 0, before).Err())
+	mustDo(t, f.qs.Release(ctx, "tenant-1", f.agent, realCallKey, callstate.AgentAbandoned, 0))
+	mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", "other-caller", time.Now().UnixMilli()))
+	r, err := f.qs.Reserve(ctx, "tenant-1", "q", time.Now())
+	mustDo(t, err)
+	if r.Call != "other-caller" {
+		t.Fatalf("reservation %+v, want the other caller", r)
+	}
+
+	followUpsUntilDone(t, d)
+	if got, in := queueEntry(t, f.qs, realCallKey); !in || got != score {
+		t.Errorf("after the follow-up: caller in the queue %v at %v, want back at their place %v", in, got, score)
+	}
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); res != "other-caller" {
+		t.Errorf("the agent, reserved for the other caller, is reserved for %q after the follow-up", res)
+	}
+	if n := d.LostOffers.Load(); n != 1 {
+		t.Errorf("LostOffers = %d, want 1", n)
+	}
+}
