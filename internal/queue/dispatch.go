@@ -133,11 +133,12 @@ const (
 // offer, keeps the caller out of the queue and the agent reserved for them: nobody would offer
 // that caller again before the reconciler's pass (up to 5 minutes), nor free the agent before
 // the pass after (up to 10). The follow-up reads the record again (callstate.Machine.OfferFate):
-// an offer the replicas have, or a call that moved on past it (with the agent, or back in the
-// queue after the transfer failed: the machine requeued the caller and freed the agent itself),
-// ends it; an offer lost puts the caller back at their score (an enqueue is idempotent) and
-// frees the agent if still reserved for that call (AgentAbandoned: they keep their place among
-// the longest idle), the agent alone if the call ended meanwhile. A follow-up still unsettled
+// a record that shows the offer or anything after it (with the agent, or back in the queue after
+// the transfer failed: the machine requeued the caller and freed the agent itself, and another
+// instance may have reserved the agent for them again) is never acted on, and ends it once the
+// replicas confirm it; an offer lost puts the caller back at their score (an enqueue is
+// idempotent) and frees the agent if still reserved for that call (AgentAbandoned: they keep
+// their place among the longest idle), the agent alone if the call ended meanwhile. A follow-up still unsettled
 // after its last look is left to the reconciler, as are those pending when Run ends (a shutdown)
 // or when the instance dies: the follow-ups live in this process only, the reconciler is the
 // durable fallback. They are the offers this dispatcher made in the last couple of minutes that
