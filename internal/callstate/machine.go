@@ -1075,6 +1075,16 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 		m.cfg.Store.DoneOutbox(ctx, key, claimScore)
 		return
 	}
+	// The record may hold a change refused as unreplicated (CALLBOT_REDIS_REPLICAS): its commands
+	// are carried out only once the replicas have it, as a save's are. Sent before, a failover
+	// could take the record back to before the decision Graph carried out (a caller transferred
+	// while their record has them in the queue, their agent freed by the offer's follow-up). The
+	// outbox stays claimed until its lease runs out and is re-driven then. Nil at once without
+	// replicas to wait for.
+	if err := m.cfg.Store.Sync(ctx, key); err != nil {
+		log.Warn("re-drive outbox: the record is not on the replicas yet; again a lease later", zap.Error(err))
+		return
+	}
 	m.cache.drop(key)
 	// The claim leased the outbox for one lease; asking Graph whether commands took effect may
 	// take longer: the lease is renewed while this instance works on it.

@@ -281,3 +281,40 @@ func TestAdoptionAcknowledgedOnlyOnceReplicated(t *testing.T) {
 		t.Errorf("the key press was acknowledged (202) though the call taken back is on no replica")
 	}
 }
+
+// A change refused as unreplicated is on the master only: a failover may still lose it. Its
+// commands (in the record's outbox) are not sent when refused, but the outbox was re-driven a
+// lease later from the master's record, replicated or not: Graph carried out a decision the
+// record could lose (a transfer to an agent whose offer a failover then took back). The re-drive
+// now waits, as a save does, until the replicas have the record.
+func TestRedriveWaitsForTheReplicas(t *testing.T) {
+	s := redistest.StartSentinelWithLink(t)
+	rdb := s.Client(t)
+	store := callstate.NewStore(rdb, "rw")
+	store.WaitForReplicas(1, 200*time.Millisecond)
+	watchReplicas(t, store, 50*time.Millisecond)
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	mustDo(t, err)
+	g := &fakeGraph{}
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "rw"), Control: g,
+		Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	t.Cleanup(m.Wait)
+	notify(t, m, note("created", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	m.Wait()
+	sent := len(g.log())
+
+	s.HoldReplication()
+	ns, err := graph.Decode([]byte(note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)))
+	mustDo(t, err)
+	if err := m.Notify(context.Background(), "tenant-1", ns); !errors.Is(err, graph.ErrUnavailable) {
+		t.Fatalf("key press with the replication held: %v, want it refused (503)", err)
+	}
+	if c, _ := store.Get(context.Background(), realCallKey); c.State != callstate.StateQueued {
+		t.Fatalf("on the master: %s, want the refused change applied there (queued)", c.State)
+	}
+	redriveAll(t, m, store, time.Minute)
+	if got := g.log()[sent:]; len(got) != 0 {
+		t.Errorf("re-drive of the unreplicated change sent %v; want nothing until the replicas have it", got)
+	}
+}
