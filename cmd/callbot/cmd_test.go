@@ -53,6 +53,9 @@ func TestConfigRefusesSettingsThatBreakLater(t *testing.T) {
 		{"CALLBOT_OUTBOX_LEASE", "13s", "CALLBOT_OUTBOX_LEASE: \"13s\" is not a duration from 1s to 12s"},
 		{"CALLBOT_KEY_PREFIX", "cb{1}", "CALLBOT_KEY_PREFIX: \"cb{1}\" must be non-empty, without braces"},
 		{"CALLBOT_KEY_PREFIX", "c{b", "without braces"},
+		// one tenant per deployment: another tenant's calls were answered, then waited in a
+		// queue no dispatcher served (queues, agents and presence are CALLBOT_TENANT_ID's)
+		{"CALLBOT_ALLOWED_TENANTS", "0efc74f7-41c3-47a4-8775-7259bfef4242", "callbot serves one tenant per deployment"},
 	} {
 		env := validEnv(t)
 		env[tc.name] = tc.value

@@ -57,7 +57,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_GRAPH_URL", "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL"},
 	{"CALLBOT_OPENID_CONFIG_URL", graph.DefaultOpenIDConfigURL, "OpenID metadata of the keys that sign Graph's callback tokens"},
 	{"CALLBOT_TOKEN_ISSUERS", strings.Join(graph.DefaultIssuers, ","), "comma-separated issuers accepted on callback tokens"},
-	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID)"},
+	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID); callbot serves one tenant per deployment, so none but CALLBOT_TENANT_ID is accepted here yet"},
 	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority and the OpenID metadata"},
 	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., sentinel://[:pass@]host:port,host:port/master[?db=N], or a comma-separated list of cluster node addresses (required)"},
 	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas, Sentinel, or Cluster (each master a change writes to waits for its own replicas)"},
@@ -151,6 +151,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if len(c.AllowedTenants) == 0 && c.TenantID != "" {
 		c.AllowedTenants = []string{c.TenantID}
+	}
+	for _, t := range c.AllowedTenants {
+		if isGUID(t) && c.TenantID != "" && t != c.TenantID {
+			// Queues, agents, presence and the reconciler are CALLBOT_TENANT_ID's alone: a call of
+			// another tenant would be answered and then wait in a queue no dispatcher serves.
+			bad("CALLBOT_ALLOWED_TENANTS", "%q is not CALLBOT_TENANT_ID: callbot serves one tenant per deployment (a call of another tenant would wait in a queue nobody serves)", t)
+		}
 	}
 	if len(c.Issuers) == 0 {
 		bad("CALLBOT_TOKEN_ISSUERS", "no issuer given")
