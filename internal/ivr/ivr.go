@@ -27,6 +27,13 @@ const (
 	MaxRetries     = 9
 )
 
+// A queue's max-wait, when set (0: no limit): shorter passes the caller on before the hold
+// music has played, longer is not a wait anyone means.
+const (
+	MinMaxWait = 1 * time.Second
+	MaxMaxWait = 24 * time.Hour
+)
+
 // Flow is one validated IVR flow. Flows come from Parse or Load; the interpreter trusts that
 // every id a flow refers to exists.
 type Flow struct {

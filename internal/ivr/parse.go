@@ -461,6 +461,10 @@ func (p *parser) queue(id string, e field) *Queue {
 		case d < 0:
 			p.errorf(fl.val, "%s.max-wait: %s is negative: use 0 for no limit", path, fl.val.Value)
 			maxWaitOK = false
+		case d > 0 && (d < MinMaxWait || d > MaxMaxWait):
+			// a caller passed on (or hung up) before a hold prompt could play is a typo's doing
+			p.errorf(fl.val, "%s.max-wait: %s is not between %s and %s (0: no limit)", path, fl.val.Value, MinMaxWait, MaxMaxWait)
+			maxWaitOK = false
 		default:
 			q.MaxWait = d
 		}

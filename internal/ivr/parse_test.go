@@ -451,6 +451,14 @@ queues:
     hold: p
     on-timeout: {transfer: "+4930123456"}
     agents: 11111111-0000-4000-8000-000000000001
+  g:
+    hold: p
+    max-wait: 1ns
+    agents: [11111111-0000-4000-8000-000000000001]
+  h:
+    hold: p
+    max-wait: 25h
+    agents: [11111111-0000-4000-8000-000000000001]
 `,
 			want: []problem{
 				{8, `queues.a: hold is required`},
@@ -462,6 +470,8 @@ queues:
 				{28, `queues.e.on-timeout: names its own queue`},
 				{32, `queues.f.on-timeout: has no effect without max-wait`},
 				{33, `queues.f.agents: want a list, got "11111111-0000-4000-8000-000000000001"`},
+				{36, `queues.g.max-wait: 1ns is not between 1s and 24h0m0s (0: no limit)`},
+				{40, `queues.h.max-wait: 25h is not between 1s and 24h0m0s (0: no limit)`},
 			},
 		},
 		{
