@@ -1708,8 +1708,11 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 			m.cfg.Log.Warn("reconcile call", zap.String("call_id", key), zap.Error(err))
 		}
 		live[key] = true
-		if c.State == StateQueued && c.Queue != "" {
-			// idempotent: a caller a failed offer took out of the queue is back at its place
+		if f := m.flow.Load(); c.State == StateQueued && c.Queue != "" && f != nil && f.Queues[c.Queue] != nil {
+			// idempotent: a caller a failed offer took out of the queue is back at its place.
+			// Not in a queue the flow lacks: a removed one (no dispatcher serves it, and the
+			// caller is on their way to the start menu: queueGone) or a newer flow's, which an
+			// updated instance's pass puts them back in.
 			if err := m.cfg.Queues.Enqueue(ctx, c.Tenant, c.Queue, key, c.QueueScore); err != nil {
 				m.cfg.Log.Warn("reconcile queue", zap.String("call_id", key), zap.Error(err))
 			}

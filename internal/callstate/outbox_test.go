@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -534,5 +535,34 @@ func TestAcksInAnyOrder(t *testing.T) {
 	}
 	if got := seqs(); len(got) != 0 {
 		t.Errorf("left %v, want nothing", got)
+	}
+}
+
+// A caller queued in a queue the flow no longer has (edited, callbot restarted) is not put back
+// in it by the reconciler: no dispatcher serves it, and the sweep of ended callers' entries reads
+// only the flow's queues, so the entry stayed in Redis for good. The caller leaves that queue for
+// the start menu at their hold music's end or timer (decide.go, queueGone).
+func TestReconcileDoesNotEnqueueInAQueueTheFlowLacks(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	flow, _ := ivr.Parse([]byte(flowYAML), "t.yaml")
+	ctx := context.Background()
+	skew := time.Duration(0)
+	q := &fakeQueues{}
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, "rg"), Timers: callstate.NewTimers(rdb, "rg"), Control: &fakeGraph{},
+		Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+		Now: func() time.Time { return time.Now().Add(skew) }})
+	queuedCall(t, m, "queued")
+	renamed, err := ivr.Parse([]byte(strings.NewReplacer("{queue: q}", "{queue: support}", "\n  q:\n", "\n  support:\n").Replace(flowYAML)), "t.yaml")
+	mustDo(t, err)
+	m.SetFlow(renamed)
+	q.mu.Lock()
+	q.ops = nil
+	q.mu.Unlock()
+	skew = 2 * time.Minute
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(q.ops) != 0 {
+		t.Errorf("reconciler's queue writes for a caller in a queue the flow lacks: %v, want none", q.ops)
 	}
 }
