@@ -11,7 +11,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -235,6 +237,12 @@ func TestMetricsAfterACall(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
 		}
+	}
+	// the call reached an agent by presence: a poll read it, a moment ago
+	if m := regexp.MustCompile(`(?m)^callbot_presence_age_seconds (\S+)$`).FindSubmatch(body); m == nil {
+		t.Errorf("metrics lack callbot_presence_age_seconds:\n%s", body)
+	} else if age, err := strconv.ParseFloat(string(m[1]), 64); err != nil || age < 0 || age > 30 {
+		t.Errorf("callbot_presence_age_seconds %s, want the seconds since the last poll", m[1])
 	}
 	if runtime.GOOS == "linux" {
 		for _, want := range []string{"process_resident_memory_bytes ", "process_open_fds "} {

@@ -132,6 +132,16 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 		}
 	}
 
+	if at, err := b.queues.PresenceReadAt(ctx, b.deps.TenantID); err == nil {
+		age := -1.0
+		if !at.IsZero() {
+			age = max(time.Since(at).Seconds(), 0)
+		}
+		fmt.Fprintln(w, "# HELP callbot_presence_age_seconds Seconds since a poll last read every agent's presence from Graph (-1: never); the same on every instance. Routing goes by the presence last read: while Graph refuses presence reads (throttling, a missing Presence.Read.All) this grows, and agents who left stay routable on an old reading. Alert when it passes a few poll intervals.")
+		fmt.Fprintln(w, "# TYPE callbot_presence_age_seconds gauge")
+		fmt.Fprintf(w, "callbot_presence_age_seconds %.3f\n", age)
+	}
+
 	if gc, ok := b.deps.Graph.(graphConnections); ok {
 		open, opened := gc.GraphConnections()
 		fmt.Fprintln(w, "# HELP callbot_graph_connections Connections to Graph open now (HTTP/2: one carries many requests at once; HTTP/1.1, behind a proxy that only speaks it: one per request in flight).")

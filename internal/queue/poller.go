@@ -89,6 +89,7 @@ func (p *Poller) PollOnce(ctx context.Context) error { return p.poll(ctx, "") }
 // the tenant's presence lease: a poll that outlived its lease must not write its older reading
 // over the newer one of the poller that took the lease.
 func (p *Poller) poll(ctx context.Context, holder string) error {
+	readAt := time.Now()
 	routable := make(map[string]bool, len(p.Agents))
 	for _, a := range p.Agents {
 		routable[a] = false
@@ -144,6 +145,13 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 	}
 	if err := p.Store.setRoutableAs(ctx, p.Tenant, holder, write); err != nil {
 		return err
+	}
+	if len(errs) == 0 {
+		// every agent's presence is of readAt: what callbot_presence_age_seconds counts from
+		// (a failed batch keeps its agents' last reading, which grows old)
+		if err := p.Store.PresenceRead(ctx, p.Tenant, readAt); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if full {
 		if err := p.Store.RepairFree(ctx, p.Tenant); err != nil {

@@ -585,3 +585,39 @@ func TestDispatcherStoppedMidOfferHandsBackCallerAndAgent(t *testing.T) {
 		t.Errorf("agent still reserved for %q after the interrupted offer", r)
 	}
 }
+
+// presenceFunc is a PresenceSource from a function.
+type presenceFunc func(ctx context.Context, ids []string) ([]graph.Presence, error)
+
+func (f presenceFunc) Presences(ctx context.Context, ids []string) ([]graph.Presence, error) {
+	return f(ctx, ids)
+}
+
+// How old the presence that routing goes by is, every instance can tell
+// (callbot_presence_age_seconds): the time of the last poll that read every agent. A poll Graph
+// refused (429) does not count: its agents keep an older reading, which grows old.
+func TestPresenceReadAtCountsOnlyWholeReadings(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t)
+	if at, err := s.PresenceReadAt(ctx, "t"); err != nil || !at.IsZero() {
+		t.Fatalf("before any poll: %v %v, want the zero time", at, err)
+	}
+	src := &fakePresence{status: map[string]graph.Presence{"a1": {UserID: "a1", Availability: "Available", Activity: "Available"}}}
+	p := &Poller{Store: s, Source: src, Tenant: "t", Agents: []string{"a1"}, Instance: "i1", Log: zaptest.NewLogger(t)}
+	before := time.Now().Truncate(time.Millisecond)
+	must(t, p.PollOnce(ctx))
+	at, err := s.PresenceReadAt(ctx, "t")
+	if err != nil || at.Before(before) || at.After(time.Now()) {
+		t.Fatalf("after a poll: %v %v, want its time", at, err)
+	}
+	p.Source = presenceFunc(func(context.Context, []string) ([]graph.Presence, error) {
+		return nil, &graph.Error{Op: "getPresencesByUserId", Status: 429, Code: "TooManyRequests"}
+	})
+	time.Sleep(5 * time.Millisecond)
+	if err := p.PollOnce(ctx); err == nil {
+		t.Fatal("a poll Graph refused returned no error")
+	}
+	if again, _ := s.PresenceReadAt(ctx, "t"); !again.Equal(at) {
+		t.Errorf("after a refused poll: %v, want the last whole reading's %v", again, at)
+	}
+}

@@ -316,6 +316,25 @@ func (s *Store) ReleasePresenceLease(ctx context.Context, tenant, holder string)
 	return callstate.ReleaseLeaseAt(ctx, s.rdb, s.k(tenant, "lease:presence"), holder)
 }
 
+// PresenceRead records that a poll read every agent's presence at t (no batch of it failed);
+// PresenceReadAt tells when that last happened, to every instance.
+func (s *Store) PresenceRead(ctx context.Context, tenant string, t time.Time) error {
+	return s.rdb.Set(ctx, s.k(tenant, "presence:read"), t.UnixMilli(), 0).Err()
+}
+
+// PresenceReadAt returns when a poll last read every agent's presence (PresenceRead); the zero
+// time if none has.
+func (s *Store) PresenceReadAt(ctx context.Context, tenant string) (time.Time, error) {
+	ms, err := s.rdb.Get(ctx, s.k(tenant, "presence:read")).Int64()
+	if errors.Is(err, redis.Nil) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.UnixMilli(ms), nil
+}
+
 // SetRoutable records which agents may be offered a call according to their presence.
 func (s *Store) SetRoutable(ctx context.Context, tenant string, routable map[string]bool) error {
 	return s.setRoutableAs(ctx, tenant, "", routable)
