@@ -66,6 +66,8 @@ func (h *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		status := http.StatusForbidden
 		if errors.Is(err, ErrNoToken) {
+			// RFC 9110: a 401 names the scheme that would be accepted
+			w.Header().Set("WWW-Authenticate", "Bearer")
 			status = http.StatusUnauthorized
 		}
 		log().Warn("webhook: rejected token", zap.Error(err), zap.String("remote", r.RemoteAddr))

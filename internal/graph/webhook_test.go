@@ -72,6 +72,9 @@ func TestWebhook(t *testing.T) {
 			if got := len(sink.got) > 0; got != c.delivered {
 				t.Fatalf("delivered = %v, want %v", got, c.delivered)
 			}
+			if got := w.Header().Get("WWW-Authenticate"); (c.status == http.StatusUnauthorized) != (got == "Bearer") {
+				t.Errorf("WWW-Authenticate %q with status %d, want Bearer on a 401 only", got, c.status)
+			}
 			if c.status >= 400 && !strings.Contains(w.Body.String(), `"error"`) {
 				t.Errorf("error body %q says nothing", w.Body)
 			}
