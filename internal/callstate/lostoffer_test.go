@@ -304,3 +304,74 @@ func TestOfferFollowUpFreesOnlyItsOwnReservation(t *testing.T) {
 		t.Errorf("LostOffers = %d, want 1", n)
 	}
 }
+
+// overflowFlowYAML is flowYAML whose queue q passes its callers on to q2 after a minute.
+const overflowFlowYAML = `
+name: t
+prompts:
+  menu: {uri: https://m.test/menu.wav}
+  hold: {uri: https://m.test/hold.wav}
+start: main
+menus:
+  main:
+    prompt: menu
+    options:
+      "1": {queue: q}
+queues:
+  q:
+    hold: hold
+    max-wait: 1m
+    on-timeout: {queue: q2}
+    agents: [11111111-0000-4000-8000-000000000001]
+  q2:
+    hold: hold
+    agents: [11111111-0000-4000-8000-000000000002]
+`
+
+// A failover loses an offer (the record taken back to queue q), and before the follow-up looks
+// the caller's max wait passes them on to q2: they wait in q2 now. The follow-up must not put
+// them back in q as well: in two queues, a dispatcher of q would hand them to q's agent, whom
+// the flow no longer meant them for, while q2 still counts them.
+func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "lm")
+	flow, err := ivr.Parse([]byte(overflowFlowYAML), "t.yaml")
+	mustDo(t, err)
+	f.flow = flow
+	rep := &fakeReplica{}
+	m, d, st := replicatedOnFake(t, f, rep)
+	f.queueCaller(m)
+	rdb := f.srv.Client(t)
+	key := "lm:{call:" + realCallKey + "}"
+	before, err := rdb.Dump(ctx, key).Result()
+	mustDo(t, err)
+	queued, err := st.Get(ctx, realCallKey)
+	mustDo(t, err)
+
+	rep.cut.Store(true)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers", n)
+	}
+	m.Wait()
+	rep.cut.Store(false)
+	// the failover: the record as the replica had it, before the offer
+	mustDo(t, rdb.RestoreReplace(ctx, key, 0, before).Err())
+	// the caller's max wait, fired by another instance: on to q2
+	other, _, _ := f.instance(f.srv.Client(t), &fakeGraph{}, nil)
+	if ok, err := other.Handle(ctx, "tenant-1", realCallKey, callstate.Event{Kind: callstate.EvTimeout,
+		Timer: callstate.TimerMaxWait, TimerToken: queued.Timers[callstate.TimerMaxWait]}); !ok || err != nil {
+		t.Fatalf("max wait: %v %v", ok, err)
+	}
+	other.Wait()
+	if c, err := st.Get(ctx, realCallKey); err != nil || c.State != callstate.StateQueued || c.Queue != "q2" {
+		t.Fatalf("after the max wait: %s in %q (%v), want queued in q2", c.State, c.Queue, err)
+	}
+
+	followUpsUntilDone(t, d)
+	if _, in := queueEntry(t, f.qs, realCallKey); in {
+		t.Errorf("the follow-up put the caller, who waits in q2 now, back in q")
+	}
+	if n := d.LostOffers.Load(); n != 0 {
+		t.Errorf("LostOffers = %d, want 0", n)
+	}
+}

@@ -1398,6 +1398,10 @@ type OfferCheck struct {
 	// Offers is the record's count of transfer attempts, the offer's included: a record read
 	// later that counts fewer has lost the offer.
 	Offers int
+	// Queue and QueueScore are the queue the offer took the caller from and their place in it:
+	// a record that lost the offer waits there again, unless the caller has moved on since.
+	Queue      string
+	QueueScore int64
 }
 
 // CheckOffer reads the record of a call whose offer to agent returned an error (the save's
@@ -1412,7 +1416,8 @@ func (m *Machine) CheckOffer(ctx context.Context, tenant, callKey, agent string)
 	if err != nil {
 		return OfferCheck{}, err
 	}
-	oc := OfferCheck{Took: c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), Offers: c.Offers}
+	oc := OfferCheck{Took: c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), Offers: c.Offers,
+		Queue: c.Queue, QueueScore: c.QueueScore}
 	if oc.Took {
 		oc.Replicated = m.cfg.Store.Sync(ctx, callKey) == nil
 	}
@@ -1433,9 +1438,9 @@ const (
 	// reconciler's.
 	OfferKept
 	// OfferLost: a failover lost the offer and the call waits in the queue again in its record
-	// (fewer transfer attempts than the offer made): the caller, whom the reservation took out
-	// of the queue, must be put back at their place, and the agent, still reserved for them,
-	// freed.
+	// (fewer transfer attempts than the offer made, the same queue and place): the caller, whom
+	// the reservation took out of the queue, must be put back at their place, and the agent,
+	// still reserved for them, freed.
 	OfferLost
 	// OfferLostEnded: the offer was lost and the call has ended since, or its record is gone:
 	// only the agent is to be freed.
@@ -1452,13 +1457,16 @@ func (f OfferFate) String() string {
 }
 
 // OfferFate reads again the record of a call whose offer took on the master without being
-// replicated; offers is OfferCheck.Offers. The count of transfer attempts tells a lost offer from
+// replicated; offer is its OfferCheck. The count of transfer attempts tells a lost offer from
 // one that took and failed since: a failed transfer also puts the call back in the queue (the
 // machine requeues the caller and frees the agent itself), but with the attempt counted, while a
 // record a failover took back to before the offer counts one attempt fewer. A record that shows
 // the offer, or anything after it, settles once the replicas have it (Store.Sync covers
-// everything the master has).
-func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offers int) (OfferFate, error) {
+// everything the master has). A record that lost the offer and has moved on since (the caller's
+// max wait passed them on to another queue, or the flow lost their queue) is the machine's: the
+// caller is not put back where the offer took them from.
+func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offer OfferCheck) (OfferFate, error) {
+	offers := offer.Offers
 	m.cache.drop(callKey)
 	c, err := m.cfg.Store.Get(ctx, callKey)
 	switch {
@@ -1466,13 +1474,13 @@ func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offers 
 		return OfferLostEnded, nil
 	case err != nil:
 		return OfferUnsettled, err
-	case c.Offers < offers && c.State == StateQueued:
+	case c.Offers < offers && c.State == StateQueued && c.Queue == offer.Queue && c.QueueScore == offer.QueueScore:
 		return OfferLost, nil
 	case c.Offers < offers && c.State.Terminal():
 		return OfferLostEnded, nil
 	case c.Offers < offers:
-		// taken back further than the queue (the caller in no queue): the reconciler frees the
-		// agent, whose call is neither queued nor with them
+		// taken back further than the queue (the caller in no queue), or moved on since to
+		// another queue or place: the reconciler frees the agent, whose call is not with them
 		return OfferKept, nil
 	}
 	if err := m.cfg.Store.Sync(ctx, callKey); err != nil {

@@ -65,16 +65,16 @@ type Dispatcher struct {
 }
 
 // followUp is an offer the dispatcher watches until it knows whether a failover lost it: the
-// reservation (caller, agent, score), the queue, the record's transfer attempts with the offer,
+// reservation (caller, agent, score), the queue, what the record showed of the offer,
 // when to look next, the wait after that look (the time since the offer then) and the looks so
 // far.
 type followUp struct {
-	r      Reservation
-	queue  string
-	offers int
-	due    time.Time
-	wait   time.Duration
-	looks  int
+	r     Reservation
+	queue string
+	offer callstate.OfferCheck
+	due   time.Time
+	wait  time.Duration
+	looks int
 }
 
 var _ callstate.Queues = (*Dispatcher)(nil)
@@ -89,7 +89,7 @@ type OfferChecker interface {
 // replicas, and later whether a failover lost it. callstate.Machine implements it.
 type OfferFollower interface {
 	CheckOffer(ctx context.Context, tenant, callKey, agent string) (callstate.OfferCheck, error)
-	OfferFate(ctx context.Context, tenant, callKey string, offers int) (callstate.OfferFate, error)
+	OfferFate(ctx context.Context, tenant, callKey string, offer callstate.OfferCheck) (callstate.OfferFate, error)
 }
 
 // offerTook reads the call's record after an offer returned an error: took when the offer was
@@ -99,7 +99,7 @@ func (d *Dispatcher) offerTook(ctx context.Context, q string, r Reservation) (to
 	if of, ok := d.Offer.(OfferFollower); ok {
 		c, err := of.CheckOffer(ctx, d.Tenant, r.Call, r.Agent)
 		if err == nil && c.Took && !c.Replicated {
-			d.follow(q, r, c.Offers)
+			d.follow(q, r, c)
 		}
 		return c.Took, err == nil
 	}
@@ -112,9 +112,9 @@ func (d *Dispatcher) offerTook(ctx context.Context, q string, r Reservation) (to
 }
 
 // follow starts following up an offer that took on the master but is on no replica yet.
-func (d *Dispatcher) follow(q string, r Reservation, offers int) {
+func (d *Dispatcher) follow(q string, r Reservation, offer callstate.OfferCheck) {
 	wait := cmp.Or(d.OfferRecheck, defaultOfferRecheck)
-	d.followUps = append(d.followUps, &followUp{r: r, queue: q, offers: offers, due: d.Now().Add(wait), wait: wait})
+	d.followUps = append(d.followUps, &followUp{r: r, queue: q, offer: offer, due: d.Now().Add(wait), wait: wait})
 	d.Log.Warn("offer saved on the master but not on its replicas: following it up", zap.String("call_id", r.Call),
 		zap.String("agent", r.Agent), zap.Duration("first_look", wait))
 }
@@ -136,7 +136,9 @@ const (
 // a record that shows the offer or anything after it (with the agent, or back in the queue after
 // the transfer failed: the machine requeued the caller and freed the agent itself, and another
 // instance may have reserved the agent for them again) is never acted on, and ends it once the
-// replicas confirm it; an offer lost puts the caller back at their score (an enqueue is
+// replicas confirm it, nor is one that lost the offer and moved on since (passed on to another
+// queue at its max wait: put back in this one too, the caller would wait in two); an offer lost
+// puts the caller back at their score (an enqueue is
 // idempotent) and frees the agent if still reserved for that call (AgentAbandoned: they keep
 // their place among the longest idle), the agent alone if the call ended meanwhile. A follow-up still unsettled
 // after its last look is left to the reconciler, as are those pending when Run ends (a shutdown)
@@ -159,7 +161,7 @@ func (d *Dispatcher) FollowUpOffers(ctx context.Context) int {
 			continue
 		}
 		log := d.Log.With(zap.String("call_id", f.r.Call), zap.String("agent", f.r.Agent), zap.String("queue", f.queue))
-		fate, err := of.OfferFate(ctx, d.Tenant, f.r.Call, f.offers)
+		fate, err := of.OfferFate(ctx, d.Tenant, f.r.Call, f.offer)
 		if fate == callstate.OfferLost || fate == callstate.OfferLostEnded {
 			// decided: carried through even if ctx ends meanwhile (as DispatchOnce's undo)
 			uctx := context.WithoutCancel(ctx)

@@ -31,7 +31,7 @@ func (u *unreplicatedOfferer) CheckOffer(context.Context, string, string, string
 	return callstate.OfferCheck{Took: true, Offers: 1}, nil
 }
 
-func (u *unreplicatedOfferer) OfferFate(_ context.Context, _, call string, offers int) (callstate.OfferFate, error) {
+func (u *unreplicatedOfferer) OfferFate(_ context.Context, _, call string, _ callstate.OfferCheck) (callstate.OfferFate, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.looks = append(u.looks, fmt.Sprintf("%s@%s", call, u.now().Format("04:05")))
