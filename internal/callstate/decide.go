@@ -779,12 +779,22 @@ func (d *decision) transferFailed(notSent bool) {
 			d.timer(TimerHold, goneQueueDelay)
 			return
 		}
+		maxWait := c.Timers[TimerMaxWait]
 		d.clearTimers()
 		d.hold(nil)
 		d.emit(Command{Kind: CmdEnqueue, Queue: c.Queue, Score: c.QueueScore})
 		if q := d.env.Flow.Queues[c.Queue]; q != nil && q.MaxWait > 0 {
 			left := q.MaxWait - d.env.Now.Sub(c.QueuedAt)
 			d.timer(TimerMaxWait, max(left, time.Second))
+		} else if q == nil && maxWait != 0 {
+			// a queue of a newer flow, whose max wait this instance cannot tell: the max-wait
+			// timer armed when the caller joined stays armed (the hand-off left it), for an
+			// instance that has the flow
+			c.Timers = maps.Clone(c.Timers)
+			if c.Timers == nil {
+				c.Timers = map[TimerKind]int64{}
+			}
+			c.Timers[TimerMaxWait] = maxWait
 		}
 		return
 	}

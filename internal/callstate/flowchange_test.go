@@ -218,3 +218,37 @@ func TestCallerInAQueueOfANewerFlowStaysQueued(t *testing.T) {
 		backAtTheMenu(t, "queued during the update", c, cmds, "vip")
 	})
 }
+
+// In a rolling update that adds queue sales (max wait 2 minutes), a caller the updated instances
+// queued there is offered to an agent, and the transfer fails, the failure decided by an
+// instance not yet updated. The caller goes back to sales, served by the updated instances, and
+// keeps their max wait (its timer, armed when they joined): 2 minutes after they joined, the
+// flow's on-timeout (a goodbye), where the max wait was dropped and they waited without end.
+func TestFailedHandOffInAQueueOfANewerFlowKeepsTheMaxWait(t *testing.T) {
+	newer := testEnv(t)
+	older := envWithout(t, "sales")
+	older.FlowSince = newer.Now.Add(-time.Hour)
+	agent := "11111111-0000-4000-8000-000000000001"
+	c, _ := step(t, newer, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1},
+		Event{Kind: EvAgentOffer, Agent: agent})
+	if c.State != StateTransferring || c.Queue != "sales" {
+		t.Fatalf("%s in %q", c.State, c.Queue)
+	}
+	older.Now = newer.Now.Add(40 * time.Second)
+	c, cmds, err := Decide(c, Event{Kind: EvTransferFailed, Verified: true}, older)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != StateQueued || !slices.ContainsFunc(cmds, func(cmd Command) bool { return cmd.Kind == CmdEnqueue && cmd.Queue == "sales" }) {
+		t.Fatalf("failed transfer: %s %v, want back in sales", c.State, kinds(cmds))
+	}
+	if c.Timers[TimerMaxWait] == 0 {
+		t.Fatalf("failed transfer: timers %v: the caller's max wait is gone", c.Timers)
+	}
+	// the max-wait timer, armed when the caller joined, fired by an updated instance
+	at := func(d time.Duration) Env { e := newer; e.Now = newer.Now.Add(d); return e }
+	c, cmds, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: c.Timers[TimerMaxWait]}, at(2*time.Minute))
+	if err != nil || c.State != StateTerminating {
+		t.Errorf("max wait over: %s %v %v, want the queue's on-timeout (goodbye)", c.State, kinds(cmds), err)
+	}
+}
