@@ -295,9 +295,14 @@ func (d *decision) apply(ev Event) error {
 				d.timer(TimerMaxWait, unknownQueueRetry)
 				return nil
 			}
+			q := d.env.Flow.Queues[c.Queue]
+			if q != nil && q.MaxWait == 0 {
+				// armed under a flow that limited the wait, which an edit has lifted since:
+				// the caller waits on (they were hung up: no on-timeout without a max wait)
+				return nil
+			}
 			d.emit(Command{Kind: CmdLeaveQueue, Queue: c.Queue})
 			d.silence()
-			q := d.env.Flow.Queues[c.Queue]
 			act := ivr.Action{Kind: ivr.ActionDisconnect}
 			if q != nil && q.OnTimeout.Kind != ivr.ActionNone {
 				act = q.OnTimeout

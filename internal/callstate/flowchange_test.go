@@ -252,3 +252,27 @@ func TestFailedHandOffInAQueueOfANewerFlowKeepsTheMaxWait(t *testing.T) {
 		t.Errorf("max wait over: %s %v %v, want the queue's on-timeout (goodbye)", c.State, kinds(cmds), err)
 	}
 }
+
+// A flow edited to lift a queue's max wait (and so its on-timeout, which needs one) must not hang
+// up the callers who joined under the old limit: the max-wait timer armed then fires on an
+// instance with the new flow, whose queue has no on-timeout, and the default was to disconnect.
+func TestMaxWaitLiftedByAFlowChangeDoesNotHangUp(t *testing.T) {
+	old := testEnv(t)
+	c, _ := step(t, old, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	if c.State != StateQueued || c.Timers[TimerMaxWait] == 0 {
+		t.Fatalf("%s, timers %v: want queued in sales with its max wait armed", c.State, c.Timers)
+	}
+	f, err := ivr.Parse([]byte(strings.Replace(testFlowYAML, "    max-wait: 2m\n    on-timeout: {disconnect: bye}\n", "", 1)), "new.yaml")
+	if err != nil || f.Queues["sales"].MaxWait != 0 {
+		t.Fatalf("new flow: %v", err)
+	}
+	lifted := old
+	lifted.Flow, lifted.FlowSince, lifted.Now = f, old.Now, old.Now.Add(2*time.Minute)
+	c, cmds, err := Decide(c, Event{Kind: EvTimeout, Timer: TimerMaxWait, TimerToken: c.Timers[TimerMaxWait]}, lifted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != StateQueued || c.Queue != "sales" || len(cmds) != 0 {
+		t.Errorf("max wait fired after the flow lifted it: %s in %q, %v; want the caller left waiting", c.State, c.Queue, kinds(cmds))
+	}
+}
