@@ -421,6 +421,17 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 	if s := graph.ScenarioID(ctx); s != "" {
 		log = log.WithLazy(zap.String("scenario_id", s))
 	}
+	// Timers are armed ahead of the save: a save that loses its race to another instance's
+	// leaves them in the timer set, armed for a decision no record holds (lost). Those that
+	// neither a record read since nor a later attempt holds leave it with the next batch of
+	// acknowledgements (left, each fired for nothing later: a claim, a read and a removal, up to
+	// 90 s or minutes on; a stale cached copy loses such races all the time behind a balancer).
+	var (
+		lost  []Timer
+		kept  []string
+		drawn int64 // the highest token drawn by a record read, or saved, since
+	)
+	defer func() { m.dropLost(lost, kept, drawn) }()
 	for attempt := 0; attempt < 16; attempt++ {
 		var cur Call
 		fromCache := false
@@ -438,6 +449,8 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				if err != nil {
 					return false, err
 				}
+				kept = appendMembers(kept, cur.Tenant, callKey, cur.Timers)
+				drawn = max(drawn, cur.Seq)
 			}
 		}
 		if cur.Tenant != "" && cur.Tenant != tenant {
@@ -531,9 +544,14 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			if errors.Is(err, ErrConflict) {
 				m.exec.fill(execKey, slot, nil)
 				m.cache.drop(callKey) // another instance changed the call: decide again on its record
+				lost = append(lost, timers...)
 				continue
 			}
 		}
+		for _, tm := range timers { // saved, or perhaps saved (an error after the write)
+			kept = append(kept, member(tm.Tenant, tm.Call, tm.Kind, tm.Token))
+		}
+		drawn = max(drawn, next.Seq)
 		if err != nil {
 			m.exec.fill(execKey, slot, nil)
 			m.cache.drop(callKey)
@@ -664,6 +682,41 @@ func (m *Machine) dropTimers(cur, next Call, key string) {
 	case m.acks <- Ack{Call: key, Timers: stale}:
 	default:
 	}
+}
+
+// dropLost takes the timers armed ahead of saves that lost their race (lost) out of the timer
+// set with the next batch of acknowledgements, as dropTimers does: those whose token a record
+// read or saved since has drawn (drawn; tokens only grow, so no later decision arms it again)
+// and that no such record holds (kept: another instance's save, or the attempt after the lost
+// one, armed the same timer). Any other is left to fire and be ignored, as one a crash leaves.
+func (m *Machine) dropLost(lost []Timer, kept []string, drawn int64) {
+	if len(lost) == 0 || !m.batching.Load() {
+		return
+	}
+	var stale []string
+	for _, tm := range lost {
+		l := member(tm.Tenant, tm.Call, tm.Kind, tm.Token)
+		if tm.Token <= drawn && !slices.Contains(kept, l) && !slices.Contains(stale, l) {
+			stale = append(stale, l)
+		}
+	}
+	if len(stale) == 0 {
+		return
+	}
+	select {
+	case m.acks <- Ack{Call: lost[0].Call, Timers: stale}:
+	default:
+	}
+}
+
+// appendMembers appends the timer-set members of a record's timers.
+func appendMembers(out []string, tenant, key string, timers map[TimerKind]int64) []string {
+	for kind, tok := range timers {
+		if tok != 0 {
+			out = append(out, member(tenant, key, kind, tok))
+		}
+	}
+	return out
 }
 
 // ack records that a batch of a call's commands of one kind (after prev, up to seq) is done: at

@@ -496,6 +496,56 @@ func TestDisarmedTimersLeaveTheTimerSet(t *testing.T) {
 	}
 }
 
+// Timers are armed in the save's round trip, ahead of the record: a save that loses its race
+// (instance A decides on its cached copy while instance B moved the call on) armed them for a
+// decision no record holds. They leave the timer set too, with the acknowledgements. Left there,
+// each fired later for nothing (the rolling-deploy soak, docs/chaos.md, found transfer timers
+// due 90 s after calls that had ended, one per lost race).
+func TestTimersOfALostSaveLeaveTheTimerSet(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	a := instance(t, rdb, "ls", &fakeGraph{}, &fakeQueues{}, nil)
+	b := instance(t, rdb, "ls", &fakeGraph{}, &fakeQueues{}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	var acking sync.WaitGroup
+	acking.Go(func() { a.RunAcks(ctx, 10*time.Millisecond) })
+	acking.Go(func() { b.RunAcks(ctx, 10*time.Millisecond) })
+	defer func() { cancel(); acking.Wait() }()
+	id := "5b1c0f7e-2d4a-4c8e-9f3b-7a6d5e4c3b2a"
+	key := graph.CallKey(id)
+	store := callstate.NewStore(rdb, "ls")
+	notify(t, a, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, a, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	notify(t, a, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	// B applies the end of the hold music (played again, its guard armed again): A's copy is stale
+	c, _ := store.Get(context.Background(), key)
+	notify(t, b, `{"value":[{"changeType":"deleted","resourceUrl":"/communications/calls/`+id+`/operations/o1","resourceData":{"@odata.type":"#microsoft.graph.playPromptOperation","status":"completed","clientContext":"`+c.PromptCtx+`"}}]}`)
+	// A's dispatcher offers the caller on its stale copy: its first save (transfer timer armed) loses
+	if ok, err := a.Offer(context.Background(), "tenant-1", key, "agent-1"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	a.Wait()
+	c, _ = store.Get(context.Background(), key)
+	if c.State != callstate.StateTransferring {
+		t.Fatalf("after the offer: %s, want transferring", c.State)
+	}
+	var want []string
+	for kind, tok := range c.Timers {
+		want = append(want, "tenant-1|"+key+"|"+string(kind)+"|"+strconv.FormatInt(tok, 10))
+	}
+	slices.Sort(want)
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		got, _ = rdb.ZRange(context.Background(), "ls:{timers}", 0, -1).Result()
+		slices.Sort(got)
+		if slices.Equal(got, want) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("timer set %v, want the record's timers alone %v (a save that lost its race left its timers)", got, want)
+	}
+}
+
 // A transfer request that timed out may have reached Graph all the same, and Graph may not have
 // left "established" yet when callbot reads the call at once: taking that read for the
 // transfer's failure put the caller back in the queue while Graph was transferring them (the
