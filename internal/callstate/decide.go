@@ -201,6 +201,9 @@ func (d *decision) apply(ev Event) error {
 			d.transferFailed(false)
 		case c.State == StateTransferring && ev.GraphState == graph.CallTransferring && !c.Transferring:
 			c.Transferring = true // as EvTransferring: the notification was lost, or is late
+			if c.Timers[TimerTransfer] != 0 {
+				d.timer(TimerTransfer, d.env.TransferTimeout) // no more rechecks: the outcome comes, or this asks
+			}
 		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished:
 			// Checking a failure notification, Graph has the call established, but it never said
 			// the current attempt was under way: the notification may be a repeat of an earlier
@@ -339,9 +342,17 @@ func (d *decision) apply(ev Event) error {
 			if ev.Timer != TimerTransfer {
 				return ErrIgnored
 			}
-			// no outcome in time: ask Graph (a lost notification), and keep watching
+			// no outcome in time: ask Graph (a lost notification), and keep watching. Until Graph
+			// has said the attempt is under way, that read is what settles it (a request that
+			// failed ambiguously, a failure that may be an earlier attempt's): one Graph does not
+			// answer (throttled, failing) is asked again a recheck later, not a transfer timeout
+			// later, with the caller in silence and the agent reserved meanwhile
 			d.emit(Command{Kind: CmdCheckCall, Settles: true})
-			d.timer(TimerTransfer, d.env.TransferTimeout)
+			if c.Transferring {
+				d.timer(TimerTransfer, d.env.TransferTimeout)
+			} else {
+				d.timer(TimerTransfer, transferRecheck)
+			}
 		case StateTerminating:
 			// the goodbye never finished, or the hangup got no terminated notification (Graph
 			// refused it, or the notification was lost): hang up again, and keep watching
