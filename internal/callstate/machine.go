@@ -935,6 +935,10 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 		return
 	case errors.Is(err, graph.ErrCallGone):
 		ev = Event{Kind: EvEnded, Reason: ReasonGone}
+	case err != nil && c.State == StateTransferring:
+		// a transfer in doubt waits on this read: asked again a recheck later (EvCallState)
+		log.Warn("cannot read the call from Graph during a transfer", zap.Error(err))
+		ev = Event{Kind: EvCallState, Unreadable: true}
 	case err != nil:
 		log.Warn("cannot read the call from Graph; its timers will ask again", zap.Error(err))
 		return

@@ -569,47 +569,61 @@ func TestAmbiguousTransferFailureIsNotSettledByAnImmediateRead(t *testing.T) {
 	}
 }
 
-// The second read may find Graph throttling (429 after the client's retry) or failing: the doubt
-// stays, and callbot asks again a recheck later, until a read settles it. Before, the next look
-// was the transfer's timer, 90 s on: the caller heard nothing (the transfer had taken the hold
-// music) and the agent stayed reserved for a minute and a half (the rolling-deploy soak with a
-// throttling Graph, docs/chaos.md).
+// A read may find Graph throttling (429 after the client's retry) or failing, the immediate one
+// or the recheck's: the doubt stays, and callbot asks again a recheck later, until a read settles
+// it. Before, the next look was the transfer's timer, 90 s on: the caller heard nothing (the
+// transfer had taken the hold music) and the agent stayed reserved for a minute and a half (the
+// rolling-deploy soak with a throttling Graph, docs/chaos.md).
 func TestAmbiguousTransferFailureUnreadableIsReadAgainSoon(t *testing.T) {
-	g, q := &fakeGraph{fail: map[string]error{"transfer": fmt.Errorf("post transfer: %w", context.DeadlineExceeded)}}, &fakeQueues{}
-	var mu sync.Mutex
-	clock := time.Now()
-	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
-	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
-	m, store := newMachine(t, g, q, now)
-	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e55"
-	offeredToAgentA(t, m, id) // the transfer times out; the immediate read: still established
-	g.mu.Lock()
-	g.fail["get"] = &graph.Error{Op: "get", Status: 429, Code: "TooManyRequests"}
-	g.mu.Unlock()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
-	defer func() { cancel(); <-done }()
-	advance(6 * time.Second) // past the recheck: its read is throttled
-	for deadline := time.Now().Add(5 * time.Second); countPrefix(g.log(), "get") < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-	}
-	m.Wait()
-	if n := countPrefix(g.log(), "get"); n != 2 {
-		t.Fatalf("reads of the call %d (graph %v), want the recheck's", n, g.log())
-	}
-	g.mu.Lock()
-	delete(g.fail, "get")
-	g.mu.Unlock()
-	advance(6 * time.Second) // another recheck later, not the transfer's 90 s
-	var c callstate.Call
-	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		m.Wait()
-		if c, _ = store.Get(context.Background(), graph.CallKey(id)); c.State == callstate.StateQueued {
-			break
-		}
-	}
-	if c.State != callstate.StateQueued || !slices.Contains(q.ops, "release agent-a failed") || countPrefix(g.log(), "transfer") != 1 {
-		t.Errorf("12 s after the ambiguous failure, the second read throttled: %s, queue ops %v, graph %v; want read again and back in the queue, the agent freed", c.State, q.ops, g.log())
+	throttled := &graph.Error{Op: "get", Status: 429, Code: "TooManyRequests"}
+	for _, tc := range []struct {
+		name      string
+		immediate bool // the immediate read fails too, not only the recheck's
+		reads     int  // reads by then
+	}{{"the recheck's read", false, 2}, {"the immediate read", true, 1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, q := &fakeGraph{fail: map[string]error{"transfer": fmt.Errorf("post transfer: %w", context.DeadlineExceeded)}}, &fakeQueues{}
+			if tc.immediate {
+				g.fail["get"] = throttled
+			}
+			var mu sync.Mutex
+			clock := time.Now()
+			now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+			advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+			m, store := newMachine(t, g, q, now)
+			id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e55"
+			offeredToAgentA(t, m, id) // the transfer times out; callbot reads the call
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
+			defer func() { cancel(); <-done }()
+			if !tc.immediate {
+				g.mu.Lock()
+				g.fail["get"] = throttled
+				g.mu.Unlock()
+				advance(6 * time.Second) // past the recheck: its read is throttled
+				for deadline := time.Now().Add(5 * time.Second); countPrefix(g.log(), "get") < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				}
+				m.Wait()
+			}
+			if n := countPrefix(g.log(), "get"); n != tc.reads {
+				t.Fatalf("reads of the call %d (graph %v), want %d", n, g.log(), tc.reads)
+			}
+			g.mu.Lock()
+			delete(g.fail, "get")
+			g.mu.Unlock()
+			advance(6 * time.Second) // another recheck later, not the transfer's 90 s
+			var c callstate.Call
+			for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				m.Wait()
+				if c, _ = store.Get(context.Background(), graph.CallKey(id)); c.State == callstate.StateQueued {
+					break
+				}
+			}
+			if c.State != callstate.StateQueued || !slices.Contains(q.ops, "release agent-a failed") || countPrefix(g.log(), "transfer") != 1 {
+				t.Errorf("6 s after a read Graph did not answer: %s, queue ops %v, graph %v; want read again and back in the queue, the agent freed", c.State, q.ops, g.log())
+			}
+		})
 	}
 }
 

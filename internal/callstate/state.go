@@ -124,6 +124,9 @@ type Event struct {
 	Participants []string
 	// GraphState is the call's state read from Graph (EvCallState).
 	GraphState graph.CallState
+	// Unreadable: Graph did not answer the read (EvCallState; throttled, failing), so
+	// GraphState says nothing.
+	Unreadable bool
 	// Verified: a transfer failure known to be about the current attempt (the request was
 	// refused, or Graph shows the call established again), not a late or repeated notification.
 	// On EvCallState: the read settles the current attempt (it follows the attempt's own
