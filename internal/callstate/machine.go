@@ -663,10 +663,11 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 // cancelled, fired, or left by the call's end) out of the timer set, with the next batch of
 // acknowledgements (RunAcks): no round trip of their own. Left there, each fires later for
 // nothing: a claim, a read of the record and a removal, more than a round trip per call. Without
-// batching, or with the batch full, they are left to fire and be ignored, as any timer a crash
-// leaves behind.
+// batching (RunAcks has stopped: a shutdown, whose grace still applies what Graph answers to the
+// commands being sent) they go at once; with the batch full they are left to fire and be
+// ignored, as any timer a crash leaves behind.
 func (m *Machine) dropTimers(cur, next Call, key string) {
-	if len(cur.Timers) == 0 || !m.batching.Load() {
+	if len(cur.Timers) == 0 {
 		return
 	}
 	var stale []string
@@ -675,12 +676,26 @@ func (m *Machine) dropTimers(cur, next Call, key string) {
 			stale = append(stale, member(cur.Tenant, key, kind, tok))
 		}
 	}
+	m.dropMembers(key, stale)
+}
+
+// dropMembers takes timer-set members out with the next batch of acknowledgements, or at once
+// when there is no batching.
+func (m *Machine) dropMembers(key string, stale []string) {
 	if len(stale) == 0 {
 		return
 	}
-	select {
-	case m.acks <- Ack{Call: key, Timers: stale}:
-	default:
+	if m.batching.Load() {
+		select {
+		case m.acks <- Ack{Call: key, Timers: stale}:
+		default:
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := m.cfg.Store.AckMany(ctx, Ack{Call: key, Timers: stale}); err != nil {
+		m.cfg.Log.Debug("disarmed timers left in the timer set", zap.String("call_id", key), zap.Error(err))
 	}
 }
 
@@ -690,7 +705,7 @@ func (m *Machine) dropTimers(cur, next Call, key string) {
 // and that no such record holds (kept: another instance's save, or the attempt after the lost
 // one, armed the same timer). Any other is left to fire and be ignored, as one a crash leaves.
 func (m *Machine) dropLost(lost []Timer, kept []string, drawn int64) {
-	if len(lost) == 0 || !m.batching.Load() {
+	if len(lost) == 0 {
 		return
 	}
 	var stale []string
@@ -700,13 +715,7 @@ func (m *Machine) dropLost(lost []Timer, kept []string, drawn int64) {
 			stale = append(stale, l)
 		}
 	}
-	if len(stale) == 0 {
-		return
-	}
-	select {
-	case m.acks <- Ack{Call: lost[0].Call, Timers: stale}:
-	default:
-	}
+	m.dropMembers(lost[0].Call, stale)
 }
 
 // appendMembers appends the timer-set members of a record's timers.

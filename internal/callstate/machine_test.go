@@ -496,6 +496,36 @@ func TestDisarmedTimersLeaveTheTimerSet(t *testing.T) {
 	}
 }
 
+// During a shutdown's grace the batches of acknowledgements have stopped (RunAcks returned) while
+// what Graph answers to the commands still being sent is applied: a timer such a transition
+// disarms leaves the timer set at once. Before, it stayed until it fired for nothing (hold-music
+// guards minutes after the calls had ended, in the rolling-deploy soak, docs/chaos.md).
+func TestDisarmedTimersLeaveTheTimerSetDuringAShutdown(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	m := instance(t, rdb, "sd", &fakeGraph{}, &fakeQueues{}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	acking := make(chan struct{})
+	go func() { m.RunAcks(ctx, 10*time.Millisecond); close(acking) }()
+	id := "3e8d1c2b-6a5f-4e4d-8c3b-2a1f0e9d8c7b"
+	key := graph.CallKey(id)
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	cancel() // SIGTERM: the loops stop, RunAcks writes what it holds and returns
+	<-acking
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	c, _ := callstate.NewStore(rdb, "sd").Get(context.Background(), key)
+	var want []string
+	for kind, tok := range c.Timers {
+		want = append(want, "tenant-1|"+key+"|"+string(kind)+"|"+strconv.FormatInt(tok, 10))
+	}
+	slices.Sort(want)
+	got, _ := rdb.ZRange(context.Background(), "sd:{timers}", 0, -1).Result()
+	slices.Sort(got)
+	if c.State != callstate.StateQueued || !slices.Equal(got, want) {
+		t.Errorf("%s: timer set %v, want the record's timers alone %v (the menu's no-input timer disarmed)", c.State, got, want)
+	}
+}
+
 // Timers are armed in the save's round trip, ahead of the record: a save that loses its race
 // (instance A decides on its cached copy while instance B moved the call on) armed them for a
 // decision no record holds. They leave the timer set too, with the acknowledgements. Left there,
