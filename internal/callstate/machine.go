@@ -496,7 +496,10 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			}
 		}
 		// Queue writes that are harmless even if this save loses a race join its round trip too.
-		// Not on Redis Cluster with replicas to wait for: they live on another master than the
+		// An agent's release is not one: decided on a copy that is behind (the agent's transfer
+		// accepted meanwhile, on another instance), a call's end frees the agent at once, as if
+		// the caller had left while they rang, while they talk to the caller; it runs once the
+		// save has won, from the outbox. Not on Redis Cluster with replicas to wait for: they live on another master than the
 		// record, which a failover could take back to before them while keeping the record
 		// (a caller queued in their record and in no queue). There they stay outbox commands,
 		// carried out once the save is replicated and acknowledged only once they are
@@ -507,8 +510,7 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			var piped, kept []Command
 			for _, cmd := range rest {
 				switch {
-				case cmd.Kind == CmdEnqueue,
-					next.State.Terminal() && (cmd.Kind == CmdLeaveQueue || cmd.Kind == CmdReleaseAgent):
+				case cmd.Kind == CmdEnqueue, next.State.Terminal() && cmd.Kind == CmdLeaveQueue:
 					piped = append(piped, cmd)
 				default:
 					kept = append(kept, cmd)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -192,5 +193,59 @@ func TestHoldMusicAfterARefusedTransferIsNotMoot(t *testing.T) {
 	}
 	if offers != 2 {
 		t.Fatalf("the caller joined the queue %d times, want 2 (again after the refused transfer)", offers)
+	}
+}
+
+// recordingWriter is a QueueWriter whose piped writes are recorded as they go out, in the
+// pipeline of the save, whether it wins its race or not.
+type recordingWriter struct{ fakeQueues }
+
+func (q *recordingWriter) Writes(ctx context.Context, tenant, callKey string, cmds []callstate.Command) (func(redis.Pipeliner), func()) {
+	return func(redis.Pipeliner) {
+		for _, c := range cmds {
+			switch c.Kind {
+			case callstate.CmdEnqueue:
+				q.Enqueue(ctx, tenant, c.Queue, callKey, c.Score)
+			case callstate.CmdLeaveQueue:
+				q.Remove(ctx, tenant, c.Queue, callKey)
+			case callstate.CmdReleaseAgent:
+				q.Release(ctx, tenant, c.Agent, callKey, c.AgentOutcome, c.After)
+			}
+		}
+	}, nil
+}
+
+// An agent's release decided on a stale cached copy must not go out with a save that loses its
+// race: instance A offered the caller and caches the call transferring; instance B applies the
+// transfer's acceptance (the agent talks to the caller now); the call's end reaches A, whose
+// first decision, on its copy, takes the end for a caller who left while the agent rang and
+// frees the agent at once. That save loses to B's, and A decides again (transferred: the agent
+// held by the connected guard), but the first release had gone out in the pipeline: the agent
+// was offered another caller 2 ms later, in the middle of the conversation (the rolling-deploy
+// soak with a slow Graph, docs/chaos.md: an agent offered two calls at once).
+func TestReleaseOfALostSaveIsNotSent(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	q := &recordingWriter{}
+	a := instance(t, rdb, "rl", &fakeGraph{}, q, nil)
+	b := instance(t, rdb, "rl", &fakeGraph{}, q, nil)
+	id := "9d2c4b6a-1e3f-4a5b-8c7d-6e5f4a3b2c1d"
+	key := graph.CallKey(id)
+	queuedCall(t, a, id)
+	if ok, err := a.Offer(context.Background(), "tenant-1", key, "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	a.Wait()
+	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferAccepted"}`))
+	notify(t, a, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":200,"subcode":540000}}`))
+	c, _ := callstate.NewStore(rdb, "rl").Get(context.Background(), key)
+	var releases []string
+	for _, op := range q.ops {
+		if strings.HasPrefix(op, "release") {
+			releases = append(releases, op)
+		}
+	}
+	if c.Outcome != callstate.OutcomeTransferred || !slices.Equal(releases, []string{"release agent-a connected"}) {
+		t.Errorf("outcome %s, releases %v; want transferred, the agent released once, as after a transfer", c.Outcome, releases)
 	}
 }
