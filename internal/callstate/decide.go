@@ -191,12 +191,13 @@ func (d *decision) apply(ev Event) error {
 
 	case EvCallState:
 		switch {
-		case ev.Unreadable && c.State == StateTransferring && !c.Transferring:
-			// Graph did not answer a read that was to settle the transfer (throttled, failing):
-			// ask again a recheck later, not at the transfer's timeout, the caller in silence
+		case ev.Unreadable && c.State == StateTransferring:
+			// Graph did not answer a read that was to settle the transfer (a request that failed
+			// ambiguously, a failure notified, no outcome in time; throttled, failing): ask again
+			// a recheck later, not at the transfer's timeout, the caller in silence meanwhile
 			d.timer(TimerTransfer, transferRecheck)
 		case ev.Unreadable:
-			return ErrIgnored // Graph said the attempt is under way: its outcome comes, or its timer asks
+			return ErrIgnored
 		case c.State == StateAnswering && ev.GraphState == graph.CallEstablished:
 			d.established()
 		case c.State == StateAnswering && ev.GraphState == graph.CallIncoming && c.Answers < maxAnswers:

@@ -609,11 +609,15 @@ func TestAmbiguousTransferFailureUnreadableIsReadAgainSoon(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		immediate bool // the immediate read fails too, not only the recheck's
+		notified  bool // the transfer went through; Graph notified it under way, then its failure
 		reads     int  // reads by then
-	}{{"the recheck's read", false, 2}, {"the immediate read", true, 1}} {
+	}{{"the recheck's read", false, false, 2}, {"the immediate read", true, false, 1}, {"a notified failure's read", true, true, 1}} {
 		t.Run(tc.name, func(t *testing.T) {
 			g, q := &fakeGraph{fail: map[string]error{"transfer": fmt.Errorf("post transfer: %w", context.DeadlineExceeded)}}, &fakeQueues{}
-			if tc.immediate {
+			if tc.notified {
+				delete(g.fail, "transfer")
+			}
+			if tc.immediate && !tc.notified {
 				g.fail["get"] = throttled
 			}
 			var mu sync.Mutex
@@ -623,6 +627,13 @@ func TestAmbiguousTransferFailureUnreadableIsReadAgainSoon(t *testing.T) {
 			m, store := newMachine(t, g, q, now)
 			id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e55"
 			offeredToAgentA(t, m, id) // the transfer times out; callbot reads the call
+			if tc.notified {
+				g.mu.Lock()
+				g.fail["get"] = throttled
+				g.mu.Unlock()
+				notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+				notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subcode":7000}}`))
+			}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan struct{})
 			go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
