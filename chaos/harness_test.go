@@ -241,10 +241,20 @@ func baseEnv(sim *graphsim.Sim, caFile, redisAddr, publicURL string) map[string]
 // SIGKILL) when the test ends.
 func startCallbot(t *testing.T, name, addr string, env map[string]string) *callbotProc {
 	t.Helper()
+	p, err := launchCallbot(t, name, addr, env, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// launchCallbot is startCallbot for any goroutine: it returns an error instead of failing the
+// test (the process, if started, is still stopped when the test ends).
+func launchCallbot(t *testing.T, name, addr string, env map[string]string, ready time.Duration) (*callbotProc, error) {
 	p := &callbotProc{name: name, addr: addr, logPath: filepath.Join(t.TempDir(), name+".log"), exited: make(chan struct{})}
 	logf, err := os.Create(p.logPath)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	p.cmd = exec.Command(callbotBin, "serve")
 	for _, kv := range os.Environ() {
@@ -260,7 +270,7 @@ func startCallbot(t *testing.T, name, addr string, env map[string]string) *callb
 	setDeathSignal(p.cmd)
 	if err := p.cmd.Start(); err != nil {
 		logf.Close()
-		t.Fatalf("start %s: %v", name, err)
+		return nil, fmt.Errorf("start %s: %v", name, err)
 	}
 	go func() { p.cmd.Wait(); logf.Close(); close(p.exited) }()
 	t.Cleanup(func() {
@@ -278,18 +288,18 @@ func startCallbot(t *testing.T, name, addr string, env map[string]string) *callb
 			}
 		}
 	})
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(ready)
 	for {
 		if code, _ := readyz(p.url()); code == http.StatusOK {
-			return p
+			return p, nil
 		}
 		select {
 		case <-p.exited:
-			t.Fatalf("%s exited before it was ready:\n%s", name, tail(p.logPath, 20))
+			return p, fmt.Errorf("%s exited before it was ready:\n%s", name, tail(p.logPath, 20))
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s not ready after 20s:\n%s", name, tail(p.logPath, 20))
+			return p, fmt.Errorf("%s not ready after %s:\n%s", name, ready, tail(p.logPath, 20))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -357,11 +367,14 @@ type balancer struct {
 	base     *http.Transport
 	mu       sync.Mutex
 	backends []*backend
+	errs     []string // why requests got 502, with the time
 	next     int
 
 	failovers, badGateway atomic.Int64
-	stop                  context.CancelFunc
-	done                  chan struct{}
+	// healthPath is what the health check GETs; "/healthz" unless set before the first check.
+	healthPath string
+	stop       context.CancelFunc
+	done       chan struct{}
 }
 
 type backend struct {
@@ -370,8 +383,12 @@ type backend struct {
 	served, refusals atomic.Int64
 }
 
-func newBalancer(t *testing.T) *balancer {
-	b := &balancer{done: make(chan struct{})}
+func newBalancer(t *testing.T) *balancer { return newBalancerChecking(t, "/healthz") }
+
+// newBalancerChecking is newBalancer with a health check on path: "/readyz" takes a draining
+// instance out of service as a Kubernetes readiness probe does.
+func newBalancerChecking(t *testing.T, path string) *balancer {
+	b := &balancer{done: make(chan struct{}), healthPath: path}
 	b.base = &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
 		MaxIdleConnsPerHost: 64,
@@ -385,6 +402,9 @@ func newBalancer(t *testing.T) *balancer {
 		Transport: b,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			b.badGateway.Add(1)
+			b.mu.Lock()
+			b.errs = append(b.errs, time.Now().Format("05.000")+" "+err.Error())
+			b.mu.Unlock()
 			http.Error(w, "bad gateway: "+err.Error(), http.StatusBadGateway)
 		},
 	}
@@ -403,10 +423,24 @@ func newBalancer(t *testing.T) *balancer {
 
 func (b *balancer) URL() string { return b.srv.URL }
 
+// errors returns why the requests answered 502 failed, with their times.
+func (b *balancer) errors() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.errs)
+}
+
 func (b *balancer) add(name, host string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.backends = append(b.backends, &backend{name: name, host: host})
+}
+
+// remove takes the backend named name out of the rotation for good.
+func (b *balancer) remove(name string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.backends = slices.DeleteFunc(b.backends, func(be *backend) bool { return be.name == name })
 }
 
 // live returns the backends in service, starting with the next in round-robin order.
@@ -476,7 +510,7 @@ func (b *balancer) healthCheck(ctx context.Context) {
 		bes := slices.Clone(b.backends)
 		b.mu.Unlock()
 		for _, be := range bes {
-			resp, err := c.Get("http://" + be.host + "/healthz")
+			resp, err := c.Get("http://" + be.host + b.healthPath)
 			ok := err == nil && resp.StatusCode == http.StatusOK
 			if resp != nil {
 				resp.Body.Close()
