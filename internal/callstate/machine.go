@@ -449,7 +449,9 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				if err != nil {
 					return false, err
 				}
-				kept = appendMembers(kept, cur.Tenant, callKey, cur.Timers)
+				if len(lost) > 0 { // only after a lost save: the hot path builds no strings
+					kept = appendMembers(kept, cur.Tenant, callKey, cur.Timers)
+				}
 				drawn = max(drawn, cur.Seq)
 			}
 		}
@@ -551,6 +553,9 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			}
 		}
 		for _, tm := range timers { // saved, or perhaps saved (an error after the write)
+			if len(lost) == 0 {
+				break // a lost timer's token is drawn by the attempt that lost: none before it matter
+			}
 			kept = append(kept, member(tm.Tenant, tm.Call, tm.Kind, tm.Token))
 		}
 		drawn = max(drawn, next.Seq)
