@@ -375,3 +375,42 @@ func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
 		t.Errorf("LostOffers = %d, want 0", n)
 	}
 }
+
+// The agent of a call that ended is released in the next batch of acknowledgements, after the
+// save that decided it won its race: in the batch's round trip, ahead of the release's own
+// acknowledgement, the dispatcher woken once it is written. Checked with the real queue store
+// and dispatcher: the agent free again, the record's outbox empty.
+func TestReleaseOfAnEndedCallGoesInTheAcknowledgementBatch(t *testing.T) {
+	ctx := context.Background()
+	rdb := redistest.Start(t).Client(t)
+	const prefix = "rb"
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	mustDo(t, err)
+	qs := queue.NewStore(rdb, prefix)
+	const agent = "11111111-0000-4000-8000-000000000001"
+	mustDo(t, qs.SetMembers(ctx, "tenant-1", "q", []string{agent}))
+	mustDo(t, qs.SetRoutable(ctx, "tenant-1", map[string]bool{agent: true}))
+	d := queue.NewDispatcher(qs, nil, "tenant-1", []string{"q"}, zaptest.NewLogger(t))
+	store := callstate.NewStore(rdb, prefix)
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, prefix), Control: &fakeGraph{},
+		Queues: d, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	d.Offer = m
+	actx, stop := context.WithCancel(ctx)
+	acked := make(chan struct{})
+	go func() { m.RunAcks(actx, 10*time.Millisecond); close(acked) }()
+	t.Cleanup(func() { stop(); <-acked; m.Wait() })
+	time.Sleep(20 * time.Millisecond) // RunAcks has started batching
+
+	queuedCall(t, m, realCallID)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers, want 1", n)
+	}
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+	// the caller hangs up while the agent rings: released at once (AgentAbandoned, no hold)
+	notify(t, m, note("deleted", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":200,"subcode":0}}`))
+	waitFor(t, "the agent released and the release acknowledged", func() bool {
+		r, err := qs.Reserved(ctx, "tenant-1", agent)
+		c, gerr := store.Get(ctx, realCallKey)
+		return err == nil && gerr == nil && r == "" && c.State == callstate.StateTerminated && len(c.Outbox) == 0
+	})
+}

@@ -641,6 +641,9 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 		return true
 	}
 	key := graph.CallKey(c.ID)
+	if m.batchReleases(ctx, c, ps, prev) {
+		return true
+	}
 	for _, p := range ps {
 		cmd := p.Cmd
 		var err error
@@ -664,6 +667,43 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 	}
 	m.ack(ctx, key, false, prev, ps[len(ps)-1].Seq, log)
 	return true
+}
+
+// batchReleases hands the agent releases of an ended call to the next batch of acknowledgements
+// (RunAcks), written in its pipeline ahead of their own acknowledgement: no round trip of their
+// own, once the save that decided them has won (a release in the save's own pipeline went out
+// even when the save lost its race: decided on a stale copy, it freed an agent talking to the
+// caller). It reports whether it took them: only releases, of a call that ended, with batching on
+// and no Cluster replicas to wait for (there a queue write is replicated before it is
+// acknowledged). The cached copy learns they are done once the batch is written; until then a
+// crash leaves them in the outbox, for the re-drive.
+func (m *Machine) batchReleases(ctx context.Context, c Call, ps []Pending, prev int64) bool {
+	qw, ok := m.cfg.Queues.(QueueWriter)
+	if !ok || !c.State.Terminal() || !m.batching.Load() || m.cfg.Store.WaitsOnNodes() {
+		return false
+	}
+	cmds := make([]Command, 0, len(ps))
+	for _, p := range ps {
+		if p.Cmd.Kind != CmdReleaseAgent {
+			return false
+		}
+		cmds = append(cmds, p.Cmd)
+	}
+	key := graph.CallKey(c.ID)
+	seq := ps[len(ps)-1].Seq
+	write, after := qw.Writes(context.WithoutCancel(ctx), c.Tenant, key, cmds) // written later, by RunAcks
+	done := func() {
+		m.cache.acked(key, false, prev, seq)
+		if after != nil {
+			after()
+		}
+	}
+	select {
+	case m.acks <- Ack{Call: key, Prev: prev, Seq: seq, Writes: write, Done: done}:
+		return true
+	default: // the batch is full: at once, on their own
+		return false
+	}
 }
 
 // dropTimers takes the timers the saved transition from cur to next disarmed (superseded,
@@ -775,7 +815,14 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 				return // Redis is away: try again with the next batch
 			}
 			m.cfg.Log.Warn("acknowledgements dropped; the outbox will re-drive their commands", zap.Int("acks", len(batch)), zap.Error(err))
+		} else {
+			for _, a := range batch {
+				if a.Done != nil {
+					a.Done()
+				}
+			}
 		}
+		clear(batch)
 		batch = batch[:0]
 	}
 	for {

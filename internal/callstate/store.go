@@ -571,6 +571,11 @@ type Ack struct {
 	// (superseded, cancelled, or left by the call's end): taken out with the acknowledgements,
 	// so that they do not fire for nothing.
 	Timers []string
+	// Writes, if not nil, are the commands this acknowledges (Seq), written in the batch's
+	// pipeline ahead of its acknowledgements (a queue write sharing the batch's round trip);
+	// Done is called once the batch is written.
+	Writes func(redis.Pipeliner)
+	Done   func()
 }
 
 func (a Ack) fields() (watermark, ahead string) {
@@ -597,7 +602,7 @@ func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
 	for _, a := range acks {
 		stale = append(stale, a.Timers...)
 	}
-	if len(acks) == 1 && len(stale) == 0 {
+	if len(acks) == 1 && len(stale) == 0 && acks[0].Writes == nil {
 		a := acks[0]
 		if err := ackScript.Run(ctx, s.rdb, []string{s.key(a.Call)}, a.args()...).Err(); err != nil {
 			return fmt.Errorf("ack commands of call %s: %w", a.Call, err)
@@ -608,6 +613,11 @@ func (s *Store) AckMany(ctx context.Context, acks ...Ack) error {
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			if len(stale) > 0 {
 				p.ZRem(ctx, s.timers, stale)
+			}
+			for _, a := range acks {
+				if a.Writes != nil {
+					a.Writes(p) // ahead of every acknowledgement: Redis applies a pipeline in order
+				}
 			}
 			for _, a := range acks {
 				if a.Seq == 0 {
