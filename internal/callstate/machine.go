@@ -558,12 +558,15 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			}
 			kept = append(kept, member(tm.Tenant, tm.Call, tm.Kind, tm.Token))
 		}
-		drawn = max(drawn, next.Seq)
 		if err != nil {
+			// Not drawn: a save that failed may never have reached Redis, and another instance
+			// deciding on the record this one read draws the same tokens again (the lost save's
+			// timer armed anew, which dropLost would take out of the timer set).
 			m.exec.fill(execKey, slot, nil)
 			m.cache.drop(callKey)
 			return false, err
 		}
+		drawn = max(drawn, next.Seq)
 		m.cache.put(callKey, next)
 		m.dropTimers(cur, next, callKey)
 		if ev.Kind == EvToneFailed && next.ToneFails == maxToneRetries+1 {

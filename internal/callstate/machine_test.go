@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -775,5 +776,75 @@ func TestTransferWhoseEndIsLostEndsAtItsTimer(t *testing.T) {
 				t.Errorf("queue ops %v: want agent-a released as after a transfer", ops)
 			}
 		})
+	}
+}
+
+// failSave, once armed, fails the pipeline of a save whose timers include one of kind, without
+// sending it: a save that never reached Redis (the notification's request cancelled, a write
+// timeout), the record left as it was.
+type failSave struct {
+	armed atomic.Bool
+	kind  string
+}
+
+func (h *failSave) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *failSave) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return next
+}
+func (h *failSave) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if args := cmd.Args(); len(args) == 4 && cmd.Name() == "zadd" && strings.Contains(fmt.Sprint(args[3]), "|"+h.kind+"|") &&
+				h.armed.CompareAndSwap(true, false) {
+				return context.DeadlineExceeded
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// A save that failed after one that lost its race does not vouch for the tokens it drew: nothing
+// in Redis drew them, and another instance deciding on the same record draws them again. The
+// lost save's timer (A, on its stale copy: the transfer's recheck) was taken out of the timer set
+// as if no later decision could arm it again, while B armed the same timer, with the same token,
+// on the record: the call's one guard never fired (the caller stuck in silence and the agent
+// reserved if the transfer's outcome was lost).
+func TestTimersOfALostSaveSpareATimerArmedAgainAfterAFailedSave(t *testing.T) {
+	srv := redistest.Start(t)
+	rdbA := srv.Client(t)
+	hook := &failSave{kind: string(callstate.TimerHold)}
+	rdbA.AddHook(hook)
+	a := instance(t, rdbA, "fs", &fakeGraph{}, &fakeQueues{}, nil)
+	b := instance(t, srv.Client(t), "fs", &fakeGraph{}, &fakeQueues{}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	acking := make(chan struct{})
+	go func() { a.RunAcks(ctx, time.Hour); close(acking) }() // A's batch goes out when it stops
+	id := "2c7e9a1b-4d6f-4b3a-8e5c-1f0a9b8c7d6e"
+	key := offeredToAgentA(t, a, id) // A caches the call transferring, Graph not yet heard from
+	store := callstate.NewStore(srv.Client(t), "fs")
+	// B applies Graph's word that the transfer is under way: no token drawn
+	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	// A reads the call established after a failure notification: on its stale copy, a recheck
+	// (transfer timer, the next token), which loses; on the record, the transfer failed (hold
+	// music and its guard: the same token and the next), which fails
+	hook.armed.Store(true)
+	if _, err := a.Handle(context.Background(), "tenant-1", key, callstate.Event{Kind: callstate.EvCallState, GraphState: graph.CallEstablished}); err == nil {
+		t.Fatal("the failed save reported no error")
+	}
+	// B: a read of the call Graph does not answer arms the recheck, the same token again
+	if ok, err := b.Handle(context.Background(), "tenant-1", key, callstate.Event{Kind: callstate.EvCallState, Unreadable: true}); !ok || err != nil {
+		t.Fatalf("unreadable: %v %v", ok, err)
+	}
+	cancel()
+	<-acking
+	c, _ := store.Get(context.Background(), key)
+	tok := c.Timers[callstate.TimerTransfer]
+	if c.State != callstate.StateTransferring || tok == 0 {
+		t.Fatalf("%s, transfer timer %d: want transferring with the recheck armed", c.State, tok)
+	}
+	want := "tenant-1|" + key + "|transfer|" + strconv.FormatInt(tok, 10)
+	if _, err := srv.Client(t).ZScore(context.Background(), "fs:{timers}", want).Result(); err != nil {
+		got, _ := srv.Client(t).ZRange(context.Background(), "fs:{timers}", 0, -1).Result()
+		t.Errorf("the record's transfer timer %s is not in the timer set %v: it never fires", want, got)
 	}
 }
