@@ -1930,7 +1930,7 @@ func (m *Machine) sweepGhosts(ctx context.Context, tenant string, live map[strin
 
 // releaseStale frees agents reserved for a call that ended, or that is with another agent, or
 // that has been queued since the previous pass (its offer was lost between the reservation and
-// the call's change).
+// the call's change); not one whose release the call's outbox still holds.
 func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 	res, err := m.cfg.Queues.Reservations(ctx, tenant)
 	if err != nil {
@@ -1945,6 +1945,12 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 		case errors.Is(err, ErrNotFound):
 			stale = true
 		case err != nil:
+			continue
+		case slices.ContainsFunc(c.Outbox, func(p Pending) bool { return p.Cmd.Kind == CmdReleaseAgent && p.Cmd.Agent == agent }):
+			// its release is on its way, with its outcome (an ended call's goes with the next
+			// batch of acknowledgements, after the save; the outbox's re-drive if this instance
+			// dies): freed now as abandoned, a transferred caller's agent was offered the next
+			// caller mid-conversation, their connected guard never set
 			continue
 		case c.State.Terminal(), c.Agent != agent && c.State != StateQueued:
 			stale = true

@@ -237,3 +237,33 @@ func TestRedrivenReleaseDoesNotFreeALaterReservation(t *testing.T) {
 		t.Errorf("after the re-drive: call %s is transferring to %s but busy[agent]=%q; next reservation: %+v %v", realCallKey, agent, res, r, rerr)
 	}
 }
+
+// An ended call's release goes out with the next batch of acknowledgements, after the save that
+// ended the call: a reconciler pass reading the record in between took the agent's reservation
+// for a stale one and freed the agent at once, as abandoned, keeping their place at the head of
+// the idle agents; the release with its outcome (a transfer: the connected guard, while the
+// agent talks to the caller) then found nothing to release, and the agent was offered the next
+// caller mid-conversation. A release still in the record's outbox is left to it.
+func TestReconcilerLeavesAnEndedCallsPendingRelease(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "pr")
+	m, d, _ := f.instance(f.srv.Client(t), &fakeGraph{}, func(c *callstate.Config) { c.Tenants = []string{"tenant-1"} })
+	acksCtx, stopAcks := context.WithCancel(ctx)
+	acking := make(chan struct{})
+	go func() { m.RunAcks(acksCtx, time.Hour); close(acking) }() // the batch goes out when it stops
+	defer func() { stopAcks(); <-acking }()
+	f.queueCaller(m)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("offers %d, want 1", n)
+	}
+	m.Wait()
+	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	notify(t, m, note("deleted", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
+	mustDo(t, m.Reconcile(ctx)) // before the batch goes out
+	stopAcks()
+	<-acking
+	mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", "next-caller", time.Now().UnixMilli()))
+	if r, err := f.qs.Reserve(ctx, "tenant-1", "q", time.Now()); err == nil {
+		t.Errorf("the agent who took the transfer was reserved for the next caller at once (%v), want them guarded as connected", r)
+	}
+}
