@@ -1946,15 +1946,13 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 			stale = true
 		case err != nil:
 			continue
-		case slices.ContainsFunc(c.Outbox, func(p Pending) bool { return p.Cmd.Kind == CmdReleaseAgent && p.Cmd.Agent == agent }):
+		case c.State == StateQueued,
 			// its release is on its way, with its outcome (an ended call's goes with the next
 			// batch of acknowledgements, after the save; the outbox's re-drive if this instance
 			// dies): freed now as abandoned, a transferred caller's agent was offered the next
-			// caller mid-conversation, their connected guard never set
-			continue
-		case c.State.Terminal(), c.Agent != agent && c.State != StateQueued:
-			stale = true
-		case c.State == StateQueued:
+			// caller mid-conversation, their connected guard never set. Still there at the next
+			// pass, the outbox was never re-driven (its index entry lost with Redis data): freed then.
+			slices.ContainsFunc(c.Outbox, func(p Pending) bool { return p.Cmd.Kind == CmdReleaseAgent && p.Cmd.Agent == agent }):
 			m.mu.Lock()
 			was := m.suspect[[2]string{tenant, agent}]
 			m.mu.Unlock()
@@ -1963,6 +1961,8 @@ func (m *Machine) releaseStale(ctx context.Context, tenant string) {
 			} else {
 				suspect[[2]string{tenant, agent}] = key
 			}
+		case c.State.Terminal(), c.Agent != agent:
+			stale = true
 		}
 		if stale {
 			m.cfg.Log.Info("stale agent reservation released", zap.String("agent", agent), zap.String("call_id", key))

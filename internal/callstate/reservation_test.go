@@ -267,3 +267,30 @@ func TestReconcilerLeavesAnEndedCallsPendingRelease(t *testing.T) {
 		t.Errorf("the agent who took the transfer was reserved for the next caller at once (%v), want them guarded as connected", r)
 	}
 }
+
+// A release that stays in an ended call's outbox for a whole pass was never carried out (its
+// outbox not re-driven: the index entry lost with Redis data): the next pass frees the agent, as
+// for any reservation of an ended call, rather than leaving them reserved until the record expires.
+func TestReconcilerFreesAnAgentWhoseReleaseStaysPending(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "ps")
+	m, d, _ := f.instance(f.srv.Client(t), &fakeGraph{}, func(c *callstate.Config) { c.Tenants = []string{"tenant-1"} })
+	acksCtx, stopAcks := context.WithCancel(ctx)
+	acking := make(chan struct{})
+	go func() { m.RunAcks(acksCtx, time.Hour); close(acking) }() // the batch goes out when it stops
+	defer func() { stopAcks(); <-acking }()
+	f.queueCaller(m)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("offers %d, want 1", n)
+	}
+	m.Wait()
+	notify(t, m, note("deleted", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
+	mustDo(t, m.Reconcile(ctx))
+	if r, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); r != realCallKey {
+		t.Fatalf("after the first pass the agent is reserved for %q, want still for the ended call (its release on its way)", r)
+	}
+	mustDo(t, m.Reconcile(ctx))
+	if r, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); r != "" {
+		t.Errorf("after the second pass the agent is reserved for %q, want freed", r)
+	}
+}
