@@ -676,13 +676,15 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 // (RunAcks), written in its pipeline ahead of their own acknowledgement: no round trip of their
 // own, once the save that decided them has won (a release in the save's own pipeline went out
 // even when the save lost its race: decided on a stale copy, it freed an agent talking to the
-// caller). It reports whether it took them: only releases, of a call that ended, with batching on
-// and no Cluster replicas to wait for (there a queue write is replicated before it is
-// acknowledged). The cached copy learns they are done once the batch is written; until then a
+// caller). It reports whether it took them: only releases, of a call that ended, with batching on,
+// and not on Redis Cluster, where the batch's pipeline spans masters: the acknowledgement applied
+// on the record's master while the release failed on the queue's (a failover), and the batch
+// dropped before that master is back, would lose the release (there it runs on its own, and is
+// acknowledged once done; with replicas, once replicated). The cached copy learns they are done once the batch is written; until then a
 // crash leaves them in the outbox, for the re-drive.
 func (m *Machine) batchReleases(ctx context.Context, c Call, ps []Pending, prev int64) bool {
 	qw, ok := m.cfg.Queues.(QueueWriter)
-	if !ok || !c.State.Terminal() || !m.batching.Load() || m.cfg.Store.WaitsOnNodes() {
+	if !ok || !c.State.Terminal() || !m.batching.Load() || m.cfg.Store.Clustered() {
 		return false
 	}
 	cmds := make([]Command, 0, len(ps))

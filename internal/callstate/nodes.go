@@ -35,6 +35,10 @@ import (
 // (Durably) before what depends on them is acknowledged.
 func (s *Store) WaitsOnNodes() bool { return s.onNodes }
 
+// Clustered reports whether the store is on Redis Cluster, where one pipeline may span masters
+// and part of it be applied while another part fails.
+func (s *Store) Clustered() bool { return s.cluster != nil }
+
 // Durably runs write in one pipeline on the master serving key and then, when that master has
 // replicas to wait for, a write of the store's own in key's slot (its hash tag, key:
 // PREFIX:{tag}:sync, a minute) and WAIT on the same connection: so it returns nil only once the
