@@ -414,3 +414,37 @@ func TestReleaseOfAnEndedCallGoesInTheAcknowledgementBatch(t *testing.T) {
 		return err == nil && gerr == nil && r == "" && c.State == callstate.StateTerminated && len(c.Outbox) == 0
 	})
 }
+
+// On Redis Cluster the batch of acknowledgements spans masters, and part of it can be applied
+// while another part fails (a failover): an ended call's release runs on its own, at once, not
+// in the batch. With the batch held back (an hour), the agent is free all the same.
+func TestReleaseOfAnEndedCallOnClusterRunsOnItsOwn(t *testing.T) {
+	ctx := context.Background()
+	rdb := redistest.StartCluster(t).Client(t)
+	const prefix = "rc"
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	mustDo(t, err)
+	qs := queue.NewStore(rdb, prefix)
+	const agent = "11111111-0000-4000-8000-000000000001"
+	mustDo(t, qs.SetMembers(ctx, "tenant-1", "q", []string{agent}))
+	mustDo(t, qs.SetRoutable(ctx, "tenant-1", map[string]bool{agent: true}))
+	d := queue.NewDispatcher(qs, nil, "tenant-1", []string{"q"}, zaptest.NewLogger(t))
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
+		Control: &fakeGraph{}, Queues: d, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	d.Offer = m
+	actx, stop := context.WithCancel(ctx)
+	acked := make(chan struct{})
+	go func() { m.RunAcks(actx, time.Hour); close(acked) }()
+	t.Cleanup(func() { stop(); <-acked; m.Wait() })
+	time.Sleep(20 * time.Millisecond) // RunAcks has started batching
+
+	queuedCall(t, m, realCallID)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers, want 1", n)
+	}
+	notify(t, m, note("deleted", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":200,"subcode":0}}`))
+	waitFor(t, "the agent released with the batch held back", func() bool {
+		r, err := qs.Reserved(ctx, "tenant-1", agent)
+		return err == nil && r == ""
+	})
+}
