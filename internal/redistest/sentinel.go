@@ -28,7 +28,9 @@ type Sentinel struct {
 	dir      string
 	nodes    []*node // the master and the replica, in the order they were started
 	sentinel *node
-	link     *replLink // the replica reaches the master through it
+	link     *replLink   // the replica reaches the master through it
+	links    []*replLink // every link started, the current one last
+	server   string      // redis-server's path
 }
 
 // StartSentinel starts a Sentinel set-up that lives until the test ends. It returns once the
@@ -79,7 +81,7 @@ func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s = &Sentinel{dir: dir}
+	s = &Sentinel{dir: dir, server: server}
 	defer func() {
 		if err != nil {
 			s.stop()
@@ -98,6 +100,7 @@ func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 		if s.link, err = newReplLink(master.addr); err != nil {
 			return s, err
 		}
+		s.links = append(s.links, s.link)
 		upstream = s.link.ln.Addr().String()
 	}
 	uhost, uport, _ := net.SplitHostPort(upstream)
@@ -126,17 +129,56 @@ func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 	if err := s.sentinel.waitReady(5 * time.Second); err != nil {
 		return s, err
 	}
-	if err := s.waitReplica(15 * time.Second); err != nil {
+	if err := s.waitReplica(replica, 15*time.Second); err != nil {
 		return s, err
 	}
 	return s, nil
 }
 
+// AddReplica starts a new replica of the current master (through a new link for a set-up from
+// StartSentinelWithLink, which HoldReplication then holds) and waits until it is in sync and the
+// Sentinel lists it: after a failover the promoted replica is a master without replicas (the
+// old master stays dead), and a second failover needs somewhere to go. The Sentinel learns of a
+// replica from the master's INFO, which it reads every 10 s: this takes up to about 10 s.
+func (s *Sentinel) AddReplica(within time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	master, err := s.MasterAddr(ctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	ports, err := clusterPorts(1)
+	if err != nil {
+		return err
+	}
+	upstream := master
+	if s.link != nil {
+		l, err := newReplLink(master)
+		if err != nil {
+			return err
+		}
+		s.link = l
+		s.links = append(s.links, l)
+		upstream = l.ln.Addr().String()
+	}
+	uhost, uport, _ := net.SplitHostPort(upstream)
+	name := fmt.Sprintf("replica-%d", len(s.nodes))
+	n, err := startNode(s.server, ports[0], filepath.Join(s.dir, name+".log"), s.dir, "--replicaof", uhost, uport)
+	if err != nil {
+		return err
+	}
+	s.nodes = append(s.nodes, n)
+	if err := n.waitReady(5 * time.Second); err != nil {
+		return err
+	}
+	return s.waitReplica(n, within)
+}
+
 // waitReplica waits until the replica's link to the master is up and the Sentinel lists the
 // replica as healthy.
-func (s *Sentinel) waitReplica(within time.Duration) error {
+func (s *Sentinel) waitReplica(replica *node, within time.Duration) error {
 	deadline := time.Now().Add(within)
-	rc := redis.NewClient(&redis.Options{Addr: s.nodes[1].addr, MaxRetries: -1})
+	rc := redis.NewClient(&redis.Options{Addr: replica.addr, MaxRetries: -1})
 	defer rc.Close()
 	sc := redis.NewSentinelClient(&redis.Options{Addr: s.sentinel.addr, MaxRetries: -1})
 	defer sc.Close()
@@ -156,11 +198,11 @@ func (s *Sentinel) waitReplica(within time.Duration) error {
 				return err
 			}
 			for _, r := range replicas {
-				if r["name"] == s.nodes[1].addr && !strings.Contains(r["flags"], "down") {
+				if r["name"] == replica.addr && !strings.Contains(r["flags"], "down") {
 					return nil
 				}
 			}
-			return fmt.Errorf("sentinel does not list the replica %s yet: %v", s.nodes[1].addr, replicas)
+			return fmt.Errorf("sentinel does not list the replica %s yet: %v", replica.addr, replicas)
 		}()
 		if problem == nil {
 			return nil
@@ -247,8 +289,8 @@ func (s *Sentinel) HoldReplication() {
 }
 
 func (s *Sentinel) stop() {
-	if s.link != nil {
-		s.link.close()
+	for _, l := range s.links {
+		l.close()
 	}
 	s.sentinel.stop()
 	for _, n := range s.nodes {
@@ -317,3 +359,7 @@ func (l *replLink) close() {
 		c.Close()
 	}
 }
+
+// Dir is the directory of the set-up's logs (master.log, replica*.log, sentinel.log), removed
+// when the test ends.
+func (s *Sentinel) Dir() string { return s.dir }

@@ -1,0 +1,503 @@
+//go:build chaos
+
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/graph/graphsim"
+	"github.com/callbot/callbot/internal/redistest"
+	"github.com/redis/go-redis/v9"
+)
+
+// TestRedisFailoverSoak: two callbot instances behind the balancer, on a Sentinel set-up, with
+// CALLBOT_REDIS_REPLICAS=1, under steady call load, while the Redis master is killed again and
+// again: in turn with the replica in sync ("sync") and after the replication stream has stalled
+// for a few seconds ("stall": the failover loses what the master took meanwhile, which callbot
+// refused to acknowledge). After each failover a new replica joins the new master. Sampled every
+// second: no caller in two queues, how long a caller's record waited `queued` in no queue, how
+// long an agent stayed reserved for a call that ended or moved on. At the end: every call ended
+// as its caller chose, Redis settles (queues and reservations empty) within the offer follow-up's
+// 2 minutes, no agent offered two callers at once, no notification given up, and the counters
+// on /metrics agree with the logs.
+func TestRedisFailoverSoak(t *testing.T) {
+	var (
+		rate     = envOr("CHAOS_FAILSOAK_RATE", "10")
+		duration = envDuration(t, "CHAOS_FAILSOAK_DURATION", 20*time.Second)
+		steady   = envDuration(t, "CHAOS_FAILSOAK_EVERY", 4*time.Second)
+		stallFor = envDuration(t, "CHAOS_FAILSOAK_STALL", 3*time.Second)
+		kinds    = strings.Split(envOr("CHAOS_FAILSOAK_CYCLES", "stall"), ",")
+	)
+	perSec, err := strconv.ParseFloat(rate, 64)
+	if err != nil || perSec <= 0 {
+		t.Fatalf("CHAOS_FAILSOAK_RATE: %q", rate)
+	}
+	calls := int(perSec * duration.Seconds())
+	gap := time.Duration(float64(time.Second) / perSec)
+	requireRedis(t)
+	sd := seed(t)
+	s := redistest.StartSentinelWithLink(t)
+	if dir := os.Getenv("CHAOS_LOG_DIR"); dir != "" { // the Redis and Sentinel logs too
+		t.Cleanup(func() { exec.Command("cp", "-r", s.Dir(), filepath.Join(dir, "redis")).Run() })
+	}
+	// The Sentinel points a replica replicating from another address than the master's (ours
+	// go through the link) at the master itself once failover-timeout has passed, which would
+	// bypass the link: no replica here lives that long before its promotion. Not much longer
+	// either: a failover the Sentinel aborts (it may flag the master it has just promoted as down,
+	// before it has heard from it) is tried again only after twice the timeout.
+	sc := redis.NewSentinelClient(&redis.Options{Addr: strings.TrimSuffix(strings.TrimPrefix(s.URL(), "sentinel://"), "/"+redistest.SentinelMaster)})
+	defer sc.Close()
+	if err := sc.Set(context.Background(), redistest.SentinelMaster, "failover-timeout", "15000").Err(); err != nil {
+		t.Fatal(err)
+	}
+	rdb := s.Client(t)
+	lb := newBalancer(t) // /healthz: an instance without Redis answers 503 with Retry-After itself
+
+	nAgents := max(8, int(perSec*3))
+	nSales := nAgents * 3 / 4
+	flowPath, ids := rollingFlow(t, nSales, nAgents-nSales)
+	var specs []graphsim.AgentSpec
+	for i, id := range ids {
+		answer := graphsim.AgentAccept
+		if i%10 == 3 {
+			answer = graphsim.AgentNoAnswer
+		}
+		specs = append(specs, graphsim.AgentSpec{ID: id, DisplayName: fmt.Sprintf("Agent %d", i+1),
+			Availability: "Available", Activity: "Available", Answer: answer, TalkTime: time.Second})
+	}
+	sim, ca := newSim(t, lb.URL()+"/api/calls", specs)
+	for _, a := range []string{"answer", "subscribeToTone", "playPrompt", "cancelMediaProcessing", "transfer", "delete", "get"} {
+		if _, err := sim.AddFault(graphsim.Fault{Kind: graphsim.FaultLatency, Action: a, Latency: 100 * time.Millisecond, Probability: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := baseEnv(sim, ca, "", lb.URL())
+	env["CALLBOT_REDIS_URL"] = s.URL()
+	env["CALLBOT_REDIS_REPLICAS"] = "1"
+	env["CALLBOT_FLOW_FILE"] = flowPath
+	if lease, set := outboxLease(t); set {
+		env["CALLBOT_OUTBOX_LEASE"] = lease.String()
+	}
+	env["CALLBOT_LOG_LEVEL"] = envOr("CHAOS_LOG_LEVEL", "debug")
+	var bots []*callbotProc
+	for _, n := range []string{"bot-a", "bot-b"} {
+		p := startCallbot(t, n, "127.0.0.1:"+strconv.Itoa(freePort(t)), env)
+		bots = append(bots, p)
+		lb.add(p.name, p.addr)
+	}
+	time.Sleep(1200 * time.Millisecond)
+
+	t0 := time.Now()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var bg sync.WaitGroup
+
+	// failovers
+	type cycle struct {
+		kind                          string
+		held, killed, promoted, ready time.Time
+		wentBack                      int
+		err                           error
+	}
+	var (
+		mu     sync.Mutex
+		cycles []cycle
+	)
+	bg.Go(func() {
+		for k := 0; ; k++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(steady):
+			}
+			c := cycle{kind: kinds[k%len(kinds)]}
+			if c.kind == "stall" {
+				s.HoldReplication()
+				c.held = time.Now()
+				time.Sleep(stallFor)
+			}
+			before := versions(rdb)
+			old, err := s.KillMaster(context.Background())
+			c.killed = time.Now()
+			if err == nil {
+				_, err = s.WaitFailover(old, 45*time.Second)
+			}
+			c.promoted = time.Now()
+			for end := c.promoted.Add(10 * time.Second); err == nil && time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+				ok := true
+				for _, b := range bots {
+					if code, _ := readyz(b.url()); code != http.StatusOK {
+						ok = false
+					}
+				}
+				if ok {
+					c.ready = time.Now()
+					break
+				}
+			}
+			after := versions(rdb)
+			for k, v := range before {
+				if after[k] < v {
+					c.wentBack++
+				}
+			}
+			if err == nil {
+				err = s.AddReplica(20 * time.Second)
+			}
+			c.err = err
+			mu.Lock()
+			cycles = append(cycles, c)
+			mu.Unlock()
+			t.Logf("t=%s: failover %d (%s): killed t=%s, promoted +%s, both ready +%s, %d of %d records went back; replica added t=%s %v",
+				since(t0, time.Now()), k+1, c.kind, since(t0, c.killed), c.promoted.Sub(c.killed).Round(10*time.Millisecond),
+				c.ready.Sub(c.killed).Round(10*time.Millisecond), c.wentBack, len(before), since(t0, time.Now()), err)
+			if err != nil {
+				return
+			}
+		}
+	})
+
+	// invariants, sampled every second
+	inv := newInvariants()
+	var sampling sync.WaitGroup
+	sctx, stopSampling := context.WithCancel(context.Background())
+	sampling.Go(func() {
+		for sctx.Err() == nil {
+			inv.sample(rdb, ids)
+			select {
+			case <-sctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	})
+
+	rng := rand.New(rand.NewPCG(sd, 3))
+	callers := make([]*caller, calls)
+	var placing sync.WaitGroup
+	next := t0
+	for i := range callers {
+		time.Sleep(time.Until(next))
+		next = next.Add(gap)
+		c := newCaller(rng, i)
+		callers[i] = c
+		c.placed = time.Now()
+		inv.track(c)
+		placing.Go(func() {
+			pctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			c.call, c.err = sim.PlaceCall(pctx, c.spec)
+			if c.err == nil {
+				c.acked = time.Now()
+			}
+		})
+	}
+	placedAll := time.Now()
+	cancel()
+	bg.Wait()
+	placing.Wait()
+	for _, c := range callers {
+		if c.call == nil {
+			t.Fatalf("call %d not placed: %v", c.n, c.err)
+		}
+	}
+	for _, c := range cycles {
+		if c.err != nil {
+			t.Fatalf("failover (%s) at t=%s: %v", c.kind, since(t0, c.killed), c.err)
+		}
+	}
+	t.Logf("t=%s: %d calls placed, %d failovers", since(t0, placedAll), calls, len(cycles))
+
+	stuck := waitEnded(t, t0, callers, placedAll.Add(75*time.Second))
+	known := judgeStuck(t, sim, rdb, stuck, bots...)
+	ended := time.Now()
+
+	// Redis settles: no caller waiting, no agent reserved, within the follow-up's 2 minutes.
+	settleWithin := envDuration(t, "CHAOS_FAILSOAK_SETTLE", 150*time.Second)
+	var left map[string]int64
+	for {
+		left = leftovers(rdb)
+		open := int64(0)
+		for k, n := range left {
+			if !strings.HasSuffix(k, "{outbox}") {
+				open += n
+			}
+		}
+		if open == 0 || time.Since(ended) > settleWithin {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	settled := time.Since(ended)
+	stopSampling()
+	sampling.Wait()
+	for k, n := range left {
+		if n > 0 && !strings.HasSuffix(k, "{outbox}") {
+			t.Errorf("%s holds %d entries %s after every call ended: %v", k, n, settled.Round(100*time.Millisecond), sample(rdb, k))
+		}
+	}
+	counts, misrouted := checkOutcomes(t, callers, bots...)
+	known = append(known, misrouted...)
+	var offered, accepted int
+	for _, id := range ids {
+		st := sim.AgentStats(id)
+		offered += st.Offered
+		accepted += st.Accepted
+		if st.MaxConcurrentOffers > 1 {
+			t.Errorf("agent %s was offered %d calls at once: %+v", id, st.MaxConcurrentOffers, st)
+		}
+	}
+	var given, d503, d5xx int
+	for _, d := range sim.Deliveries() {
+		if d.Status == http.StatusServiceUnavailable {
+			d503++
+		} else if d.Status >= 500 || d.Err != "" {
+			d5xx++
+		}
+		if (d.Err != "" || d.Status >= 500 || d.Status == 429) && d.Attempt == 4 || (d.Err == "" && d.Status >= 400 && d.Status < 500 && d.Status != 429) {
+			given++
+			t.Errorf("notification given up by Graph: call %s %s %s attempt %d status %d %s", d.CallID, d.ChangeType, d.State, d.Attempt, d.Status, d.Err)
+		}
+	}
+	// invariants sampled
+	inv.report(t)
+	// /metrics against the logs
+	var lost, unrepl, followed, lostLogged, reconciled, errs int
+	for _, b := range bots {
+		m := scrapeMetrics(t, b.url())
+		lost += int(m["callbot_offers_lost_total"])
+		unrepl += int(m["callbot_redis_unreplicated_total"])
+		followed += countLines(b.logPath, "following it up")
+		lostLogged += countLines(b.logPath, "offer lost with a failover")
+		reconciled += countLines(b.logPath, "left to the reconciler") + countLines(b.logPath, "stale agent reservation released")
+		errs += countLines(b.logPath, `"level":"error"`)
+	}
+	if lost != lostLogged {
+		t.Errorf("callbot_offers_lost_total %d, but %d offers logged lost", lost, lostLogged)
+	}
+	if lost > followed {
+		t.Errorf("callbot_offers_lost_total %d > the %d offers followed up", lost, followed)
+	}
+	stalls := 0
+	for _, c := range cycles {
+		if c.kind == "stall" {
+			stalls++
+		}
+	}
+	if stalls > 0 && unrepl == 0 {
+		t.Errorf("%d failovers after a replication stall, but callbot_redis_unreplicated_total is 0", stalls)
+	}
+	var fo []string
+	for _, c := range cycles {
+		fo = append(fo, fmt.Sprintf("%s@%s(promoted +%s, ready +%s, back %d)", c.kind, since(t0, c.killed),
+			c.promoted.Sub(c.killed).Round(10*time.Millisecond), c.ready.Sub(c.killed).Round(10*time.Millisecond), c.wentBack))
+	}
+	t.Logf("summary: %d calls at %s/s for %s, outcomes [%s]; failovers %v; last call ended %s after the last placed; "+
+		"Redis settled %s after the calls ended (leftovers %v); deliveries %d (503 %d, other 5xx or transport errors %d, given up %d); "+
+		"agents offered %d, accepted %d; callbot_redis_unreplicated_total %d, offers followed up %d, callbot_offers_lost_total %d (logged %d), "+
+		"follow-ups left to the reconciler %d; error log lines %d; balancer %s",
+		calls, rate, duration, fmtCounts(counts), fo, lastEnd(callers).Sub(placedAll).Round(100*time.Millisecond),
+		settled.Round(100*time.Millisecond), left, len(sim.Deliveries()), d503, d5xx, given, offered, accepted,
+		unrepl, followed, lost, lostLogged, reconciled, errs, lb.stats())
+	if t.Failed() {
+		for _, p := range bots {
+			t.Logf("%s warnings and errors:\n%s", p.name, strings.Join(lastN(grep(p.logPath, `"level":"warn"`, `"level":"error"`), 30), "\n"))
+		}
+	}
+	skipKnown(t, known, calls)
+}
+
+func lastEnd(callers []*caller) time.Time {
+	var last time.Time
+	for _, c := range callers {
+		if e := c.call.Result().EndedAt; e.After(last) {
+			last = e
+		}
+	}
+	return last
+}
+
+var metricLine = regexp.MustCompile(`^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$`)
+
+// scrapeMetrics reads an instance's /metrics, summing the series of each metric.
+func scrapeMetrics(t *testing.T, base string) map[string]float64 {
+	resp, err := probe.Get(base + "/metrics")
+	if err != nil {
+		t.Errorf("/metrics: %v", err)
+		return nil
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	out := map[string]float64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if m := metricLine.FindStringSubmatch(l); m != nil {
+			v, _ := strconv.ParseFloat(m[3], 64)
+			out[m[1]] += v
+		}
+	}
+	return out
+}
+
+// invariants samples callbot's queues, reservations and the records of the live calls.
+type invariants struct {
+	mu      sync.Mutex
+	callers []*caller
+	// since when a record has been `queued` in no queue, or an agent reserved for a call that
+	// is not with them; the longest seen, with an example
+	noQueue, strayAgent  map[string]time.Time
+	maxNoQueue, maxStray time.Duration
+	exNoQueue, exStray   string
+	twoQueues            []string
+	samples, failed      int
+}
+
+func newInvariants() *invariants {
+	return &invariants{noQueue: map[string]time.Time{}, strayAgent: map[string]time.Time{}}
+}
+
+func (v *invariants) track(c *caller) {
+	v.mu.Lock()
+	v.callers = append(v.callers, c)
+	v.mu.Unlock()
+}
+
+func (v *invariants) sample(rdb *redis.Client, agents []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	now := time.Now()
+	tp := keyPrefix + ":{tenant:" + tenantID + "}"
+	inQueues := map[string][]string{}
+	for _, q := range []string{"sales", "support"} {
+		ms, err := rdb.ZRange(ctx, tp+":queue:"+q, 0, -1).Result()
+		if err != nil {
+			v.failed++
+			return
+		}
+		for _, m := range ms {
+			inQueues[m] = append(inQueues[m], q)
+		}
+	}
+	busy, err := rdb.HGetAll(ctx, tp+":busy").Result()
+	if err != nil {
+		v.failed++
+		return
+	}
+	v.mu.Lock()
+	live := slices.Clone(v.callers)
+	v.mu.Unlock()
+	keys := map[string]bool{}
+	for _, c := range live {
+		if c.call != nil && c.outcome() == "" {
+			keys[graph.CallKey(c.call.ID())] = true
+		}
+	}
+	for _, k := range busy {
+		keys[k] = true
+	}
+	store := callstate.NewStore(rdb, keyPrefix)
+	recs := map[string]callstate.Call{}
+	for k := range keys {
+		c, err := store.Get(ctx, k)
+		if err != nil {
+			continue // not created yet, or gone
+		}
+		recs[k] = c
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.samples++
+	for k, qs := range inQueues {
+		if len(qs) > 1 {
+			v.twoQueues = append(v.twoQueues, fmt.Sprintf("%s in %v at %s", k, qs, now.Format("15:04:05")))
+		}
+	}
+	seen := map[string]bool{}
+	for k, c := range recs {
+		if c.State != callstate.StateQueued || slices.Contains(inQueues[k], c.Queue) {
+			continue
+		}
+		seen[k] = true
+		if _, ok := v.noQueue[k]; !ok {
+			v.noQueue[k] = now
+		}
+		if d := now.Sub(v.noQueue[k]); d > v.maxNoQueue {
+			v.maxNoQueue, v.exNoQueue = d, fmt.Sprintf("%s (queue %s, reserved %v)", k, c.Queue, slices.Contains(mapValues(busy), k))
+		}
+	}
+	for k := range v.noQueue {
+		if !seen[k] {
+			delete(v.noQueue, k)
+		}
+	}
+	seen = map[string]bool{}
+	for a, k := range busy {
+		c, ok := recs[k]
+		stray := !ok || c.State.Terminal() || c.Agent != a || c.State == callstate.StateQueued
+		if !stray {
+			continue
+		}
+		id := a + "=" + k
+		seen[id] = true
+		if _, ok := v.strayAgent[id]; !ok {
+			v.strayAgent[id] = now
+		}
+		if d := now.Sub(v.strayAgent[id]); d > v.maxStray {
+			state := "no record"
+			if ok {
+				state = c.State.String() + " with " + c.Agent
+			}
+			v.maxStray, v.exStray = d, fmt.Sprintf("agent %s reserved for %s (%s)", a, k, state)
+		}
+	}
+	for id := range v.strayAgent {
+		if !seen[id] {
+			delete(v.strayAgent, id)
+		}
+	}
+}
+
+func mapValues(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for _, v := range m {
+		out = append(out, v)
+	}
+	return out
+}
+
+// report fails the test for a caller in two queues, a caller queued in no queue or an agent
+// reserved for a call not with them longer than the offer follow-up's 2 minutes, and logs the
+// longest of each.
+func (v *invariants) report(t *testing.T) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	limit := 2*time.Minute + 10*time.Second
+	if d := os.Getenv("CHAOS_FAILSOAK_LIMIT"); d != "" {
+		limit, _ = time.ParseDuration(d)
+	}
+	if len(v.twoQueues) > 0 {
+		t.Errorf("callers in two queues at once: %v", lastN(v.twoQueues, 10))
+	}
+	if v.maxNoQueue > limit {
+		t.Errorf("a caller waited queued in no queue for %s: %s", v.maxNoQueue, v.exNoQueue)
+	}
+	if v.maxStray > limit {
+		t.Errorf("an agent stayed reserved for a call not with them for %s: %s", v.maxStray, v.exStray)
+	}
+	t.Logf("invariants: %d samples (%d failed: no master); callers in two queues %d; longest queued in no queue %s %s; longest agent reserved for a call not with them %s %s",
+		v.samples, v.failed, len(v.twoQueues), v.maxNoQueue, v.exNoQueue, v.maxStray, v.exStray)
+}
