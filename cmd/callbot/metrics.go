@@ -114,7 +114,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	counter("callbot_tone_given_up_total", "Calls whose subscribeToTone failed seven times (the first try and six retries over about a minute): callbot stopped asking, the caller's keys do nothing for the rest of the call and menus reach only their fallbacks. A rise means Graph refuses tone subscriptions.", b.machine.ToneGivenUp.Load())
 	counter("callbot_calls_adopted_total", "Calls Graph had established and callbot had no record of (lost with Redis data), taken back: their menu started again.", b.machine.Adopted.Load())
 	if b.deps.RedisReplicas > 0 {
-		fmt.Fprintln(w, "# HELP callbot_redis_replicas The most replicas the current Redis master has had connected (-1 before the first look); a change waits for the smaller of this and CALLBOT_REDIS_REPLICAS. On Redis Cluster, the fewest of any master's (each master's own is what a change on it waits for).")
+		fmt.Fprintln(w, "# HELP callbot_redis_replicas The most replicas the current Redis master has had connected and in sync (-1 before the first look); a change waits for the smaller of this and CALLBOT_REDIS_REPLICAS. On Redis Cluster, the fewest of any master's (each master's own is what a change on it waits for).")
 		fmt.Fprintln(w, "# TYPE callbot_redis_replicas gauge")
 		fmt.Fprintf(w, "callbot_redis_replicas %d\n", b.store.ConnectedReplicas())
 	}

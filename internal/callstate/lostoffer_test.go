@@ -185,7 +185,7 @@ func (f *fakeReplica) rewrite(cmd redis.Cmder) {
 		}
 	case *redis.StringCmd:
 		if c.Name() == "info" && c.Err() == nil {
-			c.SetVal(strings.Replace(c.Val(), "connected_slaves:0", "connected_slaves:1", 1))
+			c.SetVal(strings.Replace(c.Val(), "connected_slaves:0", "connected_slaves:1\r\nslave0:ip=127.0.0.1,port=1,state=online,offset=0,lag=0", 1))
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -66,7 +67,7 @@ type Store struct {
 }
 
 // replicaCount is how many replicas a write on one master waits for at most: the most that
-// master (its replid) has had connected; -1 before the first look.
+// master (its replid) has had connected and in sync; -1 before the first look.
 type replicaCount struct {
 	counted atomic.Int64
 	mu      sync.Mutex
@@ -98,7 +99,8 @@ func (r *replicaCount) look(ctx context.Context, c redis.Cmdable) bool {
 // WaitForReplicas makes every write of a call record wait until n replicas have it (WAIT n, in
 // the write's own round trip, so it covers everything written before it too: Redis replicates
 // one ordered stream); a write they do not acknowledge within timeout returns ErrNotReplicated.
-// A write waits for no more replicas than the current master has had connected (WatchReplicas
+// A write waits for no more replicas than the current master has had connected and in sync
+// (state=online: one still receiving the master's data does not count yet; WatchReplicas
 // counts them per master_replid, which a promotion changes): a replica that drops off for a
 // moment still counts, since Sentinel would still promote it, so writes are refused until it is
 // back; a promoted master that is alone has no replica to fail over to and is not waited on.
@@ -139,7 +141,7 @@ func (s *Store) WatchReplicas(ctx context.Context, every time.Duration) {
 	}
 }
 
-// ConnectedReplicas is the most replicas the current master has had connected; -1 before the
+// ConnectedReplicas is the most replicas the current master has had connected and in sync; -1 before the
 // first look. A write waits for the smaller of this and WaitForReplicas' n. On Redis Cluster it
 // is the fewest of any master's (each master's own count is what a write on it waits for).
 func (s *Store) ConnectedReplicas() int64 {
@@ -149,25 +151,37 @@ func (s *Store) ConnectedReplicas() int64 {
 	return s.master.counted.Load()
 }
 
-// replicationInfo reads master_replid and connected_slaves from INFO replication.
-func replicationInfo(info string) (replid string, connected int, ok bool) {
+// replicationInfo reads master_replid and the replicas in sync from INFO replication: those
+// whose `slaveN:` line says state=online. A replica that has just connected and is still being
+// sent the master's data (state wait_bgsave or send_bulk: with Redis 7's default diskless sync
+// it waits 5 s before the transfer begins) has none of the master's writes yet, and Sentinel
+// would not promote it (its link to the master is down): counted, it made every write wait for
+// it until its sync was over, refused as unreplicated, so a master promoted alone stopped
+// callbot for the whole sync when a replica joined it (the old master back, or a new node),
+// though a failover then had nowhere to go and nothing was made safer. connected_slaves must be
+// there (a reply without it is no INFO replication).
+func replicationInfo(info string) (replid string, online int, ok bool) {
 	found := 0
 	for _, line := range strings.Split(info, "\n") {
 		line = strings.TrimSpace(line)
 		if v, ok := strings.CutPrefix(line, "connected_slaves:"); ok {
-			n, err := strconv.Atoi(v)
-			if err != nil {
+			if _, err := strconv.Atoi(v); err != nil {
 				return "", 0, false
 			}
-			connected = n
 			found++
 		}
 		if v, ok := strings.CutPrefix(line, "master_replid:"); ok {
 			replid = v
 			found++
 		}
+		if name, fields, ok := strings.Cut(line, ":"); ok && strings.HasPrefix(name, "slave") && name != "slave_read_only" {
+			if _, err := strconv.Atoi(strings.TrimPrefix(name, "slave")); err == nil &&
+				slices.Contains(strings.Split(fields, ","), "state=online") {
+				online++
+			}
+		}
 	}
-	return replid, connected, found == 2
+	return replid, online, found == 2
 }
 
 // replicated checks the answer to a WAIT for need replicas, sent to the master c whose replicas
