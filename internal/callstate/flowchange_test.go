@@ -193,11 +193,11 @@ func TestCallerInAQueueOfANewerFlowStaysQueued(t *testing.T) {
 	t.Run("transfer to the agent fails", func(t *testing.T) {
 		c, _ := step(t, newer, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "4", Seq: 1},
 			Event{Kind: EvAgentOffer, Agent: agent})
-		c, cmds, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, older)
+		c, _, err := Decide(c, Event{Kind: EvInviteDone, ClientContext: c.InviteCtx, Failed: true}, older)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, cmds, err = Decide(c, Event{Kind: EvRoster, ClientContext: c.RosterCtx, Participants: []string{"caller"}}, older)
+		c, cmds, err := Decide(c, Event{Kind: EvRoster, ClientContext: c.RosterCtx, Participants: []string{"caller"}}, older)
 		if err != nil {
 			t.Fatal(err)
 		}
