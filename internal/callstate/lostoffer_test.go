@@ -376,6 +376,29 @@ func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
 	}
 }
 
+// batchedRelease is a machine with the real queue store and dispatcher on rdb, agent the one
+// member of queue q, routable, and its acknowledgements batched every acksEvery (from 20 ms on,
+// RunAcks batching).
+func batchedRelease(t *testing.T, rdb redis.UniversalClient, prefix, agent string, acksEvery time.Duration) (*callstate.Machine, *queue.Dispatcher, *queue.Store) {
+	t.Helper()
+	ctx := context.Background()
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	mustDo(t, err)
+	qs := queue.NewStore(rdb, prefix)
+	mustDo(t, qs.SetMembers(ctx, "tenant-1", "q", []string{agent}))
+	mustDo(t, qs.SetRoutable(ctx, "tenant-1", map[string]bool{agent: true}))
+	d := queue.NewDispatcher(qs, nil, "tenant-1", []string{"q"}, zaptest.NewLogger(t))
+	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
+		Control: &fakeGraph{}, Queues: d, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
+	d.Offer = m
+	actx, stop := context.WithCancel(ctx)
+	acked := make(chan struct{})
+	go func() { m.RunAcks(actx, acksEvery); close(acked) }()
+	t.Cleanup(func() { stop(); <-acked; m.Wait() })
+	time.Sleep(20 * time.Millisecond) // RunAcks has started batching
+	return m, d, qs
+}
+
 // The agent of a call that ended is released in the next batch of acknowledgements, after the
 // save that decided it won its race: in the batch's round trip, ahead of the release's own
 // acknowledgement, the dispatcher woken once it is written. Checked with the real queue store
@@ -383,23 +406,9 @@ func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
 func TestReleaseOfAnEndedCallGoesInTheAcknowledgementBatch(t *testing.T) {
 	ctx := context.Background()
 	rdb := redistest.Start(t).Client(t)
-	const prefix = "rb"
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	mustDo(t, err)
-	qs := queue.NewStore(rdb, prefix)
 	const agent = "11111111-0000-4000-8000-000000000001"
-	mustDo(t, qs.SetMembers(ctx, "tenant-1", "q", []string{agent}))
-	mustDo(t, qs.SetRoutable(ctx, "tenant-1", map[string]bool{agent: true}))
-	d := queue.NewDispatcher(qs, nil, "tenant-1", []string{"q"}, zaptest.NewLogger(t))
-	store := callstate.NewStore(rdb, prefix)
-	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, prefix), Control: &fakeGraph{},
-		Queues: d, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
-	d.Offer = m
-	actx, stop := context.WithCancel(ctx)
-	acked := make(chan struct{})
-	go func() { m.RunAcks(actx, 10*time.Millisecond); close(acked) }()
-	t.Cleanup(func() { stop(); <-acked; m.Wait() })
-	time.Sleep(20 * time.Millisecond) // RunAcks has started batching
+	m, d, qs := batchedRelease(t, rdb, "rb", agent, 10*time.Millisecond)
+	store := callstate.NewStore(rdb, "rb")
 
 	queuedCall(t, m, realCallID)
 	if n := d.DispatchOnce(ctx); n != 1 {
@@ -420,23 +429,8 @@ func TestReleaseOfAnEndedCallGoesInTheAcknowledgementBatch(t *testing.T) {
 // in the batch. With the batch held back (an hour), the agent is free all the same.
 func TestReleaseOfAnEndedCallOnClusterRunsOnItsOwn(t *testing.T) {
 	ctx := context.Background()
-	rdb := redistest.StartCluster(t).Client(t)
-	const prefix = "rc"
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	mustDo(t, err)
-	qs := queue.NewStore(rdb, prefix)
 	const agent = "11111111-0000-4000-8000-000000000001"
-	mustDo(t, qs.SetMembers(ctx, "tenant-1", "q", []string{agent}))
-	mustDo(t, qs.SetRoutable(ctx, "tenant-1", map[string]bool{agent: true}))
-	d := queue.NewDispatcher(qs, nil, "tenant-1", []string{"q"}, zaptest.NewLogger(t))
-	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
-		Control: &fakeGraph{}, Queues: d, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t)})
-	d.Offer = m
-	actx, stop := context.WithCancel(ctx)
-	acked := make(chan struct{})
-	go func() { m.RunAcks(actx, time.Hour); close(acked) }()
-	t.Cleanup(func() { stop(); <-acked; m.Wait() })
-	time.Sleep(20 * time.Millisecond) // RunAcks has started batching
+	m, d, qs := batchedRelease(t, redistest.StartCluster(t).Client(t), "rc", agent, time.Hour)
 
 	queuedCall(t, m, realCallID)
 	if n := d.DispatchOnce(ctx); n != 1 {
