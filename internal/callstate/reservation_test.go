@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -246,22 +247,11 @@ func TestRedrivenReleaseDoesNotFreeALaterReservation(t *testing.T) {
 // caller mid-conversation. A release still in the record's outbox is left to it.
 func TestReconcilerLeavesAnEndedCallsPendingRelease(t *testing.T) {
 	ctx := context.Background()
-	f := newAgentOnRealQueues(t, "pr")
-	m, d, _ := f.instance(f.srv.Client(t), &fakeGraph{}, func(c *callstate.Config) { c.Tenants = []string{"tenant-1"} })
-	acksCtx, stopAcks := context.WithCancel(ctx)
-	acking := make(chan struct{})
-	go func() { m.RunAcks(acksCtx, time.Hour); close(acking) }() // the batch goes out when it stops
-	defer func() { stopAcks(); <-acking }()
-	f.queueCaller(m)
-	if n := d.DispatchOnce(ctx); n != 1 {
-		t.Fatalf("offers %d, want 1", n)
-	}
-	m.Wait()
+	f, m, stopAcks := offeredWithBatchHeld(t, "pr")
 	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
 	notify(t, m, note("deleted", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
 	mustDo(t, m.Reconcile(ctx)) // before the batch goes out
 	stopAcks()
-	<-acking
 	mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", "next-caller", time.Now().UnixMilli()))
 	if r, err := f.qs.Reserve(ctx, "tenant-1", "q", time.Now()); err == nil {
 		t.Errorf("the agent who took the transfer was reserved for the next caller at once (%v), want them guarded as connected", r)
@@ -273,17 +263,7 @@ func TestReconcilerLeavesAnEndedCallsPendingRelease(t *testing.T) {
 // for any reservation of an ended call, rather than leaving them reserved until the record expires.
 func TestReconcilerFreesAnAgentWhoseReleaseStaysPending(t *testing.T) {
 	ctx := context.Background()
-	f := newAgentOnRealQueues(t, "ps")
-	m, d, _ := f.instance(f.srv.Client(t), &fakeGraph{}, func(c *callstate.Config) { c.Tenants = []string{"tenant-1"} })
-	acksCtx, stopAcks := context.WithCancel(ctx)
-	acking := make(chan struct{})
-	go func() { m.RunAcks(acksCtx, time.Hour); close(acking) }() // the batch goes out when it stops
-	defer func() { stopAcks(); <-acking }()
-	f.queueCaller(m)
-	if n := d.DispatchOnce(ctx); n != 1 {
-		t.Fatalf("offers %d, want 1", n)
-	}
-	m.Wait()
+	f, m, _ := offeredWithBatchHeld(t, "ps")
 	notify(t, m, note("deleted", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":7015}}`))
 	mustDo(t, m.Reconcile(ctx))
 	if r, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); r != realCallKey {
@@ -293,4 +273,24 @@ func TestReconcilerFreesAnAgentWhoseReleaseStaysPending(t *testing.T) {
 	if r, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); r != "" {
 		t.Errorf("after the second pass the agent is reserved for %q, want freed", r)
 	}
+}
+
+// offeredWithBatchHeld offers the caller to f's agent on an instance whose batch of
+// acknowledgements goes out only when the returned stop is called (or the test ends).
+func offeredWithBatchHeld(t *testing.T, prefix string) (f *agentOnRealQueues, m *callstate.Machine, stop func()) {
+	t.Helper()
+	ctx := context.Background()
+	f = newAgentOnRealQueues(t, prefix)
+	m, d, _ := f.instance(f.srv.Client(t), &fakeGraph{}, func(c *callstate.Config) { c.Tenants = []string{"tenant-1"} })
+	acksCtx, stopAcks := context.WithCancel(ctx)
+	acking := make(chan struct{})
+	go func() { m.RunAcks(acksCtx, time.Hour); close(acking) }() // the batch goes out when it stops
+	stop = sync.OnceFunc(func() { stopAcks(); <-acking })
+	t.Cleanup(stop)
+	f.queueCaller(m)
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("offers %d, want 1", n)
+	}
+	m.Wait()
+	return f, m, stop
 }
