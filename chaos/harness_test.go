@@ -613,6 +613,20 @@ func newCaller(rng *rand.Rand, n int) *caller {
 // placeCalls places n calls, one every `every`, each in its own goroutine (PlaceCall waits for
 // the bot's acknowledgement, retries included), calling at(i) before placing call i. It
 // returns once every PlaceCall has returned.
+// place places c's call on sim from a goroutine of wg: when it was placed, its call, and when
+// callbot acknowledged it (or the error).
+func (c *caller) place(wg *sync.WaitGroup, sim *graphsim.Sim) {
+	c.placed = time.Now()
+	wg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c.call, c.err = sim.PlaceCall(ctx, c.spec)
+		if c.err == nil {
+			c.acked = time.Now()
+		}
+	})
+}
+
 func placeCalls(t *testing.T, sim *graphsim.Sim, seed uint64, n int, every time.Duration, at func(i int)) []*caller {
 	rng := rand.New(rand.NewPCG(seed, 3))
 	callers := make([]*caller, n)
@@ -626,15 +640,7 @@ func placeCalls(t *testing.T, sim *graphsim.Sim, seed uint64, n int, every time.
 		}
 		c := newCaller(rng, i)
 		callers[i] = c
-		c.placed = time.Now()
-		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			c.call, c.err = sim.PlaceCall(ctx, c.spec)
-			if c.err == nil {
-				c.acked = time.Now()
-			}
-		})
+		c.place(&wg, sim)
 	}
 	wg.Wait()
 	for _, c := range callers {

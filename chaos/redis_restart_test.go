@@ -119,15 +119,7 @@ func TestRedisRestartAOF(t *testing.T) {
 				From: graph.Party{Kind: graph.KindPhone, ID: fmt.Sprintf("+1425557%04d", i)}, To: accountID,
 				HangUpAfter: time.Second}}
 			hangers = append(hangers, c)
-			c.placed = time.Now()
-			placing.Go(func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				defer cancel()
-				c.call, c.err = sim.PlaceCall(ctx, c.spec)
-				if c.err == nil {
-					c.acked = time.Now()
-				}
-			})
+			c.place(&placing, sim)
 		}
 		if i != killAt {
 			return

@@ -284,15 +284,7 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 		next = next.Add(gap)
 		c := rollingCaller(rng, i)
 		callers[i] = c
-		c.placed = time.Now()
-		placing.Go(func() {
-			pctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			c.call, c.err = sim.PlaceCall(pctx, c.spec)
-			if c.err == nil {
-				c.acked = time.Now()
-			}
-		})
+		c.place(&placing, sim)
 	}
 	placedAll := time.Now()
 	cancel()
