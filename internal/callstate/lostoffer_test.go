@@ -442,3 +442,54 @@ func TestReleaseOfAnEndedCallOnClusterRunsOnItsOwn(t *testing.T) {
 		return err == nil && r == ""
 	})
 }
+
+// A caller whose offer stands on the master, unreplicated (the replicas stalled), is in the
+// queue again as a ghost: a queue write that went with a save that lost its race (they are sent
+// whatever the save's outcome), or the dispatcher's own undo when it could not read the record.
+// The dispatcher reserves the ghost for a second agent, and the machine refuses the offer: the
+// record shows the call with the first agent. That refusal came back as an error while the
+// replicas lagged (the machine waited for them, as it does before acknowledging a notification it
+// ignores), and the dispatcher took it for a failed offer: the caller back in the queue, reserved
+// again on the next tick, every 250 ms for as long as the stall lasted. A refused offer is now
+// refused, replicas or not: the second agent freed, the ghost gone.
+func TestAGhostOfAnUnreplicatedOfferIsNotRequeued(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "lg")
+	const second = "11111111-0000-4000-8000-000000000002"
+	mustDo(t, f.qs.SetMembers(ctx, "tenant-1", "q", []string{f.agent, second}))
+	mustDo(t, f.qs.SetRoutable(ctx, "tenant-1", map[string]bool{f.agent: true, second: true}))
+	rep := &fakeReplica{}
+	m, d, store := replicatedOnFake(t, f, rep)
+	f.queueCaller(m)
+	score, _ := queueEntry(t, f.qs, realCallKey)
+
+	rep.cut.Store(true) // and it stays cut: the stall lasts
+	if n := d.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers", n)
+	}
+	c, err := store.Get(ctx, realCallKey)
+	mustDo(t, err)
+	first, other := c.Agent, second
+	if first == second {
+		other = f.agent
+	}
+	mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", realCallKey, int64(score))) // the ghost
+
+	for i := range 3 { // Run's ticks
+		if n := d.DispatchOnce(ctx); n != 0 {
+			t.Errorf("dispatch %d: %d offers, want the ghost's refused", i, n)
+		}
+	}
+	if _, in := queueEntry(t, f.qs, realCallKey); in {
+		t.Errorf("the caller, offered to %s on the master, is back in the queue", first)
+	}
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", other); res != "" {
+		t.Errorf("the second agent is reserved for %q", res)
+	}
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", first); res != realCallKey {
+		t.Errorf("the first agent, offered the call, is reserved for %q", res)
+	}
+	if c, err := store.Get(ctx, realCallKey); err != nil || c.State != callstate.StateTransferring || c.Agent != first {
+		t.Errorf("the record: %s agent %q (%v), want transferring to %s", c.State, c.Agent, err, first)
+	}
+}

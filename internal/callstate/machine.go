@@ -472,10 +472,15 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 		}
 		if errors.Is(err, ErrIgnored) {
 			log.Debug("event ignored", zap.Stringer("state", cur.State))
-			if !fromCache {
-				// The record read may hold a change refused as unreplicated, this event's own
-				// (delivered again): acknowledge it only once the replicas have it. A cached record
-				// was written with its replicas' acknowledgement.
+			// The record read may hold a change refused as unreplicated, this event's own
+			// (delivered again): acknowledge it only once the replicas have it. A cached record
+			// was written with its replicas' acknowledgement. An offer is refused outright: the
+			// record shows the caller elsewhere, so the dispatcher's entry was a ghost (a queue
+			// write of a save that lost its race, or its own undo); an error would have it put
+			// the caller back, to be reserved and refused every tick while the replicas lag. If
+			// a failover takes the record back to the queue, the follow-up of the offer that
+			// moved it, or the reconciler, puts the caller back.
+			if !fromCache && ev.Kind != EvAgentOffer {
 				return false, m.cfg.Store.Sync(ctx, callKey)
 			}
 			return false, nil
