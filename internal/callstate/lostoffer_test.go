@@ -215,6 +215,32 @@ func followUpsUntilDone(t *testing.T, d *queue.Dispatcher) {
 	}
 }
 
+// unreplicatedOffer has d offer the queued caller with the replica cut: the offer's save is
+// applied on the master and refused as unreplicated, and the dispatcher lets it stand. The
+// replica is then back, or, with stall, stays cut.
+func unreplicatedOffer(t *testing.T, m *callstate.Machine, d *queue.Dispatcher, rep *fakeReplica, stall bool) {
+	t.Helper()
+	rep.cut.Store(true)
+	if n := d.DispatchOnce(context.Background()); n != 1 {
+		t.Fatalf("%d offers", n)
+	}
+	m.Wait()
+	rep.cut.Store(stall)
+}
+
+// failoverLosesOffer is unreplicatedOffer followed by a failover that loses the offer: the
+// call's record (under f's prefix) put back as the replica had it, before the offer.
+func failoverLosesOffer(t *testing.T, f *agentOnRealQueues, m *callstate.Machine, d *queue.Dispatcher, rep *fakeReplica) {
+	t.Helper()
+	ctx := context.Background()
+	rdb := f.srv.Client(t)
+	key := f.prefix + ":{call:" + realCallKey + "}"
+	before, err := rdb.Dump(ctx, key).Result()
+	mustDo(t, err)
+	unreplicatedOffer(t, m, d, rep, false)
+	mustDo(t, rdb.RestoreReplace(ctx, key, 0, before).Err())
+}
+
 // An offer refused as unreplicated but applied stands, and is followed up. Meanwhile it goes on
 // as offers do: the transfer fails, the machine puts the caller back in the queue and frees the
 // agent, and another instance reserves the same agent for the same caller again, about to offer.
@@ -229,15 +255,10 @@ func TestOfferFollowUpLeavesARequeuedCallAlone(t *testing.T) {
 	f.queueCaller(m)
 	score, _ := queueEntry(t, f.qs, realCallKey)
 
-	rep.cut.Store(true)
-	if n := d.DispatchOnce(ctx); n != 1 {
-		t.Fatalf("%d offers", n)
-	}
-	rep.cut.Store(false)
+	unreplicatedOffer(t, m, d, rep, false)
 	if n := d.FollowUpOffers(ctx); n != 1 {
 		t.Fatalf("%d offers followed up, want the unreplicated one", n)
 	}
-	m.Wait()
 	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
 	notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subCode":7000}}`))
 	if got, in := queueEntry(t, f.qs, realCallKey); !in || got != score {
@@ -272,19 +293,7 @@ func TestOfferFollowUpFreesOnlyItsOwnReservation(t *testing.T) {
 	m, d, _ := replicatedOnFake(t, f, rep)
 	f.queueCaller(m)
 	score, _ := queueEntry(t, f.qs, realCallKey)
-	rdb := f.srv.Client(t)
-	key := "lf:{call:" + realCallKey + "}"
-	before, err := rdb.Dump(ctx, key).Result()
-	mustDo(t, err)
-
-	rep.cut.Store(true)
-	if n := d.DispatchOnce(ctx); n != 1 {
-		t.Fatalf("%d offers", n)
-	}
-	m.Wait()
-	rep.cut.Store(false)
-	// the failover: the record as the replica had it, before the offer
-	mustDo(t, rdb.RestoreReplace(ctx, key, 0, before).Err())
+	failoverLosesOffer(t, f, m, d, rep)
 	mustDo(t, f.qs.Release(ctx, "tenant-1", f.agent, realCallKey, callstate.AgentAbandoned, 0))
 	mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", "other-caller", time.Now().UnixMilli()))
 	r, err := f.qs.Reserve(ctx, "tenant-1", "q", time.Now())
@@ -341,21 +350,10 @@ func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
 	rep := &fakeReplica{}
 	m, d, st := replicatedOnFake(t, f, rep)
 	f.queueCaller(m)
-	rdb := f.srv.Client(t)
-	key := "lm:{call:" + realCallKey + "}"
-	before, err := rdb.Dump(ctx, key).Result()
-	mustDo(t, err)
 	queued, err := st.Get(ctx, realCallKey)
 	mustDo(t, err)
 
-	rep.cut.Store(true)
-	if n := d.DispatchOnce(ctx); n != 1 {
-		t.Fatalf("%d offers", n)
-	}
-	m.Wait()
-	rep.cut.Store(false)
-	// the failover: the record as the replica had it, before the offer
-	mustDo(t, rdb.RestoreReplace(ctx, key, 0, before).Err())
+	failoverLosesOffer(t, f, m, d, rep)
 	// the caller's max wait, fired by another instance: on to q2
 	other, _, _ := f.instance(f.srv.Client(t), &fakeGraph{}, nil)
 	if ok, err := other.Handle(ctx, "tenant-1", realCallKey, callstate.Event{Kind: callstate.EvTimeout,
@@ -463,10 +461,7 @@ func TestAGhostOfAnUnreplicatedOfferIsNotRequeued(t *testing.T) {
 	f.queueCaller(m)
 	score, _ := queueEntry(t, f.qs, realCallKey)
 
-	rep.cut.Store(true) // and it stays cut: the stall lasts
-	if n := d.DispatchOnce(ctx); n != 1 {
-		t.Fatalf("%d offers", n)
-	}
+	unreplicatedOffer(t, m, d, rep, true) // the stall lasts
 	c, err := store.Get(ctx, realCallKey)
 	mustDo(t, err)
 	first, other := c.Agent, second
