@@ -59,7 +59,8 @@
 // another once its lease runs out (RunOutbox); while an instance lives it renews the leases of
 // the commands it is still carrying out, so a slow Graph is not mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues (a queued caller missing is put back, an
-// entry whose call ended is removed) and agent reservations. Events with no row for the
+// entry whose call ended is removed, in any queue of the tenant, its flow's or one a flow edit
+// removed) and agent reservations. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //
 // A decision the table refuses (ErrInvalidTransition, a *TransitionError) is a bug, never

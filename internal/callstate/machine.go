@@ -53,6 +53,9 @@ type QueueEntry struct {
 // runs even when the save loses its race (QueueWriter), and the dispatcher's undo of a failed
 // offer puts the caller back, so a caller whose call ends at that moment can be left in a queue.
 type QueueSweeper interface {
+	// KnownQueues returns the tenant's queues that may hold callers, whichever flow named them:
+	// a flow edit that removes or renames a queue leaves its entries to no instance's flow.
+	KnownQueues(ctx context.Context, tenant string) ([]string, error)
 	// Entries returns the callers waiting in each of the tenant's queues named, with their scores.
 	Entries(ctx context.Context, tenant string, queues []string) (map[string][]QueueEntry, error)
 	// RemoveEntries takes out of a queue each entry still there with the score given (one put
@@ -1866,24 +1869,44 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 // sweepBatch is how many call records sweepGhosts reads in one round trip.
 const sweepBatch = 500
 
-// sweepGhosts removes from the tenant's queues (those of the flow) the entries of callers whose
-// call ended, or whose record is gone (expired, lost with Redis data): ghosts, which a queue write
-// behind a save that lost its race, or the dispatcher's undo of a failed offer, can leave when
-// the call ends at that moment. A ghost otherwise stays until an agent is free to be reserved for
-// it (the offer is refused), counted among the callers waiting meanwhile. Only those entries are
-// removed: a caller in any other state may be put back at the same score at any moment (a failed
+// sweepGhosts removes from the tenant's queues the entries of callers whose call ended, or whose
+// record is gone (expired, lost with Redis data): ghosts, which a queue write behind a save that
+// lost its race, or the dispatcher's undo of a failed offer, can leave when the call ends at that
+// moment. A ghost otherwise stays until an agent is free to be reserved for it (the offer is
+// refused), counted among the callers waiting meanwhile. Only those entries are removed: a
+// caller in any other state may be put back at the same score at any moment (a failed
 // transfer), and taking one out would lose their place. An ended call never waits again, so its
 // entry is removed only while it is still there with the score read first: one put back since
 // stays. live holds the calls this pass read and found live: their entries are kept unread.
+//
+// The queues swept are those of the flow and every other the tenant has (KnownQueues): one a
+// flow edit removed or renamed, whose ghosts no dispatcher reserves and no flow names (left, they
+// stayed in Redis for good), or, in a rolling update, one of a newer or older flow than this
+// instance's. The rule is the same there: a caller waiting in such a queue by their record
+// stays (an instance whose flow has the queue serves them, or a newer flow's sends them back to
+// the start menu).
 func (m *Machine) sweepGhosts(ctx context.Context, tenant string, live map[string]bool) {
 	qs, ok := m.cfg.Queues.(QueueSweeper)
-	flow := m.flow.Load()
-	if !ok || flow == nil || len(flow.Queues) == 0 {
+	if !ok {
+		return
+	}
+	var queues []string
+	if flow := m.flow.Load(); flow != nil {
+		queues = slices.Collect(maps.Keys(flow.Queues))
+	}
+	known, err := qs.KnownQueues(ctx, tenant)
+	if err != nil {
+		m.cfg.Log.Warn("sweep queues: the queues not in the flow are not swept", zap.String("tenant_id", tenant), zap.Error(err))
+	}
+	queues = append(queues, known...)
+	slices.Sort(queues)
+	queues = slices.Compact(queues)
+	if len(queues) == 0 {
 		return
 	}
 	// the entries first, then the records: a record read after its entry was, so an entry whose
 	// record is found ended (or gone) was there, at that score, while the call had ended
-	entries, err := qs.Entries(ctx, tenant, slices.Sorted(maps.Keys(flow.Queues)))
+	entries, err := qs.Entries(ctx, tenant, queues)
 	if err != nil {
 		m.cfg.Log.Warn("sweep queues", zap.String("tenant_id", tenant), zap.Error(err))
 		return
@@ -1930,7 +1953,12 @@ func (m *Machine) sweepGhosts(ctx context.Context, tenant string, live map[strin
 		}
 		if n > 0 {
 			m.Ghosts.Add(int64(n))
-			m.cfg.Log.Info("callers whose call ended removed from a queue", zap.String("tenant_id", tenant), zap.String("queue", q), zap.Int("removed", n))
+			inFlow := false
+			if flow := m.flow.Load(); flow != nil {
+				inFlow = flow.Queues[q] != nil
+			}
+			m.cfg.Log.Info("callers whose call ended removed from a queue", zap.String("tenant_id", tenant), zap.String("queue", q),
+				zap.Bool("queue_in_flow", inFlow), zap.Int("removed", n))
 		}
 	}
 }

@@ -269,6 +269,11 @@ func (d *Dispatcher) Entries(ctx context.Context, tenant string, queues []string
 	return d.Store.Entries(ctx, tenant, queues)
 }
 
+// KnownQueues implements callstate.QueueSweeper.
+func (d *Dispatcher) KnownQueues(ctx context.Context, tenant string) ([]string, error) {
+	return d.Store.KnownQueues(ctx, tenant)
+}
+
 // RemoveEntries implements callstate.QueueSweeper.
 func (d *Dispatcher) RemoveEntries(ctx context.Context, tenant, queue string, entries []callstate.QueueEntry) (int, error) {
 	return d.Store.RemoveEntries(ctx, tenant, queue, entries)

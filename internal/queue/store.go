@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -62,12 +63,23 @@ func (s *Store) keys(tenant, queue string) keys {
 	}
 }
 
+// registry is the set of the names of the tenant's queues: every queue the flow of any instance
+// that kept it has had (SetMembers adds it, at start-up), so that the reconciler can sweep the
+// queues its own instance's flow lacks (KnownQueues). A name is never taken out: an instance still on
+// an older flow (a rolling update) may enqueue in a queue the newer flow removed, and a
+// dispatcher serving it may put a caller back there, at any moment, without registering it
+// again (an enqueue, on the hot path, does not write the registry). The set holds every queue
+// name the tenant's flows have ever had, a handful.
+func (s *Store) registry(tenant string) string { return s.k(tenant, "queues") }
+
 // SetMembers makes agents the members of queue (replacing the previous list) and registers them
-// as idle agents (without changing how long a known agent has been idle); then it sets the set
-// of free agents right (RepairFree), as a new agent may already be known to be routable.
+// as idle agents (without changing how long a known agent has been idle), and the queue among
+// the tenant's queues (KnownQueues); then it sets the set of free agents right (RepairFree), as a
+// new agent may already be known to be routable.
 func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []string) error {
 	k := s.keys(tenant, queue)
 	_, err := s.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.SAdd(ctx, s.registry(tenant), queue)
 		p.Del(ctx, k.members)
 		if len(agents) == 0 {
 			return nil
@@ -94,7 +106,13 @@ func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []s
 // such an agent stayed for good, at the head of the free agents (idle since their last call,
 // before the flow changed), where every reservation read past them. Instances start with the
 // deployment's flow, so the last instance to start decides, as it does for the members.
+//
+// The first to start with no registry of the tenant's queues (the first callbot to keep one)
+// fills it from the queues in Redis (seedRegistry), so the queues older flows had are swept too.
 func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string][]string) error {
+	if err := s.seedRegistry(ctx, tenant); err != nil {
+		return err
+	}
 	var all []string
 	for q, agents := range queues {
 		if err := s.SetMembers(ctx, tenant, q, agents); err != nil {
@@ -111,6 +129,65 @@ func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string]
 		return fmt.Errorf("forget agents no queue has: %w", err)
 	}
 	return nil
+}
+
+// seedRegistry, when the tenant has no registry of its queues, registers every queue it has in
+// Redis: a SCAN of the keys of the node that serves the tenant's slot (on Redis Cluster, a SCAN
+// of any other node finds none of them; go-redis sends a SCAN by the hash tag of its MATCH
+// pattern, which is another slot's once a character of the tenant's name is escaped, so the
+// node is chosen here). It is the only SCAN callbot makes: once per deployment
+// that starts keeping the registry (and again only if the registry is lost with the data), at
+// start-up, where its cost (one round trip per thousand keys of the node) does not matter;
+// the reconciler reads the registry instead, one round trip whatever the keyspace.
+func (s *Store) seedRegistry(ctx context.Context, tenant string) error {
+	reg := s.registry(tenant)
+	var node redis.Cmdable = s.rdb
+	if c, ok := s.rdb.(*redis.ClusterClient); ok {
+		n, err := c.MasterForKey(ctx, reg)
+		if err != nil {
+			return fmt.Errorf("register the queues of tenant %s: %w", tenant, err)
+		}
+		node = n
+	}
+	if n, err := node.Exists(ctx, reg).Result(); err != nil || n == 1 {
+		if err != nil {
+			return fmt.Errorf("register the queues of tenant %s: %w", tenant, err)
+		}
+		return nil
+	}
+	prefix := s.k(tenant, "queue:")
+	var names []any
+	it := node.Scan(ctx, 0, globEscape(prefix)+"*", 1000).Iterator()
+	for it.Next(ctx) {
+		names = append(names, strings.TrimPrefix(it.Val(), prefix))
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("register the queues of tenant %s: %w", tenant, err)
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	if err := node.SAdd(ctx, reg, names...).Err(); err != nil {
+		return fmt.Errorf("register the queues of tenant %s: %w", tenant, err)
+	}
+	return nil
+}
+
+// globEscape escapes the characters a SCAN MATCH pattern gives a meaning to.
+func globEscape(s string) string {
+	return strings.NewReplacer(`\`, `\\`, `*`, `\*`, `?`, `\?`, `[`, `\[`, `]`, `\]`).Replace(s)
+}
+
+// KnownQueues returns, sorted, the names of every queue of the tenant that may hold callers,
+// whatever this instance's flow: those of every flow any instance of the tenant has started
+// with (SetMembers), and those found in Redis when the registry was first filled (SetQueues).
+func (s *Store) KnownQueues(ctx context.Context, tenant string) ([]string, error) {
+	names, err := s.rdb.SMembers(ctx, s.registry(tenant)).Result()
+	if err != nil {
+		return nil, fmt.Errorf("read the queues of tenant %s: %w", tenant, err)
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // forgetAgentsScript removes from the tenant's idle, free, routable and cool records every agent

@@ -129,6 +129,38 @@ func TestStoreOnRedisCluster(t *testing.T) {
 	})
 }
 
+// On Redis Cluster the registry of a tenant's queues is filled, at the first start with none,
+// from the queue keys on the master that serves the tenant's slot, and read from there. A SCAN
+// of the cluster client goes to one node: go-redis picks the slot of the hash tag in the MATCH
+// pattern, which is not the tenant's when the pattern escapes a character of its name (the
+// tenants here have a ?, a wildcard), so the store sends it to the tenant's master itself.
+func TestKnownQueuesOnRedisCluster(t *testing.T) {
+	cluster := redistest.StartCluster(t)
+	ctx := context.Background()
+	st := queue.NewStore(cluster.Client(t), "cb")
+	for i := range 9 {
+		tenant := fmt.Sprintf("t?%d", i)
+		// an older callbot's queue, not registered, and calls of the tenant on other slots
+		if err := st.Enqueue(ctx, tenant, "gone", "ghost", 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.SetQueues(ctx, tenant, map[string][]string{"sales": {tenant + "-a1"}}); err != nil {
+			t.Fatalf("%s: set queues: %v", tenant, err)
+		}
+		got, err := st.KnownQueues(ctx, tenant)
+		if err != nil || !slices.Equal(got, []string{"gone", "sales"}) {
+			t.Errorf("%s: known queues %v %v, want gone and sales", tenant, got, err)
+		}
+		es, err := st.Entries(ctx, tenant, got)
+		if err != nil || len(es["gone"]) != 1 {
+			t.Fatalf("%s: entries %v %v, want the ghost in gone", tenant, es, err)
+		}
+		if n, err := st.RemoveEntries(ctx, tenant, "gone", es["gone"]); err != nil || n != 1 {
+			t.Errorf("%s: removed %d %v, want the ghost", tenant, n, err)
+		}
+	}
+}
+
 type presences struct{ polled chan []string }
 
 func (p *presences) Presences(_ context.Context, ids []string) ([]graph.Presence, error) {

@@ -49,3 +49,37 @@ func TestRemoveEntriesOnlyAtTheScoreRead(t *testing.T) {
 		t.Errorf("queue after the removal (-got +want):\n%s", diff)
 	}
 }
+
+// The registry of a tenant's queues (KnownQueues) names every queue a flow of the tenant has had:
+// SetMembers registers its queue, and a queue is never taken out (an instance still on an older
+// flow may enqueue there). The first SetQueues with no registry fills it from the queue keys in
+// Redis (written by a callbot that kept none), the tenant's alone: another tenant whose name a
+// MATCH pattern would take for this one's (? is a wildcard) is left out.
+func TestKnownQueues(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t)
+	known := func(tenant string) []string {
+		t.Helper()
+		names, err := s.KnownQueues(ctx, tenant)
+		must(t, err)
+		return names
+	}
+	if got := known("t?"); len(got) != 0 {
+		t.Fatalf("known queues of a new tenant %v, want none", got)
+	}
+	must(t, s.Enqueue(ctx, "t?", "gone", "ghost", 1)) // an older callbot's queue, not registered
+	must(t, s.Enqueue(ctx, "t?", "renamed", "caller", 2))
+	must(t, s.Enqueue(ctx, "tx", "other-tenant", "caller", 3))
+	must(t, s.SetQueues(ctx, "t?", map[string][]string{"sales": {"a1"}, "support": {"a2"}}))
+	if diff := cmp.Diff(known("t?"), []string{"gone", "renamed", "sales", "support"}); diff != "" {
+		t.Errorf("known queues after the first start (-got +want):\n%s", diff)
+	}
+
+	must(t, s.SetQueues(ctx, "t?", map[string][]string{"sales2": {"a1"}})) // a flow edit
+	if diff := cmp.Diff(known("t?"), []string{"gone", "renamed", "sales", "sales2", "support"}); diff != "" {
+		t.Errorf("known queues after a flow edit (-got +want):\n%s", diff)
+	}
+	if got := known("tx"); len(got) != 0 {
+		t.Errorf("known queues of a tenant that never started %v, want none", got)
+	}
+}
