@@ -313,6 +313,19 @@ func TestRedisFailoverSoak(t *testing.T) {
 	if stalls > 0 && unrepl == 0 {
 		t.Errorf("%d failovers after a replication stall, but callbot_redis_unreplicated_total is 0", stalls)
 	}
+	// Reservations that came to nothing, per call: a ghost entry (a queue write of a save that
+	// lost its race) is reserved once and its offer refused; a caller reserved, refused and put
+	// back every dispatcher tick is a loop (one ran for as long as a replication stall lasted).
+	refused := refusedReservations(bots...)
+	worst, most := "", 0
+	for k, n := range refused {
+		if n > most || n == most && k < worst {
+			worst, most = k, n
+		}
+	}
+	if limit := envInt(t, "CHAOS_FAILSOAK_REFUSALS", 3); most > limit {
+		t.Errorf("call %s reserved %d times for nothing (offer refused or failed, caller put back): a reservation loop (limit %d)", worst, most, limit)
+	}
 	var fo []string
 	for _, c := range cycles {
 		fo = append(fo, fmt.Sprintf("%s@%s(promoted +%s, ready +%s, back %d)", c.kind, since(t0, c.killed),
@@ -321,16 +334,48 @@ func TestRedisFailoverSoak(t *testing.T) {
 	t.Logf("summary: %d calls at %s/s for %s, outcomes [%s]; failovers %v; last call ended %s after the last placed; "+
 		"Redis settled %s after the calls ended (leftovers %v); deliveries %d (503 %d, other 5xx or transport errors %d, given up %d); "+
 		"agents offered %d, accepted %d; callbot_redis_unreplicated_total %d, offers followed up %d, callbot_offers_lost_total %d (logged %d), "+
-		"follow-ups left to the reconciler %d; error log lines %d; balancer %s",
+		"follow-ups left to the reconciler %d; reservations for nothing %d (%d calls, at most %d for one); error log lines %d; balancer %s",
 		calls, rate, duration, fmtCounts(counts), fo, lastEnd(callers).Sub(placedAll).Round(100*time.Millisecond),
 		settled.Round(100*time.Millisecond), left, len(sim.Deliveries()), d503, d5xx, given, offered, accepted,
-		unrepl, followed, lost, lostLogged, reconciled, errs, lb.stats())
+		unrepl, followed, lost, lostLogged, reconciled, sum(refused), len(refused), most, errs, lb.stats())
 	if t.Failed() {
 		for _, p := range bots {
 			t.Logf("%s warnings and errors:\n%s", p.name, strings.Join(lastN(grep(p.logPath, `"level":"warn"`, `"level":"error"`), 30), "\n"))
 		}
 	}
 	skipKnown(t, known, calls)
+}
+
+var callIDField = regexp.MustCompile(`"call_id":"([^"]+)"`)
+
+// refusedReservations counts, per call, the reservations the instances' logs show came to
+// nothing: the offer refused (the caller no longer waiting) or failed (the caller put back).
+func refusedReservations(bots ...*callbotProc) map[string]int {
+	out := map[string]int{}
+	for _, b := range bots {
+		for _, l := range grep(b.logPath, `"msg":"reserved caller no longer waiting"`, `"msg":"offer failed, caller requeued"`) {
+			if m := callIDField.FindStringSubmatch(l); m != nil {
+				out[m[1]]++
+			}
+		}
+	}
+	return out
+}
+
+func envInt(t *testing.T, k string, def int) int {
+	n, err := strconv.Atoi(envOr(k, strconv.Itoa(def)))
+	if err != nil {
+		t.Fatalf("%s: %v", k, err)
+	}
+	return n
+}
+
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
 
 func lastEnd(callers []*caller) time.Time {
@@ -374,11 +419,16 @@ type invariants struct {
 	maxNoQueue, maxStray time.Duration
 	exNoQueue, exStray   string
 	twoQueues            []string
-	samples, failed      int
+	// callers seen in a queue while their record has them with an agent (a ghost entry, which
+	// the next offer refuses; a loop puts one back every tick): reported, not failed, since a
+	// ghost stays until an agent is free to be reserved for it
+	withAgent       map[string]bool
+	exWithAgent     string
+	samples, failed int
 }
 
 func newInvariants() *invariants {
-	return &invariants{noQueue: map[string]time.Time{}, strayAgent: map[string]time.Time{}}
+	return &invariants{noQueue: map[string]time.Time{}, strayAgent: map[string]time.Time{}, withAgent: map[string]bool{}}
 }
 
 func (v *invariants) track(c *caller) {
@@ -435,6 +485,10 @@ func (v *invariants) sample(rdb *redis.Client, agents []string) {
 	for k, qs := range inQueues {
 		if len(qs) > 1 {
 			v.twoQueues = append(v.twoQueues, fmt.Sprintf("%s in %v at %s", k, qs, now.Format("15:04:05")))
+		}
+		if c, ok := recs[k]; ok && c.Agent != "" && c.State != callstate.StateQueued && !c.State.Terminal() {
+			v.withAgent[k] = true
+			v.exWithAgent = fmt.Sprintf("%s in %v at %s, %s with %s", k, qs, now.Format("15:04:05"), c.State, c.Agent)
 		}
 	}
 	seen := map[string]bool{}
@@ -509,6 +563,7 @@ func (v *invariants) report(t *testing.T) {
 	if v.maxStray > limit {
 		t.Errorf("an agent stayed reserved for a call not with them for %s: %s", v.maxStray, v.exStray)
 	}
-	t.Logf("invariants: %d samples (%d failed: no master); callers in two queues %d; longest queued in no queue %s %s; longest agent reserved for a call not with them %s %s",
-		v.samples, v.failed, len(v.twoQueues), v.maxNoQueue, v.exNoQueue, v.maxStray, v.exStray)
+	t.Logf("invariants: %d samples (%d failed: no master); callers in two queues %d; longest queued in no queue %s %s; longest agent reserved for a call not with them %s %s; "+
+		"callers seen in a queue while with an agent %d %s",
+		v.samples, v.failed, len(v.twoQueues), v.maxNoQueue, v.exNoQueue, v.maxStray, v.exStray, len(v.withAgent), v.exWithAgent)
 }
