@@ -488,3 +488,88 @@ func TestAGhostOfAnUnreplicatedOfferIsNotRequeued(t *testing.T) {
 		t.Errorf("the record: %s agent %q (%v), want transferring to %s", c.State, c.Agent, err, first)
 	}
 }
+
+// A failover loses an offer refused as unreplicated, and before the follow-up looks the call has
+// moved past it: a queue write of a save that lost its race (a stale cached copy deciding a
+// repeated key press) put the caller back in the queue, and another instance offered them to a
+// second agent; or the failover took the record back further, to the menu. Either way the
+// record shows the call neither queued nor with the first agent, who is still reserved for it
+// (the reservation was replicated before the offer). The follow-up took such a record for a kept
+// offer (it counts as many transfer attempts as the offer did, or it is "somewhere the follow-up
+// has no business with") and left the agent reserved for nobody until the reconciler's pass, up
+// to 5 minutes. It now frees them, and leaves the caller where their record has them.
+func TestOfferFollowUpFreesTheAgentOfAnOfferTheCallMovedPast(t *testing.T) {
+	const second = "11111111-0000-4000-8000-000000000002"
+	for _, tc := range []struct {
+		name string
+		// after the failover (the record restored to before the offer, or to the menu), what
+		// happens before the follow-up looks; wantAgent is who the call is with then
+		after     func(t *testing.T, f *agentOnRealQueues, score float64)
+		wantAgent bool
+	}{
+		{"reoffered to another agent", func(t *testing.T, f *agentOnRealQueues, score float64) {
+			ctx := context.Background()
+			mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", realCallKey, int64(score))) // the ghost
+			_, other, _ := f.instance(f.srv.Client(t), &fakeGraph{}, nil)
+			if n := other.DispatchOnce(ctx); n != 1 {
+				t.Fatalf("%d offers by the other instance, want the caller offered to the second agent", n)
+			}
+		}, true},
+		{"taken back to the menu", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			f := newAgentOnRealQueues(t, "lp")
+			mustDo(t, f.qs.SetMembers(ctx, "tenant-1", "q", []string{f.agent, second}))
+			mustDo(t, f.qs.SetRoutable(ctx, "tenant-1", map[string]bool{f.agent: true, second: true}))
+			rep := &fakeReplica{}
+			m, d, st := replicatedOnFake(t, f, rep)
+			rdb := f.srv.Client(t)
+			key := "lp:{call:" + realCallKey + "}"
+			notify(t, m, note("created", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+			notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+			inMenu, err := rdb.Dump(ctx, key).Result()
+			mustDo(t, err)
+			notify(t, m, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`))
+			score, _ := queueEntry(t, f.qs, realCallKey)
+			queued, err := rdb.Dump(ctx, key).Result()
+			mustDo(t, err)
+
+			rep.cut.Store(true)
+			if n := d.DispatchOnce(ctx); n != 1 {
+				t.Fatalf("%d offers", n)
+			}
+			m.Wait()
+			c, err := st.Get(ctx, realCallKey)
+			mustDo(t, err)
+			first := c.Agent
+			rep.cut.Store(false)
+			// the failover: the record as the replica had it, the reservation kept
+			before := queued
+			if tc.after == nil {
+				before = inMenu
+			}
+			mustDo(t, rdb.RestoreReplace(ctx, key, 0, before).Err())
+			if tc.after != nil {
+				tc.after(t, f, score)
+			}
+
+			followUpsUntilDone(t, d)
+			if res, _ := f.qs.Reserved(ctx, "tenant-1", first); res != "" {
+				t.Errorf("the agent of the lost offer is still reserved for %q after the follow-up", res)
+			}
+			c, err = st.Get(ctx, realCallKey)
+			mustDo(t, err)
+			if tc.wantAgent {
+				if res, _ := f.qs.Reserved(ctx, "tenant-1", c.Agent); c.Agent == first || res != realCallKey {
+					t.Errorf("the call is with %q, reserved for %q: want the second agent's offer left alone", c.Agent, res)
+				}
+			} else if c.State != callstate.StateInMenu {
+				t.Errorf("the record is %s, want left in the menu", c.State)
+			}
+			if _, in := queueEntry(t, f.qs, realCallKey); in {
+				t.Errorf("the follow-up put the caller back in the queue")
+			}
+		})
+	}
+}

@@ -1535,6 +1535,9 @@ type OfferCheck struct {
 	// a record that lost the offer waits there again, unless the caller has moved on since.
 	Queue      string
 	QueueScore int64
+	// Agent is whom the offer was made to: a record read later that shows the call neither
+	// queued nor with them is past the offer, and their reservation for it is stale.
+	Agent string
 }
 
 // CheckOffer reads the record of a call whose offer to agent returned an error (the save's
@@ -1550,7 +1553,7 @@ func (m *Machine) CheckOffer(ctx context.Context, tenant, callKey, agent string)
 		return OfferCheck{}, err
 	}
 	oc := OfferCheck{Took: c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), Offers: c.Offers,
-		Queue: c.Queue, QueueScore: c.QueueScore}
+		Queue: c.Queue, QueueScore: c.QueueScore, Agent: agent}
 	if oc.Took {
 		oc.Replicated = m.cfg.Store.Sync(ctx, callKey) == nil
 	}
@@ -1578,9 +1581,15 @@ const (
 	// OfferLostEnded: the offer was lost and the call has ended since, or its record is gone:
 	// only the agent is to be freed.
 	OfferLostEnded
+	// OfferPassed: the call is past the offer, neither queued nor with its agent (back in a menu,
+	// where a failover took the record; with another agent, offered again after a failover lost
+	// this offer or after its transfer failed; ended with another): nothing will free the agent
+	// if they are still reserved for it but the reconciler (up to 5 minutes), so the follow-up
+	// does, and leaves the caller alone. Not counted as lost: a failed transfer gets there too.
+	OfferPassed
 )
 
-var offerFates = [...]string{"unsettled", "kept", "lost", "lost_ended"}
+var offerFates = [...]string{"unsettled", "kept", "lost", "lost_ended", "passed"}
 
 func (f OfferFate) String() string {
 	if int(f) < len(offerFates) {
@@ -1611,9 +1620,15 @@ func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offer O
 		return OfferLost, nil
 	case c.Offers < offers && c.State.Terminal():
 		return OfferLostEnded, nil
+	case offer.Agent != "" && c.Agent != offer.Agent && c.State != StateQueued:
+		// The transfer attempts counted cannot tell: a failover that lost the offer and a later
+		// offer of the caller (put back by a ghost entry, or queued again from the menu) count
+		// as many. Not while the record is queued: an agent reserved for the call then may be
+		// about to offer it (another instance, after the transfer failed).
+		return OfferPassed, nil
 	case c.Offers < offers:
-		// taken back further than the queue (the caller in no queue), or moved on since to
-		// another queue or place: the reconciler frees the agent, whose call is not with them
+		// moved on since to another queue: the reconciler frees the agent, whose call is not
+		// with them (one of that queue may be reserved for the caller, about to offer)
 		return OfferKept, nil
 	}
 	if err := m.cfg.Store.Sync(ctx, callKey); err != nil {

@@ -137,7 +137,10 @@ const (
 // the transfer failed: the machine requeued the caller and freed the agent itself, and another
 // instance may have reserved the agent for them again) is never acted on, and ends it once the
 // replicas confirm it, nor is one that lost the offer and moved on since (passed on to another
-// queue at its max wait: put back in this one too, the caller would wait in two); an offer lost
+// queue at its max wait: put back in this one too, the caller would wait in two); one that shows
+// the call neither queued nor with the offer's agent (back in a menu, with another agent, ended
+// with another: callstate.OfferPassed) frees that agent if still reserved for the call, and
+// leaves the caller alone; an offer lost
 // puts the caller back at their score (an enqueue is
 // idempotent) and frees the agent if still reserved for that call (AgentAbandoned: they keep
 // their place among the longest idle), the agent alone if the call ended meanwhile. A follow-up still unsettled
@@ -177,6 +180,17 @@ func (d *Dispatcher) FollowUpOffers(ctx context.Context) int {
 				continue
 			}
 			fate = callstate.OfferUnsettled // looked at again: both writes are idempotent
+		}
+		if fate == callstate.OfferPassed {
+			// the call is neither queued nor with the agent: their reservation for it, if they
+			// still have one, holds them for nobody (the release script frees them only then)
+			err = d.Store.Release(context.WithoutCancel(ctx), d.Tenant, f.r.Agent, f.r.Call, callstate.AgentAbandoned, 0)
+			if err == nil {
+				clear(d.exhausted)
+				log.Info("offer followed up: the call is past it, agent freed if still reserved for it")
+				continue
+			}
+			fate = callstate.OfferUnsettled
 		}
 		if fate == callstate.OfferKept {
 			log.Info("offer followed up: kept")
