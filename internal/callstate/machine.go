@@ -557,6 +557,11 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				m.exec.fill(execKey, slot, nil)
 				m.cache.drop(callKey) // another instance changed the call: decide again on its record
 				lost = append(lost, timers...)
+				if behind != nil {
+					// its queue writes went out all the same: an enqueue here is a ghost entry if
+					// the record has moved on (a dispatcher may reserve it; the offer is refused)
+					log.Debug("save lost its race, its queue writes sent", zap.Stringer("state", cur.State), zap.Bool("cached", fromCache))
+				}
 				continue
 			}
 		}
