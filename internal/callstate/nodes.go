@@ -68,7 +68,7 @@ func (s *Store) Durably(ctx context.Context, key string, write func(redis.Pipeli
 // durablyOn is Durably on node, the master serving key.
 func (s *Store) durablyOn(ctx context.Context, node *redis.Client, key string, write func(redis.Pipeliner)) error {
 	r := s.nodeCount(node)
-	need := s.replicasToWaitOn(r)
+	need, sent := s.replicasToWaitOn(r), r.id()
 	if need == 0 && write == nil {
 		return nil
 	}
@@ -97,13 +97,13 @@ func (s *Store) durablyOn(ctx context.Context, node *redis.Client, key string, w
 	if err := set.Err(); err != nil {
 		return err
 	}
-	return s.replicated(ctx, node, r, wait, need)
+	return s.replicated(ctx, node, r, wait, need, sent, nil)
 }
 
 // writeOnNodes is write on Redis Cluster with replicas to wait for: the entries ahead of the
 // record on their masters, each waited for; then the record and WAIT on its master; then the
 // writes behind it (not waited for), if the script wrote.
-func (s *Store) writeOnNodes(ctx context.Context, keys []string, script *redis.Script, args []any, pre []zadd, behind func(redis.Pipeliner)) (int, error) {
+func (s *Store) writeOnNodes(ctx context.Context, keys []string, script *redis.Script, args []any, version string, data []byte, pre []zadd, behind func(redis.Pipeliner)) (int, error) {
 	if err := s.aheadOnNodes(ctx, pre); err != nil {
 		return 0, err
 	}
@@ -112,7 +112,7 @@ func (s *Store) writeOnNodes(ctx context.Context, keys []string, script *redis.S
 		return 0, err
 	}
 	r := s.nodeCount(node)
-	need := s.replicasToWaitOn(r)
+	need, sent := s.replicasToWaitOn(r), r.id()
 	for attempt := 0; ; attempt++ {
 		var res, wait *redis.Cmd
 		cmds, _ := node.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -141,7 +141,7 @@ func (s *Store) writeOnNodes(ctx context.Context, keys []string, script *redis.S
 			return n, nil
 		}
 		if wait != nil {
-			if err := s.replicated(ctx, node, r, wait, need); err != nil {
+			if err := s.replicated(ctx, node, r, wait, need, sent, holds(node, keys[0], version, data)); err != nil {
 				return n, err
 			}
 		}

@@ -76,15 +76,16 @@ type replicaCount struct {
 }
 
 // look reads the master's replication id and connected replicas (INFO replication on c), and
-// counts the most replicas the master has had. It reports whether it could read them.
-func (r *replicaCount) look(ctx context.Context, c redis.Cmdable) bool {
+// counts the most replicas the master has had. It returns the replication id, and whether it
+// could read them.
+func (r *replicaCount) look(ctx context.Context, c redis.Cmdable) (string, bool) {
 	info, err := c.Info(ctx, "replication").Result()
 	if err != nil {
-		return false
+		return "", false
 	}
 	id, n, ok := replicationInfo(info)
 	if !ok {
-		return false
+		return "", false
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -93,7 +94,14 @@ func (r *replicaCount) look(ctx context.Context, c redis.Cmdable) bool {
 	}
 	r.peak = max(r.peak, int64(n))
 	r.counted.Store(r.peak)
-	return true
+	return id, true
+}
+
+// id is the replication id the last look read ("" before the first).
+func (r *replicaCount) id() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.replid
 }
 
 // WaitForReplicas makes every write of a call record wait until n replicas have it (WAIT n, in
@@ -185,18 +193,39 @@ func replicationInfo(info string) (replid string, online int, ok bool) {
 }
 
 // replicated checks the answer to a WAIT for need replicas, sent to the master c whose replicas
-// r counts. A short one is looked at again: the write may have gone to a master promoted since
-// the last look, alone (nothing to fail over to, so nothing to wait for).
-func (s *Store) replicated(ctx context.Context, c redis.Cmdable, r *replicaCount, wait *redis.Cmd, need int) error {
+// r counts; sent is the replication id r had when the write was sent. A short one is looked at
+// again: the write may have gone to a master promoted since the last look, alone (nothing to
+// fail over to, so nothing to wait for). But if the look finds another master than the one the
+// write was sent to (sent), the WAIT may have been the old master's (its replica stalled, the
+// failover under way, a partition keeping it alive): the write counts only if the master now
+// serving has it (has; nil: it cannot tell, refused), or a failover that lost it would be
+// acknowledged.
+func (s *Store) replicated(ctx context.Context, c redis.Cmdable, r *replicaCount, wait *redis.Cmd, need int, sent string, has func(context.Context) bool) error {
 	got, err := wait.Int64()
 	if err == nil && got >= int64(need) {
 		return nil
 	}
-	if err == nil && r.look(ctx, c) && got >= int64(s.replicasToWaitOn(r)) {
-		return nil
+	if err == nil {
+		if id, ok := r.look(ctx, c); ok && got >= int64(s.replicasToWaitOn(r)) &&
+			(sent == "" || id == sent || has != nil && has(ctx)) {
+			return nil
+		}
 	}
 	s.Unreplicated.Add(1)
 	return fmt.Errorf("%w: %d of %d within %s (%v)", ErrNotReplicated, got, need, s.replicaTimeout, err)
+}
+
+// holds returns whether the record of key on c is the one a write made: version v, data d.
+func holds(c redis.Cmdable, key, v string, d []byte) func(context.Context) bool {
+	return func(ctx context.Context) bool {
+		vals, err := c.HMGet(ctx, key, "v", "d").Result()
+		if err != nil || len(vals) != 2 {
+			return false
+		}
+		gv, _ := vals[0].(string)
+		gd, _ := vals[1].(string)
+		return gv == v && gd == string(d)
+	}
 }
 
 // Sync waits until the replicas a write waits for have everything the master has, for a change
@@ -211,7 +240,7 @@ func (s *Store) Sync(ctx context.Context, callKey string) error {
 	if s.onNodes {
 		return s.Durably(ctx, s.key(callKey), nil)
 	}
-	need := s.replicasToWait()
+	need, sent := s.replicasToWait(), s.master.id()
 	if need == 0 {
 		return nil
 	}
@@ -224,7 +253,7 @@ func (s *Store) Sync(ctx context.Context, callKey string) error {
 	if err != nil {
 		return err
 	}
-	return s.replicated(ctx, s.rdb, &s.master, wait, need)
+	return s.replicated(ctx, s.rdb, &s.master, wait, need, sent, nil)
 }
 
 // replicasToWait is how many replicas a write waits for now (standalone, Sentinel).
@@ -338,8 +367,9 @@ func (s *Store) ahead(c *Call, due time.Time, created bool, timers []Timer) []za
 // ended, its removal from the set of live calls. The writes behind run even if the script finds
 // a conflict; only writes that are harmless then go there (the caller decides again, and the
 // reconciler repairs what a spurious one leaves).
-func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, pre []zadd, behind func(redis.Pipeliner)) (int, error) {
+func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args []any, data []byte, pre []zadd, behind func(redis.Pipeliner)) (int, error) {
 	keys := []string{s.key(graph.CallKey(c.ID))}
+	version := strconv.FormatInt(c.Version+1, 10) // what the script writes
 	if c.State.Terminal() {
 		queued := behind
 		behind = func(p redis.Pipeliner) {
@@ -350,9 +380,9 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		}
 	}
 	if s.onNodes {
-		return s.writeOnNodes(ctx, keys, script, args, pre, behind)
+		return s.writeOnNodes(ctx, keys, script, args, version, data, pre, behind)
 	}
-	need := s.replicasToWait()
+	need, sent := s.replicasToWait(), s.master.id()
 	if len(pre) == 0 && behind == nil && need == 0 {
 		return script.Run(ctx, s.rdb, keys, args...).Int()
 	}
@@ -407,7 +437,7 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		if err != nil || n != 1 || wait == nil {
 			return n, err
 		}
-		return n, s.replicated(ctx, s.rdb, &s.master, wait, need)
+		return n, s.replicated(ctx, s.rdb, &s.master, wait, need, sent, holds(s.rdb, keys[0], version, data))
 	}
 }
 
@@ -435,7 +465,7 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
 	v := strconv.FormatInt(c.Version+1, 10) // 1, or above any version a lost record of the call had (EvAdopt)
-	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds(), v}, s.ahead(c, w.OutboxDue, true, w.Timers), w.Behind)
+	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds(), v}, b, s.ahead(c, w.OutboxDue, true, w.Timers), w.Behind)
 	if n == 1 {
 		c.Version++
 	}
@@ -562,7 +592,7 @@ func (s *Store) SaveWith(ctx context.Context, c *Call, w Write) error {
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, s.ahead(c, w.OutboxDue, false, w.Timers), w.Behind)
+	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, b, s.ahead(c, w.OutboxDue, false, w.Timers), w.Behind)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
