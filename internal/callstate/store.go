@@ -240,10 +240,11 @@ func (s *Store) Sync(ctx context.Context, callKey string) error {
 	if s.onNodes {
 		return s.Durably(ctx, s.key(callKey), nil)
 	}
-	need, sent := s.replicasToWait(), s.master.id()
+	need := s.replicasToWait()
 	if need == 0 {
 		return nil
 	}
+	sent := s.master.id()
 	var wait *redis.Cmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		p.Set(ctx, s.prefix+":{sync}", 1, time.Minute)
@@ -382,7 +383,10 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 	if s.onNodes {
 		return s.writeOnNodes(ctx, keys, script, args, version, data, pre, behind)
 	}
-	need, sent := s.replicasToWait(), s.master.id()
+	need, sent := s.replicasToWait(), ""
+	if need > 0 {
+		sent = s.master.id() // a lock: only when waiting for replicas
+	}
 	if len(pre) == 0 && behind == nil && need == 0 {
 		return script.Run(ctx, s.rdb, keys, args...).Int()
 	}
