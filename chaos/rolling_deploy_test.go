@@ -32,7 +32,8 @@ import (
 //
 // At the end: every call ended as its caller allows; callbot's records all terminated with no
 // command unacknowledged; no caller left in a queue, no agent reserved, no outbox entry and no
-// timer left; every instance stopped within its grace period with exit code 0; no notification
+// timer left; every instance stopped within its grace period with exit code 0 (or 1, saying its
+// grace ran out with work left to the others, which the checks before find done); no notification
 // given up by Graph; every 5xx the webhook answered falls within a shutdown's window (from the
 // SIGTERM (less a second: a request in flight then) to the process's exit, plus a second); no agent offered two callers at once.
 //
@@ -374,12 +375,15 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 		}
 	}
 
-	// Stops: within the grace period (plus a second for the process to exit), exit code 0.
+	// Stops: within the grace period (plus a second for the process to exit), exit code 0; or 1
+	// when the grace ran out first and the instance said so (a command held up by the slow,
+	// throttling Graph): what it left is for the others, and the checks above found it done.
 	var durs []time.Duration
 	for _, s := range stops {
 		d := s.exited.Sub(s.term)
 		durs = append(durs, d)
-		if s.code != 0 || d > grace+time.Second {
+		gaveUp := s.code == 1 && strings.Contains(s.lastLog, "shutdown grace over")
+		if (s.code != 0 && !gaveUp) || d > grace+time.Second {
 			t.Errorf("%s stopped in %s with exit code %d (grace %s): %s", s.name, d.Round(10*time.Millisecond), s.code, grace, s.lastLog)
 		}
 	}

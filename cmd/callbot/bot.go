@@ -6,8 +6,12 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -150,25 +154,26 @@ func (b *bot) routes() http.Handler {
 
 // serve runs the HTTP server and the background loops (timers, dispatcher, presence poller)
 // until ctx ends, then shuts down within grace: in-flight requests finish, queued Graph
-// commands are sent.
+// commands are sent. Whatever is not done when grace is over is left (it is in Redis, where the
+// other instances take it on) and serve returns errGraceOver, naming it.
 func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) error {
 	// IdleTimeout outlives the keep-alive of Graph's (and load balancers') connection pools, so a
 	// request is not sent on a connection the server is closing.
 	srv := &http.Server{Handler: b.handler, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 		WriteTimeout: 15 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10}
 	loops, stopLoops := context.WithCancel(context.WithoutCancel(ctx))
-	var wg sync.WaitGroup
-	wg.Go(func() { b.machine.RunTimers(loops, 100*time.Millisecond) })
-	wg.Go(func() { b.machine.RunOutbox(loops, time.Second) })
-	wg.Go(func() { b.machine.RunAcks(loops, 20*time.Millisecond) })
-	wg.Go(func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
-	wg.Go(func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
-	wg.Go(func() { b.store.WatchReplicas(loops, time.Second) })
+	var running loopGroup
+	running.Go("timers", func() { b.machine.RunTimers(loops, 100*time.Millisecond) })
+	running.Go("outbox", func() { b.machine.RunOutbox(loops, time.Second) })
+	running.Go("acknowledgements", func() { b.machine.RunAcks(loops, 20*time.Millisecond) })
+	running.Go("reconciler", func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
+	running.Go("dispatcher", func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
+	running.Go("replicas", func() { b.store.WatchReplicas(loops, time.Second) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
 		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
-	wg.Go(func() { poller.Run(loops, b.deps.PresenceEvery) })
+	running.Go("presence", func() { poller.Run(loops, b.deps.PresenceEvery) })
 	if keys, ok := b.deps.Auth.(signingKeys); ok {
-		wg.Go(func() { prefetchKeys(loops, keys, b.deps.Log) })
+		running.Go("signing keys", func() { prefetchKeys(loops, keys, b.deps.Log) })
 	}
 
 	errc := make(chan error, 1)
@@ -183,32 +188,115 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	// period; whatever is left stays in Redis outboxes and timers for the other instances.
 	b.draining.Store(true)
 	b.deps.Log.Info("shutting down", zap.Duration("grace", grace))
+	// Every step below waits at most until sctx ends, whatever it waits on: a Redis or a Graph
+	// that never answers holds a step only as long as the client's own timeouts (go-redis reads
+	// ignore a context's deadline), which add up past the grace, and past it Kubernetes kills
+	// the process without a word.
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	// The outbox leases of the commands still being sent are renewed until they are (or the
 	// grace is over): with the loops stopped, another instance would send them again.
+	rctx, stopRenewing := context.WithCancel(sctx)
+	defer stopRenewing()
 	renewing := make(chan struct{})
-	go func() { b.machine.RenewLeases(sctx); close(renewing) }()
-	defer func() { cancel(); <-renewing }()
-	shutErr := srv.Shutdown(sctx)
+	go func() { b.machine.RenewLeases(rctx); close(renewing) }()
+	var left []string // what the grace was too short for
+	if srv.Shutdown(sctx) != nil {
+		left = append(left, "requests in flight")
+	}
 	stopLoops()
-	wg.Wait()
+	if names := running.wait(sctx); len(names) > 0 {
+		left = append(left, "loops: "+strings.Join(names, ", "))
+	}
 	// The reconciler's lease goes back at once: the instance that replaces this one (a new name,
 	// in a rolling restart) reconciles at its start instead of when the lease runs out.
-	if err := b.store.ReleaseLease(sctx, "reconcile", b.instance); err != nil {
-		b.deps.Log.Warn("reconciler's lease not handed back", zap.Error(err))
+	if !within(sctx, func() {
+		if err := b.store.ReleaseLease(sctx, "reconcile", b.instance); err != nil && sctx.Err() == nil {
+			b.deps.Log.Warn("reconciler's lease not handed back", zap.Error(err))
+		}
+	}) {
+		left = append(left, "the reconciler's lease")
 	}
-	done := make(chan struct{})
-	go func() { b.machine.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-sctx.Done():
-		b.deps.Log.Warn("shutdown grace over with Graph commands still running")
+	var calls []string // those whose Graph commands are still being sent
+	if !within(sctx, b.machine.Wait) {
+		calls = b.machine.Carrying()
+		slices.Sort(calls)
+		left = append(left, fmt.Sprintf("queued Graph commands (%d calls sending)", len(calls)))
 	}
+	stopRenewing()
+	within(sctx, func() { <-renewing })
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}
-	return errors.Join(err, shutErr)
+	if len(left) > 0 {
+		// Nothing is lost with it: what was not done is in Redis as a crash would leave it. The
+		// commands' outboxes and the timers this instance claimed fall due for the other
+		// instances once their leases run out (no longer renewed), a notification not answered
+		// is as one lost on its way (the call's guard timers and the reconciler cover those), a
+		// reservation not undone is the reconciler's.
+		b.deps.Log.Error("shutdown grace over: exiting with work unfinished, left in Redis for the other instances",
+			zap.Duration("grace", grace), zap.Strings("unfinished", left), zap.Strings("calls", calls))
+		err = errors.Join(err, fmt.Errorf("%w (%s): %s", errGraceOver, grace, strings.Join(left, "; ")))
+	}
+	return err
+}
+
+// errGraceOver: the shutdown's grace ran out with work unfinished (callbot exits with code 1).
+var errGraceOver = errors.New("shutdown grace over with work unfinished")
+
+// within runs f and waits for it until ctx ends; it reports whether f returned. An f still
+// running then is left to itself: the process is about to exit.
+func within(ctx context.Context, f func()) bool {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		select { // both ready: f did finish
+		case <-done:
+			return true
+		default:
+			return false
+		}
+	}
+}
+
+// loopGroup runs the background loops and knows, by name, which have not returned.
+type loopGroup struct {
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	running map[string]bool
+}
+
+func (g *loopGroup) Go(name string, f func()) {
+	g.mu.Lock()
+	if g.running == nil {
+		g.running = map[string]bool{}
+	}
+	g.running[name] = true
+	g.mu.Unlock()
+	g.wg.Go(func() {
+		defer func() {
+			g.mu.Lock()
+			delete(g.running, name)
+			g.mu.Unlock()
+		}()
+		f()
+	})
+}
+
+// wait waits for the loops until ctx ends, and returns the names of those still running then.
+func (g *loopGroup) wait(ctx context.Context) []string {
+	if within(ctx, g.wg.Wait) {
+		return nil
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Sorted(maps.Keys(g.running))
 }
 
 // signingKeys is the part of graph.Verifier that start-up and readiness use.

@@ -65,7 +65,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key (no braces)"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
-	{"CALLBOT_SHUTDOWN_GRACE", "20s", "time given to requests and Graph commands in flight on SIGTERM"},
+	{"CALLBOT_SHUTDOWN_GRACE", "20s", "the most a shutdown on SIGTERM takes; past it what is unfinished is left in Redis and callbot exits with code 1"},
 	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them (at most 12s)"},
 	{"CALLBOT_INSTANCE_ID", "", "name of this instance, put in callback URIs as an affinity hint (default: the host name)"},
 	{"CALLBOT_LOG_LEVEL", "info", "debug, info, warn or error"},

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"io"
 	"maps"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -165,5 +167,60 @@ func TestShutdownHandsBackThePresenceLease(t *testing.T) {
 	time.Sleep(time.Second)
 	if polls() == before {
 		t.Errorf("the new instance has not polled presence 1 s after it started (interval 4 s): the stopped one's lease kept it from it")
+	}
+}
+
+// An instance stopped while its Redis hangs (a server that takes connections and never answers:
+// a hung process, a black-holed network) exits within its grace, with an error (exit code 1)
+// that says the grace ran out, rather than running on until Kubernetes kills it with nothing
+// logged. What it leaves is in Redis, and another instance carries the call on: the caller
+// waiting in the queue when it stopped reaches an agent. Before, the shutdown waited for its
+// background loops, and then for the reconciler's lease hand-back, without a limit of its own:
+// each step was bounded only by its own timeouts (the timer loop's claim by the outbox lease, 12 s
+// here; every Redis read by the client's 3 s read timeout, which ignores a context's deadline),
+// and the instance, with a 1 s grace, exited 8.6 s after SIGTERM.
+func TestShutdownWithinGraceWhenRedisHangs(t *testing.T) {
+	var srv *redistest.Server
+	rds := func(t *testing.T) string {
+		srv = redistest.Start(t)
+		return "redis://" + srv.Addr + "/0"
+	}
+	a := newWorld(t, rds, away(agent1), away(agent2), away(agent3))
+	a.env["CALLBOT_INSTANCE_ID"], a.env["CALLBOT_SHUTDOWN_GRACE"], a.env["CALLBOT_OUTBOX_LEASE"] = "a", "1s", "12s"
+	b := replacement(a, "b")
+	a.start(t)
+	if err := a.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c := a.call(t, graphsim.CallerSpec{Digits: "1", HangUpAfter: 60 * time.Second})
+	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(c.Result().Prompts, "https://media.test/hold.wav"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the caller is not in the queue 10 s after calling: %+v", c.Result())
+		}
+	}
+
+	resume := srv.Hang(t)
+	time.Sleep(1500 * time.Millisecond) // hung for a while when the stop comes: the loops wait on it
+	stopped := time.Now()
+	a.stop()
+	select {
+	case err := <-a.done:
+		a.done <- nil // for the cleanup: the error is this test's to check
+		if !errors.Is(err, errGraceOver) {
+			t.Errorf("serve returned %v %s after SIGTERM; want %v (exit code 1)", err, time.Since(stopped).Round(time.Millisecond), errGraceOver)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("still shutting down 3 s after SIGTERM with a 1 s grace, Redis hung")
+	}
+
+	resume()
+	b.botURL = a.botURL // the same address: Graph's notifications for the call reach b
+	b.start(t)
+	if err := b.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	a.sim.SetPresence(agent1, "Available", "Available")
+	if r := waitDone(t, c, 40*time.Second); r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
+		t.Errorf("caller experienced %+v; want transferred to %s by the instance that took over", r, agent1)
 	}
 }

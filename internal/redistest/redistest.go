@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -93,4 +94,21 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, " | ")
+}
+
+// Hang freezes the redis-server process (SIGSTOP): the kernel still accepts connections and
+// takes what clients send, but nothing is ever answered, as with a hung server or a black-holed
+// network. resume (also run when the test ends) lets it go on (SIGCONT). A test on miniredis
+// (no redis-server on PATH) is skipped.
+func (s *Server) Hang(t testing.TB) (resume func()) {
+	t.Helper()
+	if !s.Real {
+		t.Skip("needs a redis-server process to freeze")
+	}
+	if err := s.node.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatalf("freeze redis-server: %v", err)
+	}
+	resume = func() { s.node.cmd.Process.Signal(syscall.SIGCONT) }
+	t.Cleanup(resume)
+	return resume
 }
