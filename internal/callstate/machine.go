@@ -99,6 +99,9 @@ type Machine struct {
 
 	acks     chan Ack    // acknowledgements waiting for RunAcks' next batch
 	batching atomic.Bool // RunAcks is running
+	// ackMu makes batch's look at batching and its send one step against RunAcks' stop (write
+	// lock): an acknowledgement sent after RunAcks took the channel's last would stay there.
+	ackMu sync.RWMutex
 
 	// carrying counts, per call, the batches of commands this instance has taken on and not yet
 	// acknowledged: RunOutbox renews their outbox leases while it lives.
@@ -716,12 +719,9 @@ func (m *Machine) batchReleases(ctx context.Context, c Call, ps []Pending, prev 
 			after()
 		}
 	}
-	select {
-	case m.acks <- Ack{Call: key, Prev: prev, Seq: seq, Writes: write, Done: done}:
-		return true
-	default: // the batch is full: at once, on their own
-		return false
-	}
+	// not taken (the batch is full, or RunAcks stopped meanwhile): at once, on their own
+	taken, _ := m.batch(Ack{Call: key, Prev: prev, Seq: seq, Writes: write, Done: done})
+	return taken
 }
 
 // dropTimers takes the timers the saved transition from cur to next disarmed (superseded,
@@ -750,12 +750,8 @@ func (m *Machine) dropMembers(key string, stale []string) {
 	if len(stale) == 0 {
 		return
 	}
-	if m.batching.Load() {
-		select {
-		case m.acks <- Ack{Call: key, Timers: stale}:
-		default:
-		}
-		return
+	if _, on := m.batch(Ack{Call: key, Timers: stale}); on {
+		return // taken, or the batch is full: left to fire and be ignored
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -799,15 +795,29 @@ func appendMembers(out []string, tenant, key string, timers map[TimerKind]int64)
 func (m *Machine) ack(ctx context.Context, key string, graphKind bool, prev, seq int64, log *zap.Logger) {
 	m.cache.acked(key, graphKind, prev, seq)
 	a := Ack{Call: key, Graph: graphKind, Prev: prev, Seq: seq}
-	if m.batching.Load() {
-		select {
-		case m.acks <- a:
-			return
-		default: // the batch is full: write this one now
-		}
+	if taken, _ := m.batch(a); taken {
+		return
 	}
+	// no batching, or the batch is full: write this one now
 	if err := m.cfg.Store.AckMany(ctx, a); err != nil {
 		log.Warn("acknowledge commands", zap.Error(err))
+	}
+}
+
+// batch hands a to RunAcks' next batch: taken, or not because RunAcks is not running (on false)
+// or the batch is full. RunAcks, stopping, turns batching off under ackMu before it takes what is
+// left in the channel, so an acknowledgement taken is one it writes.
+func (m *Machine) batch(a Ack) (taken, on bool) {
+	m.ackMu.RLock()
+	defer m.ackMu.RUnlock()
+	if !m.batching.Load() {
+		return false, false
+	}
+	select {
+	case m.acks <- a:
+		return true, true
+	default:
+		return false, true
 	}
 }
 
@@ -852,7 +862,9 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 		case <-t.C:
 			flush()
 		case <-ctx.Done():
+			m.ackMu.Lock() // no batch is sending: whatever was taken is in the channel
 			m.batching.Store(false)
+			m.ackMu.Unlock()
 			for {
 				select {
 				case a := <-m.acks:
