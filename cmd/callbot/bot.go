@@ -184,9 +184,13 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	case <-ctx.Done():
 	}
 	// Stop taking new work: readiness fails so a load balancer stops sending, the listener
-	// closes, requests in flight finish. Graph commands already queued are sent within the grace
-	// period; whatever is left stays in Redis outboxes and timers for the other instances.
+	// closes, requests in flight finish; the loops stop at once (what they have begun they carry
+	// through), not once the requests are done: meanwhile they would offer callers, claim timers
+	// and other instances' outboxes, work the instances that go on take at once. Graph commands
+	// already queued are sent within the grace period; whatever is left stays in Redis outboxes
+	// and timers for the other instances.
 	b.draining.Store(true)
+	stopLoops()
 	b.deps.Log.Info("shutting down", zap.Duration("grace", grace))
 	// Every step below waits at most until sctx ends, whatever it waits on: a Redis or a Graph
 	// that never answers holds a step only as long as the client's own timeouts (go-redis reads
@@ -204,7 +208,6 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	if srv.Shutdown(sctx) != nil {
 		left = append(left, "requests in flight")
 	}
-	stopLoops()
 	if names := running.wait(sctx); len(names) > 0 {
 		left = append(left, "loops: "+strings.Join(names, ", "))
 	}

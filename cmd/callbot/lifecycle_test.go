@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"maps"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -223,4 +224,48 @@ func TestShutdownWithinGraceWhenRedisHangs(t *testing.T) {
 	if r := waitDone(t, c, 40*time.Second); r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
 		t.Errorf("caller experienced %+v; want transferred to %s by the instance that took over", r, agent1)
 	}
+}
+
+// An instance stopped while a request still holds its HTTP drain takes on no new work: its
+// dispatcher offers nobody (nor its outbox loop re-drives, nor its timer loop claims) after
+// SIGTERM, whatever becomes possible meanwhile; that is for the instances that go on. Before, the
+// loops were stopped only once the drain was over: here, an agent who became available 1 s into
+// a drain held by a slow client was offered the waiting caller by the instance shutting down.
+func TestShutdownTakesNoNewWorkWhileRequestsDrain(t *testing.T) {
+	w := newWorld(t, standaloneRedis, away(agent1), away(agent2), away(agent3))
+	w.env["CALLBOT_SHUTDOWN_GRACE"] = "10s"
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c := w.call(t, graphsim.CallerSpec{Digits: "1", HangUpAfter: 20 * time.Second})
+	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(c.Result().Prompts, "https://media.test/hold.wav"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the caller is not in the queue 10 s after calling: %+v", c.Result())
+		}
+	}
+	// A request whose body never comes keeps the connection active: the drain waits for it.
+	conn, err := net.Dial("tcp", strings.TrimPrefix(w.botURL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "POST /api/calls HTTP/1.1\r\nHost: callbot\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the request is in
+	w.stop()
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(w.logs.String(), `"msg":"shutting down"`); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no shutdown 5 s after SIGTERM")
+		}
+	}
+	time.Sleep(time.Second)
+	w.sim.SetPresence(agent1, "Available", "Available")
+	time.Sleep(2 * time.Second) // four presence polls (500 ms) and eight dispatcher ticks
+	if sent, _ := requests(w, c.ID(), "transfer"); sent > 0 {
+		t.Errorf("the instance shutting down transferred the caller to an agent who became available during its drain (%d transfer requests): new work after SIGTERM", sent)
+	}
+	conn.Close()
+	stopAndWait(t, w)
 }
