@@ -374,3 +374,28 @@ func TestDemoSmoke(t *testing.T) {
 		}
 	}
 }
+
+// Graph may answer a playPrompt with its operation already failed, and then sends no
+// notification. A queued caller's hold music that fails so is tried again 5 s later: before,
+// callbot took the final status for the prompt's end and asked for the hold music again at once,
+// hundreds of requests a second for as long as the caller waited.
+func TestE2EHoldMusicFailedInTheResponse(t *testing.T) {
+	w := startWorld(t, standaloneRedis, away(agent1), away(agent2), away(agent3))
+	const hold = "https://media.test/hold.wav"
+	w.sim.FailPrompt(hold, graphsim.PromptFailInResponse)
+	c := w.call(t, graphsim.CallerSpec{Digits: "2", HangUpAfter: 3 * time.Second})
+	r := waitDone(t, c, 10*time.Second)
+	if r.Outcome != graphsim.OutcomeCallerHangUp {
+		t.Fatalf("caller experienced %+v", r)
+	}
+	n := 0
+	for _, req := range w.sim.RequestsFor(c.ID()) {
+		if req.Action == "playPrompt" && bytes.Contains(req.Body, []byte(hold)) {
+			n++
+		}
+	}
+	// the caller waited less than 3 s: the hold music failed once, its next try was 5 s away
+	if n != 1 {
+		t.Errorf("%d hold music requests while the caller waited, want 1", n)
+	}
+}

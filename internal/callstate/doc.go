@@ -41,8 +41,10 @@
 // music whose end is never reported, a hangup with no terminated notification after it (Graph
 // refused it, or the notification was lost: callbot hangs up again every hang-up grace until the
 // call ends); each either asks Graph for the call's state (EvCallState) or acts as if the
-// notification had come. A hold prompt Graph refuses is tried again 5 s later, never at once. A
-// tone subscription that fails (the caller's keys would do nothing for the whole call) is made
+// notification had come. A hold prompt Graph refuses, or whose operation fails (in a
+// notification, or already in the playPrompt response, after which none comes), is tried again
+// 5 s later, never at once. A tone subscription that fails (refused, or its operation failed in
+// the response; the caller's keys would do nothing for the whole call) is made
 // again by a durable timer, 1 s later and then with backoff, six times at most; a key press
 // disarms it, and a call being hung up subscribes no more.
 //

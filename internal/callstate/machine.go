@@ -939,7 +939,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	case CmdPlayPrompt:
 		op, err = cc.PlayPrompt(ctx, c.ID, cmd.Prompts, cmd.ClientContext)
 	case CmdSubscribeToTone:
-		_, err = cc.SubscribeToTone(ctx, c.ID, cmd.ClientContext)
+		op, err = cc.SubscribeToTone(ctx, c.ID, cmd.ClientContext)
 	case CmdCancelMedia:
 		_, err = cc.CancelMediaProcessing(ctx, c.ID, cmd.ClientContext)
 	case CmdTransfer:
@@ -1001,7 +1001,11 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	}
 	switch {
 	case cmd.Kind == CmdPlayPrompt && op.Status.Final():
-		feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext})
+		// a final status in the response is the outcome, and no notification follows: a failed
+		// one is a failed prompt (hold music is then tried again later, not at once)
+		feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: op.Status == graph.OpFailed})
+	case cmd.Kind == CmdSubscribeToTone && op.Status == graph.OpFailed:
+		feed(Event{Kind: EvToneFailed, ClientContext: cmd.ClientContext})
 	case cmd.Kind == CmdInvite && op.Status.Final():
 		feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: op.Status == graph.OpFailed})
 	}

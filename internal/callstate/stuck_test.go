@@ -182,6 +182,60 @@ func TestRefusedHoldMusicWhileInvitingWaits(t *testing.T) {
 	}
 }
 
+// failedOps answers playPrompt with 200 and the operation already failed, up to limit times
+// once armed: Graph may put an operation's final status in the action's response, and then no
+// notification follows (commsOperation; graph/WIRE.md a.4).
+type failedOps struct {
+	*fakeGraph
+	armed  bool
+	failed int
+	limit  int
+}
+
+func (g *failedOps) PlayPrompt(ctx context.Context, id string, ps []graph.MediaPrompt, cc string) (graph.Operation, error) {
+	op, err := g.fakeGraph.PlayPrompt(ctx, id, ps, cc)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err == nil && g.armed && g.failed < g.limit {
+		g.failed++
+		op.Status = graph.OpFailed
+	}
+	return op, err
+}
+
+// Hold music whose playPrompt response already says failed is a failed prompt, tried again 5 s
+// later, as one whose failure is notified. Before, a final status in the response was taken for
+// a prompt that had played to its end: the hold music was asked for again at once, a loop of
+// requests for as long as Graph failed them.
+func TestHoldMusicFailedInTheResponseWaits(t *testing.T) {
+	g := &failedOps{fakeGraph: &fakeGraph{}, limit: 500}
+	r := newRig(t, g, "rf")
+	id := "c-failed-op"
+	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvEstablished})
+	r.handle(t, id, callstate.Event{Kind: callstate.EvTone, Digit: "1", Seq: 1})
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	if c.State != callstate.StateQueued || c.PromptCtx == "" {
+		t.Fatalf("after key 1: %s, prompt %q; want queued with hold music", c.State, c.PromptCtx)
+	}
+	g.mu.Lock()
+	g.armed = true
+	g.mu.Unlock()
+	r.handle(t, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx}) // hold music ended: play it again
+	g.mu.Lock()
+	n := g.failed
+	g.armed = false
+	g.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d playPrompt requests answered failed back to back, want one, then a pause", n)
+	}
+	r.skew += 6 * time.Second
+	r.fireDue(t)
+	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.PromptCtx == "" {
+		t.Errorf("5 s after the failed prompt: %s, prompt %q; want the hold music playing again", c.State, c.PromptCtx)
+	}
+}
+
 // gatedGraph holds Transfer until gate is closed: a slow Graph, or an executor that is behind.
 type gatedGraph struct {
 	*fakeGraph

@@ -153,3 +153,28 @@ func TestToneSubscriptionGivenUpIsCounted(t *testing.T) {
 		t.Errorf("%d subscriptions sent, want 7 (the first and six retries)", n)
 	}
 }
+
+// toneOpFailed answers subscribeToTone with 200 and the operation failed.
+type toneOpFailed struct{ *fakeGraph }
+
+func (g toneOpFailed) SubscribeToTone(ctx context.Context, id, cc string) (graph.Operation, error) {
+	op, err := g.fakeGraph.SubscribeToTone(ctx, id, cc)
+	op.Status = graph.OpFailed
+	return op, err
+}
+
+// A subscription whose response says failed (a final status in the response is the outcome; no
+// notification follows) is a failed subscription, made again by the tone timer. Before, it was
+// taken for a subscription made: the caller's keys did nothing for the whole call.
+func TestToneSubscriptionFailedInTheResponseIsMadeAgain(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	ga := toneOpFailed{&fakeGraph{}}
+	a := instance(t, rdb, "tonef", ga, &fakeQueues{}, nil)
+	id := "5b0c1e3a-2f4d-4c6e-8a9b-1c2d3e4f5a6b"
+	notify(t, a, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	notify(t, a, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	c, err := callstate.NewStore(rdb, "tonef").Get(context.Background(), graph.CallKey(id))
+	if err != nil || c.ToneFails != 1 || c.Timers[callstate.TimerTone] == 0 {
+		t.Fatalf("after a subscription answered failed: %d failures, timers %v, %v; want the tone timer armed", c.ToneFails, c.Timers, err)
+	}
+}

@@ -55,6 +55,7 @@ type call struct {
 type mediaOp struct {
 	id, clientContext string
 	prompts           []string
+	fails             bool // PromptFailNotified: fails when its turn to play comes
 }
 
 func (c *call) path() string { return "/communications/calls/" + c.id }
@@ -534,24 +535,48 @@ func (s *Sim) playPrompt(c *call, body []byte) (reply, *apiError) {
 		return reply{}, e
 	}
 	op := &mediaOp{id: newID(), clientContext: req.ClientContext}
+	failure := PromptFailure(0)
 	for i, p := range req.Prompts {
 		if p.MediaInfo == nil || p.MediaInfo.URI == "" {
 			return reply{}, badRequest("prompts[%d].mediaInfo.uri is required.", i)
 		}
 		op.prompts = append(op.prompts, p.MediaInfo.URI)
+		if f := s.opts.PromptFailures[p.MediaInfo.URI]; failure == 0 {
+			failure = f
+		}
 	}
+	loc := s.GraphURL() + c.path() + "/operations/" + op.id
+	if failure == PromptFailInResponse {
+		// The final status is in the response: nothing is queued, and no notification follows.
+		r := promptFailed
+		return reply{status: http.StatusOK, location: loc, body: opData{
+			ODataType: graph.TypePlayPromptOperation, ID: op.id, Status: graph.OpFailed, ClientContext: op.clientContext,
+			ResultInfo: &r,
+		}}, nil
+	}
+	op.fails = failure == PromptFailNotified
 	c.media = append(c.media, op)
 	s.startMedia(c)
-	loc := s.GraphURL() + c.path() + "/operations/" + op.id
 	return reply{status: http.StatusOK, location: loc, body: opData{
 		ODataType: graph.TypePlayPromptOperation, ID: op.id, Status: graph.OpRunning, ClientContext: op.clientContext,
 	}}, nil
 }
 
+// promptFailed is the resultInfo of a prompt of Options.PromptFailures. Graph documents no
+// example of a prompt that could not play: the code is graphsim's choice.
+var promptFailed = resultInfo{code: 400, message: "Action failed, the media could not be played."}
+
 // startMedia plays the head of the media queue unless something plays already. Called with
 // s.mu held.
 func (s *Sim) startMedia(c *call) {
 	if c.playing || len(c.media) == 0 || c.ended {
+		return
+	}
+	if op := c.media[0]; op.fails {
+		// its turn to play: it fails, and the caller heard nothing
+		c.media = c.media[1:]
+		s.sendOp(c, op, graph.OpFailed, promptFailed)
+		s.startMedia(c)
 		return
 	}
 	c.playing = true

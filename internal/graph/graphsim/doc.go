@@ -44,7 +44,8 @@
 //     up, manage agents and presence, read requests and deliveries, and inject faults.
 //
 // What it does not simulate: audio (a prompt "plays" for Options.PromptDuration, or for what
-// Options.PromptDurations gives its URI, whatever its file), recordResponse, outbound calls (POST /communications/calls), group calls and
+// Options.PromptDurations gives its URI, whatever its file, unless Options.PromptFailures or
+// FailPrompt makes it fail, in the response or in a notification), recordResponse, outbound calls (POST /communications/calls), group calls and
 // meetings (but for a call an invited agent joined), inviting several participants at once,
 // a transfer while an invitee rings or is joined, delta rosters, hold music, consultative
 // transfer semantics (replacesCallId is ignored, also in invites), presence subscriptions,

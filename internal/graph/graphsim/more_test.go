@@ -616,3 +616,64 @@ func TestPromptDurationsByURI(t *testing.T) {
 		t.Errorf("prompts heard %v", res.Prompts)
 	}
 }
+
+// A prompt of PromptFailures fails: PromptFailInResponse in the playPrompt response (200, the
+// operation failed, no notification follows), PromptFailNotified in a failed operation
+// notification once its turn comes, after the prompt queued before it has played. Neither plays.
+func TestPromptFailures(t *testing.T) {
+	t.Parallel()
+	opts := fastOptions()
+	opts.PromptFailures = map[string]PromptFailure{
+		"https://cdn/gone.wav": PromptFailInResponse, "https://cdn/bad.wav": PromptFailNotified,
+	}
+	var (
+		mu       sync.Mutex
+		response []string
+	)
+	s, b := newHarness(t, opts, func(b *fakeBot, n graph.Notification) {
+		answerOnly(b, n)
+		if n.Kind == graph.ResourceCall && n.Call.MediaState != nil {
+			for _, p := range []string{"gone", "ok", "bad"} {
+				st, out, _ := b.call(http.MethodPost, "/communications/calls/"+n.CallID+"/playPrompt", map[string]any{
+					"clientContext": p,
+					"prompts":       []any{map[string]any{"mediaInfo": map[string]any{"uri": "https://cdn/" + p + ".wav"}}},
+				})
+				var op graph.OperationResource
+				if err := json.Unmarshal(out, &op); st != http.StatusOK || err != nil {
+					b.t.Errorf("playPrompt %s: %d %s", p, st, out)
+				}
+				mu.Lock()
+				response = append(response, p+" "+string(op.Status))
+				if op.ResultInfo != nil {
+					response[len(response)-1] += fmt.Sprintf(" %d", op.ResultInfo.Code)
+				}
+				mu.Unlock()
+			}
+		}
+		if n.Kind == graph.ResourceOperation && n.Operation.ClientContext == "bad" {
+			b.call(http.MethodDelete, "/communications/calls/"+n.CallID, nil)
+		}
+	})
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := waitDone(t, c)
+	var notified []string
+	for _, n := range b.seen(c.ID()) {
+		if op := n.N.Operation; op != nil {
+			notified = append(notified, op.ClientContext+" "+string(op.Status))
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"gone failed 400", "ok running", "bad running"}; !slices.Equal(response, want) {
+		t.Errorf("playPrompt responses %v, want %v", response, want)
+	}
+	if want := []string{"ok completed", "bad failed"}; !slices.Equal(notified, want) {
+		t.Errorf("operation notifications %v, want %v", notified, want)
+	}
+	if !slices.Equal(res.Prompts, []string{"https://cdn/ok.wav"}) {
+		t.Errorf("prompts heard %v, want only ok.wav", res.Prompts)
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/big"
 	mrand "math/rand/v2"
 	"net"
@@ -46,6 +47,13 @@ type Options struct {
 	// PromptDurations overrides PromptDuration for the prompts with these media URIs (hold
 	// music that lasts minutes next to short menu prompts, say).
 	PromptDurations map[string]time.Duration
+	// PromptFailures makes the prompts with these media URIs fail, as media Graph cannot fetch
+	// or play. PromptFailInResponse answers the playPrompt 200 with its playPromptOperation
+	// already failed, and no notification follows (a final status in an action's response is
+	// the outcome: https://learn.microsoft.com/en-us/graph/api/resources/commsoperation);
+	// PromptFailNotified answers running and, when the operation's turn to play comes, notifies
+	// it failed. Either way nothing plays.
+	PromptFailures map[string]PromptFailure
 	// StepDelay is the delay between a call's state notifications (establishing -> established,
 	// transferring -> transferAccepted -> terminated...); default 20ms.
 	StepDelay time.Duration
@@ -74,6 +82,32 @@ type Options struct {
 	// KeepAliveTimeout ends an answered call whose bot sent no keepAlive for that long
 	// (deleted, resultInfo 408/8537); default 45 minutes, as documented.
 	KeepAliveTimeout time.Duration
+}
+
+// PromptFailure says how a prompt of Options.PromptFailures fails.
+type PromptFailure int
+
+// Prompt failures.
+const (
+	// PromptFailInResponse: the playPrompt's response carries the failed operation; no
+	// notification follows.
+	PromptFailInResponse PromptFailure = iota + 1
+	// PromptFailNotified: the response says running; a deleted operation notification says
+	// failed when the operation's turn to play comes.
+	PromptFailNotified
+)
+
+// FailPrompt makes the playPrompt requests sent from now on fail as f says for a prompt with this
+// media URI (Options.PromptFailures); 0 plays it again. Operations queued already are not
+// changed.
+func (s *Sim) FailPrompt(uri string, f PromptFailure) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f == 0 {
+		delete(s.opts.PromptFailures, uri)
+		return
+	}
+	s.opts.PromptFailures[uri] = f
 }
 
 // Defaults applied by New to zero Options fields.
@@ -217,6 +251,10 @@ func New(opts Options) (*Sim, error) {
 	}
 	if opts.Addr == "" {
 		opts.Addr = DefaultAddr
+	}
+	opts.PromptFailures = maps.Clone(opts.PromptFailures) // FailPrompt changes the simulator's copy
+	if opts.PromptFailures == nil {
+		opts.PromptFailures = map[string]PromptFailure{}
 	}
 	s := &Sim{
 		opts:     opts,
