@@ -71,7 +71,7 @@ func Decide(c Call, ev Event, env Env) (Call, []Command, error) {
 // may be behind the stored record is enough to ignore it: the call has ended (terminal stays
 // terminal), or ev answers a prompt, invite, tone subscription, timer, key press or roster that
 // c has already moved past. Tokens and sequence numbers only grow (clientContexts and timer
-// tokens are drawn from Call.Seq; LastTone and LastRoster only rise), so such an event cannot
+// tokens are drawn from Call.Seq; LastTone only rises), so such an event cannot
 // match a later version.
 // The machine uses it to ignore an event on its cached record without reading Redis.
 func Stale(c Call, ev Event) bool {
@@ -90,10 +90,9 @@ func Stale(c Call, ev Event) bool {
 	case EvTone:
 		return ev.Seq != 0 && ev.Seq <= c.LastTone
 	case EvRoster:
-		if ev.ClientContext != "" { // a roster read: see the EvRoster case of apply
-			return pastToken(c, ev.ClientContext, c.RosterCtx) || (ev.Seq != 0 && ev.Seq < c.LastRoster)
-		}
-		return ev.Seq != 0 && ev.Seq <= c.LastRoster
+		// a roster read applies only while the call waits for it; a notified roster is never
+		// stale by itself (rosterSequenceNumber does not order rosters: see apply)
+		return ev.ClientContext != "" && pastToken(c, ev.ClientContext, c.RosterCtx)
 	}
 	return false
 }
@@ -419,17 +418,17 @@ func (d *decision) apply(ev Event) error {
 
 	case EvRoster:
 		// A roster read (ClientContext set) is Graph's whole roster when it was read: it applies
-		// while the call still waits for that read, and unless a newer notified roster came.
+		// while the call still waits for that read (a read decided later, or the agent joining,
+		// supersedes it). A notified roster is Graph's at some time, in no known order with the
+		// others: a participant's rosterSequenceNumber is the update in which that participant
+		// was last updated, so the roster that shows the agent gone lists only numbers older
+		// than the one that showed them (https://learn.microsoft.com/en-us/graph/api/resources/participant),
+		// as a late roster from before they joined does. One that shows the agent joins them; one
+		// that does not, once they joined, is checked with a roster read.
 		read := ev.ClientContext != ""
-		switch {
-		case read && ev.ClientContext != c.RosterCtx:
+		if read && ev.ClientContext != c.RosterCtx {
 			return ErrIgnored // the call moved on since the read was decided
-		case read && ev.Seq != 0 && ev.Seq < c.LastRoster:
-			return ErrIgnored // a newer roster was notified meanwhile
-		case !read && ev.Seq != 0 && ev.Seq <= c.LastRoster:
-			return ErrIgnored // an older roster, or a repeat
 		}
-		c.LastRoster = max(c.LastRoster, ev.Seq)
 		if read {
 			c.RosterCtx = ""
 		}
@@ -437,6 +436,11 @@ func (d *decision) apply(ev Event) error {
 		switch {
 		case present && c.Joined:
 			return ErrIgnored
+		case !present && !read && c.State == StateConnected && c.Joined:
+			// the agent left, or this roster is older than the one that showed them: ask Graph
+			// (a read already under way may have been made before they left: this one replaces it)
+			d.checkRoster()
+			return nil
 		case present:
 			c.Joined = true
 			if c.State == StateInviting {

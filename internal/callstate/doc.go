@@ -25,12 +25,14 @@
 //
 // A queue with handoff: invite brings the agent into the call instead (inviting), and callbot
 // stays in it (connected): it sees the agent in the call's roster, hangs up when the agent
-// leaves, and gives the agent the queue's wrap-up time before the next offer. An invite's
+// leaves (a notified roster without them is confirmed by a roster read first: Graph's rosters
+// carry no order that would tell the one after their leaving from a late one from before their
+// joining), and gives the agent the queue's wrap-up time before the next offer. An invite's
 // failure, or its timer, is checked against the roster read from Graph (CmdCheckRoster) before
 // the caller goes back to the queue, since a re-driven second invite can fail while the agent
 // talks to the caller after the first; and a connected call reads its roster every minute, in
 // case the roster that shows the agent leaving was lost. A read applies only while the call
-// waits for it (Call.RosterCtx) and unless a newer roster was notified. The re-drive of an invite
+// waits for it (Call.RosterCtx). The re-drive of an invite
 // reads the roster first: an agent already in the call is not invited again. An invite Graph
 // never processed (throttled, no token: Call.InviteNotSent) is checked against the roster too;
 // its agent, who never rang, is then released as after a transfer Graph never processed (their

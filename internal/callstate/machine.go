@@ -388,15 +388,13 @@ func people(ps []graph.Participant) int {
 	return n
 }
 
-// rosterEvent is the EvRoster of a roster, notified or read: its users' ids and its highest
-// rosterSequenceNumber.
+// rosterEvent is the EvRoster of a roster, notified or read: its users' ids.
 func rosterEvent(ps []graph.Participant) Event {
 	ev := Event{Kind: EvRoster, Participants: []string{}}
 	for _, p := range ps {
 		if p.Info.Identity.User != nil {
 			ev.Participants = append(ev.Participants, strings.ToLower(p.Info.Identity.User.ID))
 		}
-		ev.Seq = max(ev.Seq, int64(p.RosterSequenceNumber))
 	}
 	return ev
 }

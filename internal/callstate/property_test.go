@@ -689,7 +689,7 @@ func checkStale(t *testing.T, seed uint64, m *model) {
 // Stale must also say false where a later version can still take the event, or the cache would
 // drop events it has to act on: the current prompt, invite, timer, the next key press.
 func TestStaleKeepsLiveEvents(t *testing.T) {
-	c := Call{State: StateInMenu, Seq: 7, PromptCtx: "p7", InviteCtx: "i6", ToneCtx: "t5", LastTone: 2, LastRoster: 3,
+	c := Call{State: StateInMenu, Seq: 7, PromptCtx: "p7", InviteCtx: "i6", ToneCtx: "t5", LastTone: 2, RosterCtx: "r6",
 		Timers: map[TimerKind]int64{TimerMenu: 5}}
 	for _, tc := range []struct {
 		ev    Event
@@ -711,8 +711,10 @@ func TestStaleKeepsLiveEvents(t *testing.T) {
 		{Event{Kind: EvTimeout, Timer: TimerHold, TimerToken: 9}, false}, // armed by a later version
 		{Event{Kind: EvTone, Seq: 3}, false},
 		{Event{Kind: EvTone, Seq: 2}, true},
-		{Event{Kind: EvRoster, Seq: 4}, false},
-		{Event{Kind: EvRoster, Seq: 3}, true},
+		{Event{Kind: EvRoster}, false},                      // notified: rosters carry no order
+		{Event{Kind: EvRoster, ClientContext: "r6"}, false}, // the read waited on
+		{Event{Kind: EvRoster, ClientContext: "r9"}, false}, // a read a later version makes
+		{Event{Kind: EvRoster, ClientContext: "r3"}, true},  // an earlier read
 		{Event{Kind: EvEstablished}, false},
 		{Event{Kind: EvEnded}, false},
 	} {

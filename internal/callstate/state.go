@@ -117,10 +117,11 @@ type Event struct {
 	TimerToken int64
 	// Agent reserved for the call (EvAgentOffer).
 	Agent string
-	// Participants are the user ids in a roster update (EvRoster); Seq its highest
-	// rosterSequenceNumber. A roster read from Graph (CmdCheckRoster) rather than notified carries
-	// the read's ClientContext: it is the whole roster at the time of the read, and applies only
-	// while the call still waits for that read (Call.RosterCtx).
+	// Participants are the user ids in a roster update (EvRoster), of participants not removed.
+	// A roster read from Graph (CmdCheckRoster) rather than notified carries the read's
+	// ClientContext: it is the whole roster at the time of the read, and applies only while the
+	// call still waits for that read (Call.RosterCtx). Rosters carry no order: Graph's
+	// rosterSequenceNumber is each participant's, not the roster's.
 	Participants []string
 	// GraphState is the call's state read from Graph (EvCallState).
 	GraphState graph.CallState
@@ -207,12 +208,11 @@ type Call struct {
 	// maxUnattendedTransfers callbot ends the call.
 	UnattendedFails int `json:"unattendedFails,omitempty"`
 	// InviteCtx is the clientContext of the invite callbot waits on (conference hand-off);
-	// Joined is set once a roster showed the agent in the call; LastRoster orders rosters.
-	// RosterCtx is the token of the roster read callbot waits on; set while inviting, the
-	// invite's failure (or its timer) waits on that read to be confirmed.
+	// Joined is set once a roster showed the agent in the call. RosterCtx is the token of the
+	// roster read callbot waits on; set while inviting, the invite's failure (or its timer) waits
+	// on that read to be confirmed; set while connected, the read says whether the agent left.
 	InviteCtx   string    `json:"inviteCtx,omitempty"`
 	Joined      bool      `json:"joined,omitempty"`
-	LastRoster  int64     `json:"lastRoster,omitempty"`
 	RosterCtx   string    `json:"rosterCtx,omitempty"`
 	ConnectedAt time.Time `json:"connectedAt,omitzero"`
 	// InviteNotSent: Graph never processed the current invite (throttled, no token), so the

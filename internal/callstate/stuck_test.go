@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -233,6 +234,55 @@ func TestHoldMusicFailedInTheResponseWaits(t *testing.T) {
 	r.fireDue(t)
 	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.PromptCtx == "" {
 		t.Errorf("5 s after the failed prompt: %s, prompt %q; want the hold music playing again", c.State, c.PromptCtx)
+	}
+}
+
+// roster is a participants notification of call id: the caller, the bot and the given users,
+// each with its own rosterSequenceNumber (seqs: caller, bot, then the users').
+func roster(id string, seqs []int, users ...string) string {
+	ps := []string{
+		fmt.Sprintf(`{"@odata.type":"#microsoft.graph.participant","id":"p-caller","info":{"identity":{"phone":{"id":"+14255550100"}}},"rosterSequenceNumber":%d}`, seqs[0]),
+		fmt.Sprintf(`{"@odata.type":"#microsoft.graph.participant","id":"p-bot","info":{"identity":{"application":{"id":"bot"}}},"rosterSequenceNumber":%d}`, seqs[1]),
+	}
+	for i, u := range users {
+		ps = append(ps, fmt.Sprintf(`{"@odata.type":"#microsoft.graph.participant","id":"p-%d","info":{"identity":{"user":{"id":%q}}},"rosterSequenceNumber":%d}`, i, u, seqs[2+i]))
+	}
+	return `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"updated","resourceUrl":"/communications/calls/` +
+		id + `/participants","resourceData":[` + strings.Join(ps, ",") + `]}]}`
+}
+
+// A participant's rosterSequenceNumber is "the roster sequence number in which the participant
+// was last updated" (https://learn.microsoft.com/en-us/graph/api/resources/participant): the
+// roster that shows the agent gone lists the caller and the bot with the numbers they had, no
+// higher than the agent's. callbot took the highest number of a roster for the roster's and
+// ignored that one as older than the roster that showed the agent, and then its minute roster
+// reads as well (older than the roster notified): the caller stayed in a call with nobody, and
+// the agent reserved, until the caller hung up. Now a roster without the agent is checked with a
+// read, and the read (the agent gone) ends the call.
+func TestAgentLeavingSeenWithParticipantSequenceNumbers(t *testing.T) {
+	g := &fakeGraph{}
+	r := newRig(t, g, "rs")
+	id := "c-roster"
+	agent := "11111111-0000-4000-8000-000000000002"
+	r.inviting(t, id, agent)
+	notifyRig := func(body string) {
+		t.Helper()
+		ns, err := graph.Decode([]byte(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.m.Notify(context.Background(), "t1", ns); err != nil {
+			t.Fatal(err)
+		}
+		r.m.Wait()
+	}
+	notifyRig(roster(id, []int{1, 1, 1}, agent)) // the call became a group call as the agent joined
+	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected {
+		t.Fatalf("after the roster with the agent: %s, want connected", c.State)
+	}
+	notifyRig(roster(id, []int{1, 1})) // the agent left: the others were not updated
+	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateTerminating || countPrefix(g.log(), "hangup") != 1 {
+		t.Errorf("after the roster without the agent: %s, Graph commands %v; want callbot to hang up", c.State, g.log())
 	}
 }
 

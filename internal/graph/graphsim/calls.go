@@ -40,7 +40,8 @@ type call struct {
 	heardPrompt bool
 	offers      []*offer // agents ringing for a transfer, redirect or invite
 	invite      *invite  // the invite ringing or joined; nil when none
-	rosterSeq   int64    // rosterSequenceNumber of the last roster update
+	rosterSeq   int64    // number of the last roster update
+	memberSeq   int64    // rosterSequenceNumber of the caller and the bot: the first update's
 	grouped     bool     // an invited agent joined: a group call from then on (its roster can be listed)
 	keepAlive   *time.Timer
 	ended       bool

@@ -44,6 +44,7 @@ type invite struct {
 	offer             *offer
 	participantID     string // the agent's participant id once joined
 	joined            bool
+	seq               int64 // rosterSequenceNumber of the update that listed the agent joined
 }
 
 // inviteOpData is an inviteParticipantsOperation, in the invite response and its completion
@@ -237,10 +238,21 @@ func (s *Sim) inviteLeft(c *call, inv *invite) {
 }
 
 // sendRoster queues a roster update: the caller, the bot and, while one is joined, the invited
-// agent. Every update is the whole roster; each entry carries the update's rosterSequenceNumber,
-// which grows by one per update. Called with s.mu held.
+// agent. Every update is the whole roster. The updates are numbered one by one, and each entry
+// carries the number of the update in which that participant was last updated, as Graph's
+// rosterSequenceNumber is documented ("the roster sequence number in which the participant was
+// last updated", https://learn.microsoft.com/en-us/graph/api/resources/participant): the
+// caller and the bot keep the number of the first update (the call became a group call), the
+// agent has the number of the update that listed them joined, and the update that shows them
+// gone lists only older numbers. Called with s.mu held.
 func (s *Sim) sendRoster(c *call) {
 	c.rosterSeq++
+	if c.memberSeq == 0 {
+		c.memberSeq = c.rosterSeq
+	}
+	if inv := c.invite; inv != nil && inv.joined && inv.seq == 0 {
+		inv.seq = c.rosterSeq
+	}
 	s.enqueue(c, graph.Updated, c.path()+"/participants", "", s.roster(c), nil)
 }
 
@@ -259,28 +271,29 @@ func (s *Sim) handleParticipants(w http.ResponseWriter, r *http.Request, info *r
 }
 
 // roster is the call's participants: the caller, the bot and, while one is joined, the invited
-// agent, each with the last update's rosterSequenceNumber. Called with s.mu held.
+// agent, each with the rosterSequenceNumber of the update that last changed it (sendRoster).
+// Called with s.mu held.
 func (s *Sim) roster(c *call) []participantData {
 	stream := func(n int) []mediaStream {
 		return []mediaStream{{ODataType: "#microsoft.graph.mediaStream", MediaType: "audio",
 			SourceID: strconv.Itoa(n), Direction: "sendReceive"}}
 	}
-	part := func(id string, info graph.ParticipantInfo, n int) participantData {
+	part := func(id string, info graph.ParticipantInfo, n int, seq int64) participantData {
 		info.ODataType, info.EndpointType = "#microsoft.graph.participantInfo", "default"
 		return participantData{ODataType: graph.TypeParticipant, ID: id, Info: info,
-			MediaStreams: stream(n), RosterSequenceNumber: c.rosterSeq}
+			MediaStreams: stream(n), RosterSequenceNumber: seq}
 	}
 	roster := []participantData{
-		part(c.callerPartID, graph.ParticipantInfo{Identity: graph.IdentitySetFor(c.from)}, 1),
+		part(c.callerPartID, graph.ParticipantInfo{Identity: graph.IdentitySetFor(c.from)}, 1, c.memberSeq),
 		part(c.myParticipantID, graph.ParticipantInfo{Identity: graph.IdentitySet{
-			Application: &graph.Identity{ID: s.opts.ClientID, TenantID: s.opts.TenantID}}}, 2),
+			Application: &graph.Identity{ID: s.opts.ClientID, TenantID: s.opts.TenantID}}}, 2, c.memberSeq),
 	}
 	if inv := c.invite; inv != nil && inv.joined {
 		u := &graph.Identity{ID: inv.offer.id, TenantID: s.opts.TenantID}
 		if inv.offer.a != nil {
 			u.DisplayName = inv.offer.a.spec.DisplayName
 		}
-		roster = append(roster, part(inv.participantID, graph.ParticipantInfo{Identity: graph.IdentitySet{User: u}}, 3))
+		roster = append(roster, part(inv.participantID, graph.ParticipantInfo{Identity: graph.IdentitySet{User: u}}, 3, inv.seq))
 	}
 	return roster
 }

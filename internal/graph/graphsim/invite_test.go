@@ -103,8 +103,16 @@ func TestInviteAcceptedThenAgentLeaves(t *testing.T) {
 	if len(without.Participants) != 2 || without.Participants[0].ID != caller.ID || without.Participants[1].ID != bot.ID {
 		t.Errorf("roster without the agent: %s", notes[5].Raw)
 	}
-	if !(caller.RosterSequenceNumber > 0 && without.Participants[0].RosterSequenceNumber > caller.RosterSequenceNumber) {
-		t.Errorf("rosterSequenceNumber does not increase: %d then %d", caller.RosterSequenceNumber, without.Participants[0].RosterSequenceNumber)
+	// rosterSequenceNumber is the update in which each participant was last updated: the caller
+	// and the bot keep theirs, the agent has the join's, and the roster without the agent lists
+	// only numbers older than the one before it.
+	if !(caller.RosterSequenceNumber > 0 && bot.RosterSequenceNumber == caller.RosterSequenceNumber &&
+		agent.RosterSequenceNumber >= caller.RosterSequenceNumber &&
+		without.Participants[0].RosterSequenceNumber == caller.RosterSequenceNumber &&
+		without.Participants[1].RosterSequenceNumber == bot.RosterSequenceNumber) {
+		t.Errorf("rosterSequenceNumbers: caller %d bot %d agent %d, then caller %d bot %d; want each participant's own, unchanged when another leaves",
+			caller.RosterSequenceNumber, bot.RosterSequenceNumber, agent.RosterSequenceNumber,
+			without.Participants[0].RosterSequenceNumber, without.Participants[1].RosterSequenceNumber)
 	}
 
 	if res.Outcome != OutcomeBotHangUp || res.Agent != agentA || !slices.Equal(res.Invites, []string{agentA}) ||
