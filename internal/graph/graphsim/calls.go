@@ -61,6 +61,9 @@ type mediaOp struct {
 
 func (c *call) path() string { return "/communications/calls/" + c.id }
 
+// compactPath is path with the call id in its other form (compactID).
+func (c *call) compactPath() string { return "/communications/calls/" + compactID(c.id) }
+
 // resource is the full call resource, as GET returns it.
 func (c *call) resource(s *Sim) callData {
 	d := callData{
@@ -296,13 +299,13 @@ func (s *Sim) answer(c *call, body []byte) (reply, *apiError) {
 	c.state = graph.CallEstablishing
 	c.res.Answered = true
 	c.res.AnsweredAt = time.Now()
-	s.sendCall(c, graph.Updated, callData{ID: c.id, State: graph.CallEstablishing}, nil)
+	s.sendCallCompact(c, graph.Updated, callData{State: graph.CallEstablishing}, nil)
 	s.afterCall(c, s.opts.StepDelay, func() {
 		if c.state != graph.CallEstablishing {
 			return
 		}
 		c.state = graph.CallEstablished
-		s.sendCall(c, graph.Updated, callData{
+		s.sendCallCompact(c, graph.Updated, callData{
 			ID: c.id, State: graph.CallEstablished, Direction: "incoming",
 			MediaState: &graph.MediaState{Audio: "active"},
 		}, nil)

@@ -51,5 +51,6 @@
 // transfer semantics (replacesCallId is ignored, also in invites), presence subscriptions,
 // multiple tenants and the legacy (Skype) notification format. A redirect's timeout is validated but unanswered targets ring for
 // Options.RingTimeout. Every id it hands out is a lowercase GUID; ids are accepted in any case,
-// with or without hyphens.
+// with or without hyphens. As Graph does, some notifications write them in the other form, upper
+// case without hyphens: establishing, established and prompt completions (docs/graphsim.md).
 package graphsim

@@ -425,7 +425,7 @@ func (b *fakeBot) invite(callID, agent, clientContext string, want int) string {
 	}
 	_ = json.Unmarshal(out, &op)
 	if op.Type != graph.TypeInviteParticipantsOp || graph.ParseOperationStatus(op.Status) != graph.OpRunning || op.ClientContext != clientContext ||
-		hdr.Get("Location") != b.s.GraphURL()+"/communications/calls/"+callID+"/operations/"+op.ID {
+		!operationAt(b.s, hdr.Get("Location"), callID, op.ID) {
 		b.t.Errorf("invite response %s, Location %q", out, hdr.Get("Location"))
 	}
 	b.mu.Lock()
@@ -435,6 +435,15 @@ func (b *fakeBot) invite(callID, agent, clientContext string, want int) string {
 	b.ops[graph.CallKey(callID)] = op.ID
 	b.mu.Unlock()
 	return op.ID
+}
+
+// operationAt reports whether location is the URL of operation opID of call callID, whichever
+// form of the call id the bot used (Graph writes ids in two forms: graph.CallKey).
+func operationAt(s *Sim, location, callID, opID string) bool {
+	prefix := s.GraphURL() + "/communications/calls/"
+	rest, ok := strings.CutPrefix(location, prefix)
+	id, op, ok2 := strings.Cut(rest, "/operations/")
+	return ok && ok2 && graph.CallKey(id) == graph.CallKey(callID) && op == opID
 }
 
 // opID is the id of the last invite operation the bot started in the call.
@@ -462,7 +471,7 @@ func inviteBot(agent string) func(b *fakeBot, n graph.Notification) {
 			case n.ChangeType == graph.Created && c.State == graph.CallIncoming:
 				b.answer(n.CallID)
 			case c.State == graph.CallEstablished && c.MediaState != nil && c.MediaState.Audio == "active":
-				b.invite(n.CallID, agent, "handoff-"+n.CallID, http.StatusOK)
+				b.invite(n.CallID, agent, "handoff-"+graph.CallKey(n.CallID), http.StatusOK)
 			}
 		case graph.ResourceOperation:
 			if n.Operation.Status == graph.OpFailed {

@@ -57,7 +57,7 @@ func TestInviteAcceptedThenAgentLeaves(t *testing.T) {
 	op := opNote.N.Operation
 	reqs := s.RequestsFor(c.ID())
 	opID := b.opID(c.ID())
-	if opID == "" || op.ID != opID || opNote.N.OperationID != opID || op.ClientContext != "handoff-"+c.ID() ||
+	if opID == "" || op.ID != opID || opNote.N.OperationID != opID || op.ClientContext != "handoff-"+graph.CallKey(c.ID()) ||
 		opNote.N.ResourceURL != "/communications/calls/"+c.ID()+"/operations/"+opID {
 		t.Errorf("completion %s, op id %s", opNote.Raw, opID)
 	}
@@ -167,7 +167,7 @@ func TestInviteFails(t *testing.T) {
 				t.Fatalf("notifications (-got +want):\n%s", diff)
 			}
 			op := notes[3].N.Operation
-			if op.Status != graph.OpFailed || op.ClientContext != "handoff-"+c.ID() || op.ResultInfo.Message == "" ||
+			if op.Status != graph.OpFailed || op.ClientContext != "handoff-"+graph.CallKey(c.ID()) || op.ResultInfo.Message == "" ||
 				!bytes.Contains(notes[3].Raw, []byte(`"participants":[{"@odata.type":"#microsoft.graph.invitationParticipantInfo"`)) {
 				t.Errorf("failed operation: %s", notes[3].Raw)
 			}

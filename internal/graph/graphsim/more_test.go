@@ -226,7 +226,7 @@ func TestPlayPromptLocationAndQueue(t *testing.T) {
 				})
 				var op struct{ ID string }
 				_ = json.Unmarshal(out, &op)
-				if st != http.StatusOK || hdr.Get("Location") != b.s.GraphURL()+"/communications/calls/"+n.CallID+"/operations/"+op.ID {
+				if st != http.StatusOK || !operationAt(b.s, hdr.Get("Location"), n.CallID, op.ID) {
 					b.t.Errorf("playPrompt: %d %s %v", st, out, hdr)
 				}
 			}
@@ -675,5 +675,62 @@ func TestPromptFailures(t *testing.T) {
 	}
 	if !slices.Equal(res.Prompts, []string{"https://cdn/ok.wav"}) {
 		t.Errorf("prompts heard %v, want only ok.wav", res.Prompts)
+	}
+}
+
+// Graph writes one id in two forms (graph/WIRE.md a.2): as the call-answer page shows them, the
+// establishing and established notifications name the call upper case without hyphens and carry
+// no id, and as the call-playprompt page shows it, a prompt's completion names the call and the
+// operation so; the other notifications use the form the call was created with.
+func TestNotificationsWriteIDsInBothForms(t *testing.T) {
+	t.Parallel()
+	var (
+		mu   sync.Mutex
+		opID string
+	)
+	s, b := newHarness(t, fastOptions(), func(b *fakeBot, n graph.Notification) {
+		answerOnly(b, n)
+		if n.Kind == graph.ResourceCall && n.Call.MediaState != nil {
+			id := b.playPrompt(n.CallID, "p", promptURI)
+			mu.Lock()
+			opID = id
+			mu.Unlock()
+		}
+		if n.Kind == graph.ResourceOperation {
+			b.hangUp(n.CallID)
+		}
+	})
+	c, err := s.PlaceCall(context.Background(), CallerSpec{From: phoneCaller, To: testAppInst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, c)
+	compact := strings.ToUpper(strings.ReplaceAll(c.ID(), "-", ""))
+	mu.Lock()
+	defer mu.Unlock()
+	var got []string
+	for _, n := range b.seen(c.ID()) {
+		line := string(n.N.ChangeType) + " " + strings.Replace(n.N.ResourceURL, compact, "COMPACT", 1)
+		switch {
+		case n.N.Call != nil:
+			line += " id=" + strings.Replace(n.N.Call.ID, c.ID(), "hyphenated", 1)
+		case n.N.Operation != nil:
+			if graph.CallKey(n.N.OperationID) != graph.CallKey(opID) || n.N.OperationID == opID {
+				t.Errorf("operation id %q in the completion, want %q in the other form", n.N.OperationID, opID)
+			}
+			line = strings.Replace(line, n.N.OperationID, "OP", 1)
+		}
+		got = append(got, line)
+	}
+	want := []string{
+		"created /communications/calls/" + c.ID() + " id=hyphenated",
+		"updated /communications/calls/COMPACT id=",
+		"updated /communications/calls/COMPACT id=",
+		"deleted /communications/calls/COMPACT/operations/OP",
+		"updated /communications/calls/" + c.ID() + " id=hyphenated",
+		"deleted /communications/calls/" + c.ID() + " id=hyphenated",
+	}
+	if diff := cmp.Diff(got, want); diff != "" {
+		t.Errorf("notifications (-got +want):\n%s", diff)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/callbot/callbot/internal/graph"
@@ -92,7 +93,7 @@ func (r resultInfo) MarshalJSON() ([]byte, error) {
 type opData struct {
 	ODataType     string                `json:"@odata.type"`
 	ODataID       string                `json:"@odata.id,omitempty"`
-	ID            string                `json:"id"`
+	ID            string                `json:"id,omitempty"`
 	Status        graph.OperationStatus `json:"status"`
 	ClientContext string                `json:"clientContext,omitempty"`
 	ResultInfo    *resultInfo           `json:"resultInfo,omitempty"`
@@ -115,20 +116,39 @@ type outNote struct {
 // sendCall queues a call notification. A zero State sends the bare form (@odata.type and
 // @odata.id only) Graph uses after a reject. Called with s.mu held.
 func (s *Sim) sendCall(c *call, ct graph.ChangeType, d callData, ack chan error) {
+	s.sendCallAt(c, c.path(), ct, d, ack)
+}
+
+// sendCallCompact queues a call notification naming the call in the other form Graph writes
+// ids in, upper case without hyphens, and without the id in resourceData: as the establishing
+// and established notifications of the call-answer page do
+// (https://learn.microsoft.com/en-us/graph/api/call-answer). Called with s.mu held.
+func (s *Sim) sendCallCompact(c *call, ct graph.ChangeType, d callData, ack chan error) {
+	d.ID = ""
+	s.sendCallAt(c, c.compactPath(), ct, d, ack)
+}
+
+func (s *Sim) sendCallAt(c *call, path string, ct graph.ChangeType, d callData, ack chan error) {
 	d.ODataType = graph.TypeCall
-	d.ODataID = c.path()
+	d.ODataID = path
 	if d.State != "" {
 		c.etag++
 		d.ETag = fmt.Sprintf(`W/"%d"`, c.etag)
 	}
-	s.enqueue(c, ct, c.path(), string(d.State), d, ack)
+	s.enqueue(c, ct, path, string(d.State), d, ack)
 }
 
-// sendOp queues the final notification of a media operation. Called with s.mu held.
+// compactID writes a GUID the other way Graph writes ids: upper case, without hyphens.
+func compactID(id string) string { return strings.ToUpper(strings.ReplaceAll(id, "-", "")) }
+
+// sendOp queues the final notification of a media operation. As the call-playprompt page's
+// completion does (https://learn.microsoft.com/en-us/graph/api/call-playprompt), it names the
+// call and the operation upper case without hyphens and has no id in resourceData: the operation
+// id the response gave is in resourceUrl, in its other form. Called with s.mu held.
 func (s *Sim) sendOp(c *call, op *mediaOp, status graph.OperationStatus, r resultInfo) {
-	p := c.path() + "/operations/" + op.id
+	p := c.compactPath() + "/operations/" + compactID(op.id)
 	s.enqueue(c, graph.Deleted, p, string(status), opData{
-		ODataType: graph.TypePlayPromptOperation, ODataID: p, ID: op.id,
+		ODataType: graph.TypePlayPromptOperation, ODataID: p,
 		Status: status, ClientContext: op.clientContext, ResultInfo: &r,
 	}, nil)
 }
