@@ -350,7 +350,7 @@ func (m *Machine) adopt(ctx context.Context, tenant, callID, scenario string, ev
 	// A conference (an invited agent talking to the caller, callbot in the call) must not get
 	// the menu played over it: only a call of the caller and callbot alone is taken back (Graph
 	// lists no participants of a peer-to-peer call).
-	ps, err := m.cfg.Control.Participants(gctx, callID)
+	ps, err := m.participants(gctx, callID)
 	switch {
 	case peerToPeer(err):
 	case err != nil:
@@ -1051,7 +1051,7 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 func (m *Machine) checkRoster(c Call, scenario, token string, log *zap.Logger) {
 	ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), m.cfg.CommandTimeout)
 	defer cancel()
-	ps, err := m.cfg.Control.Participants(ctx, c.ID)
+	ps, err := m.participants(ctx, c.ID)
 	var ev Event
 	switch {
 	case errors.Is(err, graph.ErrCallGone):
@@ -1361,7 +1361,7 @@ func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.
 // or the first was never sent: the invite goes again, and a refusal of it is not taken as the
 // attempt's failure (send).
 func (m *Machine) inviteTookEffect(ctx context.Context, c Call, cmd Command, log *zap.Logger) (done, known bool) {
-	ps, err := m.cfg.Control.Participants(ctx, c.ID)
+	ps, err := m.participants(ctx, c.ID)
 	if errors.Is(err, graph.ErrCallGone) {
 		m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), Event{Kind: EvEnded, Reason: "call gone"})
 		return true, true
@@ -1388,7 +1388,31 @@ func (m *Machine) inviteTookEffect(ctx context.Context, c Call, cmd Command, log
 // agent joined has three parties and is a group call, so the agent is not in it.
 func peerToPeer(err error) bool {
 	var ge *graph.Error
-	return errors.As(err, &ge) && (ge.Status == 400 || ge.Status == 405)
+	return errors.Is(err, errNoRoster) || errors.As(err, &ge) && (ge.Status == 400 || ge.Status == 405)
+}
+
+// errNoRoster: Graph answered 404 for the call's participants while it still has the call
+// (participants).
+var errNoRoster = errors.New("the call's participants are not found, the call is")
+
+// participants reads the call's roster from Graph. A 404 for the roster alone is not the call
+// gone: Graph documents no answer for the participants of a peer-to-peer call (graphsim refuses
+// with 400), and a 404 there ended the record of a live call, its caller left in a call nobody
+// served. The call itself is read to tell: still there, the roster is unlisted (errNoRoster,
+// which peerToPeer takes for the caller and callbot alone); gone too, the 404 stands.
+func (m *Machine) participants(ctx context.Context, callID string) ([]graph.Participant, error) {
+	ps, err := m.cfg.Control.Participants(ctx, callID)
+	if !errors.Is(err, graph.ErrCallGone) {
+		return ps, err
+	}
+	switch _, gerr := m.cfg.Control.GetCall(ctx, callID); {
+	case gerr == nil:
+		return nil, fmt.Errorf("%w (%v)", errNoRoster, err) // not the 404 itself: not ErrCallGone
+	case errors.Is(gerr, graph.ErrCallGone):
+		return nil, err
+	default:
+		return nil, gerr // not known: as any failed read
+	}
 }
 
 // definitive reports whether a failed Graph request certainly did not act (refused, or not
@@ -1496,7 +1520,7 @@ func (m *Machine) giveUp(tenant, key string, from State) {
 			log.Error("call left where a timer the table refused found it: not established in Graph", zap.String("graph_state", string(st)))
 			return
 		default:
-			ps, err := m.cfg.Control.Participants(gctx, c.ID)
+			ps, err := m.participants(gctx, c.ID)
 			switch {
 			case peerToPeer(err): // the caller and callbot alone
 			case errors.Is(err, graph.ErrCallGone):

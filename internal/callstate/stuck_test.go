@@ -916,3 +916,31 @@ func TestRosterReadNotRedrivenForAnEndedCall(t *testing.T) {
 		t.Errorf("the re-drive read the roster of a call that has ended: B sent %v", gb.log())
 	}
 }
+
+// Graph documents no answer for the roster of a peer-to-peer call; if it answers 404 there
+// (the participants collection, not the call, not found), that must not end a call Graph still
+// has: callbot took a 404 from the roster for the call gone and ended the record, leaving the
+// caller in a live call nobody served. The call itself is read to tell.
+func TestARoster404OfALiveCallIsNotTheCallGone(t *testing.T) {
+	g := &fakeGraph{fail: map[string]error{"participants": &graph.Error{Op: "listParticipants", Status: 404}}}
+	r := newRig(t, g, "rp404")
+	id := "c-p404"
+	r.inviting(t, id, "agent-b")
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
+	if c, _ = r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.Agent != "" {
+		t.Errorf("declined invite, roster 404 while the call lives: %s agent %q, want back in the queue (%v)", c.State, c.Agent, g.log())
+	}
+
+	// and the call gone indeed: the roster's 404 and the call's agree
+	gone := "c-p404-gone"
+	r.inviting(t, gone, "agent-b")
+	g.mu.Lock()
+	g.state = "gone"
+	g.mu.Unlock()
+	c, _ = r.store.Get(context.Background(), graph.CallKey(gone))
+	r.handle(t, gone, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx, Failed: true})
+	if c, _ = r.store.Get(context.Background(), graph.CallKey(gone)); !c.State.Terminal() {
+		t.Errorf("declined invite of a call Graph no longer has: %s, want ended", c.State)
+	}
+}
