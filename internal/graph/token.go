@@ -3,6 +3,7 @@ package graph
 import (
 	"context"
 	"crypto/rsa"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -362,10 +363,11 @@ func (v *Verifier) fetchKeys(ctx context.Context) (map[string]*rsa.PublicKey, er
 	}
 	var set struct {
 		Keys []struct {
-			Kty string `json:"kty"`
-			Kid string `json:"kid"`
-			N   string `json:"n"`
-			E   string `json:"e"`
+			Kty string   `json:"kty"`
+			Kid string   `json:"kid"`
+			N   string   `json:"n"`
+			E   string   `json:"e"`
+			X5c []string `json:"x5c"`
 		} `json:"keys"`
 	}
 	if err := v.getJSON(ctx, meta.JWKSURI, &set); err != nil {
@@ -376,15 +378,39 @@ func (v *Verifier) fetchKeys(ctx context.Context) (map[string]*rsa.PublicKey, er
 		if k.Kty != "RSA" {
 			continue
 		}
-		n, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(k.N, "="))
-		e, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(k.E, "="))
-		if err1 != nil || err2 != nil || len(e) > 4 {
-			continue
+		if key := jwkKey(k.N, k.E, k.X5c); key != nil {
+			keys[k.Kid] = key
 		}
-		keys[k.Kid] = &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
 	}
 	if len(keys) == 0 {
 		return nil, errors.New("jwks has no usable RSA key")
 	}
 	return keys, nil
+}
+
+// jwkKey is the RSA public key of a JWK: its modulus and exponent (n, e), or, where it has
+// none, its certificate (x5c, the first of the chain: standard base64 of the DER). Microsoft's
+// sets carry both; a key with neither, or with a broken one, is nil (left out).
+func jwkKey(n64, e64 string, x5c []string) *rsa.PublicKey {
+	if n64 != "" || e64 != "" {
+		n, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(n64, "="))
+		e, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(e64, "="))
+		if err1 != nil || err2 != nil || len(n) == 0 || len(e) == 0 || len(e) > 4 {
+			return nil
+		}
+		return &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
+	}
+	if len(x5c) == 0 {
+		return nil
+	}
+	der, err := base64.StdEncoding.DecodeString(x5c[0])
+	if err != nil {
+		return nil
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil
+	}
+	key, _ := cert.PublicKey.(*rsa.PublicKey)
+	return key
 }

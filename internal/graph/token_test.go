@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -33,6 +35,7 @@ type keyServer struct {
 	fetches atomic.Int32
 	down    atomic.Bool
 	gate    atomic.Pointer[chan struct{}] // when set, the metadata URL answers once it is closed
+	certs   atomic.Bool                   // publish each key as a certificate only (x5c), no n and e
 }
 
 func newKeyServer(t testing.TB) *keyServer {
@@ -51,10 +54,14 @@ func newKeyServer(t testing.TB) *keyServer {
 	})
 	mux.HandleFunc("/keys", func(w http.ResponseWriter, r *http.Request) {
 		var set struct {
-			Keys []map[string]string `json:"keys"`
+			Keys []map[string]any `json:"keys"`
 		}
 		for kid, k := range ks.keys {
-			set.Keys = append(set.Keys, map[string]string{"kty": "RSA", "kid": kid, "use": "sig",
+			if ks.certs.Load() {
+				set.Keys = append(set.Keys, map[string]any{"kty": "RSA", "kid": kid, "use": "sig", "x5c": []string{selfSigned(t, k)}})
+				continue
+			}
+			set.Keys = append(set.Keys, map[string]any{"kty": "RSA", "kid": kid, "use": "sig",
 				"n": base64.RawURLEncoding.EncodeToString(k.N.Bytes()),
 				"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(k.E)).Bytes())})
 		}
@@ -74,6 +81,17 @@ func (ks *keyServer) fetchedSince(base int32) bool {
 		}
 	}
 	return true
+}
+
+// selfSigned is a certificate of k's public key, as a JWKS's x5c carries it (standard base64 DER).
+func selfSigned(t testing.TB, k *rsa.PrivateKey) string {
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test signing key"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Error(err)
+	}
+	return base64.StdEncoding.EncodeToString(der)
 }
 
 func genKey(t testing.TB) *rsa.PrivateKey {
@@ -477,5 +495,22 @@ func TestKeyFetchNotCancelledByTheRequestThatStartedIt(t *testing.T) {
 	}
 	if _, err := v.Verify(context.Background(), signRS(t, ks.keys["k2"], "k2", goodClaims(clock))); err != nil {
 		t.Fatalf("token signed with the rolled-over key after an attacker hung up on the key fetches: %v", err)
+	}
+}
+
+// Microsoft's key sets carry each key both as n and e and as a certificate (x5c); some
+// verifiers of the calling webhook's keys read only the certificate. A set that publishes a key
+// as a certificate alone must verify as well: callbot found no usable key in it, and would
+// never have become ready.
+func TestVerifierReadsKeysPublishedAsCertificates(t *testing.T) {
+	ks := newKeyServer(t)
+	ks.certs.Store(true)
+	v := newTestVerifier(t, ks, nil)
+	if _, err := v.Verify(context.Background(), signRS(t, ks.keys["k1"], "k1", goodClaims(time.Now()))); err != nil {
+		t.Fatalf("a token signed by a key published as a certificate: %v", err)
+	}
+	other := genKey(t)
+	if _, err := v.Verify(context.Background(), signRS(t, other, "k1", goodClaims(time.Now()))); err == nil {
+		t.Fatal("a token signed by another key under the same kid verified")
 	}
 }
