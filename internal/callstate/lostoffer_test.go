@@ -2,6 +2,7 @@ package callstate_test
 
 import (
 	"context"
+	"maps"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -571,5 +572,100 @@ func TestOfferFollowUpFreesTheAgentOfAnOfferTheCallMovedPast(t *testing.T) {
 				t.Errorf("the follow-up put the caller back in the queue")
 			}
 		})
+	}
+}
+
+// snapshot is the state of keys on rdb (DUMP; nil for a key that does not exist), for restore.
+func snapshot(t *testing.T, rdb *redis.Client, keys ...string) map[string]*string {
+	t.Helper()
+	out := map[string]*string{}
+	for _, k := range keys {
+		v, err := rdb.Dump(context.Background(), k).Result()
+		if err == redis.Nil {
+			out[k] = nil
+			continue
+		}
+		mustDo(t, err)
+		out[k] = &v
+	}
+	return out
+}
+
+// restore puts keys back as snapshot read them.
+func restore(t *testing.T, rdb *redis.Client, keys map[string]*string) {
+	t.Helper()
+	ctx := context.Background()
+	for k, v := range keys {
+		if v == nil {
+			mustDo(t, rdb.Del(ctx, k).Err())
+			continue
+		}
+		mustDo(t, rdb.RestoreReplace(ctx, k, 0, *v).Err())
+	}
+}
+
+// An offer refused as unreplicated stands and is followed up, and the replica stays stalled
+// while the call goes on past the offer on the master alone: the transfer fails (the caller back
+// in the queue, the agent freed) and another instance offers the caller to a second agent. The
+// follow-up's look found the call neither queued nor with the first agent (OfferPassed) and
+// ended there, on a record no replica had. The master then failed over to the replica, which had
+// the reservation and not the offer: the call queued in its record and in no queue, the first
+// agent reserved for it. Nothing put the caller back or freed the agent before the reconciler's
+// passes (up to 5 and 10 minutes), which is what the follow-up is for. A record past the offer
+// that counts its transfer attempt settles only once the replicas have it, as one that shows the
+// offer does; the follow-up then finds the lost offer after the failover.
+func TestOfferFollowUpPassesOnlyOnAReplicatedRecord(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "lr")
+	const second = "11111111-0000-4000-8000-000000000002"
+	mustDo(t, f.qs.SetMembers(ctx, "tenant-1", "q", []string{f.agent, second}))
+	mustDo(t, f.qs.SetRoutable(ctx, "tenant-1", map[string]bool{f.agent: true, second: true}))
+	rep := &fakeReplica{}
+	m, d, st := replicatedOnFake(t, f, rep)
+	rdb := f.srv.Client(t)
+	f.queueCaller(m)
+	score, _ := queueEntry(t, f.qs, realCallKey)
+	record := f.prefix + ":{call:" + realCallKey + "}"
+	replica := snapshot(t, rdb, record) // the record as the replica keeps it: before the offer
+
+	unreplicatedOffer(t, m, d, rep, true) // the stall lasts
+	c, err := st.Get(ctx, realCallKey)
+	mustDo(t, err)
+	first := c.Agent
+	// the replica has the reservation (replicated before the offer): the caller out of the queue,
+	// the first agent reserved for them
+	tk := func(name string) string { return f.prefix + ":{tenant:tenant-1}:" + name }
+	maps.Copy(replica, snapshot(t, rdb, tk("queue:q"), tk("busy"), tk("free"), tk("idle"), tk("cool")))
+
+	// on the master alone: the transfer fails and another instance offers the caller to the
+	// second agent (its store waits for no replica: what counts is what the master has)
+	other, otherD, _ := f.instance(f.srv.Client(t), &fakeGraph{}, nil)
+	notify(t, other, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	notify(t, other, note("updated", realCallID, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subCode":7000}}`))
+	if n := otherD.DispatchOnce(ctx); n != 1 {
+		t.Fatalf("%d offers by the other instance, want the caller offered to the second agent", n)
+	}
+	other.Wait()
+	if c, err := st.Get(ctx, realCallKey); err != nil || c.Agent == first || c.State != callstate.StateTransferring {
+		t.Fatalf("on the master: %s agent %q (%v), want transferring to the second agent", c.State, c.Agent, err)
+	}
+
+	// the follow-up looks while the master lives
+	d.Now = func() time.Time { return time.Now().Add(time.Minute) }
+	d.FollowUpOffers(ctx)
+
+	// the failover to the stalled replica
+	restore(t, rdb, replica)
+	rep.cut.Store(false)
+	if c, err := st.Get(ctx, realCallKey); err != nil || c.State != callstate.StateQueued {
+		t.Fatalf("after the failover: %s (%v), want queued (the set-up is wrong)", c.State, err)
+	}
+
+	followUpsUntilDone(t, d)
+	if got, in := queueEntry(t, f.qs, realCallKey); !in || got != score {
+		t.Errorf("after the follow-up: caller in the queue %v at %v, want back at their place %v", in, got, score)
+	}
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", first); res != "" {
+		t.Errorf("after the follow-up: the agent of the lost offer is still reserved for %q", res)
 	}
 }

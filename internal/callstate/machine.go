@@ -1629,6 +1629,8 @@ const (
 	// this offer or after its transfer failed; ended with another): nothing will free the agent
 	// if they are still reserved for it but the reconciler (up to 5 minutes), so the follow-up
 	// does, and leaves the caller alone. Not counted as lost: a failed transfer gets there too.
+	// A record that counts the offer's transfer attempt is taken as past it only once the
+	// replicas have it (until then the offer may yet be lost: unsettled).
 	OfferPassed
 )
 
@@ -1667,7 +1669,17 @@ func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offer O
 		// The transfer attempts counted cannot tell: a failover that lost the offer and a later
 		// offer of the caller (put back by a ghost entry, or queued again from the menu) count
 		// as many. Not while the record is queued: an agent reserved for the call then may be
-		// about to offer it (another instance, after the transfer failed).
+		// about to offer it (another instance, after the transfer failed). A record that counts
+		// the offer's attempt may have gone past it on the master alone (its transfer failed,
+		// the caller offered to another agent, while the replicas stalled): it settles only once
+		// the replicas have it, as one that shows the offer does, or a failover that then takes
+		// the record back to before the offer finds the follow-up gone (the caller in no queue,
+		// the agent reserved for them, until the reconciler).
+		if c.Offers >= offers {
+			if err := m.cfg.Store.Sync(ctx, callKey); err != nil {
+				return OfferUnsettled, err
+			}
+		}
 		return OfferPassed, nil
 	case c.Offers < offers:
 		// moved on since to another queue: the reconciler frees the agent, whose call is not

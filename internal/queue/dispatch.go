@@ -139,8 +139,9 @@ const (
 // replicas confirm it, nor is one that lost the offer and moved on since (passed on to another
 // queue at its max wait: put back in this one too, the caller would wait in two); one that shows
 // the call neither queued nor with the offer's agent (back in a menu, with another agent, ended
-// with another: callstate.OfferPassed) frees that agent if still reserved for the call, and
-// leaves the caller alone; an offer lost
+// with another: callstate.OfferPassed; one that counts the offer's attempt, once the replicas
+// have it) frees that agent if still reserved for the call, and leaves the caller alone; an
+// offer lost
 // puts the caller back at their score (an enqueue is
 // idempotent) and frees the agent if still reserved for that call (AgentAbandoned: they keep
 // their place among the longest idle), the agent alone if the call ended meanwhile. A follow-up still unsettled
