@@ -108,7 +108,8 @@ func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []s
 // deployment's flow, so the last instance to start decides, as it does for the members.
 //
 // The first to start with no registry of the tenant's queues (the first callbot to keep one)
-// fills it from the queues in Redis (seedRegistry), so the queues older flows had are swept too.
+// fills it from the queues and member lists in Redis (seedRegistry), so the queues older flows
+// had are swept too.
 func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string][]string) error {
 	if err := s.seedRegistry(ctx, tenant); err != nil {
 		return err
@@ -132,7 +133,8 @@ func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string]
 }
 
 // seedRegistry, when the tenant has no registry of its queues, registers every queue it has in
-// Redis: a SCAN of the keys of the node that serves the tenant's slot (on Redis Cluster, a SCAN
+// Redis (a queue key, or a member list: one an older flow had, that an instance still on it may
+// put callers in, is empty at times): a SCAN of the keys of the node that serves the tenant's slot (on Redis Cluster, a SCAN
 // of any other node finds none of them; go-redis sends a SCAN by the hash tag of its MATCH
 // pattern, which is another slot's once a character of the tenant's name is escaped, so the
 // node is chosen here). It is the only SCAN callbot makes: once per deployment
@@ -155,11 +157,19 @@ func (s *Store) seedRegistry(ctx context.Context, tenant string) error {
 		}
 		return nil
 	}
-	prefix := s.k(tenant, "queue:")
+	// the queues with callers (an empty queue is no key), and those of every flow an instance
+	// started with (the members of a queue the flow dropped stay): an instance still on an
+	// older flow may put callers in one that is empty now
 	var names []any
-	it := node.Scan(ctx, 0, globEscape(prefix)+"*", 1000).Iterator()
+	tenantKeys := s.k(tenant, "")
+	it := node.Scan(ctx, 0, globEscape(tenantKeys)+"*", 1000).Iterator()
 	for it.Next(ctx) {
-		names = append(names, strings.TrimPrefix(it.Val(), prefix))
+		rest := strings.TrimPrefix(it.Val(), tenantKeys)
+		if q, ok := strings.CutPrefix(rest, "queue:"); ok {
+			names = append(names, q)
+		} else if q, ok := strings.CutPrefix(rest, "members:"); ok {
+			names = append(names, q)
+		}
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("register the queues of tenant %s: %w", tenant, err)
@@ -180,7 +190,8 @@ func globEscape(s string) string {
 
 // KnownQueues returns, sorted, the names of every queue of the tenant that may hold callers,
 // whatever this instance's flow: those of every flow any instance of the tenant has started
-// with (SetMembers), and those found in Redis when the registry was first filled (SetQueues).
+// with (SetMembers), and those found in Redis (queue keys, member lists) when the registry was
+// first filled (SetQueues).
 func (s *Store) KnownQueues(ctx context.Context, tenant string) ([]string, error) {
 	names, err := s.rdb.SMembers(ctx, s.registry(tenant)).Result()
 	if err != nil {

@@ -83,3 +83,26 @@ func TestKnownQueues(t *testing.T) {
 		t.Errorf("known queues of a tenant that never started %v, want none", got)
 	}
 }
+
+// A flow edit rolls out with a callbot that keeps the registry, over instances of one that kept
+// none: they, on the old flow, serve queue old (its members in Redis, written when they
+// started), in which no caller waits at the moment the first new instance fills the registry
+// from the queue keys (an empty queue is no key). It was left out: the old instances go on
+// putting callers in old until they are replaced, and a ghost they leave there (a hang-up whose
+// enqueue lost its race) was never swept once the rollout was over, no flow naming old. The
+// members of every queue an older flow had stay in Redis: they name it too.
+func TestKnownQueuesSeededFromOlderFlowsMembers(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t)
+	// what an older callbot wrote at its start: the members of its flow's queues, no registry
+	for _, q := range []string{"old", "sales"} {
+		must(t, s.rdb.SAdd(ctx, s.keys("t", q).members, "a1").Err())
+	}
+	must(t, s.SetQueues(ctx, "t", map[string][]string{"sales": {"a1"}, "sales2": {"a1"}}))
+	must(t, s.Enqueue(ctx, "t", "old", "ghost", 1)) // an old instance, later
+	names, err := s.KnownQueues(ctx, "t")
+	must(t, err)
+	if diff := cmp.Diff(names, []string{"old", "sales", "sales2"}); diff != "" {
+		t.Errorf("known queues (-got +want):\n%s", diff)
+	}
+}
