@@ -484,6 +484,16 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			// the caller back, to be reserved and refused every tick while the replicas lag. If
 			// a failover takes the record back to the queue, the follow-up of the offer that
 			// moved it, or the reconciler, puts the caller back.
+			//
+			// But a record that shows the call with the offer's agent holds this offer: its save
+			// was applied and sent again (go-redis sends a pipeline again when it could not read
+			// the reply, up to MaxRetries), which found its own version, a conflict. Refused, the
+			// dispatcher would free the agent while the record (and the transfer in its outbox,
+			// re-driven a lease later) has the call with them. It stands, once replicated as any
+			// offer (an error: the dispatcher reads the record, finds the offer, follows it up).
+			if ev.Kind == EvAgentOffer && !fromCache && withAgent(cur, ev.Agent) {
+				return true, m.cfg.Store.Sync(ctx, callKey)
+			}
 			if !fromCache && ev.Kind != EvAgentOffer {
 				return false, m.cfg.Store.Sync(ctx, callKey)
 			}
@@ -1557,7 +1567,13 @@ func (m *Machine) Offered(ctx context.Context, tenant, callKey, agent string) (b
 	if err != nil {
 		return false, err
 	}
-	return c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), nil
+	return withAgent(c, agent), nil
+}
+
+// withAgent reports whether c has been offered to agent and is with them: it left the queue for
+// them and has not ended.
+func withAgent(c Call, agent string) bool {
+	return c.Agent == agent && c.State != StateQueued && !c.State.Terminal()
 }
 
 // OfferCheck is what a call's record shows of an offer whose save returned an error
@@ -1595,7 +1611,7 @@ func (m *Machine) CheckOffer(ctx context.Context, tenant, callKey, agent string)
 	if err != nil {
 		return OfferCheck{}, err
 	}
-	oc := OfferCheck{Took: c.Agent == agent && c.State != StateQueued && !c.State.Terminal(), Offers: c.Offers,
+	oc := OfferCheck{Took: withAgent(c, agent), Offers: c.Offers,
 		Queue: c.Queue, QueueScore: c.QueueScore, Agent: agent}
 	if oc.Took {
 		oc.Replicated = m.cfg.Store.Sync(ctx, callKey) == nil
