@@ -368,6 +368,12 @@ func (d *decision) apply(ev Event) error {
 		return nil
 
 	case EvAgentOffer:
+		if ev.OfferQueue != "" && ev.OfferQueue != c.Queue {
+			// an entry left in a queue the caller has moved on from (their max wait passed them
+			// on; its removal comes after the save, or a save that lost its race wrote it
+			// again): that queue's agent is not theirs
+			return ErrIgnored
+		}
 		c.Agent = ev.Agent
 		c.Offers++
 		target := graph.Party{Kind: graph.KindUser, ID: ev.Agent}

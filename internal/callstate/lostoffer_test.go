@@ -29,14 +29,14 @@ type holdBeforeOffer struct {
 	armed atomic.Bool
 }
 
-func (h *holdBeforeOffer) Offer(ctx context.Context, tenant, callKey, agent string) (bool, error) {
+func (h *holdBeforeOffer) OfferFrom(ctx context.Context, tenant, queue, callKey, agent string) (bool, error) {
 	if h.armed.CompareAndSwap(true, false) {
 		if n, err := h.rdb.Do(ctx, "WAIT", 1, 5000).Int(); err != nil || n != 1 {
 			h.t.Errorf("the reservation not on the replica before the offer: WAIT %d %v", n, err)
 		}
 		h.s.HoldReplication()
 	}
-	return h.Machine.Offer(ctx, tenant, callKey, agent)
+	return h.Machine.OfferFrom(ctx, tenant, queue, callKey, agent)
 }
 
 // queueEntry is the caller's score in queue q, and whether they are in it.
@@ -667,5 +667,42 @@ func TestOfferFollowUpPassesOnlyOnAReplicatedRecord(t *testing.T) {
 	}
 	if res, _ := f.qs.Reserved(ctx, "tenant-1", first); res != "" {
 		t.Errorf("after the follow-up: the agent of the lost offer is still reserved for %q", res)
+	}
+}
+
+// A caller's max wait passes them on from q to q2, and their entry in q is still there for a
+// moment (its removal is carried out after the save), or again (a queue write of a save that
+// lost its race). q's dispatcher reserves that entry for q's agent, and the offer was accepted
+// because the record was queued, in q2: the caller went to an agent of the queue the flow had
+// just taken them out of (overflow to another team, a voicemail queue), and their q2 entry was
+// left a ghost. An offer is now made only to a caller queued where the reservation found them.
+func TestAnEntryInTheQueueTheCallerLeftIsNotOffered(t *testing.T) {
+	ctx := context.Background()
+	f := newAgentOnRealQueues(t, "lx")
+	flow, err := ivr.Parse([]byte(overflowFlowYAML), "t.yaml")
+	mustDo(t, err)
+	f.flow = flow
+	m, d, st := f.instance(f.srv.Client(t), &fakeGraph{}, nil)
+	f.queueCaller(m)
+	queued, err := st.Get(ctx, realCallKey)
+	mustDo(t, err)
+	score, _ := queueEntry(t, f.qs, realCallKey)
+	mustDo(t, f.qs.SetRoutable(ctx, "tenant-1", map[string]bool{f.agent: false})) // q's agent busy meanwhile
+	if ok, err := m.Handle(ctx, "tenant-1", realCallKey, callstate.Event{Kind: callstate.EvTimeout,
+		Timer: callstate.TimerMaxWait, TimerToken: queued.Timers[callstate.TimerMaxWait]}); !ok || err != nil {
+		t.Fatalf("max wait: %v %v", ok, err)
+	}
+	m.Wait()
+	mustDo(t, f.qs.Enqueue(ctx, "tenant-1", "q", realCallKey, int64(score))) // the entry in q, still there
+	mustDo(t, f.qs.SetRoutable(ctx, "tenant-1", map[string]bool{f.agent: true}))
+
+	if n := d.DispatchOnce(ctx); n != 0 {
+		t.Errorf("%d offers: want the entry in q, which the caller left for q2, refused", n)
+	}
+	if c, err := st.Get(ctx, realCallKey); err != nil || c.State != callstate.StateQueued || c.Queue != "q2" {
+		t.Errorf("the caller: %s in %q with %q (%v), want still waiting in q2", c.State, c.Queue, c.Agent, err)
+	}
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); res != "" {
+		t.Errorf("q's agent is reserved for %q", res)
 	}
 }

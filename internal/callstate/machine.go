@@ -1554,7 +1554,13 @@ func (m *Machine) giveUp(tenant, key string, from State) {
 // Offer hands a caller the dispatcher took from a queue to an agent it reserved. It returns
 // false when the call is no longer waiting (it ended meanwhile): the reservation must be undone.
 func (m *Machine) Offer(ctx context.Context, tenant, callKey, agent string) (bool, error) {
-	return m.Handle(ctx, tenant, callKey, Event{Kind: EvAgentOffer, Agent: agent})
+	return m.OfferFrom(ctx, tenant, "", callKey, agent)
+}
+
+// OfferFrom is Offer of a caller the dispatcher took from queue: false too when the caller waits
+// in another queue now (the entry was one left behind in a queue they moved on from).
+func (m *Machine) OfferFrom(ctx context.Context, tenant, queue, callKey, agent string) (bool, error) {
+	return m.Handle(ctx, tenant, callKey, Event{Kind: EvAgentOffer, Agent: agent, OfferQueue: queue})
 }
 
 // Offered reports whether the stored call has been offered to agent (it left the queue for them).

@@ -115,8 +115,10 @@ type Event struct {
 	// Timer that fired and its token (EvTimeout).
 	Timer      TimerKind
 	TimerToken int64
-	// Agent reserved for the call (EvAgentOffer).
-	Agent string
+	// Agent reserved for the call (EvAgentOffer), and the queue whose entry the reservation took
+	// (OfferQueue; "" takes the call in whichever queue it waits).
+	Agent      string
+	OfferQueue string
 	// Participants are the user ids in a roster update (EvRoster), of participants not removed.
 	// A roster read from Graph (CmdCheckRoster) rather than notified carries the read's
 	// ClientContext: it is the whole roster at the time of the read, and applies only while the

@@ -21,6 +21,21 @@ type Offerer interface {
 	Offer(ctx context.Context, tenant, callKey, agent string) (bool, error)
 }
 
+// QueueOfferer is an Offerer told the queue the reservation took the caller from: false too
+// when the caller waits in another queue now (an entry left behind in a queue they moved on
+// from must not give them to that queue's agent). callstate.Machine implements it.
+type QueueOfferer interface {
+	OfferFrom(ctx context.Context, tenant, queue, callKey, agent string) (bool, error)
+}
+
+// offer offers r's caller, taken from queue q, to r's agent.
+func (d *Dispatcher) offer(ctx context.Context, q string, r Reservation) (bool, error) {
+	if qo, ok := d.Offer.(QueueOfferer); ok {
+		return qo.OfferFrom(ctx, d.Tenant, q, r.Call, r.Agent)
+	}
+	return d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
+}
+
 // Dispatcher matches waiting callers with free agents. Several instances may run one each: the
 // reservation script is atomic. It implements callstate.Queues, waking itself on every enqueue
 // and release so a caller is offered as soon as an agent is free.
@@ -366,7 +381,7 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				d.Log.Warn("reserve agent", zap.String("queue", q), zap.Error(err))
 				return offers
 			}
-			ok, err := d.Offer.Offer(ctx, d.Tenant, r.Call, r.Agent)
+			ok, err := d.offer(ctx, q, r)
 			// What follows a reservation runs even when ctx ended meanwhile (a shutdown stops the
 			// loops): the caller and the agent it holds are handed back, not left to the reconciler.
 			// Redis's own timeouts bound it.
