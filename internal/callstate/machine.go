@@ -847,7 +847,7 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
 		if err := m.cfg.Store.AckMany(wctx, batch...); err != nil {
-			if len(batch) < 4*cap(m.acks) {
+			if len(batch) < 4*cap(m.acks) && ctx.Err() == nil {
 				return // Redis is away: try again with the next batch
 			}
 			m.cfg.Log.Warn("acknowledgements dropped; the outbox will re-drive their commands", zap.Int("acks", len(batch)), zap.Error(err))
