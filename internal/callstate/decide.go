@@ -430,7 +430,10 @@ func (d *decision) apply(ev Event) error {
 		// was last updated, so the roster that shows the agent gone lists only numbers older
 		// than the one that showed them (https://learn.microsoft.com/en-us/graph/api/resources/participant),
 		// as a late roster from before they joined does. One that shows the agent joins them; one
-		// that does not, once they joined, is checked with a roster read.
+		// that does not, once the call is connected, is checked with a roster read: also before a
+		// roster showed them (Joined), when the invite's completion connected the call, since the
+		// roster that showed them may be late or lost while the one that shows them gone came
+		// (ignored, it left the caller with nobody until the roster check a minute later).
 		read := ev.ClientContext != ""
 		if read && ev.ClientContext != c.RosterCtx {
 			return ErrIgnored // the call moved on since the read was decided
@@ -442,9 +445,10 @@ func (d *decision) apply(ev Event) error {
 		switch {
 		case present && c.Joined:
 			return ErrIgnored
-		case !present && !read && c.State == StateConnected && c.Joined:
-			// the agent left, or this roster is older than the one that showed them: ask Graph
-			// (a read already under way may have been made before they left: this one replaces it)
+		case !present && !read && c.State == StateConnected:
+			// the agent left, or this roster is older than the one that showed them (or than
+			// their joining, which the invite's completion reported): ask Graph (a read already
+			// under way may have been made before they left: this one replaces it)
 			d.checkRoster()
 			return nil
 		case present:
@@ -460,10 +464,10 @@ func (d *decision) apply(ev Event) error {
 		case c.State == StateInviting && read:
 			// the invite failed or timed out, and Graph confirms the agent is not in the call
 			d.transferFailed(c.InviteNotSent)
-		case c.State == StateConnected && (c.Joined || read):
-			// The agent left the conversation (a roster read is made a check interval after
-			// connecting: an agent not in it by then has left): callbot ends the call, the
-			// agent wraps up.
+		case c.State == StateConnected:
+			// A read without the agent (a notified roster without them is checked above), made
+			// once the invite's completion or a roster said they joined: they left the
+			// conversation. callbot ends the call, the agent wraps up.
 			c.State, c.Outcome, c.Timers = StateTerminating, OutcomeConnected, nil
 			d.hangup()
 			d.emit(Command{Kind: CmdReleaseAgent, Agent: c.Agent, AgentOutcome: AgentWrapUp, After: d.wrapUp()})

@@ -1,0 +1,96 @@
+package callstate_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+)
+
+// The conference hand-off against the rosters Graph notifies: each participant an object of
+// the resourceData array, with its own rosterSequenceNumber and, once removed, a removedState.
+
+// rosterNote is a participants notification of call id listing the given participants.
+func rosterNote(id string, ps ...string) string {
+	return `{"@odata.type":"#microsoft.graph.commsNotifications","value":[{"changeType":"updated","resourceUrl":"/communications/calls/` +
+		id + `/participants","resourceData":[` + strings.Join(ps, ",") + `]}]}`
+}
+
+func callerEntry(seq int, muted bool) string {
+	return fmt.Sprintf(`{"@odata.type":"#microsoft.graph.participant","id":"p-caller","info":{"identity":{"phone":{"id":"+14255550100"}}},"isMuted":%v,"rosterSequenceNumber":%d}`, muted, seq)
+}
+
+func botEntry(seq int) string {
+	return fmt.Sprintf(`{"@odata.type":"#microsoft.graph.participant","id":"p-bot","info":{"identity":{"application":{"id":"bot"}}},"rosterSequenceNumber":%d}`, seq)
+}
+
+// userEntry is a user participant; extra is more JSON members (a removedState).
+func userEntry(user string, seq int, extra string) string {
+	return fmt.Sprintf(`{"@odata.type":"#microsoft.graph.participant","id":"p-agent","info":{"identity":{"user":{"id":%q}}},"rosterSequenceNumber":%d%s}`, user, seq, extra)
+}
+
+// notify applies a notification body to the rig's machine and waits for its commands.
+func (r *rig) notify(t *testing.T, body string) {
+	t.Helper()
+	ns, err := graph.Decode([]byte(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.m.Notify(context.Background(), "t1", ns); err != nil {
+		t.Fatal(err)
+	}
+	r.m.Wait()
+}
+
+const confAgent = "11111111-0000-4000-8000-000000000002"
+
+// A busy conference (the caller muting and unmuting: 50 roster updates, each the whole roster
+// with the agent) makes no roster read: only a roster without the agent is checked.
+func TestBusyConferenceReadsNoRoster(t *testing.T) {
+	g := &fakeGraph{}
+	r := newRig(t, g, "cbusy")
+	id := "c-busy"
+	r.inviting(t, id, confAgent)
+	for i := range 51 {
+		r.notify(t, rosterNote(id, callerEntry(1+i, i%2 == 1), botEntry(1), userEntry(confAgent, 1, "")))
+	}
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	if n := countPrefix(g.log(), "participants"); c.State != callstate.StateConnected || n != 0 {
+		t.Errorf("after 51 rosters with the agent: %s, %d roster reads; want connected and none", c.State, n)
+	}
+}
+
+// The invite's completion connects the call before any roster shows the agent (graphsim sends
+// it first). If the agent then leaves and the roster that showed them is late or lost (Graph
+// delivers notifications again after a 503, in any order), the roster without them must be
+// checked as it is once a roster showed them: it was ignored (not Joined), and the caller heard
+// nothing, with nobody, until the roster check a minute later.
+func TestAgentGoneBeforeAnyRosterShowedThemIsChecked(t *testing.T) {
+	g := &fakeGraph{}
+	r := newRig(t, g, "cgone")
+	id := "c-gone"
+	r.inviting(t, id, confAgent)
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx})
+	if c, _ = r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected {
+		t.Fatalf("after the invite's completion: %s, want connected", c.State)
+	}
+	r.notify(t, rosterNote(id, callerEntry(2, false), botEntry(2))) // the agent gone (Graph lists nobody else)
+	c, _ = r.store.Get(context.Background(), graph.CallKey(id))
+	if log := g.log(); c.State != callstate.StateTerminating || countPrefix(log, "participants") != 1 || countPrefix(log, "hangup") != 1 {
+		t.Errorf("after a roster without the agent: %s, Graph commands %v; want the roster read and callbot to hang up", c.State, log)
+	}
+	// A roster from before they joined, with them in the call, changes nothing.
+	g2 := &fakeGraph{users: []string{confAgent}}
+	r2 := newRig(t, g2, "cgone2")
+	r2.inviting(t, id, confAgent)
+	c, _ = r2.store.Get(context.Background(), graph.CallKey(id))
+	r2.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx})
+	r2.notify(t, rosterNote(id, callerEntry(1, false), botEntry(1)))
+	if c, _ = r2.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected || !c.Joined || countPrefix(g2.log(), "hangup") != 0 {
+		t.Errorf("a late roster from before the agent joined: %s joined=%v, Graph commands %v; want connected, the read showing the agent", c.State, c.Joined, g2.log())
+	}
+}
