@@ -94,3 +94,20 @@ func TestAgentGoneBeforeAnyRosterShowedThemIsChecked(t *testing.T) {
 		t.Errorf("a late roster from before the agent joined: %s joined=%v, Graph commands %v; want connected, the read showing the agent", c.State, c.Joined, g2.log())
 	}
 }
+
+// A participant Graph lists with a removedState was removed from the roster: an agent listed so
+// has left the call. rosterEvent took every user listed for present, so the roster showing the
+// agent removed was ignored as one with them in the call, and the caller stayed with nobody
+// (until the roster check a minute later, or for good if the read lists them removed too).
+func TestAgentListedAsRemovedHasLeft(t *testing.T) {
+	g := &fakeGraph{}
+	r := newRig(t, g, "crm")
+	id := "c-removed"
+	r.inviting(t, id, confAgent)
+	r.notify(t, rosterNote(id, callerEntry(1, false), botEntry(1), userEntry(confAgent, 1, "")))
+	r.notify(t, rosterNote(id, callerEntry(1, false), botEntry(1), userEntry(confAgent, 2, `,"removedState":{"@odata.type":"#microsoft.graph.removedState","reason":"left"}`)))
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	if log := g.log(); c.State != callstate.StateTerminating || countPrefix(log, "participants") != 1 || countPrefix(log, "hangup") != 1 {
+		t.Errorf("after a roster listing the agent removed: %s, Graph commands %v; want the roster read and callbot to hang up", c.State, log)
+	}
+}

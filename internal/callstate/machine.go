@@ -388,11 +388,13 @@ func people(ps []graph.Participant) int {
 	return n
 }
 
-// rosterEvent is the EvRoster of a roster, notified or read: its users' ids.
+// rosterEvent is the EvRoster of a roster, notified or read: the ids of its users, but those
+// listed as removed (removedState): an agent removed from the call is not in it, and was taken
+// for present (a roster showing them removed ignored, the caller left with nobody).
 func rosterEvent(ps []graph.Participant) Event {
 	ev := Event{Kind: EvRoster, Participants: []string{}}
 	for _, p := range ps {
-		if p.Info.Identity.User != nil {
+		if p.Info.Identity.User != nil && !p.Removed() {
 			ev.Participants = append(ev.Participants, strings.ToLower(p.Info.Identity.User.ID))
 		}
 	}

@@ -192,15 +192,27 @@ type OperationResource struct {
 	RecordingAccessTok string `json:"recordingAccessToken,omitempty"`
 }
 
-// Participant is one member of a roster update.
+// Participant is one member of a roster update. RemovedState is set on a participant removed
+// from the roster (Graph's removedState: "the reason why a participant resource was removed
+// from a roster", https://learn.microsoft.com/en-us/graph/api/resources/removedstate): listed,
+// but no longer in the call.
 type Participant struct {
 	ODataType            string          `json:"@odata.type,omitempty"`
 	ID                   string          `json:"id,omitempty"`
 	Info                 ParticipantInfo `json:"info"`
 	IsMuted              bool            `json:"isMuted,omitempty"`
 	IsInLobby            bool            `json:"isInLobby,omitempty"`
+	RemovedState         *RemovedState   `json:"removedState,omitempty"`
 	RosterSequenceNumber Number          `json:"rosterSequenceNumber,omitempty"`
 }
+
+// RemovedState is Graph's removedState: why a participant was removed from a roster.
+type RemovedState struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+// Removed reports whether the roster lists p as removed (RemovedState), not in the call.
+func (p Participant) Removed() bool { return p.RemovedState != nil }
 
 // Notification is one decoded commsNotification.
 type Notification struct {
