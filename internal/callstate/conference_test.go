@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/callbot/callbot/internal/callstate"
@@ -109,5 +110,47 @@ func TestAgentListedAsRemovedHasLeft(t *testing.T) {
 	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
 	if log := g.log(); c.State != callstate.StateTerminating || countPrefix(log, "participants") != 1 || countPrefix(log, "hangup") != 1 {
 		t.Errorf("after a roster listing the agent removed: %s, Graph commands %v; want the roster read and callbot to hang up", c.State, log)
+	}
+}
+
+// slowRoster holds the first roster read until gate is closed: Graph slow to answer it.
+type slowRoster struct {
+	*fakeGraph
+	gate chan struct{}
+	once sync.Once
+}
+
+func (g *slowRoster) Participants(ctx context.Context, id string) ([]graph.Participant, error) {
+	g.once.Do(func() { <-g.gate })
+	return g.fakeGraph.Participants(ctx, id)
+}
+
+// Rosters without the agent that come while Graph is slow to answer a roster read (the agent
+// left amid participant updates; rosters that list only what changed) each decide a read that
+// supersedes the one before: only the latest can apply. The superseded ones were sent all the
+// same, one Graph request per notification on the call's executor, ahead of what the call
+// decides next (its hangup): 20 reads for 20 notifications. A read the call no longer waits for
+// is not sent.
+func TestSupersededRosterReadsAreNotSent(t *testing.T) {
+	g := &slowRoster{fakeGraph: &fakeGraph{users: []string{confAgent}}, gate: make(chan struct{})}
+	r := newRig(t, g, "csup")
+	id := "c-sup"
+	r.inviting(t, id, confAgent)
+	r.notify(t, rosterNote(id, callerEntry(1, false), botEntry(1), userEntry(confAgent, 1, "")))
+	g.setUsers() // the agent leaves
+	for i := range 20 {
+		ns, err := graph.Decode([]byte(rosterNote(id, callerEntry(2+i, i%2 == 1))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.m.Notify(context.Background(), "t1", ns); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(g.gate)
+	r.m.Wait()
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	if n := countPrefix(g.log(), "participants"); c.State != callstate.StateTerminating || n != 2 {
+		t.Errorf("after 20 rosters without the agent, the first read slow: %s, %d roster reads; want terminating, 2 (the slow one, the latest)", c.State, n)
 	}
 }

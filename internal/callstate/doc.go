@@ -32,7 +32,7 @@
 // the caller goes back to the queue, since a re-driven second invite can fail while the agent
 // talks to the caller after the first; and a connected call reads its roster every minute, in
 // case the roster that shows the agent leaving was lost. A read applies only while the call
-// waits for it (Call.RosterCtx). The re-drive of an invite
+// waits for it (Call.RosterCtx), and one superseded before it is sent is not sent. The re-drive of an invite
 // reads the roster first: an agent already in the call is not invited again. An invite Graph
 // never processed (throttled, no token: Call.InviteNotSent) is checked against the roster too;
 // its agent, who never rang, is then released as after a transfer Graph never processed (their

@@ -960,6 +960,14 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		m.checkCall(c, scenario, cmd.Settles, log)
 		return
 	case CmdCheckRoster:
+		if cur, ok := m.cache.get(graph.CallKey(c.ID)); ok && pastToken(cur, cmd.ClientContext, cur.RosterCtx) {
+			// A later read superseded it (each roster without the agent decides one): its answer
+			// would be ignored, and Graph asked once per notification, ahead of what the call
+			// decided since (its hangup). As Stale on a notification: a token the cached copy has
+			// moved past, no later version waits for.
+			log.Debug("roster read superseded: not sent", zap.String("client_context", cmd.ClientContext))
+			return
+		}
 		m.checkRoster(c, scenario, cmd.ClientContext, log)
 		return
 	case CmdInvite:
