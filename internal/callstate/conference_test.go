@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
@@ -80,9 +81,14 @@ func TestAgentGoneBeforeAnyRosterShowedThemIsChecked(t *testing.T) {
 		t.Fatalf("after the invite's completion: %s, want connected", c.State)
 	}
 	r.notify(t, rosterNote(id, callerEntry(2, false), botEntry(2))) // the agent gone (Graph lists nobody else)
+	if log := g.log(); countPrefix(log, "participants") != 0 {
+		t.Errorf("at once after a roster without the agent, before any showed them: Graph commands %v; want the read a few seconds on (Graph's roster may not list them yet)", log)
+	}
+	r.skew += 6 * time.Second
+	r.fireDue(t)
 	c, _ = r.store.Get(context.Background(), graph.CallKey(id))
 	if log := g.log(); c.State != callstate.StateTerminating || countPrefix(log, "participants") != 1 || countPrefix(log, "hangup") != 1 {
-		t.Errorf("after a roster without the agent: %s, Graph commands %v; want the roster read and callbot to hang up", c.State, log)
+		t.Errorf("6 s after a roster without the agent: %s, Graph commands %v; want the roster read and callbot to hang up", c.State, log)
 	}
 	// A roster from before they joined, with them in the call, changes nothing.
 	g2 := &fakeGraph{users: []string{confAgent}}
@@ -91,6 +97,8 @@ func TestAgentGoneBeforeAnyRosterShowedThemIsChecked(t *testing.T) {
 	c, _ = r2.store.Get(context.Background(), graph.CallKey(id))
 	r2.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx})
 	r2.notify(t, rosterNote(id, callerEntry(1, false), botEntry(1)))
+	r2.skew += 6 * time.Second
+	r2.fireDue(t)
 	if c, _ = r2.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected || !c.Joined || countPrefix(g2.log(), "hangup") != 0 {
 		t.Errorf("a late roster from before the agent joined: %s joined=%v, Graph commands %v; want connected, the read showing the agent", c.State, c.Joined, g2.log())
 	}

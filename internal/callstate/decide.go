@@ -448,7 +448,14 @@ func (d *decision) apply(ev Event) error {
 		case !present && !read && c.State == StateConnected:
 			// the agent left, or this roster is older than the one that showed them (or than
 			// their joining, which the invite's completion reported): ask Graph (a read already
-			// under way may have been made before they left: this one replaces it)
+			// under way may have been made before they left: this one replaces it). Before any
+			// roster showed them, not at once: the completion came a moment ago, and a roster
+			// read then that does not list them yet would hang up on the new conversation; the
+			// roster check is brought forward instead.
+			if !c.Joined {
+				d.timer(TimerRoster, rosterSettle)
+				return nil
+			}
 			d.checkRoster()
 			return nil
 		case present:
@@ -573,6 +580,9 @@ const (
 	// rosterCheck: while connected, read the roster this often, in case the roster that shows
 	// the agent leaving was lost (a caller would stay in a call with nobody until they hang up)
 	rosterCheck = time.Minute
+	// rosterSettle: a notified roster without the agent, before any roster showed them (the
+	// invite's completion connected the call), brings the roster check this close
+	rosterSettle = 5 * time.Second
 )
 
 // A tone subscription that failed (after the Graph client's own retries) is tried again
