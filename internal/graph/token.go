@@ -80,7 +80,7 @@ type Verifier struct {
 	parser *jwt.Parser
 
 	mu        sync.Mutex
-	keys      map[string]*rsa.PublicKey
+	keys      map[string][]*rsa.PublicKey // by kid: more than one where the set has several under it
 	fetchedAt time.Time
 	fetching  chan struct{} // closed when the fetch in flight ends
 	lastErr   error         // the outcome of the last fetch, nil when it succeeded
@@ -157,7 +157,18 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	}
 	_, err := v.parser.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
 		kid, _ := t.Header["kid"].(string)
-		return v.key(ctx, kid)
+		ks, err := v.key(ctx, kid)
+		if err != nil {
+			return nil, err
+		}
+		if len(ks) == 1 {
+			return ks[0], nil
+		}
+		set := jwt.VerificationKeySet{Keys: make([]jwt.VerificationKey, len(ks))}
+		for i, k := range ks {
+			set.Keys[i] = k
+		}
+		return set, nil // verified if any of them signed it
 	})
 	if errors.Is(err, errKeyNotYet) {
 		return Claims{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
@@ -188,13 +199,13 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	return c, nil
 }
 
-// key returns the key for kid, refreshing the key set when it is stale or the kid is unknown,
+// key returns the keys for kid (one, or the several a set holds under it), refreshing the key set when it is stale or the kid is unknown,
 // at most once per MinRefreshGap so forged kids cannot make callbot hammer the metadata URL.
 // Concurrent callers share one fetch, which runs on its own context (refreshKeys): a caller
 // that gives up waiting does not cancel it for the others. A failed refresh keeps the keys already held. A known
 // key is returned at once even when the set is stale: the refresh then runs in the background,
 // so no notification waits for the metadata URL once a day.
-func (v *Verifier) key(ctx context.Context, kid string) (*rsa.PublicKey, error) {
+func (v *Verifier) key(ctx context.Context, kid string) ([]*rsa.PublicKey, error) {
 	v.mu.Lock()
 	k, known := v.keys[kid]
 	now := v.cfg.Now()
@@ -351,7 +362,7 @@ func (v *Verifier) getJSON(ctx context.Context, url string, into any) error {
 	return json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(into)
 }
 
-func (v *Verifier) fetchKeys(ctx context.Context) (map[string]*rsa.PublicKey, error) {
+func (v *Verifier) fetchKeys(ctx context.Context) (map[string][]*rsa.PublicKey, error) {
 	var meta struct {
 		JWKSURI string `json:"jwks_uri"`
 	}
@@ -361,26 +372,34 @@ func (v *Verifier) fetchKeys(ctx context.Context) (map[string]*rsa.PublicKey, er
 	if meta.JWKSURI == "" {
 		return nil, errors.New("openid configuration has no jwks_uri")
 	}
+	// Each key is decoded on its own: one entry with a field of an unexpected type (an x5c that
+	// is no array, a numeric kid) is left out, not taken for a broken set, which would leave
+	// every good key of it unused.
 	var set struct {
-		Keys []struct {
+		Keys []json.RawMessage `json:"keys"`
+	}
+	if err := v.getJSON(ctx, meta.JWKSURI, &set); err != nil {
+		return nil, err
+	}
+	keys := map[string][]*rsa.PublicKey{}
+	for _, raw := range set.Keys {
+		var k struct {
 			Kty string   `json:"kty"`
 			Kid string   `json:"kid"`
 			N   string   `json:"n"`
 			E   string   `json:"e"`
 			X5c []string `json:"x5c"`
-		} `json:"keys"`
-	}
-	if err := v.getJSON(ctx, meta.JWKSURI, &set); err != nil {
-		return nil, err
-	}
-	keys := map[string]*rsa.PublicKey{}
-	for _, k := range set.Keys {
-		if k.Kty != "RSA" {
+		}
+		if json.Unmarshal(raw, &k) != nil || k.Kty != "RSA" {
 			continue
 		}
-		if key := jwkKey(k.N, k.E, k.X5c); key != nil {
-			keys[k.Kid] = key
+		key := jwkKey(k.N, k.E, k.X5c)
+		if key == nil || slices.ContainsFunc(keys[k.Kid], func(h *rsa.PublicKey) bool { return h.Equal(key) }) {
+			continue
 		}
+		// Two keys under one kid (RFC 7517 says they SHOULD differ, not MUST) are both kept:
+		// a token verifies if either signed it.
+		keys[k.Kid] = append(keys[k.Kid], key)
 	}
 	if len(keys) == 0 {
 		return nil, errors.New("jwks has no usable RSA key")
@@ -388,16 +407,13 @@ func (v *Verifier) fetchKeys(ctx context.Context) (map[string]*rsa.PublicKey, er
 	return keys, nil
 }
 
-// jwkKey is the RSA public key of a JWK: its modulus and exponent (n, e), or, where it has
-// none, its certificate (x5c, the first of the chain: standard base64 of the DER). Microsoft's
-// sets carry both; a key with neither, or with a broken one, is nil (left out).
+// jwkKey is the RSA public key of a JWK: its modulus and exponent (n, e), or, where it has none
+// or they do not decode, its certificate (x5c, the first of the chain: standard base64 of the
+// DER). Microsoft's sets carry both; a key with neither usable is nil (left out).
 func jwkKey(n64, e64 string, x5c []string) *rsa.PublicKey {
-	if n64 != "" || e64 != "" {
-		n, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(n64, "="))
-		e, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(e64, "="))
-		if err1 != nil || err2 != nil || len(n) == 0 || len(e) == 0 || len(e) > 4 {
-			return nil
-		}
+	n, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(n64, "="))
+	e, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(e64, "="))
+	if err1 == nil && err2 == nil && len(n) > 0 && len(e) > 0 && len(e) <= 4 {
 		return &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
 	}
 	if len(x5c) == 0 {

@@ -10,6 +10,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -512,5 +514,82 @@ func TestVerifierReadsKeysPublishedAsCertificates(t *testing.T) {
 	other := genKey(t)
 	if _, err := v.Verify(context.Background(), signRS(t, other, "k1", goodClaims(time.Now()))); err == nil {
 		t.Fatal("a token signed by another key under the same kid verified")
+	}
+}
+
+// jwksServer publishes the key set body as it is, for the odd sets a publisher may serve.
+func jwksServer(t *testing.T, body string) *httptest.Server {
+	t.Helper()
+	var srv *httptest.Server
+	mux := http.NewServeMux()
+	mux.HandleFunc("/openid", func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(map[string]string{"issuer": "https://api.botframework.com", "jwks_uri": srv.URL + "/keys"})
+	})
+	mux.HandleFunc("/keys", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) })
+	srv = httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// jwk is k's public key as a JWK entry (n and e), with fields added or replaced by extra.
+func jwk(kid string, k *rsa.PrivateKey, extra map[string]any) map[string]any {
+	m := map[string]any{"kty": "RSA", "kid": kid, "use": "sig",
+		"n": base64.RawURLEncoding.EncodeToString(k.N.Bytes()),
+		"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(k.E)).Bytes())}
+	maps.Copy(m, extra)
+	return m
+}
+
+// A key set is read key by key: whatever one entry holds (a field of an unexpected type, two
+// keys under one kid, an n and e that do not decode beside a good certificate), every good key
+// of the set verifies its tokens, and a token signed by a key the set does not hold verifies
+// under none. Before, an entry with an x5c that is not an array (or a kid that is not a string)
+// failed the decoding of the whole set, so no key of it was usable (a start never became ready, a
+// rollover was not followed); of two keys under one kid only the last was kept, and tokens signed
+// with the first were rejected (401); and a key whose n did not decode was left out even when
+// its certificate held it.
+func TestEveryGoodKeyOfAnOddKeySetVerifies(t *testing.T) {
+	good, second, forger := genKey(t), genKey(t), genKey(t)
+	cert := map[string]any{"x5c": []string{selfSigned(t, good)}}
+	stdN := base64.StdEncoding.EncodeToString(good.N.Bytes()) // the wrong alphabet: + and /
+	for !strings.ContainsAny(stdN, "+/") {
+		good = genKey(t)
+		cert = map[string]any{"x5c": []string{selfSigned(t, good)}}
+		stdN = base64.StdEncoding.EncodeToString(good.N.Bytes())
+	}
+	for _, tc := range []struct {
+		name string
+		set  []any
+		kid  string
+		keys []*rsa.PrivateKey // the keys whose tokens under kid must verify
+	}{
+		{"an entry with an x5c that is no array", []any{
+			jwk("odd", second, map[string]any{"x5c": "MIIB"}), jwk("k1", good, nil)}, "k1", []*rsa.PrivateKey{good}},
+		{"an entry whose kid is a number", []any{
+			map[string]any{"kty": "RSA", "kid": 7, "n": "AQAB", "e": "AQAB"}, jwk("k1", good, nil)}, "k1", []*rsa.PrivateKey{good}},
+		{"two keys under one kid", []any{
+			jwk("k1", good, nil), jwk("k1", second, nil)}, "k1", []*rsa.PrivateKey{good, second}},
+		{"an n that does not decode beside a good certificate", []any{
+			jwk("k1", good, map[string]any{"n": stdN, "x5c": cert["x5c"]})}, "k1", []*rsa.PrivateKey{good}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body, err := json.Marshal(map[string]any{"keys": tc.set})
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := jwksServer(t, string(body))
+			v, err := NewVerifier(VerifierConfig{OpenIDConfigURL: srv.URL + "/openid", Audience: testAudience})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, k := range tc.keys {
+				if _, err := v.Verify(context.Background(), signRS(t, k, tc.kid, goodClaims(time.Now()))); err != nil {
+					t.Errorf("token signed by good key %d of the set: %v", i+1, err)
+				}
+			}
+			if _, err := v.Verify(context.Background(), signRS(t, forger, tc.kid, goodClaims(time.Now()))); !errors.Is(err, ErrUnauthorized) {
+				t.Errorf("token signed by a key the set lacks: %v, want %v", err, ErrUnauthorized)
+			}
+		})
 	}
 }
