@@ -199,7 +199,8 @@ func replicationInfo(info string) (replid string, online int, ok bool) {
 // write was sent to (sent), the WAIT may have been the old master's (its replica stalled, the
 // failover under way, a partition keeping it alive): the write counts only if the master now
 // serving has it (has; nil: it cannot tell, refused), or a failover that lost it would be
-// acknowledged.
+// acknowledged. A write sent before any look succeeded (sent "": an instance just started, or
+// whose looks have failed since) cannot tell which master it went to, and is checked the same way.
 func (s *Store) replicated(ctx context.Context, c redis.Cmdable, r *replicaCount, wait *redis.Cmd, need int, sent string, has func(context.Context) bool) error {
 	got, err := wait.Int64()
 	if err == nil && got >= int64(need) {
@@ -207,7 +208,7 @@ func (s *Store) replicated(ctx context.Context, c redis.Cmdable, r *replicaCount
 	}
 	if err == nil {
 		if id, ok := r.look(ctx, c); ok && got >= int64(s.replicasToWaitOn(r)) &&
-			(sent == "" || id == sent || has != nil && has(ctx)) {
+			(sent != "" && id == sent || has != nil && has(ctx)) {
 			return nil
 		}
 	}
