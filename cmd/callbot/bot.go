@@ -89,7 +89,11 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		queueIDs = append(queueIDs, id)
 		members[id] = q.Agents
 	}
-	if err := b.queues.SetQueues(ctx, d.TenantID, members); err != nil {
+	if err := b.queues.SetQueues(ctx, d.TenantID, members); errors.Is(err, queue.ErrRegistryNotSeeded) {
+		// the reconciler's sweep is the narrower for it (the queues only older callbots' flows
+		// had), not a reason to keep the contact center down
+		d.Log.Warn("queues older callbots had are not swept of ghosts: Redis refused the SCAN that finds them", zap.Error(err))
+	} else if err != nil {
 		return nil, err
 	}
 	b.dispatcher = queue.NewDispatcher(b.queues, nil, d.TenantID, queueIDs, d.Log.Named("dispatch"))

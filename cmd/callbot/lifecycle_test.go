@@ -269,3 +269,35 @@ func TestShutdownTakesNoNewWorkWhileRequestsDrain(t *testing.T) {
 	conn.Close()
 	stopAndWait(t, w)
 }
+
+// A Redis whose ACL refuses SCAN (a hardened user: +@all -scan) serves callbot as it did before
+// the registry of a tenant's queues: the one SCAN callbot makes, to fill that registry at the
+// first start, is refused, and callbot starts all the same, says what it could not do, and
+// registers its flow's queues. It refused to start ("NOPERM ... scan"), the whole contact center
+// down for a sweep of ghosts in the queues of older flows.
+func TestStartsOnARedisWhoseACLRefusesScan(t *testing.T) {
+	var srv *redistest.Server
+	rds := func(t *testing.T) string {
+		srv = redistest.Start(t)
+		if err := srv.Client(t).Do(context.Background(), "ACL", "SETUSER", "callbot", "on", ">secret", "~*", "&*", "+@all", "-scan").Err(); err != nil {
+			t.Fatal(err)
+		}
+		return "redis://callbot:secret@" + srv.Addr + "/0"
+	}
+	w := newWorld(t, rds, away(agent1), available(agent2, graphsim.AgentAccept), away(agent3))
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(w.logs.String(), "Redis refused the SCAN") {
+		t.Errorf("no warning that the queues of older flows are not swept:\n%s", w.logs.String())
+	}
+	queues, err := srv.Client(t).SMembers(context.Background(), "cb:{tenant:"+demoTenant+"}:queues").Result()
+	if err != nil || !slices.Contains(queues, "sales") {
+		t.Errorf("registry of the tenant's queues %v (%v), want the flow's, sales among them", queues, err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	if r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1"}), 15*time.Second); r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent2 {
+		t.Errorf("caller experienced %+v; want transferred to %s", r, agent2)
+	}
+}

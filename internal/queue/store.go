@@ -110,9 +110,15 @@ func (s *Store) SetMembers(ctx context.Context, tenant, queue string, agents []s
 // The first to start with no registry of the tenant's queues (the first callbot to keep one)
 // fills it from the queues and member lists in Redis (seedRegistry), so the queues older flows
 // had are swept too.
+//
+// A Redis whose ACL refuses that SCAN (ErrRegistryNotSeeded) does not keep callbot from starting:
+// SetQueues does the rest and returns the error for the caller to log; the registry then holds
+// the queues of the flows instances start with from then on, and a queue only an older callbot's
+// flow had is not swept.
 func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string][]string) error {
-	if err := s.seedRegistry(ctx, tenant); err != nil {
-		return err
+	seedErr := s.seedRegistry(ctx, tenant)
+	if seedErr != nil && !errors.Is(seedErr, ErrRegistryNotSeeded) {
+		return seedErr
 	}
 	var all []string
 	for q, agents := range queues {
@@ -129,8 +135,12 @@ func (s *Store) SetQueues(ctx context.Context, tenant string, queues map[string]
 	if err := forgetAgentsScript.Run(ctx, s.rdb, []string{k.idle, k.free, k.routable, k.cool}, args...).Err(); err != nil {
 		return fmt.Errorf("forget agents no queue has: %w", err)
 	}
-	return nil
+	return seedErr
 }
+
+// ErrRegistryNotSeeded: Redis refused the SCAN that fills the registry of a tenant's queues from
+// the keys in Redis (NOPERM: an ACL without it); the rest of SetQueues was done.
+var ErrRegistryNotSeeded = errors.New("registry of the queues not filled from the keys in Redis")
 
 // seedRegistry, when the tenant has no registry of its queues, registers every queue it has in
 // Redis (a queue key, or a member list: one an older flow had, that an instance still on it may
@@ -172,6 +182,9 @@ func (s *Store) seedRegistry(ctx context.Context, tenant string) error {
 		}
 	}
 	if err := it.Err(); err != nil {
+		if strings.HasPrefix(err.Error(), "NOPERM") {
+			err = fmt.Errorf("%w: %v", ErrRegistryNotSeeded, err)
+		}
 		return fmt.Errorf("register the queues of tenant %s: %w", tenant, err)
 	}
 	if len(names) == 0 {
