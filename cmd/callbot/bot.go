@@ -226,9 +226,12 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	}
 	var calls []string // those whose Graph commands are still being sent
 	if !within(sctx, b.machine.Wait) {
-		calls = b.machine.Carrying()
-		slices.Sort(calls)
-		left = append(left, fmt.Sprintf("queued Graph commands (%d calls sending)", len(calls)))
+		// the grace may have run out on an earlier step, with nothing to send here: only the
+		// calls whose commands are not done count, as only the loops still running do
+		if calls = b.machine.Carrying(); len(calls) > 0 {
+			slices.Sort(calls)
+			left = append(left, fmt.Sprintf("queued Graph commands (%d calls sending)", len(calls)))
+		}
 	}
 	stopRenewing()
 	within(sctx, func() { <-renewing })

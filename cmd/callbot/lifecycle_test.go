@@ -301,3 +301,37 @@ func TestStartsOnARedisWhoseACLRefusesScan(t *testing.T) {
 		t.Errorf("caller experienced %+v; want transferred to %s", r, agent2)
 	}
 }
+
+// When the grace runs out, serve names what it left, and only that: an instance whose loops
+// were held up by a hung Redis, with no call's Graph commands under way, does not say it left
+// Graph commands ("queued Graph commands (0 calls sending)"): once the grace was over, every
+// step after the one that ran it out was named, whether it had anything to do or not, and the
+// operator reading the log looked for commands that were never there.
+func TestShutdownNamesOnlyWhatItLeft(t *testing.T) {
+	var srv *redistest.Server
+	rds := func(t *testing.T) string {
+		srv = redistest.Start(t)
+		return "redis://" + srv.Addr + "/0"
+	}
+	w := newWorld(t, rds, away(agent1), away(agent2), away(agent3))
+	w.env["CALLBOT_SHUTDOWN_GRACE"] = "500ms"
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	srv.Hang(t)
+	time.Sleep(500 * time.Millisecond) // the loops wait on it
+	w.stop()
+	select {
+	case err := <-w.done:
+		w.done <- nil // for the cleanup: the error is this test's to check
+		if !errors.Is(err, errGraceOver) {
+			t.Fatalf("serve returned %v; want %v", err, errGraceOver)
+		}
+		if strings.Contains(err.Error(), "Graph commands") {
+			t.Errorf("serve returned %q: it names Graph commands, and no call had any under way", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("still shutting down 10 s after SIGTERM with a 500 ms grace, Redis hung")
+	}
+}
