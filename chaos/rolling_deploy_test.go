@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -32,8 +33,9 @@ import (
 //
 // At the end: every call ended as its caller allows; callbot's records all terminated with no
 // command unacknowledged; no caller left in a queue, no agent reserved, no outbox entry and no
-// timer left; every instance stopped within its grace period with exit code 0 (or 1, saying its
-// grace ran out with work left to the others, which the checks before find done); no notification
+// timer left; every instance stopped within its grace period with exit code 0 (or, with the slow
+// Graph, 1, saying its grace ran out with only Graph commands left to the others, which the
+// checks before find done); no notification
 // given up by Graph; every 5xx the webhook answered falls within a shutdown's window (from the
 // SIGTERM (less a second: a request in flight then) to the process's exit, plus a second); no agent offered two callers at once.
 //
@@ -73,6 +75,10 @@ func envDuration(t *testing.T, k string, def time.Duration) time.Duration {
 	}
 	return d
 }
+
+// onlyGraphCommands is what serve's error names when all the grace left was Graph commands being
+// sent.
+var onlyGraphCommands = regexp.MustCompile(`^queued Graph commands \(\d+ calls sending\)$`)
 
 // stop is one instance's graceful stop: when it got SIGTERM, when it exited, and how.
 type stop struct {
@@ -251,6 +257,9 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 					mu.Unlock()
 					t.Logf("t=%s: %s stopped in %s (exit %d), %s ready", since(t0, st.exited), old.name,
 						st.exited.Sub(term).Round(10*time.Millisecond), st.code, name)
+					if st.lastLog != "" {
+						t.Logf("%s: %s", old.name, st.lastLog)
+					}
 				}
 				round++
 			}
@@ -376,13 +385,18 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 	}
 
 	// Stops: within the grace period (plus a second for the process to exit), exit code 0; or 1
-	// when the grace ran out first and the instance said so (a command held up by the slow,
-	// throttling Graph): what it left is for the others, and the checks above found it done.
+	// when the grace ran out first with nothing left but Graph commands held up by the slow,
+	// throttling Graph (a transfer answered 504 after 3 s and the read of the call behind it can
+	// outlast a 5 s grace), which the instance said: what it left is for the others, and the
+	// checks above found it done. Anything else left (a loop that did not stop, a
+	// request still in flight, the reconciler's lease), or any exit 1 with Graph answering in
+	// 100 ms, is a shutdown that does not finish its own work, not Graph's slowness.
 	var durs []time.Duration
 	for _, s := range stops {
 		d := s.exited.Sub(s.term)
 		durs = append(durs, d)
-		gaveUp := s.code == 1 && strings.Contains(s.lastLog, "shutdown grace over")
+		_, left, _ := strings.Cut(s.lastLog, "shutdown grace over with work unfinished ("+grace.String()+"): ")
+		gaveUp := s.code == 1 && slowGraph && onlyGraphCommands.MatchString(left)
 		if (s.code != 0 && !gaveUp) || d > grace+time.Second {
 			t.Errorf("%s stopped in %s with exit code %d (grace %s): %s", s.name, d.Round(10*time.Millisecond), s.code, grace, s.lastLog)
 		}
