@@ -132,23 +132,30 @@ func TestFailedHangupIsSentAgain(t *testing.T) {
 	}
 }
 
-// failPrompts refuses playPrompt (400) up to limit times once armed.
+// failPrompts fails playPrompt up to limit times once armed: refused (400), or, with inResponse,
+// answered 200 with the operation already failed (Graph may put an operation's final status in
+// the action's response, and then no notification follows: commsOperation; graph/WIRE.md a.4).
 type failPrompts struct {
 	*fakeGraph
-	armed  bool
-	failed int
-	limit  int
+	armed      bool
+	inResponse bool
+	failed     int
+	limit      int
 }
 
 func (g *failPrompts) PlayPrompt(ctx context.Context, id string, ps []graph.MediaPrompt, cc string) (graph.Operation, error) {
 	op, err := g.fakeGraph.PlayPrompt(ctx, id, ps, cc)
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.armed && g.failed < g.limit {
-		g.failed++
-		return graph.Operation{}, &graph.Error{Op: "playPrompt", Status: 400}
+	if err != nil || !g.armed || g.failed >= g.limit {
+		return op, err
 	}
-	return op, err
+	g.failed++
+	if g.inResponse {
+		op.Status = graph.OpFailed
+		return op, nil
+	}
+	return graph.Operation{}, &graph.Error{Op: "playPrompt", Status: 400}
 }
 
 // While the agent's phone rings (conference hand-off) a hold prompt Graph refuses is tried again
@@ -183,33 +190,12 @@ func TestRefusedHoldMusicWhileInvitingWaits(t *testing.T) {
 	}
 }
 
-// failedOps answers playPrompt with 200 and the operation already failed, up to limit times
-// once armed: Graph may put an operation's final status in the action's response, and then no
-// notification follows (commsOperation; graph/WIRE.md a.4).
-type failedOps struct {
-	*fakeGraph
-	armed  bool
-	failed int
-	limit  int
-}
-
-func (g *failedOps) PlayPrompt(ctx context.Context, id string, ps []graph.MediaPrompt, cc string) (graph.Operation, error) {
-	op, err := g.fakeGraph.PlayPrompt(ctx, id, ps, cc)
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if err == nil && g.armed && g.failed < g.limit {
-		g.failed++
-		op.Status = graph.OpFailed
-	}
-	return op, err
-}
-
 // Hold music whose playPrompt response already says failed is a failed prompt, tried again 5 s
 // later, as one whose failure is notified. Before, a final status in the response was taken for
 // a prompt that had played to its end: the hold music was asked for again at once, a loop of
 // requests for as long as Graph failed them.
 func TestHoldMusicFailedInTheResponseWaits(t *testing.T) {
-	g := &failedOps{fakeGraph: &fakeGraph{}, limit: 500}
+	g := &failPrompts{fakeGraph: &fakeGraph{}, inResponse: true, limit: 500}
 	r := newRig(t, g, "rf")
 	id := "c-failed-op"
 	r.handle(t, id, callstate.Event{Kind: callstate.EvIncoming, Incoming: &callstate.Incoming{GraphID: id, TenantID: "t1"}})
@@ -265,22 +251,11 @@ func TestAgentLeavingSeenWithParticipantSequenceNumbers(t *testing.T) {
 	id := "c-roster"
 	agent := "11111111-0000-4000-8000-000000000002"
 	r.inviting(t, id, agent)
-	notifyRig := func(body string) {
-		t.Helper()
-		ns, err := graph.Decode([]byte(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := r.m.Notify(context.Background(), "t1", ns); err != nil {
-			t.Fatal(err)
-		}
-		r.m.Wait()
-	}
-	notifyRig(roster(id, []int{1, 1, 1}, agent)) // the call became a group call as the agent joined
+	r.notify(t, roster(id, []int{1, 1, 1}, agent)) // the call became a group call as the agent joined
 	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateConnected {
 		t.Fatalf("after the roster with the agent: %s, want connected", c.State)
 	}
-	notifyRig(roster(id, []int{1, 1})) // the agent left: the others were not updated
+	r.notify(t, roster(id, []int{1, 1})) // the agent left: the others were not updated
 	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateTerminating || countPrefix(g.log(), "hangup") != 1 {
 		t.Errorf("after the roster without the agent: %s, Graph commands %v; want callbot to hang up", c.State, g.log())
 	}
