@@ -429,6 +429,23 @@ func TestAnswerRepeatedOnlyWhileIncoming(t *testing.T) {
 	}
 }
 
+// A read of a call being answered that Graph did not answer is made again a second later while
+// Graph may still take an answer (15 s after the call came in); past that, the answer's own
+// check is the next look.
+func TestAnswerUnreadableRecheckedWithinTheDeadline(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming)
+	_, cmds, err := Decide(c, Event{Kind: EvCallState, Unreadable: true}, env)
+	if err != nil || len(cmds) != 1 || cmds[0].Kind != CmdSetTimer || cmds[0].Timer != TimerAnswer || cmds[0].After != answerRecheck {
+		t.Errorf("read not answered within the deadline: %v %v, want the answer's timer %s on", cmds, err, answerRecheck)
+	}
+	late := env
+	late.Now = c.CreatedAt.Add(graph.AnswerDeadline)
+	if _, cmds, err := Decide(c, Event{Kind: EvCallState, Unreadable: true}, late); !errors.Is(err, ErrIgnored) {
+		t.Errorf("read not answered past the deadline: %v %v, want ignored (the answer's check reads again)", cmds, err)
+	}
+}
+
 // Conference hand-off: the agent is invited, callbot stays in the call, sees the agent join and
 // leave, hangs up then, and the agent wraps up.
 func TestInviteHandoff(t *testing.T) {

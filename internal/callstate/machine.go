@@ -1054,6 +1054,11 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 		// a transfer in doubt waits on this read: asked again a recheck later (EvCallState)
 		log.Warn("cannot read the call from Graph during a transfer", zap.Error(err))
 		ev = Event{Kind: EvCallState, Unreadable: true}
+	case err != nil && c.State == StateAnswering:
+		// an answer in doubt waits on this read, and Graph drops a call not answered 15 s
+		// after it came in: asked again soon (EvCallState)
+		log.Warn("cannot read the call from Graph while answering it", zap.Error(err))
+		ev = Event{Kind: EvCallState, Unreadable: true}
 	case err != nil:
 		log.Warn("cannot read the call from Graph; its timers will ask again", zap.Error(err))
 		return
