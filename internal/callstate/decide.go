@@ -189,6 +189,14 @@ func (d *decision) apply(ev Event) error {
 		return nil
 
 	case EvCallState:
+		if c.State == StateTransferring && ev.ClientContext != "" && ev.ClientContext != c.TransferCtx {
+			// a read made for an earlier attempt (or before the transfer), answered late: Graph
+			// may not have had this attempt's request yet when it was read, so "established"
+			// then is no failure of it (a slow read, queued on the call's executor ahead of the
+			// new transfer, released the new agent as failed while Graph transferred the caller
+			// to them)
+			return ErrIgnored
+		}
 		switch {
 		case ev.Unreadable && c.State == StateTransferring:
 			// Graph did not answer a read that was to settle the transfer (a request that failed

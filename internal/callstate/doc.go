@@ -55,7 +55,9 @@
 // under way (transferring, Call.Transferring), since a repeat of an earlier attempt's failure can
 // arrive before the current attempt's request reached Graph (another instance may be sending
 // it), when Graph still has the call established. Without that, callbot reads the call again
-// 5 s later, and that read settles it (as the transfer timer's does).
+// 5 s later, and that read settles it (as the transfer timer's does). A read settles only the
+// attempt it was made for (Call.TransferCtx): one answered late, after the caller went back to
+// the queue and on to another agent, may predate the new attempt's request.
 //
 // Every change is one compare-and-set on the call's version, and saves the commands it decided
 // with it (the outbox): any instance may apply any notification, a lost race is retried on the

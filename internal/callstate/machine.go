@@ -1065,6 +1065,13 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 	default:
 		ev = Event{Kind: EvCallState, GraphState: st, Verified: settles}
 	}
+	if ev.Kind == EvCallState {
+		// what the read was made for: a later transfer attempt takes nothing from it
+		ev.ClientContext = c.TransferCtx
+		if c.State != StateTransferring {
+			ev.ClientContext = c.State.String()
+		}
+	}
 	if _, err := m.Handle(context.Background(), c.Tenant, key, ev); err != nil {
 		log.Error("apply call state from Graph", zap.Error(err))
 	}

@@ -848,3 +848,73 @@ func TestTimersOfALostSaveSpareATimerArmedAgainAfterAFailedSave(t *testing.T) {
 		t.Errorf("the record's transfer timer %s is not in the timer set %v: it never fires", want, got)
 	}
 }
+
+// gatedRead is a fakeGraph whose reads of the call wait for the gate to open: a read Graph (or
+// the Graph client's retries, throttled) takes its time over.
+type gatedRead struct {
+	*fakeGraph
+	gate    chan struct{}
+	reading chan struct{}
+}
+
+func (g *gatedRead) GetCall(ctx context.Context, id string) (graph.CallState, error) {
+	close(g.reading)
+	<-g.gate
+	return g.fakeGraph.GetCall(ctx, id)
+}
+
+// A read of the call settles the transfer attempt it was made for, never a later one. The
+// rolling-deploy soak (mode both): call 03f5543d-7459-400f-89ab-b4001814c905's transfer to one
+// agent failed ambiguously (504); its recheck read was made twice (the timer's, and the
+// re-drive of that transition's outbox), throttled, 3.5 s each, one after the other on the
+// call's executor. The first found the call established: back to the queue, and the dispatcher
+// offered the caller to another agent at once, whose transfer waited behind the second read on
+// the executor. That read, made before the new transfer reached Graph, found the call
+// established too and was taken for the new attempt's failure: the caller put back in the queue
+// and the new agent released (as having failed) while Graph transferred the caller to them;
+// the caller's end then came as a queued caller's. Here: instance A's transfer timer reads the
+// call, slowly, for the first attempt; meanwhile instance B applies that attempt's failure and
+// the dispatcher offers the caller to agent-b; A's read, answered then, must change nothing.
+func TestACallReadForAnEarlierTransferAttemptIsNotTheCurrentOnes(t *testing.T) {
+	ctx := context.Background()
+	rdb := redistest.Start(t).Client(t)
+	q := &fakeQueues{}
+	ga := &gatedRead{fakeGraph: &fakeGraph{}, gate: make(chan struct{}), reading: make(chan struct{})}
+	gb := &fakeGraph{}
+	a := instance(t, rdb, "rt", ga, q, nil)
+	b := instance(t, rdb, "rt", gb, q, nil)
+	store := callstate.NewStore(rdb, "rt")
+	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e66"
+	key := graph.CallKey(id)
+	queuedCall(t, b, id)
+	if ok, err := a.Offer(ctx, "tenant-1", key, "agent-a"); !ok || err != nil {
+		t.Fatalf("offer to agent-a: %v %v", ok, err)
+	}
+	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	c, err := store.Get(ctx, key)
+	mustDo(t, err)
+	// A's transfer timer: its read of the call (for the attempt to agent-a) takes its time
+	if _, err := a.Handle(ctx, "tenant-1", key, callstate.Event{Kind: callstate.EvTimeout, Timer: callstate.TimerTransfer,
+		TimerToken: c.Timers[callstate.TimerTransfer]}); err != nil {
+		t.Fatal(err)
+	}
+	<-ga.reading
+	// meanwhile agent-a declines: B applies it, the caller goes back to the queue and is offered
+	// to agent-b
+	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subcode":7000}}`))
+	if c, _ = store.Get(ctx, key); c.State != callstate.StateQueued {
+		t.Fatalf("after agent-a's decline: %s, want queued", c.State)
+	}
+	if ok, err := b.Offer(ctx, "tenant-1", key, "agent-b"); !ok || err != nil {
+		t.Fatalf("offer to agent-b: %v %v", ok, err)
+	}
+	b.Wait()
+	close(ga.gate) // A's read answers: established (agent-b's transfer has not reached Graph yet)
+	a.Wait()
+	c, err = store.Get(ctx, key)
+	mustDo(t, err)
+	if c.State != callstate.StateTransferring || c.Agent != "agent-b" || slices.Contains(q.ops, "release agent-b failed") {
+		t.Errorf("after a read made for the attempt to agent-a: %s with %q, queue ops %v; want still transferring to agent-b, not released",
+			c.State, c.Agent, q.ops)
+	}
+}
