@@ -20,6 +20,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
 	"github.com/callbot/callbot/internal/graph/graphsim"
 )
 
@@ -31,7 +33,8 @@ import (
 // of ms to seconds on call actions, bursts of 429 with Retry-After, 503, 500 and a slow 504);
 // both at once.
 //
-// At the end: every call ended as its caller allows; callbot's records all terminated with no
+// At the end: every call ended as its caller allows, and one Graph transferred ended transferred
+// in callbot's record too; callbot's records all terminated with no
 // command unacknowledged; no caller left in a queue, no agent reserved, no outbox entry and no
 // timer left; every instance stopped within its grace period with exit code 0 (or, with the slow
 // Graph, 1, saying its grace ran out with only Graph commands left to the others, which the
@@ -374,6 +377,20 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 	}
 	counts, misrouted := checkOutcomes(t, callers, all...)
 	known = append(known, misrouted...)
+	// callbot knew who reached an agent: a call whose end Graph gave as transferred (7015) and
+	// callbot's record took in another state (in a queue, say: a late read of the call had put
+	// the caller back) had its agent released as free while talking to the caller
+	for _, c := range callers {
+		r := c.call.Result()
+		if r.Outcome != graphsim.OutcomeTransferred {
+			continue
+		}
+		rec, err := callstate.NewStore(rdb, keyPrefix).Get(context.Background(), graph.CallKey(r.ID))
+		if err != nil || rec.EndSubcode == 7015 && rec.Outcome != callstate.OutcomeTransferred {
+			t.Errorf("call %d (%s, %s) transferred to %s, but callbot's record ended %q (%v)\n  history %v",
+				c.n, c.kind, r.ID, r.Agent, rec.Outcome, err, history(graph.CallKey(r.ID), all...))
+		}
+	}
 	var offered, accepted int
 	for _, id := range ids {
 		st := sim.AgentStats(id)
