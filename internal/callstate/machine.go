@@ -1259,6 +1259,19 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 		m.cfg.Store.DoneOutbox(ctx, key, claimScore)
 		return
 	}
+	// The claim may have taken an entry whose lease ran out just as a live instance saved the
+	// call's next transition: that record's commands are that instance's, being sent now (a
+	// transfer re-driven then went twice, the look at Graph made before the first reached it).
+	// Its save wrote its own index entry ahead of the record read here, and the instance renews
+	// it while it works: the claim no longer stands.
+	if mine, err := m.cfg.Store.OutboxClaimed(ctx, key, claimScore); err != nil || !mine {
+		if err != nil {
+			log.Warn("re-drive outbox", zap.Error(err))
+		} else {
+			log.Debug("outbox saved or renewed since its claim: left to its instance")
+		}
+		return
+	}
 	// The record may hold a change refused as unreplicated (CALLBOT_REDIS_REPLICAS): its commands
 	// are carried out only once the replicas have it, as a save's are. Sent before, a failover
 	// could take the record back to before the decision Graph carried out (a caller transferred

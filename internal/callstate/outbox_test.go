@@ -566,3 +566,43 @@ func TestReconcileDoesNotEnqueueInAQueueTheFlowLacks(t *testing.T) {
 		t.Errorf("reconciler's queue writes for a caller in a queue the flow lacks: %v, want none", q.ops)
 	}
 }
+
+// A claim of a call's outbox (its last lease ran out: its commands long done, the index entry
+// left for a claim to remove, as every call's is) can land just as a live instance saves the
+// call's next transition: the re-drive then read the new record and sent the new transition's
+// commands, which that instance was sending at that moment. The rolling-deploy soak showed it
+// with a read of the call (a35140ed94284280a82a1c5a0e7db1f1: the transfer's recheck timer
+// saved, and its read re-driven 3 ms later, a second read behind the first); with a transfer,
+// the re-drive's look at Graph comes before the live instance's request has reached it, and
+// the transfer goes twice. A save after the claim takes the index entry back (its own lease):
+// the re-drive leaves that record's commands to the instance that saved it.
+func TestOutboxSavedAgainSinceItsClaimIsNotRedriven(t *testing.T) {
+	ctx := context.Background()
+	rdb := redistest.Start(t).Client(t)
+	store := callstate.NewStore(rdb, "test")
+	q := &fakeQueues{}
+	ga := &fakeGraph{}
+	gb := &fakeGraph{}
+	a := instance(t, rdb, "test", ga, q, nil)
+	b := instance(t, rdb, "test", gb, q, nil)
+	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e77"
+	key := graph.CallKey(id)
+	queuedCall(t, a, id) // the caller waits in the queue; its commands are done
+	// B's claim: the call's index entry fell due (a lease after its last transition)
+	keys, score, err := store.ClaimOutbox(ctx, time.Now().Add(time.Minute), 30*time.Second, 100)
+	mustDo(t, err)
+	if !slices.Contains(keys, key) {
+		t.Fatalf("claimed %v, want the call %s", keys, key)
+	}
+	// meanwhile A's dispatcher offers the caller: the transfer is on its way to Graph
+	ga.block = make(chan struct{})
+	defer close(ga.block)
+	if ok, err := a.Offer(ctx, "tenant-1", key, "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	b.Redrive(ctx, key, score)
+	b.Wait()
+	if n := countPrefix(gb.log(), "transfer"); n != 0 {
+		t.Errorf("the re-drive of a claim older than the offer's save sent %d transfers (graph %v): want none, A is sending it", n, gb.log())
+	}
+}

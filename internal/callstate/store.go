@@ -761,6 +761,20 @@ for i = 2, #ARGV do
 end
 return n`)
 
+// OutboxClaimed reports whether the call's outbox index entry is still the claim made with
+// score: a save since (its entry, written ahead of its record, replaces the claim) or a renewal
+// by the instance carrying the commands out takes it back.
+func (s *Store) OutboxClaimed(ctx context.Context, callKey string, score float64) (bool, error) {
+	got, err := s.rdb.ZScore(ctx, s.index, callKey).Result()
+	if errors.Is(err, redis.Nil) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read outbox lease of %s: %w", callKey, err)
+	}
+	return got == score, nil
+}
+
 // DoneOutboxes is DoneOutbox for several calls claimed with the same score, in one round trip.
 func (s *Store) DoneOutboxes(ctx context.Context, callKeys []string, score float64) error {
 	if len(callKeys) == 0 {
