@@ -1066,15 +1066,20 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 		ev = Event{Kind: EvCallState, GraphState: st, Verified: settles}
 	}
 	if ev.Kind == EvCallState {
-		// what the read was made for: a later transfer attempt takes nothing from it
-		ev.ClientContext = c.TransferCtx
-		if c.State != StateTransferring {
-			ev.ClientContext = c.State.String()
-		}
+		ev.ClientContext = readFor(c) // a later transfer attempt takes nothing from it
 	}
 	if _, err := m.Handle(context.Background(), c.Tenant, key, ev); err != nil {
 		log.Error("apply call state from Graph", zap.Error(err))
 	}
+}
+
+// readFor is what a read of c's call is made for (EvCallState's ClientContext): the transfer
+// attempt under way, or the state the call is in when none is.
+func readFor(c Call) string {
+	if c.State == StateTransferring {
+		return c.TransferCtx
+	}
+	return c.State.String()
 }
 
 // checkRoster reads the call's participants from Graph and feeds them back (EvRoster with the
@@ -1389,6 +1394,15 @@ func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.
 	}
 	if err != nil {
 		log.Warn("cannot read the call from Graph; not repeating "+cmd.Kind.String(), zap.Error(err))
+		if cmd.Kind == CmdTransfer && c.State == StateTransferring || cmd.Kind == CmdAnswer && c.State == StateAnswering {
+			// the call waits on this read: asked again soon (a transfer's recheck, an answer's
+			// within Graph's deadline), not at its timer (the transfer's, 90 s after the offer,
+			// the caller in silence and the agent reserved meanwhile), as checkCall does
+			ev := Event{Kind: EvCallState, Unreadable: true, ClientContext: readFor(c)}
+			if _, herr := m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), ev); herr != nil {
+				log.Warn("ask Graph again soon", zap.Error(herr))
+			}
+		}
 		return true, false
 	}
 	switch cmd.Kind {

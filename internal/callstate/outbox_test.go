@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -604,5 +605,64 @@ func TestOutboxSavedAgainSinceItsClaimIsNotRedriven(t *testing.T) {
 	b.Wait()
 	if n := countPrefix(gb.log(), "transfer"); n != 0 {
 		t.Errorf("the re-drive of a claim older than the offer's save sent %d transfers (graph %v): want none, A is sending it", n, gb.log())
+	}
+}
+
+// An instance that stops with a transfer in doubt (the rolling-deploy soak: a 10 s grace ran
+// out while its read of the call, after the transfer's 504, was throttled; the instance exited
+// 1) leaves the transfer to the re-drive, which reads the call first. That read throttled too,
+// the re-drive gave up ("not repeating transfer") and left the call to the transfer's timer, 90 s
+// after the offer: the caller in silence and the agent reserved for the whole of it
+// (6c2d7d45197b4b1c96abd1b72255ddb3). Any read of a call being transferred that Graph does not
+// answer is made again a recheck (5 s) later, the re-drive's too.
+func TestRedriveOfATransferUnreadableIsReadAgainSoon(t *testing.T) {
+	ctx := context.Background()
+	rdb := redistest.Start(t).Client(t)
+	store := callstate.NewStore(rdb, "test")
+	q := &fakeQueues{}
+	ga := &fakeGraph{block: make(chan struct{})}
+	gb := &fakeGraph{fail: map[string]error{"get": &graph.Error{Op: "get", Status: 429, Code: "TooManyRequests"}}}
+	var mu sync.Mutex
+	clock := time.Now()
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	a := instance(t, rdb, "test", ga, q, nil)
+	b := instance(t, rdb, "test", gb, q, now)
+	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e88"
+	key := graph.CallKey(id)
+	queuedCall(t, b, id)
+	// A offers the caller and stops before its transfer is known to have reached Graph
+	if ok, err := a.Offer(ctx, "tenant-1", key, "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	defer close(ga.block)
+	// a lease later B re-drives it: its read of the call is throttled
+	mu.Lock()
+	clock = clock.Add(time.Minute)
+	mu.Unlock()
+	redriveAll(t, b, store, time.Minute)
+	if n := countPrefix(gb.log(), "transfer"); n != 0 {
+		t.Fatalf("transfer re-sent without a read of the call: %v", gb.log())
+	}
+	gb.mu.Lock()
+	delete(gb.fail, "get") // Graph answers again: the call is established, the transfer never took
+	gb.mu.Unlock()
+	mu.Lock()
+	clock = clock.Add(6 * time.Second) // a recheck later, not the transfer's 90 s
+	mu.Unlock()
+	tctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { b.RunTimers(tctx, 10*time.Millisecond); close(done) }()
+	var c callstate.Call
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if c, _ = store.Get(ctx, key); c.State == callstate.StateQueued {
+			break
+		}
+	}
+	cancel()
+	<-done
+	b.Wait()
+	if c.State != callstate.StateQueued || !slices.Contains(q.ops, "release agent-a failed") {
+		t.Errorf("6 s after the re-drive's read went unanswered: %s with %q, queue ops %v, graph %v; want read again, back in the queue, agent-a freed",
+			c.State, c.Agent, q.ops, gb.log())
 	}
 }
