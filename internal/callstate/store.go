@@ -763,11 +763,12 @@ return n`)
 
 // OutboxClaimed reports whether the call's outbox index entry is still the claim made with
 // score: a save since (its entry, written ahead of its record, replaces the claim) or a renewal
-// by the instance carrying the commands out takes it back.
+// by the instance carrying the commands out takes it back. An entry gone (Redis lost it: no
+// instance removes another's claim) leaves the claim standing, or nobody would re-drive it.
 func (s *Store) OutboxClaimed(ctx context.Context, callKey string, score float64) (bool, error) {
 	got, err := s.rdb.ZScore(ctx, s.index, callKey).Result()
 	if errors.Is(err, redis.Nil) {
-		return false, nil
+		return true, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("read outbox lease of %s: %w", callKey, err)
