@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
@@ -204,18 +203,8 @@ func TestRedisFailoverSoak(t *testing.T) {
 		}
 	})
 
-	rng := rand.New(rand.NewPCG(sd, 3))
-	callers := make([]*caller, calls)
 	var placing sync.WaitGroup
-	next := t0
-	for i := range callers {
-		time.Sleep(time.Until(next))
-		next = next.Add(gap)
-		c := newCaller(rng, i)
-		callers[i] = c
-		c.place(&placing, sim)
-		inv.track(c)
-	}
+	callers := placePaced(sim, sd, calls, t0, gap, &placing, newCaller, inv.track)
 	placedAll := time.Now()
 	cancel()
 	bg.Wait()

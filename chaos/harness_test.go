@@ -644,6 +644,27 @@ func (c *caller) place(wg *sync.WaitGroup, sim *graphsim.Sim) {
 	})
 }
 
+// placePaced places n callers made by mk (with the seed's generator), one every gap from t0 by
+// the clock (a slow placing does not push the others back), passing each to then (if set) once
+// placing started; it does not wait for the placings, which placing counts.
+func placePaced(sim *graphsim.Sim, seed uint64, n int, t0 time.Time, gap time.Duration, placing *sync.WaitGroup,
+	mk func(rng *rand.Rand, i int) *caller, then func(*caller)) []*caller {
+	rng := rand.New(rand.NewPCG(seed, 3))
+	callers := make([]*caller, n)
+	next := t0
+	for i := range callers {
+		time.Sleep(time.Until(next))
+		next = next.Add(gap)
+		c := mk(rng, i)
+		callers[i] = c
+		c.place(placing, sim)
+		if then != nil {
+			then(c)
+		}
+	}
+	return callers
+}
+
 func placeCalls(t *testing.T, sim *graphsim.Sim, seed uint64, n int, every time.Duration, at func(i int)) []*caller {
 	rng := rand.New(rand.NewPCG(seed, 3))
 	callers := make([]*caller, n)

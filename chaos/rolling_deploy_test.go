@@ -288,17 +288,8 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 		})
 	}
 
-	rng := rand.New(rand.NewPCG(sd, 3))
-	callers := make([]*caller, calls)
 	var placing sync.WaitGroup
-	next := t0
-	for i := range callers {
-		time.Sleep(time.Until(next))
-		next = next.Add(gap)
-		c := rollingCaller(rng, i)
-		callers[i] = c
-		c.place(&placing, sim)
-	}
+	callers := placePaced(sim, sd, calls, t0, gap, &placing, rollingCaller, nil)
 	placedAll := time.Now()
 	cancel()
 	bg.Wait()
