@@ -119,3 +119,89 @@ func TestAnswerInDoubtUnreadableIsReadAgainSoon(t *testing.T) {
 		t.Errorf("2 s after a read Graph did not answer: graph %v; want the call read again and answered again", g.log())
 	}
 }
+
+// answerAgainHangs is a fakeGraph whose first answer fails ambiguously (a 500) and whose second
+// hangs: an instance that decided to answer again and died before the request left it.
+type answerAgainHangs struct {
+	*fakeGraph
+	mu    sync.Mutex
+	n     int
+	hang  chan struct{}
+	first error
+}
+
+func (f *answerAgainHangs) Answer(ctx context.Context, id string, r graph.AnswerRequest) error {
+	f.mu.Lock()
+	f.n++
+	n := f.n
+	f.mu.Unlock()
+	switch n {
+	case 1:
+		f.rec("answer " + id + " (failed)")
+		return f.first
+	case 2:
+		<-f.hang
+		return ctx.Err()
+	}
+	return f.fakeGraph.Answer(ctx, id, r)
+}
+
+// A re-drive that cannot read the call gives up the answer it re-drives ("when in doubt, do not
+// act twice") and leaves it to a read a second later, which answers again if Graph still has the
+// call incoming. When the answer given up was the call's second (the first failed ambiguously,
+// the read showed the call incoming, and the instance died before its second answer left it),
+// that read found the call incoming and did nothing: two answers decided already (maxAnswers),
+// though the second may never have been sent. The caller rang until Graph dropped the call.
+func TestRedriveOfASecondAnswerUnreadableStillAnswers(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	store := callstate.NewStore(rdb, "an")
+	ga := &answerAgainHangs{fakeGraph: &fakeGraph{state: graph.CallIncoming}, hang: make(chan struct{}),
+		first: &graph.Error{Op: "answer", Status: 500, Code: "InternalServerError"}}
+	defer close(ga.hang)
+	gb := &fakeGraph{state: graph.CallIncoming, fail: map[string]error{"get": &graph.Error{Op: "get", Status: 429, Code: "TooManyRequests"}}}
+	var mu sync.Mutex
+	clock := time.Now().Add(9 * time.Second) // a lease after the second answer was decided
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	a := instance(t, rdb, "an", ga, &fakeQueues{}, nil)
+	b := instance(t, rdb, "an", gb, &fakeQueues{}, now)
+	id := "0b6e2d1c-5a4f-4e3d-8c2b-1a0f9e8d7c7d"
+	ns, err := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Notify(context.Background(), "tenant-1", ns); err != nil {
+		t.Fatal(err)
+	}
+	// A: the answer fails (500), the read shows the call incoming, the second answer hangs
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		ga.mu.Lock()
+		n := ga.n
+		ga.mu.Unlock()
+		if n == 2 {
+			break
+		}
+	}
+	// B re-drives the second answer: its read of the call is throttled, the answer given up
+	redriveAll(t, b, store, time.Minute)
+	if n := countPrefix(gb.log(), "answer"); n != 0 {
+		t.Fatalf("answer re-sent without a read of the call: %v", gb.log())
+	}
+	gb.mu.Lock()
+	delete(gb.fail, "get") // Graph answers reads again: the call is still incoming
+	gb.mu.Unlock()
+	mu.Lock()
+	clock = clock.Add(2 * time.Second) // 11 s after the call came in: within Graph's 15 s
+	mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.RunTimers(ctx, 10*time.Millisecond); close(done) }()
+	answered := func() int { return countPrefix(gb.log(), "answer "+id+" https://") }
+	for deadline := time.Now().Add(5 * time.Second); answered() == 0 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+	}
+	cancel()
+	<-done
+	b.Wait()
+	if answered() != 1 {
+		t.Errorf("a read after the re-drive gave up the second answer: graph %v; want the call, still incoming, answered", gb.log())
+	}
+}

@@ -209,6 +209,12 @@ func (d *decision) apply(ev Event) error {
 			// check, which left one read at most before Graph's 15 s deadline, too late for a
 			// second answer when that read was slow or throttled as well (2 of 2,400 callers
 			// never answered in the rolling-deploy soak with a throttling Graph)
+			if ev.NotSent && c.Answers > 0 {
+				// a re-drive gave up an answer it could not check (machine.tookEffect): it may
+				// never have left the instance that decided it, and must not count against
+				// maxAnswers, or the read to come finds the call incoming and answers no more
+				c.Answers--
+			}
 			d.timer(TimerAnswer, answerRecheck)
 		case ev.Unreadable:
 			return ErrIgnored

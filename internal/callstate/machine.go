@@ -1398,7 +1398,8 @@ func (m *Machine) tookEffect(ctx context.Context, c Call, cmd Command, log *zap.
 			// the call waits on this read: asked again soon (a transfer's recheck, an answer's
 			// within Graph's deadline), not at its timer (the transfer's, 90 s after the offer,
 			// the caller in silence and the agent reserved meanwhile), as checkCall does
-			ev := Event{Kind: EvCallState, Unreadable: true, ClientContext: readFor(c)}
+			// an answer given up here may never have been sent: not counted (NotSent)
+			ev := Event{Kind: EvCallState, Unreadable: true, ClientContext: readFor(c), NotSent: cmd.Kind == CmdAnswer}
 			if _, herr := m.Handle(ctx, c.Tenant, graph.CallKey(c.ID), ev); herr != nil {
 				log.Warn("ask Graph again soon", zap.Error(herr))
 			}

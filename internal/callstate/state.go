@@ -140,7 +140,8 @@ type Event struct {
 	Verified bool
 	// NotSent: a transfer or invite request Graph never processed (EvTransferFailed,
 	// EvInviteDone): throttled (429), or never sent (no token). The agent never rang: not their
-	// failure.
+	// failure. On EvCallState Unreadable while answering: a re-drive gave up an answer it could
+	// not check, which does not count against maxAnswers.
 	NotSent bool
 	// Version is the version of the record EvAbort was decided for (Machine.giveUp read Graph for
 	// it): a call that moved on meanwhile (an agent who answered their invite) is not given up on.
