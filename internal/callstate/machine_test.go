@@ -644,9 +644,10 @@ func TestAmbiguousTransferFailureUnreadableIsReadAgainSoon(t *testing.T) {
 				g.fail["get"] = throttled
 				g.mu.Unlock()
 				advance(6 * time.Second) // past the recheck: its read is throttled
+				// polled, not m.Wait: RunTimers adds work meanwhile, and a WaitGroup's Wait must not
+				// run concurrently with an Add from zero
 				for deadline := time.Now().Add(5 * time.Second); countPrefix(g.log(), "get") < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 				}
-				m.Wait()
 			}
 			if n := countPrefix(g.log(), "get"); n != tc.reads {
 				t.Fatalf("reads of the call %d (graph %v), want %d", n, g.log(), tc.reads)
@@ -656,14 +657,18 @@ func TestAmbiguousTransferFailureUnreadableIsReadAgainSoon(t *testing.T) {
 			g.mu.Unlock()
 			advance(6 * time.Second) // another recheck later, not the transfer's 90 s
 			var c callstate.Call
+			var ops []string
 			for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-				m.Wait()
-				if c, _ = store.Get(context.Background(), graph.CallKey(id)); c.State == callstate.StateQueued {
+				c, _ = store.Get(context.Background(), graph.CallKey(id))
+				q.mu.Lock()
+				ops = slices.Clone(q.ops)
+				q.mu.Unlock()
+				if c.State == callstate.StateQueued && slices.Contains(ops, "release agent-a failed") {
 					break
 				}
 			}
-			if c.State != callstate.StateQueued || !slices.Contains(q.ops, "release agent-a failed") || countPrefix(g.log(), "transfer") != 1 {
-				t.Errorf("6 s after a read Graph did not answer: %s, queue ops %v, graph %v; want read again and back in the queue, the agent freed", c.State, q.ops, g.log())
+			if c.State != callstate.StateQueued || !slices.Contains(ops, "release agent-a failed") || countPrefix(g.log(), "transfer") != 1 {
+				t.Errorf("6 s after a read Graph did not answer: %s, queue ops %v, graph %v; want read again and back in the queue, the agent freed", c.State, ops, g.log())
 			}
 		})
 	}
