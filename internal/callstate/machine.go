@@ -1778,10 +1778,14 @@ func (m *Machine) Wait() { m.exec.wait() }
 // request grows a deep stack (kiota, TLS), and a new goroutine per call would grow it again
 // every time (runtime.copystack was 6% of callbot's CPU under load).
 type serial struct {
-	mu   sync.Mutex
-	q    map[string]*lane
-	busy sync.WaitGroup // places not yet run or given up
-	idle chan string    // a key handed to a goroutine that waits for work
+	mu sync.Mutex
+	q  map[string]*lane
+	// busy counts places not yet run or given up, under mu; done is signalled when it falls to
+	// zero. Not a sync.WaitGroup: wait may be called while new places are taken (a test waits
+	// while timers fire), which a WaitGroup forbids when its counter is at zero.
+	busy int
+	done *sync.Cond
+	idle chan string // a key handed to a goroutine that waits for work
 
 	started atomic.Int64 // goroutines started, for tests
 }
@@ -1831,7 +1835,7 @@ func (s *serial) fill(key string, p *place, f func()) {
 		l := s.q[key]
 		if i := slices.Index(l.places, p); i >= 0 && !(i == 0 && l.running) {
 			l.places = slices.Delete(l.places, i, i+1)
-			s.busy.Done()
+			s.release()
 		}
 		if len(l.places) == 0 && !l.running {
 			delete(s.q, key)
@@ -1865,6 +1869,7 @@ func (s *serial) take(key string) *place {
 	if s.q == nil {
 		s.q = map[string]*lane{}
 		s.idle = make(chan string)
+		s.done = sync.NewCond(&s.mu)
 	}
 	l := s.q[key]
 	if l == nil {
@@ -1873,7 +1878,7 @@ func (s *serial) take(key string) *place {
 	}
 	p := &place{}
 	l.places = append(l.places, p)
-	s.busy.Add(1)
+	s.busy++
 	return p
 }
 
@@ -1912,8 +1917,8 @@ func (s *serial) drain(key string) {
 	for {
 		s.mu.Lock()
 		if ran {
-			// Done under mu: a waiter then sees the lane as this step leaves it (gone if empty)
-			s.busy.Done()
+			// released under mu: a waiter then sees the lane as this step leaves it (gone if empty)
+			s.release()
 			ran = false
 		}
 		l := s.q[key]
@@ -1938,7 +1943,21 @@ func (s *serial) drain(key string) {
 	}
 }
 
-func (s *serial) wait() { s.busy.Wait() }
+// release counts one place run or given up. s.mu is held.
+func (s *serial) release() {
+	if s.busy--; s.busy == 0 {
+		s.done.Broadcast()
+	}
+}
+
+// wait returns once no place is left to run. Places taken meanwhile are waited for too.
+func (s *serial) wait() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.busy > 0 {
+		s.done.Wait()
+	}
+}
 
 // keepAliveAfter: Graph ends a call that has had no keepAlive for 45 minutes; callbot sends one
 // for every call older than this on each reconciliation pass.

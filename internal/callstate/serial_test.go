@@ -168,3 +168,39 @@ func TestSerialSupersedeLastsWhileTheKeyHasWork(t *testing.T) {
 		t.Fatal("the mark outlived the key's work")
 	}
 }
+
+// wait may be called while other goroutines queue work, as a test does while timers fire: it
+// returns once nothing is left, and is no data race (a sync.WaitGroup, used before, forbids a
+// Wait concurrent with an Add from zero; the race detector failed such tests).
+func TestSerialWaitWhileWorkIsQueued(t *testing.T) {
+	var s serial
+	s.do("warm", func() {}) // the lane map exists, as in a running machine
+	s.wait()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			ran := make(chan struct{})
+			s.do(fmt.Sprint("call-", i%4), func() { time.Sleep(20 * time.Microsecond); close(ran) })
+			<-ran // the count falls to zero, and the next place is taken from zero
+		}
+	}()
+	for i := 0; i < 2000; i++ {
+		s.wait()
+	}
+	close(stop)
+	wg.Wait()
+	s.wait()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.busy != 0 || len(s.q) != 0 {
+		t.Fatalf("after wait: %d places pending, %d lanes", s.busy, len(s.q))
+	}
+}
