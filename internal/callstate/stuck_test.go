@@ -170,24 +170,7 @@ func TestRefusedHoldMusicWhileInvitingWaits(t *testing.T) {
 	if c.State != callstate.StateInviting {
 		t.Fatalf("after the offer: %s, want inviting", c.State)
 	}
-	g.mu.Lock()
-	g.armed = true
-	g.mu.Unlock()
-	r.handle(t, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx}) // hold music ended: play it again
-	g.mu.Lock()
-	n := g.failed
-	g.mu.Unlock()
-	if n != 1 {
-		t.Fatalf("%d refused playPrompt requests back to back, want one, then a pause", n)
-	}
-	g.mu.Lock()
-	g.armed = false
-	g.mu.Unlock()
-	r.skew += 6 * time.Second
-	r.fireDue(t)
-	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateInviting || c.PromptCtx == "" {
-		t.Errorf("5 s after the refused prompt: %s, prompt %q; want the hold music playing again", c.State, c.PromptCtx)
-	}
+	r.holdMusicFailsOnceThenWaits(t, g, id, c.PromptCtx, callstate.StateInviting)
 }
 
 // Hold music whose playPrompt response already says failed is a failed prompt, tried again 5 s
@@ -205,21 +188,29 @@ func TestHoldMusicFailedInTheResponseWaits(t *testing.T) {
 	if c.State != callstate.StateQueued || c.PromptCtx == "" {
 		t.Fatalf("after key 1: %s, prompt %q; want queued with hold music", c.State, c.PromptCtx)
 	}
+	r.holdMusicFailsOnceThenWaits(t, g, id, c.PromptCtx, callstate.StateQueued)
+}
+
+// holdMusicFailsOnceThenWaits ends call id's hold music (prompt cc) with g failing every
+// playPrompt: one request fails, and no other follows at once; then, with g no longer failing,
+// the hold music plays again 5 s later, the call still in state.
+func (r *rig) holdMusicFailsOnceThenWaits(t *testing.T, g *failPrompts, id, cc string, state callstate.State) {
+	t.Helper()
 	g.mu.Lock()
 	g.armed = true
 	g.mu.Unlock()
-	r.handle(t, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: c.PromptCtx}) // hold music ended: play it again
+	r.handle(t, id, callstate.Event{Kind: callstate.EvPromptDone, ClientContext: cc}) // hold music ended: play it again
 	g.mu.Lock()
 	n := g.failed
 	g.armed = false
 	g.mu.Unlock()
 	if n != 1 {
-		t.Fatalf("%d playPrompt requests answered failed back to back, want one, then a pause", n)
+		t.Fatalf("%d failed playPrompt requests back to back, want one, then a pause", n)
 	}
 	r.skew += 6 * time.Second
 	r.fireDue(t)
-	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != callstate.StateQueued || c.PromptCtx == "" {
-		t.Errorf("5 s after the failed prompt: %s, prompt %q; want the hold music playing again", c.State, c.PromptCtx)
+	if c, _ := r.store.Get(context.Background(), graph.CallKey(id)); c.State != state || c.PromptCtx == "" {
+		t.Errorf("5 s after the failed prompt: %s, prompt %q; want %s with the hold music playing again", c.State, c.PromptCtx, state)
 	}
 }
 
