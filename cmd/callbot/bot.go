@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/clock"
 	"github.com/callbot/callbot/internal/graph"
 	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/queue"
@@ -69,6 +70,7 @@ type bot struct {
 	instance   string
 	draining   atomic.Bool
 	metrics    *metrics
+	clock      *clock.Redis // the time every instance agrees on: Redis's
 }
 
 func newBot(ctx context.Context, d botDeps) (*bot, error) {
@@ -80,7 +82,19 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 			onEnd(c)
 		}
 	}
+	// Every time written to Redis for the other instances (timers, outbox leases, idle and
+	// cooldown scores) is on Redis's clock, this host's corrected by its offset: a host clock
+	// off by more than a lease would have the other instances take its outboxes while it sends
+	// them, and fire its timers early. Measured before anything is decided; if Redis does not
+	// answer yet, the host's clock serves until the clock loop's first sync.
+	b.clock = clock.New(d.Redis, d.KeyPrefix, d.Log.Named("clock"))
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	if err := b.clock.Sync(sctx); err != nil {
+		d.Log.Warn("clock not synced with Redis's yet; this host's clock serves meanwhile", zap.Error(err))
+	}
+	cancel()
 	b.queues = queue.NewStore(d.Redis, d.KeyPrefix)
+	b.queues.Now = b.clock.Now
 	b.queues.FailCooldown = cmp.Or(d.FailCooldown, 10*time.Second)
 	b.queues.ConnectedGuard = cmp.Or(d.ConnectedGuard, 2*d.PresenceEvery)
 	queueIDs := make([]string, 0, len(d.Flow.Queues))
@@ -97,6 +111,7 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		return nil, err
 	}
 	b.dispatcher = queue.NewDispatcher(b.queues, nil, d.TenantID, queueIDs, d.Log.Named("dispatch"))
+	b.dispatcher.Now = b.clock.Now
 	b.store = callstate.NewStore(d.Redis, d.KeyPrefix)
 	if d.RedisReplicas > 0 {
 		b.store.WaitForReplicas(d.RedisReplicas, d.ReplicaTimeout)
@@ -116,11 +131,15 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		Tenants:     []string{d.TenantID},
 		Log:         d.Log.Named("call"),
 		OnEnd:       d.OnEnd,
+		Now:         b.clock.Now,
 	})
 	b.dispatcher.Offer = b.machine
 	b.handler = b.routes()
 	return b, nil
 }
+
+// clockSyncEvery is how often an instance measures its clock's offset from Redis's.
+const clockSyncEvery = 10 * time.Second
 
 // routes is every HTTP route of callbot.
 func (b *bot) routes() http.Handler {
@@ -173,6 +192,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	running.Go("reconciler", func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
 	running.Go("dispatcher", func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
 	running.Go("replicas", func() { b.store.WatchReplicas(loops, time.Second) })
+	running.Go("clock", func() { b.clock.Run(loops, clockSyncEvery) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
 		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
 	running.Go("presence", func() { poller.Run(loops, b.deps.PresenceEvery) })

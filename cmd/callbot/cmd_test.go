@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -243,6 +244,12 @@ func TestMetricsAfterACall(t *testing.T) {
 		t.Errorf("metrics lack callbot_presence_age_seconds:\n%s", body)
 	} else if age, err := strconv.ParseFloat(string(m[1]), 64); err != nil || age < 0 || age > 30 {
 		t.Errorf("callbot_presence_age_seconds %s, want the seconds since the last poll", m[1])
+	}
+	// Redis runs on this machine: its clock is this host's, give or take a round trip
+	if m := regexp.MustCompile(`(?m)^callbot_clock_offset_seconds (\S+)$`).FindSubmatch(body); m == nil {
+		t.Errorf("metrics lack callbot_clock_offset_seconds:\n%s", body)
+	} else if off, err := strconv.ParseFloat(string(m[1]), 64); err != nil || math.Abs(off) > 0.05 {
+		t.Errorf("callbot_clock_offset_seconds %s, want about 0 (Redis on this host)", m[1])
 	}
 	if runtime.GOOS == "linux" {
 		for _, want := range []string{"process_resident_memory_bytes ", "process_open_fds "} {

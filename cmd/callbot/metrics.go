@@ -135,12 +135,16 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	if at, err := b.queues.PresenceReadAt(ctx, b.deps.TenantID); err == nil {
 		age := -1.0
 		if !at.IsZero() {
-			age = max(time.Since(at).Seconds(), 0)
+			age = max(b.clock.Now().Sub(at).Seconds(), 0)
 		}
 		fmt.Fprintln(w, "# HELP callbot_presence_age_seconds Seconds since a poll last read every agent's presence from Graph (-1: never); the same on every instance. Routing goes by the presence last read: while Graph refuses presence reads (throttling, a missing Presence.Read.All) this grows, and agents who left stay routable on an old reading. Alert when it passes a few poll intervals.")
 		fmt.Fprintln(w, "# TYPE callbot_presence_age_seconds gauge")
 		fmt.Fprintf(w, "callbot_presence_age_seconds %.3f\n", age)
 	}
+
+	fmt.Fprintln(w, "# HELP callbot_clock_offset_seconds Redis's clock minus this host's, as last measured (every 10 s). callbot decides on Redis's clock, so every instance agrees on when a timer is due or a lease runs out; past a second the host's NTP needs looking at (logged as a warning).")
+	fmt.Fprintln(w, "# TYPE callbot_clock_offset_seconds gauge")
+	fmt.Fprintf(w, "callbot_clock_offset_seconds %.6f\n", b.clock.Offset().Seconds())
 
 	if gc, ok := b.deps.Graph.(graphConnections); ok {
 		open, opened := gc.GraphConnections()

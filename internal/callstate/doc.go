@@ -100,4 +100,8 @@
 // ignores on the cached copy an event no later version could take (Stale); a save carries its
 // timers, outbox-index entry and harmless queue writes in its own pipeline; acknowledgements go
 // in batches.
+//
+// Every time the machine writes for the other instances (a timer's due time, an outbox's lease)
+// comes from Config.Now, which callbot sets to Redis's clock (internal/clock), so that instances
+// whose hosts' clocks disagree still agree on when a timer is due or a lease has run out.
 package callstate

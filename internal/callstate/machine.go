@@ -68,14 +68,17 @@ type Config struct {
 	// Tenants whose agent reservations the reconciler checks on every pass, whether or not they
 	// have a live call (an agent reserved for a caller who hung up before the offer would
 	// otherwise stay reserved until the tenant had a call older than a minute).
-	Tenants         []string
-	Store           *Store
-	Timers          *Timers
-	Control         CallControl
-	Queues          Queues
-	Flow            *ivr.Flow
-	CallbackURI     string
-	Log             *zap.Logger
+	Tenants     []string
+	Store       *Store
+	Timers      *Timers
+	Control     CallControl
+	Queues      Queues
+	Flow        *ivr.Flow
+	CallbackURI string
+	Log         *zap.Logger
+	// Now is the clock the machine decides by and writes to Redis (timers' due times, outbox
+	// leases): every instance's must agree, so callbot gives it Redis's (clock.Redis). Default
+	// time.Now.
 	Now             func() time.Time
 	TransferTimeout time.Duration // default 90s
 	HangupGrace     time.Duration // default 30s

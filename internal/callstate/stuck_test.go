@@ -50,10 +50,14 @@ func newRig(t *testing.T, g callstate.CallControl, prefix string) *rig {
 		t.Fatal(err)
 	}
 	r := &rig{rdb: rdb, store: callstate.NewStore(rdb, prefix), timers: callstate.NewTimers(rdb, prefix), q: &fakeQueues{}}
-	r.m = callstate.NewMachine(callstate.Config{Store: r.store, Timers: r.timers, Control: g,
-		Queues: r.q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
-		Now: func() time.Time { return time.Now().Add(r.skew) }})
+	r.m = r.newMachine(t, g, flow, func() time.Time { return time.Now().Add(r.skew) })
 	return r
+}
+
+// newMachine is a machine on r's Redis, store, timers and queues, with its own clock.
+func (r *rig) newMachine(t *testing.T, g callstate.CallControl, flow *ivr.Flow, now func() time.Time) *callstate.Machine {
+	return callstate.NewMachine(callstate.Config{Store: r.store, Timers: r.timers, Control: g,
+		Queues: r.q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
 }
 
 func (r *rig) handle(t *testing.T, id string, ev callstate.Event) {

@@ -37,6 +37,9 @@ type Store struct {
 	// point at a queue write or a reservation the failover lost (an offer saved while the
 	// reservation behind it is gone leaves the agent free to be offered a second caller).
 	Durable func(ctx context.Context, key string, write func(redis.Pipeliner)) error
+	// Now is the time the scripts write (an agent idle since, cooling down until): every
+	// instance's must agree (clock.Redis). Default time.Now.
+	Now func() time.Time
 }
 
 // NewStore returns a store whose keys start with prefix (default "cb").
@@ -44,7 +47,7 @@ func NewStore(rdb redis.UniversalClient, prefix string) *Store {
 	if prefix == "" {
 		prefix = "cb"
 	}
-	return &Store{rdb: rdb, prefix: prefix, FailCooldown: 10 * time.Second, ConnectedGuard: 15 * time.Second}
+	return &Store{rdb: rdb, prefix: prefix, FailCooldown: 10 * time.Second, ConnectedGuard: 15 * time.Second, Now: time.Now}
 }
 
 func (s *Store) k(tenant, name string) string { return s.prefix + ":{tenant:" + tenant + "}:" + name }
@@ -382,7 +385,7 @@ const syncChunk = 128
 func (s *Store) syncFree(ctx context.Context, tenant, holder string, args []any) error {
 	k := s.keys(tenant, "")
 	keys := []string{k.routable, k.busy, k.idle, k.free, s.k(tenant, "lease:presence")}
-	now := time.Now().UnixMilli()
+	now := s.Now().UnixMilli()
 	var cmds []*redis.Cmd
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for len(args) > 0 {
@@ -635,7 +638,7 @@ func (s *Store) release(ctx context.Context, c redis.Scripter, tenant, agent, ca
 		}
 	}
 	k := s.keys(tenant, "")
-	now := time.Now().UnixMilli()
+	now := s.Now().UnixMilli()
 	idleSince := strconv.FormatInt(now, 10)
 	if outcome == callstate.AgentAbandoned {
 		idleSince = "" // the agent did no work: it keeps its place among the longest idle
