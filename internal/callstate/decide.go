@@ -85,6 +85,8 @@ func Stale(c Call, ev Event) bool {
 		return pastToken(c, ev.ClientContext, c.InviteCtx)
 	case EvToneFailed:
 		return pastToken(c, ev.ClientContext, c.ToneCtx)
+	case EvHangupFailed:
+		return pastToken(c, ev.ClientContext, c.HangupCtx)
 	case EvTimeout:
 		return ev.TimerToken == 0 || (ev.TimerToken <= c.Seq && ev.TimerToken != c.Timers[ev.Timer])
 	case EvTone:
@@ -538,6 +540,26 @@ func (d *decision) apply(ev Event) error {
 		}
 		return nil
 
+	case EvHangupFailed:
+		if ev.ClientContext == "" || ev.ClientContext != c.HangupCtx {
+			return ErrIgnored // a repeat, or a hangup callbot no longer waits on
+		}
+		// Graph did not end the call (throttled, failing, refused; a 404, the call gone, ends it
+		// instead): the caller hears silence after the goodbye until it does. Hang up again
+		// soon, with backoff, by the hang-up timer (durable: any instance fires it), rather than
+		// at the hang-up grace armed with the hangup, 30 s on. A hangup Graph refuses is tried
+		// so a few times only; the grace then goes on hanging up, as it does for a terminated
+		// notification lost.
+		c.HangupCtx = ""
+		c.HangupFails++
+		if ev.Refused {
+			if c.HangupRefusals++; c.HangupRefusals > maxHangupRefusals {
+				return nil // given up (Machine.handle logs and counts it): the grace stays armed
+			}
+		}
+		d.timer(TimerMenu, d.hangupRetry(c.HangupFails, ev.RetryAfter))
+		return nil
+
 	case EvEnded:
 		d.ended(ev)
 		return nil
@@ -622,6 +644,28 @@ const (
 // toneRetry is how long after its n-th failure (from 1) the tone subscription is tried again.
 func toneRetry(n int) time.Duration {
 	return min(toneRetryFirst<<min(n-1, 16), toneRetryMax)
+}
+
+// A hangup that failed (after the Graph client's own retries: throttled, failing, timed out,
+// refused) is sent again hangupRetryFirst later, then twice as long after each further failure
+// (1, 2, 4, 8, 16 s...), or after the Retry-After Graph gave if that is longer, never later than
+// the hang-up grace: a throttling episode must not leave the caller in silence after the goodbye
+// until the grace (30 s) hangs up again. One Graph refused (a 4xx other than 404 and 429) is
+// sent again so at most maxHangupRefusals times; the refusal after that gives up the quick
+// retries (logged and counted), the grace still hanging up every 30 s.
+const (
+	hangupRetryFirst  = time.Second
+	maxHangupRefusals = 3
+)
+
+// hangupRetry is how long after its n-th failure (from 1) the hangup is sent again: the backoff,
+// or Graph's Retry-After if longer, at most the hang-up grace.
+func (d *decision) hangupRetry(n int, retryAfter time.Duration) time.Duration {
+	limit := d.env.HangupGrace
+	if limit <= 0 {
+		limit = 30 * time.Second
+	}
+	return min(max(hangupRetryFirst<<min(n-1, 16), retryAfter), limit)
 }
 
 // maxUnattendedTransfers is how many direct transfers in a row may fail with no key pressed
@@ -790,9 +834,12 @@ func (d *decision) checkRoster() {
 }
 
 // hangup ends the call, and arms a timer that hangs up again if no terminated notification
-// comes: a hangup Graph refused or lost must not leave the caller in a call nobody serves.
+// comes: a hangup Graph refused or lost must not leave the caller in a call nobody serves. The
+// hangup has a clientContext of its own (HangupCtx): its failure (EvHangupFailed) brings that
+// timer forward, a failure of an earlier one does not.
 func (d *decision) hangup() {
-	d.emit(Command{Kind: CmdHangup})
+	d.c.HangupCtx = "h" + strconv.FormatInt(d.next(), 10)
+	d.emit(Command{Kind: CmdHangup, ClientContext: d.c.HangupCtx})
 	d.timer(TimerMenu, d.env.HangupGrace)
 }
 

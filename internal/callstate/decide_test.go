@@ -1152,3 +1152,83 @@ func TestTransferringCallGoneFromGraph(t *testing.T) {
 		t.Errorf("gone once Graph said transferring: %s %+v %v, want transferred, the agent released as connected", late.Outcome, cmds, err)
 	}
 }
+
+// A hangup that fails (throttled, failing, timed out: Graph did not end the call) is sent again
+// soon by the hang-up timer brought forward, with backoff (1, 2, 4, 8, 16 s, then the hang-up
+// grace), or after Graph's Retry-After when longer; never at once. A failure repeated, or of a
+// hangup callbot no longer waits on, changes nothing.
+func TestFailedHangupIsSentAgainWithBackoff(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "9", Seq: 1})
+	if c.State != StateTerminating || c.HangupCtx != "" {
+		t.Fatalf("key 9: %s HangupCtx %q, want terminating, the goodbye playing and no hangup yet", c.State, c.HangupCtx)
+	}
+	c, out, err := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	if err != nil || len(out) != 2 || out[0].Kind != CmdHangup || out[0].ClientContext == "" || out[0].ClientContext != c.HangupCtx {
+		t.Fatalf("goodbye played: %v %+v, %v; want a hangup callbot waits on", kinds(out), out, err)
+	}
+	hangup := out[0]
+	if !Stale(c, Event{Kind: EvHangupFailed, ClientContext: "h1"}) || Stale(c, Event{Kind: EvHangupFailed, ClientContext: hangup.ClientContext}) {
+		t.Error("Stale: an earlier hangup's failure must be, the current one's not")
+	}
+	var waits []time.Duration
+	for i := range 7 {
+		ev := Event{Kind: EvHangupFailed, ClientContext: hangup.ClientContext}
+		if i == 2 {
+			ev.RetryAfter = 5 * time.Second // Graph asks for more than the backoff's 4 s
+		}
+		next, out, err := Decide(c, ev, env)
+		if err != nil || !slices.Equal(kinds(out), []string{"setTimer"}) || out[0].Timer != TimerMenu || next.Timers[TimerMenu] != out[0].Token {
+			t.Fatalf("failure %d: %v %v, want the hang-up timer armed again, no request at once", i+1, kinds(out), err)
+		}
+		if _, _, err := Decide(next, ev, env); !errors.Is(err, ErrIgnored) {
+			t.Errorf("failure %d repeated: %v, want ignored", i+1, err)
+		}
+		waits = append(waits, out[0].After)
+		c, out, err = Decide(next, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: next.Timers[TimerMenu]}, env)
+		if err != nil || !slices.Equal(kinds(out), []string{"hangup", "setTimer"}) || out[0].ClientContext != c.HangupCtx ||
+			out[0].ClientContext == hangup.ClientContext || out[1].After != env.HangupGrace {
+			t.Fatalf("hang-up timer %d: %v %v, want a new hangup and the grace", i+1, kinds(out), err)
+		}
+		if _, _, err := Decide(c, ev, env); !errors.Is(err, ErrIgnored) {
+			t.Errorf("failure %d after the next hangup was sent: %v, want ignored", i+1, err)
+		}
+		hangup = out[0]
+	}
+	want := []time.Duration{time.Second, 2 * time.Second, 5 * time.Second, 8 * time.Second, 16 * time.Second, 30 * time.Second, 30 * time.Second}
+	if !slices.Equal(waits, want) {
+		t.Errorf("sent again after %v, want %v", waits, want)
+	}
+	ended, _, err := Decide(c, Event{Kind: EvEnded}, env)
+	if err != nil || ended.State != StateTerminated || ended.Outcome != OutcomeDisconnected {
+		t.Fatalf("ended: %s %s %v", ended.State, ended.Outcome, err)
+	}
+	if _, _, err := Decide(ended, Event{Kind: EvHangupFailed, ClientContext: hangup.ClientContext}, env); !errors.Is(err, ErrIgnored) || !Stale(ended, Event{Kind: EvHangupFailed, ClientContext: hangup.ClientContext}) {
+		t.Errorf("a hangup failing once the call ended: %v, want ignored", err)
+	}
+}
+
+// A hangup Graph refuses (a 4xx other than 404 and 429) is sent again quickly three times at
+// most: the fourth refusal leaves the hang-up grace armed with the last hangup as it was.
+func TestRefusedHangupIsRetriedABoundedNumberOfTimes(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "9", Seq: 1})
+	c, out, _ := Decide(c, Event{Kind: EvPromptDone, ClientContext: c.PromptCtx}, env)
+	for i := range 4 {
+		grace := c.Timers[TimerMenu]
+		next, retry, err := Decide(c, Event{Kind: EvHangupFailed, ClientContext: out[0].ClientContext, Refused: true}, env)
+		if err != nil {
+			t.Fatalf("refusal %d: %v", i+1, err)
+		}
+		if i == 3 {
+			if len(retry) != 0 || next.Timers[TimerMenu] != grace || next.HangupRefusals != maxHangupRefusals+1 {
+				t.Errorf("fourth refusal: %v, timers %v (grace %d), %d refusals; want no quick retry, the grace kept", kinds(retry), next.Timers, grace, next.HangupRefusals)
+			}
+			break
+		}
+		if len(retry) != 1 || retry[0].After != time.Second<<i {
+			t.Fatalf("refusal %d: %+v, want a retry after %v", i+1, retry, time.Second<<i)
+		}
+		c, out, _ = Decide(next, Event{Kind: EvTimeout, Timer: TimerMenu, TimerToken: next.Timers[TimerMenu]}, env)
+	}
+}

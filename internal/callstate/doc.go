@@ -43,7 +43,10 @@
 // music whose end is never reported, a hangup with no terminated notification after it (Graph
 // refused it, or the notification was lost: callbot hangs up again every hang-up grace until the
 // call ends); each either asks Graph for the call's state (EvCallState) or acts as if the
-// notification had come. A hold prompt Graph refuses, or whose operation fails (in a
+// notification had come. A hangup that fails (throttled, failing, refused: EvHangupFailed, for
+// the hangup the call waits on, Call.HangupCtx) brings the hang-up timer forward, 1 s later and
+// then with backoff to the grace, or after Graph's Retry-After; a refused one is sent again so
+// three times at most. A hold prompt Graph refuses, or whose operation fails (in a
 // notification, or already in the playPrompt response, after which none comes), is tried again
 // 5 s later, never at once. A tone subscription that fails (refused, or its operation failed in
 // the response; the caller's keys would do nothing for the whole call) is made

@@ -135,6 +135,10 @@ type Machine struct {
 	// ToneGivenUp counts calls whose tone subscription failed maxToneRetries+1 times: callbot
 	// stopped asking, and the caller's keys do nothing for the rest of the call.
 	ToneGivenUp atomic.Int64
+	// HangupGivenUp counts calls whose hangup Graph refused (a 4xx other than 404 and 429)
+	// maxHangupRefusals+1 times: callbot stopped sending it again quickly, and hangs up only
+	// every hang-up grace from then on; the caller may hear silence until they hang up.
+	HangupGivenUp atomic.Int64
 	// Adopted counts calls Graph had established and callbot had no record of, taken back
 	// (adopt); adoptMu guards adoptSeen, when each call was last found not to be taken back, and
 	// adopting, the calls being taken back now.
@@ -603,6 +607,11 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			m.ToneGivenUp.Add(1)
 			log.Error("tone subscription failed too often, given up: the caller's keys do nothing in this call", zap.Int("attempts", next.ToneFails))
 		}
+		if ev.Kind == EvHangupFailed && ev.Refused && next.HangupRefusals == maxHangupRefusals+1 {
+			m.HangupGivenUp.Add(1)
+			log.Error("hangup refused by Graph too often, no more quick retries: hung up again only every hang-up grace",
+				zap.Int("refusals", next.HangupRefusals), zap.Duration("grace", m.cfg.HangupGrace))
+		}
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
 		m.carryOut(ctx, next, added, slot, after, log)
 		if next.State.Terminal() && m.cfg.OnEnd != nil {
@@ -1009,6 +1018,16 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// Without it the caller's keys do nothing for the whole call: subscribe again later
 			// (the call's tone timer, a durable one, with backoff), a few times.
 			feed(Event{Kind: EvToneFailed, ClientContext: cmd.ClientContext})
+		case cmd.Kind == CmdHangup:
+			// Graph did not end the call (throttled, failing, timed out, refused): hang up again
+			// soon (the call's hang-up timer, brought forward, with backoff), not only at the
+			// hang-up grace, the caller in silence after the goodbye meanwhile
+			ev := Event{Kind: EvHangupFailed, ClientContext: cmd.ClientContext, Refused: graph.Classify(err) == graph.Refused}
+			var ge *graph.Error
+			if errors.As(err, &ge) {
+				ev.RetryAfter = ge.RetryAfter // what Graph asked for, if it said
+			}
+			feed(ev)
 		case cmd.Kind == CmdInvite && cmd.Again:
 			// Re-sent not knowing whether the first invite reached Graph: a refusal may only
 			// mean the agent is ringing already. The first invite's completion, the roster or
@@ -1374,7 +1393,9 @@ func awaited(c Call, cmd Command) bool {
 		// not while its failure is being checked against the roster (RosterCtx)
 		return c.State == StateInviting && cmd.ClientContext != "" && cmd.ClientContext == c.InviteCtx && c.RosterCtx == ""
 	case CmdHangup:
-		return c.State == StateTerminating
+		// the latest hangup, while callbot waits on it (a failed one is sent again by the
+		// call's hang-up timer); a record saved before HangupCtx existed waits on any
+		return c.State == StateTerminating && (cmd.ClientContext == c.HangupCtx || c.HangupCtx == "" && c.HangupFails == 0)
 	case CmdCheckRoster:
 		return (c.State == StateInviting || c.State == StateConnected) && cmd.ClientContext != "" && cmd.ClientContext == c.RosterCtx
 	}

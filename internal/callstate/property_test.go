@@ -93,6 +93,11 @@ type model struct {
 	// subFails: the first tone subscriptions fail (after the Graph client's retries), as many
 	subFails int
 	keysLate bool // a key was applied after a subscription had failed
+	// hangFails: the first hangups fail (throttled after the Graph client's retries), as many
+	hangFails int
+	// hangFailAt: when a hangup first failed (hangFailed)
+	hangFailed bool
+	hangFailAt time.Duration
 }
 
 func (m *model) send(ev Event) {
@@ -176,6 +181,16 @@ func (m *model) command(cmd Command) {
 	case CmdHangup:
 		if m.inCall >= 0 {
 			m.violations = append(m.violations, "callbot hung up on the caller and the agent talking")
+		}
+		if m.hangFails > 0 && !gone {
+			// as Machine.send: the failure comes back on the request's own path, after the save
+			m.hangFails--
+			if !m.hangFailed {
+				m.hangFailed, m.hangFailAt = true, m.now
+			}
+			m.nextID++
+			m.flight = append(m.flight, note{ev: Event{Kind: EvHangupFailed, ClientContext: cmd.ClientContext}, id: m.nextID, own: true})
+			return
 		}
 		if !gone {
 			m.graph = graph.CallTerminated
@@ -508,6 +523,9 @@ func newModel(t *testing.T, seed uint64, chaos bool) *model {
 	if script.IntN(4) == 0 {
 		m.subFails = 1 + script.IntN(2)
 	}
+	if script.IntN(4) == 0 {
+		m.hangFails = 1 + script.IntN(3)
+	}
 	return m
 }
 
@@ -531,9 +549,10 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	// conference hand-off histories: with an invite, ended with the agent connected, with an
 	// invite that sent the caller back to the queue
 	invited, connected, requeued := 0, 0, 0
-	unrung := 0    // histories with an invite Graph never processed, its agent released as never rung
-	deadEnded := 0 // histories ended by callbot after the dead direct transfer failed unattended
-	keysLate := 0  // histories with a key applied after the tone subscription had failed
+	unrung := 0      // histories with an invite Graph never processed, its agent released as never rung
+	deadEnded := 0   // histories ended by callbot after the dead direct transfer failed unattended
+	keysLate := 0    // histories with a key applied after the tone subscription had failed
+	hangRetried := 0 // histories whose hangup failed, and was sent again
 	for seed := uint64(1); seed <= uint64(n); seed++ {
 		inOrder := newModel(t, seed, false)
 		inOrder.run()
@@ -569,6 +588,9 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 		if inOrder.keysLate {
 			keysLate++
 		}
+		if inOrder.hangFailed {
+			hangRetried++
+		}
 		for _, m := range []*model{inOrder, chaos} {
 			if n := unattendedFailures(m); m.c.Outcome == OutcomeTransferFailed && n != maxUnattendedTransfers {
 				t.Fatalf("seed %d (chaos %v): ended %s after %d direct transfers failed with no key pressed since, want %d%s",
@@ -579,6 +601,11 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 			}
 			if !m.c.State.Terminal() {
 				t.Fatalf("seed %d (chaos %v): call left in %s", seed, m.chaos, m.c.State)
+			}
+			if m.hangFailed && m.c.EndedAt.Sub(t0.Add(m.hangFailAt)) >= m.env.HangupGrace {
+				// three failures at most: sent again after 1, 2 and 4 s
+				t.Fatalf("seed %d (chaos %v): the call ended %v after its hangup failed, want well within the hang-up grace (%v)%s",
+					seed, m.chaos, m.c.EndedAt.Sub(t0.Add(m.hangFailAt)), m.env.HangupGrace, history(m))
 			}
 			checkStale(t, seed, m)
 		}
@@ -598,6 +625,11 @@ func TestDuplicatedAndReorderedNotifications(t *testing.T) {
 	t.Logf("%d of %d histories applied a key after the tone subscription had failed", keysLate, n)
 	if keysLate < n/50 {
 		t.Errorf("%d of %d histories applied a key after a failed tone subscription: the generator hardly makes any", keysLate, n)
+	}
+	// and hangups Graph throttled
+	t.Logf("%d of %d histories had a hangup fail", hangRetried, n)
+	if hangRetried < n/50 {
+		t.Errorf("%d of %d histories had a hangup fail: the generator hardly makes any", hangRetried, n)
 	}
 	// and the conference hand-off's: invites completed and failed, rosters of the agent joining
 	// and leaving, roster reads, reordered
@@ -651,7 +683,7 @@ func history(m *model) string {
 			fmt.Fprintf(&b, " %v seq %d %s", ev.Participants, ev.Seq, ev.ClientContext)
 		case EvInviteDone, EvPromptDone:
 			fmt.Fprintf(&b, " %s failed %v not sent %v", ev.ClientContext, ev.Failed, ev.NotSent)
-		case EvToneFailed:
+		case EvToneFailed, EvHangupFailed:
 			fmt.Fprintf(&b, " %s", ev.ClientContext)
 		case EvTimeout:
 			fmt.Fprintf(&b, " %s %d", ev.Timer, ev.TimerToken)

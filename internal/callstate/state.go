@@ -73,11 +73,12 @@ const (
 	EvAdopt                                 // a call Graph has established but callbot has no record of (lost with Redis data): the menu starts again (Incoming)
 	EvAbort                                 // a timer of the call was refused by the table (a bug) and Graph shows the caller alone with callbot: hang up (Machine.giveUp)
 	EvToneFailed                            // the subscribeToTone request ClientContext failed (after the Graph client's retries)
+	EvHangupFailed                          // the hangup ClientContext failed (after the Graph client's retries): Graph did not end the call
 )
 
 var eventNames = [...]string{"", "incoming", "established", "tone", "prompt_done", "timeout", "agent_offer",
 	"transfer_accepted", "transfer_failed", "ended", "command_failed", "call_state", "invite_done", "roster", "transferring", "adopt", "abort",
-	"tone_failed"}
+	"tone_failed", "hangup_failed"}
 
 func (e EventKind) String() string {
 	if int(e) < len(eventNames) {
@@ -109,7 +110,7 @@ type Event struct {
 	Digit string
 	Seq   int64
 	// ClientContext of the finished operation (EvPromptDone, EvInviteDone) or of the failed
-	// request (EvToneFailed); Failed when it did not play. On EvCallState, what the read of the
+	// request (EvToneFailed, EvHangupFailed); Failed when it did not play. On EvCallState, what the read of the
 	// call was made for: the transfer attempt (Call.TransferCtx), or the state the call was in
 	// when no transfer was under way; a read made for another attempt says nothing of the
 	// current one ("" applies to any).
@@ -143,6 +144,11 @@ type Event struct {
 	// failure. On EvCallState Unreadable while answering: a re-drive gave up an answer it could
 	// not check, which does not count against maxAnswers.
 	NotSent bool
+	// Refused: a failed request Graph refused (a 4xx other than 404 and 429: sent again, it most
+	// likely gets the same answer), on EvHangupFailed. RetryAfter is how long Graph asked callbot
+	// to wait before sending it again (its Retry-After), 0 when it did not say.
+	Refused    bool
+	RetryAfter time.Duration
 	// Version is the version of the record EvAbort was decided for (Machine.giveUp read Graph for
 	// it): a call that moved on meanwhile (an agent who answered their invite) is not given up on.
 	Version int64
@@ -201,6 +207,14 @@ type Call struct {
 	// key press showed an earlier one working. A record saved before these fields has neither.
 	ToneCtx   string `json:"toneCtx,omitempty"`
 	ToneFails int    `json:"toneFails,omitempty"`
+	// HangupCtx is the clientContext of the hangup callbot waits on (terminating), "" before the
+	// first (a goodbye still playing) and once it failed: the hang-up timer then hangs up again
+	// soon, with backoff (HangupFails: failed hangups; HangupRefusals: those Graph refused, a
+	// 4xx other than 404 and 429, retried so at most maxHangupRefusals times). A record saved
+	// before these fields has none: its hang-up grace hangs up again.
+	HangupCtx      string `json:"hangupCtx,omitempty"`
+	HangupFails    int    `json:"hangupFails,omitempty"`
+	HangupRefusals int    `json:"hangupRefusals,omitempty"`
 	// Timers holds the token of each live timer; a timer firing with another token is stale.
 	Timers     map[TimerKind]int64 `json:"timers,omitempty"`
 	Queue      string              `json:"queue,omitempty"`

@@ -62,8 +62,9 @@ var Transitions = []Transition{
 	{StateConnected, EvRoster, StateTerminating},  // the agent left: callbot hangs up
 	{StateConnected, EvTimeout, StateConnected},   // read the roster now and then (the agent's leaving may be lost)
 
-	{StateTerminating, EvPromptDone, StateTerminating}, // goodbye played, hang up now
-	{StateTerminating, EvTimeout, StateTerminating},    // goodbye never finished, hang up anyway
+	{StateTerminating, EvPromptDone, StateTerminating},   // goodbye played, hang up now
+	{StateTerminating, EvTimeout, StateTerminating},      // goodbye never finished, hang up anyway
+	{StateTerminating, EvHangupFailed, StateTerminating}, // Graph did not end the call: hang up again soon
 
 	// A timer the table refused (a bug) in a state only Graph's notifications move the call out
 	// of, Graph showing the caller alone with callbot: callbot gives up and hangs up. A caller in
