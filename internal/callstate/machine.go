@@ -987,9 +987,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	}
 	key := graph.CallKey(c.ID)
 	feed := func(ev Event) {
-		if _, herr := m.Handle(context.Background(), c.Tenant, key, ev); herr != nil {
-			log.Error("apply command result", zap.Stringer("command", cmd.Kind), zap.Error(herr))
-		}
+		m.applyResult(c.Tenant, key, ev, "apply command result", cmd.Kind.String(), log)
 	}
 	if err != nil {
 		log.Warn("graph command failed", zap.Stringer("command", cmd.Kind), zap.Error(err))
@@ -1090,9 +1088,7 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 	if ev.Kind == EvCallState {
 		ev.ClientContext = readFor(c) // a later transfer attempt takes nothing from it
 	}
-	if _, err := m.Handle(context.Background(), c.Tenant, key, ev); err != nil {
-		log.Error("apply call state from Graph", zap.Error(err))
-	}
+	m.applyResult(c.Tenant, key, ev, "apply call state from Graph", "", log)
 }
 
 // readFor is what a read of c's call is made for (EvCallState's ClientContext): the transfer
@@ -1126,8 +1122,43 @@ func (m *Machine) checkRoster(c Call, scenario, token string, log *zap.Logger) {
 		ev = rosterEvent(ps)
 		ev.ClientContext = token
 	}
-	if _, err := m.Handle(context.Background(), c.Tenant, graph.CallKey(c.ID), ev); err != nil {
-		log.Error("apply the participants read from Graph", zap.Error(err))
+	m.applyResult(c.Tenant, graph.CallKey(c.ID), ev, "apply the participants read from Graph", "", log)
+}
+
+// Redis refusing a command's result for a moment (down, restarting, failing over: on Redis
+// Cluster the call's master alone) is waited out: the result is applied again resultRetryFirst
+// later, then twice as long after each refusal, resultRetries times at most (about 16 s, past a
+// Cluster's failover and most of Sentinel's).
+const (
+	resultRetryFirst = 250 * time.Millisecond
+	resultRetries    = 6
+)
+
+// applyResult applies ev, what a Graph command or a read of the call came back with, to the
+// call. Nothing would deliver it again (a notification Redis refuses is answered 503, and Graph
+// sends it again): when Redis refuses the change, it is applied again a moment later, a few
+// times, on the call's executor (the call's next commands wait for it). Before, it was dropped,
+// and the call waited for its timers: a transfer's failure read from Graph while a Cluster
+// master failed over left the caller in silence until the transfer's timer, 90 s on.
+// command names the command whose result it is, if any, in its log lines.
+func (m *Machine) applyResult(tenant, key string, ev Event, what, command string, log *zap.Logger) {
+	wait := resultRetryFirst
+	for try := 0; ; try++ {
+		_, err := m.Handle(context.Background(), tenant, key, ev)
+		if err == nil {
+			if try > 0 {
+				log.Info(what+": applied once Redis took it", zap.String("command", command), zap.Stringer("event", ev.Kind), zap.Int("retries", try))
+			}
+			return
+		}
+		fields := []zap.Field{zap.String("command", command), zap.Stringer("event", ev.Kind), zap.Int("retries", try), zap.Error(err)}
+		if errors.Is(err, ErrInvalidTransition) || try == resultRetries {
+			log.Error(what, fields...) // left to the call's timers
+			return
+		}
+		log.Warn(what+": Redis refused it, applied again", append(fields, zap.Duration("in", wait))...)
+		time.Sleep(wait)
+		wait *= 2
 	}
 }
 

@@ -130,6 +130,13 @@ func (q *fakeQueues) Reservations(context.Context, string) (map[string]string, e
 	return maps.Clone(q.reserved), nil
 }
 
+// snapshot is the ops so far, read under the lock (the call's executor may still write).
+func (q *fakeQueues) snapshot() []string {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return slices.Clone(q.ops)
+}
+
 func (q *fakeQueues) add(s string) error {
 	q.mu.Lock()
 	q.ops = append(q.ops, s)
