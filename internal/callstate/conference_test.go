@@ -162,3 +162,44 @@ func TestSupersededRosterReadsAreNotSent(t *testing.T) {
 		t.Errorf("after 20 rosters without the agent, the first read slow: %s, %d roster reads; want terminating, 2 (the slow one, the latest)", c.State, n)
 	}
 }
+
+// The invite's completion connected the call and a roster without the agent brought the roster
+// check forward (Graph's roster may not list them yet). Its read, slow to be answered, was made
+// before Graph listed the agent; a roster that shows them comes meanwhile. The read must not
+// then hang up on the conversation that roster shows: the agent joining supersedes a read made
+// before (as it does while inviting). It applied, and callbot hung up on the caller and the
+// agent a few seconds into their conversation, the agent sent to wrap-up.
+func TestRosterReadFromBeforeTheAgentJoinedDoesNotHangUp(t *testing.T) {
+	g := &slowRoster{fakeGraph: &fakeGraph{}, gate: make(chan struct{})} // the read: the agent not listed yet
+	r := newRig(t, g, "cstale")
+	id := "c-stale-read"
+	r.inviting(t, id, confAgent)
+	c, _ := r.store.Get(context.Background(), graph.CallKey(id))
+	r.handle(t, id, callstate.Event{Kind: callstate.EvInviteDone, ClientContext: c.InviteCtx})
+	r.notify(t, rosterNote(id, callerEntry(1, false), botEntry(1))) // before Graph lists the agent
+	// the roster check, brought forward, fires: its read goes to Graph, which is slow to answer
+	r.skew += 6 * time.Second
+	ctx := context.Background()
+	due, err := r.timers.Claim(ctx, time.Now().Add(r.skew), time.Minute, 100)
+	if err != nil || len(due) != 1 || due[0].Kind != callstate.TimerRoster {
+		t.Fatalf("due timers %v (%v); want the roster check", due, err)
+	}
+	if _, err := r.m.Handle(ctx, "t1", due[0].Call, callstate.Event{Kind: callstate.EvTimeout, Timer: due[0].Kind, TimerToken: due[0].Token}); err != nil {
+		t.Fatal(err)
+	}
+	// the roster that shows the agent in the call, while the read is being answered
+	ns, err := graph.Decode([]byte(rosterNote(id, callerEntry(1, false), botEntry(1), userEntry(confAgent, 2, ""))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.m.Notify(ctx, "t1", ns); err != nil {
+		t.Fatal(err)
+	}
+	close(g.gate) // the read answers: made before, it does not list the agent
+	r.m.Wait()
+	c, _ = r.store.Get(ctx, graph.CallKey(id))
+	if log := g.log(); c.State != callstate.StateConnected || !c.Joined || countPrefix(log, "hangup") != 0 {
+		t.Errorf("a read made before a roster showed the agent, answered after it: %s joined=%v, Graph commands %v, queue ops %v; want connected, no hangup",
+			c.State, c.Joined, log, r.q.ops)
+	}
+}

@@ -482,6 +482,15 @@ func (d *decision) apply(ev Event) error {
 			d.checkRoster()
 			return nil
 		case present:
+			if c.State == StateConnected && !c.Joined && c.RosterCtx != "" {
+				// The first roster to show the agent supersedes a read made before it (one a
+				// roster without them decided, brought forward: Graph may not have listed them
+				// yet when it was read, and it hung up on the conversation this roster shows).
+				// The roster without them may also be one from after they left, delivered first:
+				// the check, brought forward again, reads once they are listed.
+				c.RosterCtx = ""
+				d.timer(TimerRoster, rosterSettle)
+			}
 			c.Joined = true
 			if c.State == StateInviting {
 				// The agent is in the call: connected, whether or not the invite's completion
