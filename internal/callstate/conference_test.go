@@ -10,6 +10,7 @@ import (
 
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/redistest"
 )
 
 // The conference hand-off against the rosters Graph notifies: each participant an object of
@@ -201,5 +202,39 @@ func TestRosterReadFromBeforeTheAgentJoinedDoesNotHangUp(t *testing.T) {
 	if log := g.log(); c.State != callstate.StateConnected || !c.Joined || countPrefix(log, "hangup") != 0 {
 		t.Errorf("a read made before a roster showed the agent, answered after it: %s joined=%v, Graph commands %v, queue ops %v; want connected, no hangup",
 			c.State, c.Joined, log, r.q.ops)
+	}
+}
+
+// removedAgent is Graph listing, in a roster read, the caller, callbot and an agent who was
+// removed from the call (removedState): the caller is alone with callbot.
+type removedAgent struct{ *fakeGraph }
+
+func (g removedAgent) Participants(ctx context.Context, id string) ([]graph.Participant, error) {
+	if _, err := g.fakeGraph.Participants(ctx, id); err != nil {
+		return nil, err
+	}
+	return []graph.Participant{
+		{ID: "p-bot", Info: graph.ParticipantInfo{Identity: graph.IdentitySet{Application: &graph.Identity{ID: "bot"}}}},
+		{ID: "p-caller", Info: graph.ParticipantInfo{Identity: graph.IdentitySet{Phone: &graph.Identity{ID: "+14255550100"}}}},
+		{ID: "p-agent", Info: graph.ParticipantInfo{Identity: graph.IdentitySet{User: &graph.Identity{ID: confAgent}}},
+			RemovedState: &graph.RemovedState{Reason: "left"}},
+	}, nil
+}
+
+// A call whose record was lost (with Redis data) after its agent left the conference: Graph
+// lists the agent removed (removedState), which is not in the call, as the rosters the record's
+// call took them for. The call was taken for a conference and left alone: the caller stayed with
+// nobody, on hold music that no longer played, until they hung up.
+func TestCallWithoutARecordWhoseAgentWasRemovedIsTakenBack(t *testing.T) {
+	g := &fakeGraph{}
+	rdb := redistest.Start(t).Client(t)
+	m := instance(t, rdb, "test", removedAgent{g}, &fakeQueues{}, time.Now)
+	store := callstate.NewStore(rdb, "test")
+	id := "8a1b2c3d-0000-4000-8000-00000000e0e0"
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":3,"tone":"tone1"}}`))
+	c, err := store.Get(context.Background(), graph.CallKey(id))
+	if err != nil || m.Adopted.Load() != 1 {
+		t.Fatalf("a call with no record, the caller alone with callbot and an agent listed removed: %+v %v, adopted %d; want it taken back",
+			c, err, m.Adopted.Load())
 	}
 }

@@ -384,11 +384,13 @@ func (m *Machine) adopt(ctx context.Context, tenant, callID, scenario string, ev
 	return nil
 }
 
-// people counts the participants that are not applications (callbot, other bots).
+// people counts the participants that are not applications (callbot, other bots), nor listed
+// as removed (removedState: not in the call, as in rosterEvent; an agent who had left made the
+// caller alone with callbot a conference, neither taken back nor given up on).
 func people(ps []graph.Participant) int {
 	n := 0
 	for _, p := range ps {
-		if id := p.Info.Identity; id.Application == nil && id.ApplicationInstance == nil {
+		if id := p.Info.Identity; id.Application == nil && id.ApplicationInstance == nil && !p.Removed() {
 			n++
 		}
 	}
