@@ -408,13 +408,16 @@ func (v *Verifier) fetchKeys(ctx context.Context) (map[string][]*rsa.PublicKey, 
 }
 
 // jwkKey is the RSA public key of a JWK: its modulus and exponent (n, e), or, where it has none
-// or they do not decode, its certificate (x5c, the first of the chain: standard base64 of the
-// DER). Microsoft's sets carry both; a key with neither usable is nil (left out).
+// or they do not decode to a key that can verify, its certificate (x5c, the first of the chain:
+// standard base64 of the DER). Microsoft's sets carry both; a key with neither usable is nil
+// (left out).
 func jwkKey(n64, e64 string, x5c []string) *rsa.PublicKey {
 	n, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(n64, "="))
 	e, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(e64, "="))
 	if err1 == nil && err2 == nil && len(n) > 0 && len(e) > 0 && len(e) <= 4 {
-		return &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
+		if k := (&rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}); canVerify(k) {
+			return k
+		}
 	}
 	if len(x5c) == 0 {
 		return nil
@@ -428,5 +431,16 @@ func jwkKey(n64, e64 string, x5c []string) *rsa.PublicKey {
 		return nil
 	}
 	key, _ := cert.PublicKey.(*rsa.PublicKey)
+	if key == nil || !canVerify(key) {
+		return nil
+	}
 	return key
+}
+
+// canVerify reports whether crypto/rsa verifies signatures with k at all: a modulus of 1024 bits
+// or more, an odd exponent from 3 to 2^31-1. A key it refuses (a modulus cut short, an exponent
+// of 1) was taken as usable: a set of such keys made callbot ready, and every token was refused
+// as unauthorized (401, which Graph does not deliver again) instead of unavailable (503).
+func canVerify(k *rsa.PublicKey) bool {
+	return k.N.BitLen() >= 1024 && k.E >= 3 && k.E%2 == 1 && k.E <= 1<<31-1
 }

@@ -571,6 +571,8 @@ func TestEveryGoodKeyOfAnOddKeySetVerifies(t *testing.T) {
 			jwk("k1", good, nil), jwk("k1", second, nil)}, "k1", []*rsa.PrivateKey{good, second}},
 		{"an n that does not decode beside a good certificate", []any{
 			jwk("k1", good, map[string]any{"n": stdN, "x5c": cert["x5c"]})}, "k1", []*rsa.PrivateKey{good}},
+		{"an n too short to verify anything beside a good certificate", []any{
+			jwk("k1", good, map[string]any{"n": base64.RawURLEncoding.EncodeToString(good.N.Bytes()[:64]), "x5c": cert["x5c"]})}, "k1", []*rsa.PrivateKey{good}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			body, err := json.Marshal(map[string]any{"keys": tc.set})
@@ -589,6 +591,37 @@ func TestEveryGoodKeyOfAnOddKeySetVerifies(t *testing.T) {
 			}
 			if _, err := v.Verify(context.Background(), signRS(t, forger, tc.kid, goodClaims(time.Now()))); !errors.Is(err, ErrUnauthorized) {
 				t.Errorf("token signed by a key the set lacks: %v, want %v", err, ErrUnauthorized)
+			}
+		})
+	}
+}
+
+// A key set whose keys cannot verify any token (a modulus cut short, 512 bits, or an exponent of
+// 1: crypto/rsa refuses both) has no usable key: the fetch fails, readiness says so, and a token
+// gets 503 (Graph delivers it again) while callbot waits for a usable set. Such a key was taken
+// as usable: callbot became ready, and every notification was refused as unauthorized (401),
+// which Graph does not deliver again.
+func TestKeysThatCannotVerifyAreNotUsable(t *testing.T) {
+	good := genKey(t)
+	for _, tc := range []struct {
+		name string
+		key  map[string]any
+	}{
+		{"a modulus of 512 bits", jwk("k1", good, map[string]any{"n": base64.RawURLEncoding.EncodeToString(good.N.Bytes()[:64])})},
+		{"an exponent of 1", jwk("k1", good, map[string]any{"e": "AQ"})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body, err := json.Marshal(map[string]any{"keys": []any{tc.key}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := jwksServer(t, string(body))
+			v, err := NewVerifier(VerifierConfig{OpenIDConfigURL: srv.URL + "/openid", Audience: testAudience})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.Verify(context.Background(), signRS(t, good, "k1", goodClaims(time.Now()))); !errors.Is(err, ErrUnavailable) {
+				t.Errorf("a token whose kid has only a key that cannot verify: %v, want %v (no usable key fetched)", err, ErrUnavailable)
 			}
 		})
 	}
