@@ -341,7 +341,9 @@ queues:
 // A failover loses an offer (the record taken back to queue q), and before the follow-up looks
 // the caller's max wait passes them on to q2: they wait in q2 now. The follow-up must not put
 // them back in q as well: in two queues, a dispatcher of q would hand them to q's agent, whom
-// the flow no longer meant them for, while q2 still counts them.
+// the flow no longer meant them for, while q2 still counts them. It must free q's agent, whom
+// the lost offer's reservation holds for a caller who is not with them: left to the reconciler,
+// they were reserved for nobody for up to its interval (5 minutes), q's callers waiting.
 func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
 	ctx := context.Background()
 	f := newAgentOnRealQueues(t, "lm")
@@ -369,6 +371,12 @@ func TestOfferFollowUpLeavesACallerWhoMovedOnToAnotherQueue(t *testing.T) {
 	followUpsUntilDone(t, d)
 	if _, in := queueEntry(t, f.qs, realCallKey); in {
 		t.Errorf("the follow-up put the caller, who waits in q2 now, back in q")
+	}
+	if res, _ := f.qs.Reserved(ctx, "tenant-1", f.agent); res != "" {
+		t.Errorf("after the follow-up, q's agent is still reserved for %q, who waits in q2: reserved for nobody until the reconciler", res)
+	}
+	if c, err := st.Get(ctx, realCallKey); err != nil || c.State != callstate.StateQueued || c.Queue != "q2" {
+		t.Errorf("after the follow-up: %s in %q (%v), want left queued in q2", c.State, c.Queue, err)
 	}
 	if n := d.LostOffers.Load(); n != 0 {
 		t.Errorf("LostOffers = %d, want 0", n)

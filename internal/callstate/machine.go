@@ -1755,7 +1755,9 @@ const (
 	OfferLostEnded
 	// OfferPassed: the call is past the offer, neither queued nor with its agent (back in a menu,
 	// where a failover took the record; with another agent, offered again after a failover lost
-	// this offer or after its transfer failed; ended with another): nothing will free the agent
+	// this offer or after its transfer failed; ended with another), or queued elsewhere than the
+	// offer took it from without the offer's attempt (lost, and moved on since to another queue
+	// at the caller's max wait, or queued again from the menu): nothing will free the agent
 	// if they are still reserved for it but the reconciler (up to 5 minutes), so the follow-up
 	// does, and leaves the caller alone. Not counted as lost: a failed transfer gets there too.
 	// A record that counts the offer's transfer attempt is taken as past it only once the
@@ -1780,7 +1782,7 @@ func (f OfferFate) String() string {
 // the offer, or anything after it, settles once the replicas have it (Store.Sync covers
 // everything the master has). A record that lost the offer and has moved on since (the caller's
 // max wait passed them on to another queue, or the flow lost their queue) is the machine's: the
-// caller is not put back where the offer took them from.
+// caller is not put back where the offer took them from, and the agent is freed (OfferPassed).
 func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offer OfferCheck) (OfferFate, error) {
 	offers := offer.Offers
 	m.cache.drop(callKey)
@@ -1794,11 +1796,16 @@ func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offer O
 		return OfferLost, nil
 	case c.Offers < offers && c.State.Terminal():
 		return OfferLostEnded, nil
-	case offer.Agent != "" && c.Agent != offer.Agent && c.State != StateQueued:
+	case offer.Agent != "" && c.Agent != offer.Agent && (c.State != StateQueued || c.Offers < offers):
 		// The transfer attempts counted cannot tell: a failover that lost the offer and a later
 		// offer of the caller (put back by a ghost entry, or queued again from the menu) count
-		// as many. Not while the record is queued: an agent reserved for the call then may be
-		// about to offer it (another instance, after the transfer failed). A record that counts
+		// as many. Not while the record is queued with the attempt counted: the offer's agent,
+		// freed by the machine when the transfer failed, may be reserved for the call again and
+		// about to offer it (another instance). A record queued without it (the offer lost, the
+		// caller passed on to another queue at their max wait since, or queued again from the
+		// menu) is past it too: the lost offer's reservation, which nothing else released, holds
+		// the agent for a caller who is not with them (left to the reconciler, up to 5 minutes);
+		// another agent reserved for the caller meanwhile is not touched. A record that counts
 		// the offer's attempt may have gone past it on the master alone (its transfer failed,
 		// the caller offered to another agent, while the replicas stalled): it settles only once
 		// the replicas have it, as one that shows the offer does, or a failover that then takes
@@ -1811,8 +1818,8 @@ func (m *Machine) OfferFate(ctx context.Context, tenant, callKey string, offer O
 		}
 		return OfferPassed, nil
 	case c.Offers < offers:
-		// moved on since to another queue: the reconciler frees the agent, whose call is not
-		// with them (one of that queue may be reserved for the caller, about to offer)
+		// with the offer's agent (an earlier offer to them, which a failover took the record
+		// back to): theirs
 		return OfferKept, nil
 	}
 	if err := m.cfg.Store.Sync(ctx, callKey); err != nil {

@@ -151,11 +151,11 @@ const (
 // a record that shows the offer or anything after it (with the agent, or back in the queue after
 // the transfer failed: the machine requeued the caller and freed the agent itself, and another
 // instance may have reserved the agent for them again) is never acted on, and ends it once the
-// replicas confirm it, nor is one that lost the offer and moved on since (passed on to another
-// queue at its max wait: put back in this one too, the caller would wait in two); one that shows
-// the call neither queued nor with the offer's agent (back in a menu, with another agent, ended
-// with another: callstate.OfferPassed; one that counts the offer's attempt, once the replicas
-// have it) frees that agent if still reserved for the call, and leaves the caller alone; an
+// replicas confirm it; one that shows the call neither queued nor with the offer's agent (back
+// in a menu, with another agent, ended with another), or that lost the offer and moved on since
+// (passed on to another queue at its max wait: put back in this one too, the caller would wait
+// in two) (callstate.OfferPassed; one that counts the offer's attempt, once the replicas have
+// it) frees that agent if still reserved for the call, and leaves the caller alone; an
 // offer lost
 // puts the caller back at their score (an enqueue is
 // idempotent) and frees the agent if still reserved for that call (AgentAbandoned: they keep
