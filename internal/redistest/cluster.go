@@ -24,7 +24,7 @@ const ClusterSize = 3
 // Cluster is a Redis Cluster of ClusterSize masters (no replicas, or one each) for one test:
 // real redis-server processes on free loopback ports, joined with `redis-cli --cluster create`.
 type Cluster struct {
-	addrs   []string          // the masters
+	addrs   []string          // the masters (as of the start, or of the last Rejoin)
 	nodes   []*node           // every node, masters and replicas
 	replica map[string]string // master -> its replica (StartClusterWithReplicas)
 }
@@ -34,18 +34,35 @@ type Cluster struct {
 // redis-server or redis-cli on PATH the test is skipped, or fails with CALLBOT_REQUIRE_REDIS=1.
 func StartCluster(t testing.TB) *Cluster {
 	t.Helper()
-	return startClusterT(t, 0)
+	return StartClusterWith(t, ClusterOptions{})
 }
 
 // StartClusterWithReplicas is StartCluster with one replica per master (six processes). It
 // returns once every replica's link to its master is up, so that each master can fail over.
 func StartClusterWithReplicas(t testing.TB) *Cluster {
 	t.Helper()
-	return startClusterT(t, 1)
+	return StartClusterWith(t, ClusterOptions{Replicas: 1})
 }
 
-func startClusterT(t testing.TB, replicas int) *Cluster {
+// ClusterOptions are StartClusterWith's choices.
+type ClusterOptions struct {
+	// Replicas per master: 0 or 1.
+	Replicas int
+	// NodeTimeout is cluster-node-timeout: how long a master may not answer before the cluster
+	// flags it as failed and its replica is elected (about half a second to a second more). 2 s
+	// when zero.
+	NodeTimeout time.Duration
+}
+
+// StartClusterWith is StartCluster with o's choices.
+func StartClusterWith(t testing.TB, o ClusterOptions) *Cluster {
 	t.Helper()
+	if o.Replicas < 0 || o.Replicas > 1 {
+		t.Fatalf("redistest: %d replicas per master, want 0 or 1", o.Replicas)
+	}
+	if o.NodeTimeout == 0 {
+		o.NodeTimeout = 2 * time.Second
+	}
 	server, err1 := exec.LookPath("redis-server")
 	cli, err2 := exec.LookPath("redis-cli")
 	if err := errors.Join(err1, err2); err != nil {
@@ -57,7 +74,7 @@ func startClusterT(t testing.TB, replicas int) *Cluster {
 	dir := t.TempDir()
 	var lastErr error
 	for attempt := 1; attempt <= 4; attempt++ {
-		c, err := startCluster(server, cli, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), replicas)
+		c, err := startCluster(server, cli, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), o.Replicas, o.NodeTimeout)
 		if err == nil {
 			t.Cleanup(c.stop)
 			return c
@@ -69,7 +86,8 @@ func startClusterT(t testing.TB, replicas int) *Cluster {
 	return nil
 }
 
-// Addrs returns the host:port of every master the cluster started with.
+// Addrs returns the host:port of every master the cluster started with (after a Rejoin: of
+// every master then).
 func (c *Cluster) Addrs() []string { return append([]string(nil), c.addrs...) }
 
 // Client returns a cluster client, closed when the test ends.
@@ -108,7 +126,7 @@ func (c *Cluster) SlotOf(ctx context.Context, key string) (slot int64, addr stri
 	return slot, "", fmt.Errorf("slot %d of %q is not served", slot, key)
 }
 
-func startCluster(server, cli, dir string, replicas int) (c *Cluster, err error) {
+func startCluster(server, cli, dir string, replicas int, nodeTimeout time.Duration) (c *Cluster, err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -127,7 +145,7 @@ func startCluster(server, cli, dir string, replicas int) (c *Cluster, err error)
 		n := filepath.Join(dir, "nodes-"+strconv.Itoa(i+1))
 		// a replica's first sync starts at once (the default waits 5 s for more replicas)
 		nd, err := startNode(server, port, n+".log", dir,
-			"--cluster-enabled", "yes", "--cluster-config-file", n+".conf", "--cluster-node-timeout", "2000",
+			"--cluster-enabled", "yes", "--cluster-config-file", n+".conf", "--cluster-node-timeout", strconv.FormatInt(nodeTimeout.Milliseconds(), 10),
 			"--repl-diskless-sync-delay", "0")
 		if err != nil {
 			return c, err
@@ -417,4 +435,30 @@ func (c *Cluster) StopNode(addr string) {
 			nd.stop()
 		}
 	}
+}
+
+// Rejoin starts the node at old again (a master StopNode killed, whose replica WaitFailover saw
+// promoted) with its own nodes.conf and no data, as a crashed master whose host comes back: it
+// rejoins the cluster as the replica of the master that took its slots. It returns once that
+// replica is in sync and the cluster healthy; from then on Addrs and ReplicaOf name the masters
+// and replicas as they are, so the promoted master can be killed and fail over in turn.
+func (c *Cluster) Rejoin(old string, within time.Duration) error {
+	nd := c.node(old)
+	if nd == nil {
+		return fmt.Errorf("redistest: %s is no node of the cluster", old)
+	}
+	if err := nd.restart(5 * time.Second); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	if err := c.readRoles(ctx); err != nil {
+		return fmt.Errorf("rejoin %s: %w", old, err)
+	}
+	return c.waitOK(time.Until(deadlineOf(ctx)))
+}
+
+func deadlineOf(ctx context.Context) time.Time {
+	d, _ := ctx.Deadline()
+	return d
 }

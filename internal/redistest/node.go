@@ -16,6 +16,8 @@ import (
 type node struct {
 	addr    string
 	logfile string
+	path    string   // the redis-server binary
+	args    []string // its arguments, for restart
 	cmd     *exec.Cmd
 	exited  chan struct{} // closed when the process has exited
 }
@@ -29,16 +31,40 @@ func startNode(path string, port int, logfile, dir string, extra ...string) (*no
 
 // startProc starts redis-server with args; it will listen on addr and log to logfile.
 func startProc(path, addr, logfile string, args ...string) (*node, error) {
-	cmd := exec.Command(path, args...)
-	if err := cmd.Start(); err != nil {
+	n := &node{addr: addr, logfile: logfile, path: path, args: args}
+	if err := n.run(); err != nil {
 		return nil, err
 	}
-	n := &node{addr: addr, logfile: logfile, cmd: cmd, exited: make(chan struct{})}
+	return n, nil
+}
+
+// run starts the node's process.
+func (n *node) run() error {
+	cmd := exec.Command(n.path, n.args...)
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	exited := make(chan struct{})
 	go func() {
 		cmd.Wait()
-		close(n.exited)
+		close(exited)
 	}()
-	return n, nil
+	n.cmd, n.exited = cmd, exited
+	return nil
+}
+
+// restart starts a node stop killed again, with the same arguments (a cluster node, the same
+// nodes.conf: it rejoins the cluster as the node it was), and waits until it answers.
+func (n *node) restart(within time.Duration) error {
+	select {
+	case <-n.exited:
+	default:
+		return fmt.Errorf("redis-server on %s still runs", n.addr)
+	}
+	if err := n.run(); err != nil {
+		return err
+	}
+	return n.waitReady(within)
 }
 
 // waitReady waits until the node answers PING, as this process (INFO's process_id: another

@@ -3,6 +3,7 @@ package redistest_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -172,5 +173,47 @@ func TestStartClusterWithReplicas(t *testing.T) {
 	}
 	if n, err := pc.Exists(ctx, "{r}late").Result(); err != nil || n != 0 {
 		t.Errorf("the write made while the replica was cut: exists=%d %v, want lost", n, err)
+	}
+}
+
+// A killed master rejoins as the replica of the one promoted in its place (Rejoin), so that the
+// promoted master can fail over in turn, back to it, with what was written before.
+func TestClusterRejoinFailsBack(t *testing.T) {
+	c := redistest.StartClusterWith(t, redistest.ClusterOptions{Replicas: 1, NodeTimeout: time.Second})
+	ctx := context.Background()
+	rdb := c.Client(t)
+	_, old, err := c.SlotOf(ctx, "{r}k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.StopNode(old)
+	t0 := time.Now()
+	promoted, err := c.WaitFailover(old, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("failover from %s to %s in %s (cluster-node-timeout 1s)", old, promoted, time.Since(t0).Round(time.Millisecond))
+	if err := rdb.Set(ctx, "{r}k", "v", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rejoin(old, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.ReplicaOf(promoted); got != old {
+		t.Fatalf("replica of %s is %q, want the rejoined %s", promoted, got, old)
+	}
+	if !slices.Contains(c.Addrs(), promoted) || slices.Contains(c.Addrs(), old) {
+		t.Fatalf("masters %v, want %s and not %s", c.Addrs(), promoted, old)
+	}
+	c.StopNode(promoted)
+	back, err := c.WaitFailover(promoted, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back != old {
+		t.Fatalf("failed over to %s, want %s", back, old)
+	}
+	if got, err := c.NodeClient(t, old).Get(ctx, "{r}k").Result(); err != nil || got != "v" {
+		t.Errorf("after failing back: %q %v, want the value written on the promoted master", got, err)
 	}
 }
