@@ -77,6 +77,91 @@ type Dispatcher struct {
 	// followUps are the offers being followed up, oldest first; only the dispatcher's goroutine
 	// (Run) touches them, as it does DispatchOnce.
 	followUps []*followUp
+	// undos are the reservations whose offer failed and that are not undone yet (RetryUndos):
+	// the call's record could not be read, or the undo's writes failed. Their callers are out
+	// of the queue and their agents reserved until then.
+	undos []*pendingUndo
+}
+
+// pendingUndo is a reservation whose offer failed, to be undone once its fate is known: the
+// caller put back at their place and the agent freed.
+type pendingUndo struct {
+	r     Reservation
+	queue string
+	since time.Time
+	tries int
+}
+
+// undoFor is how long RetryUndos tries to undo a reservation before leaving it to the
+// reconciler: past a failover (Redis Cluster's node timeout and election, Sentinel's).
+const undoFor = 2 * time.Minute
+
+// undo hands a reservation whose offer did not apply back: the caller to their place in the
+// queue, the agent freed (AgentAbandoned: they keep their place among the longest idle). Both
+// writes are idempotent.
+func (d *Dispatcher) undo(ctx context.Context, q string, r Reservation) error {
+	err := d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
+	if err == nil {
+		err = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
+	}
+	if err != nil {
+		d.Log.Warn("undo reservation failed, tried again", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
+		return err
+	}
+	clear(d.exhausted) // an agent may be free, a caller waits again
+	return nil
+}
+
+// giveUpUndo puts the caller of a reservation RetryUndos could not undo back in the queue
+// (harmless if the offer did apply: a later offer to a call that moved on is refused) and leaves
+// the agent to the reconciler, which frees them if the caller is still queued on its next pass.
+func (d *Dispatcher) giveUpUndo(ctx context.Context, u *pendingUndo, msg string) {
+	err := d.Store.Enqueue(context.WithoutCancel(ctx), d.Tenant, u.queue, u.r.Call, u.r.Score)
+	d.Log.Error(msg, zap.String("call_id", u.r.Call), zap.String("agent", u.r.Agent), zap.Int("tries", u.tries), zap.Error(err))
+}
+
+// RetryUndos tries again the reservations whose offer failed without the dispatcher learning
+// whether it applied (the call's record could not be read: its master was down, on Redis
+// Cluster while the others served) or whose undo failed (the cluster down meanwhile), and
+// returns how many are left. Each is read again (offerTook): an offer that applied all the
+// same stands (followed up if its replicas lack it); one that did not is undone, the caller put
+// back at their score and the agent freed. Before, the caller was put back at once and the
+// agent left to the reconciler: the dispatcher reserved agent after agent for that caller, one
+// each tick while the call's master was away, and left each reserved for nobody; and a caller
+// whose put-back failed (the cluster down by then) waited in no queue, with hold music, until
+// the reconciler's pass (up to 5 minutes). One still pending after undoFor (2 minutes), or when
+// Run ends, has its caller put back and its agent left to the reconciler (giveUpUndo). Run calls it on every wake; it is not safe for concurrent
+// use.
+func (d *Dispatcher) RetryUndos(ctx context.Context) int {
+	if len(d.undos) == 0 {
+		return 0
+	}
+	uctx := context.WithoutCancel(ctx)
+	kept := d.undos[:0]
+	for i, u := range d.undos {
+		if ctx.Err() != nil {
+			kept = append(kept, d.undos[i:]...)
+			break
+		}
+		log := d.Log.With(zap.String("call_id", u.r.Call), zap.String("agent", u.r.Agent), zap.String("queue", u.queue))
+		took, known := d.offerTook(uctx, u.queue, u.r)
+		switch {
+		case took:
+			log.Warn("failed offer found applied: it stands")
+			continue
+		case known && d.undo(uctx, u.queue, u.r) == nil:
+			log.Info("failed offer undone: caller back in the queue at their place, agent freed", zap.Int("tries", u.tries+1))
+			continue
+		}
+		if u.tries++; d.Now().Sub(u.since) > undoFor {
+			d.giveUpUndo(ctx, u, "failed offer still not undone: caller put back, agent left to the reconciler")
+			continue
+		}
+		kept = append(kept, u)
+	}
+	clear(d.undos[len(kept):])
+	d.undos = kept
+	return len(kept)
 }
 
 // followUp is an offer the dispatcher watches until it knows whether a failover lost it: the
@@ -332,6 +417,10 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 					zap.String("call_id", f.r.Call), zap.String("agent", f.r.Agent))
 			}
 			d.followUps = nil
+			for _, u := range d.undos {
+				d.giveUpUndo(ctx, u, "failed offer not undone at shutdown: caller put back, agent left to the reconciler")
+			}
+			d.undos = nil
 			return
 		case <-t.C:
 			clear(d.exhausted)
@@ -339,6 +428,7 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 			clear(d.exhausted)
 		case <-d.wake:
 		}
+		d.RetryUndos(ctx)
 		d.FollowUpOffers(ctx)
 		d.DispatchOnce(ctx)
 	}
@@ -398,18 +488,15 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 					offers++
 					return offers
 				}
-				// The caller goes back where it was (harmless if the offer did apply: a later
-				// offer to a call that moved on is refused). The agent is freed only when the
-				// record shows the offer did not apply; when it cannot be read, the reconciler
-				// frees the agent if the caller is still queued on its next pass.
+				// The record shows the offer did not apply: the caller goes back where they were
+				// and the agent is freed. When it cannot be read (the call's master is down),
+				// or the undo fails (the tenant's), the reservation is undone later
+				// (RetryUndos): not left to the reconciler's pass (minutes), and not put
+				// back in the queue before the offer's fate is known, to be reserved again,
+				// agent after agent, each tick the call's master is away.
 				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
-				undo := d.Store.Enqueue(uctx, d.Tenant, q, r.Call, r.Score)
-				if known {
-					undo = errors.Join(undo, d.Store.Release(uctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0))
-				}
-				if undo != nil {
-					// the reconciler puts the caller back and frees the agent
-					d.Log.Error("undo reservation", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(undo))
+				if !known || d.undo(uctx, q, r) != nil {
+					d.undos = append(d.undos, &pendingUndo{r: r, queue: q, since: d.Now()})
 				}
 				return offers
 			case !ok:
