@@ -42,7 +42,8 @@ bench-load:
 	$(GO) run ./cmd/callbot-load $(or $(LOAD),-rate 200 -duration 40s)
 
 # Fault-injection tests (issue #3, docs/chaos.md): real callbot processes, redis-server and
-# graphsim on loopback; an instance and then Redis are killed mid-traffic. About 2 minutes.
+# graphsim on loopback; an instance, Redis, a Sentinel master and Cluster masters are killed
+# mid-traffic. About 2½ minutes.
 .PHONY: chaos
 chaos:
 	$(GO) test -tags chaos -count=1 -v -timeout 10m ./chaos/

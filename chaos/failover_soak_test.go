@@ -72,41 +72,8 @@ func TestRedisFailoverSoak(t *testing.T) {
 		t.Fatal(err)
 	}
 	rdb := s.Client(t)
-	lb := newBalancer(t) // /healthz: an instance without Redis answers 503 with Retry-After itself
-
-	nAgents := max(8, int(perSec*3))
-	nSales := nAgents * 3 / 4
-	flowPath, ids := rollingFlow(t, nSales, nAgents-nSales)
-	var specs []graphsim.AgentSpec
-	for i, id := range ids {
-		answer := graphsim.AgentAccept
-		if i%10 == 3 {
-			answer = graphsim.AgentNoAnswer
-		}
-		specs = append(specs, graphsim.AgentSpec{ID: id, DisplayName: fmt.Sprintf("Agent %d", i+1),
-			Availability: "Available", Activity: "Available", Answer: answer, TalkTime: time.Second})
-	}
-	sim, ca := newSim(t, lb.URL()+"/api/calls", specs)
-	for _, a := range []string{"answer", "subscribeToTone", "playPrompt", "cancelMediaProcessing", "transfer", "delete", "get"} {
-		if _, err := sim.AddFault(graphsim.Fault{Kind: graphsim.FaultLatency, Action: a, Latency: 100 * time.Millisecond, Probability: 1}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	env := baseEnv(sim, ca, "", lb.URL())
-	env["CALLBOT_REDIS_URL"] = s.URL()
-	env["CALLBOT_REDIS_REPLICAS"] = "1"
-	env["CALLBOT_FLOW_FILE"] = flowPath
-	if lease, set := outboxLease(t); set {
-		env["CALLBOT_OUTBOX_LEASE"] = lease.String()
-	}
-	env["CALLBOT_LOG_LEVEL"] = envOr("CHAOS_LOG_LEVEL", "debug")
-	var bots []*callbotProc
-	for _, n := range []string{"bot-a", "bot-b"} {
-		p := startCallbot(t, n, "127.0.0.1:"+strconv.Itoa(freePort(t)), env)
-		bots = append(bots, p)
-		lb.add(p.name, p.addr)
-	}
-	time.Sleep(1200 * time.Millisecond)
+	rig := startSoak(t, "CHAOS_FAILSOAK", perSec, s.URL(), rdb)
+	sim, bots := rig.sim, rig.bots
 
 	t0 := time.Now()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -189,22 +156,8 @@ func TestRedisFailoverSoak(t *testing.T) {
 		}
 	})
 
-	// invariants, sampled every second
-	inv := newInvariants()
-	var sampling sync.WaitGroup
-	sctx, stopSampling := context.WithCancel(context.Background())
-	sampling.Go(func() {
-		for sctx.Err() == nil {
-			inv.sample(rdb, ids)
-			select {
-			case <-sctx.Done():
-			case <-time.After(time.Second):
-			}
-		}
-	})
-
 	var placing sync.WaitGroup
-	callers := placePaced(sim, sd, calls, t0, gap, &placing, newCaller, inv.track)
+	callers := placePaced(sim, sd, calls, t0, gap, &placing, newCaller, rig.inv.track)
 	placedAll := time.Now()
 	cancel()
 	bg.Wait()
@@ -221,134 +174,290 @@ func TestRedisFailoverSoak(t *testing.T) {
 	}
 	t.Logf("t=%s: %d calls placed, %d failovers", since(t0, placedAll), calls, len(cycles))
 
-	stuck := waitEnded(t, t0, callers, placedAll.Add(75*time.Second))
-	known := judgeStuck(t, sim, rdb, stuck, bots...)
-	ended := time.Now()
-
-	// Redis settles: no caller waiting, no agent reserved, within the follow-up's 2 minutes.
-	settleWithin := envDuration(t, "CHAOS_FAILSOAK_SETTLE", 150*time.Second)
-	var left map[string]int64
-	for {
-		left = leftovers(rdb)
-		open := int64(0)
-		for k, n := range left {
-			if !strings.HasSuffix(k, "{outbox}") {
-				open += n
-			}
-		}
-		if open == left[keyPrefix+":{timers}"] || time.Since(ended) > settleWithin {
-			break
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	settled := time.Since(ended)
-	stopSampling()
-	sampling.Wait()
-	for k, n := range left {
-		// Timers a failover left (an acknowledgement batch lost with the master carried their
-		// removal) fire later and are ignored (docs/architecture.md): counted, not failed.
-		if n > 0 && !strings.HasSuffix(k, "{outbox}") && !strings.HasSuffix(k, "{timers}") {
-			t.Errorf("%s holds %d entries %s after every call ended: %v", k, n, settled.Round(100*time.Millisecond), sample(rdb, k))
-		}
-	}
-	counts, misrouted := checkOutcomes(t, callers, bots...)
-	known = append(known, misrouted...)
-	var offered, accepted int
-	for _, id := range ids {
-		st := sim.AgentStats(id)
-		offered += st.Offered
-		accepted += st.Accepted
-		if st.MaxConcurrentOffers > 1 {
-			t.Errorf("agent %s was offered %d calls at once: %+v", id, st.MaxConcurrentOffers, st)
-		}
-	}
-	var given, d503, d5xx int
-	for _, d := range sim.Deliveries() {
-		if d.Status == http.StatusServiceUnavailable {
-			d503++
-		} else if d.Status >= 500 || d.Err != "" {
-			d5xx++
-		}
-		if (d.Err != "" || d.Status >= 500 || d.Status == 429) && d.Attempt == 4 || (d.Err == "" && d.Status >= 400 && d.Status < 500 && d.Status != 429) {
-			given++
-			t.Errorf("notification given up by Graph: call %s %s %s attempt %d status %d %s", d.CallID, d.ChangeType, d.State, d.Attempt, d.Status, d.Err)
-		}
-	}
-	// invariants sampled
-	inv.report(t)
-	// /metrics against the logs
-	var lost, unrepl, followed, lostLogged, reconciled, errs int
-	for _, b := range bots {
-		m := scrapeMetrics(t, b.url())
-		lost += int(m["callbot_offers_lost_total"])
-		unrepl += int(m["callbot_redis_unreplicated_total"])
-		followed += countLines(b.logPath, "following it up")
-		lostLogged += countLines(b.logPath, "offer lost with a failover")
-		reconciled += countLines(b.logPath, "left to the reconciler") + countLines(b.logPath, "stale agent reservation released")
-		errs += countLines(b.logPath, `"level":"error"`)
-	}
-	if lost != lostLogged {
-		t.Errorf("callbot_offers_lost_total %d, but %d offers logged lost", lost, lostLogged)
-	}
-	if lost > followed {
-		t.Errorf("callbot_offers_lost_total %d > the %d offers followed up", lost, followed)
-	}
+	res := rig.finish(t, placedAll, callers)
 	stalls := 0
 	for _, c := range cycles {
 		if c.kind == "stall" {
 			stalls++
 		}
 	}
-	if stalls > 0 && unrepl == 0 {
+	if stalls > 0 && res.unrepl == 0 {
 		t.Errorf("%d failovers after a replication stall, but callbot_redis_unreplicated_total is 0", stalls)
-	}
-	// Reservations that came to nothing, per call: a ghost entry (a queue write of a save that
-	// lost its race) is reserved once and its offer refused; a caller reserved, refused and put
-	// back every dispatcher tick is a loop (one ran for as long as a replication stall lasted).
-	refused := refusedReservations(bots...)
-	worst, most := "", 0
-	for k, n := range refused {
-		if n > most || n == most && k < worst {
-			worst, most = k, n
-		}
-	}
-	if limit := envInt(t, "CHAOS_FAILSOAK_REFUSALS", 3); most > limit {
-		t.Errorf("call %s reserved %d times for nothing (offer refused or failed, caller put back): a reservation loop (limit %d)", worst, most, limit)
 	}
 	var fo []string
 	for _, c := range cycles {
 		fo = append(fo, fmt.Sprintf("%s@%s(promoted +%s, ready +%s, back %d)", c.kind, since(t0, c.killed),
 			c.promoted.Sub(c.killed).Round(10*time.Millisecond), c.ready.Sub(c.killed).Round(10*time.Millisecond), c.wentBack))
 	}
-	t.Logf("summary: %d calls at %s/s for %s, outcomes [%s]; failovers %v; last call ended %s after the last placed; "+
+	t.Logf("summary: %d calls at %s/s for %s; failovers %v; %s", calls, rate, duration, fo, res)
+	rig.end(t, res)
+}
+
+// soak is the set-up the failover soaks share: two instances behind the balancer (health
+// check /healthz: an instance without Redis answers 503 with Retry-After itself) with
+// CALLBOT_REDIS_REPLICAS=1; the rolling-deploy flow with 3 × rate agents (at least 8), one in
+// ten letting calls ring out, each talking 1 s; 100 ms per Graph action; and the invariants
+// sampled every second from the start. Its knobs are read as env+"_SETTLE", "_REFUSALS" and
+// "_LIMIT".
+type soak struct {
+	env  string
+	rdb  redis.UniversalClient
+	lb   *balancer
+	sim  *graphsim.Sim
+	ids  []string
+	bots []*callbotProc
+	inv  *invariants
+	t0   time.Time // when sampling started
+
+	// outages are the times a master was down, from its kill until both instances were ready
+	// again (set before finish): offers that failed then are counted apart
+	// (refusedReservations).
+	outages [][2]time.Time
+
+	stopSampling context.CancelFunc
+	sampling     sync.WaitGroup
+}
+
+// startSoak starts the soak's graphsim, balancer and instances on the Redis at redisURL
+// (CALLBOT_REDIS_URL), which rdb reads, and returns once both are ready and have had a moment
+// to settle (presence read, leases taken).
+func startSoak(t *testing.T, env string, perSec float64, redisURL string, rdb redis.UniversalClient) *soak {
+	s := &soak{env: env, rdb: rdb, lb: newBalancer(t), inv: newInvariants()}
+	lb := s.lb
+
+	nAgents := max(8, int(perSec*3))
+	nSales := nAgents * 3 / 4
+	flowPath, ids := rollingFlow(t, nSales, nAgents-nSales)
+	var specs []graphsim.AgentSpec
+	for i, id := range ids {
+		answer := graphsim.AgentAccept
+		if i%10 == 3 {
+			answer = graphsim.AgentNoAnswer
+		}
+		specs = append(specs, graphsim.AgentSpec{ID: id, DisplayName: fmt.Sprintf("Agent %d", i+1),
+			Availability: "Available", Activity: "Available", Answer: answer, TalkTime: time.Second})
+	}
+	var ca string
+	s.sim, ca = newSim(t, lb.URL()+"/api/calls", specs)
+	for _, a := range []string{"answer", "subscribeToTone", "playPrompt", "cancelMediaProcessing", "transfer", "delete", "get"} {
+		if _, err := s.sim.AddFault(graphsim.Fault{Kind: graphsim.FaultLatency, Action: a, Latency: 100 * time.Millisecond, Probability: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	benv := baseEnv(s.sim, ca, "", lb.URL())
+	benv["CALLBOT_REDIS_URL"] = redisURL
+	benv["CALLBOT_REDIS_REPLICAS"] = "1"
+	benv["CALLBOT_FLOW_FILE"] = flowPath
+	if lease, set := outboxLease(t); set {
+		benv["CALLBOT_OUTBOX_LEASE"] = lease.String()
+	}
+	benv["CALLBOT_LOG_LEVEL"] = envOr("CHAOS_LOG_LEVEL", "debug")
+	for _, n := range []string{"bot-a", "bot-b"} {
+		p := startCallbot(t, n, "127.0.0.1:"+strconv.Itoa(freePort(t)), benv)
+		s.bots = append(s.bots, p)
+		lb.add(p.name, p.addr)
+	}
+	s.ids = ids
+	time.Sleep(1200 * time.Millisecond)
+	sctx, stop := context.WithCancel(context.Background())
+	s.stopSampling = stop
+	s.t0 = time.Now()
+	s.sampling.Go(func() {
+		for sctx.Err() == nil {
+			s.inv.sample(rdb, ids)
+			select {
+			case <-sctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	})
+	t.Cleanup(func() { stop(); s.sampling.Wait() })
+	return s
+}
+
+// soakResult is what finish counted.
+type soakResult struct {
+	calls                                   int
+	counts                                  map[string]int
+	lastEnded, settled                      time.Duration
+	left                                    map[string]int64
+	deliveries, d503, d5xx, given           int
+	offered, accepted                       int
+	unrepl, followed, lost, lostLogged      int
+	reconciled, refused, refusedCalls, most int
+	failedInOutage                          int
+	errs                                    int
+	balancer                                string
+	known                                   []*caller
+}
+
+func (r soakResult) String() string {
+	return fmt.Sprintf("outcomes [%s]; last call ended %s after the last placed; "+
 		"Redis settled %s after the calls ended (leftovers %v); deliveries %d (503 %d, other 5xx or transport errors %d, given up %d); "+
 		"agents offered %d, accepted %d; callbot_redis_unreplicated_total %d, offers followed up %d, callbot_offers_lost_total %d (logged %d), "+
-		"follow-ups left to the reconciler %d; reservations for nothing %d (%d calls, at most %d for one); error log lines %d; balancer %s",
-		calls, rate, duration, fmtCounts(counts), fo, lastEnd(callers).Sub(placedAll).Round(100*time.Millisecond),
-		settled.Round(100*time.Millisecond), left, len(sim.Deliveries()), d503, d5xx, given, offered, accepted,
-		unrepl, followed, lost, lostLogged, reconciled, sum(refused), len(refused), most, errs, lb.stats())
+		"follow-ups left to the reconciler %d; reservations for nothing %d (%d calls, at most %d for one; and %d offers failed during an outage); error log lines %d; balancer %s",
+		fmtCounts(r.counts), r.lastEnded.Round(100*time.Millisecond), r.settled.Round(100*time.Millisecond), r.left,
+		r.deliveries, r.d503, r.d5xx, r.given, r.offered, r.accepted, r.unrepl, r.followed, r.lost, r.lostLogged,
+		r.reconciled, r.refused, r.refusedCalls, r.most, r.failedInOutage, r.errs, r.balancer)
+}
+
+// finish waits for the calls to end (75 s after the last was placed at most) and for Redis to
+// settle (queues and reservations empty, env_SETTLE, 150 s: the offer follow-up's last look is
+// 2 minutes after the offer), stops the sampling, and checks: every call ended as its caller
+// chose, none stuck; nothing but timers left in Redis; no agent offered two callers at once; no
+// notification given up by Graph; the invariants sampled (invariants.report, env_LIMIT);
+// callbot_offers_lost_total equal to the offers logged lost and at most the offers followed up;
+// no call reserved for nothing more than env_REFUSALS (3) times.
+func (s *soak) finish(t *testing.T, placedAll time.Time, callers []*caller) soakResult {
+	t.Helper()
+	rdb, sim, ids, bots := s.rdb, s.sim, s.ids, s.bots
+	r := soakResult{calls: len(callers)}
+	stuck := waitEnded(t, s.t0, callers, placedAll.Add(75*time.Second))
+	r.known = judgeStuck(t, sim, rdb, stuck, bots...)
+	ended := time.Now()
+	r.lastEnded = lastEnd(callers).Sub(placedAll)
+
+	// Redis settles: no caller waiting, no agent reserved, within the follow-up's 2 minutes.
+	settleWithin := envDuration(t, s.env+"_SETTLE", 150*time.Second)
+	for {
+		r.left = leftovers(rdb)
+		open := int64(0)
+		for k, n := range r.left {
+			if !strings.HasSuffix(k, "{outbox}") {
+				open += n
+			}
+		}
+		if open == r.left[keyPrefix+":{timers}"] || time.Since(ended) > settleWithin {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	r.settled = time.Since(ended)
+	s.stopSampling()
+	s.sampling.Wait()
+	for k, n := range r.left {
+		// Timers a failover left (an acknowledgement batch lost with the master carried their
+		// removal) fire later and are ignored (docs/architecture.md): counted, not failed.
+		if n > 0 && !strings.HasSuffix(k, "{outbox}") && !strings.HasSuffix(k, "{timers}") {
+			t.Errorf("%s holds %d entries %s after every call ended: %v", k, n, r.settled.Round(100*time.Millisecond), sample(rdb, k))
+		}
+	}
+	var misrouted []*caller
+	r.counts, misrouted = checkOutcomes(t, callers, bots...)
+	r.known = append(r.known, misrouted...)
+	for _, id := range ids {
+		st := sim.AgentStats(id)
+		r.offered += st.Offered
+		r.accepted += st.Accepted
+		if st.MaxConcurrentOffers > 1 {
+			t.Errorf("agent %s was offered %d calls at once: %+v", id, st.MaxConcurrentOffers, st)
+		}
+	}
+	for _, d := range sim.Deliveries() {
+		r.deliveries++
+		if d.Status == http.StatusServiceUnavailable {
+			r.d503++
+		} else if d.Status >= 500 || d.Err != "" {
+			r.d5xx++
+		}
+		if (d.Err != "" || d.Status >= 500 || d.Status == 429) && d.Attempt == 4 || (d.Err == "" && d.Status >= 400 && d.Status < 500 && d.Status != 429) {
+			r.given++
+			t.Errorf("notification given up by Graph: call %s %s %s attempt %d status %d %s", d.CallID, d.ChangeType, d.State, d.Attempt, d.Status, d.Err)
+		}
+	}
+	limit := envDuration(t, s.env+"_LIMIT", 2*time.Minute+10*time.Second)
+	s.inv.report(t, limit)
+	// /metrics against the logs
+	for _, b := range bots {
+		m := scrapeMetrics(t, b.url())
+		r.lost += int(m["callbot_offers_lost_total"])
+		r.unrepl += int(m["callbot_redis_unreplicated_total"])
+		r.followed += countLines(b.logPath, "following it up")
+		r.lostLogged += countLines(b.logPath, "offer lost with a failover")
+		r.reconciled += countLines(b.logPath, "left to the reconciler") + countLines(b.logPath, "stale agent reservation released")
+		r.errs += countLines(b.logPath, `"level":"error"`)
+	}
+	if r.lost != r.lostLogged {
+		t.Errorf("callbot_offers_lost_total %d, but %d offers logged lost", r.lost, r.lostLogged)
+	}
+	if r.lost > r.followed {
+		t.Errorf("callbot_offers_lost_total %d > the %d offers followed up", r.lost, r.followed)
+	}
+	// Reservations that came to nothing, per call: a ghost entry (a queue write of a save that
+	// lost its race) is reserved once and its offer refused; a caller reserved, refused and put
+	// back every dispatcher tick is a loop (one ran for as long as a replication stall lasted).
+	refused, during := refusedReservations(s.outages, bots...)
+	r.failedInOutage = during
+	worst := ""
+	for k, n := range refused {
+		if n > r.most || n == r.most && k < worst {
+			worst, r.most = k, n
+		}
+	}
+	r.refused, r.refusedCalls = sum(refused), len(refused)
+	if limit := envInt(t, s.env+"_REFUSALS", 3); r.most > limit {
+		t.Errorf("call %s reserved %d times for nothing (offer refused or failed, caller put back): a reservation loop (limit %d)", worst, r.most, limit)
+	}
+	r.balancer = s.lb.stats()
+	return r
+}
+
+// end logs the instances' last warnings and errors if the test failed, and fails it for calls
+// the known stale-cache bug mishandled (skipKnown).
+func (s *soak) end(t *testing.T, r soakResult) {
+	t.Helper()
 	if t.Failed() {
-		for _, p := range bots {
+		for _, p := range s.bots {
 			t.Logf("%s warnings and errors:\n%s", p.name, strings.Join(lastN(grep(p.logPath, `"level":"warn"`, `"level":"error"`), 30), "\n"))
 		}
 	}
-	skipKnown(t, known, calls)
+	skipKnown(t, r.known, r.calls)
 }
 
 var callIDField = regexp.MustCompile(`"call_id":"([^"]+)"`)
 
 // refusedReservations counts, per call, the reservations the instances' logs show came to
 // nothing: the offer refused (the caller no longer waiting) or failed (the caller put back).
-func refusedReservations(bots ...*callbotProc) map[string]int {
-	out := map[string]int{}
+// An offer that failed within one of the outages (a master down, until both instances were
+// ready again) is counted apart, in during: while the master of the outbox index or of the
+// call's record is away every offer fails, and the dispatcher reserves the caller again each
+// time it looks, as long as the outage lasts.
+func refusedReservations(outages [][2]time.Time, bots ...*callbotProc) (out map[string]int, during int) {
+	out = map[string]int{}
 	for _, b := range bots {
 		for _, l := range grep(b.logPath, `"msg":"reserved caller no longer waiting"`, `"msg":"offer failed, caller requeued"`) {
-			if m := callIDField.FindStringSubmatch(l); m != nil {
-				out[m[1]]++
+			m := callIDField.FindStringSubmatch(l)
+			if m == nil {
+				continue
 			}
+			if strings.Contains(l, `"msg":"offer failed`) && inOutage(l, outages) {
+				during++
+				continue
+			}
+			out[m[1]]++
 		}
 	}
-	return out
+	return out, during
+}
+
+var tsField = regexp.MustCompile(`"ts":"([^"]+)"`)
+
+// inOutage reports whether a log line's time falls within one of the outages.
+func inOutage(line string, outages [][2]time.Time) bool {
+	m := tsField.FindStringSubmatch(line)
+	if m == nil {
+		return false
+	}
+	at, err := time.Parse("2006-01-02T15:04:05.000Z0700", m[1])
+	if err != nil {
+		return false
+	}
+	for _, o := range outages {
+		if !at.Before(o[0]) && !at.After(o[1]) {
+			return true
+		}
+	}
+	return false
 }
 
 func envInt(t *testing.T, k string, def int) int {
@@ -426,7 +535,7 @@ func (v *invariants) track(c *caller) {
 	v.mu.Unlock()
 }
 
-func (v *invariants) sample(rdb *redis.Client, agents []string) {
+func (v *invariants) sample(rdb redis.UniversalClient, agents []string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	now := time.Now()
@@ -534,15 +643,11 @@ func mapValues(m map[string]string) []string {
 }
 
 // report fails the test for a caller in two queues, a caller queued in no queue or an agent
-// reserved for a call not with them longer than the offer follow-up's 2 minutes, and logs the
-// longest of each.
-func (v *invariants) report(t *testing.T) {
+// reserved for a call not with them longer than limit (the offer follow-up's 2 minutes and a
+// little), and logs the longest of each.
+func (v *invariants) report(t *testing.T, limit time.Duration) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	limit := 2*time.Minute + 10*time.Second
-	if d := os.Getenv("CHAOS_FAILSOAK_LIMIT"); d != "" {
-		limit, _ = time.ParseDuration(d)
-	}
 	if len(v.twoQueues) > 0 {
 		t.Errorf("callers in two queues at once: %v", lastN(v.twoQueues, 10))
 	}

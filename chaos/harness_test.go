@@ -769,7 +769,7 @@ func brief(r graphsim.CallResult) string {
 // describeStuck logs everything known about a call that did not end: what the caller
 // experienced, the Graph requests callbot made and the notifications graphsim delivered for
 // it, callbot's record in Redis and the log lines of every instance that name it.
-func describeStuck(t *testing.T, sim *graphsim.Sim, rdb *redis.Client, c *caller, procs ...*callbotProc) {
+func describeStuck(t *testing.T, sim *graphsim.Sim, rdb redis.UniversalClient, c *caller, procs ...*callbotProc) {
 	t.Helper()
 	r := c.call.Result()
 	key := graph.CallKey(r.ID)
@@ -820,7 +820,7 @@ func errSuffix(e string) string {
 
 // recordStates counts callbot's call records in Redis by state, and under "unacknowledged"
 // those with commands saved and not yet acknowledged as done.
-func recordStates(rdb *redis.Client) map[string]int {
+func recordStates(rdb redis.UniversalClient) map[string]int {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	out := map[string]int{}
@@ -840,13 +840,41 @@ func recordStates(rdb *redis.Client) map[string]int {
 	return out
 }
 
-func scanKeys(ctx context.Context, rdb *redis.Client, match string) []string {
-	var keys []string
-	iter := rdb.Scan(ctx, 0, match, 500).Iterator()
-	for iter.Next(ctx) {
-		keys = append(keys, iter.Val())
+// scanKeys returns the keys matching match: on Redis Cluster, those of every master.
+func scanKeys(ctx context.Context, rdb redis.UniversalClient, match string) []string {
+	scan := func(c redis.Cmdable) []string {
+		var keys []string
+		iter := c.Scan(ctx, 0, match, 500).Iterator()
+		for iter.Next(ctx) {
+			keys = append(keys, iter.Val())
+		}
+		return keys
 	}
-	return keys
+	cc, ok := rdb.(*redis.ClusterClient)
+	if !ok {
+		return scan(rdb)
+	}
+	for {
+		var mu sync.Mutex
+		var keys []string
+		err := cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+			var k []string
+			iter := m.Scan(ctx, 0, match, 500).Iterator()
+			for iter.Next(ctx) {
+				k = append(k, iter.Val())
+			}
+			mu.Lock()
+			keys = append(keys, k...)
+			mu.Unlock()
+			return iter.Err()
+		})
+		if err == nil || ctx.Err() != nil {
+			return keys
+		}
+		// a master the client still knows is gone (a failover): once it has the new slot map
+		cc.ReloadState(ctx)
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func fmtCounts(m map[string]int) string {
@@ -977,7 +1005,7 @@ func staleDecisions(h []logEvent) []logEvent {
 // judgeStuck describes every stuck call and sorts them: those an instance left stuck by
 // ignoring an event on a stale cached record (the known bug docs/chaos.md describes) are
 // returned; the others fail the test.
-func judgeStuck(t *testing.T, sim *graphsim.Sim, rdb *redis.Client, stuck []*caller, procs ...*callbotProc) (known []*caller) {
+func judgeStuck(t *testing.T, sim *graphsim.Sim, rdb redis.UniversalClient, stuck []*caller, procs ...*callbotProc) (known []*caller) {
 	t.Helper()
 	for _, c := range stuck {
 		describeStuck(t, sim, rdb, c, procs...)

@@ -298,7 +298,7 @@ func TestRedisRestartAOF(t *testing.T) {
 }
 
 // versions returns the version of every call record in Redis.
-func versions(rdb *redis.Client) map[string]int64 {
+func versions(rdb redis.UniversalClient) map[string]int64 {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	out := map[string]int64{}

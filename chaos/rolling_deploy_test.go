@@ -489,7 +489,7 @@ func roundAll(ds []time.Duration) []string {
 
 // leftovers counts what callbot keeps for live calls: outbox index, timers, queued callers and
 // reserved agents.
-func leftovers(rdb *redis.Client) map[string]int64 {
+func leftovers(rdb redis.UniversalClient) map[string]int64 {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	out := map[string]int64{}
@@ -506,7 +506,7 @@ func leftovers(rdb *redis.Client) map[string]int64 {
 }
 
 // sample returns a few members of a leftover key, for the failure message.
-func sample(rdb *redis.Client, k string) []string {
+func sample(rdb redis.UniversalClient, k string) []string {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if strings.HasSuffix(k, ":busy") {

@@ -27,6 +27,7 @@ type Cluster struct {
 	addrs   []string          // the masters (as of the start, or of the last Rejoin)
 	nodes   []*node           // every node, masters and replicas
 	replica map[string]string // master -> its replica (StartClusterWithReplicas)
+	dir     string            // the nodes' configuration files and logs
 }
 
 // StartCluster starts a Redis Cluster that lives until the test ends. It returns once every
@@ -90,6 +91,9 @@ func StartClusterWith(t testing.TB, o ClusterOptions) *Cluster {
 // every master then).
 func (c *Cluster) Addrs() []string { return append([]string(nil), c.addrs...) }
 
+// Dir returns the directory of the nodes' logs (nodes-N.log) and cluster configuration files.
+func (c *Cluster) Dir() string { return c.dir }
+
 // Client returns a cluster client, closed when the test ends.
 func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs()})
@@ -134,7 +138,7 @@ func startCluster(server, cli, dir string, replicas int, nodeTimeout time.Durati
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{}
+	c = &Cluster{dir: dir}
 	defer func() {
 		if err != nil {
 			c.stop()
