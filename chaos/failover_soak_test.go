@@ -307,7 +307,8 @@ func (r soakResult) String() string {
 // chose, none stuck; nothing but timers left in Redis; no agent offered two callers at once; no
 // notification given up by Graph; the invariants sampled (invariants.report, env_LIMIT);
 // callbot_offers_lost_total equal to the offers logged lost and at most the offers followed up;
-// no call reserved for nothing more than env_REFUSALS (3) times.
+// no call reserved for nothing more than env_REFUSALS (3) times, offers that failed within
+// s.outages not counted.
 func (s *soak) finish(t *testing.T, placedAll time.Time, callers []*caller) soakResult {
 	t.Helper()
 	rdb, sim, ids, bots := s.rdb, s.sim, s.ids, s.bots
