@@ -193,8 +193,15 @@ func TestClusterRejoinFailsBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("failover from %s to %s in %s (cluster-node-timeout 1s)", old, promoted, time.Since(t0).Round(time.Millisecond))
-	if err := rdb.Set(ctx, "{r}k", "v", 0).Err(); err != nil {
-		t.Fatal(err)
+	// the client learns the new slot map from the error of a command sent to the old master
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		err := rdb.Set(ctx, "{r}k", "v", 0).Err()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
 	}
 	if err := c.Rejoin(old, 20*time.Second); err != nil {
 		t.Fatal(err)
