@@ -210,8 +210,8 @@ type soak struct {
 	t0   time.Time // when sampling started
 
 	// outages are the times a master was down, from its kill until both instances were ready
-	// again (set before finish): offers that failed then are counted apart
-	// (refusedReservations).
+	// again (the Sentinel soak) or the killed master was back as a replica (the cluster soak; set
+	// before finish): offers that failed then are counted apart (refusedReservations).
 	outages [][2]time.Time
 
 	stopSampling context.CancelFunc

@@ -506,7 +506,16 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				return true, m.cfg.Store.Sync(ctx, callKey)
 			}
 			if !fromCache && ev.Kind != EvAgentOffer {
-				return false, m.cfg.Store.Sync(ctx, callKey)
+				err := m.cfg.Store.Sync(ctx, callKey)
+				if err == nil && cur.State.Terminal() {
+					// The call's removal from the live calls goes behind the save that ended it,
+					// and may have failed when the save did not (on Redis Cluster another master,
+					// down while the call's served): the save's error had this event, or the one
+					// that ended the call, delivered again. Left, the entry waited for the
+					// reconciler's pass (the cluster failover soak).
+					err = m.cfg.Store.Forget(ctx, callKey)
+				}
+				return false, err
 			}
 			return false, nil
 		}
