@@ -2038,7 +2038,7 @@ const keepAliveAfter = 15 * time.Minute
 
 // Reconcile walks the live calls once: records that ended or expired leave the set; a call
 // Graph no longer knows (404) is ended and counted in Closed; a call older than 15 minutes gets
-// a keepAlive; a queued caller is put back in its queue if a failure took it out. Then agent
+// a keepAlive (but one callbot is hanging up); a queued caller is put back in its queue if a failure took it out. Then agent
 // reservations whose call ended or moved on are released, and queue entries whose call ended
 // are removed (sweepGhosts). Run at start-up it picks up calls whose instance vanished.
 func (m *Machine) Reconcile(ctx context.Context) error {
@@ -2066,7 +2066,9 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		}
 		tenants[c.Tenant] = true
 		cctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(ctx, c.Scenario), c.Tenant), m.cfg.CommandTimeout)
-		if now.Sub(c.CreatedAt) > keepAliveAfter {
+		if now.Sub(c.CreatedAt) > keepAliveAfter && c.State != StateTerminating {
+			// not a call callbot is hanging up (its hangups refused or failing): Graph's drop of
+			// a call without keepAlive, 45 minutes on, is the backstop that ends it
 			err = m.cfg.Control.KeepAlive(cctx, c.ID)
 		} else {
 			_, err = m.cfg.Control.GetCall(cctx, c.ID)

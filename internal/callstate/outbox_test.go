@@ -201,6 +201,27 @@ func TestReconcileKeepsLongCallsAlive(t *testing.T) {
 	}
 }
 
+// A call callbot is hanging up (its hangups refused or failing: terminating) gets no keepAlive,
+// however long it lasts: Graph's 45-minute drop of a call without one is the backstop that ends
+// it. It is still read, so that one Graph has ended is closed. Before, the reconciler kept such
+// a call alive every pass, the caller in silence after the goodbye until they hung up.
+func TestReconcileKeepsNoCallBeingHungUpAlive(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	ctx := context.Background()
+	g := &fakeGraph{}
+	m := instance(t, rdb, "kh", g, &fakeQueues{}, func() time.Time { return time.Now().Add(16 * time.Minute) })
+	c := &callstate.Call{ID: "hanging", Tenant: "t1", State: callstate.StateTerminating, CreatedAt: time.Now()}
+	if err := callstate.NewStore(rdb, "kh").Create(ctx, c, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.log(); !slices.Equal(got, []string{"get"}) {
+		t.Errorf("graph commands %v for a 16-minute call being hung up, want a read and no keepAlive", got)
+	}
+}
+
 // Two instances: A created the call and caches it; B applies the next notification. A must not
 // ignore the one after on its stale copy (answering), but decide on the record in Redis.
 func TestStaleCacheDoesNotIgnoreEvents(t *testing.T) {
