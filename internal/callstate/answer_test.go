@@ -15,20 +15,21 @@ import (
 	"github.com/callbot/callbot/internal/redistest"
 )
 
-// answerFailsOnce fails the first answer with err.
+// answerFailsOnce fails the first answer with err (and the extra ones after it).
 type answerFailsOnce struct {
 	*fakeGraph
-	mu   sync.Mutex
-	err  error
-	done bool
+	mu    sync.Mutex
+	err   error
+	extra int
+	done  int
 }
 
 func (f *answerFailsOnce) Answer(ctx context.Context, id string, r graph.AnswerRequest) error {
 	f.mu.Lock()
-	first := !f.done
-	f.done = true
+	fail := f.done <= f.extra
+	f.done++
 	f.mu.Unlock()
-	if first {
+	if fail {
 		f.rec("answer " + id + " (failed)")
 		return f.err
 	}
@@ -203,5 +204,20 @@ func TestRedriveOfASecondAnswerUnreadableStillAnswers(t *testing.T) {
 	b.Wait()
 	if answered() != 1 {
 		t.Errorf("a read after the re-drive gave up the second answer: graph %v; want the call, still incoming, answered", gb.log())
+	}
+}
+
+// Answers Graph did not process (throttled) do not count against the two answers a call gets:
+// under throttling both could be refused, and the caller rang, never answered, until Graph
+// dropped the call at its 15 s deadline, with time left for a third.
+func TestAnswersGraphDidNotProcessDoNotCount(t *testing.T) {
+	g := &answerFailsOnce{fakeGraph: &fakeGraph{state: graph.CallIncoming}, err: &graph.Error{Op: "answer", Status: 429}, extra: 1}
+	rdb := redistest.Start(t).Client(t)
+	m := instance(t, rdb, "an3", g, &fakeQueues{}, nil)
+	id := "4d2c8e1a-9b3f-4a6e-8d7c-2e1f0a9b8c7d"
+	notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+	m.Wait()
+	if n, sent := countPrefix(g.log(), "answer "+id+" (failed)"), countPrefix(g.log(), "answer "+id+" https://"); n != 2 || sent != 1 {
+		t.Errorf("answers: %d throttled, %d taken (log %v); want two throttled, then a third taken", n, sent, g.log())
 	}
 }

@@ -222,9 +222,15 @@ func (d *decision) apply(ev Event) error {
 			return ErrIgnored
 		case c.State == StateAnswering && ev.GraphState == graph.CallEstablished:
 			d.established()
-		case c.State == StateAnswering && ev.GraphState == graph.CallIncoming && c.Answers < maxAnswers:
+		case c.State == StateAnswering && ev.GraphState == graph.CallIncoming && d.env.Now.Before(c.CreatedAt.Add(graph.AnswerDeadline)) &&
+			(c.Answers < maxAnswers || ev.NotSent):
 			// the answer request failed ambiguously or was lost, and Graph says the call was not
-			// answered: answering again cannot answer twice
+			// answered: answering again cannot answer twice. One Graph did not process (throttled,
+			// never sent) does not count: under throttling two answers both refused left the
+			// caller ringing until Graph dropped the call, with time left for a third
+			if ev.NotSent && c.Answers > 0 {
+				c.Answers--
+			}
 			d.answer()
 		case c.State == StateTransferring && ev.GraphState == graph.CallEstablished && (ev.Verified || c.Transferring):
 			d.transferFailed(false)

@@ -980,7 +980,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	case CmdHangup:
 		err = cc.Hangup(ctx, c.ID)
 	case CmdCheckCall:
-		m.checkCall(c, scenario, cmd.Settles, log)
+		m.checkCall(c, scenario, cmd.Settles, log, false)
 		return
 	case CmdCheckRoster:
 		if cur, ok := m.cache.get(graph.CallKey(c.ID)); ok && pastToken(cur, cmd.ClientContext, cur.RosterCtx) {
@@ -1010,14 +1010,15 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case cmd.Kind == CmdAnswer:
 			// ambiguous (timeout, 5xx): the answer may have been taken; or not taken (throttled,
 			// never sent: the token could not be had), which is no refusal of the call. Ask
-			// Graph, and answer again only if it still has the call incoming
-			m.checkCall(c, scenario, false, log)
+			// Graph, and answer again only if it still has the call incoming; one Graph did not
+			// process does not count against maxAnswers
+			m.checkCall(c, scenario, false, log, graph.Classify(err) == graph.NotProcessed)
 		case cmd.Kind == CmdTransfer && !definitive(err):
 			// Graph may have taken it: do not send it again, ask where the call is. A request
 			// that timed out may still be under way in Graph, which may not have left
 			// established yet: established now is one more look, settled by the transfer's
 			// notifications or a second read a while later (transferRecheck), not a failure
-			m.checkCall(c, scenario, false, log)
+			m.checkCall(c, scenario, false, log, false)
 		case cmd.Kind == CmdTransfer:
 			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true, NotSent: graph.Classify(err) == graph.NotProcessed})
 		case cmd.Kind == CmdPlayPrompt:
@@ -1067,7 +1068,8 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 // ended (transferred, caller gone) is what its terminated notification says, when it comes.
 // settles: the read follows the current transfer attempt's own request or timer (EvCallState's
 // Verified).
-func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logger) {
+// notSent: the read follows an answer Graph did not process (EvCallState's NotSent).
+func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logger, notSent bool) {
 	ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), m.cfg.CommandTimeout)
 	defer cancel()
 	st, err := m.cfg.Control.GetCall(ctx, c.ID)
@@ -1098,6 +1100,7 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 	}
 	if ev.Kind == EvCallState {
 		ev.ClientContext = readFor(c) // a later transfer attempt takes nothing from it
+		ev.NotSent = notSent && c.State == StateAnswering
 	}
 	m.applyResult(c.Tenant, key, ev, "apply call state from Graph", "", log)
 }

@@ -141,8 +141,9 @@ type Event struct {
 	Verified bool
 	// NotSent: a transfer or invite request Graph never processed (EvTransferFailed,
 	// EvInviteDone): throttled (429), or never sent (no token). The agent never rang: not their
-	// failure. On EvCallState Unreadable while answering: a re-drive gave up an answer it could
-	// not check, which does not count against maxAnswers.
+	// failure. On EvCallState while answering: the answer the read follows was not processed by
+	// Graph (throttled, never sent), or (Unreadable) a re-drive gave up an answer it could not
+	// check; neither counts against maxAnswers.
 	NotSent bool
 	// Refused: a failed request Graph refused (a 4xx other than 404 and 429: sent again, it most
 	// likely gets the same answer), on EvHangupFailed. RetryAfter is how long Graph asked callbot
