@@ -87,6 +87,8 @@ func Stale(c Call, ev Event) bool {
 		return pastToken(c, ev.ClientContext, c.ToneCtx)
 	case EvHangupFailed:
 		return pastToken(c, ev.ClientContext, c.HangupCtx)
+	case EvTransferFailed:
+		return ev.Verified && ev.ClientContext != "" && pastToken(c, ev.ClientContext, c.TransferCtx)
 	case EvTimeout:
 		return ev.TimerToken == 0 || (ev.TimerToken <= c.Seq && ev.TimerToken != c.Timers[ev.Timer])
 	case EvTone:
@@ -539,6 +541,11 @@ func (d *decision) apply(ev Event) error {
 			// earlier attempt may arrive late or twice: ask Graph where the call is now.
 			d.emit(Command{Kind: CmdCheckCall})
 			return nil
+		}
+		if ev.ClientContext != "" && ev.ClientContext != c.TransferCtx {
+			// the failed request of another attempt: its result applied again (Redis refused it
+			// and had taken it) after the caller was offered again, to another agent
+			return ErrIgnored
 		}
 		d.transferFailed(ev.NotSent)
 		return nil

@@ -1020,7 +1020,10 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// notifications or a second read a while later (transferRecheck), not a failure
 			m.checkCall(c, scenario, false, log, false)
 		case cmd.Kind == CmdTransfer:
-			feed(Event{Kind: EvTransferFailed, Reason: err.Error(), Verified: true, NotSent: graph.Classify(err) == graph.NotProcessed})
+			// the attempt's clientContext: applied again (Redis refused it, but may have taken
+			// it), the failure is not taken for a later attempt's
+			feed(Event{Kind: EvTransferFailed, ClientContext: cmd.ClientContext, Reason: err.Error(), Verified: true,
+				NotSent: graph.Classify(err) == graph.NotProcessed})
 		case cmd.Kind == CmdPlayPrompt:
 			// a prompt that cannot play must not leave the caller waiting for its end
 			feed(Event{Kind: EvPromptDone, ClientContext: cmd.ClientContext, Failed: true})

@@ -2,7 +2,10 @@ package callstate_test
 
 import (
 	"context"
+	"fmt"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -78,5 +81,76 @@ func TestEndedCallLeftInTheLiveSetLeavesItWhenItsEndComesAgain(t *testing.T) {
 	m2.Wait()
 	if keys := live(); len(keys) != 0 {
 		t.Errorf("live calls after the end delivered again: %v, want none", keys)
+	}
+}
+
+// applyThenFail is a Redis that applies a save whose pipeline arms a timer of kind and then
+// reports an error, as a reply lost or replicas that did not confirm it (ErrNotReplicated): the
+// change is on the master. meanwhile runs, once, before the error is returned.
+type applyThenFail struct {
+	armed     atomic.Bool
+	kind      string
+	meanwhile func()
+}
+
+func (h *applyThenFail) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h *applyThenFail) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *applyThenFail) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if args := cmd.Args(); len(args) == 4 && cmd.Name() == "zadd" && strings.Contains(fmt.Sprint(args[3]), "|"+h.kind+"|") &&
+				h.armed.CompareAndSwap(true, false) {
+				if err := next(ctx, cmds); err != nil {
+					return err
+				}
+				h.meanwhile()
+				return context.DeadlineExceeded
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// A refused transfer's result whose save reached Redis but answered with an error (a reply
+// lost, replicas that did not confirm it) is applied again a moment later: by then the caller,
+// back in the queue on the master, may be transferring to another agent, offered by another
+// instance. The failure, which says nothing of which transfer it is, must not be taken for that
+// one's: it released agent-b as failed and put the caller back in the queue while Graph
+// transferred them to agent-b (the caller offered to a third agent meanwhile).
+func TestTransferFailureAppliedAgainDoesNotFailTheNextTransfer(t *testing.T) {
+	srv := redistest.Start(t)
+	rdbA := srv.Client(t)
+	gB, qB := &fakeGraph{}, &fakeQueues{}
+	b := instance(t, srv.Client(t), "ra", gB, qB, nil)
+	id := "7d2f9c41-3b8e-4a6d-9f15-0c4e8b2a7d93"
+	key := graph.CallKey(id)
+	hook := &applyThenFail{kind: string(callstate.TimerHold), meanwhile: func() {
+		// instance B offers the caller, back in the queue on the master, to agent-b
+		if ok, err := b.Offer(context.Background(), "tenant-1", key, "agent-b"); !ok || err != nil {
+			t.Errorf("B's offer to agent-b: %v %v", ok, err)
+		}
+		b.Wait()
+	}}
+	rdbA.AddHook(hook)
+	gA := &fakeGraph{fail: map[string]error{"transfer": &graph.Error{Op: "transfer", Status: 403}}}
+	qA := &fakeQueues{}
+	a := instance(t, rdbA, "ra", gA, qA, nil)
+	queuedCall(t, a, id)
+	hook.armed.Store(true)
+	offeredToAgentA(t, a, id) // agent-a's transfer refused; its result saved, answered with an error
+	if hook.armed.Load() {
+		t.Fatal("the save of the refused transfer's result never failed: the test proves nothing")
+	}
+	c, err := callstate.NewStore(srv.Client(t), "ra").Get(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != callstate.StateTransferring || c.Agent != "agent-b" {
+		t.Errorf("after agent-a's refused transfer and agent-b's offer: %s with %q; want transferring to agent-b", c.State, c.Agent)
+	}
+	for _, op := range append(qA.snapshot(), qB.snapshot()...) {
+		if strings.Contains(op, "agent-b") {
+			t.Errorf("queue op %q: agent-b's transfer was failed by agent-a's refusal", op)
+		}
 	}
 }

@@ -110,7 +110,7 @@ type Event struct {
 	Digit string
 	Seq   int64
 	// ClientContext of the finished operation (EvPromptDone, EvInviteDone) or of the failed
-	// request (EvToneFailed, EvHangupFailed); Failed when it did not play. On EvCallState, what the read of the
+	// request (EvToneFailed, EvHangupFailed, a Verified EvTransferFailed); Failed when it did not play. On EvCallState, what the read of the
 	// call was made for: the transfer attempt (Call.TransferCtx), or the state the call was in
 	// when no transfer was under way; a read made for another attempt says nothing of the
 	// current one ("" applies to any).
