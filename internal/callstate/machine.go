@@ -1722,6 +1722,10 @@ type OfferCheck struct {
 	// a record that lost the offer waits there again, unless the caller has moved on since.
 	Queue      string
 	QueueScore int64
+	// Waiting: the record shows the caller waiting in Queue (queued). A reservation whose offer
+	// did not apply puts the caller back only then: one who has hung up, or moved on to a menu
+	// or another queue, would be a ghost entry there.
+	Waiting bool
 	// Agent is whom the offer was made to: a record read later that shows the call neither
 	// queued nor with them is past the offer, and their reservation for it is stale.
 	Agent string
@@ -1740,7 +1744,7 @@ func (m *Machine) CheckOffer(ctx context.Context, tenant, callKey, agent string)
 		return OfferCheck{}, err
 	}
 	oc := OfferCheck{Took: withAgent(c, agent), Offers: c.Offers,
-		Queue: c.Queue, QueueScore: c.QueueScore, Agent: agent}
+		Queue: c.Queue, QueueScore: c.QueueScore, Waiting: c.State == StateQueued, Agent: agent}
 	if oc.Took {
 		oc.Replicated = m.cfg.Store.Sync(ctx, callKey) == nil
 	}

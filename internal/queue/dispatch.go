@@ -97,10 +97,16 @@ type pendingUndo struct {
 const undoFor = 2 * time.Minute
 
 // undo hands a reservation whose offer did not apply back: the caller to their place in the
-// queue, the agent freed (AgentAbandoned: they keep their place among the longest idle). Both
-// writes are idempotent.
-func (d *Dispatcher) undo(ctx context.Context, q string, r Reservation) error {
-	err := d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
+// queue if their record shows them still waiting there (waiting: offerTook), the agent freed
+// (AgentAbandoned: they keep their place among the longest idle). Both writes are idempotent.
+// A caller who has hung up, or moved on since to a menu or another queue (RetryUndos undoes
+// seconds or minutes after the offer), is not put back: they would be a ghost entry, an agent
+// reserved for them and refused, or a caller in two queues.
+func (d *Dispatcher) undo(ctx context.Context, q string, r Reservation, waiting bool) error {
+	var err error
+	if waiting {
+		err = d.Store.Enqueue(ctx, d.Tenant, q, r.Call, r.Score)
+	}
 	if err == nil {
 		err = d.Store.Release(ctx, d.Tenant, r.Agent, r.Call, callstate.AgentAbandoned, 0)
 	}
@@ -144,13 +150,14 @@ func (d *Dispatcher) RetryUndos(ctx context.Context) int {
 			break
 		}
 		log := d.Log.With(zap.String("call_id", u.r.Call), zap.String("agent", u.r.Agent), zap.String("queue", u.queue))
-		took, known := d.offerTook(uctx, u.queue, u.r)
+		took, known, waiting := d.offerTook(uctx, u.queue, u.r)
 		switch {
 		case took:
 			log.Warn("failed offer found applied: it stands")
 			continue
-		case known && d.undo(uctx, u.queue, u.r) == nil:
-			log.Info("failed offer undone: caller back in the queue at their place, agent freed", zap.Int("tries", u.tries+1))
+		case known && d.undo(uctx, u.queue, u.r, waiting) == nil:
+			log.Info("failed offer undone: agent freed, caller back in the queue at their place if still waiting there",
+				zap.Bool("caller_back", waiting), zap.Int("tries", u.tries+1))
 			continue
 		}
 		if u.tries++; d.Now().Sub(u.since) > undoFor {
@@ -193,22 +200,23 @@ type OfferFollower interface {
 }
 
 // offerTook reads the call's record after an offer returned an error: took when the offer was
-// applied all the same; known false when the record could not be read. An offer that took on
-// the master without being replicated is followed up (follow).
-func (d *Dispatcher) offerTook(ctx context.Context, q string, r Reservation) (took, known bool) {
+// applied all the same; known false when the record could not be read; waiting when the record
+// shows the caller still waiting in q (always so when the Offer cannot tell). An offer that took
+// on the master without being replicated is followed up (follow).
+func (d *Dispatcher) offerTook(ctx context.Context, q string, r Reservation) (took, known, waiting bool) {
 	if of, ok := d.Offer.(OfferFollower); ok {
 		c, err := of.CheckOffer(ctx, d.Tenant, r.Call, r.Agent)
 		if err == nil && c.Took && !c.Replicated {
 			d.follow(q, r, c)
 		}
-		return c.Took, err == nil
+		return c.Took, err == nil, c.Waiting && c.Queue == q
 	}
 	oc, ok := d.Offer.(OfferChecker)
 	if !ok {
-		return false, true
+		return false, true, true
 	}
 	took, err := oc.Offered(ctx, d.Tenant, r.Call, r.Agent)
-	return took, err == nil
+	return took, err == nil, true
 }
 
 // follow starts following up an offer that took on the master but is on no replica yet.
@@ -478,7 +486,7 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 			uctx := context.WithoutCancel(ctx)
 			switch {
 			case err != nil:
-				took, known := d.offerTook(uctx, q, r)
+				took, known, waiting := d.offerTook(uctx, q, r)
 				if took {
 					// the save was applied, only its answer was lost or its replicas did not
 					// confirm it: the offer stands, and freeing the agent would let another caller
@@ -495,7 +503,7 @@ func (d *Dispatcher) DispatchOnce(ctx context.Context) int {
 				// back in the queue before the offer's fate is known, to be reserved again,
 				// agent after agent, each tick the call's master is away.
 				d.Log.Warn("offer failed, caller requeued", zap.String("call_id", r.Call), zap.String("agent", r.Agent), zap.Error(err))
-				if !known || d.undo(uctx, q, r) != nil {
+				if !known || d.undo(uctx, q, r, waiting) != nil {
 					d.undos = append(d.undos, &pendingUndo{r: r, queue: q, since: d.Now()})
 				}
 				return offers
