@@ -123,16 +123,27 @@ func (c *Redis) report(off, rtt time.Duration) {
 	}
 }
 
-// Run syncs every interval until ctx ends (the first at once, unless already synced).
+// unsyncedEvery is how often Run tries while the offset was never measured: until then the
+// host's clock serves, however far off it is.
+const unsyncedEvery = time.Second
+
+// Run syncs every interval until ctx ends (the first at once, unless already synced). Until a
+// sync has succeeded it tries every second: an instance that started while Redis could not be
+// reached decides on its host's clock until then, and the other instances, on Redis's, would
+// find its timers and outbox leases due early (a host 20 s behind: at once).
 func (c *Redis) Run(ctx context.Context, every time.Duration) {
-	t := time.NewTicker(every)
-	defer t.Stop()
 	if !c.Synced() {
 		c.syncLogged(ctx)
 	}
 	for {
+		wait := every
+		if !c.Synced() {
+			wait = min(every, unsyncedEvery)
+		}
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
 		case <-t.C:
 			c.syncLogged(ctx)
