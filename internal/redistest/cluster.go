@@ -241,24 +241,19 @@ func (c *Cluster) CutReplica(t testing.TB, addr string) (resume func()) {
 }
 
 // WaitFailover waits until the replica of old (a master StopNode killed) has been promoted and
-// the cluster is healthy again, and returns the replica's address.
+// the cluster is healthy again on every node still running, and returns the replica's address.
+// The promoted replica reports cluster_state:ok as soon as it has taken the slots; the other
+// nodes hear of it tens of milliseconds later and until then answer CLUSTERDOWN for their own
+// slots as well: a test reading them then would take the error for data gone.
 func (c *Cluster) WaitFailover(old string, within time.Duration) (string, error) {
 	addr := c.replica[old]
 	if addr == "" {
 		return "", fmt.Errorf("%s has no replica", old)
 	}
-	cl := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
-	defer cl.Close()
 	deadline := time.Now().Add(within)
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-		info, err := cl.Info(ctx, "replication").Result()
-		var state string
+		err := c.failedOver(old, addr)
 		if err == nil {
-			state, err = cl.ClusterInfo(ctx).Result()
-		}
-		cancel()
-		if err == nil && infoMismatch(info, map[string]string{"role": "master"}) == "" && infoMismatch(state, map[string]string{"cluster_state": "ok"}) == "" {
 			return addr, nil
 		}
 		if time.Now().After(deadline) {
@@ -266,6 +261,56 @@ func (c *Cluster) WaitFailover(old string, within time.Duration) (string, error)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// failedOver returns nil once addr, the replica of old, is a master and every node still running
+// reports a healthy cluster (cluster_state:ok) in which old serves no slot; otherwise what is
+// not so yet.
+func (c *Cluster) failedOver(old, addr string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	for _, nd := range c.nodes {
+		select {
+		case <-nd.exited:
+			continue // killed (old, or another node StopNode stopped)
+		default:
+		}
+		cl := redis.NewClient(&redis.Options{Addr: nd.addr, MaxRetries: -1})
+		err := func() error {
+			defer cl.Close()
+			if nd.addr == addr {
+				info, err := cl.Info(ctx, "replication").Result()
+				if err != nil {
+					return err
+				}
+				if bad := infoMismatch(info, map[string]string{"role": "master"}); bad != "" {
+					return fmt.Errorf("%s: %s", addr, bad)
+				}
+			}
+			state, err := cl.ClusterInfo(ctx).Result()
+			if err != nil {
+				return err
+			}
+			if bad := infoMismatch(state, map[string]string{"cluster_state": "ok"}); bad != "" {
+				return fmt.Errorf("%s: %s", nd.addr, bad)
+			}
+			//lint:ignore SA1019 CLUSTER SLOTS still answers on Redis 7 and also on the Redis 6 some machines have
+			ranges, err := cl.ClusterSlots(ctx).Result()
+			if err != nil {
+				return err
+			}
+			for _, r := range ranges {
+				if len(r.Nodes) > 0 && r.Nodes[0].Addr == old {
+					return fmt.Errorf("%s: slots %d-%d still served by %s", nd.addr, r.Start, r.End, old)
+				}
+			}
+			return nil
+		}()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (c *Cluster) node(addr string) *node {

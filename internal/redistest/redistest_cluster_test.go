@@ -159,6 +159,12 @@ func TestStartClusterWithReplicas(t *testing.T) {
 	if n := wait("{r}late"); n != 0 {
 		t.Fatalf("WAIT 1 with the replica cut: %d replicas", n)
 	}
+	keys, clients := map[string]string{}, map[string]*redis.Client{}
+	for _, m := range c.Addrs() {
+		// no retries: go-redis would retry a CLUSTERDOWN reply for a while and hide it
+		keys[m], clients[m] = keyOn(t, c, m), redis.NewClient(&redis.Options{Addr: m, MaxRetries: -1})
+		defer clients[m].Close()
+	}
 	c.StopNode(addr)
 	resume()
 	t0 := time.Now()
@@ -167,6 +173,21 @@ func TestStartClusterWithReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("failover from %s to %s in %s", addr, promoted, time.Since(t0).Round(time.Millisecond))
+	// the cluster is healthy again on every node, not only on the one promoted: the other masters
+	// serve their own slots at once (they answered CLUSTERDOWN until they heard of the promotion,
+	// some 30-70 ms after the promoted node said cluster_state:ok, and a test that read them then
+	// took the error for data gone)
+	for _, m := range c.Addrs() {
+		if m == addr {
+			continue
+		}
+		if err := clients[m].Get(ctx, keys[m]).Err(); err != nil && err != redis.Nil {
+			t.Errorf("a read on master %s right after the failover: %v, want it served", m, err)
+		}
+		if info, err := clients[m].ClusterInfo(ctx).Result(); err != nil || !strings.Contains(info, "cluster_state:ok") {
+			t.Errorf("master %s right after the failover: %v %q, want cluster_state:ok", m, err, firstLine(info))
+		}
+	}
 	pc := c.NodeClient(t, promoted)
 	if n, err := pc.Exists(ctx, "{r}a").Result(); err != nil || n != 1 {
 		t.Errorf("the write the replica acknowledged: exists=%d %v", n, err)
@@ -223,4 +244,22 @@ func TestClusterRejoinFailsBack(t *testing.T) {
 	if got, err := c.NodeClient(t, old).Get(ctx, "{r}k").Result(); err != nil || got != "v" {
 		t.Errorf("after failing back: %q %v, want the value written on the promoted master", got, err)
 	}
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return strings.TrimSpace(line)
+}
+
+// keyOn returns a key of a slot the master at addr serves.
+func keyOn(t *testing.T, c *redistest.Cluster, addr string) string {
+	t.Helper()
+	for i := 0; i < 1000; i++ {
+		key := fmt.Sprintf("k:{%d}", i)
+		if _, at, err := c.SlotOf(context.Background(), key); err == nil && at == addr {
+			return key
+		}
+	}
+	t.Fatalf("no key found on %s", addr)
+	return ""
 }
