@@ -106,14 +106,7 @@ func TestClusterTimerRemovalFollowsTheSave(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range []string{
-		note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`),
-		note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`),
-	} {
-		if err := deliver(m, n); err != nil {
-			t.Fatalf("with every replica in sync: %v", err)
-		}
-	}
+	answered(t, m, "tenant-1", id)
 	inMenu, err := store.Get(ctx, key)
 	if err != nil || inMenu.State != callstate.StateInMenu || inMenu.Timers[callstate.TimerMenu] == 0 {
 		t.Fatalf("call %+v %v, want in the menu with its no-input timer", inMenu, err)
@@ -312,9 +305,7 @@ func answered(t *testing.T, m *callstate.Machine, tenant, id string) {
 		note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`),
 		note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`),
 	} {
-		if err := deliverAs(m, tenant, n); err != nil {
-			t.Fatalf("with every replica in sync: %v", err)
-		}
+		deliverInSync(t, m, tenant, n)
 	}
 }
 
