@@ -25,7 +25,7 @@ func TestSyncCorrectsAHostClockThatIsOff(t *testing.T) {
 	rdb := redistest.Start(t).Client(t)
 	for _, skew := range []time.Duration{-20 * time.Second, -1500 * time.Millisecond, 0, 9 * time.Second, 3 * time.Hour} {
 		c := skewed(rdb, skew, nil)
-		if got := c.Now().Sub(time.Now()); (got - skew).Abs() > time.Millisecond {
+		if got := time.Until(c.Now()); (got - skew).Abs() > time.Millisecond {
 			t.Fatalf("skew %v: before any sync Now is off by %v, want the host's own clock", skew, got)
 		}
 		if err := c.Sync(context.Background()); err != nil {
@@ -34,7 +34,7 @@ func TestSyncCorrectsAHostClockThatIsOff(t *testing.T) {
 		if !c.Synced() {
 			t.Errorf("skew %v: not synced after a Sync", skew)
 		}
-		if off := c.Now().Sub(time.Now()); off.Abs() > 50*time.Millisecond {
+		if off := time.Until(c.Now()); off.Abs() > 50*time.Millisecond {
 			t.Errorf("skew %v: synced Now is off by %v from Redis's time", skew, off)
 		}
 		if d := c.Offset() + skew; d.Abs() > 50*time.Millisecond {
@@ -108,7 +108,7 @@ func TestSyncOnACluster(t *testing.T) {
 	if err := c.Sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if off := c.Now().Sub(time.Now()); off.Abs() > 50*time.Millisecond {
+	if off := time.Until(c.Now()); off.Abs() > 50*time.Millisecond {
 		t.Errorf("synced Now is off by %v", off)
 	}
 }
