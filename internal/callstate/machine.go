@@ -608,6 +608,21 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			// timer armed anew, which dropLost would take out of the timer set).
 			m.exec.fill(execKey, slot, nil)
 			m.cache.drop(callKey)
+			if errors.Is(err, ErrNotReplicated) && !w.OutboxDue.IsZero() && len(cur.Outbox) == 0 {
+				// The record is on the master, its commands in its outbox, and this instance
+				// does not carry them out (a failover could lose the decision): the outbox is due
+				// at once for a re-drive, which sends them only once the replicas have the record
+				// (Redrive's Sync). Left leased, they waited the whole lease once the
+				// notification, delivered again, was acknowledged: answers 6 to 10 s late
+				// (Graph drops a call not answered in 15 s), a key press's hold music 6 s late.
+				// Only when the outbox holds this save's commands alone: earlier ones may be
+				// on their way to Graph from another instance, which a re-drive now could send
+				// again before that instance renews its lease.
+				if herr := m.cfg.Store.HandBackOutbox(context.WithoutCancel(ctx), []string{callKey},
+					float64(w.OutboxDue.UnixMilli()), m.cfg.Now()); herr != nil {
+					log.Debug("outbox of a save refused as unreplicated not handed back: re-driven a lease later", zap.Error(herr))
+				}
+			}
 			return false, err
 		}
 		drawn = max(drawn, next.Seq)
@@ -1142,6 +1157,10 @@ func (m *Machine) checkRoster(c Call, scenario, token string, log *zap.Logger) {
 	m.applyResult(c.Tenant, graph.CallKey(c.ID), ev, "apply the participants read from Graph", "", log)
 }
 
+// redriveRecheck is how soon an outbox whose record the replicas do not have yet is looked at
+// again by a re-drive.
+const redriveRecheck = time.Second
+
 // Redis refusing a command's result for a moment (down, restarting, failing over: on Redis
 // Cluster the call's master alone) is waited out: the result is applied again resultRetryFirst
 // later, then twice as long after each refusal, resultRetries times at most (about 16 s, past a
@@ -1354,7 +1373,13 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	// outbox stays claimed until its lease runs out and is re-driven then. Nil at once without
 	// replicas to wait for.
 	if err := m.cfg.Store.Sync(ctx, key); err != nil {
-		log.Warn("re-drive outbox: the record is not on the replicas yet; again a lease later", zap.Error(err))
+		// Nobody sends these commands meanwhile: looked at again a second later, not a lease
+		// (an answer saved in the second after a failover, before the new master had a
+		// replica, went out 7 to 11 s after the call came in; Graph drops it at 15 s)
+		log.Warn("re-drive outbox: the record is not on the replicas yet; again a second later", zap.Error(err))
+		if herr := m.cfg.Store.HandBackOutbox(ctx, []string{key}, claimScore, m.cfg.Now().Add(redriveRecheck)); herr != nil && ctx.Err() == nil {
+			log.Debug("re-drive outbox not handed back: again a lease later", zap.Error(herr))
+		}
 		return
 	}
 	m.cache.drop(key)

@@ -11,8 +11,10 @@ import (
 
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/redistest"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap/zaptest"
 )
 
 // A Graph command's result that Redis refuses for a moment (down, failing over: on Redis
@@ -152,5 +154,51 @@ func TestTransferFailureAppliedAgainDoesNotFailTheNextTransfer(t *testing.T) {
 		if strings.Contains(op, "agent-b") {
 			t.Errorf("queue op %q: agent-b's transfer was failed by agent-a's refusal", op)
 		}
+	}
+}
+
+// A new call whose record Redis took but its replicas did not confirm in time (refused as
+// unreplicated: 503, Graph delivers the notification again) has its answer re-driven as soon as
+// the replicas have the record, not a whole outbox lease later: the instance that saved it does
+// not send it, and the instance that acknowledges the notification delivered again finds the
+// record already there and sends nothing. Before, the answer waited for the lease: 6 to 10 s
+// late in the Sentinel soak, where Graph drops a call not answered in 15 s.
+func TestCommandsOfASaveRefusedAsUnreplicatedAreRedrivenSoon(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	rep := &fakeReplica{}
+	rdb.AddHook(rep)
+	g := &fakeGraph{state: graph.CallIncoming} // Graph has not been answered
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := callstate.NewStore(rdb, "nr")
+	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "nr"), Control: g,
+		Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), OutboxLease: 8 * time.Second})
+	store.WaitForReplicas(1, 20*time.Millisecond)
+	id := "6a1f3c2e-8b7d-4e59-a0c4-d3b2e1f09a87"
+	rep.cut.Store(true)
+	ns, err := graph.Decode([]byte(note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Notify(context.Background(), "tenant-1", ns); err == nil || !strings.Contains(err.Error(), callstate.ErrNotReplicated.Error()) {
+		t.Fatalf("notification with the replica cut: %v, want refused as unreplicated", err)
+	}
+	m.Wait()
+	if n := countPrefix(g.log(), "answer"); n != 0 {
+		t.Fatalf("%d answers sent by the instance whose save was refused, want none", n)
+	}
+	// RunOutbox's look a second later, not a lease: the replica still lacks the record (a new
+	// master without its replica yet), so nothing is sent, and the outbox is due again a second on
+	redriveAll(t, m, store, time.Second)
+	if n := countPrefix(g.log(), "answer"); n != 0 {
+		t.Fatalf("%d answers re-driven before the replicas had the record, want none", n)
+	}
+	rep.cut.Store(false)
+	redriveAll(t, m, store, 3*time.Second)
+	if n := countPrefix(g.log(), "answer "+id+" https://"); n != 1 {
+		t.Errorf("answers after the re-drive once the replica has the record: %d (log %v), want 1", n, g.log())
 	}
 }
