@@ -130,17 +130,7 @@ func TestRedisClusterFailoverSoak(t *testing.T) {
 		}
 	})
 
-	var placing sync.WaitGroup
-	callers := placePaced(sim, sd, calls, t0, gap, &placing, newCaller, rig.inv.track)
-	placedAll := time.Now()
-	cancel()
-	bg.Wait()
-	placing.Wait()
-	for _, c := range callers {
-		if c.call == nil {
-			t.Fatalf("call %d not placed: %v", c.n, c.err)
-		}
-	}
+	callers, placedAll := placeAll(t, sim, sd, calls, t0, gap, newCaller, rig.inv.track, func() { cancel(); bg.Wait() })
 	for _, c := range cycles {
 		if c.err != nil {
 			t.Fatalf("failover (%s) at t=%s: %v", c.kind, since(t0, c.killed), c.err)

@@ -665,6 +665,25 @@ func placePaced(sim *graphsim.Sim, seed uint64, n int, t0 time.Time, gap time.Du
 	return callers
 }
 
+// placeAll places n callers as placePaced does, then calls stop (the test's background work
+// ends: its failovers, its deploys) and waits for every placing; a caller not placed fails the
+// test. placedAll is when the last one was placed.
+func placeAll(t *testing.T, sim *graphsim.Sim, seed uint64, n int, t0 time.Time, gap time.Duration,
+	mk func(rng *rand.Rand, i int) *caller, then func(*caller), stop func()) (callers []*caller, placedAll time.Time) {
+	t.Helper()
+	var placing sync.WaitGroup
+	callers = placePaced(sim, seed, n, t0, gap, &placing, mk, then)
+	placedAll = time.Now()
+	stop()
+	placing.Wait()
+	for _, c := range callers {
+		if c.call == nil {
+			t.Fatalf("call %d not placed: %v", c.n, c.err)
+		}
+	}
+	return callers, placedAll
+}
+
 func placeCalls(t *testing.T, sim *graphsim.Sim, seed uint64, n int, every time.Duration, at func(i int)) []*caller {
 	rng := rand.New(rand.NewPCG(seed, 3))
 	callers := make([]*caller, n)

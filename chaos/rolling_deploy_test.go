@@ -288,22 +288,15 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 		})
 	}
 
-	var placing sync.WaitGroup
-	callers := placePaced(sim, sd, calls, t0, gap, &placing, rollingCaller, nil)
-	placedAll := time.Now()
-	cancel()
-	bg.Wait()
-	placing.Wait()
-	select {
-	case err := <-deployErr:
-		t.Fatalf("rolling deploy: %v", err)
-	default:
-	}
-	for _, c := range callers {
-		if c.call == nil {
-			t.Fatalf("call %d not placed: %v", c.n, c.err)
+	callers, placedAll := placeAll(t, sim, sd, calls, t0, gap, rollingCaller, nil, func() {
+		cancel()
+		bg.Wait()
+		select {
+		case err := <-deployErr:
+			t.Fatalf("rolling deploy: %v", err)
+		default:
 		}
-	}
+	})
 	sim.ClearFaults()
 	t.Logf("t=%s: %d calls placed, %d instances replaced", since(t0, placedAll), calls, len(stops))
 
