@@ -147,6 +147,7 @@ func TestRedisClusterFailoverSoak(t *testing.T) {
 	// refused between both instances ready and the rejoin).
 	for _, c := range cycles {
 		rig.outages = append(rig.outages, [2]time.Time{c.killed, c.met})
+		rig.elections = append(rig.elections, [2]time.Time{c.killed, c.ready})
 	}
 	res := rig.finish(t, placedAll, callers)
 	// The webhook during a failover: what each delivery from the kill to both instances ready

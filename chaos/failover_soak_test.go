@@ -3,6 +3,7 @@
 package chaos
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -203,6 +204,11 @@ type soak struct {
 	// again (the Sentinel soak) or the killed master was back as a replica (the cluster soak; set
 	// before finish): offers that failed then are counted apart (refusedReservations).
 	outages [][2]time.Time
+	// elections are the times from a master's kill until both instances were ready again (the
+	// cluster soak). A notification whose every attempt fell within one, each answered 503, was
+	// given up by graphsim (3 retries, about 3 s) because the election outlasted them, not
+	// because callbot answered wrongly: counted apart (callbot cannot shorten an election).
+	elections [][2]time.Time
 
 	stopSampling context.CancelFunc
 	sampling     sync.WaitGroup
@@ -272,6 +278,7 @@ type soakResult struct {
 	lastEnded, settled                      time.Duration
 	left                                    map[string]int64
 	deliveries, d503, d5xx, given           int
+	givenInElection                         int // of given: wholly within an election (soak.elections)
 	offered, accepted                       int
 	unrepl, followed, lost, lostLogged      int
 	reconciled, refused, refusedCalls, most int
@@ -283,11 +290,11 @@ type soakResult struct {
 
 func (r soakResult) String() string {
 	return fmt.Sprintf("outcomes [%s]; last call ended %s after the last placed; "+
-		"Redis settled %s after the calls ended (leftovers %v); deliveries %d (503 %d, other 5xx or transport errors %d, given up %d); "+
+		"Redis settled %s after the calls ended (leftovers %v); deliveries %d (503 %d, other 5xx or transport errors %d, given up %d, %d of them wholly within an election); "+
 		"agents offered %d, accepted %d; callbot_redis_unreplicated_total %d, offers followed up %d, callbot_offers_lost_total %d (logged %d), "+
 		"follow-ups left to the reconciler %d; reservations for nothing %d (%d calls, at most %d for one; and %d offers failed during an outage); error log lines %d; balancer %s",
 		fmtCounts(r.counts), r.lastEnded.Round(100*time.Millisecond), r.settled.Round(100*time.Millisecond), r.left,
-		r.deliveries, r.d503, r.d5xx, r.given, r.offered, r.accepted, r.unrepl, r.followed, r.lost, r.lostLogged,
+		r.deliveries, r.d503, r.d5xx, r.given, r.givenInElection, r.offered, r.accepted, r.unrepl, r.followed, r.lost, r.lostLogged,
 		r.reconciled, r.refused, r.refusedCalls, r.most, r.failedInOutage, r.errs, r.balancer)
 }
 
@@ -295,7 +302,8 @@ func (r soakResult) String() string {
 // settle (queues and reservations empty, env_SETTLE, 150 s: the offer follow-up's last look is
 // 2 minutes after the offer), stops the sampling, and checks: every call ended as its caller
 // chose, none stuck; nothing but timers left in Redis; no agent offered two callers at once; no
-// notification given up by Graph; the invariants sampled (invariants.report, env_LIMIT);
+// notification given up by Graph (but one whose every attempt got 503 within an election,
+// s.elections: counted apart); the invariants sampled (invariants.report, env_LIMIT);
 // callbot_offers_lost_total equal to the offers logged lost and at most the offers followed up;
 // no call reserved for nothing more than env_REFUSALS (3) times, offers that failed within
 // s.outages not counted.
@@ -353,6 +361,11 @@ func (s *soak) finish(t *testing.T, placedAll time.Time, callers []*caller) soak
 		}
 		if (d.Err != "" || d.Status >= 500 || d.Status == 429) && d.Attempt == 4 || (d.Err == "" && d.Status >= 400 && d.Status < 500 && d.Status != 429) {
 			r.given++
+			if d.Status == http.StatusServiceUnavailable && d.Err == "" && inElection(sim.Deliveries(), d, s.elections) {
+				r.givenInElection++
+				t.Logf("notification given up by Graph, every attempt answered 503 within an election: call %s %s %s", d.CallID, d.ChangeType, d.State)
+				continue
+			}
 			t.Errorf("notification given up by Graph: call %s %s %s attempt %d status %d %s", d.CallID, d.ChangeType, d.State, d.Attempt, d.Status, d.Err)
 		}
 	}
@@ -432,6 +445,39 @@ func refusedReservations(outages [][2]time.Time, bots ...*callbotProc) (out map[
 }
 
 var tsField = regexp.MustCompile(`"ts":"([^"]+)"`)
+
+// inElection reports whether every attempt of the delivery given up (attempt 4) was answered
+// 503 within one election (from a master's kill until both instances were ready again).
+func inElection(all []graphsim.Delivery, given graphsim.Delivery, elections [][2]time.Time) bool {
+	var attempts []graphsim.Delivery
+	for _, d := range all {
+		if d.CallID == given.CallID && bytes.Equal(d.Body, given.Body) && !d.Time.After(given.Time) {
+			attempts = append(attempts, d)
+		}
+	}
+	if len(attempts) < given.Attempt {
+		return false
+	}
+	attempts = attempts[len(attempts)-given.Attempt:] // this delivery's, the last ones before it
+	for i, a := range attempts {
+		if a.Attempt != i+1 {
+			return false
+		}
+	}
+	for _, e := range elections {
+		within := true
+		for _, a := range attempts {
+			if a.Status != http.StatusServiceUnavailable || a.Time.Before(e[0]) || a.Time.After(e[1]) {
+				within = false
+				break
+			}
+		}
+		if within {
+			return true
+		}
+	}
+	return false
+}
 
 // inOutage reports whether a log line's time falls within one of the outages.
 func inOutage(line string, outages [][2]time.Time) bool {
