@@ -5,7 +5,6 @@ package chaos
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -94,24 +93,10 @@ func TestRedisClusterFailoverSoak(t *testing.T) {
 				c.killed = time.Now()
 				c.promoted, c.err = cluster.WaitFailover(c.victim, 30*time.Second)
 				c.failedOver = time.Now()
-				for end := c.failedOver.Add(10 * time.Second); c.err == nil && time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-					ok := true
-					for _, b := range bots {
-						if code, _ := readyz(b.url()); code != http.StatusOK {
-							ok = false
-						}
-					}
-					if ok {
-						c.ready = time.Now()
-						break
-					}
+				if c.err == nil {
+					c.ready = allReady(bots, 10*time.Second)
 				}
-				after := versions(rdb)
-				for key, v := range before {
-					if after[key] < v {
-						c.wentBack++
-					}
-				}
+				c.wentBack = wentBack(before, versions(rdb))
 			}
 			if c.err == nil {
 				c.err = cluster.Rejoin(c.victim, 30*time.Second)

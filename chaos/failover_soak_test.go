@@ -112,24 +112,10 @@ func TestRedisFailoverSoak(t *testing.T) {
 				_, err = s.WaitFailover(old, 45*time.Second)
 			}
 			c.promoted = time.Now()
-			for end := c.promoted.Add(10 * time.Second); err == nil && time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-				ok := true
-				for _, b := range bots {
-					if code, _ := readyz(b.url()); code != http.StatusOK {
-						ok = false
-					}
-				}
-				if ok {
-					c.ready = time.Now()
-					break
-				}
+			if err == nil {
+				c.ready = allReady(bots, 10*time.Second)
 			}
-			after := versions(rdb)
-			for k, v := range before {
-				if after[k] < v {
-					c.wentBack++
-				}
-			}
+			c.wentBack = wentBack(before, versions(rdb))
 			if err == nil {
 				// About a second after it switched masters the Sentinel may take the new master
 				// for down (it has not heard from it yet), try a failover, abort it for want of a
@@ -221,18 +207,7 @@ func startSoak(t *testing.T, env string, perSec float64, redisURL string, rdb re
 	s := &soak{env: env, rdb: rdb, lb: newBalancer(t), inv: newInvariants()}
 	lb := s.lb
 
-	nAgents := max(8, int(perSec*3))
-	nSales := nAgents * 3 / 4
-	flowPath, ids := rollingFlow(t, nSales, nAgents-nSales)
-	var specs []graphsim.AgentSpec
-	for i, id := range ids {
-		answer := graphsim.AgentAccept
-		if i%10 == 3 {
-			answer = graphsim.AgentNoAnswer
-		}
-		specs = append(specs, graphsim.AgentSpec{ID: id, DisplayName: fmt.Sprintf("Agent %d", i+1),
-			Availability: "Available", Activity: "Available", Answer: answer, TalkTime: time.Second})
-	}
+	flowPath, ids, specs := rollingAgents(t, perSec)
 	var ca string
 	s.sim, ca = newSim(t, lb.URL()+"/api/calls", specs)
 	for _, a := range []string{"answer", "subscribeToTone", "playPrompt", "cancelMediaProcessing", "transfer", "delete", "get"} {
@@ -445,6 +420,35 @@ func refusedReservations(outages [][2]time.Time, bots ...*callbotProc) (out map[
 }
 
 var tsField = regexp.MustCompile(`"ts":"([^"]+)"`)
+
+// allReady waits up to within for every instance's /readyz to answer 200, and returns when they
+// all did (zero if they did not in time).
+func allReady(bots []*callbotProc, within time.Duration) time.Time {
+	for end := time.Now().Add(within); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		ok := true
+		for _, b := range bots {
+			if code, _ := readyz(b.url()); code != http.StatusOK {
+				ok = false
+			}
+		}
+		if ok {
+			return time.Now()
+		}
+	}
+	return time.Time{}
+}
+
+// wentBack counts the records whose version in after is below the one in before: changes a
+// failover lost.
+func wentBack(before, after map[string]int64) int {
+	n := 0
+	for k, v := range before {
+		if after[k] < v {
+			n++
+		}
+	}
+	return n
+}
 
 // inElection reports whether every attempt of the delivery given up (attempt 4) was answered
 // 503 within one election (from a master's kill until both instances were ready again).

@@ -152,20 +152,7 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 	rdb := rs.client(t)
 	lb := newBalancerChecking(t, "/readyz")
 
-	// Enough agents for the queues not to grow without bound: about 3 s an agent per call
-	// (the transfer, 1 s of talk, presence catching up), 70 % of callers queue.
-	nAgents := max(8, int(perSec*3))
-	nSales := nAgents * 3 / 4
-	flowPath, ids := rollingFlow(t, nSales, nAgents-nSales)
-	var specs []graphsim.AgentSpec
-	for i, id := range ids {
-		answer := graphsim.AgentAccept
-		if i%10 == 3 {
-			answer = graphsim.AgentNoAnswer // rings out: the caller goes back to the queue head
-		}
-		specs = append(specs, graphsim.AgentSpec{ID: id, DisplayName: fmt.Sprintf("Agent %d", i+1),
-			Availability: "Available", Activity: "Available", Answer: answer, TalkTime: time.Second})
-	}
+	flowPath, ids, specs := rollingAgents(t, perSec)
 	sim, ca := newSim(t, lb.URL()+"/api/calls", specs)
 	// Every call action takes 100 ms at least, as Graph's do.
 	commands := []string{"answer", "subscribeToTone", "playPrompt", "cancelMediaProcessing", "transfer", "delete", "get"}
@@ -516,4 +503,23 @@ func sample(rdb redis.UniversalClient, k string) []string {
 		out = append(out, fmt.Sprintf("%v@%.0f", z.Member, z.Score))
 	}
 	return out
+}
+
+// rollingAgents writes the rolling-deploy flow for perSec calls a second and returns it, its
+// agents' ids and their graphsim specs. Enough agents for the queues not to grow without bound:
+// about 3 s an agent per call (the transfer, 1 s of talk, presence catching up), 70 % of
+// callers queue. One agent in ten lets calls ring out (the caller back to the queue head).
+func rollingAgents(t *testing.T, perSec float64) (flowPath string, ids []string, specs []graphsim.AgentSpec) {
+	nAgents := max(8, int(perSec*3))
+	nSales := nAgents * 3 / 4
+	flowPath, ids = rollingFlow(t, nSales, nAgents-nSales)
+	for i, id := range ids {
+		answer := graphsim.AgentAccept
+		if i%10 == 3 {
+			answer = graphsim.AgentNoAnswer
+		}
+		specs = append(specs, graphsim.AgentSpec{ID: id, DisplayName: fmt.Sprintf("Agent %d", i+1),
+			Availability: "Available", Activity: "Available", Answer: answer, TalkTime: time.Second})
+	}
+	return flowPath, ids, specs
 }

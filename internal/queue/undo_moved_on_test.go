@@ -51,27 +51,8 @@ func TestFailedOfferUndoneLaterLeavesACallerWhoIsNoLongerWaiting(t *testing.T) {
 		"in a menu":     {Queue: "q", QueueScore: 1},
 	} {
 		t.Run(name, func(t *testing.T) {
-			ctx := context.Background()
-			s := newStore(t)
-			must(t, s.SetMembers(ctx, "t", "q", []string{"a1"}))
-			must(t, s.SetRoutable(ctx, "t", map[string]bool{"a1": true}))
-			off := &unreadableOfferer{}
-			d := NewDispatcher(s, off, "t", []string{"q"}, zaptest.NewLogger(t))
-			must(t, d.Enqueue(ctx, "t", "q", "c1", 1))
-			d.DispatchOnce(ctx)
-			if n := d.RetryUndos(ctx); n != 1 {
-				t.Fatalf("%d undos pending after the offer failed unreadable, want 1", n)
-			}
-			off.mu.Lock()
-			off.read, off.check = true, check
-			off.mu.Unlock()
-			if n := d.RetryUndos(ctx); n != 0 {
-				t.Fatalf("%d undos pending once the record could be read, want 0", n)
-			}
-			if r, _ := s.Reserved(ctx, "t", "a1"); r != "" {
-				t.Errorf("a1 still reserved for %q", r)
-			}
-			if n, _ := s.Length(ctx, "t", "q"); n != 0 {
+			s := undoneLater(t, check)
+			if n, _ := s.Length(context.Background(), "t", "q"); n != 0 {
 				t.Errorf("caller put back in q (%d waiting) though their record shows them waiting elsewhere or not at all", n)
 			}
 		})
@@ -80,6 +61,16 @@ func TestFailedOfferUndoneLaterLeavesACallerWhoIsNoLongerWaiting(t *testing.T) {
 
 // One whose record shows them still waiting in the queue is put back at their place.
 func TestFailedOfferUndoneLaterPutsAWaitingCallerBack(t *testing.T) {
+	s := undoneLater(t, callstate.OfferCheck{Queue: "q", QueueScore: 1, Waiting: true})
+	if n, _ := s.Length(context.Background(), "t", "q"); n != 1 {
+		t.Errorf("%d waiting in q, want the caller back", n)
+	}
+}
+
+// undoneLater offers caller c1 of queue q to agent a1 with the call's record unreadable, then
+// lets RetryUndos read it as check: the reservation is undone, a1 freed. It returns the store.
+func undoneLater(t *testing.T, check callstate.OfferCheck) *Store {
+	t.Helper()
 	ctx := context.Background()
 	s := newStore(t)
 	must(t, s.SetMembers(ctx, "t", "q", []string{"a1"}))
@@ -88,8 +79,11 @@ func TestFailedOfferUndoneLaterPutsAWaitingCallerBack(t *testing.T) {
 	d := NewDispatcher(s, off, "t", []string{"q"}, zaptest.NewLogger(t))
 	must(t, d.Enqueue(ctx, "t", "q", "c1", 1))
 	d.DispatchOnce(ctx)
+	if n := d.RetryUndos(ctx); n != 1 {
+		t.Fatalf("%d undos pending after the offer failed unreadable, want 1", n)
+	}
 	off.mu.Lock()
-	off.read, off.check = true, callstate.OfferCheck{Queue: "q", QueueScore: 1, Waiting: true}
+	off.read, off.check = true, check
 	off.mu.Unlock()
 	if n := d.RetryUndos(ctx); n != 0 {
 		t.Fatalf("%d undos pending once the record could be read, want 0", n)
@@ -97,7 +91,5 @@ func TestFailedOfferUndoneLaterPutsAWaitingCallerBack(t *testing.T) {
 	if r, _ := s.Reserved(ctx, "t", "a1"); r != "" {
 		t.Errorf("a1 still reserved for %q", r)
 	}
-	if n, _ := s.Length(ctx, "t", "q"); n != 1 {
-		t.Errorf("%d waiting in q, want the caller back", n)
-	}
+	return s
 }
