@@ -176,10 +176,10 @@ func (s *Store) aheadOnNodes(ctx context.Context, pre []zadd) error {
 		parts[i].zs = append(parts[i].zs, z)
 	}
 	run := func(pt *part) error {
-		var adds []*redis.IntCmd
+		var adds []redis.Cmder
 		err := s.durablyOn(ctx, pt.node, pt.key, func(p redis.Pipeliner) {
 			for _, z := range pt.zs {
-				adds = append(adds, p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member}))
+				adds = append(adds, z.add(ctx, p))
 			}
 		})
 		for _, a := range adds {

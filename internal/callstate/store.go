@@ -337,11 +337,37 @@ func ttl(c *Call) time.Duration {
 	return ActiveTTL
 }
 
-// zadd is a sorted-set entry written ahead of a record.
+// zadd is a sorted-set entry written ahead of a record. With prev set, the entry's score before
+// the write is read in the same step (swapScoreScript) into prev.
 type zadd struct {
 	key    string
 	score  int64
 	member string
+	prev   *prevScore
+}
+
+// prevScore is the score an entry had before a write (old, "" for none), once the write is done.
+type prevScore struct{ cmd *redis.Cmd }
+
+// swapScoreScript sets a sorted-set entry's score and returns the score it had ("" for none).
+const swapScoreScript = `local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+return old or ''`
+
+// restoreScoreScript puts an entry back to the score it had before a write of ours (ARGV[1]),
+// unless someone wrote it since: back to ARGV[3], or removed when it had none.
+var restoreScoreScript = redis.NewScript(`
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then return redis.call('ZREM', KEYS[1], ARGV[2]) end
+return redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])`)
+
+// add sends z on c (a client or a pipeline).
+func (z zadd) add(ctx context.Context, c redis.Cmdable) redis.Cmder {
+	if z.prev != nil {
+		z.prev.cmd = c.Eval(ctx, swapScoreScript, []string{z.key}, z.score, z.member)
+		return z.prev.cmd
+	}
+	return c.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
 }
 
 // ahead lists what goes with a write of c, ahead of it: the outbox index entry when the record
@@ -353,13 +379,17 @@ func (s *Store) ahead(c *Call, due time.Time, created bool, timers []Timer) []za
 	member := graph.CallKey(c.ID)
 	var out []zadd
 	if len(c.Outbox) > 0 && !due.IsZero() {
-		out = append(out, zadd{s.index, due.UnixMilli(), member})
+		z := zadd{key: s.index, score: due.UnixMilli(), member: member}
+		if created {
+			z.prev = &prevScore{} // for a create that finds the record made (CreateWith)
+		}
+		out = append(out, z)
 	}
 	if created {
-		out = append(out, zadd{s.active, c.CreatedAt.UnixMilli(), member})
+		out = append(out, zadd{key: s.active, score: c.CreatedAt.UnixMilli(), member: member})
 	}
 	for _, t := range timers {
-		out = append(out, zadd{s.timers, t.At.UnixMilli(), t.Member()})
+		out = append(out, zadd{key: s.timers, score: t.At.UnixMilli(), member: t.Member()})
 	}
 	return out
 }
@@ -396,7 +426,7 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		// sends each node's part of a pipeline concurrently: the order that makes a crash safe
 		// (index entry first) only holds if the writes are sent one after the other.
 		for _, z := range pre {
-			if err := s.rdb.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member}).Err(); err != nil {
+			if err := z.add(ctx, s.rdb).Err(); err != nil {
 				return 0, err
 			}
 		}
@@ -414,7 +444,7 @@ func (s *Store) write(ctx context.Context, c *Call, script *redis.Script, args [
 		)
 		_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, z := range pre {
-				p.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
+				z.add(ctx, p)
 			}
 			if attempt == 0 {
 				res = script.EvalSha(ctx, p, keys, args...)
@@ -470,7 +500,8 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
 	v := strconv.FormatInt(c.Version+1, 10) // 1, or above any version a lost record of the call had (EvAdopt)
-	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds(), v}, b, s.ahead(c, w.OutboxDue, true, w.Timers), w.Behind)
+	pre := s.ahead(c, w.OutboxDue, true, w.Timers)
+	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds(), v}, b, pre, w.Behind)
 	if n == 1 {
 		c.Version++
 	}
@@ -478,9 +509,28 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
 	if n == 0 {
+		s.restoreAhead(ctx, pre)
 		return ErrExists
 	}
 	return nil
+}
+
+// restoreAhead puts the outbox index entry a create wrote ahead of a record it found made (a
+// repeated incoming) back to what it was, unless written since. Left at the create's due, it
+// put off the re-drive of the record's commands by a lease at each delivery: the answer of a
+// save refused as unreplicated, handed back for a re-drive at once, waited for the lease when
+// Graph delivered the incoming again. Best effort: at worst the re-drive waits that lease.
+func (s *Store) restoreAhead(ctx context.Context, pre []zadd) {
+	for _, z := range pre {
+		if z.prev == nil || z.prev.cmd == nil {
+			continue
+		}
+		old, err := z.prev.cmd.Text()
+		if err != nil {
+			continue // not written, or not known to be
+		}
+		restoreScoreScript.Run(ctx, s.rdb, []string{z.key}, strconv.FormatInt(z.score, 10), z.member, old)
+	}
 }
 
 // Get loads a call, its outbox reduced to the commands not acknowledged yet. It returns
