@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -194,5 +195,32 @@ func testRepeatedCreate(t *testing.T, rdb redis.UniversalClient, store *callstat
 		if got != want {
 			t.Errorf("call %d: outbox index entry after a repeated create: %v, want %v (-1: none)", i+1, got, want)
 		}
+	}
+}
+
+// HandBackOutboxes makes due the outboxes still leased with the score handed back, and leaves
+// one leased again since (a save, a renewal, another claim) as it is.
+func TestHandBackOutboxesLeavesAnOutboxLeasedSince(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	store := callstate.NewStore(rdb, "hbs")
+	ctx := context.Background()
+	now := time.UnixMilli(time.Now().UnixMilli())
+	lease := now.Add(8 * time.Second)
+	mustDo(t, rdb.ZAdd(ctx, "hbs:{outbox}", redis.Z{Score: float64(lease.UnixMilli()), Member: "a"},
+		redis.Z{Score: float64(lease.UnixMilli()) + 0.5, Member: "b"}, // claimed since
+		redis.Z{Score: float64(lease.UnixMilli()), Member: "c"}).Err())
+	err := store.HandBackOutboxes(ctx, []callstate.HandBack{
+		{Call: "a", Score: float64(lease.UnixMilli()), Due: now},
+		{Call: "b", Score: float64(lease.UnixMilli()), Due: now},
+		{Call: "c", Score: float64(lease.UnixMilli()), Due: now.Add(time.Second)},
+		{Call: "d", Score: float64(lease.UnixMilli()), Due: now}, // gone: done meanwhile
+	})
+	mustDo(t, err)
+	got, err := rdb.ZRangeWithScores(ctx, "hbs:{outbox}", 0, -1).Result()
+	mustDo(t, err)
+	want := []redis.Z{{Score: float64(now.UnixMilli()), Member: "a"}, {Score: float64(now.Add(time.Second).UnixMilli()), Member: "c"},
+		{Score: float64(lease.UnixMilli()) + 0.5, Member: "b"}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("outbox index after the hand-backs: %v, want %v", got, want)
 	}
 }

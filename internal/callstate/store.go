@@ -800,6 +800,38 @@ func (s *Store) HandBackOutbox(ctx context.Context, callKeys []string, score flo
 	return handBackOutboxScript.Run(ctx, s.rdb, []string{s.index}, args...).Err()
 }
 
+var handBackOutboxesScript = redis.NewScript(`
+for i = 1, #ARGV, 3 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i+1] then redis.call('ZADD', KEYS[1], ARGV[i+2], ARGV[i]) end
+end
+return 0`)
+
+// HandBack is an outbox lease to hand back (HandBackOutboxes): the call's outbox, leased with
+// Score, is made due at Due.
+type HandBack struct {
+	Call  string
+	Score float64
+	Due   time.Time
+}
+
+// HandBackOutboxes is HandBackOutbox for outboxes leased with different scores, in one round
+// trip for up to a thousand.
+func (s *Store) HandBackOutboxes(ctx context.Context, hs []HandBack) error {
+	const chunk = 1000
+	for len(hs) > 0 {
+		n := min(len(hs), chunk)
+		args := make([]any, 0, 3*n)
+		for _, h := range hs[:n] {
+			args = append(args, h.Call, strconv.FormatFloat(h.Score, 'f', -1, 64), h.Due.UnixMilli())
+		}
+		if err := handBackOutboxesScript.Run(ctx, s.rdb, []string{s.index}, args...).Err(); err != nil {
+			return fmt.Errorf("hand back %d outboxes: %w", n, err)
+		}
+		hs = hs[n:]
+	}
+	return nil
+}
+
 var doneOutboxScript = redis.NewScript(`
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0`)
