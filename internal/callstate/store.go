@@ -361,9 +361,10 @@ if redis.call('ZSCORE', KEYS[1], ARGV[2]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then return redis.call('ZREM', KEYS[1], ARGV[2]) end
 return redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])`)
 
-// add sends z on c (a client or a pipeline).
+// add sends z on c (a client or a pipeline). A write sent again (its script not loaded: NOSCRIPT)
+// keeps the score read the first time, which the second would read as its own.
 func (z zadd) add(ctx context.Context, c redis.Cmdable) redis.Cmder {
-	if z.prev != nil {
+	if z.prev != nil && (z.prev.cmd == nil || z.prev.cmd.Err() != nil) {
 		z.prev.cmd = c.Eval(ctx, swapScoreScript, []string{z.key}, z.score, z.member)
 		return z.prev.cmd
 	}
