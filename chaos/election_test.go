@@ -30,7 +30,7 @@ func TestInElection(t *testing.T) {
 		want bool
 	}{
 		{"all within", tries(503, 10.1, 11.1, 12.1, 12.9), true},
-		{"the last after the instances were ready", tries(503, 10.1, 11.1, 12.1, 13.5), false},
+		{"the last after the election", tries(503, 10.1, 11.1, 12.1, 13.5), false},
 		{"the first before the kill", tries(503, 9.5, 10.5, 11.5, 12.5), false},
 		{"answered 500", tries(500, 10.1, 11.1, 12.1, 12.9), false},
 		{"attempts not all recorded", tries(503, 10.1, 11.1, 12.1, 12.9)[1:], false},

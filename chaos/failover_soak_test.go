@@ -190,8 +190,9 @@ type soak struct {
 	// again (the Sentinel soak) or the killed master was back as a replica (the cluster soak; set
 	// before finish): offers that failed then are counted apart (refusedReservations).
 	outages [][2]time.Time
-	// elections are the times from a master's kill until both instances were ready again (the
-	// cluster soak). A notification whose every attempt fell within one, each answered 503, was
+	// elections are the times from a master's kill until the killed master was back as a
+	// replica (the cluster soak: until then, with CALLBOT_REDIS_REPLICAS=1, the promoted master's
+	// writes are refused as unreplicated, as configured). A notification whose every attempt fell within one, each answered 503, was
 	// given up by graphsim (3 retries, about 3 s) because the election outlasted them, not
 	// because callbot answered wrongly: counted apart (callbot cannot shorten an election).
 	elections [][2]time.Time
@@ -451,7 +452,7 @@ func wentBack(before, after map[string]int64) int {
 }
 
 // inElection reports whether every attempt of the delivery given up (attempt 4) was answered
-// 503 within one election (from a master's kill until both instances were ready again).
+// 503 within one election (s.elections: from a master's kill until it was back as a replica).
 func inElection(all []graphsim.Delivery, given graphsim.Delivery, elections [][2]time.Time) bool {
 	var attempts []graphsim.Delivery
 	for _, d := range all {

@@ -206,6 +206,16 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 			key = graph.CallKey(ev.Incoming.GraphID)
 		}
 		if _, err := m.handle(ctx, tenant, key, ev); err != nil {
+			if errors.Is(err, errUnknownCall) && ev.Kind == EvEnded {
+				// A call with no record may still be listed live: a create writes the entry
+				// ahead of the record, and on Redis Cluster the record's master may have refused
+				// it (down) while the entry's took it. Graph gave up delivering the incoming call
+				// and now reports its end; left, the entry waited for the reconciler's pass.
+				if err := m.cfg.Store.Forget(ctx, key); err != nil {
+					return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
+				}
+				continue
+			}
 			if errors.Is(err, errUnknownCall) {
 				if err := m.adopt(ctx, tenant, n.CallID, graph.ScenarioID(ctx), ev); err != nil {
 					return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)

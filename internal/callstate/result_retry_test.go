@@ -2,6 +2,7 @@ package callstate_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -84,6 +85,69 @@ func TestEndedCallLeftInTheLiveSetLeavesItWhenItsEndComesAgain(t *testing.T) {
 	if keys := live(); len(keys) != 0 {
 		t.Errorf("live calls after the end delivered again: %v, want none", keys)
 	}
+}
+
+// A create writes the call's entry in the live calls ahead of its record; on Redis Cluster the
+// record's master can refuse the write (down) while the entry's takes it. Graph then gives up
+// delivering the incoming call, and reports its end: that end, for a call with no record, was
+// ignored, and the entry stayed until the reconciler's pass (the cluster failover soak). It now
+// removes the entry, or, Redis refusing the removal, is refused (503) to be delivered again.
+func TestLiveEntryOfACallNeverCreatedLeavesWithItsEnd(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	hook := &failZRem{}
+	rdb.AddHook(hook)
+	m := instance(t, rdb, "nc", &fakeGraph{}, &fakeQueues{}, nil)
+	store := callstate.NewStore(srv.Client(t), "nc")
+	id := "5c0e7d21-9a3b-4e6f-8d14-b2a9c7e05f61"
+	ctx := context.Background()
+	if err := rdb.ZAdd(ctx, "nc:{active}", redis.Z{Score: float64(time.Now().UnixMilli()), Member: graph.CallKey(id)}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	live := func() []string {
+		t.Helper()
+		keys, err := store.Live(ctx, time.Now().Add(time.Hour), 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return keys
+	}
+	ended := note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":0}}`)
+	hook.fail.Store(true)
+	if err := deliver(m, ended); !errors.Is(err, graph.ErrUnavailable) {
+		t.Errorf("the end of a call with no record, its removal refused: %v, want ErrUnavailable (503: delivered again)", err)
+	}
+	if keys := live(); len(keys) != 1 {
+		t.Fatalf("live calls after a refused removal: %v, want the entry kept for the next delivery", keys)
+	}
+	hook.fail.Store(false)
+	if err := deliver(m, ended); err != nil {
+		t.Fatal(err)
+	}
+	if keys := live(); len(keys) != 0 {
+		t.Errorf("live calls after the end of a call with no record: %v, want none", keys)
+	}
+	if _, err := store.Get(ctx, graph.CallKey(id)); !errors.Is(err, callstate.ErrNotFound) {
+		t.Errorf("the end of a call with no record made one: %v", err)
+	}
+}
+
+// failZRem is a go-redis hook that, while fail is set, refuses every ZREM sent alone (a master
+// down that holds the live calls, the record's answering).
+type failZRem struct{ fail atomic.Bool }
+
+func (h *failZRem) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *failZRem) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.fail.Load() && cmd.Name() == "zrem" {
+			cmd.SetErr(errDown)
+			return errDown
+		}
+		return next(ctx, cmd)
+	}
+}
+func (h *failZRem) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }
 
 // applyThenFail is a Redis that applies a save whose pipeline arms a timer of kind and then
