@@ -559,7 +559,12 @@ func newSim(t *testing.T, webhookURL string, agents []graphsim.AgentSpec) (*grap
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { sim.Close() })
+	t.Cleanup(func() {
+		sim.Close()
+		if dir := os.Getenv("CHAOS_LOG_DIR"); dir != "" {
+			keepSimLog(t, dir, sim)
+		}
+	})
 	for _, a := range agents {
 		sim.AddAgent(a)
 	}
@@ -568,6 +573,50 @@ func newSim(t *testing.T, webhookURL string, agents []graphsim.AgentSpec) (*grap
 		t.Fatal(err)
 	}
 	return sim, ca
+}
+
+// keepSimLog writes graphsim's view of the test to dir, as JSON lines in time order: every
+// request callbot made to Graph (its action, call, status) and every notification posted to
+// callbot (attempt, what it carried, the status it got), for a post-mortem beside the callbot
+// logs (<test>-graphsim.jsonl).
+func keepSimLog(t *testing.T, dir string, sim *graphsim.Sim) {
+	type line struct {
+		Time       time.Time `json:"ts"`
+		Kind       string    `json:"kind"` // "request" (callbot to Graph) or "delivery" (Graph to callbot)
+		CallID     string    `json:"call_id,omitempty"`
+		Action     string    `json:"action,omitempty"`
+		Method     string    `json:"method,omitempty"`
+		Path       string    `json:"path,omitempty"`
+		Attempt    int       `json:"attempt,omitempty"`
+		ChangeType string    `json:"change_type,omitempty"`
+		Resource   string    `json:"resource,omitempty"`
+		State      string    `json:"state,omitempty"`
+		Status     int       `json:"status"`
+		Err        string    `json:"err,omitempty"`
+		Body       string    `json:"body,omitempty"`
+	}
+	var lines []line
+	for _, r := range sim.Requests() {
+		if r.Action == "token" {
+			continue
+		}
+		lines = append(lines, line{Time: r.Time, Kind: "request", CallID: r.CallID, Action: r.Action, Method: r.Method,
+			Path: r.Path, Status: r.Status, Body: string(r.Body)})
+	}
+	for _, d := range sim.Deliveries() {
+		lines = append(lines, line{Time: d.Time, Kind: "delivery", CallID: d.CallID, Attempt: d.Attempt, ChangeType: d.ChangeType,
+			Resource: d.ResourceURL, State: d.State, Status: d.Status, Err: d.Err})
+	}
+	sort.SliceStable(lines, func(i, j int) bool { return lines[i].Time.Before(lines[j].Time) })
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	for _, l := range lines {
+		enc.Encode(l)
+	}
+	os.MkdirAll(dir, 0o755)
+	if err := os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+"-graphsim.jsonl"), b.Bytes(), 0o644); err != nil {
+		t.Logf("graphsim log not kept: %v", err)
+	}
 }
 
 // agent is agent n (1-8) of the flow: available and answering as told, or away.
