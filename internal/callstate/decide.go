@@ -205,8 +205,12 @@ func (d *decision) apply(ev Event) error {
 		case ev.Unreadable && c.State == StateTransferring:
 			// Graph did not answer a read that was to settle the transfer (a request that failed
 			// ambiguously, a failure notified, no outcome in time; throttled, failing): ask again
-			// a recheck later, not at the transfer's timeout, the caller in silence meanwhile
-			d.timer(TimerTransfer, transferRecheck)
+			// soon, not at the transfer's timeout, the caller perhaps in silence meanwhile: a
+			// second later, then doubling up to a recheck (a read every 5 s after the client's
+			// own retries left callers 20 s and more in silence under a throttling Graph, the
+			// rolling-deploy soak)
+			c.ReadFails++
+			d.timer(TimerTransfer, unreadableRecheck(c.ReadFails))
 		case ev.Unreadable && c.State == StateAnswering && d.env.Now.Before(c.CreatedAt.Add(graph.AnswerDeadline)):
 			// Graph did not answer the read that was to tell whether an answer that failed
 			// ambiguously took (throttled, failing): ask again soon, not at the answer's 10 s
@@ -653,6 +657,15 @@ const (
 	rosterSettle = 5 * time.Second
 )
 
+// unreadableRecheck is the wait before the n-th read (n from 1) of a transfer in doubt that
+// Graph did not answer comes again: a second, doubling, at most transferRecheck.
+func unreadableRecheck(n int) time.Duration {
+	if n < 1 || n > 3 {
+		return transferRecheck
+	}
+	return min(time.Second<<(n-1), transferRecheck)
+}
+
 // A tone subscription that failed (after the Graph client's own retries) is tried again
 // toneRetryFirst later, then twice as long after each failure, at most toneRetryMax apart, up
 // to maxToneRetries times (1, 2, 4, 8, 16, 30 s: a minute in all), never at once: a failure
@@ -833,7 +846,7 @@ func (d *decision) act(a ivr.Action, pre []graph.MediaPrompt) {
 // transfer starts a transfer attempt to target, with a clientContext of its own, and watches for
 // its outcome. Graph has not said this attempt is under way yet (Transferring).
 func (d *decision) transfer(target graph.Party) {
-	d.c.State, d.c.Transferring = StateTransferring, false
+	d.c.State, d.c.Transferring, d.c.ReadFails = StateTransferring, false, 0
 	d.c.TransferCtx = "x" + strconv.FormatInt(d.next(), 10)
 	d.emit(Command{Kind: CmdTransfer, Target: target, ClientContext: d.c.TransferCtx})
 	d.timer(TimerTransfer, d.env.TransferTimeout)

@@ -429,6 +429,63 @@ func TestAnswerRepeatedOnlyWhileIncoming(t *testing.T) {
 	}
 }
 
+// A read that was to settle a transfer in doubt and that Graph did not answer (throttled,
+// failing) is made again a second later, then two, four, and every transferRecheck (5 s) from
+// then on; the next attempt starts again at a second. Before, every such read waited 5 s after
+// the client's own retries: callers in silence for 20 s and more under a throttling Graph (the
+// rolling-deploy soak).
+func TestTransferReadGraphDidNotAnswerIsMadeAgainSoonThenLessOften(t *testing.T) {
+	env := testEnv(t)
+	c, _ := step(t, env, incoming, Event{Kind: EvEstablished}, Event{Kind: EvTone, Digit: "1", Seq: 1})
+	offer := func(c Call, agent string) Call {
+		t.Helper()
+		c, _, err := Decide(c, Event{Kind: EvAgentOffer, Agent: agent}, env)
+		if err != nil || c.State != StateTransferring {
+			t.Fatalf("offer to %s: %s %v", agent, c.State, err)
+		}
+		c, check, err := Decide(c, Event{Kind: EvTransferFailed, Result: graph.ResultInfo{Code: 500, Subcode: 7000}}, env)
+		if err != nil || len(check) != 1 || check[0].Kind != CmdCheckCall {
+			t.Fatalf("failure notification: %v %v, want a read of the call", kinds(check), err)
+		}
+		return c
+	}
+	unreadable := func(c Call) (Call, time.Duration) {
+		t.Helper()
+		c, out, err := Decide(c, Event{Kind: EvCallState, Unreadable: true}, env)
+		if err != nil || c.State != StateTransferring || len(out) != 1 || out[0].Kind != CmdSetTimer || out[0].Timer != TimerTransfer {
+			t.Fatalf("read not answered: %s %v %v, want the transfer's timer set", c.State, kinds(out), err)
+		}
+		wait := out[0].After
+		// the timer fires: a read again
+		c, out, err = Decide(c, Event{Kind: EvTimeout, Timer: TimerTransfer, TimerToken: c.Timers[TimerTransfer]}, env)
+		if err != nil || len(out) == 0 || out[0].Kind != CmdCheckCall {
+			t.Fatalf("recheck: %v %v, want a read of the call", kinds(out), err)
+		}
+		return c, wait
+	}
+	c = offer(c, "a1")
+	var got []time.Duration
+	for range 5 {
+		var wait time.Duration
+		c, wait = unreadable(c)
+		got = append(got, wait)
+	}
+	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, transferRecheck, transferRecheck}
+	if !slices.Equal(got, want) {
+		t.Errorf("waits before each read again: %v, want %v", got, want)
+	}
+	// Graph answers at last: established, the attempt failed; the caller queued again, then
+	// offered to another agent, whose transfer is in doubt too
+	c, _, err := Decide(c, Event{Kind: EvCallState, GraphState: graph.CallEstablished, Verified: true}, env)
+	if err != nil || c.State != StateQueued {
+		t.Fatalf("read answered: %s %v, want back in the queue", c.State, err)
+	}
+	c = offer(c, "a2")
+	if _, out, err := Decide(c, Event{Kind: EvCallState, Unreadable: true}, env); err != nil || len(out) != 1 || out[0].After != time.Second {
+		t.Errorf("the next attempt's first read not answered: %v %v, want a read again a second later", out, err)
+	}
+}
+
 // A read of a call being answered that Graph did not answer is made again a second later while
 // Graph may still take an answer (15 s after the call came in); past that, the answer's own
 // check is the next look.

@@ -223,7 +223,10 @@ type Call struct {
 	Agent      string              `json:"agent,omitempty"`      // agent reserved / transferred to
 	Target     string              `json:"target,omitempty"`     // direct transfer target (menu option)
 	Offers     int                 `json:"offers,omitempty"`     // transfer attempts
-	Answers    int                 `json:"answers,omitempty"`    // answer requests sent
+	// ReadFails counts the reads of the current transfer attempt, in doubt, that Graph did not
+	// answer (throttled, failing): each waits longer before the next (unreadableRecheck).
+	ReadFails int `json:"readFails,omitempty"`
+	Answers   int `json:"answers,omitempty"` // answer requests sent
 	// UnattendedFails counts the direct transfers that failed since the caller last pressed a
 	// key (any key press resets it; one Graph never processed does not count); at
 	// maxUnattendedTransfers callbot ends the call.
