@@ -64,14 +64,7 @@ func TestEndedCallLeftInTheLiveSetLeavesItWhenItsEndComesAgain(t *testing.T) {
 	notify(t, m, ended)
 	m.Wait()
 	ctx := context.Background()
-	live := func() []string {
-		t.Helper()
-		keys, err := store.Live(ctx, time.Now().Add(time.Hour), 10)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return keys
-	}
+	live := func() []string { t.Helper(); return liveCalls(t, store) }
 	if keys := live(); len(keys) != 0 {
 		t.Fatalf("live calls after the end: %v, want none", keys)
 	}
@@ -104,14 +97,7 @@ func TestLiveEntryOfACallNeverCreatedLeavesWithItsEnd(t *testing.T) {
 	if err := rdb.ZAdd(ctx, "nc:{active}", redis.Z{Score: float64(time.Now().UnixMilli()), Member: graph.CallKey(id)}).Err(); err != nil {
 		t.Fatal(err)
 	}
-	live := func() []string {
-		t.Helper()
-		keys, err := store.Live(ctx, time.Now().Add(time.Hour), 10)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return keys
-	}
+	live := func() []string { t.Helper(); return liveCalls(t, store) }
 	ended := note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":0}}`)
 	hook.fail.Store(true)
 	if err := deliver(m, ended); !errors.Is(err, graph.ErrUnavailable) {
@@ -130,6 +116,16 @@ func TestLiveEntryOfACallNeverCreatedLeavesWithItsEnd(t *testing.T) {
 	if _, err := store.Get(ctx, graph.CallKey(id)); !errors.Is(err, callstate.ErrNotFound) {
 		t.Errorf("the end of a call with no record made one: %v", err)
 	}
+}
+
+// liveCalls lists the calls in store's set of live calls.
+func liveCalls(t *testing.T, store *callstate.Store) []string {
+	t.Helper()
+	keys, err := store.Live(context.Background(), time.Now().Add(time.Hour), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
 }
 
 // failZRem is a go-redis hook that, while fail is set, refuses every ZREM sent alone (a master
