@@ -221,3 +221,101 @@ func TestAnswersGraphDidNotProcessDoNotCount(t *testing.T) {
 		t.Errorf("answers: %d throttled, %d taken (log %v); want two throttled, then a third taken", n, sent, g.log())
 	}
 }
+
+// answerErrs is a fakeGraph whose n-th answer fails with errs[n] (nil: taken), recorded as
+// "answer <id> (failed)" when it fails.
+type answerErrs struct {
+	*fakeGraph
+	mu   sync.Mutex
+	errs []error
+	n    int
+}
+
+func (f *answerErrs) Answer(ctx context.Context, id string, r graph.AnswerRequest) error {
+	f.mu.Lock()
+	var err error
+	if f.n < len(f.errs) {
+		err = f.errs[f.n]
+	}
+	f.n++
+	f.mu.Unlock()
+	if err != nil {
+		f.rec("answer " + id + " (failed)")
+		return err
+	}
+	return f.fakeGraph.Answer(ctx, id, r)
+}
+
+// An answer that failed ambiguously (a 500), whose reads Graph throttled until its deadline, was
+// never answered again: callbot answers again only once a read shows the call still incoming,
+// and the read that did came past the answer's deadline (the rolling-deploy soak, mode graph,
+// 1 of 1,800 callers never answered). 10 s after the call came in, with no established
+// notification and no read answered, callbot now answers again without the read. Graph's
+// refusal of that answer may mean the first one took: the call is read and, established, its
+// menu starts; it is not ended as a refused answer would end it.
+func TestAnswerInDoubtUnreadableToTheDeadlineIsAnsweredAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		second error           // what Graph answers to the second answer
+		state  graph.CallState // the call in Graph once it can be read
+		want   callstate.State // the record in the end
+	}{
+		{"the first answer did not take", nil, graph.CallIncoming, callstate.StateAnswering},
+		{"the first answer took", &graph.Error{Op: "answer", Status: 400, Code: "BadRequest"}, graph.CallEstablished, callstate.StateInMenu},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			throttled := &graph.Error{Op: "get", Status: 429, Code: "TooManyRequests"}
+			g := &answerErrs{fakeGraph: &fakeGraph{state: graph.CallIncoming, fail: map[string]error{"get": throttled}},
+				errs: []error{&graph.Error{Op: "answer", Status: 500, Code: "InternalServerError"}, tc.second}}
+			var mu sync.Mutex
+			clock := time.Now()
+			now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+			advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+			rdb := redistest.Start(t).Client(t)
+			m := instance(t, rdb, "an", g, &fakeQueues{}, now)
+			store := callstate.NewStore(rdb, "an")
+			id := "0b6e2d1c-5a4f-4e3d-8c2b-1a0f9e8d7c6d"
+			notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+			m.Wait() // the answer fails (500); the read of the call is throttled
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { m.RunTimers(ctx, 10*time.Millisecond); close(done) }()
+			defer func() { cancel(); <-done }()
+			answers := func() int { return countPrefix(g.log(), "answer "+id) }
+			settle := func(want int) {
+				t.Helper()
+				for deadline := time.Now().Add(5 * time.Second); answers() < want && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			advance(5 * time.Second) // a read again, throttled: 5 s in, not yet time to answer blind
+			for deadline := time.Now().Add(5 * time.Second); countPrefix(g.log(), "get") < 2 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			}
+			settle(1)
+			if n := answers(); n != 1 {
+				t.Fatalf("5 s after the call came in, its reads throttled: %d answers (graph %v), want the first alone", n, g.log())
+			}
+			advance(6 * time.Second) // 11 s in: the read again is throttled too
+			settle(2)
+			if n := answers(); n != 2 {
+				t.Fatalf("11 s after the call came in, its reads throttled: %d answers (graph %v), want a second answer", n, g.log())
+			}
+			// Graph answers reads again
+			g.mu.Lock()
+			delete(g.fail, "get")
+			g.state = tc.state
+			g.mu.Unlock()
+			advance(2 * time.Second) // past the read again a second after the last unanswered one
+			for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				if c, err := store.Get(context.Background(), graph.CallKey(id)); err == nil && c.State == tc.want {
+					break
+				}
+			}
+			c, err := store.Get(context.Background(), graph.CallKey(id))
+			if err != nil || c.State != tc.want || c.Answers != 2 {
+				t.Errorf("the second answer %v, Graph then showing the call %s: %s (%d answers) %v, graph %v; want %s",
+					tc.second, tc.state, c.State, c.Answers, err, g.log(), tc.want)
+			}
+		})
+	}
+}

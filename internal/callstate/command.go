@@ -73,6 +73,10 @@ type Command struct {
 	// Settles, on CmdCheckCall: what Graph says settles the current transfer attempt (the check
 	// is its timer's), rather than checking a failure notification that may be an earlier one's.
 	Settles bool `json:"settles,omitempty"`
+	// Unverified, on CmdAnswer: sent without Graph having shown the call still incoming since an
+	// earlier answer that may have taken (its reads unanswered near the deadline). Graph's
+	// refusal of it may mean the call is established: the call is read, not ended.
+	Unverified bool `json:"unverified,omitempty"`
 	// Again marks a command the re-drive sends a second time, not knowing whether the first
 	// reached Graph. Not stored: only the re-driving instance needs it.
 	Again bool `json:"-"`

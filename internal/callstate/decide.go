@@ -223,6 +223,16 @@ func (d *decision) apply(ev Event) error {
 				// maxAnswers, or the read to come finds the call incoming and answers no more
 				c.Answers--
 			}
+			if c.Answers < maxAnswers && d.env.Now.Sub(c.CreatedAt) >= unverifiedAnswerAfter {
+				// Graph has not said the call is established, this long after the answer, and
+				// will not say whether it is still incoming before its deadline: answer again
+				// without the read. A caller whose answer Graph failed (500), and whose reads Graph
+				// throttled for 14 s, was never answered (the rolling-deploy soak, mode graph).
+				// A refusal of this answer may mean the first one took: it is no refusal of the
+				// call (Command.Unverified).
+				d.answerUnverified(true)
+				return nil
+			}
 			d.timer(TimerAnswer, answerRecheck)
 		case ev.Unreadable:
 			return ErrIgnored
@@ -628,6 +638,10 @@ const (
 	// answerRecheck: a read of a call being answered that Graph did not answer is made again
 	// this long after, within Graph's answer deadline
 	answerRecheck = time.Second
+	// unverifiedAnswerAfter: a call being answered that Graph has not said is established this
+	// long after it came in, and that Graph does not let callbot read, is answered again
+	// without the read (the answer that Graph may have taken would have been notified by now)
+	unverifiedAnswerAfter = 10 * time.Second
 	// transferRecheck: a failure notification could not be told from an earlier attempt's; ask
 	// Graph again this long after, and take what it says then
 	transferRecheck = 5 * time.Second
@@ -718,9 +732,14 @@ const maxUnattendedTransfers = 3
 // still incoming); Graph's 15 s deadline leaves no room for more.
 const maxAnswers = 2
 
-func (d *decision) answer() {
+func (d *decision) answer() { d.answerUnverified(false) }
+
+// answerUnverified answers the call; unverified: without Graph having shown it still incoming
+// since an answer that may have taken (Command.Unverified).
+func (d *decision) answerUnverified(unverified bool) {
 	d.c.Answers++
-	d.emit(Command{Kind: CmdAnswer, Answer: graph.AnswerRequest{CallbackURI: d.env.CallbackURI, PrefetchMedia: d.env.Flow.AllPrompts()}})
+	d.emit(Command{Kind: CmdAnswer, Answer: graph.AnswerRequest{CallbackURI: d.env.CallbackURI, PrefetchMedia: d.env.Flow.AllPrompts()},
+		Unverified: unverified})
 	d.timer(TimerAnswer, answerCheck)
 }
 

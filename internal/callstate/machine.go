@@ -1034,8 +1034,12 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
 			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String()})
-		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused:
+		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused && !cmd.Unverified:
 			feed(Event{Kind: EvCommandFailed, Command: cmd.Kind.String()})
+		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused:
+			// an answer sent without a read (Command.Unverified): Graph may refuse it because the
+			// earlier answer took, and the call is established; ask, rather than end the call
+			m.checkCall(c, scenario, false, log, false)
 		case cmd.Kind == CmdAnswer:
 			// ambiguous (timeout, 5xx): the answer may have been taken; or not taken (throttled,
 			// never sent: the token could not be had), which is no refusal of the call. Ask
