@@ -192,9 +192,10 @@ type soak struct {
 	outages [][2]time.Time
 	// elections are the times from a master's kill until the killed master was back as a
 	// replica (the cluster soak: until then, with CALLBOT_REDIS_REPLICAS=1, the promoted master's
-	// writes are refused as unreplicated, as configured). A notification whose every attempt fell within one, each answered 503, was
-	// given up by graphsim (3 retries, about 3 s) because the election outlasted them, not
-	// because callbot answered wrongly: counted apart (callbot cannot shorten an election).
+	// writes are refused as unreplicated, as configured). A notification whose every attempt
+	// fell within one, each answered 503, was given up by graphsim (3 retries, about 3 s)
+	// because the election outlasted them, not because callbot answered wrongly: counted apart
+	// (callbot cannot shorten an election).
 	elections [][2]time.Time
 
 	stopSampling context.CancelFunc

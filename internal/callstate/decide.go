@@ -224,12 +224,12 @@ func (d *decision) apply(ev Event) error {
 				c.Answers--
 			}
 			if c.Answers < maxAnswers && d.env.Now.Sub(c.CreatedAt) >= unverifiedAnswerAfter {
-				// Graph has not said the call is established, this long after the answer, and
-				// will not say whether it is still incoming before its deadline: answer again
-				// without the read. A caller whose answer Graph failed (500), and whose reads Graph
-				// throttled for 14 s, was never answered (the rolling-deploy soak, mode graph).
-				// A refusal of this answer may mean the first one took: it is no refusal of the
-				// call (Command.Unverified).
+				// Graph has not said the call is established, this long after it came in (and
+				// the answer), and will not say whether it is still incoming before its deadline:
+				// answer again without the read. A caller whose answer Graph failed (500), and
+				// whose reads Graph throttled for 14 s, was never answered (the rolling-deploy
+				// soak, mode graph). A refusal of this answer may mean the first one took: it is
+				// no refusal of the call (Command.Unverified).
 				d.answerUnverified(true)
 				return nil
 			}
@@ -677,7 +677,7 @@ func unreadableRecheck(n int) time.Duration {
 	if n < 1 || n > 3 {
 		return transferRecheck
 	}
-	return min(time.Second<<(n-1), transferRecheck)
+	return time.Second << (n - 1) // 1, 2, 4 s
 }
 
 // A tone subscription that failed (after the Graph client's own retries) is tried again

@@ -64,8 +64,7 @@ func TestEndedCallLeftInTheLiveSetLeavesItWhenItsEndComesAgain(t *testing.T) {
 	notify(t, m, ended)
 	m.Wait()
 	ctx := context.Background()
-	live := func() []string { t.Helper(); return liveCalls(t, store) }
-	if keys := live(); len(keys) != 0 {
+	if keys := liveCalls(t, store); len(keys) != 0 {
 		t.Fatalf("live calls after the end: %v, want none", keys)
 	}
 	// as if the removal had failed behind the save that ended the call
@@ -75,7 +74,7 @@ func TestEndedCallLeftInTheLiveSetLeavesItWhenItsEndComesAgain(t *testing.T) {
 	m2 := instance(t, rdb, "lv", &fakeGraph{}, &fakeQueues{}, nil) // another instance: no cached copy
 	notify(t, m2, ended)
 	m2.Wait()
-	if keys := live(); len(keys) != 0 {
+	if keys := liveCalls(t, store); len(keys) != 0 {
 		t.Errorf("live calls after the end delivered again: %v, want none", keys)
 	}
 }
@@ -97,20 +96,19 @@ func TestLiveEntryOfACallNeverCreatedLeavesWithItsEnd(t *testing.T) {
 	if err := rdb.ZAdd(ctx, "nc:{active}", redis.Z{Score: float64(time.Now().UnixMilli()), Member: graph.CallKey(id)}).Err(); err != nil {
 		t.Fatal(err)
 	}
-	live := func() []string { t.Helper(); return liveCalls(t, store) }
 	ended := note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":0}}`)
 	hook.fail.Store(true)
 	if err := deliver(m, ended); !errors.Is(err, graph.ErrUnavailable) {
 		t.Errorf("the end of a call with no record, its removal refused: %v, want ErrUnavailable (503: delivered again)", err)
 	}
-	if keys := live(); len(keys) != 1 {
+	if keys := liveCalls(t, store); len(keys) != 1 {
 		t.Fatalf("live calls after a refused removal: %v, want the entry kept for the next delivery", keys)
 	}
 	hook.fail.Store(false)
 	if err := deliver(m, ended); err != nil {
 		t.Fatal(err)
 	}
-	if keys := live(); len(keys) != 0 {
+	if keys := liveCalls(t, store); len(keys) != 0 {
 		t.Errorf("live calls after the end of a call with no record: %v, want none", keys)
 	}
 	if _, err := store.Get(ctx, graph.CallKey(id)); !errors.Is(err, callstate.ErrNotFound) {
