@@ -260,6 +260,7 @@ type soakResult struct {
 	unrepl, followed, lost, lostLogged      int
 	reconciled, refused, refusedCalls, most int
 	failedInOutage                          int
+	kept, keptApplied, keptGivenUp          int // callbot_notifications_kept*_total, summed
 	errs                                    int
 	balancer                                string
 	known                                   []*caller
@@ -269,10 +270,10 @@ func (r soakResult) String() string {
 	return fmt.Sprintf("outcomes [%s]; last call ended %s after the last placed; "+
 		"Redis settled %s after the calls ended (leftovers %v); deliveries %d (503 %d, other 5xx or transport errors %d, given up %d, %d of them wholly within an election); "+
 		"agents offered %d, accepted %d; callbot_redis_unreplicated_total %d, offers followed up %d, callbot_offers_lost_total %d (logged %d), "+
-		"follow-ups left to the reconciler %d; reservations for nothing %d (%d calls, at most %d for one; and %d offers failed during an outage); error log lines %d; balancer %s",
+		"follow-ups left to the reconciler %d; notifications kept %d (applied before Graph's repeat %d, given up %d); reservations for nothing %d (%d calls, at most %d for one; and %d offers failed during an outage); error log lines %d; balancer %s",
 		fmtCounts(r.counts), r.lastEnded.Round(100*time.Millisecond), r.settled.Round(100*time.Millisecond), r.left,
 		r.deliveries, r.d503, r.d5xx, r.given, r.givenInElection, r.offered, r.accepted, r.unrepl, r.followed, r.lost, r.lostLogged,
-		r.reconciled, r.refused, r.refusedCalls, r.most, r.failedInOutage, r.errs, r.balancer)
+		r.reconciled, r.kept, r.keptApplied, r.keptGivenUp, r.refused, r.refusedCalls, r.most, r.failedInOutage, r.errs, r.balancer)
 }
 
 // finish waits for the calls to end (75 s after the last was placed at most) and for Redis to
@@ -319,8 +320,8 @@ func (s *soak) finish(t *testing.T, placedAll time.Time, callers []*caller) soak
 		}
 	}
 	// Notifications given up: excused when every attempt was answered 503 within an election
-	// (callbot cannot shorten one), but for a key press that loses the caller's choice.
-	keysLost := map[string]bool{}
+	// (callbot cannot shorten one); what they carried must still have taken effect, as the
+	// instance that refused them kept them (checkOutcomesKept).
 	for _, d := range sim.Deliveries() {
 		r.deliveries++
 		if d.Status == http.StatusServiceUnavailable {
@@ -333,16 +334,13 @@ func (s *soak) finish(t *testing.T, placedAll time.Time, callers []*caller) soak
 			if d.Status == http.StatusServiceUnavailable && d.Err == "" && inElection(sim.Deliveries(), d, s.elections) {
 				r.givenInElection++
 				t.Logf("notification given up by Graph, every attempt answered 503 within an election: call %s %s %s", d.CallID, d.ChangeType, d.State)
-				if bytes.Contains(d.Body, []byte(`"toneInfo"`)) {
-					keysLost[graph.CallKey(d.CallID)] = true
-				}
 				continue
 			}
 			t.Errorf("notification given up by Graph: call %s %s %s attempt %d status %d %s", d.CallID, d.ChangeType, d.State, d.Attempt, d.Status, d.Err)
 		}
 	}
 	var misrouted []*caller
-	r.counts, misrouted = checkOutcomesLosing(t, callers, keysLost, bots...)
+	r.counts, misrouted = checkOutcomesKept(t, callers, true, bots...)
 	r.known = append(r.known, misrouted...)
 	for _, id := range ids {
 		st := sim.AgentStats(id)
@@ -359,6 +357,9 @@ func (s *soak) finish(t *testing.T, placedAll time.Time, callers []*caller) soak
 		m := scrapeMetrics(t, b.url())
 		r.lost += int(m["callbot_offers_lost_total"])
 		r.unrepl += int(m["callbot_redis_unreplicated_total"])
+		r.kept += int(m["callbot_notifications_kept_total"])
+		r.keptApplied += int(m["callbot_notifications_kept_applied_total"])
+		r.keptGivenUp += int(m["callbot_notifications_kept_given_up_total"])
 		r.followed += countLines(b.logPath, "following it up")
 		r.lostLogged += countLines(b.logPath, "offer lost with a failover")
 		r.reconciled += countLines(b.logPath, "left to the reconciler") + countLines(b.logPath, "stale agent reservation released")

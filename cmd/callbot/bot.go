@@ -189,6 +189,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	running.Go("timers", func() { b.machine.RunTimers(loops, 100*time.Millisecond) })
 	running.Go("outbox", func() { b.machine.RunOutbox(loops, time.Second) })
 	running.Go("acknowledgements", func() { b.machine.RunAcks(loops, 20*time.Millisecond) })
+	running.Go("kept notifications", func() { b.machine.RunKept(loops, 100*time.Millisecond) })
 	running.Go("reconciler", func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
 	running.Go("dispatcher", func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
 	running.Go("replicas", func() { b.store.WatchReplicas(loops, time.Second) })

@@ -151,6 +151,12 @@ type Machine struct {
 	adoptMu   sync.Mutex
 	adoptSeen map[string]time.Time
 	adopting  map[string]bool
+	// kept holds the notifications Redis refused that RunKept applies again (keep). Kept counts
+	// those kept; KeptApplied those it applied before Graph delivered them again; KeptGivenUp
+	// those still refused keepFor after the first refusal (or when the instance stopped);
+	// KeptDropped those not kept because keepMax were already.
+	kept                                        kept
+	Kept, KeptApplied, KeptGivenUp, KeptDropped atomic.Int64
 }
 
 // NewMachine returns a machine; Start runs its timers.
@@ -205,34 +211,49 @@ func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notifica
 			// another call than resourceUrl: it is cached, and its timers armed, under that id
 			key = graph.CallKey(ev.Incoming.GraphID)
 		}
-		if _, err := m.handle(ctx, tenant, key, ev); err != nil {
-			if errors.Is(err, errUnknownCall) && ev.Kind == EvEnded {
-				// A call with no record may still be listed live: a create writes the entry
-				// ahead of the record, and on Redis Cluster the record's master may have refused
-				// it (down) while the entry's took it. Graph gave up delivering the incoming call
-				// and now reports its end; left, the entry waited for the reconciler's pass.
-				if err := m.cfg.Store.Forget(ctx, key); err != nil {
-					return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
-				}
-				continue
+		if _, keep, err := m.notifyOne(ctx, tenant, n.CallID, key, ev); err != nil {
+			if keep {
+				m.keep(tenant, n.CallID, key, graph.ScenarioID(ctx), ev)
 			}
-			if errors.Is(err, errUnknownCall) {
-				if err := m.adopt(ctx, tenant, n.CallID, graph.ScenarioID(ctx), ev); err != nil {
-					return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
-				}
-				continue
-			}
-			if errors.Is(err, ErrInvalidTransition) {
-				m.cfg.Log.Error("broken invariant", zap.String("call_id", n.CallID), zap.Error(err))
-				continue
-			}
-			if errors.Is(err, graph.ErrWrongTenant) {
-				return err
-			}
-			return fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
+			return err
 		}
 	}
 	return nil
+}
+
+// notifyOne applies the event of one notification of callID, stored under key. It reports
+// whether the event changed the call, and, with an error, whether that error is Redis's refusal
+// of the event itself (the notification may be kept: keep).
+func (m *Machine) notifyOne(ctx context.Context, tenant, callID, key string, ev Event) (changed, keep bool, err error) {
+	changed, err = m.handle(ctx, tenant, key, ev)
+	switch {
+	case err == nil:
+		if ev.Kind == EvEnded {
+			m.unkeep(key) // what is kept of the call would be ignored
+		}
+		return changed, false, nil
+	case errors.Is(err, errUnknownCall) && ev.Kind == EvEnded:
+		// A call with no record may still be listed live: a create writes the entry ahead of
+		// the record, and on Redis Cluster the record's master may have refused it (down)
+		// while the entry's took it. Graph gave up delivering the incoming call and now
+		// reports its end; left, the entry waited for the reconciler's pass.
+		if err := m.cfg.Store.Forget(ctx, key); err != nil {
+			return false, true, fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
+		}
+		m.unkeep(key) // an incoming kept: the caller hung up while it rang
+		return false, false, nil
+	case errors.Is(err, errUnknownCall):
+		if err := m.adopt(ctx, tenant, callID, graph.ScenarioID(ctx), ev); err != nil {
+			return false, false, fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
+		}
+		return false, false, nil
+	case errors.Is(err, ErrInvalidTransition):
+		m.cfg.Log.Error("broken invariant", zap.String("call_id", callID), zap.Error(err))
+		return false, false, nil
+	case errors.Is(err, graph.ErrWrongTenant):
+		return false, false, err
+	}
+	return false, true, fmt.Errorf("%w: %v", graph.ErrUnavailable, err)
 }
 
 // EventOf maps a Graph notification to a machine event; false for notifications callbot does

@@ -1,0 +1,176 @@
+package callstate
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/callbot/callbot/internal/graph"
+	"go.uber.org/zap"
+)
+
+// A notification Redis refused is answered 503, for Graph to deliver it again. But Graph's retry
+// policy for calling callbacks is undocumented (RELIABILITY.md: at-least-once, possibly lost),
+// and an outage that outlasts it lost the notification: an incoming call never answered (a Redis
+// Cluster election takes 2 to 4 s; graphsim gives a notification up after about 3 s), a key
+// press the caller had to make again, a caller's hang-up left to the reconciler. So the
+// notifications whose repeat is harmless whenever it comes are also kept in process, and applied
+// again until Redis takes them or keepFor has passed since the first refusal:
+//
+//   - an incoming call: applied again, its create finds the record Graph's own repeat made
+//     (ErrExists), and is ignored;
+//   - a key press with a sequenceId: one at or below the call's last is ignored (Stale);
+//   - a call's end: terminal stays terminal.
+//
+// The others are not kept: a transfer's failure or a roster applied late may be taken for news
+// of a later attempt, and a prompt's end or an `established` lost is caught by the call's timers
+// and reads. Neither is a notification for a call callbot has no record of, which adopt reads
+// Graph to take back: that is Graph's to deliver again.
+const (
+	keepFor   = 15 * time.Second       // Graph's answer deadline: an incoming is no use later
+	keepFirst = 250 * time.Millisecond // the first attempt again after a refusal; doubled after each
+	keepEvery = time.Second            // at most this long between two attempts
+	keepMax   = 10_000                 // notifications kept at once; more are left to Graph
+	keepTry   = 2 * time.Second        // one attempt's deadline
+)
+
+// keptNote is a notification Redis refused, kept to be applied again (RunKept).
+type keptNote struct {
+	tenant, callID, key, scenario string
+	ev                            Event
+	since, next                   time.Time // first refused; next attempt
+	wait                          time.Duration
+}
+
+// keptID identifies a kept notification: Graph's repeats of one are kept once.
+type keptID struct {
+	key  string
+	kind EventKind
+	seq  int64
+}
+
+// kept holds the notifications RunKept applies again.
+type kept struct {
+	mu    sync.Mutex
+	notes map[keptID]*keptNote
+}
+
+// keepable: ev may be applied again at any time, whatever happened to the call meanwhile.
+func keepable(ev Event) bool {
+	switch ev.Kind {
+	case EvIncoming, EvEnded:
+		return true
+	case EvTone:
+		return ev.Seq != 0
+	}
+	return false
+}
+
+// keep holds a notification Redis refused, for RunKept to apply again; false if it is not
+// one to keep, or too many are kept already.
+func (m *Machine) keep(tenant, callID, key, scenario string, ev Event) bool {
+	if !keepable(ev) {
+		return false
+	}
+	id := keptID{key: key, kind: ev.Kind, seq: ev.Seq}
+	now := time.Now()
+	m.kept.mu.Lock()
+	defer m.kept.mu.Unlock()
+	if _, ok := m.kept.notes[id]; ok {
+		return true // Graph's repeat of one kept already
+	}
+	if len(m.kept.notes) >= keepMax {
+		m.KeptDropped.Add(1)
+		return false
+	}
+	if m.kept.notes == nil {
+		m.kept.notes = map[keptID]*keptNote{}
+	}
+	m.kept.notes[id] = &keptNote{tenant: tenant, callID: callID, key: key, scenario: scenario, ev: ev,
+		since: now, next: now.Add(keepFirst), wait: keepFirst}
+	m.Kept.Add(1)
+	return true
+}
+
+// unkeep stops keeping the notifications of the call stored under key (it ended).
+func (m *Machine) unkeep(key string) {
+	m.kept.mu.Lock()
+	defer m.kept.mu.Unlock()
+	for id := range m.kept.notes {
+		if id.key == key {
+			delete(m.kept.notes, id)
+		}
+	}
+}
+
+// Keeping is how many refused notifications this instance holds to apply again.
+func (m *Machine) Keeping() int {
+	m.kept.mu.Lock()
+	defer m.kept.mu.Unlock()
+	return len(m.kept.notes)
+}
+
+// RunKept applies the notifications Redis refused (keep) again, every interval until ctx ends:
+// each one once its back-off has passed, until Redis takes it or keepFor has passed since its
+// first refusal. When ctx ends, what it still holds is tried once more, then given up.
+func (m *Machine) RunKept(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			m.applyKept(context.WithoutCancel(ctx), true)
+			return
+		case <-t.C:
+			m.applyKept(ctx, false)
+		}
+	}
+}
+
+// applyKept applies the kept notifications that are due (all of them when last), each on its
+// own goroutine: a master that is down may hold each attempt for a dial timeout.
+func (m *Machine) applyKept(ctx context.Context, last bool) {
+	now := time.Now()
+	var due []*keptNote
+	m.kept.mu.Lock()
+	for _, n := range m.kept.notes {
+		if last || !now.Before(n.next) {
+			due = append(due, n)
+		}
+	}
+	m.kept.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, n := range due {
+		wg.Go(func() { m.applyNote(ctx, n, last) })
+	}
+	wg.Wait()
+}
+
+// applyNote makes one attempt at n; it stops keeping n once Redis took it, or once it is given up.
+func (m *Machine) applyNote(ctx context.Context, n *keptNote, last bool) {
+	tctx, cancel := context.WithTimeout(graph.WithScenarioID(ctx, n.scenario), keepTry)
+	defer cancel()
+	changed, keep, err := m.notifyOne(tctx, n.tenant, n.callID, n.key, n.ev)
+	log := m.cfg.Log.With(zap.String("call_id", n.key), zap.String("tenant_id", n.tenant), zap.Stringer("event", n.ev.Kind),
+		zap.Duration("since", time.Since(n.since)))
+	id := keptID{key: n.key, kind: n.ev.Kind, seq: n.ev.Seq}
+	switch {
+	case err == nil:
+		if changed {
+			m.KeptApplied.Add(1)
+			log.Info("notification Redis had refused applied by the instance that kept it (Graph had not delivered it again)")
+		}
+	case keep && !last && time.Since(n.since) < keepFor:
+		m.kept.mu.Lock()
+		n.wait = min(2*n.wait, keepEvery)
+		n.next = time.Now().Add(n.wait)
+		m.kept.mu.Unlock()
+		return
+	default:
+		m.KeptGivenUp.Add(1)
+		log.Warn("notification Redis refused, kept and applied again, given up: it is Graph's alone to deliver again", zap.Error(err))
+	}
+	m.kept.mu.Lock()
+	delete(m.kept.notes, id)
+	m.kept.mu.Unlock()
+}

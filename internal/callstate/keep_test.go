@@ -1,0 +1,208 @@
+package callstate_test
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/callbot/callbot/internal/callstate"
+	"github.com/callbot/callbot/internal/graph"
+	"github.com/callbot/callbot/internal/redistest"
+	"github.com/redis/go-redis/v9"
+)
+
+// outage makes every command of the client it hooks fail while on, as a Redis master that is
+// down (or failing over) does.
+type outage struct{ on atomic.Bool }
+
+func (o *outage) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (o *outage) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if o.on.Load() {
+			cmd.SetErr(errDown)
+			return errDown
+		}
+		return next(ctx, cmd)
+	}
+}
+func (o *outage) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if o.on.Load() {
+			for _, cmd := range cmds {
+				cmd.SetErr(errDown)
+			}
+			return errDown
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// refused delivers payload to m and wants it refused as Redis's (503, for Graph to deliver
+// again).
+func refused(t *testing.T, m *callstate.Machine, payload string) {
+	t.Helper()
+	ns, err := graph.Decode([]byte(payload))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Notify(context.Background(), "tenant-1", ns); !errors.Is(err, graph.ErrUnavailable) {
+		t.Fatalf("notification during the outage: %v, want it refused as unavailable", err)
+	}
+}
+
+// runKept runs m's RunKept until the test ends.
+func runKept(t *testing.T, m *callstate.Machine) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.RunKept(ctx, 10*time.Millisecond); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// eventually polls cond for up to 5 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal(what)
+		}
+	}
+}
+
+const keptIncoming = `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`
+
+// An incoming call Redis refused (a master down through Graph's retries: a Redis Cluster election
+// outlasted graphsim's, and the caller was never answered) is kept and created, and the call
+// answered, once Redis takes it, whether or not Graph delivers it again. Graph's repeats during
+// the outage are kept once.
+func TestIncomingRedisRefusedIsAnsweredWithoutGraphDeliveringItAgain(t *testing.T) {
+	srv := redistest.Start(t)
+	rdb := srv.Client(t)
+	down := &outage{}
+	rdb.AddHook(down)
+	g := &fakeGraph{}
+	m := instance(t, rdb, "kp", g, &fakeQueues{}, nil)
+	id := "6a1f3c9e-2b7d-4e58-a0c4-9d3e7b2f1a65"
+	down.on.Store(true)
+	for range 3 { // Graph's first delivery and two repeats, all refused
+		refused(t, m, note("created", id, keptIncoming))
+	}
+	if n, k := m.Keeping(), m.Kept.Load(); n != 1 || k != 1 {
+		t.Fatalf("kept during the outage: %d held, %d counted; want the incoming once", n, k)
+	}
+	runKept(t, m)
+	time.Sleep(300 * time.Millisecond) // attempts during the outage change nothing
+	if slices.ContainsFunc(g.log(), func(s string) bool { return strings.HasPrefix(s, "answer") }) {
+		t.Fatal("answered while Redis refused the call's record")
+	}
+	down.on.Store(false) // Redis back; Graph has given up
+	eventually(t, "the kept incoming was never answered once Redis was back", func() bool {
+		return slices.ContainsFunc(g.log(), func(s string) bool { return strings.HasPrefix(s, "answer "+id) })
+	})
+	c, err := callstate.NewStore(srv.Client(t), "kp").Get(context.Background(), graph.CallKey(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != callstate.StateAnswering {
+		t.Errorf("call after the kept incoming: %s, want answering", c.State)
+	}
+	eventually(t, "the incoming still kept after it was applied", func() bool { return m.Keeping() == 0 })
+	if a := m.KeptApplied.Load(); a != 1 {
+		t.Errorf("kept notifications applied: %d, want 1", a)
+	}
+}
+
+// A key press kept and delivered again by Graph as well takes effect once: the kept copy, applied
+// after Graph's, is ignored (its sequenceId is the call's last).
+func TestKeptKeyPressDeliveredAgainByGraphTakesEffectOnce(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	down := &outage{}
+	rdb.AddHook(down)
+	q := &fakeQueues{}
+	m := instance(t, rdb, "kt", &fakeGraph{}, q, nil)
+	id := "b3e9d2a1-7c4f-4a6b-8e15-2f9c0d7a3b48"
+	notify(t, m, note("created", id, keptIncoming))
+	notify(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established"}`))
+	key1 := note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"sequenceId":1,"tone":"tone1"}}`)
+	down.on.Store(true)
+	refused(t, m, key1)
+	down.on.Store(false)
+	notify(t, m, key1) // Graph's repeat, taken
+	runKept(t, m)
+	eventually(t, "the key press still kept after Graph's repeat was taken", func() bool { return m.Keeping() == 0 })
+	m.Wait()
+	enqueued := 0
+	for _, op := range q.snapshot() {
+		if strings.HasPrefix(op, "enqueue") {
+			enqueued++
+		}
+	}
+	if enqueued != 1 || m.KeptApplied.Load() != 0 {
+		t.Errorf("queue ops %v, kept applied %d: want the caller queued once, by Graph's repeat", q.snapshot(), m.KeptApplied.Load())
+	}
+}
+
+// Only notifications whose repeat is harmless whenever it comes are kept: a transfer's failure
+// applied late may be taken for a later attempt's, and a key press without a sequenceId cannot
+// be told from a new one.
+func TestNotificationsNotKept(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	down := &outage{}
+	rdb.AddHook(down)
+	m := instance(t, rdb, "kn", &fakeGraph{}, &fakeQueues{}, nil)
+	id := "0d4b8e2f-9a3c-4f71-b6d5-e8a2c1f7094b"
+	queuedCall(t, m, id)
+	down.on.Store(true)
+	refused(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":486,"subcode":0,"message":"busy"}}`))
+	refused(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"tone":"tone2"}}`))
+	if n := m.Keeping(); n != 0 {
+		t.Errorf("kept: %d, want none", n)
+	}
+}
+
+// A caller who hangs up while their incoming is kept is not answered: the end, for a call with
+// no record, stops the keeping.
+func TestKeptIncomingOfACallerWhoHungUpIsDropped(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	down := &outage{}
+	rdb.AddHook(down)
+	g := &fakeGraph{}
+	m := instance(t, rdb, "kh", g, &fakeQueues{}, nil)
+	id := "9e2c7a4b-1f6d-4b3e-a85c-3d0f9b6e2a17"
+	down.on.Store(true)
+	refused(t, m, note("created", id, keptIncoming))
+	down.on.Store(false)
+	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":0}}`))
+	if n := m.Keeping(); n != 0 {
+		t.Fatalf("kept after the caller's end: %d, want none", n)
+	}
+	runKept(t, m)
+	time.Sleep(100 * time.Millisecond)
+	m.Wait()
+	if len(g.log()) != 0 {
+		t.Errorf("Graph commands for a caller who hung up ringing: %v, want none", g.log())
+	}
+}
+
+// An instance that stops while Redis still refuses what it keeps tries it once more, then gives
+// it up (counted), and RunKept returns.
+func TestKeptGivenUpWhenTheInstanceStops(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	down := &outage{}
+	rdb.AddHook(down)
+	m := instance(t, rdb, "ks", &fakeGraph{}, &fakeQueues{}, nil)
+	down.on.Store(true)
+	refused(t, m, note("created", "4f8a2d6c-3b1e-4c97-a0d5-7e9b2c4f1a83", keptIncoming))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.RunKept(ctx, 10*time.Millisecond); close(done) }()
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	<-done
+	if n, g := m.Keeping(), m.KeptGivenUp.Load(); n != 0 || g != 1 {
+		t.Errorf("after the stop: %d kept, %d given up; want 0 and 1", n, g)
+	}
+}
