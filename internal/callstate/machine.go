@@ -155,7 +155,10 @@ type Machine struct {
 	// those kept; KeptApplied those it applied before Graph delivered them again; KeptGivenUp
 	// those still refused keepFor after the first refusal (or when the instance stopped);
 	// KeptDropped those not kept because keepMax were already.
-	kept                                        kept
+	kept kept
+	// storageRetries holds the storage commands Redis refused on carryOut, carried out again by
+	// RunOutbox (retryLater).
+	storageRetries                              storageRetries
 	Kept, KeptApplied, KeptGivenUp, KeptDropped atomic.Int64
 }
 
@@ -732,7 +735,9 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *plac
 	if after != nil {
 		after()
 	}
-	m.runStorage(ctx, c, storage, prevStorage, log)
+	if !m.runStorage(ctx, c, storage, prevStorage, log) {
+		m.retryLater(c, storage, prevStorage)
+	}
 }
 
 // runStorage carries out storage commands in order and acknowledges them (prev: the last storage
@@ -746,6 +751,18 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 	if m.batchReleases(ctx, c, ps, prev) {
 		return true
 	}
+	if cmd, err := m.doStorage(ctx, c, ps); err != nil {
+		log.Error("command failed, left in the outbox", zap.Stringer("command", cmd), zap.Error(err))
+		return false
+	}
+	m.ack(ctx, key, false, prev, ps[len(ps)-1].Seq, log)
+	return true
+}
+
+// doStorage carries out the storage commands ps of c in order, up to the first Redis refuses,
+// whose kind it returns with the error.
+func (m *Machine) doStorage(ctx context.Context, c Call, ps []Pending) (CommandKind, error) {
+	key := graph.CallKey(c.ID)
 	for _, p := range ps {
 		cmd := p.Cmd
 		var err error
@@ -763,12 +780,10 @@ func (m *Machine) runStorage(ctx context.Context, c Call, ps []Pending, prev int
 			}
 		}
 		if err != nil {
-			log.Error("command failed, left in the outbox", zap.Stringer("command", cmd.Kind), zap.Error(err))
-			return false
+			return cmd.Kind, err
 		}
 	}
-	m.ack(ctx, key, false, prev, ps[len(ps)-1].Seq, log)
-	return true
+	return 0, nil
 }
 
 // batchReleases hands the agent releases of an ended call to the next batch of acknowledgements
@@ -1351,6 +1366,7 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 	}()
 	repeat(ctx, max(min(cmp.Or(every, time.Second), m.cfg.OutboxLease/4), time.Millisecond), false, func() {
 		m.retryHandBacks(ctx) // before the claim: an outbox handed back now is claimed at once
+		m.retryStorage(ctx)   // before the claim: done now, these are not re-driven
 		// Every call whose transition decided commands falls due here a lease later, nearly
 		// always acknowledged by then: claim until none is left due, or the outbox of an
 		// instance that died waits behind the calls done already.
@@ -1488,17 +1504,7 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	var lastGraph, lastStorage int64
 	for _, p := range c.Outbox {
 		switch {
-		case p.Cmd.Kind == CmdReleaseAgent && !c.State.Terminal() && p.Cmd.Agent != "" && p.Cmd.Agent == c.Agent:
-			// The call is with this agent again (a later offer reserved them for it): releasing
-			// now would free them in the middle of that offer. Nothing to do: the release ran,
-			// or the later reservation could not have been made.
-			lastStorage = max(lastStorage, p.Seq)
-		case p.Cmd.Kind == CmdEnqueue && (c.State != StateQueued || c.Queue != p.Cmd.Queue),
-			p.Cmd.Kind == CmdLeaveQueue && c.State == StateQueued && c.Queue == p.Cmd.Queue:
-			// A queue write the call has moved past (left unacknowledged: on Redis Cluster, one
-			// its replicas did not confirm in time): the caller no longer waits in that queue
-			// (hung up, or offered: the reservation took them out), or waits in it again. Run
-			// now it would put a caller who is gone back in the queue, or take out one who waits.
+		case movedPast(c, p.Cmd):
 			lastStorage = max(lastStorage, p.Seq)
 		case !p.Cmd.Kind.Graph():
 			storage = append(storage, p)
@@ -1568,6 +1574,26 @@ func awaited(c Call, cmd Command) bool {
 		return c.State == StateTerminating && (cmd.ClientContext == c.HangupCtx || c.HangupCtx == "" && c.HangupFails == 0)
 	case CmdCheckRoster:
 		return (c.State == StateInviting || c.State == StateConnected) && cmd.ClientContext != "" && cmd.ClientContext == c.RosterCtx
+	}
+	return false
+}
+
+// movedPast reports whether c has moved past the storage command cmd, left undone (its instance
+// died, or Redis refused it): run now, it would undo what came after.
+func movedPast(c Call, cmd Command) bool {
+	switch {
+	case cmd.Kind == CmdReleaseAgent && !c.State.Terminal() && cmd.Agent != "" && cmd.Agent == c.Agent:
+		// The call is with this agent again (a later offer reserved them for it): releasing
+		// now would free them in the middle of that offer. Nothing to do: the release ran, or
+		// the later reservation could not have been made.
+		return true
+	case cmd.Kind == CmdEnqueue && (c.State != StateQueued || c.Queue != cmd.Queue),
+		cmd.Kind == CmdLeaveQueue && c.State == StateQueued && c.Queue == cmd.Queue:
+		// A queue write the call has moved past (left unacknowledged: on Redis Cluster, one its
+		// replicas did not confirm in time): the caller no longer waits in that queue (hung up,
+		// or offered: the reservation took them out), or waits in it again. Run now it would
+		// put a caller who is gone back in the queue, or take out one who waits.
+		return true
 	}
 	return false
 }
