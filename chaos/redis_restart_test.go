@@ -51,14 +51,27 @@ const keptOutage = 10 * time.Second
 // version, and every call must end as its caller chose: those whose incoming or key press
 // graphsim gave up too (CHAOS_REDIS_DOWN past its retries, under keptOutage), as callbot kept
 // what it refused.
-func TestRedisRestartAOF(t *testing.T) {
+func TestRedisRestartAOF(t *testing.T) { testRedisRestart(t, redisDown(t)) }
+
+// TestRedisRestartOutlastingRetries is TestRedisRestartAOF with Redis down for 5 s, past
+// graphsim's retries: graphsim gives up notifications (incoming calls among them), and every
+// caller must still end as they chose, as callbot kept what it refused and applied it once Redis
+// was back (callbot_notifications_kept_applied_total). Skipped when CHAOS_REDIS_DOWN sets the
+// outage of TestRedisRestartAOF.
+func TestRedisRestartOutlastingRetries(t *testing.T) {
+	if os.Getenv("CHAOS_REDIS_DOWN") != "" {
+		t.Skip("CHAOS_REDIS_DOWN is set: TestRedisRestartAOF runs that outage")
+	}
+	testRedisRestart(t, 5*time.Second)
+}
+
+func testRedisRestart(t *testing.T, down time.Duration) {
 	const (
 		calls  = 40
 		every  = 150 * time.Millisecond // 40 calls in 6s
 		killAt = 20                     // before call 20 (~3s)
 	)
 	sd := seed(t)
-	down := redisDown(t)
 	rs := startRedis(t, true)
 	rdb := rs.client(t)
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
@@ -245,6 +258,11 @@ func TestRedisRestartAOF(t *testing.T) {
 	case gaveUp > 0:
 		t.Logf("%d notifications were refused on all 4 attempts (Redis down %s, longer than graphsim's retries): "+
 			"what callbot kept of them (incoming calls, key presses, ends) it applied once Redis was back", gaveUp, down)
+	case down >= retryBudget+time.Second:
+		t.Errorf("Redis down %s, past graphsim's retries, and no notification given up: the test proves nothing of the keeping", down)
+	}
+	if applied := scrapeMetrics(t, bot.url())["callbot_notifications_kept_applied_total"]; down >= retryBudget+time.Second && applied == 0 {
+		t.Errorf("Redis down %s, %d notifications given up by graphsim, and none applied by callbot from what it kept", down, gaveUp)
 	}
 
 	// /readyz: 503 for every probe made entirely within the outage, 200 again within 5s.
