@@ -24,8 +24,9 @@ import (
 //
 // The others are not kept: a transfer's failure or a roster applied late may be taken for news
 // of a later attempt, and a prompt's end or an `established` lost is caught by the call's timers
-// and reads. Neither is a notification for a call callbot has no record of, which adopt reads
-// Graph to take back: that is Graph's to deliver again.
+// and reads. Nor is a notification of a call callbot has no record of, which adopt reads Graph
+// to take back (a read that failed is no refusal of Redis's): that one is Graph's to deliver
+// again.
 const (
 	keepFor   = 15 * time.Second       // Graph's answer deadline: an incoming is no use later
 	keepFirst = 250 * time.Millisecond // the first attempt again after a refusal; doubled after each

@@ -155,11 +155,11 @@ type Machine struct {
 	// those kept; KeptApplied those it applied before Graph delivered them again; KeptGivenUp
 	// those still refused keepFor after the first refusal (or when the instance stopped);
 	// KeptDropped those not kept because keepMax were already.
-	kept kept
+	kept                                        kept
+	Kept, KeptApplied, KeptGivenUp, KeptDropped atomic.Int64
 	// storageRetries holds the storage commands Redis refused on carryOut, carried out again by
 	// RunOutbox (retryLater).
-	storageRetries                              storageRetries
-	Kept, KeptApplied, KeptGivenUp, KeptDropped atomic.Int64
+	storageRetries storageRetries
 }
 
 // NewMachine returns a machine; Start runs its timers.
@@ -199,7 +199,9 @@ func (m *Machine) env() Env {
 
 // Notify implements graph.Sink: it turns each notification into an event and applies it.
 // Storage failures are returned wrapped in graph.ErrUnavailable so the webhook asks Graph to
-// send the request again; everything else is logged and the notification dropped.
+// send the request again (an incoming call, a key press or a call's end so refused is also kept
+// and applied again by this instance: keep); everything else is logged and the notification
+// dropped.
 func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notification) error {
 	for _, n := range ns {
 		ev, ok := EventOf(n, tenant, graph.ScenarioID(ctx))
