@@ -41,6 +41,14 @@ func (o *outage) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proce
 	}
 }
 
+// downable is the client of a Redis of the test's own, with its outage switch.
+func downable(t *testing.T) (*redis.Client, *outage) {
+	rdb := redistest.Start(t).Client(t)
+	down := &outage{}
+	rdb.AddHook(down)
+	return rdb, down
+}
+
 // refused delivers payload to m and wants it refused as Redis's (503, for Graph to deliver
 // again).
 func refused(t *testing.T, m *callstate.Machine, payload string) {
@@ -118,9 +126,7 @@ func TestIncomingRedisRefusedIsAnsweredWithoutGraphDeliveringItAgain(t *testing.
 // A key press kept and delivered again by Graph as well takes effect once: the kept copy, applied
 // after Graph's, is ignored (its sequenceId is the call's last).
 func TestKeptKeyPressDeliveredAgainByGraphTakesEffectOnce(t *testing.T) {
-	rdb := redistest.Start(t).Client(t)
-	down := &outage{}
-	rdb.AddHook(down)
+	rdb, down := downable(t)
 	q := &fakeQueues{}
 	m := instance(t, rdb, "kt", &fakeGraph{}, q, nil)
 	id := "b3e9d2a1-7c4f-4a6b-8e15-2f9c0d7a3b48"
@@ -149,9 +155,7 @@ func TestKeptKeyPressDeliveredAgainByGraphTakesEffectOnce(t *testing.T) {
 // applied late may be taken for a later attempt's, and a key press without a sequenceId cannot
 // be told from a new one.
 func TestNotificationsNotKept(t *testing.T) {
-	rdb := redistest.Start(t).Client(t)
-	down := &outage{}
-	rdb.AddHook(down)
+	rdb, down := downable(t)
 	m := instance(t, rdb, "kn", &fakeGraph{}, &fakeQueues{}, nil)
 	id := "0d4b8e2f-9a3c-4f71-b6d5-e8a2c1f7094b"
 	queuedCall(t, m, id)
@@ -166,9 +170,7 @@ func TestNotificationsNotKept(t *testing.T) {
 // A caller who hangs up while their incoming is kept is not answered: the end, for a call with
 // no record, stops the keeping.
 func TestKeptIncomingOfACallerWhoHungUpIsDropped(t *testing.T) {
-	rdb := redistest.Start(t).Client(t)
-	down := &outage{}
-	rdb.AddHook(down)
+	rdb, down := downable(t)
 	g := &fakeGraph{}
 	m := instance(t, rdb, "kh", g, &fakeQueues{}, nil)
 	id := "9e2c7a4b-1f6d-4b3e-a85c-3d0f9b6e2a17"
@@ -190,9 +192,7 @@ func TestKeptIncomingOfACallerWhoHungUpIsDropped(t *testing.T) {
 // An instance that stops while Redis still refuses what it keeps tries it once more, then gives
 // it up (counted), and RunKept returns.
 func TestKeptGivenUpWhenTheInstanceStops(t *testing.T) {
-	rdb := redistest.Start(t).Client(t)
-	down := &outage{}
-	rdb.AddHook(down)
+	rdb, down := downable(t)
 	m := instance(t, rdb, "ks", &fakeGraph{}, &fakeQueues{}, nil)
 	down.on.Store(true)
 	refused(t, m, note("created", "4f8a2d6c-3b1e-4c97-a0d5-7e9b2c4f1a83", keptIncoming))
