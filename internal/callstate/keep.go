@@ -2,6 +2,7 @@ package callstate
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -28,14 +29,16 @@ import (
 // to take back (a read that failed is no refusal of Redis's): that one is Graph's to deliver
 // again.
 const (
-	keepFor   = 15 * time.Second       // Graph's answer deadline: an incoming is no use later
-	keepFirst = 250 * time.Millisecond // the first attempt again after a refusal; doubled after each
-	keepEvery = time.Second            // at most this long between two attempts
-	keepMax   = 10_000                 // notifications kept at once; more are left to Graph
-	keepTry   = 2 * time.Second        // one attempt's deadline
+	keepFor      = 15 * time.Second       // Graph's answer deadline: an incoming is no use later
+	keepFirst    = 250 * time.Millisecond // the first attempt again after a refusal; doubled after each
+	keepEvery    = time.Second            // at most this long between two attempts
+	keepMax      = 10_000                 // notifications kept at once; more are left to Graph
+	keepTry      = 2 * time.Second        // one attempt's deadline
+	keepParallel = 64                     // attempts under way at once
 )
 
-// keptNote is a notification Redis refused, kept to be applied again (RunKept).
+// keptNote is a notification Redis refused, kept to be applied again (RunKept). Its times are
+// the machine's clock's (Config.Now).
 type keptNote struct {
 	tenant, callID, key, scenario string
 	ev                            Event
@@ -74,7 +77,7 @@ func (m *Machine) keep(tenant, callID, key, scenario string, ev Event) bool {
 		return false
 	}
 	id := keptID{key: key, kind: ev.Kind, seq: ev.Seq}
-	now := time.Now()
+	now := m.cfg.Now()
 	m.kept.mu.Lock()
 	defer m.kept.mu.Unlock()
 	if _, ok := m.kept.notes[id]; ok {
@@ -128,10 +131,11 @@ func (m *Machine) RunKept(ctx context.Context, every time.Duration) {
 	}
 }
 
-// applyKept applies the kept notifications that are due (all of them when last), each on its
-// own goroutine: a master that is down may hold each attempt for a dial timeout.
+// applyKept applies the kept notifications that are due (all of them when last), keepParallel
+// at a time: a master that is down may hold each attempt for a dial timeout. One kept past
+// keepFor is given up without an attempt.
 func (m *Machine) applyKept(ctx context.Context, last bool) {
-	now := time.Now()
+	now := m.cfg.Now()
 	var due []*keptNote
 	m.kept.mu.Lock()
 	for _, n := range m.kept.notes {
@@ -141,8 +145,17 @@ func (m *Machine) applyKept(ctx context.Context, last bool) {
 	}
 	m.kept.mu.Unlock()
 	var wg sync.WaitGroup
+	slots := make(chan struct{}, keepParallel)
 	for _, n := range due {
-		wg.Go(func() { m.applyNote(ctx, n, last) })
+		if m.cfg.Now().Sub(n.since) >= keepFor {
+			m.giveUpNote(n, errors.New("kept for as long as Graph's answer deadline"))
+			continue
+		}
+		slots <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			m.applyNote(ctx, n, last)
+		})
 	}
 	wg.Wait()
 }
@@ -152,26 +165,37 @@ func (m *Machine) applyNote(ctx context.Context, n *keptNote, last bool) {
 	tctx, cancel := context.WithTimeout(graph.WithScenarioID(ctx, n.scenario), keepTry)
 	defer cancel()
 	changed, keep, err := m.notifyOne(tctx, n.tenant, n.callID, n.key, n.ev)
-	log := m.cfg.Log.With(zap.String("call_id", n.key), zap.String("tenant_id", n.tenant), zap.Stringer("event", n.ev.Kind),
-		zap.Duration("since", time.Since(n.since)))
-	id := keptID{key: n.key, kind: n.ev.Kind, seq: n.ev.Seq}
 	switch {
 	case err == nil:
 		if changed {
 			m.KeptApplied.Add(1)
-			log.Info("notification Redis had refused applied by the instance that kept it (Graph had not delivered it again)")
+			m.noteLog(n).Info("notification Redis had refused applied by the instance that kept it (Graph had not delivered it again)")
 		}
-	case keep && !last && time.Since(n.since) < keepFor:
+		m.forgetNote(n)
+	case keep && !last && m.cfg.Now().Sub(n.since) < keepFor:
 		m.kept.mu.Lock()
 		n.wait = min(2*n.wait, keepEvery)
-		n.next = time.Now().Add(n.wait)
+		n.next = m.cfg.Now().Add(n.wait)
 		m.kept.mu.Unlock()
-		return
 	default:
-		m.KeptGivenUp.Add(1)
-		log.Warn("notification Redis refused, kept and applied again, given up: it is Graph's alone to deliver again", zap.Error(err))
+		m.giveUpNote(n, err)
 	}
+}
+
+// giveUpNote stops keeping n, still refused (err), and counts it.
+func (m *Machine) giveUpNote(n *keptNote, err error) {
+	m.KeptGivenUp.Add(1)
+	m.noteLog(n).Warn("notification Redis refused, kept and applied again, given up: it is Graph's alone to deliver again", zap.Error(err))
+	m.forgetNote(n)
+}
+
+func (m *Machine) forgetNote(n *keptNote) {
 	m.kept.mu.Lock()
-	delete(m.kept.notes, id)
+	delete(m.kept.notes, keptID{key: n.key, kind: n.ev.Kind, seq: n.ev.Seq})
 	m.kept.mu.Unlock()
+}
+
+func (m *Machine) noteLog(n *keptNote) *zap.Logger {
+	return m.cfg.Log.With(zap.String("call_id", n.key), zap.String("tenant_id", n.tenant), zap.Stringer("event", n.ev.Kind),
+		zap.Duration("since", m.cfg.Now().Sub(n.since)))
 }

@@ -206,3 +206,23 @@ func TestKeptGivenUpWhenTheInstanceStops(t *testing.T) {
 		t.Errorf("after the stop: %d kept, %d given up; want 0 and 1", n, g)
 	}
 }
+
+// A notification kept for as long as Graph's answer deadline is given up without another
+// attempt: an incoming created then would ring nobody (Graph has dropped the call), and a key
+// press would come long after the caller's choice.
+func TestKeptGivenUpAfterTheAnswerDeadline(t *testing.T) {
+	rdb, down := downable(t)
+	clock := &skewClock{}
+	g := &fakeGraph{}
+	m := instance(t, rdb, "kd", g, &fakeQueues{}, clock.now)
+	down.on.Store(true)
+	refused(t, m, note("created", "7b3d9e1f-4a2c-4e86-b5d0-1c9f8a3e6d24", keptIncoming))
+	down.on.Store(false)
+	clock.add(16 * time.Second)
+	runKept(t, m)
+	eventually(t, "the incoming still kept past the answer deadline", func() bool { return m.Keeping() == 0 })
+	m.Wait()
+	if n, a := m.KeptGivenUp.Load(), m.KeptApplied.Load(); n != 1 || a != 0 || len(g.log()) != 0 {
+		t.Errorf("past the deadline: %d given up, %d applied, Graph commands %v; want 1, 0 and none", n, a, g.log())
+	}
+}
