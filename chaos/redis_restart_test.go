@@ -257,7 +257,7 @@ func testRedisRestart(t *testing.T, down time.Duration) {
 		t.Errorf("%d notifications were refused on all 4 attempts: graphsim gave up on them", gaveUp)
 	case gaveUp > 0:
 		t.Logf("%d notifications were refused on all 4 attempts (Redis down %s, longer than graphsim's retries): "+
-			"what callbot kept of them (incoming calls, key presses, ends) it applied once Redis was back", gaveUp, down)
+			"what callbot kept of them (incoming calls, key presses, transfer failures, ends) it applied once Redis was back", gaveUp, down)
 	case down >= retryBudget+time.Second:
 		t.Errorf("Redis down %s, past graphsim's retries, and no notification given up: the test proves nothing of the keeping", down)
 	}

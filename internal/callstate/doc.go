@@ -73,8 +73,8 @@
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //
 // A notification Redis refused is answered 503 for Graph to deliver again; an incoming call, a
-// key press with a sequenceId and a call's end (whose repeat is harmless whenever it comes) are
-// also kept in memory and applied again by the instance that refused them, until Redis takes
+// key press with a sequenceId, a transfer's failure, a call's end and the others whose repeat is
+// harmless whenever it comes are also kept in memory and applied again by the instance that refused them, until Redis takes
 // them or 15 s have passed (keep, RunKept): an outage may outlast Graph's retries.
 //
 // A decision the table refuses (ErrInvalidTransition, a *TransitionError) is a bug, never

@@ -14,20 +14,25 @@ import (
 // policy for calling callbacks is undocumented (RELIABILITY.md: at-least-once, possibly lost),
 // and an outage that outlasts it lost the notification: an incoming call never answered (a Redis
 // Cluster election takes 2 to 4 s; graphsim gives a notification up after about 3 s), a key
-// press the caller had to make again, a caller's hang-up left to the reconciler. So the
-// notifications whose repeat is harmless whenever it comes are also kept in process, and applied
-// again until Redis takes them or keepFor has passed since the first refusal:
+// press the caller had to make again, a transfer's failure that left the caller in silence until
+// the transfer's timer (90 s), a caller's hang-up left to the reconciler. So the notifications
+// whose repeat is harmless whenever it comes, as Graph's own late repeats must be, are also kept
+// in process, and applied again until Redis takes them or keepFor has passed since the first
+// refusal:
 //
 //   - an incoming call: applied again, its create finds the record Graph's own repeat made
 //     (ErrExists), and is ignored;
+//   - `established` while answering: only a call being answered takes it;
 //   - a key press with a sequenceId: one at or below the call's last is ignored (Stale);
+//   - a prompt's or an invite's end: only the one the call waits on (its clientContext) counts;
+//   - a transfer's failure: notified, it only has callbot read the call from Graph, and the read
+//     settles the attempt under way alone;
 //   - a call's end: terminal stays terminal.
 //
-// The others are not kept: a transfer's failure or a roster applied late may be taken for news
-// of a later attempt, and a prompt's end or an `established` lost is caught by the call's timers
-// and reads. Nor is a notification of a call callbot has no record of, which adopt reads Graph
-// to take back (a read that failed is no refusal of Redis's): that one is Graph's to deliver
-// again.
+// The others are not kept: a roster (a notified one is never stale by itself) and a transfer's
+// intermediate states (their loss is caught by the transfer's end or timer). Nor is a
+// notification of a call callbot has no record of, which adopt reads Graph to take back (a read
+// that failed is no refusal of Redis's): that one is Graph's to deliver again.
 const (
 	keepFor      = 15 * time.Second       // Graph's answer deadline: an incoming is no use later
 	keepFirst    = 250 * time.Millisecond // the first attempt again after a refusal; doubled after each
@@ -50,7 +55,12 @@ type keptNote struct {
 type keptID struct {
 	key  string
 	kind EventKind
-	seq  int64
+	seq  int64  // a key press's sequenceId
+	cc   string // a prompt's or an invite's clientContext
+}
+
+func idOf(key string, ev Event) keptID {
+	return keptID{key: key, kind: ev.Kind, seq: ev.Seq, cc: ev.ClientContext}
 }
 
 // kept holds the notifications RunKept applies again.
@@ -62,10 +72,14 @@ type kept struct {
 // keepable: ev may be applied again at any time, whatever happened to the call meanwhile.
 func keepable(ev Event) bool {
 	switch ev.Kind {
-	case EvIncoming, EvEnded:
+	case EvIncoming, EvEstablished, EvEnded:
 		return true
 	case EvTone:
 		return ev.Seq != 0
+	case EvPromptDone, EvInviteDone:
+		return ev.ClientContext != ""
+	case EvTransferFailed:
+		return !ev.Verified
 	}
 	return false
 }
@@ -76,7 +90,7 @@ func (m *Machine) keep(tenant, callID, key, scenario string, ev Event) bool {
 	if !keepable(ev) {
 		return false
 	}
-	id := keptID{key: key, kind: ev.Kind, seq: ev.Seq}
+	id := idOf(key, ev)
 	now := m.cfg.Now()
 	m.kept.mu.Lock()
 	defer m.kept.mu.Unlock()
@@ -191,7 +205,7 @@ func (m *Machine) giveUpNote(n *keptNote, err error) {
 
 func (m *Machine) forgetNote(n *keptNote) {
 	m.kept.mu.Lock()
-	delete(m.kept.notes, keptID{key: n.key, kind: n.ev.Kind, seq: n.ev.Seq})
+	delete(m.kept.notes, idOf(n.key, n.ev))
 	m.kept.mu.Unlock()
 }
 

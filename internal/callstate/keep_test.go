@@ -151,20 +151,51 @@ func TestKeptKeyPressDeliveredAgainByGraphTakesEffectOnce(t *testing.T) {
 	}
 }
 
-// Only notifications whose repeat is harmless whenever it comes are kept: a transfer's failure
-// applied late may be taken for a later attempt's, and a key press without a sequenceId cannot
-// be told from a new one.
+// Only notifications whose repeat is harmless whenever it comes are kept: not a transfer's
+// intermediate state, and not a key press without a sequenceId, which cannot be told from a new
+// one.
 func TestNotificationsNotKept(t *testing.T) {
 	rdb, down := downable(t)
 	m := instance(t, rdb, "kn", &fakeGraph{}, &fakeQueues{}, nil)
 	id := "0d4b8e2f-9a3c-4f71-b6d5-e8a2c1f7094b"
 	queuedCall(t, m, id)
 	down.on.Store(true)
-	refused(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":486,"subcode":0,"message":"busy"}}`))
+	refused(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferAccepted"}`))
 	refused(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","toneInfo":{"tone":"tone2"}}`))
 	if n := m.Keeping(); n != 0 {
 		t.Errorf("kept: %d, want none", n)
 	}
+}
+
+// A transfer's failure Redis refused (an agent let the call ring out while the call's master
+// failed over) is kept: applied once Redis is back, it has callbot read the call, which takes the
+// caller back to the queue. Before, the caller waited in silence for the transfer's timer, 90 s
+// (the cluster failover soak with cluster-node-timeout 2 s).
+func TestKeptTransferFailureTakesTheCallerBackToTheQueue(t *testing.T) {
+	rdb, down := downable(t)
+	g := &fakeGraph{}
+	clock := &skewClock{}
+	m := instance(t, rdb, "kf", g, &fakeQueues{}, clock.now)
+	id := "3a8f2c6d-1e4b-4d97-b0a5-6c2e9f4d1b83"
+	key := offeredToAgentA(t, m, id)
+	down.on.Store(true)
+	refused(t, m, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"established","resultInfo":{"code":500,"subcode":7000,"message":"Call transfer failed: not answered."}}`))
+	down.on.Store(false)
+	runKept(t, m)
+	eventually(t, "the kept transfer failure did not have the call read", func() bool { return slices.Contains(g.log(), "get") })
+	// Graph says established so soon after the transfer request: looked at again 5 s later
+	// (transferRecheck), and that look settles it
+	ctx, cancel := context.WithCancel(context.Background())
+	timing := make(chan struct{})
+	go func() { m.RunTimers(ctx, 10*time.Millisecond); close(timing) }()
+	defer func() { cancel(); <-timing }()
+	clock.add(6 * time.Second)
+	store := callstate.NewStore(rdb, "kf")
+	eventually(t, "the caller was not taken back to the queue after the kept transfer failure", func() bool {
+		c, err := store.Get(context.Background(), key)
+		return err == nil && c.State == callstate.StateQueued
+	})
+	m.Wait()
 }
 
 // A caller who hangs up while their incoming is kept is not answered: the end, for a call with

@@ -199,8 +199,8 @@ func (m *Machine) env() Env {
 
 // Notify implements graph.Sink: it turns each notification into an event and applies it.
 // Storage failures are returned wrapped in graph.ErrUnavailable so the webhook asks Graph to
-// send the request again (an incoming call, a key press or a call's end so refused is also kept
-// and applied again by this instance: keep); everything else is logged and the notification
+// send the request again (an incoming call, a key press, a call's end and the other
+// notifications whose repeat is harmless are also kept and applied again by this instance: keep); everything else is logged and the notification
 // dropped.
 func (m *Machine) Notify(ctx context.Context, tenant string, ns []graph.Notification) error {
 	for _, n := range ns {
