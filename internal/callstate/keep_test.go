@@ -257,3 +257,20 @@ func TestKeptGivenUpAfterTheAnswerDeadline(t *testing.T) {
 		t.Errorf("past the deadline: %d given up, %d applied, Graph commands %v; want 1, 0 and none", n, a, g.log())
 	}
 }
+
+// An incoming delivered again after its call ended (late from Graph, or kept by another instance
+// while Redis refused it, as in the cluster failover soak) leaves the call out of the live calls:
+// its create writes the live entry ahead of the record it finds. Before, the ended call stayed
+// listed live until the reconciler's pass.
+func TestIncomingRepeatedAfterTheEndLeavesNoLiveEntry(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	m := instance(t, rdb, "ke", &fakeGraph{}, &fakeQueues{}, nil)
+	store := callstate.NewStore(rdb, "ke")
+	id := "c41e7a9d-5b2f-4e83-9d16-0a7f3c8e2b54"
+	queuedCall(t, m, id)
+	notify(t, m, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":0}}`))
+	notify(t, m, note("created", id, keptIncoming))
+	if keys := liveCalls(t, store); len(keys) != 0 {
+		t.Errorf("live calls after the incoming came again past the end: %v, want none", keys)
+	}
+}

@@ -622,7 +622,20 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 			if errors.Is(err, ErrExists) {
 				m.exec.fill(execKey, slot, nil)
 				log.Debug("repeated incoming notification ignored")
-				return false, m.cfg.Store.Sync(ctx, callKey) // the record may be one refused as unreplicated
+				if err := m.cfg.Store.Sync(ctx, callKey); err != nil {
+					return false, err // the record may be one refused as unreplicated
+				}
+				// The create wrote the call's live entry ahead of the record it found: a repeat
+				// that comes after the call ended (Graph's, late, or one another instance kept
+				// while Redis refused it) put an ended call back among the live ones, until the
+				// reconciler's pass (the cluster failover soak). Read after that write, the
+				// record shows an end that took the entry out before it; an end saved after it
+				// takes it out itself.
+				rec, err := m.cfg.Store.Get(ctx, callKey)
+				if err == nil && rec.State.Terminal() {
+					err = m.cfg.Store.Forget(ctx, callKey)
+				}
+				return false, err
 			}
 		} else {
 			err = m.cfg.Store.SaveWith(ctx, &next, w)
