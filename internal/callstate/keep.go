@@ -84,22 +84,22 @@ func keepable(ev Event) bool {
 	return false
 }
 
-// keep holds a notification Redis refused, for RunKept to apply again; false if it is not
-// one to keep, or too many are kept already.
-func (m *Machine) keep(tenant, callID, key, scenario string, ev Event) bool {
+// keep holds a notification Redis refused, for RunKept to apply again, unless it is not one to
+// keep or keepMax are kept already.
+func (m *Machine) keep(tenant, callID, key, scenario string, ev Event) {
 	if !keepable(ev) {
-		return false
+		return
 	}
 	id := idOf(key, ev)
 	now := m.cfg.Now()
 	m.kept.mu.Lock()
 	defer m.kept.mu.Unlock()
 	if _, ok := m.kept.notes[id]; ok {
-		return true // Graph's repeat of one kept already
+		return // Graph's repeat of one kept already
 	}
 	if len(m.kept.notes) >= keepMax {
 		m.KeptDropped.Add(1)
-		return false
+		return
 	}
 	if m.kept.notes == nil {
 		m.kept.notes = map[keptID]*keptNote{}
@@ -107,7 +107,6 @@ func (m *Machine) keep(tenant, callID, key, scenario string, ev Event) bool {
 	m.kept.notes[id] = &keptNote{tenant: tenant, callID: callID, key: key, scenario: scenario, ev: ev,
 		since: now, next: now.Add(keepFirst), wait: keepFirst}
 	m.Kept.Add(1)
-	return true
 }
 
 // unkeep stops keeping the notifications of the call stored under key (it ended).

@@ -228,6 +228,12 @@ func newMachine(t *testing.T, g *fakeGraph, q callstate.Queues, now ...func() ti
 // share it; now is its clock (nil: time.Now).
 func instance(t *testing.T, rdb *redis.Client, prefix string, g callstate.CallControl, q callstate.Queues, now func() time.Time) *callstate.Machine {
 	t.Helper()
+	return instanceLeased(t, rdb, prefix, g, q, now, 0)
+}
+
+// instanceLeased is instance with an outbox lease of lease (0: the default).
+func instanceLeased(t *testing.T, rdb *redis.Client, prefix string, g callstate.CallControl, q callstate.Queues, now func() time.Time, lease time.Duration) *callstate.Machine {
+	t.Helper()
 	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
 	if err != nil {
 		t.Fatal(err)
@@ -236,7 +242,8 @@ func instance(t *testing.T, rdb *redis.Client, prefix string, g callstate.CallCo
 		now = time.Now
 	}
 	return callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
-		Control: g, Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now})
+		Control: g, Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t), Now: now,
+		OutboxLease: lease})
 }
 
 // skewClock is the wall clock moved forward by what a test adds.

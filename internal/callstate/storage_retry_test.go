@@ -10,10 +10,8 @@ import (
 
 	"github.com/callbot/callbot/internal/callstate"
 	"github.com/callbot/callbot/internal/graph"
-	"github.com/callbot/callbot/internal/ivr"
 	"github.com/callbot/callbot/internal/redistest"
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap/zaptest"
 )
 
 // refusingQueues is fakeQueues whose Enqueue and Release fail the number of times refuse gives,
@@ -60,19 +58,13 @@ func (q *refusingQueues) Release(ctx context.Context, tenant, agent, call string
 }
 
 // leasedInstance is instance with an outbox lease of a minute, longer than any test waits: what
-// such a test sees done was not done by a re-drive. RunOutbox runs until the test ends.
+// such a test sees done was not done by a re-drive.
 func leasedInstance(t *testing.T, rdb *redis.Client, prefix string, q callstate.Queues) *callstate.Machine {
 	t.Helper()
-	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
-		Control: &fakeGraph{}, Queues: q, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
-		OutboxLease: time.Minute})
-	return m
+	return instanceLeased(t, rdb, prefix, &fakeGraph{}, q, nil, time.Minute)
 }
 
+// runOutbox runs m's RunOutbox until the test ends.
 func runOutbox(t *testing.T, m *callstate.Machine) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
