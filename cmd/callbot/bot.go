@@ -50,6 +50,8 @@ type botDeps struct {
 	RedisReplicas  int
 	ReplicaTimeout time.Duration
 	PresenceEvery  time.Duration
+	// ReconcileEvery: how often the reconciler passes over the live calls (default 5 minutes).
+	ReconcileEvery time.Duration
 	// FailCooldown: an agent who declined or missed an offer is skipped this long (default 10s).
 	FailCooldown time.Duration
 	// ConnectedGuard: an agent who just took a call is skipped this long even if polled presence
@@ -190,7 +192,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	running.Go("outbox", func() { b.machine.RunOutbox(loops, time.Second) })
 	running.Go("acknowledgements", func() { b.machine.RunAcks(loops, 20*time.Millisecond) })
 	running.Go("kept notifications", func() { b.machine.RunKept(loops, 100*time.Millisecond) })
-	running.Go("reconciler", func() { b.machine.RunReconcile(loops, 5*time.Minute, b.instance) })
+	running.Go("reconciler", func() { b.machine.RunReconcile(loops, cmp.Or(b.deps.ReconcileEvery, 5*time.Minute), b.instance) })
 	running.Go("dispatcher", func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
 	running.Go("replicas", func() { b.store.WatchReplicas(loops, time.Second) })
 	running.Go("clock", func() { b.clock.Run(loops, clockSyncEvery) })

@@ -54,6 +54,9 @@ func TestConfigRefusesSettingsThatBreakLater(t *testing.T) {
 		{"CALLBOT_PUBLIC_URL", "https://bot.example.com/x?", "must not have a query or fragment"},
 		{"CALLBOT_PUBLIC_URL", "https://bot.example.com/#", "must not have a query or fragment"},
 		{"CALLBOT_OUTBOX_LEASE", "13s", "CALLBOT_OUTBOX_LEASE: \"13s\" is not a duration from 1s to 12s"},
+		// a pass every 30 minutes sent a call's first keepAlive up to 45 minutes into it: too late
+		{"CALLBOT_RECONCILE_INTERVAL", "30m", "CALLBOT_RECONCILE_INTERVAL: \"30m\" is not a duration from 10s to 10m0s"},
+		{"CALLBOT_RECONCILE_INTERVAL", "1s", "CALLBOT_RECONCILE_INTERVAL: \"1s\" is not a duration from 10s"},
 		{"CALLBOT_KEY_PREFIX", "cb{1}", "CALLBOT_KEY_PREFIX: \"cb{1}\" must be non-empty, without braces"},
 		{"CALLBOT_KEY_PREFIX", "c{b", "without braces"},
 		// one tenant per deployment: another tenant's calls were answered, then waited in a
@@ -68,9 +71,9 @@ func TestConfigRefusesSettingsThatBreakLater(t *testing.T) {
 		}
 	}
 	env := validEnv(t)
-	env["CALLBOT_OUTBOX_LEASE"], env["CALLBOT_KEY_PREFIX"] = "12s", "callbot-prod"
-	if _, err := loadConfig(func(k string) string { return env[k] }); err != nil {
-		t.Errorf("a valid configuration refused: %v", err)
+	env["CALLBOT_OUTBOX_LEASE"], env["CALLBOT_KEY_PREFIX"], env["CALLBOT_RECONCILE_INTERVAL"] = "12s", "callbot-prod", "10m"
+	if c, err := loadConfig(func(k string) string { return env[k] }); err != nil || c.ReconcileEvery != 10*time.Minute {
+		t.Errorf("a valid configuration refused: %v (reconcile interval %v)", err, c.ReconcileEvery)
 	}
 }
 

@@ -36,6 +36,7 @@ type config struct {
 	FlowFile        string
 	KeyPrefix       string
 	PresenceEvery   time.Duration
+	ReconcileEvery  time.Duration
 	ShutdownGrace   time.Duration
 	OutboxLease     time.Duration
 	RedisReplicas   int
@@ -65,6 +66,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key (no braces)"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
+	{"CALLBOT_RECONCILE_INTERVAL", "5m", "how often the reconciler checks every live call with Graph (closes those Graph no longer has, keeps calls older than 15 minutes alive), from 10s to 10m; one instance does it, by lease"},
 	{"CALLBOT_SHUTDOWN_GRACE", "20s", "the most a shutdown on SIGTERM takes; past it what is unfinished is left in Redis and callbot exits with code 1"},
 	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them (at most 12s)"},
 	{"CALLBOT_INSTANCE_ID", "", "name of this instance, put in callback URIs as an affinity hint (default: the host name)"},
@@ -184,6 +186,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if c.PresenceEvery, err = time.ParseDuration(get("CALLBOT_PRESENCE_INTERVAL")); err != nil || c.PresenceEvery < 500*time.Millisecond {
 		bad("CALLBOT_PRESENCE_INTERVAL", "%q is not a duration of at least 500ms", get("CALLBOT_PRESENCE_INTERVAL"))
 	}
+	if c.ReconcileEvery, err = time.ParseDuration(get("CALLBOT_RECONCILE_INTERVAL")); err != nil || c.ReconcileEvery < 10*time.Second || c.ReconcileEvery > maxReconcileEvery {
+		bad("CALLBOT_RECONCILE_INTERVAL", "%q is not a duration from 10s to %v (Graph ends a call that had no keepAlive for 45 minutes; callbot sends the first at 15 minutes, so two passes fit before that, one of them failing)", get("CALLBOT_RECONCILE_INTERVAL"), maxReconcileEvery)
+	}
 	if c.ShutdownGrace, err = time.ParseDuration(get("CALLBOT_SHUTDOWN_GRACE")); err != nil || c.ShutdownGrace <= 0 {
 		bad("CALLBOT_SHUTDOWN_GRACE", "%q is not a positive duration", get("CALLBOT_SHUTDOWN_GRACE"))
 	}
@@ -268,6 +273,11 @@ func isGUID(s string) bool {
 // 15 s, and an answer a dead instance saved waits out the lease, then up to a claim tick (a
 // quarter lease, 1 s at most), a read of the call and the answer request, before it is sent.
 const maxOutboxLease = 12 * time.Second
+
+// maxReconcileEvery bounds CALLBOT_RECONCILE_INTERVAL: a call gets its first keepAlive on the
+// first pass after it is 15 minutes old, and Graph ends one that had none for 45 minutes; at 10
+// minutes apart, two more passes come before that, should the first keepAlive fail.
+const maxReconcileEvery = 10 * time.Minute
 
 // checkPublicURL: Graph only calls https callback URIs; plain http is accepted for loopback
 // hosts so a local simulator can reach callbot.

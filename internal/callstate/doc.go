@@ -69,7 +69,8 @@
 // the commands it is still carrying out, so a slow Graph is not mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues (a queued caller missing is put back, an
 // entry whose call ended is removed, in any queue of the tenant, its flow's or one a flow edit
-// removed) and agent reservations. Events with no row for the
+// removed) and agent reservations. It walks every live call, reconcileParallel at a time, and
+// renews its lease through a long pass. Events with no row for the
 // call's state (repeats, late arrivals) change nothing; terminated stays terminated.
 //
 // A notification Redis refused is answered 503 for Graph to deliver again; an incoming call, a

@@ -912,7 +912,13 @@ func (s *Store) Ended(ctx context.Context, callKeys []string) ([]bool, error) {
 // Live returns up to limit calls of the set of live calls created before the given time, oldest
 // first.
 func (s *Store) Live(ctx context.Context, before time.Time, limit int64) ([]string, error) {
-	return s.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: s.active, Start: "-inf", Stop: before.UnixMilli(), ByScore: true, Count: limit}).Result()
+	return s.LivePage(ctx, before, 0, limit)
+}
+
+// LivePage is Live from the offset-th call on.
+func (s *Store) LivePage(ctx context.Context, before time.Time, offset, limit int64) ([]string, error) {
+	return s.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: s.active, Start: "-inf", Stop: before.UnixMilli(), ByScore: true,
+		Offset: offset, Count: limit}).Result()
 }
 
 // Forget removes a call from the set of live calls (it ended, or its record expired).
