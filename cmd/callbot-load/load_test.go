@@ -128,6 +128,9 @@ func TestParseFlags(t *testing.T) {
 		{"-presence", "100ms"},
 		{"-cpuprofile", "x", "-callbot", "y"},
 		{"-leaks", "15s", "-hold", "10"},
+		{"-reconcile", "1m"},                 // without -hold
+		{"-reconcile", "5s", "-hold", "10"},  // callbot refuses under 10s
+		{"-reconcile", "11m", "-hold", "10"}, // and over 10m
 		{"extra"},
 	} {
 		if _, err := parseFlags(args, &bytes.Buffer{}); err == nil {

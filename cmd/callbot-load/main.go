@@ -85,6 +85,7 @@ type options struct {
 	pin         bool
 	cpuprofile  string
 	leaks       time.Duration
+	reconcile   time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -115,6 +116,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.quiet, "q", false, "no progress lines on stderr")
 	fs.StringVar(&o.cpuprofile, "cpuprofile", "", "write a CPU profile of the callbot subprocess during the run to this file (builds callbot with net/http/pprof added through go build -overlay; not with -callbot)")
 	fs.DurationVar(&o.leaks, "leaks", 0, "after the calls ended, wait this long (more than the 8 s outbox lease: 15s) and report what the run left in Redis and in callbot (keys by pattern, goroutines, heap, RSS, fds per 1,000 calls); 0 = off")
+	fs.DurationVar(&o.reconcile, "reconcile", 0, "with -hold: CALLBOT_RECONCILE_INTERVAL (10s to 10m); once the calls are held, wait for a pass of the reconciler over all of them and report how long it took (calls older than a minute are checked: the wait lasts until they are); 0 = off")
 	fs.BoolVar(&o.pin, "pin", true, "with 2+ CPUs: this tool (graphsim, callers) on the first half of the CPUs; callbot, redis-server and the no-op server on the rest")
 	if err := fs.Parse(args); err != nil {
 		return o, fmt.Errorf("%w: %v", errUsage, err)
@@ -141,6 +143,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("%w: -cpuprofile builds callbot itself; leave out -callbot", errUsage)
 	case o.leaks < 0 || o.leaks > 0 && o.hold > 0:
 		return o, fmt.Errorf("%w: -leaks must be >= 0, and is for rate runs (not -hold)", errUsage)
+	case o.reconcile != 0 && (o.hold == 0 || o.reconcile < 10*time.Second || o.reconcile > 10*time.Minute):
+		return o, fmt.Errorf("%w: -reconcile is for -hold runs, from 10s to 10m", errUsage)
 	case o.agents < 0 || o.agents > 20000:
 		return o, fmt.Errorf("%w: -agents must be between 0 and 20000", errUsage)
 	}

@@ -764,6 +764,9 @@ func (w *world) runHold(ctx context.Context, rep *Report, progress io.Writer) er
 		m.KeysPerCall = round(float64(u1.info.keys-u0.info.keys)/float64(queued), 2)
 	}
 	rep.Memory = m
+	if o.reconcile > 0 && queued > 0 {
+		m.Reconcile = w.waitReconcile(ctx, queued, dr.placeEnd, progress)
+	}
 	total, by := commandsBetween(u0.info, u1.info)
 	w.redisReport(rep, total, by, u1.proxied-u0.proxied, u1.proxiedReads-u0.proxiedReads, acked, u1.info.keys)
 	wall := u1.at.Sub(u0.at).Seconds()
@@ -774,6 +777,52 @@ func (w *world) runHold(ctx context.Context, rep *Report, progress io.Writer) er
 	w.stopBot()
 	rep.Log = logStats(w.botLog)
 	return nil
+}
+
+// waitReconcile waits for a pass of callbot's reconciler that checks at least calls live calls
+// (every call placed is older than a minute a minute after placeEnd: a pass that starts after
+// that checks all the held ones) and reports it, or reports that none came in time.
+func (w *world) waitReconcile(ctx context.Context, calls int, placeEnd time.Time, progress io.Writer) *ReconcilePass {
+	const passes, checked, last = "callbot_reconcile_passes_total", "callbot_reconcile_last_pass_calls", "callbot_reconcile_last_pass_seconds"
+	held := time.Now()
+	// one interval for the pass after the calls are a minute old to start, one for it to run,
+	// with a Graph request of each call at least a millisecond (16 at a time)
+	deadline := placeEnd.Add(time.Minute + 2*w.o.reconcile + time.Duration(calls)*max(w.o.graphLat, time.Millisecond))
+	donePasses := scrapeMetrics(ctx, w.botURL, passes)[passes]
+	rp := &ReconcilePass{}
+	for {
+		select {
+		case <-ctx.Done():
+			rp.TimedOut = true
+			return rp
+		case <-time.After(time.Second):
+		}
+		m := scrapeMetrics(ctx, w.botURL, passes, checked, last)
+		if m[passes] > donePasses {
+			// the figures of the last pass (a pass that comes and ends within the second is
+			// not seen: the one after is)
+			rp.Checked = int64(m[checked])
+			donePasses = m[passes]
+			fmt.Fprintf(progress, "  reconciler's pass checked %d calls in %.2fs\n", rp.Checked, m[last])
+			if rp.Checked >= int64(calls) {
+				end := time.Now()
+				rp.Seconds = m[last]
+				rp.PerSecond = round(float64(rp.Checked)/max(rp.Seconds, 1e-3), 0)
+				rp.WaitSeconds = round(end.Sub(held).Seconds(), 1)
+				from := end.Add(-time.Duration(rp.Seconds*float64(time.Second)) - 2*time.Second)
+				for _, r := range w.sim.Requests() {
+					if r.Action == "get" && r.Time.After(from) {
+						rp.GraphReads++
+					}
+				}
+				return rp
+			}
+		}
+		if time.Now().After(deadline) || w.bot.exited() {
+			rp.TimedOut, rp.WaitSeconds = true, round(time.Since(held).Seconds(), 1)
+			return rp
+		}
+	}
 }
 
 // startProfile fetches a CPU profile of callbot covering d (when -cpuprofile is set) and

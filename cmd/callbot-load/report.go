@@ -291,6 +291,18 @@ type Memory struct {
 	CallbotRSSAfter   int64   `json:"callbot_rss_after"`
 	CallbotRSSPerCall int64   `json:"callbot_rss_bytes_per_call"`
 	CallbotPeakRSS    int64   `json:"callbot_peak_rss"`
+	// Reconcile: the reconciler's pass over the held calls (-reconcile), nil without one.
+	Reconcile *ReconcilePass `json:"reconcile,omitempty"`
+}
+
+// ReconcilePass is a pass of callbot's reconciler over the held calls, from its /metrics.
+type ReconcilePass struct {
+	Seconds     float64 `json:"seconds"`     // callbot_reconcile_last_pass_seconds
+	Checked     int64   `json:"checked"`     // calls the pass checked (callbot_reconcile_last_pass_calls)
+	GraphReads  int     `json:"graph_reads"` // GET of a call graphsim answered meanwhile
+	PerSecond   float64 `json:"calls_per_s"` // Checked / Seconds
+	WaitSeconds float64 `json:"wait_s"`      // from the calls held to the pass's end
+	TimedOut    bool    `json:"timed_out"`   // no complete pass over the held calls came in time
 }
 
 type Target struct {
@@ -493,6 +505,14 @@ func (r *Report) Text() string {
 		p("  redis          used_memory %s -> %s: %d bytes/call; %.1f keys/call; redis RSS %s",
 			mb(m.RedisUsedBefore), mb(m.RedisUsedAfter), m.RedisPerCall, m.KeysPerCall, mb(m.RedisRSS))
 		p("  callbot        RSS %s -> %s: %d bytes/call; peak %s", mb(m.CallbotRSSBefore), mb(m.CallbotRSSAfter), m.CallbotRSSPerCall, mb(m.CallbotPeakRSS))
+		if rp := m.Reconcile; rp != nil {
+			if rp.TimedOut {
+				p("  reconciler     no pass over the %d held calls within %.0fs (last pass checked %d)", m.Queued, rp.WaitSeconds, rp.Checked)
+			} else {
+				p("  reconciler     a pass over %d calls took %.2fs (%.0f calls/s; %d reads of a call by Graph), %.0fs after the calls were held",
+					rp.Checked, rp.Seconds, rp.PerSecond, rp.GraphReads, rp.WaitSeconds)
+			}
+		}
 	}
 	if r.Leaks != nil {
 		b.WriteString(r.Leaks.text())

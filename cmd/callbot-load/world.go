@@ -143,6 +143,9 @@ func startWorld(ctx context.Context, o options, cpus cpuSplit, bin, dir string, 
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
+	if o.reconcile > 0 {
+		cmd.Env = append(cmd.Env, "CALLBOT_RECONCILE_INTERVAL="+o.reconcile.String())
+	}
 	if len(cpus.server) > 0 {
 		cmd.Env = append(cmd.Env, fmt.Sprintf("GOMAXPROCS=%d", len(cpus.server)))
 	}

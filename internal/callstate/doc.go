@@ -65,8 +65,9 @@
 // Every change is one compare-and-set on the call's version, and saves the commands it decided
 // with it (the outbox): any instance may apply any notification, a lost race is retried on the
 // fresh record, and what an instance decided but did not carry out (it died) is re-driven by
-// another once its lease runs out (RunOutbox); while an instance lives it renews the leases of
-// the commands it is still carrying out, so a slow Graph is not mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
+// another once its lease runs out (RunOutbox, redriveParallel calls at once); while an instance
+// lives it renews the leases of the commands it is still carrying out, so a slow Graph is not
+// mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues (a queued caller missing is put back, an
 // entry whose call ended is removed, in any queue of the tenant, its flow's or one a flow edit
 // removed) and agent reservations. It walks every live call, reconcileParallel at a time, and

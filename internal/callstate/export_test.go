@@ -6,3 +6,6 @@ func (m *Machine) GiveUp(tenant, key string, from State) { m.giveUp(tenant, key,
 
 // ReconcileParallel is how many calls a reconciler's pass checks at once.
 const ReconcileParallel = reconcileParallel
+
+// RedriveParallel is how many claimed outboxes RunOutbox re-drives at once.
+const RedriveParallel = redriveParallel

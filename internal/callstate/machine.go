@@ -129,11 +129,13 @@ type Machine struct {
 	Ghosts atomic.Int64
 	// ReconcilePasses counts the reconciler's passes this instance completed, ReconcileChecked
 	// the live calls they (and passes cut short) checked; ReconcileLastPass is how long the
-	// last completed pass took, in nanoseconds. KeepAlives counts keepAlives Graph took,
+	// last completed pass took, in nanoseconds, and ReconcileLastCalls how many calls it
+	// checked. KeepAlives counts keepAlives Graph took,
 	// KeepAliveFailures those it refused or did not answer (the next pass sends them again;
 	// Graph ends a call that has had none for 45 minutes).
-	ReconcilePasses, ReconcileChecked, ReconcileLastPass atomic.Int64
-	KeepAlives, KeepAliveFailures                        atomic.Int64
+	ReconcilePasses, ReconcileChecked     atomic.Int64
+	ReconcileLastPass, ReconcileLastCalls atomic.Int64
+	KeepAlives, KeepAliveFailures         atomic.Int64
 	// Redriven counts commands re-driven from outboxes other instances (or this one before a
 	// restart) left behind; Skipped those found already done by asking Graph.
 	Redriven, Skipped atomic.Int64
@@ -1405,26 +1407,54 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 			// those with commands pending are re-driven (a read and a removal for each of a few
 			// hundred calls a second was a quarter of a round trip per notification).
 			keys = m.skipDone(ctx, keys, score)
-			for i, key := range keys {
-				if ctx.Err() != nil {
-					// a shutdown: what this instance will not re-drive is due again at once for
-					// the others, not a lease later
-					hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-					if err := m.cfg.Store.HandBackOutbox(hctx, keys[i:], score, m.cfg.Now()); err != nil {
-						m.cfg.Log.Warn("hand back claimed outboxes", zap.Int("calls", len(keys)-i), zap.Error(err))
-					}
-					cancel()
-					return
-				}
-				// the re-drive begun is carried through (a read of Graph cut short would
-				// count as Graph unreadable, and its command be given up)
-				m.Redrive(context.WithoutCancel(ctx), key, score)
+			if !m.redriveAll(ctx, keys, score) {
+				return
 			}
 			if claimed < 100 {
 				return
 			}
 		}
 	})
+}
+
+// redriveParallel is how many claimed outboxes RunOutbox re-drives at once. The re-drive of an
+// answer or a transfer reads the call from Graph first; one at a time, the calls a killed
+// instance left answering waited for each other's reads, and at Graph's 100-200 ms those re-driven
+// last missed its 15 s answer deadline (their lease alone is 8 s).
+const redriveParallel = 16
+
+// redriveAll re-drives the claimed outboxes keys (score), redriveParallel at once, and reports
+// whether it got through them all. On a shutdown (ctx ends) those not begun are handed back, due
+// at once for the other instances, not a lease later; those begun are carried through (a read of
+// Graph cut short would count as Graph unreadable, and its command be given up).
+func (m *Machine) redriveAll(ctx context.Context, keys []string, score float64) bool {
+	work := make(chan string)
+	var wg sync.WaitGroup
+	for range min(redriveParallel, len(keys)) {
+		wg.Go(func() {
+			for key := range work {
+				m.Redrive(context.WithoutCancel(ctx), key, score)
+			}
+		})
+	}
+	defer wg.Wait()
+	defer close(work)
+	for i, key := range keys {
+		if ctx.Err() == nil {
+			select {
+			case work <- key:
+				continue
+			case <-ctx.Done():
+			}
+		}
+		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		if err := m.cfg.Store.HandBackOutbox(hctx, keys[i:], score, m.cfg.Now()); err != nil {
+			m.cfg.Log.Warn("hand back claimed outboxes", zap.Int("calls", len(keys)-i), zap.Error(err))
+		}
+		cancel()
+		return false
+	}
+	return true
 }
 
 // skipDone takes out of the outbox index the claimed calls (score) whose commands are all
@@ -2242,6 +2272,7 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 	}
 	var (
 		mu      sync.Mutex
+		checked int64
 		tenants = map[string]bool{}
 		live    = map[string]bool{} // calls read live on this pass: their queue entries need no second read
 		failed  error
@@ -2257,6 +2288,7 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 				tenant, isLive, err := m.reconcileCall(ctx, key, now)
 				m.ReconcileChecked.Add(1)
 				mu.Lock()
+				checked++
 				if tenant != "" {
 					tenants[tenant] = true
 				}
@@ -2291,8 +2323,9 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		m.releaseStale(ctx, tenant)
 		m.sweepGhosts(ctx, tenant, live)
 	}
-	m.ReconcilePasses.Add(1)
 	m.ReconcileLastPass.Store(int64(time.Since(start)))
+	m.ReconcileLastCalls.Store(checked)
+	m.ReconcilePasses.Add(1) // last: a reader that sees the pass counted sees its figures
 	return nil
 }
 

@@ -3,6 +3,9 @@ package callstate_test
 import (
 	"context"
 	"fmt"
+	"github.com/callbot/callbot/internal/ivr"
+	"go.uber.org/zap"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -44,7 +47,7 @@ func BenchmarkReconcilePass(b *testing.B) {
 	}
 	later := func() time.Time { return time.Now().Add(2 * time.Minute) }
 	m := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "bp"),
-		Control: latentGraph{&fakeGraph{}, 5 * time.Millisecond}, Queues: &fakeQueues{}, CallbackURI: "https://bot.test/api/calls",
+		Control: latentGraph{&fakeGraph{}, 5 * time.Millisecond}, Queues: &fakeQueues{}, CallbackURI: "https://bot.test/api/calls", Log: zap.NewNop(),
 		Now: later})
 	b.ResetTimer()
 	for b.Loop() {
@@ -53,4 +56,73 @@ func BenchmarkReconcilePass(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/calls, "µs/call")
+}
+
+// BenchmarkRedriveAnswers times the re-drive of 100 answers an instance saved and died with, by
+// another instance's RunOutbox, with a Graph that answers in 20 ms: each answer is sent again
+// after a read of the call shows Graph still has it incoming (compare builds with benchstat;
+// docs/performance.md, "The re-drive after a kill").
+func BenchmarkRedriveAnswers(b *testing.B) {
+	rdb := redistest.Start(b).Client(b)
+	ctx := context.Background()
+	const calls = 100
+	for i := 0; b.Loop(); i++ {
+		b.StopTimer()
+		prefix := fmt.Sprintf("br%d", i)
+		hung := &fakeGraph{block: make(chan struct{})}
+		a := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
+			Control: hung, Queues: &fakeQueues{}, CallbackURI: "https://bot.test/api/calls", Flow: benchFlow(b), Log: zap.NewNop()})
+		for j := range calls {
+			ns, err := graph.Decode([]byte(note("created", fmt.Sprintf("c-%03d", j), `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := a.Notify(ctx, "t1", ns); err != nil {
+				b.Fatal(err)
+			}
+		}
+		g := &countingGraph{latentGraph: latentGraph{&fakeGraph{state: graph.CallIncoming}, 20 * time.Millisecond}}
+		later := func() time.Time { return time.Now().Add(time.Minute) }
+		m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
+			Control: g, Queues: &fakeQueues{}, CallbackURI: "https://bot.test/api/calls", Flow: benchFlow(b), Log: zap.NewNop(), Now: later})
+		rctx, cancel := context.WithCancel(ctx)
+		b.StartTimer()
+		done := make(chan struct{})
+		go func() { m.RunOutbox(rctx, 10*time.Millisecond); close(done) }()
+		for g.answers.Load() < calls {
+			time.Sleep(time.Millisecond)
+		}
+		b.StopTimer()
+		cancel()
+		<-done
+		m.Wait()
+		close(hung.block)
+		a.Wait()
+		b.StartTimer()
+	}
+}
+
+// countingGraph is latentGraph that reads a call as incoming, and counts answers.
+type countingGraph struct {
+	latentGraph
+	answers atomic.Int64
+}
+
+func (g *countingGraph) GetCall(ctx context.Context, id string) (graph.CallState, error) {
+	time.Sleep(g.latency)
+	return graph.CallIncoming, nil
+}
+
+func (g *countingGraph) Answer(ctx context.Context, id string, r graph.AnswerRequest) error {
+	time.Sleep(g.latency)
+	g.answers.Add(1)
+	return nil
+}
+
+func benchFlow(b *testing.B) *ivr.Flow {
+	flow, err := ivr.Parse([]byte(flowYAML), "t.yaml")
+	if err != nil {
+		b.Fatal(err)
+	}
+	return flow
 }

@@ -142,8 +142,8 @@ func TestReconcileChecksCallsInParallel(t *testing.T) {
 	if got := m.ReconcileChecked.Load(); got != int64(n) {
 		t.Errorf("ReconcileChecked %d, want %d", got, n)
 	}
-	if m.ReconcilePasses.Load() != 1 || m.ReconcileLastPass.Load() <= 0 {
-		t.Errorf("passes %d, last pass %v; want one pass timed", m.ReconcilePasses.Load(), time.Duration(m.ReconcileLastPass.Load()))
+	if m.ReconcilePasses.Load() != 1 || m.ReconcileLastPass.Load() <= 0 || m.ReconcileLastCalls.Load() != int64(n) {
+		t.Errorf("passes %d, last pass %v over %d calls; want one pass timed, over %d", m.ReconcilePasses.Load(), time.Duration(m.ReconcileLastPass.Load()), m.ReconcileLastCalls.Load(), n)
 	}
 }
 
