@@ -1567,7 +1567,13 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 			lastGraph = max(lastGraph, p.Seq)
 		}
 	}
-	if m.runStorage(ctx, c, storage, 0, log) && lastStorage > 0 {
+	switch {
+	case !m.runStorage(ctx, c, storage, 0, log):
+		// tried again on each tick of RunOutbox, as carryOut's are, not a lease later by the
+		// next re-drive: a dead instance's release refused in a Redis hiccup kept its agent
+		// reserved for a call that had ended for one more lease
+		m.retryLater(c, storage, 0)
+	case lastStorage > 0:
 		m.ack(ctx, key, false, 0, lastStorage, log) // the releases skipped above are done with
 	}
 	m.Redriven.Add(int64(len(storage)))

@@ -12,8 +12,8 @@ import (
 )
 
 // storageRetry is a batch of a call's storage commands (an agent's release, a queue write) that
-// Redis refused when the transition that decided them was saved (carryOut), for RunOutbox to
-// carry out again.
+// Redis refused when the transition that decided them was saved (carryOut), or when a re-drive
+// carried them out (Redrive), for RunOutbox to carry out again.
 type storageRetry struct {
 	c     Call // the record they were decided on: its tenant and id
 	ps    []Pending

@@ -3,6 +3,7 @@ package callstate_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -129,5 +130,37 @@ func TestRefusedEnqueueTheCallMovedPastIsNotCarriedOut(t *testing.T) {
 	})
 	if n := q.tries("enqueue"); n != 1 {
 		t.Errorf("enqueues tried: %d, want 1 (refused, then moved past)", n)
+	}
+}
+
+// A storage command an instance died with is re-driven by another; if Redis refuses it then (a
+// hiccup as the re-drive runs), it is carried out again at the next tick, not a lease later by
+// the next re-drive: the dead instance's agent stayed reserved, for a call that had ended, one
+// lease longer.
+func TestReleaseRefusedDuringARedriveCarriedOutBeforeTheLease(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	// A: its releases refused for good, and no outbox loop: it dies with the release pending
+	qa := &refusingQueues{fakeQueues: &fakeQueues{}, refuse: map[string]int{"release": 1 << 30}}
+	a := leasedInstance(t, rdb, "rv", qa)
+	id := "3f9d1b27-6c4e-4a8b-9e52-d17a0c6b8f43"
+	key := offeredToAgentA(t, a, id)
+	notify(t, a, note("deleted", id, `{"@odata.type":"#microsoft.graph.call","state":"terminated","resultInfo":{"code":0,"subcode":0}}`))
+	if c, err := callstate.NewStore(rdb, "rv").Get(context.Background(), key); err != nil ||
+		!slices.ContainsFunc(c.Outbox, func(p callstate.Pending) bool { return p.Cmd.Kind == callstate.CmdReleaseAgent }) {
+		t.Fatalf("the ended call's outbox holds no release (%v): the test does not set up what it means to", err)
+	}
+	// B, two leases on (a minute each): A's outbox is due; its re-drive's release is refused once
+	qb := &refusingQueues{fakeQueues: &fakeQueues{}, refuse: map[string]int{"release": 1}}
+	b := instanceLeased(t, rdb, "rv", &fakeGraph{}, qb, func() time.Time { return time.Now().Add(2 * time.Minute) }, time.Minute)
+	runOutbox(t, b)
+	eventually(t, "the release refused during the re-drive was not carried out again", func() bool {
+		return slices.ContainsFunc(qb.snapshot(), func(op string) bool { return strings.HasPrefix(op, "release agent-a") })
+	})
+	eventually(t, "the release carried out was not acknowledged", func() bool {
+		c, err := callstate.NewStore(rdb, "rv").Get(context.Background(), key)
+		return err == nil && len(c.Outbox) == 0
+	})
+	if n := qb.tries("release"); n != 2 {
+		t.Errorf("releases B tried: %d, want 2 (refused in the re-drive, then taken)", n)
 	}
 }
