@@ -43,7 +43,7 @@ bench-load:
 
 # Fault-injection tests (issue #3, docs/chaos.md): real callbot processes, redis-server and
 # graphsim on loopback; an instance, Redis, a Sentinel master and Cluster masters are killed
-# mid-traffic. About 2½ minutes.
+# mid-traffic, and instances are replaced in turn (SIGTERM, and SIGKILL). About 3 minutes.
 .PHONY: chaos
 chaos:
 	$(GO) test -tags chaos -count=1 -v -timeout 10m ./chaos/

@@ -4,6 +4,7 @@ package chaos
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -31,7 +32,9 @@ import (
 // old one and a new one (a new name, a new port) started at once, then the other one; round
 // after round. Subtests: the deploy alone; a slow, throttling Graph alone (latency of hundreds
 // of ms to seconds on call actions, bursts of 429 with Retry-After, 503, 500 and a slow 504);
-// both at once.
+// both at once; and crashes (mode "crash": each replaced instance gets SIGKILL instead, a node
+// lost or a container killed by its memory limit, round after round; what it held is the
+// others' once its outbox lease runs out; "crash-graph": with the slow, throttling Graph too).
 //
 // At the end: every call ended as its caller allows, and one Graph transferred ended transferred
 // in callbot's record too; callbot's records all terminated with no
@@ -45,18 +48,23 @@ import (
 // Knobs (a longer soak: CHAOS_ROLL_RATE=20 CHAOS_ROLL_DURATION=3m):
 // CHAOS_ROLL_RATE calls/s (default 8), CHAOS_ROLL_DURATION of the traffic (default 12s),
 // CHAOS_ROLL_EVERY between two replacements (default 3s), CHAOS_ROLL_GRACE
-// (CALLBOT_SHUTDOWN_GRACE, default 5s), CHAOS_ROLL_MODES, of deploy, graph and both (default "both").
+// (CALLBOT_SHUTDOWN_GRACE, default 5s), CHAOS_ROLL_MODES, of deploy, graph, both, crash and
+// crash-graph (default "both,crash").
 func TestRollingDeploy(t *testing.T) {
-	modes := strings.Split(envOr("CHAOS_ROLL_MODES", "both"), ",")
+	modes := strings.Split(envOr("CHAOS_ROLL_MODES", "both,crash"), ",")
 	for _, m := range modes {
 		t.Run(m, func(t *testing.T) {
 			switch m {
 			case "deploy":
-				rollingRun(t, true, false)
+				rollingRun(t, true, false, false)
 			case "graph":
-				rollingRun(t, false, true)
+				rollingRun(t, false, true, false)
 			case "both":
-				rollingRun(t, true, true)
+				rollingRun(t, true, true, false)
+			case "crash":
+				rollingRun(t, true, false, true)
+			case "crash-graph":
+				rollingRun(t, true, true, true)
 			default:
 				t.Fatalf("CHAOS_ROLL_MODES: unknown mode %q", m)
 			}
@@ -83,12 +91,14 @@ func envDuration(t *testing.T, k string, def time.Duration) time.Duration {
 // sent.
 var onlyGraphCommands = regexp.MustCompile(`^queued Graph commands \(\d+ calls sending\)$`)
 
-// stop is one instance's graceful stop: when it got SIGTERM, when it exited, and how.
+// stop is one instance's graceful stop: when it got SIGTERM, when it exited, and how; or its
+// crash (killed: SIGKILL).
 type stop struct {
 	name         string
 	term, exited time.Time
 	code         int
 	lastLog      string
+	killed       bool
 }
 
 // rollingFlow writes the chaos flow with sales agents 1..s and support agents s+1..s+p.
@@ -134,7 +144,7 @@ func init() {
 	expected["deaf"] = []string{graphsim.OutcomeBotHangUp, graphsim.OutcomeTransferred, graphsim.OutcomeCallerHangUp}
 }
 
-func rollingRun(t *testing.T, deploy, slowGraph bool) {
+func rollingRun(t *testing.T, deploy, slowGraph, crash bool) {
 	var (
 		rate     = envOr("CHAOS_ROLL_RATE", "8")
 		duration = envDuration(t, "CHAOS_ROLL_DURATION", 12*time.Second)
@@ -228,7 +238,11 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 					old := slots[i]
 					name := fmt.Sprintf("bot-%c%d", 'a'+i, round+1)
 					term := time.Now()
-					old.cmd.Process.Signal(syscall.SIGTERM)
+					if crash {
+						old.cmd.Process.Signal(syscall.SIGKILL)
+					} else {
+						old.cmd.Process.Signal(syscall.SIGTERM)
+					}
 					p, err := launch(name)
 					if err != nil {
 						deployErr <- err
@@ -238,14 +252,18 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 					slots[i] = p
 					<-old.exited
 					lb.remove(old.name)
-					st := stop{name: old.name, term: term, exited: time.Now(), code: old.cmd.ProcessState.ExitCode()}
+					st := stop{name: old.name, term: term, exited: time.Now(), code: old.cmd.ProcessState.ExitCode(), killed: crash}
 					if l := grep(old.logPath, "shutdown grace over", `"level":"error"`); len(l) > 0 {
 						st.lastLog = l[len(l)-1]
 					}
 					mu.Lock()
 					stops = append(stops, st)
 					mu.Unlock()
-					t.Logf("t=%s: %s stopped in %s (exit %d), %s ready", since(t0, st.exited), old.name,
+					verb := "stopped"
+					if crash {
+						verb = "killed"
+					}
+					t.Logf("t=%s: %s %s in %s (exit %d), %s ready", since(t0, st.exited), old.name, verb,
 						st.exited.Sub(term).Round(10*time.Millisecond), st.code, name)
 					if st.lastLog != "" {
 						t.Logf("%s: %s", old.name, st.lastLog)
@@ -299,10 +317,19 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 	var (
 		settled map[string]int
 		left    map[string]int64
+		orphans int64 // timers a crash left for calls that ended
 	)
 	settledBy := time.Now().Add(2*max(lease, 5*time.Second) + 10*time.Second)
 	for {
 		settled, left = recordStates(rdb), leftovers(rdb)
+		if crash {
+			// A killed instance leaves the timers its last saves disarmed: they leave the set
+			// with its acknowledgements, which it did not live to send. Each fires in its time
+			// (the hold guard's in 10 minutes) and is ignored, its call having ended; a timer of
+			// a call still live is not one of these.
+			orphans = endedCallTimers(t, rdb)
+			left[keyPrefix+":{timers}"] -= orphans
+		}
 		open := settled["unacknowledged"]
 		for s, n := range settled {
 			if s != "terminated" && s != "unacknowledged" {
@@ -381,6 +408,9 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 	// 100 ms, is a shutdown that does not finish its own work, not Graph's slowness.
 	var durs []time.Duration
 	for _, s := range stops {
+		if s.killed {
+			continue // it did not stop: it was stopped
+		}
 		d := s.exited.Sub(s.term)
 		durs = append(durs, d)
 		_, left, _ := strings.Cut(s.lastLog, "shutdown grace over with work unfinished ("+grace.String()+"): ")
@@ -442,11 +472,11 @@ func rollingRun(t *testing.T, deploy, slowGraph bool) {
 	}
 	sort.Slice(durs, func(i, j int) bool { return durs[i] < durs[j] })
 	t.Logf("summary: %d calls at %s/s for %s, outcomes [%s]; last call ended %s after the last was placed; "+
-		"records at the end [%s], settled %s after the calls ended; leftovers %v; %d instances stopped, stop times %v (grace %s); "+
+		"records at the end [%s], settled %s after the calls ended; leftovers %v (and %d timers of ended calls a crash left); %d instances stopped, stop times %v (grace %s); "+
 		"deliveries %d (non-2xx %d, 5xx or transport errors %d in windows %v, %d outside a shutdown, given up %d); "+
 		"agents offered %d, accepted %d; callers whose key press found no tone subscription %d; error log lines %d; graph faults injected %d",
 		calls, rate, duration, fmtCounts(counts), last.Sub(placedAll).Round(100*time.Millisecond),
-		fmtCounts(settled), settleTook.Round(100*time.Millisecond), left, len(stops), roundAll(durs), grace,
+		fmtCounts(settled), settleTook.Round(100*time.Millisecond), left, orphans, len(stops), roundAll(durs), grace,
 		len(sim.Deliveries()), non2xx, fivexx, windows, outside, given, offered, accepted, deaf, errs, len(sim.Injected()))
 	if errs := lb.errors(); len(errs) > 0 {
 		t.Logf("balancer errors (502 to Graph): %v", errs)
@@ -483,6 +513,30 @@ func leftovers(rdb redis.UniversalClient) map[string]int64 {
 	busy := keyPrefix + ":{tenant:" + tenantID + "}:busy"
 	out[busy], _ = rdb.HLen(ctx, busy).Result()
 	return out
+}
+
+// endedCallTimers counts the timers in the set whose call's record has ended (or is gone).
+func endedCallTimers(t *testing.T, rdb redis.UniversalClient) int64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	members, err := rdb.ZRange(ctx, keyPrefix+":{timers}", 0, -1).Result()
+	if err != nil {
+		t.Logf("timers: %v", err)
+		return 0
+	}
+	store := callstate.NewStore(rdb, keyPrefix)
+	var n int64
+	for _, m := range members {
+		p := strings.Split(m, "|") // tenant|call|kind|token
+		if len(p) != 4 {
+			continue
+		}
+		c, err := store.Get(ctx, p[1])
+		if errors.Is(err, callstate.ErrNotFound) || err == nil && c.State.Terminal() {
+			n++
+		}
+	}
+	return n
 }
 
 // sample returns a few members of a leftover key, for the failure message.
