@@ -2292,9 +2292,13 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		wg.Go(func() {
 			for key := range work {
 				tenant, isLive, err := m.reconcileCall(ctx, key, now)
-				m.ReconcileChecked.Add(1)
+				if err == nil {
+					m.ReconcileChecked.Add(1)
+				}
 				mu.Lock()
-				checked++
+				if err == nil {
+					checked++
+				}
 				if tenant != "" {
 					tenants[tenant] = true
 				}
