@@ -72,15 +72,7 @@ func BenchmarkRedriveAnswers(b *testing.B) {
 		hung := &fakeGraph{block: make(chan struct{})}
 		a := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),
 			Control: hung, Queues: &fakeQueues{}, CallbackURI: "https://bot.test/api/calls", Flow: benchFlow(b), Log: zap.NewNop()})
-		for j := range calls {
-			ns, err := graph.Decode([]byte(note("created", fmt.Sprintf("c-%03d", j), `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := a.Notify(ctx, "t1", ns); err != nil {
-				b.Fatal(err)
-			}
-		}
+		ringIn(b, a, calls)
 		g := &countingGraph{latentGraph: latentGraph{&fakeGraph{state: graph.CallIncoming}, 20 * time.Millisecond}}
 		later := func() time.Time { return time.Now().Add(time.Minute) }
 		m := callstate.NewMachine(callstate.Config{Store: callstate.NewStore(rdb, prefix), Timers: callstate.NewTimers(rdb, prefix),

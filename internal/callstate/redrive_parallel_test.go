@@ -25,15 +25,7 @@ func TestRedriveReadsManyCallsFromGraphAtOnce(t *testing.T) {
 	hung := &fakeGraph{block: make(chan struct{})} // A's answers never come back: it dies with them
 	a := instance(t, rdb, "rd", hung, &fakeQueues{}, nil)
 	defer func() { close(hung.block); a.Wait() }()
-	for i := range n {
-		ns, err := graph.Decode([]byte(note("created", fmt.Sprintf("c-%02d", i), `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := a.Notify(ctx, "t1", ns); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ringIn(t, a, n)
 
 	// B, a lease later: Graph has every call still incoming (the answers never reached it)
 	g := newPacedGraph(callstate.RedriveParallel, time.Second)
@@ -67,5 +59,19 @@ func TestRedriveReadsManyCallsFromGraphAtOnce(t *testing.T) {
 	}
 	if got := answered(); got != n {
 		t.Errorf("%d answers sent again, want %d (one per call)", got, n)
+	}
+}
+
+// ringIn notifies m of n new incoming calls, c-000 to c-(n-1).
+func ringIn(tb testing.TB, m *callstate.Machine, n int) {
+	tb.Helper()
+	for i := range n {
+		ns, err := graph.Decode([]byte(note("created", fmt.Sprintf("c-%03d", i), `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`)))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := m.Notify(context.Background(), "t1", ns); err != nil {
+			tb.Fatal(err)
+		}
 	}
 }
