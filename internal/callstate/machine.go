@@ -2258,7 +2258,7 @@ const reconcilePage = 1000
 // reconcileParallel is how many calls a pass checks at once, each a record read and a Graph
 // request (a GET, or a keepAlive). One at a time, a pass over 10,000 live calls took 10,000
 // Graph round trips end to end (500 s at 50 ms each), longer than the interval between passes.
-// 16 at 50 ms are 320 requests/s, a fiftieth of what Graph allows an app per tenant for calls
+// 16 at 50 ms are 320 requests/s, about a tenth of what Graph allows an app per tenant for calls
 // (50,000 requests per 15 s).
 const reconcileParallel = 16
 
