@@ -299,7 +299,7 @@ type Memory struct {
 type ReconcilePass struct {
 	Seconds     float64 `json:"seconds"`     // callbot_reconcile_last_pass_seconds
 	Checked     int64   `json:"checked"`     // calls the pass checked (callbot_reconcile_last_pass_calls)
-	GraphReads  int     `json:"graph_reads"` // GET of a call graphsim answered meanwhile
+	GraphReads  int     `json:"graph_reads"` // GETs of a call graphsim served meanwhile
 	PerSecond   float64 `json:"calls_per_s"` // Checked / Seconds
 	WaitSeconds float64 `json:"wait_s"`      // from the calls held to the pass's end
 	TimedOut    bool    `json:"timed_out"`   // no complete pass over the held calls came in time
@@ -509,7 +509,7 @@ func (r *Report) Text() string {
 			if rp.TimedOut {
 				p("  reconciler     no pass over the %d held calls within %.0fs (last pass checked %d)", m.Queued, rp.WaitSeconds, rp.Checked)
 			} else {
-				p("  reconciler     a pass over %d calls took %.2fs (%.0f calls/s; %d reads of a call by Graph), %.0fs after the calls were held",
+				p("  reconciler     a pass over %d calls took %.2fs (%.0f calls/s; graphsim served %d reads of a call), %.0fs after the calls were held",
 					rp.Checked, rp.Seconds, rp.PerSecond, rp.GraphReads, rp.WaitSeconds)
 			}
 		}

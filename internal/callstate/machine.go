@@ -2292,21 +2292,19 @@ func (m *Machine) Reconcile(ctx context.Context) error {
 		wg.Go(func() {
 			for key := range work {
 				tenant, isLive, err := m.reconcileCall(ctx, key, now)
-				if err == nil {
-					m.ReconcileChecked.Add(1)
-				}
 				mu.Lock()
-				if err == nil {
-					checked++
-				}
-				if tenant != "" {
-					tenants[tenant] = true
-				}
-				if isLive {
-					live[key] = true
-				}
-				if err != nil && failed == nil {
+				switch {
+				case err != nil && failed == nil:
 					failed = err
+				case err == nil:
+					m.ReconcileChecked.Add(1)
+					checked++
+					if tenant != "" {
+						tenants[tenant] = true
+					}
+					if isLive {
+						live[key] = true
+					}
 				}
 				mu.Unlock()
 			}
