@@ -39,3 +39,43 @@ func TestWholeRunNote(t *testing.T) {
 		t.Errorf("without one: %q", n)
 	}
 }
+
+// The round-trip target is judged only where the proxy counted round trips, and on the
+// steady-state figure when the run had a steady window (the whole run undercounts).
+func TestRoundTripTarget(t *testing.T) {
+	find := func(ts []Target) *Target {
+		for i := range ts {
+			if strings.HasPrefix(ts[i].Name, "redis round trips") {
+				return &ts[i]
+			}
+		}
+		return nil
+	}
+	r := &Report{Mode: "rate"}
+	r.Settings.Rate = 200
+	if tg := find(targets(r)); tg != nil {
+		t.Errorf("no proxy, yet a round-trip target: %+v", *tg)
+	}
+
+	r.Redis = RedisStats{Sent: 1000, RoundTripsPerNotification: 1.21,
+		Steady: &SteadyRedis{Notifications: 5000, RoundTripsPerNotification: 1.62}}
+	tg := find(targets(r))
+	if tg == nil || tg.Got != "1.62" || tg.Met || !strings.Contains(tg.Note, "steady state") {
+		t.Errorf("steady 1.62 over a whole-run 1.21: %+v, want judged on 1.62 and not met", tg)
+	}
+
+	r.Redis.Steady.RoundTripsPerNotification = 1.34
+	if tg := find(targets(r)); tg == nil || !tg.Met || tg.Got != "1.34" {
+		t.Errorf("steady 1.34: %+v, want met", tg)
+	}
+
+	r.Redis.Steady = nil
+	tg = find(targets(r))
+	if tg == nil || tg.Got != "1.21" || !tg.Met || !strings.Contains(tg.Note, "undercounts") {
+		t.Errorf("no steady window: %+v, want the whole run's 1.21, said to undercount", tg)
+	}
+	r.Targets = targets(r)
+	if text := r.Text(); !strings.Contains(text, "redis round trips/notif.") {
+		t.Errorf("text report lacks the round-trip target:\n%s", text)
+	}
+}
