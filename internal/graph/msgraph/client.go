@@ -279,7 +279,7 @@ var (
 // connections counted (GraphConnections). The credential keeps base.
 //
 // HTTP/2 was chosen by measurement against graphsim answering with a real Graph's latency
-// (docs/performance.md, "Graph's latency, and HTTP/2 again"): with HTTP/1.1 a request in flight holds a
+// (docs/performance-history.md, "Night of 2026-11-25: Graph's latency, and HTTP/2 again"): with HTTP/1.1 a request in flight holds a
 // connection, so at 200 calls/s callbot kept 120-140 connections open with Graph answering in
 // 100 ms and opened 1,121 (one per ten requests: beyond graphMaxIdleConns they are closed after
 // use) with Graph answering in 1 s, the slow Graph a contact centre must ride out; NAT gateways
