@@ -67,7 +67,9 @@
 // fresh record, and what an instance decided but did not carry out (it died) is re-driven by
 // another once its lease runs out (RunOutbox, redriveParallel calls at once); while an instance
 // lives it renews the leases of the commands it is still carrying out, so a slow Graph is not
-// mistaken for a dead instance. The reconciler (RunReconcile) closes calls Graph
+// mistaken for a dead instance. A save that decides no command leaves the lease as it is, so
+// the commands of an instance that died are re-driven when its lease runs out, however many
+// notifications come meanwhile. The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues (a queued caller missing is put back, an
 // entry whose call ended is removed, in any queue of the tenant, its flow's or one a flow edit
 // removed) and agent reservations. It walks every live call, reconcileParallel at a time, and

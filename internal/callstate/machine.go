@@ -617,6 +617,10 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 		w := Write{Timers: timers, Behind: behind}
 		if len(next.Outbox) > 0 {
 			w.OutboxDue = m.cfg.Now().Add(m.cfg.OutboxLease)
+			// Commands of earlier transitions alone: their lease stays theirs. Pushed a lease
+			// on at every save, those of an instance that died waited a lease after the call's
+			// last notification, not theirs (and a re-drive under way lost its claim).
+			w.KeepLease = len(added) == 0
 		}
 		// The Graph commands take their place on the call's executor before the save makes the
 		// new state visible: a transition saved after this one (on a dispatcher woken by another

@@ -687,3 +687,52 @@ func TestRedriveOfATransferUnreadableIsReadAgainSoon(t *testing.T) {
 			c.State, c.Agent, q.ops, gb.log())
 	}
 }
+
+// A save that adds no command to the outbox leaves the call's lease as it was. An instance died
+// with a transfer on its way (its lease runs out 8 s after its save); 5 s later another
+// instance saves the call's next notification, "transferring", which decides nothing to send.
+// That save wrote the outbox's index entry with its own lease, as a save with commands must:
+// the dead instance's transfer then waited for a lease after the last notification, not its
+// own (and every later notification pushed it again). Claimed when the dead instance's lease
+// runs out, its commands are re-driven then.
+func TestSaveWithoutCommandsKeepsTheOutboxLease(t *testing.T) {
+	ctx := context.Background()
+	rdb := redistest.Start(t).Client(t)
+	store := callstate.NewStore(rdb, "test")
+	q := &fakeQueues{}
+	ga := &fakeGraph{}
+	const lease = 8 * time.Second
+	start := time.Now()
+	var clock skewClock
+	a := instanceLeased(t, rdb, "test", ga, q, clock.now, lease)
+	b := instanceLeased(t, rdb, "test", &fakeGraph{}, q, clock.now, lease)
+	id := "7b1e4a2e-7d3c-4a43-9c51-0f6c3c9d9e99"
+	key := graph.CallKey(id)
+	queuedCall(t, a, id)
+	ga.block = make(chan struct{}) // A's transfer never reaches Graph: A is gone
+	defer close(ga.block)
+	if ok, err := a.Offer(ctx, "tenant-1", key, "agent-a"); !ok || err != nil {
+		t.Fatalf("offer: %v %v", ok, err)
+	}
+	index := "test:{outbox}"
+	leased, err := rdb.ZScore(ctx, index, key).Result()
+	mustDo(t, err)
+	if min := float64(start.Add(lease).UnixMilli()); leased < min {
+		t.Fatalf("the offer's lease %v, want at least %v", leased, min)
+	}
+
+	clock.add(5 * time.Second)
+	notify(t, b, note("updated", id, `{"@odata.type":"#microsoft.graph.call","state":"transferring"}`))
+	if c, err := store.Get(ctx, key); err != nil || !c.Transferring || len(c.Outbox) == 0 {
+		t.Fatalf("after the transferring notification: %+v %v, want saved, the transfer still pending", c, err)
+	}
+	if got, err := rdb.ZScore(ctx, index, key).Result(); err != nil || got != leased {
+		t.Errorf("outbox lease after a save that decided nothing: %v %v, want the offer's %v", got, err, leased)
+	}
+	// 9 s after the offer, past its lease: another instance claims the dead one's transfer
+	keys, _, err := store.ClaimOutbox(ctx, start.Add(9*time.Second), lease, 100)
+	mustDo(t, err)
+	if !slices.Contains(keys, key) {
+		t.Errorf("claim 9 s after the offer: %v, want the call %s (its lease ran out at 8 s)", keys, key)
+	}
+}

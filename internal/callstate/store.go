@@ -344,6 +344,7 @@ type zadd struct {
 	score  int64
 	member string
 	prev   *prevScore
+	nx     bool // only if the entry is missing: one there keeps its score
 }
 
 // prevScore is the score an entry had before a write (old, "" for none), once the write is done.
@@ -368,6 +369,9 @@ func (z zadd) add(ctx context.Context, c redis.Cmdable) redis.Cmder {
 		z.prev.cmd = c.Eval(ctx, swapScoreScript, []string{z.key}, z.score, z.member)
 		return z.prev.cmd
 	}
+	if z.nx {
+		return c.ZAddNX(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
+	}
 	return c.ZAdd(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
 }
 
@@ -376,11 +380,11 @@ func (z zadd) add(ctx context.Context, c redis.Cmdable) redis.Cmder {
 // without an index entry would not be re-driven after a crash), the entry in the set of live
 // calls when the call is new, and the timers the transition armed (a timer whose record was
 // not saved fires with a token the record does not know, and changes nothing).
-func (s *Store) ahead(c *Call, due time.Time, created bool, timers []Timer) []zadd {
+func (s *Store) ahead(c *Call, due time.Time, keep, created bool, timers []Timer) []zadd {
 	member := graph.CallKey(c.ID)
 	var out []zadd
 	if len(c.Outbox) > 0 && !due.IsZero() {
-		z := zadd{key: s.index, score: due.UnixMilli(), member: member}
+		z := zadd{key: s.index, score: due.UnixMilli(), member: member, nx: keep && !created}
 		if created {
 			z.prev = &prevScore{} // for a create that finds the record made (CreateWith)
 		}
@@ -487,7 +491,12 @@ func (s *Store) Create(ctx context.Context, c *Call, outboxDue time.Time, timers
 // Write is what goes with a record into the round trip that creates or saves it.
 type Write struct {
 	OutboxDue time.Time // when other instances may re-drive the record's outbox
-	Timers    []Timer   // timers the transition arms, written ahead of the record
+	// KeepLease: the save adds no command to the outbox, so the outbox's lease stays as it is
+	// (the instance carrying out its commands, or re-driving them, keeps them); only a missing
+	// index entry is written, due at OutboxDue. A save that adds commands leases the outbox
+	// anew: this instance carries them out.
+	KeepLease bool
+	Timers    []Timer // timers the transition arms, written ahead of the record
 	// Behind adds writes after the record's; they run even when the save meets a conflict (on
 	// Redis Cluster, only once it succeeded). On Redis Cluster with WaitForReplicas they are not
 	// waited for (WaitsOnNodes): only writes whose loss is harmless may go there.
@@ -501,7 +510,7 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
 	v := strconv.FormatInt(c.Version+1, 10) // 1, or above any version a lost record of the call had (EvAdopt)
-	pre := s.ahead(c, w.OutboxDue, true, w.Timers)
+	pre := s.ahead(c, w.OutboxDue, false, true, w.Timers)
 	n, err := s.write(ctx, c, createScript, []any{b, ttl(c).Milliseconds(), v}, b, pre, w.Behind)
 	if n == 1 {
 		c.Version++
@@ -648,7 +657,7 @@ func (s *Store) SaveWith(ctx context.Context, c *Call, w Write) error {
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
-	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, b, s.ahead(c, w.OutboxDue, false, w.Timers), w.Behind)
+	n, err := s.write(ctx, c, saveScript, []any{strconv.FormatInt(c.Version, 10), b, ttl(c).Milliseconds()}, b, s.ahead(c, w.OutboxDue, w.KeepLease, false, w.Timers), w.Behind)
 	if err != nil {
 		return fmt.Errorf("save call %s: %w", c.ID, err)
 	}
