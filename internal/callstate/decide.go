@@ -597,6 +597,15 @@ func (d *decision) apply(ev Event) error {
 		return nil
 
 	case EvEnded:
+		if c.State == StateTransferring && ev.Command != "" && ev.Command != CmdTransfer.String() {
+			// Graph answered 404 to a command decided before the offer (hold music, a prompt's
+			// cancellation) that reached it after the transfer took: callbot's leg ends when
+			// the agent takes the caller. Ended here as a caller who hung up, the agent was
+			// freed at once and offered another caller while talking to this one. The
+			// terminated notification says how the call ended; if it is lost, the transfer's
+			// timer reads the call.
+			return ErrIgnored
+		}
 		d.ended(ev)
 		return nil
 

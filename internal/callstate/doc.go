@@ -61,6 +61,9 @@
 // 5 s later, and that read settles it (as the transfer timer's does). A read settles only the
 // attempt it was made for (Call.TransferCtx): one answered late, after the caller went back to
 // the queue and on to another agent, may predate the new attempt's request.
+// A 404 to any other command while the call is being transferred (hold music another instance
+// started before the offer, reaching Graph after the transfer took and ended callbot's leg)
+// ends nothing: the terminated notification says how the call ended, or the transfer's timer.
 //
 // Every change is one compare-and-set on the call's version, and saves the commands it decided
 // with it (the outbox): any instance may apply any notification, a lost race is retried on the

@@ -1097,7 +1097,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		log.Warn("graph command failed", zap.Stringer("command", cmd.Kind), zap.Error(err))
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
-			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String()})
+			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String(), Command: cmd.Kind.String()})
 		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused && !cmd.Unverified:
 			feed(Event{Kind: EvCommandFailed, Command: cmd.Kind.String()})
 		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused:
