@@ -345,10 +345,8 @@ func targets(r *Report) []Target {
 		}
 		ts = append(ts, t)
 	}
-	if rt, ok := roundTrips(r.Redis); ok {
-		t := Target{Name: "redis round trips/notif.", Want: "<= 1.5", Got: fmt.Sprintf("%.2f", rt.perNotification),
-			Met: rt.perNotification <= 1.5, Note: rt.note}
-		ts = append(ts, t)
+	if rt, note, ok := roundTrips(r.Redis); ok {
+		ts = append(ts, Target{Name: "redis round trips/notif.", Want: "<= 1.5", Got: fmt.Sprintf("%.2f", rt), Met: rt <= 1.5, Note: note})
 	}
 	ts = append(ts,
 		Target{Name: "webhook p99", Want: "< 10 ms", Got: fmt.Sprintf("%.2f ms", r.Webhook.P99), Met: r.Webhook.N > 0 && r.Webhook.P99 < 10, Note: note},
@@ -357,25 +355,18 @@ func targets(r *Report) []Target {
 	return ts
 }
 
-// roundTripFigure is the figure the round-trip target is judged on, and where it comes from.
-type roundTripFigure struct {
-	perNotification float64
-	note            string
-}
-
-// roundTrips picks the figure to judge issue #3's round-trip target on: the steady-state
-// window's when the run had one (the whole run misses the work each call leaves for later), else
-// the whole run's, said to undercount. Without -redis-proxy nothing counted round trips.
-func roundTrips(rd RedisStats) (roundTripFigure, bool) {
+// roundTrips picks the figure to judge issue #3's round-trip target on, and says where it comes
+// from: the steady-state window's when the run had one (the whole run misses the work each call
+// leaves for later), else the whole run's, said to undercount. Without -redis-proxy nothing
+// counted round trips.
+func roundTrips(rd RedisStats) (perNotification float64, note string, ok bool) {
 	if rd.Sent == 0 {
-		return roundTripFigure{}, false
+		return 0, "", false
 	}
 	if st := rd.Steady; st != nil && st.Notifications > 0 {
-		return roundTripFigure{st.RoundTripsPerNotification,
-			fmt.Sprintf("at steady state, %d notifications; through the counting proxy", st.Notifications)}, true
+		return st.RoundTripsPerNotification, fmt.Sprintf("at steady state, %d notifications; through the counting proxy", st.Notifications), true
 	}
-	return roundTripFigure{rd.RoundTripsPerNotification,
-		"whole run, which undercounts the work each call leaves for later: -duration 15s or more judges the steady state"}, true
+	return rd.RoundTripsPerNotification, "whole run, which undercounts the work each call leaves for later: -duration 15s or more judges the steady state", true
 }
 
 func writeJSON(w io.Writer, r *Report) error {

@@ -153,7 +153,8 @@ type Event struct {
 	// Version is the version of the record EvAbort was decided for (Machine.giveUp read Graph for
 	// it): a call that moved on meanwhile (an agent who answered their invite) is not given up on.
 	Version int64
-	// Result carried by Graph (EvEnded, EvTransferFailed) and the failed command (EvCommandFailed).
+	// Result carried by Graph (EvEnded, EvTransferFailed), and the command that failed
+	// (EvCommandFailed) or that Graph answered 404 (an EvEnded callbot makes: Reason says so).
 	Result  graph.ResultInfo
 	Reason  string
 	Command string

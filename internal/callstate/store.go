@@ -379,12 +379,13 @@ func (z zadd) add(ctx context.Context, c redis.Cmdable) redis.Cmder {
 // carries pending commands (an index entry without a saved record is harmless, a saved outbox
 // without an index entry would not be re-driven after a crash), the entry in the set of live
 // calls when the call is new, and the timers the transition armed (a timer whose record was
-// not saved fires with a token the record does not know, and changes nothing).
+// not saved fires with a token the record does not know, and changes nothing). With keep (a
+// save that adds no command: Write.KeepLease) the index entry is written only where missing.
 func (s *Store) ahead(c *Call, due time.Time, keep, created bool, timers []Timer) []zadd {
 	member := graph.CallKey(c.ID)
 	var out []zadd
 	if len(c.Outbox) > 0 && !due.IsZero() {
-		z := zadd{key: s.index, score: due.UnixMilli(), member: member, nx: keep && !created}
+		z := zadd{key: s.index, score: due.UnixMilli(), member: member, nx: keep}
 		if created {
 			z.prev = &prevScore{} // for a create that finds the record made (CreateWith)
 		}
