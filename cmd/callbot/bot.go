@@ -73,6 +73,7 @@ type bot struct {
 	draining   atomic.Bool
 	metrics    *metrics
 	clock      *clock.Redis // the time every instance agrees on: Redis's
+	redisMem   *redisMemory // what Redis does when its memory is full
 }
 
 func newBot(ctx context.Context, d botDeps) (*bot, error) {
@@ -94,6 +95,11 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 	if err := b.clock.Sync(sctx); err != nil {
 		d.Log.Warn("clock not synced with Redis's yet; this host's clock serves meanwhile", zap.Error(err))
 	}
+	cancel()
+	// A maxmemory-policy that evicts keys is said at start, before any call is taken.
+	b.redisMem = &redisMemory{rdb: d.Redis, log: d.Log.Named("redis")}
+	lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	b.redisMem.look(lctx)
 	cancel()
 	b.queues = queue.NewStore(d.Redis, d.KeyPrefix)
 	b.queues.Now = b.clock.Now
@@ -196,6 +202,7 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	running.Go("dispatcher", func() { b.dispatcher.Run(loops, 250*time.Millisecond) })
 	running.Go("replicas", func() { b.store.WatchReplicas(loops, time.Second) })
 	running.Go("clock", func() { b.clock.Run(loops, clockSyncEvery) })
+	running.Go("redis memory", func() { b.redisMem.run(loops, redisMemoryEvery) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
 		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
 	running.Go("presence", func() { poller.Run(loops, b.deps.PresenceEvery) })

@@ -254,6 +254,17 @@ func TestMetricsAfterACall(t *testing.T) {
 	} else if off, err := strconv.ParseFloat(string(m[1]), 64); err != nil || math.Abs(off) > 0.05 {
 		t.Errorf("callbot_clock_offset_seconds %s, want about 0 (Redis on this host)", m[1])
 	}
+	// redis-server's defaults: no maxmemory, noeviction (miniredis reports no memory: no lines)
+	if _, err := exec.LookPath("redis-server"); err == nil {
+		for _, want := range []string{"\ncallbot_redis_evicting_masters 0\n", "\ncallbot_redis_evicted_keys_total 0\n"} {
+			if !strings.Contains(string(body), want) {
+				t.Errorf("metrics lack %q:\n%s", want, body)
+			}
+		}
+		if strings.Contains(string(body), "callbot_redis_memory_used_ratio") {
+			t.Errorf("metrics give a used ratio for a Redis without maxmemory:\n%s", body)
+		}
+	}
 	if runtime.GOOS == "linux" {
 		for _, want := range []string{"process_resident_memory_bytes ", "process_open_fds "} {
 			if !strings.Contains(string(body), want) {

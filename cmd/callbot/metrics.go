@@ -161,6 +161,18 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 	fmt.Fprintln(w, "# TYPE callbot_clock_offset_seconds gauge")
 	fmt.Fprintf(w, "callbot_clock_offset_seconds %.6f\n", b.clock.Offset().Seconds())
 
+	if f := b.redisMem.figures(); f.Read {
+		fmt.Fprintln(w, "# HELP callbot_redis_evicting_masters Redis masters whose maxmemory-policy evicts keys when memory is full (a maxmemory set and a policy other than noeviction), as last read (every 30 s). Evicted keys are lost call state: a call's record, a waiting caller's queue entry, a timer. Alert on anything but 0.")
+		fmt.Fprintln(w, "# TYPE callbot_redis_evicting_masters gauge")
+		fmt.Fprintf(w, "callbot_redis_evicting_masters %d\n", f.Evicting)
+		if f.Limited {
+			fmt.Fprintln(w, "# HELP callbot_redis_memory_used_ratio The fullest Redis master's used_memory over its maxmemory, as last read (every 30 s; masters without a maxmemory are left out). Past 1 a master with noeviction refuses writes: every notification whose change it holds is answered 503 until memory is freed. Warned about in the log from 0.9.")
+			fmt.Fprintln(w, "# TYPE callbot_redis_memory_used_ratio gauge")
+			fmt.Fprintf(w, "callbot_redis_memory_used_ratio %.4f\n", f.Ratio)
+		}
+		counter("callbot_redis_evicted_keys_total", "Keys the Redis masters evicted since they started (INFO evicted_keys, summed over the masters, as last read): Redis's count, the same on every instance, so do not sum it across instances; it starts again from 0 when a master restarts. Any rise is call state lost.", f.Evicted)
+	}
+
 	if gc, ok := b.deps.Graph.(graphConnections); ok {
 		open, opened := gc.GraphConnections()
 		fmt.Fprintln(w, "# HELP callbot_graph_connections Connections to Graph open now (HTTP/2: one carries many requests at once; HTTP/1.1, behind a proxy that only speaks it: one per request in flight).")
