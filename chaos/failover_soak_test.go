@@ -106,8 +106,8 @@ func TestRedisFailoverSoak(t *testing.T) {
 				time.Sleep(stallFor)
 			}
 			before := versions(rdb)
+			c.killed = time.Now() // before the kill, as in TestRedisClusterFailoverSoak
 			old, err := s.KillMaster(context.Background())
-			c.killed = time.Now()
 			if err == nil {
 				_, err = s.WaitFailover(old, 45*time.Second)
 			}
