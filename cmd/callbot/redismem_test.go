@@ -256,13 +256,21 @@ func TestE2ERedisMemoryFullLosesNoCaller(t *testing.T) {
 	if len(statuses) < 2 || slices.ContainsFunc(statuses, func(s int) bool { return s != http.StatusServiceUnavailable }) {
 		t.Errorf("deliveries of the incoming call answered %v, want 503 to each (Graph delivers it again)", statuses)
 	}
-	if keys, err := rdb.Keys(ctx, "*"+c.ID()+"*").Result(); err != nil || len(keys) > 0 {
+	// nothing of the call was written: no record, no entry in the live calls
+	if keys, err := rdb.Keys(ctx, "*"+graph.CallKey(c.ID())+"*").Result(); err != nil || len(keys) > 0 {
 		t.Errorf("keys of the call written while Redis refused writes: %v %v", keys, err)
+	}
+	if live, err := rdb.ZRange(ctx, "cb:{active}", 0, -1).Result(); err != nil || slices.Contains(live, graph.CallKey(c.ID())) {
+		t.Errorf("the call is listed live while Redis refused writes: %v %v", live, err)
 	}
 
 	configSet(t, rdb, "maxmemory", "0") // memory freed
 	r := waitDone(t, c, 20*time.Second)
 	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
 		t.Errorf("caller experienced %+v; want answered and transferred to %s once Redis took writes again", r, agent1)
+	}
+	// (the look for the call's keys above would find its record, kept a while after the end)
+	if keys, err := rdb.Keys(ctx, "*"+graph.CallKey(c.ID())+"*").Result(); err != nil || len(keys) == 0 {
+		t.Errorf("no key of the call once it was served: %v %v", keys, err)
 	}
 }
