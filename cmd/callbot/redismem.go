@@ -147,7 +147,9 @@ func (r *redisMemory) look(ctx context.Context) {
 		case known && m.Evicted < last.Evicted && m.Evicted > 0: // the master restarted meanwhile
 			r.log.Error(fmt.Sprintf("redis evicted %d keys (it restarted since the last look): call records, queue entries or timers may be lost; set maxmemory-policy noeviction", m.Evicted), fields...)
 		}
-		if m.Max > 0 {
+		if m.Max == 0 {
+			delete(r.full, addr) // no limit now: nothing to be full of
+		} else {
 			ratio := float64(m.Used) / float64(m.Max)
 			fields = append(fields, zap.Int64("used_memory", m.Used), zap.Float64("used_ratio", ratio))
 			switch {
