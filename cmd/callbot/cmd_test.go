@@ -158,8 +158,29 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil || o.SentinelPassword != "s@pw" || o.Password != "" || o.MasterName != "callbot" {
 		t.Errorf("sentinel URL with a bare @ in the query: %+v %v", o, err)
 	}
+	// a cluster whose nodes want a password, over TLS (a managed cluster): the name checked is
+	// the first address's host, as the nodes are reported by IP address
+	o, err = redisOptions("rediss-cluster://default:k%40y@cache.example.net:6380,10.0.0.2:6380")
+	if err != nil || !o.IsClusterMode || o.Username != "default" || o.Password != "k@y" || len(o.Addrs) != 2 ||
+		o.TLSConfig == nil || o.TLSConfig.ServerName != "cache.example.net" {
+		t.Errorf("rediss-cluster URL: %+v %v", o, err)
+	}
+	o, err = redisOptions("redis-cluster://:pw@10.0.0.1:7000")
+	if err != nil || !o.IsClusterMode || o.Password != "pw" || o.Username != "" || len(o.Addrs) != 1 || o.TLSConfig != nil {
+		t.Errorf("redis-cluster URL: %+v %v", o, err)
+	}
+	o, err = redisOptions("redis-cluster://:a%2Fb+c=@10.0.0.1:7000") // an Azure access key: base64
+	if err != nil || o.Password != "a/b+c=" {
+		t.Errorf("redis-cluster URL with an encoded /: %+v %v", o, err)
+	}
+	o, err = redisOptions("redis-cluster://pw@10.0.0.1:7000") // the password alone, as in a redis:// URL
+	if err != nil || o.Password != "pw" || o.Username != "" {
+		t.Errorf("redis-cluster URL with a bare password: %+v %v", o, err)
+	}
 	for _, bad := range []string{"sentinel://10.0.0.1:26379", "sentinel://nohost/m", "unix:///tmp/r.sock", "redis://:bad port",
-		"sentinel://10.0.0.1:26379/m?bd=2"} { // a misspelt parameter was ignored
+		"sentinel://10.0.0.1:26379/m?bd=2", // a misspelt parameter was ignored
+		"redis-cluster://", "redis-cluster://:pw@", "redis-cluster://10.0.0.1", "redis-cluster://10.0.0.1:7000/0",
+		"rediss-cluster://10.0.0.1:7000?tls=1", "redis-cluster://:p%zz@10.0.0.1:7000"} {
 		if _, err := redisOptions(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}

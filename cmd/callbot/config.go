@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -59,8 +60,8 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_OPENID_CONFIG_URL", graph.DefaultOpenIDConfigURL, "OpenID metadata of the keys that sign Graph's callback tokens"},
 	{"CALLBOT_TOKEN_ISSUERS", strings.Join(graph.DefaultIssuers, ","), "comma-separated issuers accepted on callback tokens"},
 	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID); callbot serves one tenant per deployment, so none but CALLBOT_TENANT_ID is accepted here yet"},
-	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority and the OpenID metadata"},
-	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://..., sentinel://[:pass@]host:port,host:port/master[?db=N], or a comma-separated list of cluster node addresses (required)"},
+	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority, the OpenID metadata and Redis over TLS"},
+	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://... (TLS), sentinel://[:pass@]host:port,host:port/master[?db=N], redis-cluster://[user:pass@]host:port,host:port, rediss-cluster://... (TLS), or a comma-separated list of cluster node addresses (required)"},
 	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas, Sentinel, or Cluster (each master a change writes to waits for its own replicas)"},
 	{"CALLBOT_REDIS_REPLICA_TIMEOUT", "100ms", "how long a change waits for CALLBOT_REDIS_REPLICAS; past it the notification is refused (503) and delivered again"},
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
@@ -300,14 +301,21 @@ func checkPublicURL(s string) error {
 	return fmt.Errorf("%q must be https (Graph only calls https callback URIs)", s)
 }
 
-// redisOptions understands a redis:// or rediss:// URL (standalone) and a comma-separated list of
-// host:port addresses (Redis Cluster).
+// redisOptions understands a redis:// or rediss:// URL (standalone), a sentinel:// URL, a
+// redis-cluster:// or rediss-cluster:// URL and a comma-separated list of host:port addresses
+// (Redis Cluster).
 func redisOptions(s string) (*redis.UniversalOptions, error) {
 	if strings.HasPrefix(s, "unix://") {
 		return nil, errors.New("unix sockets are not supported; use redis://host:port")
 	}
 	if rest, ok := strings.CutPrefix(s, "sentinel://"); ok {
 		return sentinelOptions(rest)
+	}
+	if rest, ok := strings.CutPrefix(s, "redis-cluster://"); ok {
+		return clusterOptions(rest, false)
+	}
+	if rest, ok := strings.CutPrefix(s, "rediss-cluster://"); ok {
+		return clusterOptions(rest, true)
 	}
 	if strings.HasPrefix(s, "redis://") || strings.HasPrefix(s, "rediss://") {
 		o, err := redis.ParseURL(s)
@@ -327,6 +335,47 @@ func redisOptions(s string) (*redis.UniversalOptions, error) {
 		return nil, errors.New("no address")
 	}
 	return &redis.UniversalOptions{Addrs: addrs, IsClusterMode: true}, nil
+}
+
+// clusterOptions reads "[[user]:password@]host:port[,host:port...]" of a redis-cluster:// URL
+// (over TLS with tlsOn: rediss-cluster://): the nodes that seed the cluster client, and the
+// credentials every node wants, percent-encoded as in a redis:// URL. Managed clusters (Azure
+// Cache for Redis with clustering, ElastiCache in cluster mode) want both a password and TLS;
+// the list form has neither.
+func clusterOptions(s string, tlsOn bool) (*redis.UniversalOptions, error) {
+	o := &redis.UniversalOptions{IsClusterMode: true}
+	if at := strings.LastIndex(s, "@"); at >= 0 {
+		user, pass, hasPass := strings.Cut(s[:at], ":")
+		var err error
+		if o.Username, err = url.PathUnescape(user); err != nil {
+			return nil, fmt.Errorf("cluster URL user: %v", err)
+		}
+		if !hasPass { // redis://secret@host: the password alone, as go-redis reads it
+			o.Username, o.Password = "", o.Username
+		} else if o.Password, err = url.PathUnescape(pass); err != nil {
+			return nil, fmt.Errorf("cluster URL password: %v", err)
+		}
+		s = s[at+1:]
+	}
+	if strings.ContainsAny(s, "?/") {
+		return nil, errors.New("a cluster URL takes no database and no parameter: redis-cluster://[user:pass@]host:port,host:port")
+	}
+	o.Addrs = splitList(s)
+	if len(o.Addrs) == 0 {
+		return nil, errors.New("no cluster node address")
+	}
+	for _, a := range o.Addrs {
+		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
+			return nil, fmt.Errorf("cluster node address %q is not host:port", a)
+		}
+	}
+	if tlsOn {
+		// Every node is checked against the first address's host name: managed clusters report
+		// their nodes by IP address, and their certificate names the cluster's endpoint.
+		host, _, _ := net.SplitHostPort(o.Addrs[0])
+		o.TLSConfig = &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+	}
+	return o, nil
 }
 
 // sentinelOptions reads "[:password@]host:port[,host:port...]/master[?db=N]": the Sentinels'

@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
+	"io"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -105,5 +108,56 @@ func TestE2EClusterFailover(t *testing.T) {
 	r = waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 30*time.Second)
 	if r.Outcome != graphsim.OutcomeTransferred || r.Agent == "" {
 		t.Fatalf("a caller after the failover experienced %+v; want transferred to an agent", r)
+	}
+}
+
+// TestE2EOnPasswordAndTLSCluster: a Redis Cluster as the managed services run one (Azure Cache
+// for Redis with clustering, ElastiCache in cluster mode with in-transit encryption): every node
+// wants a password and speaks TLS only, and reports its shards by IP address. callbot reaches it
+// with a rediss-cluster:// URL (the password percent-encoded) and CALLBOT_CA_FILE holding the
+// CA that signed the nodes' certificate, beside graphsim's; a caller reaches an agent. Without
+// that CA it does not start, and says why.
+func TestE2EOnPasswordAndTLSCluster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	const password = "p@ss:w0rd%" // characters a URL must encode
+	cluster := redistest.StartClusterWith(t, redistest.ClusterOptions{Password: password, TLS: true})
+	enc := strings.NewReplacer("%", "%25", "@", "%40", ":", "%3A").Replace(password)
+	redisURL := "rediss-cluster://:" + enc + "@" + strings.Join(cluster.Addrs(), ",")
+	w := newWorld(t, func(*testing.T) string { return redisURL }, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+
+	// graphsim's CA alone: the nodes' certificate is not trusted
+	err := run(context.Background(), []string{"serve"}, func(k string) string { return w.env[k] }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "CALLBOT_REDIS_URL: redis unreachable") || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("serve with the nodes' CA untrusted: %v; want it refused for the certificate", err)
+	}
+
+	caFile := w.env["CALLBOT_CA_FILE"]
+	simCA, err1 := os.ReadFile(caFile)
+	redisCA, err2 := os.ReadFile(cluster.CAFile())
+	if err := errors.Join(err1, err2, os.WriteFile(caFile, append(simCA, redisCA...), 0o600)); err != nil {
+		t.Fatal(err)
+	}
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 15*time.Second)
+	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
+		t.Fatalf("caller experienced %+v; want answered and transferred to %s", r, agent1)
+	}
+	var mu sync.Mutex
+	var keys int64
+	err = cluster.Client(t).ForEachMaster(context.Background(), func(ctx context.Context, m *redis.Client) error {
+		n, err := m.DBSize(ctx).Result()
+		mu.Lock()
+		keys += n
+		mu.Unlock()
+		return err
+	})
+	if err != nil || keys == 0 {
+		t.Errorf("keys on the cluster: %d, %v; want callbot's state there", keys, err)
 	}
 }

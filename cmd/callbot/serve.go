@@ -36,6 +36,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return fmt.Errorf("CALLBOT_FLOW_FILE: %w", err)
 	}
 	ropts, _ := redisOptions(cfg.RedisURL)
+	if ropts.TLSConfig != nil && cfg.CAFile != "" { // a Redis whose certificate a private CA signed
+		if ropts.TLSConfig.RootCAs, err = caPool(cfg.CAFile); err != nil {
+			return fmt.Errorf("CALLBOT_CA_FILE: %w", err)
+		}
+	}
 	rdb := redis.NewUniversalClient(ropts)
 	defer rdb.Close()
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -87,6 +92,17 @@ func newLogger(w io.Writer, level string) *zap.Logger {
 
 // httpClientWithCA trusts the system roots plus the CAs in file (if any).
 func httpClientWithCA(file string) (*http.Client, error) {
+	pool, err := caPool(file)
+	if err != nil {
+		return nil, err
+	}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	return &http.Client{Transport: t, Timeout: 10 * time.Second}, nil
+}
+
+// caPool is the system's CAs and those of the PEM file, if any.
+func caPool(file string) (*x509.CertPool, error) {
 	pool, err := x509.SystemCertPool()
 	if err != nil {
 		pool = x509.NewCertPool()
@@ -100,7 +116,5 @@ func httpClientWithCA(file string) (*http.Client, error) {
 			return nil, fmt.Errorf("%s holds no PEM certificate", file)
 		}
 	}
-	t := http.DefaultTransport.(*http.Transport).Clone()
-	t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-	return &http.Client{Transport: t, Timeout: 10 * time.Second}, nil
+	return pool, nil
 }

@@ -28,6 +28,7 @@ type Cluster struct {
 	nodes   []*node           // every node, masters and replicas
 	replica map[string]string // master -> its replica (StartClusterWithReplicas)
 	dir     string            // the nodes' configuration files and logs
+	access  *access           // the nodes' password and TLS
 }
 
 // StartCluster starts a Redis Cluster that lives until the test ends. It returns once every
@@ -53,6 +54,11 @@ type ClusterOptions struct {
 	// flags it as failed and its replica is elected (about half a second to a second more). 2 s
 	// when zero.
 	NodeTimeout time.Duration
+	// Password every node requires (requirepass, and masterauth for its replica); "" for none.
+	Password string
+	// TLS: the nodes listen, replicate and talk on the cluster bus over TLS only, with a
+	// certificate for 127.0.0.1 signed by a CA of the test's own (CAFile).
+	TLS bool
 }
 
 // StartClusterWith is StartCluster with o's choices.
@@ -75,7 +81,7 @@ func StartClusterWith(t testing.TB, o ClusterOptions) *Cluster {
 	dir := t.TempDir()
 	var lastErr error
 	for attempt := 1; attempt <= 4; attempt++ {
-		c, err := startCluster(server, cli, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), o.Replicas, o.NodeTimeout)
+		c, err := startCluster(server, cli, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), o)
 		if err == nil {
 			t.Cleanup(c.stop)
 			return c
@@ -94,9 +100,14 @@ func (c *Cluster) Addrs() []string { return append([]string(nil), c.addrs...) }
 // Dir returns the directory of the nodes' logs (nodes-N.log) and cluster configuration files.
 func (c *Cluster) Dir() string { return c.dir }
 
+// CAFile is the PEM file of the CA that signed the nodes' certificate (ClusterOptions.TLS); ""
+// without TLS.
+func (c *Cluster) CAFile() string { return c.access.caFile }
+
 // Client returns a cluster client, closed when the test ends.
 func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
-	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs()})
+	o := c.access.options("")
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs(), Password: o.Password, TLSConfig: o.TLSConfig})
 	t.Cleanup(func() { cc.Close() })
 	return cc
 }
@@ -104,7 +115,7 @@ func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 // NodeClient returns a plain client of the node at addr (one of Addrs), closed when the test
 // ends: what a node holds can be inspected without the cluster client's redirections.
 func (c *Cluster) NodeClient(t testing.TB, addr string) *redis.Client {
-	cl := redis.NewClient(&redis.Options{Addr: addr})
+	cl := redis.NewClient(c.access.options(addr))
 	t.Cleanup(func() { cl.Close() })
 	return cl
 }
@@ -112,7 +123,7 @@ func (c *Cluster) NodeClient(t testing.TB, addr string) *redis.Client {
 // SlotOf returns the hash slot of key (CLUSTER KEYSLOT) and the address of the master serving
 // it (CLUSTER SLOTS).
 func (c *Cluster) SlotOf(ctx context.Context, key string) (slot int64, addr string, err error) {
-	cl := redis.NewClient(&redis.Options{Addr: c.addrs[0]})
+	cl := redis.NewClient(c.access.options(c.addrs[0]))
 	defer cl.Close()
 	if slot, err = cl.ClusterKeySlot(ctx, key).Result(); err != nil {
 		return 0, "", fmt.Errorf("cluster keyslot %q: %w", key, err)
@@ -130,15 +141,20 @@ func (c *Cluster) SlotOf(ctx context.Context, key string) (slot int64, addr stri
 	return slot, "", fmt.Errorf("slot %d of %q is not served", slot, key)
 }
 
-func startCluster(server, cli, dir string, replicas int, nodeTimeout time.Duration) (c *Cluster, err error) {
+func startCluster(server, cli, dir string, o ClusterOptions) (c *Cluster, err error) {
+	replicas, nodeTimeout := o.Replicas, o.NodeTimeout
 	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	a, err := newAccess(o, dir)
+	if err != nil {
 		return nil, err
 	}
 	ports, err := clusterPorts(ClusterSize * (1 + replicas))
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{dir: dir}
+	c = &Cluster{dir: dir, access: a}
 	defer func() {
 		if err != nil {
 			c.stop()
@@ -148,7 +164,7 @@ func startCluster(server, cli, dir string, replicas int, nodeTimeout time.Durati
 	for i, port := range ports {
 		n := filepath.Join(dir, "nodes-"+strconv.Itoa(i+1))
 		// a replica's first sync starts at once (the default waits 5 s for more replicas)
-		nd, err := startNode(server, port, n+".log", dir,
+		nd, err := startNodeWith(server, port, n+".log", dir, a,
 			"--cluster-enabled", "yes", "--cluster-config-file", n+".conf", "--cluster-node-timeout", strconv.FormatInt(nodeTimeout.Milliseconds(), 10),
 			"--repl-diskless-sync-delay", "0")
 		if err != nil {
@@ -164,7 +180,7 @@ func startCluster(server, cli, dir string, replicas int, nodeTimeout time.Durati
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	args := append(append([]string{"--cluster", "create"}, all...), "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
+	args := append(append(a.cliArgs(), append([]string{"--cluster", "create"}, all...)...), "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput()
 	if err != nil {
 		return c, fmt.Errorf("redis-cli --cluster create: %w: %s", err, lastLines(string(out), 5))
@@ -186,7 +202,7 @@ func (c *Cluster) readRoles(ctx context.Context) error {
 	for {
 		c.addrs, c.replica = nil, map[string]string{}
 		for _, nd := range c.nodes {
-			cl := redis.NewClient(&redis.Options{Addr: nd.addr, MaxRetries: -1})
+			cl := c.client(nd.addr)
 			info, err := cl.Info(ctx, "replication").Result()
 			cl.Close()
 			if err != nil {
@@ -228,7 +244,7 @@ func (c *Cluster) CutReplica(t testing.TB, addr string) (resume func()) {
 	if err := nd.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	mc := redis.NewClient(&redis.Options{Addr: addr})
+	mc := redis.NewClient(c.access.options(addr))
 	defer mc.Close()
 	if err := mc.Do(context.Background(), "CLIENT", "KILL", "TYPE", "replica").Err(); err != nil {
 		nd.cmd.Process.Signal(syscall.SIGCONT)
@@ -275,7 +291,7 @@ func (c *Cluster) failedOver(old, addr string) error {
 			continue // killed (old, or another node StopNode stopped)
 		default:
 		}
-		cl := redis.NewClient(&redis.Options{Addr: nd.addr, MaxRetries: -1})
+		cl := c.client(nd.addr)
 		err := func() error {
 			defer cl.Close()
 			if nd.addr == addr {
@@ -311,6 +327,13 @@ func (c *Cluster) failedOver(old, addr string) error {
 		}
 	}
 	return nil
+}
+
+// client is a client of the node at addr that does not retry (the caller does).
+func (c *Cluster) client(addr string) *redis.Client {
+	o := c.access.options(addr)
+	o.MaxRetries = -1
+	return redis.NewClient(o)
 }
 
 func (c *Cluster) node(addr string) *node {
@@ -367,7 +390,7 @@ func (c *Cluster) waitOK(within time.Duration) error {
 	}
 	clients := make([]*redis.Client, len(c.nodes))
 	for i, nd := range c.nodes {
-		clients[i] = redis.NewClient(&redis.Options{Addr: nd.addr, MaxRetries: -1})
+		clients[i] = c.client(nd.addr)
 		defer clients[i].Close()
 	}
 	replicas := map[string]bool{}
@@ -423,7 +446,7 @@ func (c *Cluster) replicasAcknowledge() error {
 		if c.replica[addr] == "" {
 			continue
 		}
-		cl := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+		cl := c.client(addr)
 		err := func() error {
 			defer cl.Close()
 			for i := 0; i < 1000; i++ {

@@ -18,15 +18,25 @@ type node struct {
 	logfile string
 	path    string   // the redis-server binary
 	args    []string // its arguments, for restart
+	access  *access  // its password and TLS; nil: neither
 	cmd     *exec.Cmd
 	exited  chan struct{} // closed when the process has exited
 }
 
 // startNode starts redis-server on 127.0.0.1:port without persistence; extra are more options.
 func startNode(path string, port int, logfile, dir string, extra ...string) (*node, error) {
-	args := append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-		"--dir", dir, "--logfile", logfile}, extra...)
-	return startProc(path, fmt.Sprintf("127.0.0.1:%d", port), logfile, args...)
+	return startNodeWith(path, port, logfile, dir, nil, extra...)
+}
+
+// startNodeWith is startNode reached as a says (a password, TLS).
+func startNodeWith(path string, port int, logfile, dir string, a *access, extra ...string) (*node, error) {
+	args := append(append(a.serverArgs(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", dir, "--logfile", logfile), extra...)
+	n, err := startProc(path, fmt.Sprintf("127.0.0.1:%d", port), logfile, args...)
+	if n != nil {
+		n.access = a
+	}
+	return n, err
 }
 
 // startProc starts redis-server with args; it will listen on addr and log to logfile.
@@ -72,7 +82,9 @@ func (n *node) restart(within time.Duration) error {
 // (the port taken) is reported at once, with the end of its log.
 func (n *node) waitReady(within time.Duration) error {
 	deadline := time.Now().Add(within)
-	c := redis.NewClient(&redis.Options{Addr: n.addr, MaxRetries: -1})
+	o := n.access.options(n.addr)
+	o.MaxRetries = -1
+	c := redis.NewClient(o)
 	defer c.Close()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)

@@ -263,3 +263,31 @@ func keyOn(t *testing.T, c *redistest.Cluster, addr string) string {
 	t.Fatalf("no key found on %s", addr)
 	return ""
 }
+
+// TestStartClusterWithPasswordAndTLS: a cluster as a managed service runs it, every node
+// requiring a password and speaking TLS only, with a replica each.
+func TestStartClusterWithPasswordAndTLS(t *testing.T) {
+	c := redistest.StartClusterWith(t, redistest.ClusterOptions{Replicas: 1, Password: "s3cret", TLS: true})
+	ctx := context.Background()
+	rdb := c.Client(t)
+	for i := range 10 {
+		if err := rdb.Set(ctx, fmt.Sprintf("k:{%d}", i), i, 0).Err(); err != nil {
+			t.Fatalf("set over TLS with the password: %v", err)
+		}
+	}
+	if c.CAFile() == "" {
+		t.Fatal("no CA file for a TLS cluster")
+	}
+	// without the password a node refuses, and without TLS it does not answer at all
+	addr := c.Addrs()[0]
+	noPass := redis.NewClient(&redis.Options{Addr: addr, TLSConfig: c.Client(t).Options().TLSConfig, MaxRetries: -1})
+	defer noPass.Close()
+	if err := noPass.Ping(ctx).Err(); err == nil || !strings.Contains(err.Error(), "NOAUTH") {
+		t.Errorf("PING without the password: %v, want NOAUTH", err)
+	}
+	plain := redis.NewClient(&redis.Options{Addr: addr, Password: "s3cret", MaxRetries: -1, ReadTimeout: time.Second})
+	defer plain.Close()
+	if err := plain.Ping(ctx).Err(); err == nil {
+		t.Error("PING over plain TCP answered: the node is not TLS only")
+	}
+}
