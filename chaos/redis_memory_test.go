@@ -5,7 +5,6 @@ package chaos
 import (
 	"context"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -15,19 +14,6 @@ import (
 
 	"github.com/callbot/callbot/internal/graph/graphsim"
 )
-
-// memoryFull is how long Redis stays at its memory limit (CHAOS_MEMORY_FULL, default 4s):
-// past graphsim's retries, within what callbot keeps of the notifications it refused.
-func memoryFull(t *testing.T) time.Duration {
-	if v := os.Getenv("CHAOS_MEMORY_FULL"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			t.Fatalf("CHAOS_MEMORY_FULL: %v", err)
-		}
-		return d
-	}
-	return 4 * time.Second
-}
 
 // TestRedisMemoryFull: one callbot instance under load on a Redis with maxmemory-policy
 // noeviction (docs/deployment.md) whose maxmemory is set a little above what it uses, so that it
@@ -45,7 +31,9 @@ func TestRedisMemoryFull(t *testing.T) {
 		fillAt = 15                     // before call 15 (~1.5 s)
 		margin = 16 << 10               // bytes above used_memory: about 8 live calls' worth
 	)
-	full := memoryFull(t)
+	// how long Redis stays at its memory limit: past graphsim's retries, within what callbot
+	// keeps of the notifications it refused
+	full := envDuration(t, "CHAOS_MEMORY_FULL", 4*time.Second)
 	sd := seed(t)
 	rs := startRedis(t, false)
 	rdb := rs.client(t)
