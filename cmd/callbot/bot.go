@@ -50,6 +50,8 @@ type botDeps struct {
 	RedisReplicas  int
 	ReplicaTimeout time.Duration
 	PresenceEvery  time.Duration
+	// PresenceMaxAge: how old a reading routing goes by (queue.Poller.MaxAge); 0 none.
+	PresenceMaxAge time.Duration
 	// ReconcileEvery: how often the reconciler passes over the live calls (default 5 minutes).
 	ReconcileEvery time.Duration
 	// FailCooldown: an agent who declined or missed an offer is skipped this long (default 10s).
@@ -204,7 +206,8 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	running.Go("clock", func() { b.clock.Run(loops, clockSyncEvery) })
 	running.Go("redis memory", func() { b.redisMem.run(loops, redisMemoryEvery) })
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
-		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents}
+		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents,
+		MaxAge: b.deps.PresenceMaxAge}
 	running.Go("presence", func() { poller.Run(loops, b.deps.PresenceEvery) })
 	if keys, ok := b.deps.Auth.(signingKeys); ok {
 		running.Go("signing keys", func() { prefetchKeys(loops, keys, b.deps.Log) })

@@ -37,6 +37,7 @@ type config struct {
 	FlowFile        string
 	KeyPrefix       string
 	PresenceEvery   time.Duration
+	PresenceMaxAge  time.Duration
 	ReconcileEvery  time.Duration
 	ShutdownGrace   time.Duration
 	OutboxLease     time.Duration
@@ -67,6 +68,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
 	{"CALLBOT_KEY_PREFIX", "cb", "prefix of every Redis key (no braces)"},
 	{"CALLBOT_PRESENCE_INTERVAL", "5s", "how often agents' Teams presence is polled"},
+	{"CALLBOT_PRESENCE_MAX_AGE", "30s", "how old a presence reading routing goes by: an agent whose presence Graph has not given for longer (throttled, failing, permission withdrawn) is offered no caller until it does; at least CALLBOT_PRESENCE_INTERVAL (default: 30s or 3 intervals, the longer); 0 routes on the last reading however old"},
 	{"CALLBOT_RECONCILE_INTERVAL", "5m", "how often the reconciler checks every live call with Graph (closes those Graph no longer has, keeps calls older than 15 minutes alive), from 10s to 10m; one instance does it, by lease"},
 	{"CALLBOT_SHUTDOWN_GRACE", "20s", "the most a shutdown on SIGTERM takes; past it what is unfinished is left in Redis and callbot exits with code 1"},
 	{"CALLBOT_OUTBOX_LEASE", "8s", "how long an instance that stopped renewing it (it died) keeps the commands it saved before another instance re-drives them (at most 12s)"},
@@ -186,6 +188,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if c.PresenceEvery, err = time.ParseDuration(get("CALLBOT_PRESENCE_INTERVAL")); err != nil || c.PresenceEvery < 500*time.Millisecond {
 		bad("CALLBOT_PRESENCE_INTERVAL", "%q is not a duration of at least 500ms", get("CALLBOT_PRESENCE_INTERVAL"))
+	}
+	if v := strings.TrimSpace(getenv("CALLBOT_PRESENCE_MAX_AGE")); v == "" {
+		c.PresenceMaxAge = max(30*time.Second, 3*c.PresenceEvery)
+	} else if c.PresenceMaxAge, err = time.ParseDuration(v); err != nil || c.PresenceMaxAge < 0 ||
+		(c.PresenceMaxAge > 0 && c.PresenceMaxAge < c.PresenceEvery) {
+		bad("CALLBOT_PRESENCE_MAX_AGE", "%q is not 0 nor a duration of at least CALLBOT_PRESENCE_INTERVAL (%v)", v, c.PresenceEvery)
 	}
 	if c.ReconcileEvery, err = time.ParseDuration(get("CALLBOT_RECONCILE_INTERVAL")); err != nil || c.ReconcileEvery < 10*time.Second || c.ReconcileEvery > maxReconcileEvery {
 		bad("CALLBOT_RECONCILE_INTERVAL", "%q is not a duration from 10s to %v (Graph ends a call that had no keepAlive for 45 minutes; callbot sends the first at 15 minutes, so two passes fit before that, one of them failing)", get("CALLBOT_RECONCILE_INTERVAL"), maxReconcileEvery)

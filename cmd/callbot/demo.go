@@ -119,7 +119,7 @@ func startDemoWorld(ctx context.Context, flowFile string, log *zap.Logger, simOp
 		return nil, err
 	}
 	w.bot, err = newBot(ctx, botDeps{Redis: w.rdb, KeyPrefix: "cb", Graph: gc, Auth: verifier, Flow: flow, TenantID: demoTenant,
-		CallbackURI: botURL + "/api/calls", PresenceEvery: 500 * time.Millisecond,
+		CallbackURI: botURL + "/api/calls", PresenceEvery: 500 * time.Millisecond, PresenceMaxAge: 30 * time.Second,
 		FailCooldown: 2 * time.Second, ConnectedGuard: time.Second, Log: log.Named("callbot"),
 		OnEnd: func(c callstate.Call) {
 			w.mu.Lock()

@@ -364,3 +364,45 @@ func TestFaultToneSubscriptionFailedIsMadeAgain(t *testing.T) {
 		t.Errorf("subscribeToTone: %d sent, %d taken; want the client's three attempts failed, then callbot's one more", sent, took)
 	}
 }
+
+// Graph throttles every presence read: for CALLBOT_PRESENCE_MAX_AGE callbot routes on the last
+// reading, then offers the agent no caller (a caller waits in the queue, hearing hold music),
+// until a read succeeds again; then the caller reaches the agent.
+func TestFaultPresenceThrottledPastItsMaxAge(t *testing.T) {
+	w := newWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+	w.env["CALLBOT_PRESENCE_MAX_AGE"] = "2s" // polls every 500 ms
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	id, err := w.sim.AddFault(graphsim.Fault{Kind: graphsim.FaultStatus, Action: "getPresencesByUserId", Status: 429, RetryAfter: 100 * time.Millisecond, Probability: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// each throttled poll takes about 2 s (the client waits out two 429s): wait until one finds
+	// the last reading past its max age
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(w.logs.String(), "presence not read for longer than its max age"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no warning that presence was too old to route on")
+		}
+	}
+	c := w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 300 * time.Millisecond})
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Contains(c.Result().Prompts, "https://media.test/hold.wav") { // queued
+		if time.Now().After(deadline) {
+			t.Fatalf("the caller did not reach the queue: %+v", c.Result())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(2 * time.Second) // the dispatcher looks every 250 ms
+	if st := w.sim.AgentStats(agent1); st.Offered != 0 {
+		t.Fatalf("agent offered %d callers on a presence reading older than its max age", st.Offered)
+	}
+
+	w.sim.RemoveFault(id)
+	r := waitDone(t, c, 15*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
+		t.Errorf("caller experienced %+v; want transferred to %s once presence was read again", r, agent1)
+	}
+}

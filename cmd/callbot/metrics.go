@@ -152,7 +152,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 		if !at.IsZero() {
 			age = max(b.clock.Now().Sub(at).Seconds(), 0)
 		}
-		fmt.Fprintln(w, "# HELP callbot_presence_age_seconds Seconds since a poll last read every agent's presence from Graph (-1: never); the same on every instance. Routing goes by the presence last read: while Graph refuses presence reads (throttling, a missing Presence.Read.All) this grows, and agents who left stay routable on an old reading. Alert when it passes a few poll intervals.")
+		fmt.Fprintln(w, "# HELP callbot_presence_age_seconds Seconds since a poll last read every agent's presence from Graph (-1: never); the same on every instance. Routing goes by the presence last read: while Graph refuses presence reads (throttling, a missing Presence.Read.All) this grows, agents keep their last reading up to CALLBOT_PRESENCE_MAX_AGE, and past it are offered no caller. Alert when it passes a few poll intervals.")
 		fmt.Fprintln(w, "# TYPE callbot_presence_age_seconds gauge")
 		fmt.Fprintf(w, "callbot_presence_age_seconds %.3f\n", age)
 	}

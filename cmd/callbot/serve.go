@@ -67,7 +67,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	b, err := newBot(ctx, botDeps{Redis: rdb, KeyPrefix: cfg.KeyPrefix, Graph: gc, Auth: verifier, Flow: flow,
 		TenantID: cfg.TenantID, CallbackURI: cfg.PublicURL + "/api/calls/" + cfg.InstanceID, Instance: cfg.InstanceID,
 		OutboxLease: cfg.OutboxLease, RedisReplicas: cfg.RedisReplicas, ReplicaTimeout: cfg.ReplicaTimeout,
-		PresenceEvery: cfg.PresenceEvery, ReconcileEvery: cfg.ReconcileEvery, Log: log})
+		PresenceEvery: cfg.PresenceEvery, PresenceMaxAge: cfg.PresenceMaxAge, ReconcileEvery: cfg.ReconcileEvery, Log: log})
 	if err != nil {
 		return err
 	}

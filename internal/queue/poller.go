@@ -32,7 +32,16 @@ type Poller struct {
 	// Now is when a poll read presence, written for the other instances (clock.Redis). Default
 	// the store's.
 	Now func() time.Time
+	// MaxAge is how old a reading routing may go by. A batch Graph does not answer (throttled,
+	// failing, Presence.Read.All withdrawn) keeps its agents' last reading until that reading is
+	// MaxAge old; then they are taken as not routable until a read succeeds, as Graph's
+	// PresenceUnknown is: an agent who left meanwhile (gone home, their Teams offline) would be
+	// offered callers whose transfer rings out, or is taken by the agent's own voicemail. Zero
+	// keeps the last reading however old.
+	MaxAge time.Duration
 
+	readAt  map[string]time.Time // the lease holder's: when each agent's presence was last read
+	stale   int                  // agents taken as not routable for want of a reading (logged)
 	last    map[string]bool
 	synced  time.Time
 	holding bool
@@ -53,6 +62,7 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 		}
 		if held && !p.holding {
 			p.synced = time.Time{} // another instance polled meanwhile: write everything
+			p.readAt = nil         // and read presence since: its readings' time is in Redis
 		}
 		p.holding = held
 		if held {
@@ -62,7 +72,7 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 				p.Log.Info("presence lease lost during a poll; its reading was not written")
 				p.holding = false
 			case err != nil && ctx.Err() == nil:
-				p.Log.Warn("presence poll failed, keeping last known presence", zap.Error(err))
+				p.Log.Warn("presence poll failed: agents not read keep their last reading while it is younger than the max age", zap.Error(err))
 			}
 		}
 		select {
@@ -113,6 +123,16 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 		}
 		return err
 	}
+	if p.readAt == nil {
+		// A new lease holder (or a restart) knows only the last whole reading any poller made.
+		p.readAt = make(map[string]time.Time, len(p.Agents))
+		if at, err := p.Store.PresenceReadAt(ctx, p.Tenant); err == nil {
+			for _, a := range p.Agents {
+				p.readAt[a] = at
+			}
+		}
+	}
+	stale := 0
 	var errs []error
 	for start := 0; start < len(p.Agents); start += graph.MaxPresenceIDs {
 		batch := p.Agents[start:min(start+graph.MaxPresenceIDs, len(p.Agents))]
@@ -125,9 +145,16 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 		if err != nil {
 			errs = append(errs, err)
 			for _, a := range batch {
-				delete(routable, a) // unknown: keep what was stored
+				if p.MaxAge > 0 && readAt.Sub(p.readAt[a]) > p.MaxAge {
+					stale++ // too old to route on: false, as set above
+					continue
+				}
+				delete(routable, a) // unknown for now: keep what was stored
 			}
 			continue
+		}
+		for _, a := range batch {
+			p.readAt[a] = readAt
 		}
 		for _, pr := range ps {
 			if _, ours := routable[pr.UserID]; ours {
@@ -167,6 +194,14 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 			p.synced = time.Now()
 		}
 	}
+	switch {
+	case stale > 0 && p.stale == 0:
+		p.Log.Warn("presence not read for longer than its max age: those agents are offered no caller until it is read again",
+			zap.Int("agents", stale), zap.Duration("max_age", p.MaxAge), zap.Errors("errors", errs))
+	case stale == 0 && p.stale > 0:
+		p.Log.Info("presence read again: every agent is routed on a fresh reading")
+	}
+	p.stale = stale
 	changed := false
 	for a, r := range routable {
 		if p.last[a] != r {
