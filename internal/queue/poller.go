@@ -133,6 +133,7 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 		}
 	}
 	stale := 0
+	var read []string // agents whose presence Graph gave
 	var errs []error
 	for start := 0; start < len(p.Agents); start += graph.MaxPresenceIDs {
 		batch := p.Agents[start:min(start+graph.MaxPresenceIDs, len(p.Agents))]
@@ -153,9 +154,7 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 			}
 			continue
 		}
-		for _, a := range batch {
-			p.readAt[a] = readAt
-		}
+		read = append(read, batch...)
 		for _, pr := range ps {
 			if _, ours := routable[pr.UserID]; ours {
 				routable[pr.UserID] = pr.Routable()
@@ -179,6 +178,9 @@ func (p *Poller) poll(ctx context.Context, holder string) error {
 	}
 	if err := p.Store.setRoutableAs(ctx, p.Tenant, holder, write); err != nil {
 		return err
+	}
+	for _, a := range read { // what routing goes by is now of readAt
+		p.readAt[a] = readAt
 	}
 	if len(errs) == 0 {
 		// every agent's presence is of readAt: what callbot_presence_age_seconds counts from
