@@ -319,3 +319,46 @@ func TestAnswerInDoubtUnreadableToTheDeadlineIsAnsweredAgain(t *testing.T) {
 		})
 	}
 }
+
+// Graph refuses an answer to a call another answer of ours has taken ("Action answer is not
+// allowed: call is in state establishing"): the outbox's re-drive of a stalled instance's
+// answer and the answer's own timer both found the call incoming when Redis came back from a
+// stall, and both answered (TestRedisStall, 12 s). The refusal ended the call in callbot while
+// Graph established it, and the caller was left in silence in a call no one would end. A
+// refused answer now has the call read: answered, the call carries on; still incoming, the
+// refusal ends it as before; gone, it ended.
+func TestRefusedAnswerToACallAnsweredMeanwhileCarriesOn(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		state graph.CallState // the call in Graph when the refusal is read
+		want  callstate.State
+	}{
+		{"answered by the other answer", graph.CallEstablished, callstate.StateInMenu},
+		{"being answered by the other answer", graph.CallEstablishing, callstate.StateAnswering},
+		{"still incoming: a refusal of the call", graph.CallIncoming, callstate.StateTerminated},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := &answerErrs{fakeGraph: &fakeGraph{state: tc.state},
+				errs: []error{&graph.Error{Op: "answer", Status: 400, Code: "BadRequest", Message: "Action answer is not allowed"}}}
+			rdb := redistest.Start(t).Client(t)
+			m := instance(t, rdb, "arf", g, &fakeQueues{}, nil)
+			store := callstate.NewStore(rdb, "arf")
+			id := "6c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
+			notify(t, m, note("created", id, `{"@odata.type":"#microsoft.graph.call","state":"incoming"}`))
+			m.Wait()
+			var c callstate.Call
+			var err error
+			for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+				if c, err = store.Get(context.Background(), graph.CallKey(id)); err == nil && c.State == tc.want {
+					break
+				}
+			}
+			if err != nil || c.State != tc.want {
+				t.Errorf("answer refused, Graph showing the call %s: record %s %v (graph %v); want %s", tc.state, c.State, err, g.log(), tc.want)
+			}
+			if n := countPrefix(g.log(), "get"); n != 1 {
+				t.Errorf("%d reads of the call after the refusal (graph %v), want 1", n, g.log())
+			}
+		})
+	}
+}

@@ -72,7 +72,9 @@
 // lives it renews the leases of the commands it is still carrying out, so a slow Graph is not
 // mistaken for a dead instance. A save that decides no command leaves the lease as it is, so
 // the commands of an instance that died are re-driven when its lease runs out, however many
-// notifications come meanwhile. The reconciler (RunReconcile) closes calls Graph
+// notifications come meanwhile; nor does a create that finds the record made (an incoming
+// delivered again, or queued behind a stalled Redis): a create's outbox entry and timers only
+// ever lower an entry's due. The reconciler (RunReconcile) closes calls Graph
 // has forgotten, keeps long calls alive and repairs queues (a queued caller missing is put back, an
 // entry whose call ended is removed, in any queue of the tenant, its flow's or one a flow edit
 // removed) and agent reservations. It walks every live call, reconcileParallel at a time, and
@@ -83,6 +85,10 @@
 // key press with a sequenceId, a transfer's failure, a call's end and the others whose repeat is
 // harmless whenever it comes are also kept in memory and applied again by the instance that refused them, until Redis takes
 // them or 15 s have passed (keep, RunKept): an outage may outlast Graph's retries.
+//
+// Graph's refusal of an answer has the call read before it ends the call: one refused because
+// another answer of ours took (a re-drive and the answer's timer both found the call incoming)
+// carries on.
 //
 // A decision the table refuses (ErrInvalidTransition, a *TransitionError) is a bug, never
 // input: it is logged as an error and counted (Machine.InvalidTransitions), and a notification's

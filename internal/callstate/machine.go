@@ -1099,7 +1099,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		case errors.Is(err, graph.ErrCallGone):
 			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String(), Command: cmd.Kind.String()})
 		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused && !cmd.Unverified:
-			feed(Event{Kind: EvCommandFailed, Command: cmd.Kind.String()})
+			m.answerRefused(c, scenario, log)
 		case cmd.Kind == CmdAnswer && graph.Classify(err) == graph.Refused:
 			// an answer sent without a read (Command.Unverified): Graph may refuse it because the
 			// earlier answer took, and the call is established; ask, rather than end the call
@@ -1203,6 +1203,37 @@ func (m *Machine) checkCall(c Call, scenario string, settles bool, log *zap.Logg
 		ev.NotSent = notSent && c.State == StateAnswering
 	}
 	m.applyResult(c.Tenant, key, ev, "apply call state from Graph", "", log)
+}
+
+// answerRefused settles an answer Graph refused (a 4xx but 404 and 429). Graph refuses an answer
+// to a call another answer of ours has taken ("Action answer is not allowed: call is in state
+// establishing"): two ways of answering a call may both have found it incoming, such as the
+// outbox's re-drive of a dead or stalled instance's answer and the answer's own timer, both due
+// when Redis came back from a stall (TestRedisStall, 12 s). Taking that refusal for the call's
+// ended the call in callbot while Graph established it: the caller was left in silence, in a call
+// no one would end. So the call is read first: answered (establishing, established), it carries
+// on (established: the menu starts; establishing: its established notification follows, or the
+// answer's timer reads it again); gone, it ended; otherwise (incoming, or no answer to the read)
+// the refusal ends the call, as before.
+func (m *Machine) answerRefused(c Call, scenario string, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), m.cfg.CommandTimeout)
+	defer cancel()
+	st, err := m.cfg.Control.GetCall(ctx, c.ID)
+	key := graph.CallKey(c.ID)
+	var ev Event
+	switch {
+	case err == nil && st == graph.CallEstablishing:
+		log.Info("answer refused, the call being answered by an earlier answer: carrying on")
+		return
+	case err == nil && st == graph.CallEstablished:
+		log.Info("answer refused, the call answered by an earlier answer: carrying on")
+		ev = Event{Kind: EvCallState, GraphState: st, ClientContext: readFor(c)}
+	case errors.Is(err, graph.ErrCallGone):
+		ev = Event{Kind: EvEnded, Reason: ReasonGone}
+	default:
+		ev = Event{Kind: EvCommandFailed, Command: CmdAnswer.String()}
+	}
+	m.applyResult(c.Tenant, key, ev, "apply the answer's refusal", CmdAnswer.String(), log)
 }
 
 // readFor is what a read of c's call is made for (EvCallState's ClientContext): the transfer

@@ -337,37 +337,35 @@ func ttl(c *Call) time.Duration {
 	return ActiveTTL
 }
 
-// zadd is a sorted-set entry written ahead of a record. With prev set, the entry's score before
-// the write is read in the same step (swapScoreScript) into prev.
+// zadd is a sorted-set entry written ahead of a record.
 type zadd struct {
 	key    string
 	score  int64
 	member string
-	prev   *prevScore
 	nx     bool // only if the entry is missing: one there keeps its score
+	// lower: only if the entry is missing or due later (lowerScoreScript): a create's.
+	lower bool
 }
 
-// prevScore is the score an entry had before a write (old, "" for none), once the write is done.
-type prevScore struct{ cmd *redis.Cmd }
+// lowerScoreScript adds a sorted-set entry, or lowers its score; it never raises it. A create's
+// writes ahead of its record use it (the outbox index entry, the timers), so that a create
+// repeated (Graph delivered the incoming again, the instance applied again what it kept), which
+// finds the record made, never puts off the lease or the timers of the create that made it.
+// Before, a create swapped its own due in and put back the one it had seen when it found the
+// record made; the creates of a call queued behind a stalled Redis reached it one behind the
+// other and undid each other's puts-back, and the outbox's lease and the answer's timer ended at
+// a later create's, past Graph's answer deadline: the caller was never answered (TestRedisStall,
+// TestRepeatedCreatesQueuedBehindAStallKeepTheFirstLeaseAndTimers). Now they end at the earliest
+// create's, no later than the one that made the record. A repeated create that finds the entry
+// gone (the commands done) writes it again: the claim that finds nothing pending takes it out.
+const lowerScoreScript = `local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not old or tonumber(ARGV[1]) < tonumber(old) then return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) end
+return 0`
 
-// swapScoreScript sets a sorted-set entry's score and returns the score it had ("" for none).
-const swapScoreScript = `local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-return old or ''`
-
-// restoreScoreScript puts an entry back to the score it had before a write of ours (ARGV[1]),
-// unless someone wrote it since: back to ARGV[3], or removed when it had none.
-var restoreScoreScript = redis.NewScript(`
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then return redis.call('ZREM', KEYS[1], ARGV[2]) end
-return redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])`)
-
-// add sends z on c (a client or a pipeline). A write sent again (its script not loaded: NOSCRIPT)
-// keeps the score read the first time, which the second would read as its own.
+// add sends z on c (a client or a pipeline).
 func (z zadd) add(ctx context.Context, c redis.Cmdable) redis.Cmder {
-	if z.prev != nil && (z.prev.cmd == nil || z.prev.cmd.Err() != nil) {
-		z.prev.cmd = c.Eval(ctx, swapScoreScript, []string{z.key}, z.score, z.member)
-		return z.prev.cmd
+	if z.lower {
+		return c.Eval(ctx, lowerScoreScript, []string{z.key}, z.score, z.member)
 	}
 	if z.nx {
 		return c.ZAddNX(ctx, z.key, redis.Z{Score: float64(z.score), Member: z.member})
@@ -385,17 +383,13 @@ func (s *Store) ahead(c *Call, due time.Time, keep, created bool, timers []Timer
 	member := graph.CallKey(c.ID)
 	var out []zadd
 	if len(c.Outbox) > 0 && !due.IsZero() {
-		z := zadd{key: s.index, score: due.UnixMilli(), member: member, nx: keep}
-		if created {
-			z.prev = &prevScore{} // for a create that finds the record made (CreateWith)
-		}
-		out = append(out, z)
+		out = append(out, zadd{key: s.index, score: due.UnixMilli(), member: member, nx: keep, lower: created})
 	}
 	if created {
 		out = append(out, zadd{key: s.active, score: c.CreatedAt.UnixMilli(), member: member})
 	}
 	for _, t := range timers {
-		out = append(out, zadd{key: s.timers, score: t.At.UnixMilli(), member: t.Member()})
+		out = append(out, zadd{key: s.timers, score: t.At.UnixMilli(), member: t.Member(), lower: created})
 	}
 	return out
 }
@@ -520,28 +514,9 @@ func (s *Store) CreateWith(ctx context.Context, c *Call, w Write) error {
 		return fmt.Errorf("create call %s: %w", c.ID, err)
 	}
 	if n == 0 {
-		s.restoreAhead(ctx, pre)
 		return ErrExists
 	}
 	return nil
-}
-
-// restoreAhead puts the outbox index entry a create wrote ahead of a record it found made (a
-// repeated incoming) back to what it was, unless written since. Left at the create's due, it
-// put off the re-drive of the record's commands by a lease at each delivery: the answer of a
-// save refused as unreplicated, handed back for a re-drive at once, waited for the lease when
-// Graph delivered the incoming again. Best effort: at worst the re-drive waits that lease.
-func (s *Store) restoreAhead(ctx context.Context, pre []zadd) {
-	for _, z := range pre {
-		if z.prev == nil || z.prev.cmd == nil {
-			continue
-		}
-		old, err := z.prev.cmd.Text()
-		if err != nil {
-			continue // not written, or not known to be
-		}
-		restoreScoreScript.Run(ctx, s.rdb, []string{z.key}, strconv.FormatInt(z.score, 10), z.member, old)
-	}
 }
 
 // Get loads a call, its outbox reduced to the commands not acknowledged yet. It returns
