@@ -629,6 +629,16 @@ func agent(n int, answer graphsim.AgentAnswer, available bool, talk time.Duratio
 	return a
 }
 
+// flowAgents are the flow's eight agents, accepting every call and talking for talk, all
+// available but agents 5 and 8 (away): sales has five agents, support two.
+func flowAgents(talk time.Duration) []graphsim.AgentSpec {
+	var out []graphsim.AgentSpec
+	for n := 1; n <= 8; n++ {
+		out = append(out, agent(n, graphsim.AgentAccept, n != 5 && n != 8, talk))
+	}
+	return out
+}
+
 // caller is one simulated caller of a test.
 type caller struct {
 	n      int

@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/callbot/callbot/internal/graph/graphsim"
 	"github.com/callbot/callbot/internal/redistest"
 )
 
@@ -55,12 +54,7 @@ func sentinelFailover(t *testing.T, lagCalls, replicas int) {
 	rdb := s.Client(t)
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	talk := time.Second
-	sim, ca := newSim(t, "http://"+addr+"/api/calls", []graphsim.AgentSpec{
-		agent(1, graphsim.AgentAccept, true, talk), agent(2, graphsim.AgentAccept, true, talk),
-		agent(3, graphsim.AgentAccept, true, talk), agent(4, graphsim.AgentAccept, true, talk),
-		agent(5, graphsim.AgentAccept, false, talk), agent(6, graphsim.AgentAccept, true, talk),
-		agent(7, graphsim.AgentAccept, true, talk), agent(8, graphsim.AgentAccept, false, talk),
-	})
+	sim, ca := newSim(t, "http://"+addr+"/api/calls", flowAgents(talk))
 	env := baseEnv(sim, ca, "", "http://"+addr)
 	env["CALLBOT_REDIS_URL"] = s.URL()
 	env["CALLBOT_REDIS_REPLICAS"] = strconv.Itoa(replicas)

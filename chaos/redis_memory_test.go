@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-
-	"github.com/callbot/callbot/internal/graph/graphsim"
 )
 
 // TestRedisMemoryFull: one callbot instance under load on a Redis with maxmemory-policy
@@ -75,12 +73,7 @@ func redisFaultUnderLoad(t *testing.T, f redisFault) {
 	rdb := rs.client(t)
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	talk := time.Second
-	sim, ca := newSim(t, "http://"+addr+"/api/calls", []graphsim.AgentSpec{
-		agent(1, graphsim.AgentAccept, true, talk), agent(2, graphsim.AgentAccept, true, talk),
-		agent(3, graphsim.AgentAccept, true, talk), agent(4, graphsim.AgentAccept, true, talk),
-		agent(5, graphsim.AgentAccept, false, talk), agent(6, graphsim.AgentAccept, true, talk),
-		agent(7, graphsim.AgentAccept, true, talk), agent(8, graphsim.AgentAccept, false, talk),
-	})
+	sim, ca := newSim(t, "http://"+addr+"/api/calls", flowAgents(talk))
 	env := baseEnv(sim, ca, rs.addr, "http://"+addr)
 	bot := startCallbot(t, "bot", addr, env)
 	time.Sleep(1200 * time.Millisecond)

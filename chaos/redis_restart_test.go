@@ -76,12 +76,7 @@ func testRedisRestart(t *testing.T, down time.Duration) {
 	rdb := rs.client(t)
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	talk := time.Second
-	sim, ca := newSim(t, "http://"+addr+"/api/calls", []graphsim.AgentSpec{
-		agent(1, graphsim.AgentAccept, true, talk), agent(2, graphsim.AgentAccept, true, talk),
-		agent(3, graphsim.AgentAccept, true, talk), agent(4, graphsim.AgentAccept, true, talk),
-		agent(5, graphsim.AgentAccept, false, talk), agent(6, graphsim.AgentAccept, true, talk),
-		agent(7, graphsim.AgentAccept, true, talk), agent(8, graphsim.AgentAccept, false, talk),
-	})
+	sim, ca := newSim(t, "http://"+addr+"/api/calls", flowAgents(talk))
 	lease, set := outboxLease(t)
 	env := baseEnv(sim, ca, rs.addr, "http://"+addr)
 	if set {
