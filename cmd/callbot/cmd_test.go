@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -158,6 +159,15 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil || o.SentinelPassword != "s@pw" || o.Password != "" || o.MasterName != "callbot" {
 		t.Errorf("sentinel URL with a bare @ in the query: %+v %v", o, err)
 	}
+	// Sentinels and nodes over TLS: no name fixed, each connection checks the address it dials
+	o, err = redisOptions("rediss-sentinel://:pw@sentinel-0.redis:26379,sentinel-1.redis:26379/callbot?db=1")
+	if err != nil || o.MasterName != "callbot" || len(o.Addrs) != 2 || o.Password != "pw" || o.DB != 1 ||
+		o.TLSConfig == nil || o.TLSConfig.ServerName != "" || o.TLSConfig.MinVersion != tls.VersionTLS12 {
+		t.Errorf("rediss-sentinel URL: %+v %v", o, err)
+	}
+	if o, err = redisOptions("sentinel://10.0.0.1:26379/callbot"); err != nil || o.TLSConfig != nil {
+		t.Errorf("sentinel URL without TLS: %+v %v", o, err)
+	}
 	// a cluster whose nodes want a password, over TLS (a managed cluster): the name checked is
 	// the first address's host, as the nodes are reported by IP address
 	o, err = redisOptions("rediss-cluster://default:k%40y@cache.example.net:6380,10.0.0.2:6380")
@@ -180,7 +190,8 @@ func TestConfigDefaults(t *testing.T) {
 	for _, bad := range []string{"sentinel://10.0.0.1:26379", "sentinel://nohost/m", "unix:///tmp/r.sock", "redis://:bad port",
 		"sentinel://10.0.0.1:26379/m?bd=2", // a misspelt parameter was ignored
 		"redis-cluster://", "redis-cluster://:pw@", "redis-cluster://10.0.0.1", "redis-cluster://10.0.0.1:7000/0",
-		"rediss-cluster://10.0.0.1:7000?tls=1", "redis-cluster://:p%zz@10.0.0.1:7000"} {
+		"rediss-cluster://10.0.0.1:7000?tls=1", "redis-cluster://:p%zz@10.0.0.1:7000",
+		"rediss-sentinel://10.0.0.1:26379", "rediss-sentinel://10.0.0.1:26379/m?tls=1"} {
 		if _, err := redisOptions(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}

@@ -62,7 +62,7 @@ var envVars = []struct{ name, def, help string }{
 	{"CALLBOT_TOKEN_ISSUERS", strings.Join(graph.DefaultIssuers, ","), "comma-separated issuers accepted on callback tokens"},
 	{"CALLBOT_ALLOWED_TENANTS", "", "comma-separated tenant ids accepted on callback tokens (default: CALLBOT_TENANT_ID); callbot serves one tenant per deployment, so none but CALLBOT_TENANT_ID is accepted here yet"},
 	{"CALLBOT_CA_FILE", "", "PEM file of extra CAs to trust for Graph, the authority, the OpenID metadata and Redis over TLS"},
-	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://... (TLS), sentinel://[:pass@]host:port,host:port/master[?db=N], redis-cluster://[user:pass@]host:port,host:port, rediss-cluster://... (TLS), or a comma-separated list of cluster node addresses (required)"},
+	{"CALLBOT_REDIS_URL", "", "redis://[user:pass@]host:port/db, rediss://... (TLS), sentinel://[:pass@]host:port,host:port/master[?db=N], rediss-sentinel://... (TLS), redis-cluster://[user:pass@]host:port,host:port, rediss-cluster://... (TLS), or a comma-separated list of cluster node addresses (required)"},
 	{"CALLBOT_REDIS_REPLICAS", "0", "replicas that must have a call's change before callbot acknowledges the notification behind it (Redis WAIT), so a failover cannot lose it; 0 waits for none. Standalone with replicas, Sentinel, or Cluster (each master a change writes to waits for its own replicas)"},
 	{"CALLBOT_REDIS_REPLICA_TIMEOUT", "100ms", "how long a change waits for CALLBOT_REDIS_REPLICAS; past it the notification is refused (503) and delivered again"},
 	{"CALLBOT_FLOW_FILE", "", "path of the IVR flow file (required)"},
@@ -317,7 +317,10 @@ func redisOptions(s string) (*redis.UniversalOptions, error) {
 		return nil, errors.New("unix sockets are not supported; use redis://host:port")
 	}
 	if rest, ok := strings.CutPrefix(s, "sentinel://"); ok {
-		return sentinelOptions(rest)
+		return sentinelOptions(rest, false)
+	}
+	if rest, ok := strings.CutPrefix(s, "rediss-sentinel://"); ok {
+		return sentinelOptions(rest, true)
 	}
 	if rest, ok := strings.CutPrefix(s, "redis-cluster://"); ok {
 		return clusterOptions(rest, false)
@@ -387,9 +390,16 @@ func clusterOptions(s string, tlsOn bool) (*redis.UniversalOptions, error) {
 }
 
 // sentinelOptions reads "[:password@]host:port[,host:port...]/master[?db=N]": the Sentinels'
-// addresses and the name of the master they watch.
-func sentinelOptions(s string) (*redis.UniversalOptions, error) {
+// addresses and the name of the master they watch. With tlsOn (rediss-sentinel://) the
+// Sentinels, the master and the replicas are all reached over TLS, each connection's
+// certificate checked against the address it dials: a Sentinel's as the URL names it, a node's
+// as the Sentinels announce it (an IP address, or a name with `sentinel announce-hostnames
+// yes`). go-redis has one TLS configuration for both.
+func sentinelOptions(s string, tlsOn bool) (*redis.UniversalOptions, error) {
 	o := &redis.UniversalOptions{}
+	if tlsOn {
+		o.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
 	s, query, _ := strings.Cut(s, "?") // a sentinel_password may hold an @
 	if at := strings.LastIndex(s, "@"); at >= 0 {
 		// percent-encoded as in a redis:// URL, so that a password may hold any character
@@ -402,7 +412,7 @@ func sentinelOptions(s string) (*redis.UniversalOptions, error) {
 	}
 	hosts, master, ok := strings.Cut(s, "/")
 	if !ok || master == "" {
-		return nil, errors.New("sentinel URL needs the master name: sentinel://host:port,host:port/master")
+		return nil, errors.New("sentinel URL needs the master name: sentinel://host:port,host:port/master (rediss-sentinel:// over TLS)")
 	}
 	o.MasterName = master
 	if query != "" {

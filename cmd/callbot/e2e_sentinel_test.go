@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -94,6 +96,61 @@ func TestE2ESentinelFailover(t *testing.T) {
 	r = waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 20*time.Second)
 	if r.Outcome != graphsim.OutcomeTransferred || r.Agent == "" {
 		t.Fatalf("a caller after the failover experienced %+v; want transferred to an agent", r)
+	}
+}
+
+// TestE2EOnPasswordAndTLSSentinel: Sentinel as a self-run production set-up has it (the Bitnami
+// chart with TLS, for one): the master and the replica want a password and speak TLS only, and
+// so does the Sentinel. callbot reaches them with a rediss-sentinel:// URL (the password
+// percent-encoded) and CALLBOT_CA_FILE holding the CA that signed their certificate, beside
+// graphsim's; a caller reaches an agent, and, once the master is killed, a caller reaches an
+// agent through the promoted replica, whose certificate is checked too. Without that CA callbot
+// does not start, and says why.
+func TestE2EOnPasswordAndTLSSentinel(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end")
+	}
+	s := redistest.StartSentinelWith(t, redistest.ClusterOptions{Password: "p@ss:w0rd%", TLS: true})
+	if !strings.HasPrefix(s.URL(), "rediss-sentinel://:p%40ss%3Aw0rd%25@127.0.0.1:") {
+		t.Fatalf("URL %s: want the rediss-sentinel:// scheme and the password encoded", s.URL())
+	}
+	w := newWorld(t, onSentinel(s), available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
+
+	// graphsim's CA alone: the Sentinel's certificate is not trusted
+	err := run(context.Background(), []string{"serve"}, func(k string) string { return w.env[k] }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "CALLBOT_REDIS_URL: redis unreachable") || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("serve with the Sentinel's CA untrusted: %v; want it refused for the certificate", err)
+	}
+
+	caFile := w.env["CALLBOT_CA_FILE"]
+	simCA, err1 := os.ReadFile(caFile)
+	redisCA, err2 := os.ReadFile(s.CAFile())
+	if err := errors.Join(err1, err2, os.WriteFile(caFile, append(simCA, redisCA...), 0o600)); err != nil {
+		t.Fatal(err)
+	}
+	w.start(t)
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // one presence poll
+	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 15*time.Second)
+	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
+		t.Fatalf("caller experienced %+v; want answered and transferred to %s", r, agent1)
+	}
+
+	old, err := s.KillMaster(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.WaitFailover(old, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.waitReady(10 * time.Second); err != nil {
+		t.Fatalf("after the failover: %v", err)
+	}
+	r = waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 30*time.Second)
+	if r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
+		t.Fatalf("a caller after the failover experienced %+v; want transferred to %s", r, agent1)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,6 +32,8 @@ type Sentinel struct {
 	link     *replLink   // the replica reaches the master through it
 	links    []*replLink // every link started, the current one last
 	server   string      // redis-server's path
+	access   *access     // how the master and replicas are reached (password, TLS)
+	sentAcc  *access     // how the Sentinel is reached: TLS as the nodes, no password
 }
 
 // StartSentinel starts a Sentinel set-up that lives until the test ends. It returns once the
@@ -38,7 +41,16 @@ type Sentinel struct {
 // redis-server on PATH the test is skipped, or fails with CALLBOT_REQUIRE_REDIS=1.
 func StartSentinel(t testing.TB) *Sentinel {
 	t.Helper()
-	return startSentinelT(t, false)
+	return startSentinelT(t, false, ClusterOptions{})
+}
+
+// StartSentinelWith is StartSentinel with o's Password (the master's and the replica's: the
+// Sentinel has none) and TLS (the nodes and the Sentinel listen and replicate over TLS only,
+// the Sentinel reaching them over TLS too, with a certificate for 127.0.0.1 signed by a CA of
+// the test's own: CAFile). Replicas and NodeTimeout are not used.
+func StartSentinelWith(t testing.TB, o ClusterOptions) *Sentinel {
+	t.Helper()
+	return startSentinelT(t, false, o)
 }
 
 // StartSentinelWithLink is StartSentinel with the replica reaching the master through a proxy
@@ -46,10 +58,10 @@ func StartSentinel(t testing.TB) *Sentinel {
 // work is the test process's: do not benchmark through it.
 func StartSentinelWithLink(t testing.TB) *Sentinel {
 	t.Helper()
-	return startSentinelT(t, true)
+	return startSentinelT(t, true, ClusterOptions{})
 }
 
-func startSentinelT(t testing.TB, link bool) *Sentinel {
+func startSentinelT(t testing.TB, link bool, o ClusterOptions) *Sentinel {
 	t.Helper()
 	server, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -61,7 +73,7 @@ func startSentinelT(t testing.TB, link bool) *Sentinel {
 	dir := t.TempDir()
 	var lastErr error
 	for attempt := 1; attempt <= 4; attempt++ {
-		s, err := startSentinel(server, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), link)
+		s, err := startSentinel(server, filepath.Join(dir, fmt.Sprintf("attempt-%d", attempt)), link, o)
 		if err == nil {
 			t.Cleanup(s.stop)
 			return s
@@ -73,21 +85,25 @@ func startSentinelT(t testing.TB, link bool) *Sentinel {
 	return nil
 }
 
-func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
+func startSentinel(server, dir string, link bool, o ClusterOptions) (s *Sentinel, err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	a, err := newAccess(o, dir)
+	if err != nil {
 		return nil, err
 	}
 	ports, err := clusterPorts(3) // distinct free ports (their +10000 pairs are not needed, but free too)
 	if err != nil {
 		return nil, err
 	}
-	s = &Sentinel{dir: dir, server: server}
+	s = &Sentinel{dir: dir, server: server, access: a, sentAcc: &access{tls: a.tls, caFile: a.caFile, certFile: a.certFile, keyFile: a.keyFile}}
 	defer func() {
 		if err != nil {
 			s.stop()
 		}
 	}()
-	master, err := startNode(server, ports[0], filepath.Join(dir, "master.log"), dir)
+	master, err := startNodeWith(server, ports[0], filepath.Join(dir, "master.log"), dir, a)
 	if err != nil {
 		return s, err
 	}
@@ -104,7 +120,7 @@ func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 		upstream = s.link.ln.Addr().String()
 	}
 	uhost, uport, _ := net.SplitHostPort(upstream)
-	replica, err := startNode(server, ports[1], filepath.Join(dir, "replica.log"), dir, "--replicaof", uhost, uport)
+	replica, err := startNodeWith(server, ports[1], filepath.Join(dir, "replica.log"), dir, a, "--replicaof", uhost, uport)
 	if err != nil {
 		return s, err
 	}
@@ -113,12 +129,20 @@ func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 		return s, err
 	}
 	conf := filepath.Join(dir, "sentinel.conf") // Sentinel rewrites its configuration: a file of its own
-	text := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nlogfile %s\n"+
+	listen := fmt.Sprintf("port %d\n", ports[2])
+	if a.tls != nil { // the Sentinel's clients, and its links to the nodes, over TLS
+		listen = fmt.Sprintf("port 0\ntls-port %d\ntls-cert-file %s\ntls-key-file %s\ntls-ca-cert-file %s\n"+
+			"tls-auth-clients no\ntls-replication yes\n", ports[2], a.certFile, a.keyFile, a.caFile)
+	}
+	text := fmt.Sprintf("%sbind 127.0.0.1\ndir %s\nlogfile %s\n"+
 		"sentinel monitor %s 127.0.0.1 %d 1\n"+
 		"sentinel down-after-milliseconds %[4]s 1000\n"+
 		"sentinel failover-timeout %[4]s 10000\n"+
 		"sentinel parallel-syncs %[4]s 1\n",
-		ports[2], dir, filepath.Join(dir, "sentinel.log"), SentinelMaster, ports[0])
+		listen, dir, filepath.Join(dir, "sentinel.log"), SentinelMaster, ports[0])
+	if a.password != "" {
+		text += fmt.Sprintf("sentinel auth-pass %s %q\n", SentinelMaster, a.password)
+	}
 	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
 		return s, err
 	}
@@ -126,6 +150,7 @@ func startSentinel(server, dir string, link bool) (s *Sentinel, err error) {
 	if err != nil {
 		return s, err
 	}
+	s.sentinel.access = s.sentAcc
 	if err := s.sentinel.waitReady(5 * time.Second); err != nil {
 		return s, err
 	}
@@ -163,7 +188,7 @@ func (s *Sentinel) AddReplica(within time.Duration) error {
 	}
 	uhost, uport, _ := net.SplitHostPort(upstream)
 	name := fmt.Sprintf("replica-%d", len(s.nodes))
-	n, err := startNode(s.server, ports[0], filepath.Join(s.dir, name+".log"), s.dir, "--replicaof", uhost, uport)
+	n, err := startNodeWith(s.server, ports[0], filepath.Join(s.dir, name+".log"), s.dir, s.access, "--replicaof", uhost, uport)
 	if err != nil {
 		return err
 	}
@@ -178,9 +203,9 @@ func (s *Sentinel) AddReplica(within time.Duration) error {
 // replica as healthy.
 func (s *Sentinel) waitReplica(replica *node, within time.Duration) error {
 	deadline := time.Now().Add(within)
-	rc := redis.NewClient(&redis.Options{Addr: replica.addr, MaxRetries: -1})
+	rc := redis.NewClient(s.nodeOptions(replica.addr))
 	defer rc.Close()
-	sc := redis.NewSentinelClient(&redis.Options{Addr: s.sentinel.addr, MaxRetries: -1})
+	sc := redis.NewSentinelClient(s.sentinelOptions())
 	defer sc.Close()
 	for {
 		problem := func() error {
@@ -214,12 +239,40 @@ func (s *Sentinel) waitReplica(replica *node, within time.Duration) error {
 	}
 }
 
-// URL is the CALLBOT_REDIS_URL of the set-up: sentinel://host:port/master.
-func (s *Sentinel) URL() string { return "sentinel://" + s.sentinel.addr + "/" + SentinelMaster }
+// URL is the CALLBOT_REDIS_URL of the set-up: sentinel://host:port/master, or
+// rediss-sentinel:// with TLS; the password, if any, percent-encoded before the address.
+func (s *Sentinel) URL() string {
+	scheme := "sentinel://"
+	if s.access.tls != nil {
+		scheme = "rediss-sentinel://"
+	}
+	if s.access.password != "" {
+		scheme += ":" + strings.NewReplacer("@", "%40", ":", "%3A").Replace(url.PathEscape(s.access.password)) + "@"
+	}
+	return scheme + s.sentinel.addr + "/" + SentinelMaster
+}
+
+// CAFile is the PEM file of the CA that signed the nodes' and the Sentinel's certificate, with
+// TLS; "" without.
+func (s *Sentinel) CAFile() string { return s.access.caFile }
+
+// nodeOptions are go-redis options reaching the master or a replica at addr, without retries.
+func (s *Sentinel) nodeOptions(addr string) *redis.Options {
+	o := s.access.options(addr)
+	o.MaxRetries = -1
+	return o
+}
+
+// sentinelOptions are go-redis options reaching the Sentinel, without retries.
+func (s *Sentinel) sentinelOptions() *redis.Options {
+	o := s.sentAcc.options(s.sentinel.addr)
+	o.MaxRetries = -1
+	return o
+}
 
 // MasterAddr asks the Sentinel which node is the master now.
 func (s *Sentinel) MasterAddr(ctx context.Context) (string, error) {
-	sc := redis.NewSentinelClient(&redis.Options{Addr: s.sentinel.addr, MaxRetries: -1})
+	sc := redis.NewSentinelClient(s.sentinelOptions())
 	defer sc.Close()
 	hp, err := sc.GetMasterAddrByName(ctx, SentinelMaster).Result()
 	if err != nil {
@@ -231,7 +284,8 @@ func (s *Sentinel) MasterAddr(ctx context.Context) (string, error) {
 // Client returns a client of whichever node is the master (through the Sentinel), closed when
 // the test ends.
 func (s *Sentinel) Client(t testing.TB) *redis.Client {
-	c := redis.NewFailoverClient(&redis.FailoverOptions{MasterName: SentinelMaster, SentinelAddrs: []string{s.sentinel.addr}})
+	c := redis.NewFailoverClient(&redis.FailoverOptions{MasterName: SentinelMaster, SentinelAddrs: []string{s.sentinel.addr},
+		Password: s.access.password, TLSConfig: s.access.options("").TLSConfig})
 	t.Cleanup(func() { c.Close() })
 	return c
 }
@@ -260,7 +314,7 @@ func (s *Sentinel) WaitFailover(old string, within time.Duration) (string, error
 		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 		addr, err := s.MasterAddr(ctx)
 		if err == nil && addr != old {
-			c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+			c := redis.NewClient(s.nodeOptions(addr))
 			var info string
 			info, err = c.Info(ctx, "replication").Result()
 			c.Close()
