@@ -537,6 +537,18 @@ func (b *balancer) healthCheck(ctx context.Context) {
 	}
 }
 
+// served is how many requests the backend named name has served.
+func (b *balancer) served(name string) int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, be := range b.backends {
+		if be.name == name {
+			return be.served.Load()
+		}
+	}
+	return 0
+}
+
 func (b *balancer) stats() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()

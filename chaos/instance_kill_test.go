@@ -106,26 +106,7 @@ func TestInstanceKilled(t *testing.T) {
 	// lease or two.
 	var settled map[string]int
 	if len(stuck) == 0 {
-		settledBy := time.Now().Add(2*max(lease, 5*time.Second) + 10*time.Second)
-		for {
-			settled = recordStates(rdb)
-			open := settled["unacknowledged"]
-			for s, n := range settled {
-				if s != "terminated" && s != "unacknowledged" {
-					open += n
-				}
-			}
-			if open == 0 || time.Now().After(settledBy) {
-				break
-			}
-			time.Sleep(500 * time.Millisecond)
-		}
-		for s, n := range settled {
-			if s != "terminated" && n > 0 {
-				t.Errorf("%d callbot records %s after every call ended in Graph (records: [%s]): callbot did not settle them",
-					n, s, fmtCounts(settled))
-			}
-		}
+		settled = checkSettled(t, rdb, lease)
 	}
 	counts, misrouted := checkOutcomes(t, callers, a, b)
 	known = append(known, misrouted...)

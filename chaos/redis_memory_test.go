@@ -77,7 +77,6 @@ func redisFaultUnderLoad(t *testing.T, f redisFault) {
 	env := baseEnv(sim, ca, rs.addr, "http://"+addr)
 	bot := startCallbot(t, "bot", addr, env)
 	time.Sleep(1200 * time.Millisecond)
-	ctx := context.Background()
 	if f.prepare != nil {
 		if err := f.prepare(rs, rdb); err != nil {
 			t.Fatal(err)
@@ -144,27 +143,7 @@ func redisFaultUnderLoad(t *testing.T, f redisFault) {
 	known = append(known, misrouted...)
 	offered, accepted := checkAgents(t, sim)
 
-	// Nobody left waiting or reserved once every call is over (the releases of the last calls
-	// may come with their outbox's re-drive, a lease later).
-	var left map[string]int64
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		left = map[string]int64{}
-		for _, k := range scanKeys(ctx, rdb, keyPrefix+":*") {
-			if strings.Contains(k, ":queue:") || strings.HasSuffix(k, ":busy") || strings.HasSuffix(k, "{active}") {
-				if n, err := rdb.ZCard(ctx, k).Result(); err == nil && n > 0 {
-					left[k] = n
-				}
-			}
-		}
-		if len(left) == 0 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	for k, n := range left {
-		t.Errorf("%s holds %d entries after every call ended", k, n)
-	}
+	checkNothingWaiting(t, rdb)
 	m := scrapeMetrics(t, bot.url())
 	t.Logf("summary: %d calls, outcomes [%s]; deliveries during the fault [%s]; refused %d, given up by graphsim %d; "+
 		"kept %v, applied from what was kept %v; agents offered %d, accepted %d; callbot warnings %d, errors %d",
