@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +39,21 @@ import (
 // agent reserved; and the instance cut off must be back in service after the link returns,
 // serving notifications again.
 func TestInstancePartitionedFromRedis(t *testing.T) {
+	partitionUnderLoad(t, "Redis", envDuration(t, "CHAOS_PARTITION", 10*time.Second))
+}
+
+// TestInstancePartitionedFromGraph: TestInstancePartitionedFromRedis with the other path cut:
+// one instance reaches Redis and the load balancer, and not Graph (an egress firewall rule, a
+// NAT gateway out of ports, a DNS failure on one host), for CHAOS_GRAPH_PARTITION (default
+// 20 s). Its readiness, the notifications it takes and the commands it decides on must not
+// turn it into a hole that callers fall into: every caller must still end as they chose.
+func TestInstancePartitionedFromGraph(t *testing.T) {
+	partitionUnderLoad(t, "Graph", envDuration(t, "CHAOS_GRAPH_PARTITION", 20*time.Second))
+}
+
+// partitionUnderLoad runs the partition tests: bot-a's path to to ("Redis" or "Graph") goes
+// through a link, cut one way for oneWay then both ways, for cutFor in all, under load.
+func partitionUnderLoad(t *testing.T, to string, cutFor time.Duration) {
 	const (
 		calls = 80
 		every = 200 * time.Millisecond // 80 calls in 16 s
@@ -44,17 +61,16 @@ func TestInstancePartitionedFromRedis(t *testing.T) {
 		// graphLatency is added to every call action graphsim serves, so that at the cut the
 		// instance has commands saved and not yet acknowledged (TestInstanceKilled's).
 		graphLatency = 150 * time.Millisecond
-		// oneWay is how long the link stays cut one way only (Redis to the instance) before it
-		// is cut both ways: what the instance writes meanwhile takes effect and it hears nothing
-		// back (a save it answers 503 for, whose commands it does not send; a reservation it
-		// asks for again), as at the moment any partition begins, made long enough to be met.
+		// oneWay is how long the link stays cut one way only (to the instance) before it is cut
+		// both ways: what the instance writes meanwhile takes effect and it hears nothing back
+		// (a save it answers 503 for, whose commands it does not send; a reservation it asks for
+		// again; a Graph command that took effect, its answer lost), as at the moment any
+		// partition begins, made long enough to be met.
 		oneWay = 500 * time.Millisecond
 	)
-	cutFor := envDuration(t, "CHAOS_PARTITION", 10*time.Second)
 	sd := seed(t)
 	rs := startRedis(t, false)
 	rdb := rs.client(t)
-	link := newLink(t, rs.addr)
 	lb := newBalancerChecking(t, "/readyz")
 	talk := time.Second
 	sim, ca := newSim(t, lb.URL()+"/api/calls", flowAgents(talk))
@@ -64,12 +80,30 @@ func TestInstancePartitionedFromRedis(t *testing.T) {
 		}
 	}
 	lease, set := outboxLease(t)
-	envA := baseEnv(sim, ca, link.addr(), lb.URL())
+	envA := baseEnv(sim, ca, rs.addr, lb.URL())
 	envB := baseEnv(sim, ca, rs.addr, lb.URL())
+	var link *link
+	switch to {
+	case "Redis":
+		link = newLink(t, rs.addr)
+		envA["CALLBOT_REDIS_URL"] = "redis://" + link.addr() + "/0"
+	case "Graph":
+		// Graph's API only: the token endpoint names itself in its discovery document (the
+		// issuer), which a proxy's address would not match; a token lasts an hour, and is had
+		// before the cut, as are the callback tokens' signing keys
+		u, err := url.Parse(sim.GraphURL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		link = newLink(t, u.Host)
+		envA["CALLBOT_GRAPH_URL"] = strings.Replace(envA["CALLBOT_GRAPH_URL"], u.Host, link.addr(), 1)
+	default:
+		t.Fatalf("no partition from %q", to)
+	}
 	if set {
 		envA["CALLBOT_OUTBOX_LEASE"], envB["CALLBOT_OUTBOX_LEASE"] = lease.String(), lease.String()
 	}
-	t.Logf("outbox lease %s (set by the test: %v); link cut for %s", lease, set, cutFor)
+	t.Logf("outbox lease %s (set by the test: %v); link to %s cut for %s", lease, set, to, cutFor)
 	// a starts first: it takes the presence and reconciler leases, which b must take over
 	a := startCallbot(t, "bot-a", "127.0.0.1:"+strconv.Itoa(freePort(t)), envA)
 	time.Sleep(300 * time.Millisecond)
@@ -90,7 +124,7 @@ func TestInstancePartitionedFromRedis(t *testing.T) {
 		atCut = recordStates(rdb)
 		link.cutReplies()
 		cut = time.Now()
-		t.Logf("t=%s: link from Redis to %s cut, the other way %s later; records then: [%s]", since(t0, cut), a.name, oneWay, fmtCounts(atCut))
+		t.Logf("t=%s: link from %s to %s cut, the other way %s later; records then: [%s]", since(t0, cut), to, a.name, oneWay, fmtCounts(atCut))
 		go func() {
 			defer close(done)
 			time.Sleep(oneWay)
@@ -133,17 +167,57 @@ func TestInstancePartitionedFromRedis(t *testing.T) {
 		checkNothingWaiting(t, rdb)
 	}
 
-	// Back in service: ready again, and serving notifications of the calls placed since.
-	if code, err := readyz(a.url()); code != http.StatusOK {
-		t.Errorf("%s not ready after the link returned: %d %v", a.name, code, err)
+	// Back in service: ready again (a probe of Graph a second or two after the link returns),
+	// and serving notifications of the calls placed since.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		code, err := readyz(a.url())
+		if code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%s not ready 10 s after the link returned: %d %v", a.name, code, err)
+			break
+		}
 	}
 	if n := lb.served(a.name) - servedAtHeal; n == 0 && healed.Before(t0.Add(time.Duration(calls-10)*every)) {
 		t.Errorf("%s served no notification after the link returned (%s)", a.name, lb.stats())
 	}
 	ma := scrapeMetrics(t, a.url())
-	t.Logf("summary: %d calls, outcomes [%s]; live at the cut [%s]; deliveries during the cut [%s]; held by the cut: %d writes to Redis, %d replies; agents offered %d, accepted %d; "+
+	switch cuts := ma["callbot_graph_cut_offs_total"]; {
+	case to == "Graph" && (cuts < 1 || ma["callbot_graph_commands_handed_over_total"] < 1):
+		t.Errorf("%s cut off from Graph: found cut off %v times, handed %v batches of commands over; want it found and its commands handed over",
+			a.name, cuts, ma["callbot_graph_commands_handed_over_total"])
+	case to == "Graph" && ma["callbot_graph_cut_off"] != 0:
+		t.Errorf("%s still cut off from Graph after the link returned", a.name)
+	case to == "Redis" && cuts != 0:
+		t.Errorf("%s, cut off from Redis, was found cut off from Graph %v times", a.name, cuts)
+	}
+	// What the callers went through: how long they rang, how long their calls took.
+	var rang, took []time.Duration
+	for _, c := range callers {
+		r := c.call.Result()
+		if !r.AnsweredAt.IsZero() {
+			rang = append(rang, r.AnsweredAt.Sub(r.PlacedAt))
+		}
+		if !r.EndedAt.IsZero() {
+			took = append(took, r.EndedAt.Sub(r.PlacedAt))
+		}
+	}
+	slices.Sort(rang)
+	slices.Sort(took)
+	pct := func(d []time.Duration, p float64) time.Duration {
+		if len(d) == 0 {
+			return 0
+		}
+		return d[min(len(d)-1, int(float64(len(d))*p))].Round(10 * time.Millisecond)
+	}
+	t.Logf("callers: rang p50 %s, p90 %s, max %s; calls took p50 %s, p90 %s, max %s", pct(rang, .5), pct(rang, .9), pct(rang, 1),
+		pct(took, .5), pct(took, .9), pct(took, 1))
+	t.Logf("summary: %d calls, outcomes [%s]; live at the cut [%s]; deliveries during the cut [%s]; held by the cut: %d writes to %s, %d replies; agents offered %d, accepted %d; "+
+		"%s found cut off from Graph %v times, handed %v batches of commands over; "+
 		"%s kept %v, applied %v; outboxes %s re-drove %d; balancer: %s; warnings/errors %s %d/%d, %s %d/%d",
-		calls, fmtCounts(counts), fmtCounts(atCut), fmtCounts(statuses), link.heldUp.Load(), link.heldDown.Load(), offered, accepted,
+		calls, fmtCounts(counts), fmtCounts(atCut), fmtCounts(statuses), link.heldUp.Load(), to, link.heldDown.Load(), offered, accepted,
+		a.name, ma["callbot_graph_cut_offs_total"], ma["callbot_graph_commands_handed_over_total"],
 		a.name, ma["callbot_notifications_kept_total"], ma["callbot_notifications_kept_applied_total"],
 		b.name, countLines(b.logPath, "re-driving commands left unacknowledged"), lb.stats(),
 		a.name, countLines(a.logPath, `"level":"warn"`), countLines(a.logPath, `"level":"error"`),

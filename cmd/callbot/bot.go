@@ -76,6 +76,7 @@ type bot struct {
 	metrics    *metrics
 	clock      *clock.Redis // the time every instance agrees on: Redis's
 	redisMem   *redisMemory // what Redis does when its memory is full
+	reach      *graphReach  // whether this instance is cut off from Graph; nil: not watched
 }
 
 func newBot(ctx context.Context, d botDeps) (*bot, error) {
@@ -122,6 +123,10 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 	}
 	b.dispatcher = queue.NewDispatcher(b.queues, nil, d.TenantID, queueIDs, d.Log.Named("dispatch"))
 	b.dispatcher.Now = b.clock.Now
+	if src, ok := d.Graph.(reachSource); ok {
+		b.reach = newGraphReach(src, d.Redis, d.KeyPrefix, b.instance, b.clock.Now, d.Log.Named("graph"))
+	}
+	b.dispatcher.Paused = b.reach.cutOff
 	b.store = callstate.NewStore(d.Redis, d.KeyPrefix)
 	if d.RedisReplicas > 0 {
 		b.store.WaitForReplicas(d.RedisReplicas, d.ReplicaTimeout)
@@ -142,7 +147,11 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		Log:         d.Log.Named("call"),
 		OnEnd:       d.OnEnd,
 		Now:         b.clock.Now,
+		CutOff:      b.reach.cutOff,
 	})
+	if b.reach != nil {
+		b.reach.onCut = b.machine.HandOverCarried
+	}
 	b.dispatcher.Offer = b.machine
 	b.handler = b.routes()
 	return b, nil
@@ -168,6 +177,10 @@ func (b *bot) routes() http.Handler {
 		}
 		if b.draining.Load() {
 			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		if b.reach.cutOff() {
+			http.Error(w, "Graph not reached from this instance while the other instances reach it", http.StatusServiceUnavailable)
 			return
 		}
 		if b.deps.Flow == nil {
@@ -205,9 +218,12 @@ func (b *bot) serve(ctx context.Context, ln net.Listener, grace time.Duration) e
 	running.Go("replicas", func() { b.store.WatchReplicas(loops, time.Second) })
 	running.Go("clock", func() { b.clock.Run(loops, clockSyncEvery) })
 	running.Go("redis memory", func() { b.redisMem.run(loops, redisMemoryEvery) })
+	if b.reach != nil {
+		running.Go("graph reach", func() { b.reach.run(loops, graphReachEvery) })
+	}
 	poller := &queue.Poller{Store: b.queues, Source: b.deps.Graph, Tenant: b.deps.TenantID, Agents: b.deps.Flow.Agents(),
 		Instance: b.instance, Log: b.deps.Log.Named("presence"), OnChange: b.dispatcher.PokeAgents,
-		MaxAge: b.deps.PresenceMaxAge}
+		MaxAge: b.deps.PresenceMaxAge, Paused: b.reach.cutOff}
 	running.Go("presence", func() { poller.Run(loops, b.deps.PresenceEvery) })
 	if keys, ok := b.deps.Auth.(signingKeys); ok {
 		running.Go("signing keys", func() { prefetchKeys(loops, keys, b.deps.Log) })

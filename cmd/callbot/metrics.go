@@ -173,6 +173,18 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 		counter("callbot_redis_evicted_keys_total", "Keys the Redis masters evicted since they started (INFO evicted_keys, summed over the masters, as last read): Redis's count, the same on every instance, so do not sum it across instances; it starts again from 0 when a master restarts. Any rise is call state lost.", f.Evicted)
 	}
 
+	if b.reach != nil {
+		cut := 0
+		if b.reach.cutOff() {
+			cut = 1
+		}
+		fmt.Fprintln(w, "# HELP callbot_graph_cut_off 1 while this instance does not reach Graph and another instance does (its requests failed without an answer for 2 s, another had an answer since): it is out of service (readiness 503) and leaves Graph's work to the others until Graph answers it again. Alert on 1 that lasts: this host's egress to Graph is broken.")
+		fmt.Fprintln(w, "# TYPE callbot_graph_cut_off gauge")
+		fmt.Fprintf(w, "callbot_graph_cut_off %d\n", cut)
+		counter("callbot_graph_cut_offs_total", "Times this instance was found cut off from Graph while another instance reached it (callbot_graph_cut_off turned 1).", b.reach.cuts.Load())
+	}
+	counter("callbot_graph_commands_handed_over_total", "Batches of a call's Graph commands this instance left to the other instances (their outbox made due at once) because it did not reach Graph while they did.", b.machine.HandedOver.Load())
+
 	if gc, ok := b.deps.Graph.(graphConnections); ok {
 		open, opened := gc.GraphConnections()
 		fmt.Fprintln(w, "# HELP callbot_graph_connections Connections to Graph open now (HTTP/2: one carries many requests at once; HTTP/1.1, behind a proxy that only speaks it: one per request in flight).")

@@ -89,6 +89,13 @@ type Config struct {
 	OutboxLease time.Duration
 	// OnEnd, when set, is called once for every call that ends through this instance.
 	OnEnd func(Call)
+	// CutOff, when set and true, says this instance does not reach Graph while the others do
+	// (cmd/callbot's graphReach): it leaves Graph's work to them. It claims no timer and no
+	// outbox, renews no lease of the calls it is carrying out, and sends no Graph command: those
+	// it has decided, and those that failed without an answer from Graph, are handed back (their
+	// outbox due at once), for another instance to re-drive. What it saves in Redis it still
+	// saves: a notification it takes is applied, and its commands go to another instance.
+	CutOff func() bool
 }
 
 // Machine applies events to calls: it loads the call, decides, saves the change with a version
@@ -110,6 +117,10 @@ type Machine struct {
 	// acknowledged: RunOutbox renews their outbox leases while it lives.
 	carryMu  sync.Mutex
 	carrying map[string]int
+	// leases holds, for the calls carried, the outbox lease this instance last wrote for each
+	// (its save's, a renewal's, its claim's): the only one it may hand back (handOver), a lease
+	// written since by another instance (its claim, its save) being that instance's.
+	leases map[string]float64
 
 	// handBacks holds, by call, the outbox leases this instance failed to hand back (handBack):
 	// RunOutbox tries them again every tick until Redis takes them or their lease runs out.
@@ -153,6 +164,9 @@ type Machine struct {
 	// maxHangupRefusals+1 times: callbot stopped sending it again quickly, and hangs up only
 	// every hang-up grace from then on; the caller may hear silence until they hang up.
 	HangupGivenUp atomic.Int64
+	// HandedOver counts the batches of Graph commands this instance left to the others because
+	// it did not reach Graph while they did (Config.CutOff).
+	HandedOver atomic.Int64
 	// Adopted counts calls Graph had established and callbot had no record of, taken back
 	// (adopt); adoptMu guards adoptSeen, when each call was last found not to be taken back, and
 	// adopting, the calls being taken back now.
@@ -188,7 +202,7 @@ func NewMachine(cfg Config) *Machine {
 	if cfg.OutboxLease == 0 {
 		cfg.OutboxLease = 8 * time.Second
 	}
-	m := &Machine{cfg: cfg, cache: newCache(100_000), acks: make(chan Ack, 1024), carrying: map[string]int{},
+	m := &Machine{cfg: cfg, cache: newCache(100_000), acks: make(chan Ack, 1024), carrying: map[string]int{}, leases: map[string]float64{},
 		handBacks: map[string]HandBack{}}
 	m.flow.Store(cfg.Flow)
 	m.flowSince.Store(cfg.Now().UnixNano())
@@ -705,7 +719,11 @@ func (m *Machine) handle(ctx context.Context, tenant, callKey string, ev Event) 
 				zap.Int("refusals", next.HangupRefusals), zap.Duration("grace", m.cfg.HangupGrace))
 		}
 		log.Debug("transition", zap.Stringer("from", cur.State), zap.Stringer("to", next.State), zap.Int("commands", len(cmds)))
-		m.carryOut(ctx, next, added, slot, after, log)
+		var lease float64 // the lease this save wrote for the commands it added
+		if len(added) > 0 && !w.OutboxDue.IsZero() {
+			lease = float64(w.OutboxDue.UnixMilli())
+		}
+		m.carryOut(ctx, next, added, slot, after, lease, log)
 		if next.State.Terminal() && m.cfg.OnEnd != nil {
 			m.cfg.OnEnd(next) // the save also took the call out of the set of live calls
 		}
@@ -730,7 +748,7 @@ func (c *Call) addToOutbox(cmds []Command, version int64) []Pending {
 
 // carryOut queues the Graph commands for the call's executor, then runs after (what follows the
 // queue writes the save carried: it wakes the dispatcher) and the storage commands.
-func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *place, after func(), log *zap.Logger) {
+func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *place, after func(), lease float64, log *zap.Logger) {
 	// The commands of each kind decided before these and not done yet: their batch is acknowledged
 	// behind them, so that one finished here first does not retire them (another instance may
 	// still be carrying them out, or have died before it did).
@@ -759,7 +777,7 @@ func (m *Machine) carryOut(ctx context.Context, c Call, ps []Pending, slot *plac
 	// can set off the call's next transition at once, as the dispatcher offers the caller to an
 	// agent, and that transition's Graph commands (the transfer) must follow this one's (silence
 	// the menu, start the hold music) on the call's executor.
-	m.queueGraph(ctx, c, toGraph, prevGraph, slot, log)
+	m.queueGraph(ctx, c, toGraph, prevGraph, slot, lease, log)
 	if after != nil {
 		after()
 	}
@@ -1010,7 +1028,7 @@ func (m *Machine) RunAcks(ctx context.Context, every time.Duration) {
 // the last Graph command before them not done when they were decided, which another instance
 // may still be carrying out; 0 when none). slot, if not nil, is the place on the executor taken
 // for them before the save.
-func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, prev int64, slot *place, log *zap.Logger) {
+func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, prev int64, slot *place, lease float64, log *zap.Logger) {
 	key := graph.CallKey(c.ID)
 	if len(ps) == 0 {
 		if slot != nil {
@@ -1033,22 +1051,74 @@ func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, prev int
 		m.exec.supersede(key, ps[0].Version)
 	}
 	m.carry(key)
+	if lease > 0 {
+		m.leased(lease, key)
+	}
 	m.exec.fill(key, slot, func() {
-		defer m.carried(key)
-		for _, p := range ps {
+		for i, p := range ps {
 			if (p.Cmd.Kind == CmdPlayPrompt || p.Cmd.Kind == CmdCancelMedia) && m.exec.superseded(key, p.Version) {
 				m.Superseded.Add(1)
 				continue
 			}
-			m.send(c, scenario, p.Cmd, log)
+			if m.cutOff() || !m.send(c, scenario, p.Cmd, log) {
+				// this instance does not reach Graph, and others do: the commands from this one
+				// on are theirs (those before it are done)
+				if i > 0 {
+					m.ack(context.Background(), key, true, prev, ps[i-1].Seq, log)
+				}
+				m.handOver(key, len(ps)-i, log)
+				m.carried(key)
+				return
+			}
 		}
 		// a command whose result was fed back as an event is done too: the event decided what next
 		m.ack(context.Background(), key, true, prev, ps[len(ps)-1].Seq, log)
+		m.carried(key)
 	})
 }
 
+// cutOff reports whether this instance leaves Graph's work to the others (Config.CutOff).
+func (m *Machine) cutOff() bool { return m.cfg.CutOff != nil && m.cfg.CutOff() }
+
+// handOver makes key's outbox, whose commands from the n-th on this instance did not carry out
+// (cut off from Graph), due at once for the other instances, if its lease is still the one this
+// instance last wrote (leased): one claimed since by another instance (its lease ran out) or
+// saved by one (a later transition's commands, which it carries out) is theirs already.
+func (m *Machine) handOver(key string, n int, log *zap.Logger) {
+	m.carryMu.Lock()
+	score, ok := m.leases[key]
+	m.carryMu.Unlock()
+	if !ok {
+		return // none written here: the lease is another instance's, or runs out on its own
+	}
+	m.HandedOver.Add(1)
+	if n > 0 {
+		log.Info("commands left to the other instances: Graph not reached from here", zap.Int("commands", n))
+	} else {
+		log.Info("commands under way left to the other instances: Graph not reached from here")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), m.cfg.CommandTimeout)
+	defer cancel()
+	m.handBack(ctx, key, score, m.cfg.Now(), "commands left to the other instances", log)
+}
+
+// HandOverCarried hands the outboxes of the calls this instance is carrying out to the other
+// instances, due at once (handOver): callbot calls it when it finds this instance cut off from
+// Graph (Config.CutOff), whose requests under way here may wait their whole deadline, and the
+// checks of the call that follow their failure as long again. A re-drive reads the call before
+// it repeats what may have taken effect; a request of this instance that reaches Graph after
+// all is then refused, or repeats a prompt.
+func (m *Machine) HandOverCarried() {
+	for _, key := range m.Carrying() {
+		m.handOver(key, 0, m.cfg.Log.With(zap.String("call_id", key)))
+	}
+}
+
 // send runs one Graph command and feeds its result back as an event where the result matters.
-func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
+// It reports false, feeding nothing back, when the command is left to the other instances: it
+// failed without an answer from Graph while this instance is cut off from Graph (Config.CutOff).
+// A re-drive then reads the call before it repeats what may have taken effect.
+func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) bool {
 	ctx := graph.WithIncomingAt(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), c.CreatedAt)
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.CommandTimeout)
 	defer cancel()
@@ -1074,7 +1144,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 		err = cc.Hangup(ctx, c.ID)
 	case CmdCheckCall:
 		m.checkCall(c, scenario, cmd.Settles, log, false)
-		return
+		return true
 	case CmdCheckRoster:
 		if cur, ok := m.cache.get(graph.CallKey(c.ID)); ok && pastToken(cur, cmd.ClientContext, cur.RosterCtx) {
 			// A later read superseded it (each roster without the agent decides one): its answer
@@ -1082,10 +1152,10 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			// decided since (its hangup). As Stale on a notification: a token the cached copy has
 			// moved past, no later version waits for.
 			log.Debug("roster read superseded: not sent", zap.String("client_context", cmd.ClientContext))
-			return
+			return true
 		}
 		m.checkRoster(c, scenario, cmd.ClientContext, log)
-		return
+		return true
 	case CmdInvite:
 		op, err = cc.InviteParticipants(ctx, c.ID, graph.InviteRequest{Participants: []graph.Invitee{{Party: cmd.Target}}, ClientContext: cmd.ClientContext})
 	}
@@ -1095,6 +1165,10 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	}
 	if err != nil {
 		log.Warn("graph command failed", zap.Stringer("command", cmd.Kind), zap.Error(err))
+		var ge *graph.Error
+		if !errors.As(err, &ge) && m.cutOff() {
+			return false // no answer from Graph, which the other instances reach: theirs to re-drive
+		}
 		switch {
 		case errors.Is(err, graph.ErrCallGone):
 			feed(Event{Kind: EvEnded, Reason: "call gone: " + cmd.Kind.String(), Command: cmd.Kind.String()})
@@ -1147,7 +1221,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 			feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: true, NotSent: graph.Classify(err) == graph.NotProcessed})
 			// an ambiguous invite failure is settled by the invite's notification or its timer
 		}
-		return
+		return true
 	}
 	switch {
 	case cmd.Kind == CmdPlayPrompt && op.Status.Final():
@@ -1159,6 +1233,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) {
 	case cmd.Kind == CmdInvite && op.Status.Final():
 		feed(Event{Kind: EvInviteDone, ClientContext: cmd.ClientContext, Failed: op.Status == graph.OpFailed})
 	}
+	return true
 }
 
 // checkCall reads the call's state from Graph and feeds it back (EvCallState), when callbot
@@ -1323,6 +1398,18 @@ func (m *Machine) carried(key string) {
 	m.carryMu.Lock()
 	if m.carrying[key]--; m.carrying[key] <= 0 {
 		delete(m.carrying, key)
+		delete(m.leases, key)
+	}
+	m.carryMu.Unlock()
+}
+
+// leased records score as the outbox lease this instance wrote for key, carried.
+func (m *Machine) leased(score float64, keys ...string) {
+	m.carryMu.Lock()
+	for _, key := range keys {
+		if m.carrying[key] > 0 {
+			m.leases[key] = score
+		}
 	}
 	m.carryMu.Unlock()
 }
@@ -1340,12 +1427,19 @@ func (m *Machine) Carrying() []string {
 // short enough to re-drive an answer a dead instance saved within Graph's answer deadline.
 func (m *Machine) renewLeases(ctx context.Context) {
 	keys := m.Carrying()
-	if len(keys) == 0 {
+	if len(keys) == 0 || m.cutOff() {
+		return // cut off from Graph: what it carries is handed back, or falls due a lease on
+	}
+	due := m.cfg.Now().Add(m.cfg.OutboxLease)
+	if err := m.cfg.Store.RenewOutbox(ctx, keys, due); err != nil {
+		if ctx.Err() == nil {
+			m.cfg.Log.Warn("renew outbox leases", zap.Int("calls", len(keys)), zap.Error(err))
+		}
 		return
 	}
-	if err := m.cfg.Store.RenewOutbox(ctx, keys, m.cfg.Now().Add(m.cfg.OutboxLease)); err != nil && ctx.Err() == nil {
-		m.cfg.Log.Warn("renew outbox leases", zap.Int("calls", len(keys)), zap.Error(err))
-	}
+	// a lease another instance wrote later (GT kept it) is not this one's: the hand-back, which
+	// compares, leaves it alone
+	m.leased(float64(due.UnixMilli()), keys...)
 }
 
 // RenewLeases renews, every quarter lease until ctx ends, the outbox leases of the calls this
@@ -1429,7 +1523,7 @@ func (m *Machine) RunOutbox(ctx context.Context, every time.Duration) {
 		// Every call whose transition decided commands falls due here a lease later, nearly
 		// always acknowledged by then: claim until none is left due, or the outbox of an
 		// instance that died waits behind the calls done already.
-		for ctx.Err() == nil {
+		for ctx.Err() == nil && !m.cutOff() {
 			keys, score, err := m.cfg.Store.ClaimOutbox(ctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
 			if err != nil {
 				if ctx.Err() == nil {
@@ -1587,6 +1681,7 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	// take longer: the lease is renewed while this instance works on it.
 	m.carry(key)
 	defer m.carried(key)
+	m.leased(claimScore, key)
 	var storage, current []Pending
 	var lastGraph, lastStorage int64
 	for _, p := range c.Outbox {
@@ -1636,11 +1731,19 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 	scenario := c.Scenario
 	m.carry(key)
 	m.exec.do(key, func() {
-		defer m.carried(key)
-		for _, p := range send {
-			m.send(c, scenario, p.Cmd, log)
+		for i, p := range send {
+			if m.cutOff() || !m.send(c, scenario, p.Cmd, log) {
+				// cut off from Graph meanwhile: the rest is the other instances' (Config.CutOff)
+				if i > 0 {
+					m.ack(context.Background(), key, true, 0, send[i-1].Seq, log)
+				}
+				m.handOver(key, len(send)-i, log)
+				m.carried(key)
+				return
+			}
 		}
 		m.ack(context.Background(), key, true, 0, lastGraph, log)
+		m.carried(key)
 	})
 }
 
@@ -1812,6 +1915,9 @@ func (m *Machine) RunTimers(ctx context.Context, every time.Duration) {
 // fireTimers claims up to 100 due timers and applies them, on a context that outlives ctx by at
 // most the claim's lease; it returns how many it claimed.
 func (m *Machine) fireTimers(ctx context.Context) int {
+	if m.cutOff() {
+		return 0 // the instances that reach Graph fire them
+	}
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.OutboxLease)
 	defer cancel()
 	due, err := m.cfg.Timers.Claim(wctx, m.cfg.Now(), m.cfg.OutboxLease, 100)
@@ -2605,6 +2711,9 @@ func (m *Machine) RunReconcile(ctx context.Context, every time.Duration, holder 
 		// pass (measured strictly, it came a hair early and the pass waited one more tick)
 		if !last.IsZero() && time.Since(last) < every-tick/2 {
 			return
+		}
+		if m.cutOff() {
+			return // each call it would read from Graph, and keep alive, waits in vain here
 		}
 		held, err := m.cfg.Store.TryLease(ctx, "reconcile", holder, every+every/2)
 		if err != nil || !held {

@@ -31,10 +31,18 @@ type fakeGraph struct {
 	state graph.CallState // what GetCall answers; default established
 	users []string        // the users Participants lists besides the caller (the bot is always there)
 	block chan struct{}   // when set, commands wait for it (an instance that hangs)
+	// started, when set, gets a value (if it has room) as each command begins to wait on block
+	started chan struct{}
 }
 
 func (f *fakeGraph) rec(s string) error {
 	if f.block != nil {
+		if f.started != nil {
+			select {
+			case f.started <- struct{}{}:
+			default:
+			}
+		}
 		<-f.block
 	}
 	f.mu.Lock()

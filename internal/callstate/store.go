@@ -772,6 +772,19 @@ for i = 3, #ARGV do
 end
 return 0`)
 
+// OutboxLease returns the score of the call's entry in the outbox index (when its lease runs
+// out, in Unix milliseconds), and false when it has none.
+func (s *Store) OutboxLease(ctx context.Context, callKey string) (float64, bool, error) {
+	score, err := s.rdb.ZScore(ctx, s.index, callKey).Result()
+	if errors.Is(err, redis.Nil) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("read outbox lease of call %s: %w", callKey, err)
+	}
+	return score, true, nil
+}
+
 // HandBackOutbox makes the given calls' outboxes, claimed with score and not re-driven (an
 // instance shutting down), due again at now for any instance; one re-leased since is left alone.
 func (s *Store) HandBackOutbox(ctx context.Context, callKeys []string, score float64, now time.Time) error {

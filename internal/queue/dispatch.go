@@ -46,6 +46,10 @@ type Dispatcher struct {
 	Queues []string
 	Log    *zap.Logger
 	Now    func() time.Time
+	// Paused, when set and true, says this instance does not reach Graph while the others do:
+	// it offers no caller (the offer's transfer would wait for Graph in vain here); the
+	// others' dispatchers do. What it began (undos, follow-ups, all in Redis) it carries on.
+	Paused func() bool
 
 	wake       chan struct{} // a caller joined a queue
 	wakeAgents chan struct{} // an agent may have become free
@@ -438,7 +442,9 @@ func (d *Dispatcher) Run(ctx context.Context, every time.Duration) {
 		}
 		d.RetryUndos(ctx)
 		d.FollowUpOffers(ctx)
-		d.DispatchOnce(ctx)
+		if d.Paused == nil || !d.Paused() {
+			d.DispatchOnce(ctx)
+		}
 	}
 }
 

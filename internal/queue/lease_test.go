@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,4 +107,78 @@ func TestSlowPollOfSeveralBatchesStillWritesPresence(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Error("presence never written: every poll of the only poller was refused as lease lost")
+}
+
+// A poller paused (its instance does not reach Graph while the others do) hands its lease back
+// at once, for another instance to poll, rather than keep it while its reads fail and presence
+// ages past MaxAge; unpaused, it takes a free lease again.
+func TestPausedPollerHandsItsLeaseBack(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newStore(t)
+	var paused atomic.Bool
+	presence := &fakePresence{status: map[string]graph.Presence{"a1": {UserID: "a1", Availability: "Available", Activity: "Available"}}}
+	a := &Poller{Store: s, Source: presence, Tenant: "t", Agents: []string{"a1"}, Instance: "A",
+		Log: zaptest.NewLogger(t), Paused: paused.Load}
+	every := 20 * time.Millisecond
+	go a.Run(ctx, every)
+	holder := func() string {
+		v, _ := s.rdb.Get(ctx, s.k("t", "lease:presence")).Result()
+		return v
+	}
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(2 * time.Second); !ok(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: lease holder %q", what, holder())
+			}
+		}
+	}
+	waitFor("A takes the lease", func() bool { return holder() == "A" })
+	paused.Store(true)
+	waitFor("A, paused, hands it back", func() bool { return holder() == "" })
+	b := &Poller{Store: s, Source: presence, Tenant: "t", Agents: []string{"a1"}, Instance: "B", Log: zaptest.NewLogger(t)}
+	if held, err := b.lease(ctx, time.Minute); err != nil || !held {
+		t.Fatalf("B asks for the lease A handed back: %v, %v", held, err)
+	}
+	must(t, s.ReleasePresenceLease(ctx, "t", "B"))
+	paused.Store(false)
+	waitFor("A, unpaused, takes it again", func() bool { return holder() == "A" })
+}
+
+// A dispatcher paused (its instance does not reach Graph while the others do) offers no caller:
+// the offer's transfer would wait for Graph in vain there. The caller keeps their place for the
+// other instances' dispatchers, and is offered once it is unpaused.
+func TestPausedDispatcherOffersNoCaller(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newStore(t)
+	must(t, s.SetMembers(ctx, "t", "q", []string{"a1"}))
+	must(t, s.SetRoutable(ctx, "t", map[string]bool{"a1": true}))
+	off := &fakeOfferer{accept: true}
+	d := NewDispatcher(s, off, "t", []string{"q"}, zaptest.NewLogger(t))
+	var paused atomic.Bool
+	paused.Store(true)
+	d.Paused = paused.Load
+	go d.Run(ctx, 5*time.Millisecond)
+	must(t, d.Enqueue(ctx, "t", "q", "c1", 1))
+	time.Sleep(100 * time.Millisecond) // twenty ticks
+	off.mu.Lock()
+	offers := len(off.offers)
+	off.mu.Unlock()
+	if n, _ := s.Length(ctx, "t", "q"); offers != 0 || n != 1 {
+		t.Fatalf("paused: %d offers, %d callers waiting; want none, and the caller in the queue", offers, n)
+	}
+	paused.Store(false)
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		off.mu.Lock()
+		offers = len(off.offers)
+		off.mu.Unlock()
+		if offers == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("unpaused: %d offers, want the caller offered", offers)
+		}
+	}
 }

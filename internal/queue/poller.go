@@ -39,6 +39,10 @@ type Poller struct {
 	// offered callers whose transfer rings out, or is taken by the agent's own voicemail. Zero
 	// keeps the last reading however old.
 	MaxAge time.Duration
+	// Paused, when set and true, says this instance does not reach Graph while the others do:
+	// it neither takes nor keeps the lease (one it holds is handed back, for another instance to
+	// poll at once), so that agents' presence is not left to age past MaxAge.
+	Paused func() bool
 
 	readAt  map[string]time.Time // the lease holder's: when each agent's presence was last read
 	stale   int                  // agents taken as not routable for want of a reading (logged)
@@ -56,6 +60,19 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 	defer t.Stop()
 	p.leaseTTL = 3 * every
 	for {
+		if p.Paused != nil && p.Paused() {
+			if p.holding {
+				p.handBack(ctx)
+				p.Log.Info("presence lease handed back: Graph is not reached from this instance")
+				p.holding = false
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			continue
+		}
 		held, err := p.lease(ctx, p.leaseTTL)
 		if err != nil {
 			p.Log.Warn("presence lease", zap.Error(err))
@@ -78,15 +95,20 @@ func (p *Poller) Run(ctx context.Context, every time.Duration) {
 		select {
 		case <-ctx.Done():
 			if p.holding { // handed back: another instance polls at once
-				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-				if err := p.Store.ReleasePresenceLease(rctx, p.Tenant, p.Instance); err != nil {
-					p.Log.Warn("presence lease not handed back", zap.Error(err))
-				}
-				cancel()
+				p.handBack(ctx)
 			}
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// handBack gives the lease up, for another instance to poll at once.
+func (p *Poller) handBack(ctx context.Context) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	if err := p.Store.ReleasePresenceLease(rctx, p.Tenant, p.Instance); err != nil {
+		p.Log.Warn("presence lease not handed back", zap.Error(err))
 	}
 }
 

@@ -114,6 +114,7 @@ type Client struct {
 
 	answerLatency *LatencyHistogram
 	conns         *connCounter
+	reach         reach // whether Graph is reached (Reach)
 }
 
 // New validates cfg and builds the token credential and the request adapter. It does no network

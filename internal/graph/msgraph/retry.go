@@ -163,6 +163,7 @@ func (c *Client) send(ctx context.Context, op, callID string, send sendFunc) (re
 
 	start := c.now()
 	err := send(ctx, h, []abs.RequestOption{handler})
+	c.reach.observe(ctx, r.status, err, c.now())
 	if err == nil {
 		// Check first: with debug off (production) the fields, which escape to the heap, are
 		// not built at all.
