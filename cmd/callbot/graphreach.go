@@ -23,8 +23,8 @@ import (
 // had one since, is cut off: Graph is up, the path from here is not. It then leaves Graph's work
 // to the others (readiness 503, so that a load balancer sends the notifications elsewhere; no
 // timer, outbox, offer, presence poll or reconciler pass; its Graph commands handed back, due at
-// once), and probes Graph once a second until it has an answer again. An instance that has had
-// no answer for graphIdleProbe (no call under way) probes too, so that the others know.
+// once), and probes Graph, one probe at a time, until it has an answer again. An instance that
+// has had no answer for graphIdleProbe (no call under way) probes too, so that the others know.
 //
 // An instance is never cut off for a failure every instance shares: the others must have had an
 // answer after its own requests began to fail. In an outage of Graph, or of the path they all
@@ -43,8 +43,11 @@ const (
 	// graphFailingFor is how long an instance's requests must have failed without an answer
 	// before it counts as cut off (one connection reset does not take it out).
 	graphFailingFor = time.Second
-	// graphProbeTimeout bounds a probe of Graph.
-	graphProbeTimeout = 2 * time.Second
+	// graphProbeTimeout bounds a probe of Graph. A slow answer is an answer: a Graph that
+	// answers in seconds (a brownout) must not keep an instance out for want of patience, while
+	// the instances left in service take its work. A probe under way when the path comes back
+	// is answered then.
+	graphProbeTimeout = 5 * time.Second
 	// graphIdleProbe: an instance whose last answer from Graph is older than that probes Graph,
 	// so that an idle instance still says whether it reaches Graph. Otherwise, with no call
 	// under way, an instance cut off while polling presence (the lease holder, the only one
