@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -180,5 +181,59 @@ func TestPausedDispatcherOffersNoCaller(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("unpaused: %d offers, want the caller offered", offers)
 		}
+	}
+}
+
+// gatedPresence answers a presence batch once a second one is being read too (or after a
+// second): it sees how many batches are read at once.
+type gatedPresence struct {
+	mu            sync.Mutex
+	inFlight, max int
+	two           chan struct{} // closed once two batches are being read at once
+	closed        bool
+}
+
+func (g *gatedPresence) Presences(_ context.Context, ids []string) ([]graph.Presence, error) {
+	g.mu.Lock()
+	g.inFlight++
+	g.max = max(g.max, g.inFlight)
+	if g.inFlight == 2 && !g.closed {
+		close(g.two)
+		g.closed = true
+	}
+	g.mu.Unlock()
+	select {
+	case <-g.two:
+	case <-time.After(time.Second):
+	}
+	g.mu.Lock()
+	g.inFlight--
+	g.mu.Unlock()
+	out := make([]graph.Presence, len(ids))
+	for i, id := range ids {
+		out[i] = graph.Presence{UserID: id, Availability: "Available", Activity: "Available"}
+	}
+	return out, nil
+}
+
+// A tenant of many agents has its presence batches read at once, not one after another (a
+// reading 16 of Graph's round trips old for 10,000 agents), and never more than
+// presenceParallel at a time; every agent is read.
+func TestPollerReadsBatchesAtOnce(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t)
+	agents := make([]string, 8*graph.MaxPresenceIDs)
+	for i := range agents {
+		agents[i] = fmt.Sprintf("agent-%05d", i)
+	}
+	src := &gatedPresence{two: make(chan struct{})}
+	p := &Poller{Store: s, Source: src, Tenant: "t", Agents: agents, Instance: "i1", Log: zaptest.NewLogger(t)}
+	must(t, p.PollOnce(ctx))
+	if src.max < 2 || src.max > presenceParallel {
+		t.Errorf("%d batches read at once at most, want 2 to %d", src.max, presenceParallel)
+	}
+	n, err := s.rdb.HLen(ctx, s.k("t", "routable")).Result()
+	if err != nil || n != int64(len(agents)) {
+		t.Errorf("%d agents' presence written (%v), want %d", n, err, len(agents))
 	}
 }
