@@ -5,6 +5,7 @@ package chaos
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -39,21 +40,27 @@ import (
 // agent reserved; and the instance cut off must be back in service after the link returns,
 // serving notifications again.
 func TestInstancePartitionedFromRedis(t *testing.T) {
-	partitionUnderLoad(t, "Redis", envDuration(t, "CHAOS_PARTITION", 10*time.Second))
+	partitionUnderLoad(t, "Redis", envDuration(t, "CHAOS_PARTITION", 10*time.Second), false)
 }
 
 // TestInstancePartitionedFromGraph: TestInstancePartitionedFromRedis with the other path cut:
 // one instance reaches Redis and the load balancer, and not Graph (an egress firewall rule, a
 // NAT gateway out of ports, a DNS failure on one host), for CHAOS_GRAPH_PARTITION (default
 // 20 s). Its readiness, the notifications it takes and the commands it decides on must not
-// turn it into a hole that callers fall into: every caller must still end as they chose.
+// turn it into a hole that callers fall into: every caller must still end as they chose. Two
+// ways: the path drops what is sent (nothing answers: each request waits for its deadline, or
+// for HTTP/2's health check to close its connection), or refuses it (every connection reset:
+// each request fails at once).
 func TestInstancePartitionedFromGraph(t *testing.T) {
-	partitionUnderLoad(t, "Graph", envDuration(t, "CHAOS_GRAPH_PARTITION", 20*time.Second))
+	cutFor := envDuration(t, "CHAOS_GRAPH_PARTITION", 20*time.Second)
+	t.Run("drop", func(t *testing.T) { partitionUnderLoad(t, "Graph", cutFor, false) })
+	t.Run("refuse", func(t *testing.T) { partitionUnderLoad(t, "Graph", cutFor, true) })
 }
 
 // partitionUnderLoad runs the partition tests: bot-a's path to to ("Redis" or "Graph") goes
-// through a link, cut one way for oneWay then both ways, for cutFor in all, under load.
-func partitionUnderLoad(t *testing.T, to string, cutFor time.Duration) {
+// through a link, cut one way for oneWay then both ways (or, with refuse, every connection
+// reset), for cutFor in all, under load.
+func partitionUnderLoad(t *testing.T, to string, cutFor time.Duration, refuse bool) {
 	const (
 		calls = 80
 		every = 200 * time.Millisecond // 80 calls in 16 s
@@ -122,13 +129,23 @@ func partitionUnderLoad(t *testing.T, to string, cutFor time.Duration) {
 			return
 		}
 		atCut = recordStates(rdb)
-		link.cutReplies()
+		if refuse {
+			link.refuse()
+		} else {
+			link.cutReplies()
+		}
 		cut = time.Now()
-		t.Logf("t=%s: link from %s to %s cut, the other way %s later; records then: [%s]", since(t0, cut), to, a.name, oneWay, fmtCounts(atCut))
+		how := fmt.Sprintf("link from %s to %s cut, the other way %s later", to, a.name, oneWay)
+		if refuse {
+			how = fmt.Sprintf("link between %s and %s refusing: every connection reset", a.name, to)
+		}
+		t.Logf("t=%s: %s; records then: [%s]", since(t0, cut), how, fmtCounts(atCut))
 		go func() {
 			defer close(done)
 			time.Sleep(oneWay)
-			link.cut()
+			if !refuse {
+				link.cut()
+			}
 			time.Sleep(cutFor - oneWay)
 			servedAtHeal = lb.served(a.name)
 			link.heal()
@@ -300,6 +317,9 @@ type link struct {
 	target string
 
 	up, down gate // to Redis, from it
+	// refusing: every connection is reset (RST) and new ones are reset as soon as taken, as a
+	// path that refuses rather than drops (a firewall's reject, a DNS name gone)
+	refusing atomic.Bool
 	// reads (of writes to Redis, of its replies) that waited for the link to come back
 	heldUp, heldDown atomic.Int64
 
@@ -384,8 +404,27 @@ func (l *link) cutReplies() { l.down.shut() }
 // cut stops everything passing, each way, until heal.
 func (l *link) cut() { l.down.shut(); l.up.shut() }
 
-// heal lets through what was held and everything after it.
-func (l *link) heal() { l.up.reopen(); l.down.reopen() }
+// heal lets through what was held and everything after it, and takes connections again.
+func (l *link) heal() { l.refusing.Store(false); l.up.reopen(); l.down.reopen() }
+
+// refuse resets every connection and every new one until heal.
+func (l *link) refuse() {
+	l.refusing.Store(true)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.conns {
+		reset(c)
+	}
+	l.conns = nil
+}
+
+// reset closes c with an RST, not a FIN.
+func reset(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
 
 func (l *link) accept() {
 	for {
@@ -399,6 +438,10 @@ func (l *link) accept() {
 
 // serve joins a client's connection to one of its own to Redis, then copies each way.
 func (l *link) serve(c net.Conn) {
+	if l.refusing.Load() {
+		reset(c)
+		return
+	}
 	s, err := net.Dial("tcp", l.target)
 	if err != nil {
 		c.Close()
