@@ -265,8 +265,13 @@ const (
 
 // HTTP/2 health check of the Graph connections. Variables, so that a test can shorten them.
 var (
-	// graphPingAfter: a connection on which nothing was received for that long is sent a PING.
-	graphPingAfter = 3 * time.Second
+	// graphPingAfter: a connection on which nothing was received for that long is sent a PING
+	// (an idle one, or one whose requests wait; never one busy with answers). It was 3 s: with
+	// 1 s, a path to Graph that silently drops is found 2 s sooner, and so is an instance cut
+	// off from Graph (cmd/callbot's graphReach): in TestInstancePartitionedFromGraph/drop,
+	// callers rang 3.9-4.1 s at most instead of 5.5-6.3 s. A PING a second on an idle
+	// connection (closed after graphIdleConnTimeout) is nothing to Graph.
+	graphPingAfter = time.Second
 	// graphPingTimeout: a connection whose PING is not answered within that is closed; the
 	// requests in flight on it fail (and are retried as RetryPolicy allows), later requests
 	// open a new connection. Without it, a connection a NAT or load balancer silently dropped
