@@ -148,6 +148,9 @@ func newBot(ctx context.Context, d botDeps) (*bot, error) {
 		OnEnd:       d.OnEnd,
 		Now:         b.clock.Now,
 		CutOff:      b.reach.cutOff,
+		// a command failing here without Graph's answer while another instance has had one
+		// is left to them, before this one has failed long enough to be found cut off
+		OthersReachGraph: b.reach.othersReachGraph,
 	})
 	if b.reach != nil {
 		b.reach.onCut = b.machine.HandOverCarried

@@ -111,6 +111,23 @@ func TestE2EClusterFailover(t *testing.T) {
 	}
 }
 
+// trustRedisCA checks that serve, with only graphsim's CA in CALLBOT_CA_FILE, refuses to start
+// and says it is for Redis's certificate; then adds redisCA (the PEM file of the CA that signed
+// it) to that file, beside graphsim's.
+func trustRedisCA(t *testing.T, w *world, redisCA string) {
+	t.Helper()
+	err := run(context.Background(), []string{"serve"}, func(k string) string { return w.env[k] }, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "CALLBOT_REDIS_URL: redis unreachable") || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("serve with Redis's CA untrusted: %v; want it refused for the certificate", err)
+	}
+	caFile := w.env["CALLBOT_CA_FILE"]
+	simPEM, err1 := os.ReadFile(caFile)
+	redisPEM, err2 := os.ReadFile(redisCA)
+	if err := errors.Join(err1, err2, os.WriteFile(caFile, append(simPEM, redisPEM...), 0o600)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestE2EOnPasswordAndTLSCluster: a Redis Cluster as the managed services run one (Azure Cache
 // for Redis with clustering, ElastiCache in cluster mode with in-transit encryption): every node
 // wants a password and speaks TLS only, and reports its shards by IP address. callbot reaches it
@@ -127,18 +144,7 @@ func TestE2EOnPasswordAndTLSCluster(t *testing.T) {
 	redisURL := "rediss-cluster://:" + enc + "@" + strings.Join(cluster.Addrs(), ",")
 	w := newWorld(t, func(*testing.T) string { return redisURL }, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
 
-	// graphsim's CA alone: the nodes' certificate is not trusted
-	err := run(context.Background(), []string{"serve"}, func(k string) string { return w.env[k] }, io.Discard, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "CALLBOT_REDIS_URL: redis unreachable") || !strings.Contains(err.Error(), "certificate") {
-		t.Fatalf("serve with the nodes' CA untrusted: %v; want it refused for the certificate", err)
-	}
-
-	caFile := w.env["CALLBOT_CA_FILE"]
-	simCA, err1 := os.ReadFile(caFile)
-	redisCA, err2 := os.ReadFile(cluster.CAFile())
-	if err := errors.Join(err1, err2, os.WriteFile(caFile, append(simCA, redisCA...), 0o600)); err != nil {
-		t.Fatal(err)
-	}
+	trustRedisCA(t, w, cluster.CAFile())
 	w.start(t)
 	if err := w.waitReady(10 * time.Second); err != nil {
 		t.Fatal(err)
@@ -150,7 +156,7 @@ func TestE2EOnPasswordAndTLSCluster(t *testing.T) {
 	}
 	var mu sync.Mutex
 	var keys int64
-	err = cluster.Client(t).ForEachMaster(context.Background(), func(ctx context.Context, m *redis.Client) error {
+	err := cluster.Client(t).ForEachMaster(context.Background(), func(ctx context.Context, m *redis.Client) error {
 		n, err := m.DBSize(ctx).Result()
 		mu.Lock()
 		keys += n

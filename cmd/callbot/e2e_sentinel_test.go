@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"io"
 	"net/http"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -116,18 +114,7 @@ func TestE2EOnPasswordAndTLSSentinel(t *testing.T) {
 	}
 	w := newWorld(t, onSentinel(s), available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
 
-	// graphsim's CA alone: the Sentinel's certificate is not trusted
-	err := run(context.Background(), []string{"serve"}, func(k string) string { return w.env[k] }, io.Discard, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "CALLBOT_REDIS_URL: redis unreachable") || !strings.Contains(err.Error(), "certificate") {
-		t.Fatalf("serve with the Sentinel's CA untrusted: %v; want it refused for the certificate", err)
-	}
-
-	caFile := w.env["CALLBOT_CA_FILE"]
-	simCA, err1 := os.ReadFile(caFile)
-	redisCA, err2 := os.ReadFile(s.CAFile())
-	if err := errors.Join(err1, err2, os.WriteFile(caFile, append(simCA, redisCA...), 0o600)); err != nil {
-		t.Fatal(err)
-	}
+	trustRedisCA(t, w, s.CAFile())
 	w.start(t)
 	if err := w.waitReady(10 * time.Second); err != nil {
 		t.Fatal(err)

@@ -25,6 +25,8 @@ import (
 // timer, outbox, offer, presence poll or reconciler pass; its Graph commands handed back, due at
 // once), and probes Graph, one probe at a time, until it has an answer again. An instance that
 // has had no answer for graphIdleProbe (no call under way) probes too, so that the others know.
+// Before that second is up, a command that fails here without an answer while another instance
+// has just had one (othersReachGraph) is handed over already, not taken for Graph's failure.
 //
 // An instance is never cut off for a failure every instance shares: the others must have had an
 // answer after its own requests began to fail. In an outage of Graph, or of the path they all
@@ -54,6 +56,11 @@ const (
 	// asking Graph anything) would find no other instance answered since, and keep the lease
 	// while every agent's presence aged past its max age.
 	graphIdleProbe = 10 * time.Second
+	// graphOthersRecent: another instance that had an answer from Graph within that reaches it
+	// now (othersReachGraph): a command that fails here without an answer is theirs to re-drive.
+	// Each instance writes its last answer once a second and reads the others' as often: what
+	// one knows of another's is up to 2 s old.
+	graphOthersRecent = 3 * time.Second
 	// graphReachForget: an instance that has not had an answer for that long (stopped, long
 	// since) is taken out of the hash.
 	graphReachForget = 24 * time.Hour
@@ -73,7 +80,8 @@ type graphReach struct {
 
 	cut       atomic.Bool
 	probing   atomic.Bool
-	published int64 // the last answer written (graphReach's goroutine only)
+	others    atomic.Int64 // the latest answer another instance had, as last read (Unix ms, Redis's clock)
+	published int64        // the last answer written (graphReach's goroutine only)
 	cuts      atomic.Int64
 }
 
@@ -83,6 +91,16 @@ func newGraphReach(src reachSource, rdb redis.UniversalClient, prefix, instance 
 
 // cutOff reports whether this instance leaves Graph's work to the others.
 func (g *graphReach) cutOff() bool { return g != nil && g.cut.Load() }
+
+// othersReachGraph reports whether another instance had an answer from Graph within
+// graphOthersRecent, as the last look read it (a second old at most).
+func (g *graphReach) othersReachGraph() bool {
+	if g == nil {
+		return false
+	}
+	at := g.others.Load()
+	return at != 0 && g.now().Sub(time.UnixMilli(at)) < graphOthersRecent
+}
 
 // run looks every interval until ctx ends, and then takes this instance out of the hash.
 func (g *graphReach) run(ctx context.Context, every time.Duration) {
@@ -144,6 +162,9 @@ func (g *graphReach) look(ctx context.Context) {
 	}
 	if len(gone) > 0 {
 		g.rdb.HDel(rctx, g.key, gone...)
+	}
+	if !others.IsZero() {
+		g.others.Store(others.UnixMilli())
 	}
 	cut := cutOffFromGraph(now, failing, others)
 	switch was := g.cut.Swap(cut); {

@@ -99,6 +99,11 @@ func TestGraphReachAcrossInstances(t *testing.T) {
 		t.Errorf("cuts counted %d, want 1", a.cuts.Load())
 	}
 
+	if !a.othersReachGraph() || b.othersReachGraph() {
+		t.Errorf("others reach Graph: for a %v, for b %v; want b's answer of a moment ago seen by a alone",
+			a.othersReachGraph(), b.othersReachGraph())
+	}
+
 	srcA.set(time.Now(), time.Time{}) // a probe had an answer
 	a.look(ctx)
 	if a.cutOff() {
@@ -114,6 +119,10 @@ func TestGraphReachAcrossInstances(t *testing.T) {
 	b.look(ctx)
 	if a.cutOff() || b.cutOff() {
 		t.Errorf("both failing: a cut off %v, b %v; want neither taken out of service", a.cutOff(), b.cutOff())
+	}
+	if a.othersReachGraph() || b.othersReachGraph() {
+		t.Errorf("both failing: others reach Graph for a %v, for b %v; want neither: their failures are Graph's",
+			a.othersReachGraph(), b.othersReachGraph())
 	}
 	// staggered: a had an answer after b's failures began; b goes out, a, the latest, stays
 	srcA.set(now.Add(-5*time.Second), now.Add(-4*time.Second))

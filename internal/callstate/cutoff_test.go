@@ -107,6 +107,26 @@ func TestCutOffInstanceLeavesItsCommandsToTheOthers(t *testing.T) {
 		}
 	})
 
+	t.Run("failed without an answer while the others reach Graph", func(t *testing.T) {
+		// not cut off (yet): its first failure is left to the others, not taken for Graph's
+		ga := &fakeGraph{fail: map[string]error{"answer": errors.New("connection reset by peer")}}
+		gb := &fakeGraph{state: graph.CallIncoming}
+		store := callstate.NewStore(rdb, "co-"+t.Name())
+		a := callstate.NewMachine(callstate.Config{Store: store, Timers: callstate.NewTimers(rdb, "co-"+t.Name()), Control: ga,
+			Queues: &fakeQueues{}, Flow: flow, CallbackURI: "https://bot.test/api/calls", Log: zaptest.NewLogger(t),
+			OutboxLease: 5 * time.Second, OthersReachGraph: func() bool { return true }})
+		b, storeB := newInstance(t, gb, nil)
+		incoming(a, "c-reset")
+		a.Wait()
+		if diff := cmp.Diff(ga.log(), []string{"answer c-reset https://bot.test/api/calls"}); diff != "" {
+			t.Errorf("A's Graph requests (-got +want):\n%s", diff)
+		}
+		redriveNow(b, storeB)
+		if diff := cmp.Diff(gb.log(), answered("c-reset")); diff != "" {
+			t.Errorf("B's Graph requests (-got +want):\n%s", diff)
+		}
+	})
+
 	t.Run("the lease another instance claimed since is left to it", func(t *testing.T) {
 		var cut atomic.Bool
 		ga := &fakeGraph{block: make(chan struct{}), started: make(chan struct{}, 1), fail: map[string]error{"answer": errors.New("i/o timeout")}}

@@ -96,6 +96,13 @@ type Config struct {
 	// outbox due at once), for another instance to re-drive. What it saves in Redis it still
 	// saves: a notification it takes is applied, and its commands go to another instance.
 	CutOff func() bool
+	// OthersReachGraph, when set and true, says another instance has had an answer from Graph
+	// within the last moments. A command that fails here without an answer from Graph is then
+	// handed back for the others to re-drive, as when cut off, rather than taken for Graph's
+	// failure (a prompt skipped, a tone subscription put off, a read of the call that fails as
+	// fast): the path from here fails, not Graph, and this instance may not yet have failed
+	// long enough to be found cut off.
+	OthersReachGraph func() bool
 }
 
 // Machine applies events to calls: it loads the call, decides, saves the change with a version
@@ -1066,8 +1073,7 @@ func (m *Machine) queueGraph(ctx context.Context, c Call, ps []Pending, prev int
 				if i > 0 {
 					m.ack(context.Background(), key, true, prev, ps[i-1].Seq, log)
 				}
-				m.handOver(key, len(ps)-i, log)
-				m.carried(key)
+				m.handOver(key, len(ps)-i, true, log)
 				return
 			}
 		}
@@ -1084,9 +1090,15 @@ func (m *Machine) cutOff() bool { return m.cfg.CutOff != nil && m.cfg.CutOff() }
 // (cut off from Graph), due at once for the other instances, if its lease is still the one this
 // instance last wrote (leased): one claimed since by another instance (its lease ran out) or
 // saved by one (a later transition's commands, which it carries out) is theirs already.
-func (m *Machine) handOver(key string, n int, log *zap.Logger) {
+//
+// done: the batch handed over is no longer carried here (carried, in the same step as the lease
+// is read, so that a renewal does not move the lease on once it is handed back).
+func (m *Machine) handOver(key string, n int, done bool, log *zap.Logger) {
 	m.carryMu.Lock()
 	score, ok := m.leases[key]
+	if done {
+		m.uncarry(key)
+	}
 	m.carryMu.Unlock()
 	if !ok {
 		return // none written here: the lease is another instance's, or runs out on its own
@@ -1110,14 +1122,15 @@ func (m *Machine) handOver(key string, n int, log *zap.Logger) {
 // all is then refused, or repeats a prompt.
 func (m *Machine) HandOverCarried() {
 	for _, key := range m.Carrying() {
-		m.handOver(key, 0, m.cfg.Log.With(zap.String("call_id", key)))
+		m.handOver(key, 0, false, m.cfg.Log.With(zap.String("call_id", key)))
 	}
 }
 
 // send runs one Graph command and feeds its result back as an event where the result matters.
 // It reports false, feeding nothing back, when the command is left to the other instances: it
-// failed without an answer from Graph while this instance is cut off from Graph (Config.CutOff).
-// A re-drive then reads the call before it repeats what may have taken effect.
+// failed without an answer from Graph while this instance is cut off from Graph (Config.CutOff)
+// or another instance has just had one (Config.OthersReachGraph). A re-drive then reads the call
+// before it repeats what may have taken effect.
 func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) bool {
 	ctx := graph.WithIncomingAt(graph.WithTenantID(graph.WithScenarioID(context.Background(), scenario), c.Tenant), c.CreatedAt)
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.CommandTimeout)
@@ -1166,7 +1179,7 @@ func (m *Machine) send(c Call, scenario string, cmd Command, log *zap.Logger) bo
 	if err != nil {
 		log.Warn("graph command failed", zap.Stringer("command", cmd.Kind), zap.Error(err))
 		var ge *graph.Error
-		if !errors.As(err, &ge) && m.cutOff() {
+		if !errors.As(err, &ge) && (m.cutOff() || m.cfg.OthersReachGraph != nil && m.cfg.OthersReachGraph()) {
 			return false // no answer from Graph, which the other instances reach: theirs to re-drive
 		}
 		switch {
@@ -1396,11 +1409,16 @@ func (m *Machine) carry(key string) {
 
 func (m *Machine) carried(key string) {
 	m.carryMu.Lock()
+	m.uncarry(key)
+	m.carryMu.Unlock()
+}
+
+// uncarry is carried under carryMu.
+func (m *Machine) uncarry(key string) {
 	if m.carrying[key]--; m.carrying[key] <= 0 {
 		delete(m.carrying, key)
 		delete(m.leases, key)
 	}
-	m.carryMu.Unlock()
 }
 
 // leased records score as the outbox lease this instance wrote for key, carried.
@@ -1737,8 +1755,7 @@ func (m *Machine) Redrive(ctx context.Context, key string, claimScore float64) {
 				if i > 0 {
 					m.ack(context.Background(), key, true, 0, send[i-1].Seq, log)
 				}
-				m.handOver(key, len(send)-i, log)
-				m.carried(key)
+				m.handOver(key, len(send)-i, true, log)
 				return
 			}
 		}
