@@ -178,7 +178,7 @@ func (b *bot) writeMetrics(ctx context.Context, w io.Writer) {
 		if b.reach.cutOff() {
 			cut = 1
 		}
-		fmt.Fprintln(w, "# HELP callbot_graph_cut_off 1 while this instance does not reach Graph and another instance does (its requests failed without an answer for 2 s, another had an answer since): it is out of service (readiness 503) and leaves Graph's work to the others until Graph answers it again. Alert on 1 that lasts: this host's egress to Graph is broken.")
+		fmt.Fprintln(w, "# HELP callbot_graph_cut_off 1 while this instance does not reach Graph and another instance does (its requests failed without an answer for 1 s, another had an answer since): it is out of service (readiness 503) and leaves Graph's work to the others until Graph answers it again. Alert on 1 that lasts: this host's egress to Graph is broken.")
 		fmt.Fprintln(w, "# TYPE callbot_graph_cut_off gauge")
 		fmt.Fprintf(w, "callbot_graph_cut_off %d\n", cut)
 		counter("callbot_graph_cut_offs_total", "Times this instance was found cut off from Graph while another instance reached it (callbot_graph_cut_off turned 1).", b.reach.cuts.Load())

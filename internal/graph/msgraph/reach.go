@@ -28,8 +28,9 @@ func (r *reach) observe(ctx context.Context, status int, err error, now time.Tim
 		r.answered, r.failed = now, time.Time{}
 		r.mu.Unlock()
 	case err == nil:
-	case errors.Is(ctx.Err(), context.Canceled) && !errors.Is(context.Cause(ctx), context.DeadlineExceeded):
-		// the caller gave up: no word on Graph
+	case errors.Is(ctx.Err(), context.Canceled):
+		// the caller gave up (a deadline is context.DeadlineExceeded: Graph did not answer in
+		// time, a failure): no word on Graph
 	default:
 		r.mu.Lock()
 		if r.failed.IsZero() {
@@ -55,8 +56,9 @@ const probeCallID = "00000000-0000-0000-0000-000000000000"
 
 // Probe asks Graph for a call that does not exist, to learn whether it can be reached: any
 // answer (the 404 expected, or any other status) is nil, no answer is the error. It costs one
-// request from the tenant's allowance; callbot sends it only while this instance has not reached
-// Graph lately and others have, once a second, so that it learns when it reaches Graph again.
+// request from the tenant's allowance; callbot sends one at a time, only while this instance is
+// cut off from Graph (to learn when it reaches Graph again) or has had no answer for 10 s (so
+// that an idle instance still tells the others whether it reaches Graph).
 func (c *Client) Probe(ctx context.Context) error {
 	r, err := c.do(ctx, "probe", probeCallID, func(ctx context.Context, h *abs.RequestHeaders, o []abs.RequestOption) error {
 		_, err := communications.NewCallsCallItemRequestBuilder(c.callURL(probeCallID, ""), c.adapter).Get(ctx,
