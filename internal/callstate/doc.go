@@ -122,6 +122,13 @@
 // timers, outbox-index entry and harmless queue writes in its own pipeline; acknowledgements go
 // in batches.
 //
+// An instance that does not reach Graph while the others do (Config.CutOff, decided by callbot
+// from what each instance reports in Redis) leaves Graph's work to them: it hands back the
+// outboxes it is carrying out and each batch of commands it decides (due at once, and only a
+// lease it wrote itself: HandOverCarried, handOver), and claims no timer or outbox. A command
+// that fails without an answer from Graph while another instance has just had one
+// (Config.OthersReachGraph) is handed back too, not taken for Graph's failure.
+//
 // Every time the machine writes for the other instances (a timer's due time, an outbox's lease)
 // comes from Config.Now, which callbot sets to Redis's clock (internal/clock), so that instances
 // whose hosts' clocks disagree still agree on when a timer is due or a lease has run out.
