@@ -115,11 +115,7 @@ func TestE2EOnPasswordAndTLSSentinel(t *testing.T) {
 	w := newWorld(t, onSentinel(s), available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
 
 	trustRedisCA(t, w, s.CAFile())
-	w.start(t)
-	if err := w.waitReady(10 * time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(700 * time.Millisecond) // one presence poll
+	w.startServing(t)
 	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", DigitDelay: 500 * time.Millisecond}), 15*time.Second)
 	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred || r.Agent != agent1 {
 		t.Fatalf("caller experienced %+v; want answered and transferred to %s", r, agent1)

@@ -80,12 +80,19 @@ var e2eScenarios = []struct {
 func startWorld(t *testing.T, rds redisBackend, agents ...graphsim.AgentSpec) *world {
 	t.Helper()
 	w := newWorld(t, rds, agents...)
+	w.startServing(t)
+	return w
+}
+
+// startServing starts callbot, waits until it is ready, and then for one presence poll, so that
+// the available agents can be offered callers.
+func (w *world) startServing(t *testing.T) {
+	t.Helper()
 	w.start(t)
 	if err := w.waitReady(10 * time.Second); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(700 * time.Millisecond) // one presence poll
-	return w
 }
 
 // newWorld makes the simulator, its agents and the Redis; start runs callbot.

@@ -371,11 +371,7 @@ func TestFaultToneSubscriptionFailedIsMadeAgain(t *testing.T) {
 func TestFaultPresenceThrottledPastItsMaxAge(t *testing.T) {
 	w := newWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
 	w.env["CALLBOT_PRESENCE_MAX_AGE"] = "2s" // polls every 500 ms
-	w.start(t)
-	if err := w.waitReady(10 * time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(700 * time.Millisecond) // one presence poll
+	w.startServing(t)
 	id, err := w.sim.AddFault(graphsim.Fault{Kind: graphsim.FaultStatus, Action: "getPresencesByUserId", Status: 429, RetryAfter: 100 * time.Millisecond, Probability: 1})
 	if err != nil {
 		t.Fatal(err)

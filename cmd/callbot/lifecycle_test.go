@@ -119,11 +119,7 @@ func TestShutdownHandsBackTheReconcileLease(t *testing.T) {
 func TestConfigTenantIDInCapitals(t *testing.T) {
 	w := newWorld(t, standaloneRedis, available(agent1, graphsim.AgentAccept), away(agent2), away(agent3))
 	w.env["CALLBOT_TENANT_ID"] = strings.ToUpper(demoTenant)
-	w.start(t)
-	if err := w.waitReady(10 * time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(700 * time.Millisecond) // one presence poll
+	w.startServing(t)
 	r := waitDone(t, w.call(t, graphsim.CallerSpec{Digits: "1", HangUpAfter: 10 * time.Second}), 20*time.Second)
 	if !r.Answered || r.Outcome != graphsim.OutcomeTransferred {
 		refused := 0
