@@ -353,7 +353,14 @@ func doGraph(t *testing.T, s *Sim, token, method, path string, body any) (int, [
 	req.Header.Set("client-request-id", "crid-"+method)
 	resp, err := s.Client().Do(req)
 	if err != nil {
-		t.Errorf("%s %s: %v", method, path, err)
+		s.mu.Lock()
+		closed := s.closed
+		s.mu.Unlock()
+		// A bot still reacting to a notification delivered before the simulator closed finds
+		// nothing listening (TestConcurrentCallsAndClose): what a closed Graph does, no fault.
+		if !closed {
+			t.Errorf("%s %s: %v", method, path, err)
+		}
 		return 0, nil, nil
 	}
 	defer resp.Body.Close()
